@@ -1,0 +1,229 @@
+"""Reading TOML config files with errors that name the field and the fix.
+
+Both `qkdgw gateway` and `qkdgw kme` load their configs through `Section`, so a bad
+value always ends in one `ConfigError` such as::
+
+    configs/site-a.toml: [kme] url: expected a https:// URL, got 'http://x' (fix: ...)
+
+Relative paths in a config are resolved against the config file's directory, so a
+config works from whatever directory the service is started in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_MISSING = object()
+
+
+class ConfigError(Exception):
+    """A config value is missing or wrong; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(text: str) -> HostPort:
+    """Parse `host:port` or `[v6]:port`; raises ValueError with a readable reason."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("expected 'host:port'")
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError(f"expected '[ipv6]:port', got {text!r}")
+        host, port_text = text[1:end], text[end + 2 :]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected 'host:port', got {text!r}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"port must be a number, got {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be 0..65535, got {port}")
+    return HostPort(host, port)
+
+
+def load_toml(path: str | Path) -> Section:
+    """Load a TOML file into the root `Section`; unreadable or invalid files raise ConfigError."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(
+            f"{p}: cannot read config file ({exc.strerror}); check the path given to --config"
+        ) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from None
+    return Section(data, p, "")
+
+
+class Section:
+    """One TOML table. Accessors validate, convert and record which keys were read,
+    so `finish()` can reject unknown keys (usually typos) by name."""
+
+    def __init__(self, data: dict[str, Any], source: Path, name: str) -> None:
+        self._data = data
+        self._source = source
+        self._name = name
+        self._seen: set[str] = set()
+
+    @property
+    def source(self) -> Path:
+        return self._source
+
+    @property
+    def base_dir(self) -> Path:
+        return self._source.parent
+
+    def field_name(self, key: str) -> str:
+        return f"[{self._name}] {key}" if self._name else key
+
+    def error(self, key: str, problem: str, fix: str) -> ConfigError:
+        return ConfigError(f"{self._source}: {self.field_name(key)}: {problem} (fix: {fix})")
+
+    def has(self, key: str) -> bool:
+        return key in self._data
+
+    def _get(self, key: str, default: Any, fix: str) -> Any:
+        self._seen.add(key)
+        if key in self._data:
+            return self._data[key]
+        if default is _MISSING:
+            raise self.error(key, "missing", fix)
+        return default
+
+    def str(self, key: str, default: Any = _MISSING, *, fix: str = "set it to a string",
+            choices: tuple[str, ...] | None = None) -> Any:
+        value = self._get(key, default, fix)
+        if value is default and default is not _MISSING:
+            return value
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {type(value).__name__}", fix)
+        if choices is not None and value not in choices:
+            raise self.error(key, f"unknown value {value!r}", "use one of " + ", ".join(choices))
+        return value
+
+    def int(self, key: str, default: Any = _MISSING, *, fix: str = "set it to a whole number",
+            min: int | None = None, max: int | None = None) -> Any:
+        value = self._get(key, default, fix)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected a whole number, got {value!r}", fix)
+        if min is not None and value < min:
+            raise self.error(key, f"{value} is below the minimum {min}", f"use a value >= {min}")
+        if max is not None and value > max:
+            raise self.error(key, f"{value} is above the maximum {max}", f"use a value <= {max}")
+        return value
+
+    def float(self, key: str, default: Any = _MISSING, *, fix: str = "set it to a number",
+              min: float | None = None, max: float | None = None) -> Any:
+        value = self._get(key, default, fix)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.error(key, f"expected a number, got {value!r}", fix)
+        value = float(value)
+        if min is not None and value < min:
+            raise self.error(key, f"{value} is below the minimum {min}", f"use a value >= {min}")
+        if max is not None and value > max:
+            raise self.error(key, f"{value} is above the maximum {max}", f"use a value <= {max}")
+        return value
+
+    def bool(self, key: str, default: Any = _MISSING, *, fix: str = "set it to true or false") -> Any:
+        value = self._get(key, default, fix)
+        if value is default and default is not _MISSING:
+            return value
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {value!r}", fix)
+        return value
+
+    def str_list(self, key: str, default: Any = _MISSING, *,
+                 fix: str = 'set it to a list of strings, e.g. ["a", "b"]') -> Any:
+        value = self._get(key, default, fix)
+        if value is default and default is not _MISSING:
+            return value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.error(key, "expected a list of strings", fix)
+        return list(value)
+
+    def path(self, key: str, default: Any = _MISSING, *, fix: str = "set it to a file path",
+             must_exist: bool = False) -> Any:
+        """A filesystem path, resolved relative to the config file's directory."""
+        value = self.str(key, default, fix=fix)
+        if value is default and default is not _MISSING:
+            return value
+        p = Path(value)
+        if not p.is_absolute():
+            p = self.base_dir / p
+        if must_exist and not p.exists():
+            raise self.error(key, f"file {str(p)!r} does not exist", fix)
+        return p
+
+    def host_port(self, key: str, default: Any = _MISSING, *,
+                  fix: str = "write it as 'host:port', e.g. '127.0.0.1:7443'") -> Any:
+        value = self.str(key, default, fix=fix)
+        if value is default and default is not _MISSING:
+            return value
+        try:
+            return parse_host_port(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc), fix) from None
+
+    def ip_host_port(self, key: str, default: Any = _MISSING, *,
+                     fix: str = "write it as 'ip:port', e.g. '127.0.0.1:7443'") -> Any:
+        hp = self.host_port(key, default, fix=fix)
+        if hp is default and default is not _MISSING:
+            return hp
+        try:
+            ipaddress.ip_address(hp.host)
+        except ValueError:
+            if hp.host != "localhost":
+                raise self.error(key, f"{hp.host!r} is not an IP address", fix) from None
+        return hp
+
+    def section(self, key: str, *, required: bool = True) -> Section:
+        self._seen.add(key)
+        value = self._data.get(key)
+        if value is None:
+            if required:
+                raise self.error(key, "missing section", f"add a [{self._child(key)}] table")
+            value = {}
+        if not isinstance(value, dict):
+            raise self.error(key, "expected a table", f"write it as [{self._child(key)}]")
+        return Section(value, self._source, self._child(key))
+
+    def sections(self, key: str) -> Iterator[Section]:
+        """An array of tables, `[[key]]`; absent means empty."""
+        self._seen.add(key)
+        value = self._data.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.error(key, "expected an array of tables", f"write each entry as [[{key}]]")
+        for i, item in enumerate(value):
+            yield Section(item, self._source, f"{self._child(key)}][{i}")
+
+    def _child(self, key: str) -> str:
+        return f"{self._name}.{key}" if self._name else key
+
+    def finish(self) -> None:
+        """Reject keys nobody read: almost always a typo the user wants to hear about."""
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            key = unknown[0]
+            raise self.error(key, "unknown field", "remove it or check its spelling against "
+                             "the documented fields in configs/")
