@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as exc:
             # Only tolerate the command module itself being absent (a trimmed install);
             # a missing dependency inside it is a real error.
-            if exc.name != name:
+            if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
                 raise
             continue
         module.register_cli(sub)
