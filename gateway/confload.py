@@ -145,7 +145,8 @@ class Section:
             raise self.error(key, f"{value} is above the maximum {max}", f"use a value <= {max}")
         return value
 
-    def bool(self, key: str, default: Any = _MISSING, *, fix: str = "set it to true or false") -> Any:
+    def bool(self, key: str, default: Any = _MISSING, *,
+             fix: str = "set it to true or false") -> Any:
         value = self._get(key, default, fix)
         if value is default and default is not _MISSING:
             return value

@@ -1,0 +1,206 @@
+"""The gateway's config file (`qkdgw gateway --config site-a.toml`).
+
+Every field is documented in `configs/site-a.toml`. Loading checks everything a typo
+could break before any socket opens: types and ranges, that files exist and parse,
+that the certificate's identity is this site's, and that the policy makes sense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.confload import ConfigError, HostPort, Section, load_toml
+
+KEMS = ("ML-KEM-768", "ML-KEM-1024")
+BACKENDS = ("auto", "openssl", "liboqs")
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    listen: HostPort
+    service: str
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    target: HostPort
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: Path
+    site_id: str
+    sae_id: str
+    state_dir: Path
+    tunnel_listen: HostPort | None
+    tunnel_connect: HostPort | None
+    handshake_timeout: float
+    rekey_interval: float
+    key_update_records: int
+    key_update_bytes: int
+    stream_window: int
+    max_streams: int
+    connect_wait: float
+    reconnect_min: float
+    reconnect_max: float
+    peer_site_id: str
+    peer_sae_id: str
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+    kme_url: str
+    kme_ca: Path
+    kme_cert: Path
+    kme_key: Path
+    kme_timeout: float
+    kem: str
+    allow_degraded: bool
+    qkd_key_bits: int
+    pqc_backend: str
+    listeners: tuple[ListenerConfig, ...] = field(default_factory=tuple)
+    services: tuple[ServiceConfig, ...] = field(default_factory=tuple)
+    log_level: str = "info"
+    log_format: str = "console"
+    keylog_file: Path | None = None
+    admin_listen: HostPort | None = None
+
+    @property
+    def initiator(self) -> bool:
+        return self.tunnel_connect is not None
+
+    @classmethod
+    def load(cls, path: str | Path) -> GatewayConfig:
+        root = load_toml(path)
+        cfg = _parse(root)
+        root.finish()
+        return cfg
+
+
+def _name(sec: Section, key: str, example: str) -> str:
+    value: str = sec.str(key, fix=f'set it to a name such as "{example}"')
+    if not value or len(value) > 64 or not set(value) <= _NAME_CHARS:
+        raise sec.error(key, f"{value!r} is not a valid name",
+                        "use 1-64 lowercase letters, digits, '-', '_' or '.'")
+    return value
+
+
+def _existing_file(sec: Section, key: str, what: str) -> Path:
+    p: Path = sec.path(key, fix=f"point it at {what}")
+    if not p.is_file():
+        raise sec.error(key, f"file {str(p)!r} does not exist or is not a file",
+                        f"point it at {what} (run `qkdgw pki init` to create one)")
+    return p
+
+
+def _parse(root: Section) -> GatewayConfig:
+    gw = root.section("gateway")
+    site_id = _name(gw, "site_id", "site-a")
+    sae_id = _name(gw, "sae_id", f"{site_id}-gw")
+    state_dir = gw.path("state_dir", Path(f"state/{site_id}"))
+    if not state_dir.is_absolute():
+        state_dir = gw.base_dir / state_dir
+    gw.finish()
+
+    tun = root.section("tunnel")
+    listen = tun.ip_host_port("listen", None)
+    connect = tun.host_port("connect", None)
+    if listen is None and connect is None:
+        raise tun.error("listen", "neither listen nor connect is set",
+                        "set connect on the site that dials and listen on the one that "
+                        "accepts")
+    if listen is not None and connect is not None:
+        raise tun.error("connect", "both listen and connect are set",
+                        "one site dials (connect), the other accepts (listen)")
+    handshake_timeout = tun.float("handshake_timeout_s", 15.0, min=1.0, max=300.0)
+    rekey_interval = tun.float("rekey_interval_s", 600.0, min=1.0, max=86400.0)
+    key_update_records = tun.int("key_update_records", 1 << 20, min=16, max=1 << 22)
+    key_update_bytes = tun.int("key_update_bytes", 1 << 34, min=1 << 16, max=1 << 35)
+    stream_window = tun.int("stream_window", 1 << 20, min=1 << 14, max=1 << 30)
+    max_streams = tun.int("max_streams", 1024, min=1, max=65536)
+    connect_wait = tun.float("connect_wait_s", 10.0, min=0.0, max=300.0)
+    reconnect_min = tun.float("reconnect_min_s", 0.5, min=0.05, max=60.0)
+    reconnect_max = tun.float("reconnect_max_s", 30.0, min=0.1, max=3600.0)
+    if reconnect_max < reconnect_min:
+        raise tun.error("reconnect_max_s", "is below reconnect_min_s",
+                        "make reconnect_max_s at least reconnect_min_s")
+    tun.finish()
+
+    peer = root.section("peer")
+    peer_site = _name(peer, "site_id", "site-b")
+    peer_sae = _name(peer, "sae_id", f"{peer_site}-gw")
+    peer.finish()
+    if peer_site == site_id:
+        raise peer.error("site_id", "is this site's own identity",
+                         "set it to the other site's identity")
+
+    pki = root.section("pki")
+    ca_file = _existing_file(pki, "ca", "the gateway CA certificate (ca.crt)")
+    cert_file = _existing_file(pki, "cert", "this site's gateway.crt")
+    key_file = _existing_file(pki, "key", "this site's gateway.key")
+    pki.finish()
+
+    kme = root.section("kme")
+    url = kme.str("url", fix='set it to the KME base URL, e.g. "https://127.0.0.1:8701"')
+    if not url.startswith("https://"):
+        raise kme.error("url", f"{url!r} is not an https:// URL",
+                        "ETSI 014 runs over HTTPS with client certificates: use https://")
+    kme_ca = _existing_file(kme, "ca", "the CA that signed the KME's TLS certificate")
+    kme_cert = _existing_file(kme, "cert", "this site's sae-client.crt")
+    kme_key = _existing_file(kme, "key", "this site's sae-client.key")
+    kme_timeout = kme.float("timeout_s", 5.0, min=0.1, max=120.0)
+    kme.finish()
+
+    pol = root.section("policy", required=False)
+    kem = pol.str("kem", "ML-KEM-768", choices=KEMS)
+    allow_degraded = pol.bool("allow_degraded", False)
+    qkd_key_bits = pol.int("qkd_key_bits", 256, min=128, max=4096)
+    if qkd_key_bits % 8:
+        raise pol.error("qkd_key_bits", f"{qkd_key_bits} is not a multiple of 8",
+                        "use a multiple of 8 such as 256")
+    backend = pol.str("pqc_backend", "auto", choices=BACKENDS)
+    pol.finish()
+
+    listeners = []
+    for sec in root.sections("listen"):
+        listeners.append(ListenerConfig(sec.ip_host_port("listen"),
+                                        _name(sec, "service", "sink")))
+        sec.finish()
+    services = []
+    seen: set[str] = set()
+    for sec in root.sections("service"):
+        name = _name(sec, "name", "sink")
+        if name in seen:
+            raise sec.error("name", f"service {name!r} is defined twice", "give each a unique name")
+        seen.add(name)
+        services.append(ServiceConfig(name, sec.host_port("target")))
+        sec.finish()
+
+    logs = root.section("logging", required=False)
+    level = logs.str("level", "info", choices=("debug", "info", "warning", "error"))
+    fmt = logs.str("format", "console", choices=("console", "json"))
+    keylog = logs.path("keylog_file", None)
+    logs.finish()
+
+    admin = root.section("admin", required=False)
+    admin_listen = admin.ip_host_port("listen", None)
+    admin.finish()
+
+    return GatewayConfig(
+        source=root.source, site_id=site_id, sae_id=sae_id, state_dir=state_dir,
+        tunnel_listen=listen, tunnel_connect=connect, handshake_timeout=handshake_timeout,
+        rekey_interval=rekey_interval, key_update_records=key_update_records,
+        key_update_bytes=key_update_bytes, stream_window=stream_window,
+        max_streams=max_streams, connect_wait=connect_wait, reconnect_min=reconnect_min,
+        reconnect_max=reconnect_max, peer_site_id=peer_site, peer_sae_id=peer_sae,
+        ca_file=ca_file, cert_file=cert_file, key_file=key_file, kme_url=url.rstrip("/"),
+        kme_ca=kme_ca, kme_cert=kme_cert, kme_key=kme_key, kme_timeout=kme_timeout,
+        kem=kem, allow_degraded=allow_degraded, qkd_key_bits=qkd_key_bits,
+        pqc_backend=backend, listeners=tuple(listeners), services=tuple(services),
+        log_level=level, log_format=fmt, keylog_file=keylog, admin_listen=admin_listen,
+    )
+
+
+__all__ = ["ConfigError", "GatewayConfig", "ListenerConfig", "ServiceConfig"]

@@ -1,0 +1,472 @@
+"""One tunnel connection between two gateways, sans-I/O.
+
+Ties the handshake, the record layer and the stream multiplexer together, in the
+manner of aioquic's QuicConnection: feed it what the socket read (`receive_data`) and
+the time, then collect bytes to write (`data_to_send`), events (`next_event`) and the
+next deadline (`get_timer` / `handle_timer`). Nothing here touches a socket, a clock
+or the KME.
+
+Lifecycle: the initiator's `start()` begins the PKI handshake; application streams
+exist only after `TunnelReady`. The initiator re-handshakes on a timer inside the live
+tunnel (fresh ML-KEM and fresh QKD key, previous chain key as salt) without disturbing
+streams; the responder closes a tunnel whose keys outlive the agreed age. Either side
+updates its send key when the record or byte count says so. `close()` sends an
+authenticated close; losing the transport without one is reported as truncation and
+every open stream is reset, never quietly ended.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from gateway import events as ev
+from gateway.handshake import (
+    AUTH_CHAIN,
+    AUTH_PKI,
+    HANDSHAKE_DONE,
+    MSG_ALERT,
+    MSG_CLIENT_HELLO,
+    Handshake,
+    HandshakeError,
+    HandshakeParams,
+    HandshakeResult,
+    KeyLogEntry,
+    decode_alert,
+    encode_alert,
+    message_type,
+)
+from gateway.record import (
+    INNER_CLOSE,
+    INNER_HANDSHAKE,
+    INNER_STREAM,
+    MAX_PAYLOAD,
+    RecordError,
+    RecordLayer,
+    RecordLimits,
+    RecordReader,
+)
+from gateway.streams import (
+    FRAME_HEADER_LEN,
+    MuxError,
+    MuxSettings,
+    StreamCode,
+    StreamMux,
+)
+from gateway.wire import DecodeError, ErrorCode
+
+MAX_STREAM_CHUNK = MAX_PAYLOAD - FRAME_HEADER_LEN
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    handshake_timeout: float = 15.0
+    rekey_interval: float = 600.0
+    # The responder closes a tunnel whose session keys are older than this, so an
+    # initiator that stops re-keying cannot keep old keys alive.
+    max_session_age_factor: float = 3.0
+    record_limits: RecordLimits = field(default_factory=RecordLimits)
+    mux: MuxSettings = field(default_factory=MuxSettings)
+
+    @property
+    def max_session_age(self) -> float:
+        return self.rekey_interval * self.max_session_age_factor + self.handshake_timeout
+
+
+@dataclass
+class ConnectionStats:
+    handshakes: int = 0
+    rekeys: int = 0
+    key_updates: int = 0
+    qkd_keys_consumed: int = 0
+    records_sent: int = 0
+    records_received: int = 0
+    degraded_handshakes: int = 0
+
+
+class TunnelConnection:
+    def __init__(
+        self,
+        *,
+        initiator: bool,
+        params: HandshakeParams,
+        settings: ConnectionSettings | None = None,
+        now: float = 0.0,
+        rng: Callable[[int], bytes] = os.urandom,
+        keylog: Callable[[KeyLogEntry], None] | None = None,
+        wallclock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.initiator = initiator
+        self.params = params
+        self.settings = settings or ConnectionSettings()
+        self.stats = ConnectionStats()
+        self._rng = rng
+        self._keylog = keylog
+        self._wallclock = wallclock or (lambda: datetime.now(UTC))
+        self._records = RecordLayer(self.settings.record_limits)
+        self._reader = RecordReader()
+        self._events: deque[ev.Event] = deque()
+        self._mux: StreamMux | None = None
+        self._out: list[bytes] = []
+        self._handshake: Handshake | None = None
+        self._handshake_seq = 0
+        self._handshake_deadline: float | None = None
+        self._rekey_at: float | None = None
+        self._session_expires: float | None = None
+        self._result: HandshakeResult | None = None
+        self._epoch = -1
+        self._ready = False
+        self._closed = False
+        self._sent_close = False
+        self._installed_handshake = 0
+        self._schedule_after_handshake = False
+        if not initiator:
+            self._handshake = self._new_handshake(0, AUTH_PKI, None)
+            self._handshake_deadline = now + self.settings.handshake_timeout
+
+    def __repr__(self) -> str:
+        role = "initiator" if self.initiator else "responder"
+        return (f"TunnelConnection({role}, peer={self.params.peer_identity!r}, "
+                f"epoch={self._epoch}, ready={self._ready}, closed={self._closed})")
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and not self._closed
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def session(self) -> HandshakeResult | None:
+        return self._result
+
+    @property
+    def rekey_in_progress(self) -> bool:
+        return self._handshake is not None and self._ready
+
+    @property
+    def next_rekey_at(self) -> float | None:
+        return self._rekey_at
+
+    @property
+    def open_streams(self) -> int:
+        return 0 if self._mux is None else self._mux.open_streams
+
+    # -- driving ------------------------------------------------------------------------
+
+    def start(self, now: float) -> None:
+        if not self.initiator or self._handshake is not None or self._epoch >= 0:
+            raise RuntimeError("start() is for a fresh initiator connection")
+        self._handshake = self._new_handshake(0, AUTH_PKI, None)
+        self._handshake_deadline = now + self.settings.handshake_timeout
+        self._run(self._handshake.start)
+
+    def _new_handshake(self, epoch: int, auth: str, salt: bytes | None) -> Handshake:
+        self._handshake_seq += 1
+        return Handshake(initiator=self.initiator, params=self.params, epoch=epoch, auth=auth,
+                         salt=salt, handshake_id=self._handshake_seq, rng=self._rng,
+                         keylog=self._keylog)
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        if self._closed:
+            return
+        self._reader.feed(data)
+        try:
+            while not self._closed:
+                record = self._reader.next_record()
+                if record is None:
+                    break
+                rtype, flags, header, body = record
+                inner, payload = self._records.open(rtype, flags, header, body)
+                self.stats.records_received += 1
+                self._on_record(inner, payload, now)
+        except (RecordError, HandshakeError, MuxError) as exc:
+            self._fatal(exc.code, exc.reason)
+        except DecodeError as exc:
+            self._fatal(ErrorCode.DECODE_ERROR, str(exc))
+        self._after_activity(now)
+
+    def connection_lost(self, now: float) -> None:
+        """The transport ended (EOF or error). Without an authenticated close first,
+        that is a truncation: streams are reset, not ended."""
+        if self._closed:
+            return
+        if self._reader.buffered:
+            reason = "transport closed in the middle of a record"
+        else:
+            reason = "transport closed without an authenticated close"
+        self._terminate(ErrorCode.TRUNCATED, reason, clean=False, by_peer=True)
+
+    def get_timer(self) -> float | None:
+        if self._closed:
+            return None
+        times = [t for t in (self._handshake_deadline, self._rekey_at, self._session_expires)
+                 if t is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        if self._closed:
+            return
+        if self._handshake_deadline is not None and now >= self._handshake_deadline:
+            self._fatal(ErrorCode.TIMEOUT, "handshake did not complete in time")
+            return
+        if self._session_expires is not None and now >= self._session_expires:
+            self._fatal(ErrorCode.TIMEOUT, "session keys outlived their maximum age")
+            return
+        if self._rekey_at is not None and now >= self._rekey_at:
+            self._start_rekey(now)
+
+    def next_event(self) -> ev.Event | None:
+        return self._events.popleft() if self._events else None
+
+    def data_to_send(self) -> list[bytes]:
+        try:
+            self._flush_frames()
+        except RecordError as exc:
+            self._fatal(exc.code, exc.reason)
+        out, self._out = self._out, []
+        return out
+
+    # -- QKD answers --------------------------------------------------------------------
+
+    def supply_qkd_keys(self, handshake_id: int, keys: Sequence[tuple[str, bytes]],
+                        now: float) -> None:
+        hs = self._handshake
+        if self._closed or hs is None or hs.handshake_id != handshake_id:
+            return
+        self._run(lambda: hs.supply_qkd_keys(keys))
+        self._after_activity(now)
+
+    def qkd_keys_unavailable(self, handshake_id: int, reason: str, now: float) -> None:
+        hs = self._handshake
+        if self._closed or hs is None or hs.handshake_id != handshake_id:
+            return
+        self._run(lambda: hs.qkd_keys_unavailable(reason))
+        self._after_activity(now)
+
+    # -- streams ------------------------------------------------------------------------
+
+    def _require_mux(self) -> StreamMux:
+        if self._mux is None or not self.ready:
+            raise RuntimeError("the tunnel is not ready for application data")
+        return self._mux
+
+    def open_stream(self, service: str) -> int:
+        return self._require_mux().open_stream(service)
+
+    def send_window(self, stream_id: int) -> int:
+        return 0 if self._mux is None or self._closed else self._mux.send_window(stream_id)
+
+    def send_stream_data(self, stream_id: int, data: bytes) -> None:
+        mux = self._require_mux()
+        for off in range(0, len(data), MAX_STREAM_CHUNK):
+            mux.send_data(stream_id, data[off : off + MAX_STREAM_CHUNK])
+
+    def end_stream(self, stream_id: int) -> None:
+        if self._mux is not None and not self._closed:
+            self._mux.send_fin(stream_id)
+
+    def reset_stream(self, stream_id: int, code: StreamCode, reason: str = "") -> None:
+        if self._mux is not None and not self._closed:
+            self._mux.reset_stream(stream_id, code, reason)
+
+    def stream_data_consumed(self, stream_id: int, n: int) -> None:
+        if self._mux is not None and not self._closed:
+            self._mux.data_consumed(stream_id, n)
+
+    def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
+        """Authenticated close: the peer can tell it from a cut connection."""
+        if self._closed:
+            return
+        if self._records.send_ready:
+            self._flush_frames()
+            payload = struct.pack(">H", int(code)) + reason.encode("utf-8")[:200]
+            self._out.append(self._records.seal(INNER_CLOSE, payload))
+        else:
+            self._out.append(self._records.seal_plaintext_handshake(
+                encode_alert(int(code), reason)))
+        self._sent_close = True
+        self._terminate(code, reason or "closed locally", clean=code == ErrorCode.NO_ERROR,
+                        by_peer=False)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _run(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except HandshakeError as exc:
+            self._fatal(exc.code, exc.reason)
+            return
+        self._drain_handshake()
+
+    def _on_record(self, inner: int, payload: bytes, now: float) -> None:
+        if inner == INNER_HANDSHAKE:
+            self._on_handshake_message(payload, now)
+        elif inner == INNER_STREAM:
+            if self._mux is None or not self._ready:
+                raise RecordError(ErrorCode.PROTOCOL_ERROR, "stream data before the handshake")
+            self._mux.receive_payload(payload)
+            self._events.extend(self._mux.events)
+            self._mux.events.clear()
+        else:
+            if len(payload) < 2:
+                raise RecordError(ErrorCode.DECODE_ERROR, "close record too short")
+            (code,) = struct.unpack(">H", payload[:2])
+            reason = payload[2:].decode("utf-8", "replace")
+            self._terminate(code, reason or "closed by peer",
+                            clean=code == ErrorCode.NO_ERROR, by_peer=True)
+
+    def _on_handshake_message(self, msg: bytes, now: float) -> None:
+        mtype = message_type(msg)
+        if mtype == MSG_ALERT:
+            if self._records.recv_ready:
+                raise RecordError(ErrorCode.PROTOCOL_ERROR, "alert inside the tunnel")
+            code, reason = decode_alert(msg)
+            self._terminate(code, f"peer aborted the handshake: {reason}", clean=False,
+                            by_peer=True)
+            return
+        hs = self._handshake
+        if hs is None:
+            if not self.initiator and self._ready and mtype == MSG_CLIENT_HELLO:
+                assert self._result is not None
+                hs = self._handshake = self._new_handshake(
+                    self._epoch + 1, AUTH_CHAIN, self._result.keys.chain_key)
+                self._handshake_deadline = now + self.settings.handshake_timeout
+            else:
+                raise HandshakeError(ErrorCode.PROTOCOL_ERROR, "unexpected handshake message")
+        hs.receive(msg, self._wallclock())
+        self._drain_handshake()
+
+    def _drain_handshake(self) -> None:
+        hs = self._handshake
+        if hs is None:
+            return
+        self._events.extend(hs.events)
+        hs.events.clear()
+        result_new = hs.result is not None and self._installed_handshake != hs.handshake_id
+        for msg in hs.outgoing:
+            self._out.append(self._seal_handshake(msg))
+        hs.outgoing.clear()
+        if result_new:
+            self._install(hs)
+        if hs.complete:
+            self._complete(hs)
+
+    def _seal_handshake(self, msg: bytes) -> bytes:
+        if self._records.send_ready:
+            return self._records.seal(INNER_HANDSHAKE, msg)
+        return self._records.seal_plaintext_handshake(msg)
+
+    def _install(self, hs: Handshake) -> None:
+        """Switch to the new session keys at the exact point both sides agree on."""
+        assert hs.result is not None
+        self._installed_handshake = hs.handshake_id
+        keys = hs.result.keys
+        if self.initiator:
+            self._records.install_send(keys.i2r_traffic)
+            self._records.install_recv(keys.r2i_traffic)
+        else:
+            self._records.install_recv(keys.i2r_traffic)
+            self._records.install_send(keys.r2i_traffic)
+            self._out.append(self._records.seal(INNER_HANDSHAKE, HANDSHAKE_DONE))
+
+    def _complete(self, hs: Handshake) -> None:
+        result = hs.result
+        assert result is not None
+        rekey = self._result is not None
+        self._result = result
+        self._epoch = result.epoch
+        self._handshake = None
+        self._handshake_deadline = None
+        self.stats.handshakes += 1
+        self.stats.qkd_keys_consumed += len(result.qkd_key_ids)
+        if rekey:
+            self.stats.rekeys += 1
+        if result.mode != "hybrid":
+            self.stats.degraded_handshakes += 1
+        self._events.append(ev.HandshakeCompleted(
+            epoch=result.epoch, peer_identity=result.peer_identity, auth=result.auth,
+            mode=result.mode, kem=result.kem, qkd_key_ids=result.qkd_key_ids, rekey=rekey))
+        if not self._ready:
+            self._ready = True
+            self._mux = StreamMux(self.initiator, self.settings.mux, result.peer_stream_window)
+            self._events.append(ev.TunnelReady())
+        self._schedule_after_handshake = True
+
+    def _after_activity(self, now: float) -> None:
+        if self._schedule_after_handshake:
+            self._schedule_after_handshake = False
+            if self.initiator:
+                self._rekey_at = now + self.settings.rekey_interval
+            else:
+                self._session_expires = now + self.settings.max_session_age
+
+    def _start_rekey(self, now: float) -> None:
+        assert self._result is not None
+        self._rekey_at = None
+        self._handshake = self._new_handshake(self._epoch + 1, AUTH_CHAIN,
+                                              self._result.keys.chain_key)
+        self._handshake_deadline = now + self.settings.handshake_timeout
+        self._run(self._handshake.start)
+        self._after_activity(now)
+
+    def _flush_frames(self) -> None:
+        if self._mux is None or self._closed:
+            return
+        frames = self._mux.frames_to_send()
+        if not frames:
+            return
+        batch: list[bytes] = []
+        size = 0
+        for frame in frames:
+            if size + len(frame) > MAX_PAYLOAD and batch:
+                self._seal_stream(b"".join(batch))
+                batch, size = [], 0
+            batch.append(frame)
+            size += len(frame)
+        if batch:
+            self._seal_stream(batch[0] if len(batch) == 1 else b"".join(batch))
+
+    def _seal_stream(self, payload: bytes) -> None:
+        self._out.append(self._records.seal(INNER_STREAM, payload))
+        self.stats.records_sent += 1
+        # A re-handshake in flight will replace the keys anyway; updating now could
+        # collide with the peer's expectation of the handshake's key phase flip.
+        if self._records.send_update_due() and self._handshake is None:
+            self._records.update_send_key()
+            self.stats.key_updates += 1
+            self._events.append(ev.KeyUpdated("send", self._records.send_generation))
+
+    def _fatal(self, code: ErrorCode, reason: str) -> None:
+        if self._closed:
+            return
+        try:
+            if self._records.send_ready:
+                payload = struct.pack(">H", int(code)) + reason.encode("utf-8")[:200]
+                self._out.append(self._records.seal(INNER_CLOSE, payload))
+            else:
+                self._out.append(self._records.seal_plaintext_handshake(
+                    encode_alert(int(code), reason)))
+        except RecordError:
+            pass  # the send key is spent: the peer learns of the close from the TCP FIN
+        self._terminate(code, reason, clean=False, by_peer=False)
+
+    def _terminate(self, code: int, reason: str, *, clean: bool, by_peer: bool) -> None:
+        self._closed = True
+        self._handshake = None
+        if self._mux is not None:
+            self._mux.abort_all(StreamCode.TUNNEL_CLOSED, reason)
+            self._events.extend(self._mux.events)
+            self._mux.events.clear()
+        self._events.append(ev.ConnectionTerminated(int(code), reason, clean, by_peer))

@@ -1,0 +1,723 @@
+"""The hybrid handshake: ML-KEM + QKD key exchange, PKI authentication, key confirmation.
+
+One `Handshake` object runs one handshake for one role. It is sans-I/O: the caller feeds
+it decoded handshake messages and the current time, and collects the messages it wants
+sent (`outgoing`) and its events. The two requests it cannot answer itself, fetching
+QKD keys from the KME, surface as events and come back through `supply_qkd_keys` /
+`qkd_keys_unavailable`.
+
+Initial handshake (auth = "pki"), I = initiator (the gateway that connected), R = responder::
+
+    I: enc_keys at I's KME -> key IDs; fresh ML-KEM key pair (ek, dk)
+    I -> R  ClientHello   version, epoch, auth, PSK epoch slot, offered KEMs, KEM,
+                          I's allowed modes, both identities, I's SAE ID, nonce_i, ek,
+                          QKD key size and key IDs, stream window
+    R: dec_keys at R's KME for exactly those key IDs; (ct, ss) = Encaps(ek)
+    R -> I  ServerHello   version, KEM, mode, R's allowed modes, R's identity, nonce_r, ct,
+                          stream window
+            Certificate        R's chain
+            CertificateVerify  Sign_R("responder signature" ‖ TH)
+            Finished           HMAC(responder confirm key, TH)
+    I -> R  Certificate, CertificateVerify (Sign_I("initiator signature" ‖ TH)), Finished
+    R -> I  HandshakeDone, the first record under the new keys
+
+TH is the running SHA-384 over every message, each length-prefixed, in the order sent,
+after a fixed protocol label. ClientHello and ServerHello together carry everything
+DESIGN.md requires in TH; the confirmation keys are bound to TH after ServerHello, the
+traffic keys, the next chain key and the next PSK to TH after the initiator's Finished.
+
+Re-handshakes inside a live tunnel (auth = "chain") use the same two hellos with a fresh
+ML-KEM key pair and fresh QKD keys, take the previous session's chain key as HKDF salt,
+and replace the signatures by the Finished MACs: only the holder of the chain key can
+produce them, and the messages travel inside the authenticated tunnel anyway.
+
+Application data flows only after the HandshakeDone record, that is after both
+Finished MACs have been checked: key confirmation in both directions.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum, auto
+from typing import Any
+
+from cryptography import x509
+
+from gateway import events as ev
+from gateway.wire import PROTOCOL_VERSION, DecodeError, ErrorCode, Reader, Writer
+from pqc import PqcError
+from pqc import sig as pqc_sig
+from pqc.combiner import (
+    HybridKeySchedule,
+    SessionKeys,
+    finished_mac,
+    transcript_hasher,
+)
+from pqc.kem import get_kem
+
+AUTH_PKI = "pki"
+AUTH_PSK = "psk"
+AUTH_CHAIN = "chain"
+
+MODE_HYBRID = "hybrid"
+MODE_MLKEM_ONLY = "mlkem-only"
+MODES = (MODE_HYBRID, MODE_MLKEM_ONLY)
+
+MSG_CLIENT_HELLO = 1
+MSG_SERVER_HELLO = 2
+MSG_CERTIFICATE = 3
+MSG_CERTIFICATE_VERIFY = 4
+MSG_FINISHED = 5
+MSG_HANDSHAKE_DONE = 6
+MSG_ALERT = 7
+
+MSG_NAMES = {
+    MSG_CLIENT_HELLO: "ClientHello",
+    MSG_SERVER_HELLO: "ServerHello",
+    MSG_CERTIFICATE: "Certificate",
+    MSG_CERTIFICATE_VERIFY: "CertificateVerify",
+    MSG_FINISHED: "Finished",
+    MSG_HANDSHAKE_DONE: "HandshakeDone",
+    MSG_ALERT: "Alert",
+}
+
+TRANSCRIPT_LABEL = b"qkdgw/1 transcript"
+SIG_LABEL_INITIATOR = b"qkdgw/1 initiator signature\x00"
+SIG_LABEL_RESPONDER = b"qkdgw/1 responder signature\x00"
+NONCE_LEN = 32
+MAX_QKD_KEYS = 8
+
+
+class HandshakeError(Exception):
+    """The handshake failed; `code` goes into the alert, `reason` into logs."""
+
+    def __init__(self, code: ErrorCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True)
+class ClientHello:
+    version: str
+    epoch: int
+    auth: str
+    psk_epoch: int
+    kems_offered: tuple[str, ...]
+    kem: str
+    allowed_modes: tuple[str, ...]
+    initiator_id: str
+    responder_id: str
+    initiator_sae_id: str
+    nonce: bytes
+    encapsulation_key: bytes
+    qkd_key_size_bits: int
+    qkd_key_ids: tuple[str, ...]
+    stream_window: int
+
+    def encode(self) -> bytes:
+        w = Writer().u8(MSG_CLIENT_HELLO).text(self.version).u64(self.epoch).text(self.auth)
+        w.u64(self.psk_epoch).texts(self.kems_offered).text(self.kem)
+        w.texts(self.allowed_modes).text(self.initiator_id).text(self.responder_id)
+        w.text(self.initiator_sae_id).blob(self.nonce).blob(self.encapsulation_key)
+        w.u16(self.qkd_key_size_bits).texts(self.qkd_key_ids).u32(self.stream_window)
+        return w.getvalue()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ClientHello:
+        r = Reader(data, "ClientHello")
+        if r.u8("type") != MSG_CLIENT_HELLO:
+            raise DecodeError("ClientHello: wrong message type")
+        msg = cls(
+            version=r.text("version"), epoch=r.u64("epoch"), auth=r.text("auth"),
+            psk_epoch=r.u64("psk_epoch"), kems_offered=r.texts("kems_offered", 8),
+            kem=r.text("kem"), allowed_modes=r.texts("allowed_modes", 4),
+            initiator_id=r.text("initiator_id"), responder_id=r.text("responder_id"),
+            initiator_sae_id=r.text("initiator_sae_id"), nonce=r.blob("nonce", 64),
+            encapsulation_key=r.blob("encapsulation_key", 4096),
+            qkd_key_size_bits=r.u16("qkd_key_size_bits"),
+            qkd_key_ids=r.texts("qkd_key_ids", MAX_QKD_KEYS, 64),
+            stream_window=r.u32("stream_window"),
+        )
+        r.end()
+        return msg
+
+
+@dataclass(frozen=True)
+class ServerHello:
+    version: str
+    kem: str
+    mode: str
+    allowed_modes: tuple[str, ...]
+    responder_id: str
+    nonce: bytes
+    ciphertext: bytes
+    stream_window: int
+
+    def encode(self) -> bytes:
+        w = Writer().u8(MSG_SERVER_HELLO).text(self.version).text(self.kem).text(self.mode)
+        w.texts(self.allowed_modes).text(self.responder_id).blob(self.nonce)
+        w.blob(self.ciphertext).u32(self.stream_window)
+        return w.getvalue()
+
+    @classmethod
+    def decode(cls, data: bytes) -> ServerHello:
+        r = Reader(data, "ServerHello")
+        if r.u8("type") != MSG_SERVER_HELLO:
+            raise DecodeError("ServerHello: wrong message type")
+        msg = cls(
+            version=r.text("version"), kem=r.text("kem"), mode=r.text("mode"),
+            allowed_modes=r.texts("allowed_modes", 4), responder_id=r.text("responder_id"),
+            nonce=r.blob("nonce", 64), ciphertext=r.blob("ciphertext", 4096),
+            stream_window=r.u32("stream_window"),
+        )
+        r.end()
+        return msg
+
+
+def encode_certificate(chain_der: Sequence[bytes]) -> bytes:
+    return Writer().u8(MSG_CERTIFICATE).blobs(list(chain_der)).getvalue()
+
+
+def decode_certificate(data: bytes) -> tuple[bytes, ...]:
+    r = Reader(data, "Certificate")
+    if r.u8("type") != MSG_CERTIFICATE:
+        raise DecodeError("Certificate: wrong message type")
+    chain = r.blobs("certificates", 4, 32768)
+    r.end()
+    if not chain:
+        raise DecodeError("Certificate: empty chain")
+    return chain
+
+
+def encode_certificate_verify(algorithm: str, signature: bytes) -> bytes:
+    return Writer().u8(MSG_CERTIFICATE_VERIFY).text(algorithm).blob(signature).getvalue()
+
+
+def decode_certificate_verify(data: bytes) -> tuple[str, bytes]:
+    r = Reader(data, "CertificateVerify")
+    if r.u8("type") != MSG_CERTIFICATE_VERIFY:
+        raise DecodeError("CertificateVerify: wrong message type")
+    out = r.text("algorithm", 32), r.blob("signature", 16384)
+    r.end()
+    return out
+
+
+def encode_finished(mac: bytes) -> bytes:
+    return Writer().u8(MSG_FINISHED).blob(mac).getvalue()
+
+
+def decode_finished(data: bytes) -> bytes:
+    r = Reader(data, "Finished")
+    if r.u8("type") != MSG_FINISHED:
+        raise DecodeError("Finished: wrong message type")
+    mac = r.blob("mac", 64)
+    r.end()
+    return mac
+
+
+HANDSHAKE_DONE = bytes((MSG_HANDSHAKE_DONE,))
+
+
+def encode_alert(code: int, reason: str) -> bytes:
+    """A plaintext alert, only sent before keys exist: unauthenticated, informational."""
+    return Writer().u8(MSG_ALERT).u16(code).text(reason[:200]).getvalue()
+
+
+def decode_alert(data: bytes) -> tuple[int, str]:
+    r = Reader(data, "Alert")
+    if r.u8("type") != MSG_ALERT:
+        raise DecodeError("Alert: wrong message type")
+    out = r.u16("code"), r.text("reason", 800)
+    r.end()
+    return out
+
+
+def message_type(data: bytes) -> int:
+    if not data:
+        raise DecodeError("empty handshake message")
+    return data[0]
+
+
+# ------------------------------------------------------------------------ parameters
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """This gateway's PKI identity: signing key, certificate chain, and the trusted CA."""
+
+    private_key: Any = field(repr=False)
+    chain: tuple[x509.Certificate, ...]
+    trust_anchor: x509.Certificate
+    crl_check: Callable[[x509.Certificate], str | None] | None = None
+
+    @property
+    def chain_der(self) -> tuple[bytes, ...]:
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        return tuple(c.public_bytes(Encoding.DER) for c in self.chain)
+
+
+@dataclass(frozen=True)
+class HandshakePolicy:
+    """What this side accepts; both sides' policies are bound into TH."""
+
+    kems: tuple[str, ...] = ("ML-KEM-768",)
+    allowed_modes: tuple[str, ...] = (MODE_HYBRID,)
+    qkd_key_size_bits: int = 256
+    qkd_keys_per_handshake: int = 1
+    pqc_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if MODE_HYBRID not in self.allowed_modes:
+            raise ValueError("the hybrid mode is always allowed")
+        for m in self.allowed_modes:
+            if m not in MODES:
+                raise ValueError(f"unknown mode {m!r}")
+
+    @property
+    def degraded_allowed(self) -> bool:
+        return MODE_MLKEM_ONLY in self.allowed_modes
+
+
+@dataclass(frozen=True)
+class HandshakeParams:
+    local_identity: str
+    peer_identity: str
+    local_sae_id: str
+    peer_sae_id: str
+    credentials: Credentials | None
+    policy: HandshakePolicy
+    stream_window: int = 1 << 20
+
+
+@dataclass(frozen=True)
+class HandshakeResult:
+    keys: SessionKeys
+    epoch: int
+    auth: str
+    mode: str
+    kem: str
+    qkd_key_ids: tuple[str, ...]
+    peer_identity: str
+    peer_stream_window: int
+    session_id: str  # hex of the initiator's nonce, public; names the session in logs
+
+
+@dataclass(frozen=True)
+class KeyLogEntry:
+    """What a key log writes for one session: the two secret inputs of the combiner.
+
+    Only ever produced when the operator turned the key log on."""
+
+    session_id: str
+    epoch: int
+    mlkem_shared_secret: bytes = field(repr=False)
+    qkd_key: bytes = field(repr=False)
+
+
+class _State(Enum):
+    IDLE = auto()
+    WAIT_QKD_ENC = auto()
+    WAIT_SERVER_HELLO = auto()
+    WAIT_PEER_CERTIFICATE = auto()
+    WAIT_PEER_CERTIFICATE_VERIFY = auto()
+    WAIT_PEER_FINISHED = auto()
+    WAIT_CLIENT_HELLO = auto()
+    WAIT_QKD_DEC = auto()
+    WAIT_HANDSHAKE_DONE = auto()
+    COMPLETE = auto()
+    FAILED = auto()
+
+
+def _join_qkd_keys(keys: Sequence[bytes]) -> bytes:
+    # Several QKD keys enter the combiner as one length-prefixed string, so the split
+    # between them is unambiguous.
+    return b"".join(len(k).to_bytes(2, "big") + k for k in keys)
+
+
+class Handshake:
+    """One handshake, initiator or responder side."""
+
+    def __init__(
+        self,
+        *,
+        initiator: bool,
+        params: HandshakeParams,
+        epoch: int,
+        auth: str,
+        salt: bytes | None,
+        handshake_id: int = 0,
+        rng: Callable[[int], bytes] = os.urandom,
+        keylog: Callable[[KeyLogEntry], None] | None = None,
+    ) -> None:
+        if auth not in (AUTH_PKI, AUTH_CHAIN, AUTH_PSK):
+            raise ValueError(f"unknown auth mode {auth!r}")
+        if auth == AUTH_PKI and params.credentials is None:
+            raise ValueError("PKI authentication needs credentials")
+        if auth == AUTH_CHAIN and salt is None:
+            raise ValueError("a chained re-handshake needs the previous chain key")
+        self.initiator = initiator
+        self.params = params
+        self.epoch = epoch
+        self.auth = auth
+        self.handshake_id = handshake_id
+        self._salt = salt
+        self._rng = rng
+        self._keylog = keylog
+        self._state = _State.IDLE if initiator else _State.WAIT_CLIENT_HELLO
+        self._th = transcript_hasher()
+        self._th.update(TRANSCRIPT_LABEL)
+        self.outgoing: list[bytes] = []
+        self.events: list[ev.Event] = []
+        self.result: HandshakeResult | None = None
+        self._kem = get_kem(params.policy.kems[0], params.policy.pqc_backend)
+        self._dk: Any = None
+        self._ch: ClientHello | None = None
+        self._sh: ServerHello | None = None
+        self._qkd_keys: list[tuple[str, bytes]] = []
+        self._schedule: HybridKeySchedule | None = None
+        self._confirm: Any = None
+        self._ss: bytes = b""
+        self._peer_cert: x509.Certificate | None = None
+        self._clock_now: datetime | None = None
+
+    def __repr__(self) -> str:
+        role = "initiator" if self.initiator else "responder"
+        return f"Handshake({role}, epoch={self.epoch}, auth={self.auth}, state={self._state.name})"
+
+    @property
+    def complete(self) -> bool:
+        return self._state is _State.COMPLETE
+
+    @property
+    def awaiting_done(self) -> bool:
+        return self._state is _State.WAIT_HANDSHAKE_DONE
+
+    # -- transcript ------------------------------------------------------------------
+
+    def _absorb(self, msg: bytes) -> None:
+        self._th.update(len(msg).to_bytes(4, "big"))
+        self._th.update(msg)
+
+    def _send(self, msg: bytes) -> None:
+        self._absorb(msg)
+        self.outgoing.append(msg)
+
+    def _th_now(self) -> bytes:
+        return self._th.copy().digest()
+
+    def _fail(self, code: ErrorCode, reason: str) -> HandshakeError:
+        self._state = _State.FAILED
+        return HandshakeError(code, reason)
+
+    # -- initiator ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Initiator: ask for the QKD keys that will go into this session."""
+        if not self.initiator or self._state is not _State.IDLE:
+            raise RuntimeError("start() is for a fresh initiator handshake")
+        pol = self.params.policy
+        self._state = _State.WAIT_QKD_ENC
+        self.events.append(ev.QkdKeysRequested(
+            self.handshake_id, self.params.peer_sae_id, pol.qkd_keys_per_handshake,
+            pol.qkd_key_size_bits))
+
+    def supply_qkd_keys(self, keys: Sequence[tuple[str, bytes]]) -> None:
+        """The KME's answer: (key_ID, key) pairs, exactly as many as were asked for."""
+        pol = self.params.policy
+        if self._state is _State.WAIT_QKD_ENC:
+            if len(keys) != pol.qkd_keys_per_handshake:
+                raise self._fail(ErrorCode.QKD_UNAVAILABLE, "KME returned the wrong key count")
+            self._check_keys(keys)
+            self._qkd_keys = list(keys)
+            self._send_client_hello()
+        elif self._state is _State.WAIT_QKD_DEC:
+            assert self._ch is not None
+            if tuple(k for k, _ in keys) != self._ch.qkd_key_ids:
+                raise self._fail(ErrorCode.QKD_UNAVAILABLE,
+                                 "KME returned other key IDs than the initiator named")
+            self._check_keys(keys)
+            self._qkd_keys = list(keys)
+            self._send_server_flight(MODE_HYBRID)
+        else:
+            raise RuntimeError("no QKD keys were requested")
+
+    def _check_keys(self, keys: Sequence[tuple[str, bytes]]) -> None:
+        size = self.params.policy.qkd_key_size_bits // 8
+        ids = [k for k, _ in keys]
+        if len(set(ids)) != len(ids):
+            raise self._fail(ErrorCode.QKD_UNAVAILABLE, "duplicate QKD key IDs")
+        for _, key in keys:
+            if len(key) != size:
+                raise self._fail(ErrorCode.QKD_UNAVAILABLE, "QKD key of the wrong size")
+
+    def qkd_keys_unavailable(self, reason: str) -> None:
+        """The KME had no key (or was unreachable). Fail closed unless degraded mode is
+        allowed here; the responder additionally needs the initiator to allow it."""
+        pol = self.params.policy
+        if self._state is _State.WAIT_QKD_ENC:
+            if not pol.degraded_allowed:
+                raise self._fail(ErrorCode.QKD_UNAVAILABLE,
+                                 f"no QKD key and policy requires one: {reason}")
+            self._qkd_keys = []
+            self._send_client_hello()
+        elif self._state is _State.WAIT_QKD_DEC:
+            assert self._ch is not None
+            if not (pol.degraded_allowed and MODE_MLKEM_ONLY in self._ch.allowed_modes):
+                raise self._fail(ErrorCode.QKD_UNAVAILABLE,
+                                 f"no QKD key and policy requires one: {reason}")
+            self._qkd_keys = []
+            self._send_server_flight(MODE_MLKEM_ONLY)
+        else:
+            raise RuntimeError("no QKD keys were requested")
+
+    def _send_client_hello(self) -> None:
+        p, pol = self.params, self.params.policy
+        self._dk = self._kem.from_seed(self._rng(64))
+        self._ch = ClientHello(
+            version=PROTOCOL_VERSION, epoch=self.epoch, auth=self.auth, psk_epoch=0,
+            kems_offered=pol.kems, kem=self._kem.name, allowed_modes=pol.allowed_modes,
+            initiator_id=p.local_identity, responder_id=p.peer_identity,
+            initiator_sae_id=p.local_sae_id, nonce=self._rng(NONCE_LEN),
+            encapsulation_key=self._dk.encapsulation_key,
+            qkd_key_size_bits=pol.qkd_key_size_bits,
+            qkd_key_ids=tuple(k for k, _ in self._qkd_keys),
+            stream_window=p.stream_window,
+        )
+        self._send(self._ch.encode())
+        self._state = _State.WAIT_SERVER_HELLO
+
+    def _on_server_hello(self, msg: bytes) -> None:
+        sh = ServerHello.decode(msg)
+        ch = self._ch
+        assert ch is not None
+        if sh.version != PROTOCOL_VERSION:
+            raise self._fail(ErrorCode.UNSUPPORTED, f"peer speaks {sh.version!r}")
+        if sh.kem != ch.kem:
+            raise self._fail(ErrorCode.HANDSHAKE_FAILURE, "ServerHello names another KEM")
+        if sh.responder_id != self.params.peer_identity:
+            raise self._fail(ErrorCode.ACCESS_DENIED,
+                             f"responder claims identity {sh.responder_id!r}, expected "
+                             f"{self.params.peer_identity!r}")
+        if sh.mode not in self.params.policy.allowed_modes or sh.mode not in sh.allowed_modes:
+            raise self._fail(ErrorCode.POLICY_MISMATCH, f"mode {sh.mode!r} is not allowed")
+        if sh.mode == MODE_HYBRID and not ch.qkd_key_ids:
+            raise self._fail(ErrorCode.POLICY_MISMATCH, "hybrid mode without QKD keys")
+        if len(sh.nonce) != NONCE_LEN:
+            raise self._fail(ErrorCode.DECODE_ERROR, "bad responder nonce length")
+        self._sh = sh
+        self._absorb(msg)
+        try:
+            ss = self._dk.decapsulate(sh.ciphertext)
+        except PqcError as exc:
+            raise self._fail(ErrorCode.HANDSHAKE_FAILURE, f"bad ML-KEM ciphertext: {exc}") from None
+        self._dk = None  # the decapsulation key is single-use: forward secrecy
+        self._derive(ss, sh.mode)
+        self._state = (_State.WAIT_PEER_CERTIFICATE if self.auth == AUTH_PKI
+                       else _State.WAIT_PEER_FINISHED)
+
+    # -- responder ---------------------------------------------------------------------
+
+    def _on_client_hello(self, msg: bytes) -> None:
+        ch = ClientHello.decode(msg)
+        p, pol = self.params, self.params.policy
+        if ch.version != PROTOCOL_VERSION:
+            raise self._fail(ErrorCode.UNSUPPORTED, f"peer speaks {ch.version!r}")
+        if ch.auth != self.auth:
+            raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
+                             f"peer asked for {ch.auth!r} authentication, expected {self.auth!r}")
+        if ch.epoch != self.epoch:
+            raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
+                             f"ClientHello for epoch {ch.epoch}, expected {self.epoch}")
+        if ch.responder_id != p.local_identity:
+            raise self._fail(ErrorCode.ACCESS_DENIED,
+                             f"initiator wants to reach {ch.responder_id!r}, we are "
+                             f"{p.local_identity!r}")
+        if ch.initiator_id != p.peer_identity:
+            raise self._fail(ErrorCode.ACCESS_DENIED,
+                             f"initiator claims identity {ch.initiator_id!r}, expected "
+                             f"{p.peer_identity!r}")
+        if ch.initiator_sae_id != p.peer_sae_id:
+            raise self._fail(ErrorCode.ACCESS_DENIED,
+                             f"initiator SAE {ch.initiator_sae_id!r}, expected {p.peer_sae_id!r}")
+        if ch.kem not in ch.kems_offered or ch.kem not in pol.kems:
+            raise self._fail(ErrorCode.UNSUPPORTED, f"KEM {ch.kem!r} is not acceptable here")
+        if ch.kem != self._kem.name:
+            self._kem = get_kem(ch.kem, pol.pqc_backend)
+        if len(ch.encapsulation_key) != self._kem.encapsulation_key_size:
+            raise self._fail(ErrorCode.DECODE_ERROR, "encapsulation key of the wrong size")
+        if len(ch.nonce) != NONCE_LEN:
+            raise self._fail(ErrorCode.DECODE_ERROR, "bad initiator nonce length")
+        if MODE_HYBRID not in ch.allowed_modes or any(m not in MODES for m in ch.allowed_modes):
+            raise self._fail(ErrorCode.POLICY_MISMATCH, "initiator's modes are not acceptable")
+        if ch.qkd_key_size_bits != pol.qkd_key_size_bits:
+            raise self._fail(ErrorCode.POLICY_MISMATCH,
+                             f"QKD key size {ch.qkd_key_size_bits} bits, expected "
+                             f"{pol.qkd_key_size_bits}")
+        if ch.psk_epoch != 0:
+            raise self._fail(ErrorCode.UNSUPPORTED, "PSK epochs are not supported yet")
+        self._ch = ch
+        self._absorb(msg)
+        if ch.qkd_key_ids:
+            if len(ch.qkd_key_ids) != pol.qkd_keys_per_handshake:
+                raise self._fail(ErrorCode.POLICY_MISMATCH, "wrong number of QKD key IDs")
+            self._state = _State.WAIT_QKD_DEC
+            self.events.append(ev.QkdKeysToFetch(
+                self.handshake_id, p.peer_sae_id, ch.qkd_key_ids, pol.qkd_key_size_bits))
+        else:
+            if not (pol.degraded_allowed and MODE_MLKEM_ONLY in ch.allowed_modes):
+                raise self._fail(ErrorCode.QKD_UNAVAILABLE,
+                                 "initiator brought no QKD key and policy requires one")
+            self._send_server_flight(MODE_MLKEM_ONLY)
+
+    def _send_server_flight(self, mode: str) -> None:
+        ch = self._ch
+        assert ch is not None
+        try:
+            ct, ss = self._kem.encapsulate(ch.encapsulation_key)
+        except PqcError as exc:
+            raise self._fail(ErrorCode.HANDSHAKE_FAILURE, f"bad encapsulation key: {exc}") from None
+        self._sh = ServerHello(
+            version=PROTOCOL_VERSION, kem=self._kem.name, mode=mode,
+            allowed_modes=self.params.policy.allowed_modes,
+            responder_id=self.params.local_identity, nonce=self._rng(NONCE_LEN),
+            ciphertext=ct, stream_window=self.params.stream_window,
+        )
+        self._send(self._sh.encode())
+        self._derive(ss, mode)
+        if self.auth == AUTH_PKI:
+            self._send_signature(SIG_LABEL_RESPONDER)
+        self._send(encode_finished(finished_mac(self._confirm.responder, self._th_now())))
+        self._state = (_State.WAIT_PEER_CERTIFICATE if self.auth == AUTH_PKI
+                       else _State.WAIT_PEER_FINISHED)
+
+    # -- both ----------------------------------------------------------------------------
+
+    def _derive(self, ss: bytes, mode: str) -> None:
+        k_qkd = _join_qkd_keys([k for _, k in self._qkd_keys]) if mode == MODE_HYBRID else b""
+        self._schedule = HybridKeySchedule(ss, k_qkd, self._salt)
+        self._confirm = self._schedule.confirmation_keys(self._th_now())
+        if self._keylog is not None:
+            assert self._ch is not None
+            self._keylog(KeyLogEntry(self._ch.nonce.hex(), self.epoch, ss, k_qkd))
+
+    def _send_signature(self, label: bytes) -> None:
+        creds = self.params.credentials
+        assert creds is not None
+        self._send(encode_certificate(creds.chain_der))
+        algorithm = pqc_sig.algorithm_of_public_key(creds.chain[0].public_key())
+        signature = pqc_sig.sign(creds.private_key, label + self._th_now())
+        self._send(encode_certificate_verify(algorithm, signature))
+
+    def _on_certificate(self, msg: bytes) -> None:
+        from gateway.pki import PeerCertificateError, verify_peer_certificate
+
+        chain_der = decode_certificate(msg)
+        creds = self.params.credentials
+        assert creds is not None
+        try:
+            chain = [x509.load_der_x509_certificate(der) for der in chain_der]
+        except ValueError:
+            raise self._fail(ErrorCode.BAD_CERTIFICATE, "peer certificate does not parse") from None
+        now = self._now()
+        try:
+            verify_peer_certificate(chain[0], creds.trust_anchor, self.params.peer_identity,
+                                    now, intermediates=chain[1:])
+        except PeerCertificateError as exc:
+            raise self._fail(ErrorCode.BAD_CERTIFICATE,
+                             f"peer certificate rejected: {exc}") from None
+        if creds.crl_check is not None:
+            revoked = creds.crl_check(chain[0])
+            if revoked:
+                raise self._fail(ErrorCode.BAD_CERTIFICATE, revoked)
+        self._peer_cert = chain[0]
+        self._absorb(msg)
+        self._state = _State.WAIT_PEER_CERTIFICATE_VERIFY
+
+    def _on_certificate_verify(self, msg: bytes) -> None:
+        algorithm, signature = decode_certificate_verify(msg)
+        assert self._peer_cert is not None
+        pub = self._peer_cert.public_key()
+        if algorithm != pqc_sig.algorithm_of_public_key(pub):
+            raise self._fail(ErrorCode.BAD_CERTIFICATE,
+                             "signature algorithm does not match the certificate")
+        label = SIG_LABEL_RESPONDER if self.initiator else SIG_LABEL_INITIATOR
+        if not pqc_sig.verify(pub, signature, label + self._th_now()):
+            raise self._fail(ErrorCode.HANDSHAKE_FAILURE, "peer's transcript signature is invalid")
+        self._absorb(msg)
+        self._state = _State.WAIT_PEER_FINISHED
+
+    def _on_finished(self, msg: bytes) -> None:
+        mac = decode_finished(msg)
+        key = self._confirm.responder if self.initiator else self._confirm.initiator
+        if not hmac.compare_digest(mac, finished_mac(key, self._th_now())):
+            raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
+                             "key confirmation failed: the peer derived other keys")
+        self._absorb(msg)
+        if self.initiator:
+            if self.auth == AUTH_PKI:
+                self._send_signature(SIG_LABEL_INITIATOR)
+            self._send(encode_finished(finished_mac(self._confirm.initiator, self._th_now())))
+            self._finish()
+            self._state = _State.WAIT_HANDSHAKE_DONE
+        else:
+            self._finish()
+            self._state = _State.COMPLETE
+
+    def _finish(self) -> None:
+        assert self._schedule is not None and self._ch is not None and self._sh is not None
+        keys = self._schedule.session_keys(self._th_now())
+        self._schedule = None
+        self._confirm = None
+        peer_window = self._sh.stream_window if self.initiator else self._ch.stream_window
+        self.result = HandshakeResult(
+            keys=keys, epoch=self.epoch, auth=self.auth, mode=self._sh.mode, kem=self._sh.kem,
+            qkd_key_ids=self._ch.qkd_key_ids, peer_identity=self.params.peer_identity,
+            peer_stream_window=peer_window, session_id=self._ch.nonce.hex(),
+        )
+        self._qkd_keys = []
+
+    def _now(self) -> datetime:
+        return self._clock_now if self._clock_now is not None else datetime.now(UTC)
+
+    def receive(self, msg: bytes, now: datetime | None = None) -> None:
+        """One complete handshake message from the peer."""
+        self._clock_now = now
+        mtype = message_type(msg)
+        expected = {
+            _State.WAIT_CLIENT_HELLO: MSG_CLIENT_HELLO,
+            _State.WAIT_SERVER_HELLO: MSG_SERVER_HELLO,
+            _State.WAIT_PEER_CERTIFICATE: MSG_CERTIFICATE,
+            _State.WAIT_PEER_CERTIFICATE_VERIFY: MSG_CERTIFICATE_VERIFY,
+            _State.WAIT_PEER_FINISHED: MSG_FINISHED,
+            _State.WAIT_HANDSHAKE_DONE: MSG_HANDSHAKE_DONE,
+        }.get(self._state)
+        if mtype != expected:
+            got = MSG_NAMES.get(mtype, f"type {mtype}")
+            raise self._fail(ErrorCode.PROTOCOL_ERROR,
+                             f"unexpected {got} in state {self._state.name}")
+        try:
+            if mtype == MSG_CLIENT_HELLO:
+                self._on_client_hello(msg)
+            elif mtype == MSG_SERVER_HELLO:
+                self._on_server_hello(msg)
+            elif mtype == MSG_CERTIFICATE:
+                self._on_certificate(msg)
+            elif mtype == MSG_CERTIFICATE_VERIFY:
+                self._on_certificate_verify(msg)
+            elif mtype == MSG_FINISHED:
+                self._on_finished(msg)
+            else:
+                if msg != HANDSHAKE_DONE:
+                    raise DecodeError("HandshakeDone carries no body")
+                self._state = _State.COMPLETE
+        except DecodeError as exc:
+            raise self._fail(ErrorCode.DECODE_ERROR, str(exc)) from None

@@ -1,0 +1,38 @@
+"""Prometheus metrics of one gateway process. Counts and states only, never key material."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+
+class GatewayMetrics:
+    """A registry per gateway, so several gateways in one test process do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.handshakes = Counter("qkdgw_handshakes", "Completed tunnel handshakes",
+                                  ["auth", "mode"], registry=r)
+        self.handshake_failures = Counter("qkdgw_handshake_failures",
+                                          "Handshakes that failed", ["reason"], registry=r)
+        self.rekeys = Counter("qkdgw_rekeys", "Completed hybrid re-handshakes", registry=r)
+        self.key_updates = Counter("qkdgw_key_updates", "Record-layer key updates", registry=r)
+        self.qkd_keys = Counter("qkdgw_qkd_keys_consumed", "QKD keys mixed into sessions",
+                                registry=r)
+        self.kme_errors = Counter("qkdgw_kme_errors", "Failed KME requests", ["kind"],
+                                  registry=r)
+        self.tunnel_closes = Counter("qkdgw_tunnel_closes", "Tunnel connections ended",
+                                     ["code", "clean"], registry=r)
+        self.streams_opened = Counter("qkdgw_streams_opened", "Streams opened",
+                                      ["direction"], registry=r)
+        self.streams_reset = Counter("qkdgw_streams_reset", "Streams reset", ["code"],
+                                     registry=r)
+        self.tunnel_bytes = Counter("qkdgw_tunnel_bytes", "Bytes on the tunnel socket",
+                                    ["direction"], registry=r)
+        self.tunnel_up = Gauge("qkdgw_tunnel_up", "1 while the tunnel is ready", registry=r)
+        self.degraded = Gauge("qkdgw_degraded", "1 while the session runs without QKD key",
+                              registry=r)
+        self.epoch = Gauge("qkdgw_session_epoch", "Current session epoch", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
