@@ -1,0 +1,405 @@
+"""The KME process: an ETSI GS QKD 014 server over HTTPS with client certificates.
+
+Request rules live in `qkd.etsi014` (sans-I/O); this module only does HTTP, TLS, the
+caller's identity, the key pool and the store:
+
+- The caller's SAE ID is the CN of its TLS client certificate. TLS requires a
+  certificate from the configured client CA, so a caller without one never reaches a
+  handler; a handler only decides whether that SAE may ask *this*.
+- enc_keys / status: caller is a local [[sae]], the path's slave a [peer] SAE.
+- dec_keys: caller is a local [[sae]], the path's master a [peer] SAE, and every key ID
+  must have been made by the link for exactly (master, caller).
+- A delivery is committed to SQLite (`qkd.keystore`) before its answer is written.
+
+Key bytes exist only inside the JSON answer: they are never logged or put in errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import os
+import signal
+import socket
+import sqlite3
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.cli import UserError
+from gateway.log import configure_logging, get_logger
+from qkd import etsi014
+from qkd.etsi014 import (
+    BAD_REQUEST,
+    NO_KEY_MESSAGE,
+    SERVER_ERROR,
+    UNAUTHORIZED,
+    EtsiError,
+    QkdKey,
+)
+from qkd.ideal_link import COUNTER_LIMIT, IdealLink, InvalidKeyId, TokenBucket
+from qkd.keystore import AlreadyDelivered, AsyncKeyStore, SlaveDelivery, StoreError
+from qkd.kme_config import KmeConfig
+
+log = get_logger("qkd.kme")
+
+# Largest request body we read: max_key_per_request key IDs of ~60 bytes each fit
+# many times over; anything bigger is not an ETSI 014 request.
+_MAX_BODY = 256 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def server_ssl_context(config: KmeConfig) -> ssl.SSLContext:
+    """TLS 1.2+ server context that requires a client cert from [tls] client_ca only."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(config.tls.cert, config.tls.key)
+    # Only the configured CA: never the system store, or any public-CA cert whose CN
+    # happens to equal an SAE ID would be accepted.
+    ctx.load_verify_locations(cafile=config.tls.client_ca)
+    return ctx
+
+
+def _query_lists(request: web.Request) -> dict[str, list[str]]:
+    return {name: request.query.getall(name) for name in request.query}
+
+
+class KmeService:
+    """The request handlers and the state they share (pool, link, store)."""
+
+    def __init__(self, config: KmeConfig, store: AsyncKeyStore, link: IdealLink,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.store = store
+        self.link = link
+        self._clock = clock
+        self.bucket = TokenBucket(config.link.key_rate, config.limits.max_key_count, clock())
+        self._local = frozenset(config.local_sae_ids)
+        self._peers = frozenset(config.peer.sae_ids)
+
+    # ------------------------------------------------------------ identity / checks
+
+    def caller(self, request: web.Request) -> str:
+        """The SAE ID (client certificate CN) of the caller, registered here; else 401."""
+        transport = request.transport
+        ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
+        cert = ssl_obj.getpeercert() if ssl_obj is not None else None
+        if not cert:
+            # Unreachable with CERT_REQUIRED, kept so a misconfigured context fails closed.
+            raise EtsiError(UNAUTHORIZED, "a TLS client certificate is required")
+        cns = [value for rdn in cert.get("subject", ()) for (name, value) in rdn
+               if name == "commonName"]
+        if len(cns) != 1:
+            raise EtsiError(UNAUTHORIZED, "client certificate must have exactly one CN "
+                            "(the SAE ID)")
+        sae_id: str = cns[0]
+        if sae_id not in self._local:
+            raise EtsiError(UNAUTHORIZED, f"SAE {sae_id!r} is not registered at KME "
+                            f"{self.config.kme_id!r}")
+        return sae_id
+
+    def _peer_sae(self, request: web.Request, role: str) -> str:
+        sae_id = request.match_info["sae_id"]
+        if sae_id not in self._peers:
+            raise EtsiError(BAD_REQUEST, f"unknown {role} SAE {sae_id!r}: not an SAE of "
+                            f"peer KME {self.config.peer.kme_id!r}",
+                            [{"parameter": f"{role}_SAE_ID", "reason": "unknown SAE"}])
+        return sae_id
+
+    # ------------------------------------------------------------------- handlers
+
+    async def status(self, request: web.Request) -> web.Response:
+        caller = self.caller(request)
+        slave = self._peer_sae(request, "slave")
+        body = etsi014.build_status(
+            source_kme_id=self.config.kme_id, target_kme_id=self.config.peer.kme_id,
+            master_sae_id=caller, slave_sae_id=slave, limits=self.config.limits,
+            stored_key_count=self.bucket.level(self._clock()),
+        )
+        return web.json_response(body)
+
+    async def enc_keys(self, request: web.Request) -> web.Response:
+        caller = self.caller(request)
+        slave = self._peer_sae(request, "slave")
+        limits = self.config.limits
+        if request.method == "GET":
+            req = etsi014.parse_enc_keys_get(_query_lists(request), limits)
+        else:
+            req = etsi014.parse_enc_keys_post(await request.read(), limits)
+
+        # The pool counts keys of the default size; a bigger key uses several.
+        cost = req.number * math.ceil(req.size / limits.key_size)
+        if cost > limits.max_key_count:
+            raise EtsiError(BAD_REQUEST, f"request needs {cost} stored keys of "
+                            f"{limits.key_size} bits, the pool holds at most "
+                            f"{limits.max_key_count}",
+                            [{"parameter": "number", "reason": "ask for fewer or smaller keys"}])
+        # take() runs without an await before it, so concurrent requests cannot both
+        # spend the same keys.
+        if not self.bucket.take(cost, self._clock()):
+            raise EtsiError(SERVER_ERROR, NO_KEY_MESSAGE,
+                            [{"reason": f"{cost} stored keys needed, "
+                                        f"{self.bucket.level(self._clock())} available"}])
+
+        link, size = self.link, req.size
+        try:
+            allocated = await self.store.allocate(
+                caller, slave, req.number, size,
+                lambda i: link.key_id(caller, slave, i, size), COUNTER_LIMIT)
+        except StoreError as exc:
+            log.error("kme_store_refused", reason=str(exc))
+            raise EtsiError(SERVER_ERROR, str(exc)) from None
+        keys = [QkdKey(kid, link.key(caller, slave, i, size)) for i, kid in allocated]
+        log.info("keys_delivered", role="master", master=caller, slave=slave,
+                 count=len(keys), size=size, key_ids=[k.key_id for k in keys])
+        return web.json_response(etsi014.build_key_container(keys))
+
+    async def dec_keys(self, request: web.Request) -> web.Response:
+        caller = self.caller(request)
+        master = self._peer_sae(request, "master")
+        if request.method == "GET":
+            key_ids = etsi014.parse_dec_keys_get(_query_lists(request))
+        else:
+            key_ids = etsi014.parse_dec_keys_post(await request.read(), self.config.limits)
+
+        items: list[SlaveDelivery] = []
+        not_yours: list[str] = []
+        unknown: list[str] = []
+        for key_id in key_ids:
+            try:
+                counter, size = self.link.open_key_id(key_id, master, caller)
+            except InvalidKeyId:
+                owner = self._owner(key_id, exclude=(master, caller))
+                if owner is not None and owner[1] != caller:
+                    not_yours.append(key_id)
+                else:
+                    unknown.append(key_id)
+                continue
+            items.append(SlaveDelivery(key_id, master, caller, counter, size))
+        if not_yours:
+            raise EtsiError(UNAUTHORIZED, f"key ID(s) were not issued for SAE {caller!r}",
+                            [{"key_ID": k} for k in not_yours])
+        if unknown:
+            raise EtsiError(BAD_REQUEST, f"key ID(s) unknown for master SAE {master!r} and "
+                            f"slave SAE {caller!r}", [{"key_ID": k} for k in unknown])
+        try:
+            await self.store.deliver_to_slave(items)
+        except AlreadyDelivered as exc:
+            raise EtsiError(BAD_REQUEST, "key ID(s) already delivered; a key is delivered "
+                            "once", [{"key_ID": k} for k in exc.key_ids]) from None
+        keys = [QkdKey(it.key_id, self.link.key(master, caller, it.counter, it.size_bits))
+                for it in items]
+        log.info("keys_delivered", role="slave", master=master, slave=caller,
+                 count=len(keys), key_ids=[k.key_id for k in keys])
+        return web.json_response(etsi014.build_key_container(keys))
+
+    def _owner(self, key_id: str, exclude: tuple[str, str]) -> tuple[str, str] | None:
+        """Which other (master, slave) pair of this KME a key ID belongs to, if any.
+
+        Only used to answer 401 rather than 400 when an SAE presents a real key ID
+        that was made for someone else; key IDs are not secret, so this tells the
+        caller nothing it could not learn from the wire."""
+        pairs = [(m, s) for m in self._peers for s in self._local]
+        pairs += [(m, s) for m in self._local for s in self._peers]
+        for pair in sorted(pairs):
+            if pair == exclude:
+                continue
+            try:
+                self.link.open_key_id(key_id, *pair)
+            except InvalidKeyId:
+                continue
+            return pair
+        return None
+
+
+@web.middleware
+async def _etsi_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as an ETSI Error JSON body with 400/401/503 (or the HTTP
+    status aiohttp chose, e.g. 404/405/413, still with a JSON body)."""
+    try:
+        return await handler(request)
+    except EtsiError as exc:
+        level = log.warning if exc.status == UNAUTHORIZED else log.info
+        level("kme_request_refused", status=exc.status, reason=exc.message,
+              method=request.method, path=request.path)
+        return web.json_response(exc.body(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(etsi014.build_error(exc.reason), status=exc.status)
+    except (sqlite3.Error, OSError):
+        log.exception("kme_store_error", method=request.method, path=request.path)
+        return web.json_response(etsi014.build_error("key store error"), status=SERVER_ERROR)
+
+
+def build_app(service: KmeService) -> web.Application:
+    app = web.Application(middlewares=[_etsi_errors], client_max_size=_MAX_BODY)
+    base = etsi014.API_PREFIX + "/{sae_id}"
+    app.router.add_get(base + "/status", service.status, allow_head=False)
+    app.router.add_get(base + "/enc_keys", service.enc_keys, allow_head=False)
+    app.router.add_post(base + "/enc_keys", service.enc_keys)
+    app.router.add_get(base + "/dec_keys", service.dec_keys, allow_head=False)
+    app.router.add_post(base + "/dec_keys", service.dec_keys)
+    return app
+
+
+@dataclass
+class RunningKme:
+    """A KME serving in this event loop. `close()` stops it and closes the store."""
+
+    config: KmeConfig
+    host: str
+    port: int
+    service: KmeService
+    _runner: web.AppRunner
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"https://{host}:{self.port}"
+
+    async def close(self) -> None:
+        try:
+            await self._runner.cleanup()
+        finally:
+            await self.service.store.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, socktype, proto, _canon, sockaddr = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_kme(config: KmeConfig, *,
+                    clock: Callable[[], float] = time.monotonic) -> RunningKme:
+    """Open the store, bind `[kme] listen` (port 0 = any free port) and serve."""
+    if config.link.type != "ideal":  # pragma: no cover - the loader only allows "ideal"
+        raise config.error("[link] type", f"unsupported {config.link.type!r}", 'use "ideal"')
+    log.warning(
+        "ideal_link_no_quantum_security",
+        message="IDEAL LINK: keys are derived from a pre-shared file, NOT from QKD. They "
+                "give NO quantum security; anyone with the link secret file can compute "
+                "every key. Use only for tests and demos.",
+        link_file=str(config.link.secret_file),
+    )
+    with contextlib.suppress(OSError):
+        if config.link.secret_file.stat().st_mode & 0o077:
+            # Anyone who can read this file can compute every key this KME delivers.
+            log.warning("link_secret_file_not_private", link_file=str(config.link.secret_file),
+                        fix="chmod 600 the file (qkdgw pki init writes it that way)")
+    try:
+        ssl_ctx = server_ssl_context(config)
+    except (ssl.SSLError, OSError) as exc:
+        raise config.error("[tls] cert", f"cannot load TLS files ({exc})",
+                           "check [tls] cert, key and client_ca") from None
+    link = IdealLink(config.link.secret)
+    try:
+        store = await AsyncKeyStore.open(config.db, config.kme_id)
+    except StoreError as exc:
+        raise config.error("[kme] db", str(exc), "see the message") from None
+    except (sqlite3.Error, OSError) as exc:
+        raise config.error("[kme] db", f"cannot open {str(config.db)!r} ({exc})",
+                           "point it at a writable file on a local disk") from None
+
+    service = KmeService(config, store, link, clock)
+    runner = web.AppRunner(build_app(service), access_log=None, shutdown_timeout=5.0)
+    try:
+        await runner.setup()
+        try:
+            sock = _bind(config.listen.host, config.listen.port)
+        except OSError as exc:
+            raise UserError(f"{config.source}: [kme] listen: cannot listen on "
+                            f"{config.listen} ({exc.strerror or exc}) (fix: choose a free "
+                            "port or stop the other process)") from None
+        port = sock.getsockname()[1]
+        await web.SockSite(runner, sock, ssl_context=ssl_ctx).start()
+    except BaseException:
+        await runner.cleanup()
+        await store.close()
+        raise
+    running = RunningKme(config, config.listen.host, port, service, runner)
+    log.info("kme_started", kme_id=config.kme_id, listen=f"{config.listen.host}:{port}",
+             url=running.url, link_type=config.link.type, key_rate=config.link.key_rate,
+             local_saes=list(config.local_sae_ids), peer_kme=config.peer.kme_id,
+             peer_saes=list(config.peer.sae_ids), db=str(config.db))
+    return running
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Write the bound port atomically, so a launcher polling the file never reads half."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(f"{port}\n", encoding="ascii")
+    os.replace(tmp, path)
+
+
+async def serve(config: KmeConfig, port_file: Path | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then shut down cleanly."""
+    running = await start_kme(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        if port_file is not None:
+            try:
+                write_port_file(port_file, running.port)
+            except OSError as exc:
+                raise UserError(f"--port-file {port_file}: cannot write ({exc.strerror})"
+                                ) from None
+        await stop.wait()
+        log.info("kme_stopping", kme_id=config.kme_id)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await running.close()
+        if port_file is not None:
+            # A stale port file would point the next launcher at a dead (or foreign) port.
+            with contextlib.suppress(OSError):
+                port_file.unlink()
+        log.info("kme_stopped", kme_id=config.kme_id)
+
+
+def _handle(args: argparse.Namespace) -> int:
+    config = KmeConfig.load(args.config)
+    configure_logging(config.log_level, config.log_format, process="kme")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config, args.port_file))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "kme", help="run a key management entity (ETSI GS QKD 014 server)",
+        description="Run a KME: serves ETSI GS QKD 014 over HTTPS with client "
+                    "certificates until SIGINT/SIGTERM.")
+    p.add_argument("--config", required=True, type=Path, metavar="FILE",
+                   help="KME config (TOML), see configs/kme-a.toml")
+    p.add_argument("--port-file", type=Path, metavar="PATH", default=None,
+                   help="write the bound TCP port to PATH once listening "
+                        "(useful with listen = '127.0.0.1:0')")
+    p.set_defaults(handler=_handle)
+
+
+__all__ = ["KmeService", "RunningKme", "build_app", "register_cli", "serve", "start_kme"]
+
