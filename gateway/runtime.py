@@ -22,7 +22,7 @@ import struct
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from cryptography import x509
@@ -122,7 +122,8 @@ class AppStream(asyncio.Protocol):
     # asyncio callbacks -------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports do not subclass asyncio.Transport; cast, don't check.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         _nodelay(transport)
         if self._pending_in:
@@ -196,6 +197,10 @@ class AppStream(asyncio.Protocol):
             self._unconsumed += len(data)
         elif self.stream_id is not None:
             self.tunnel.conn.stream_data_consumed(self.stream_id, len(data))
+            # deliver() also runs from connection_made, outside the tunnel's event
+            # processing: without a flush the window grant could sit unsent while the
+            # peer waits for it.
+            self.tunnel.schedule_flush()
 
     def window_opened(self) -> None:
         if self.stream_id is None or self._done:
@@ -271,7 +276,8 @@ class TunnelSession(asyncio.Protocol):
     # asyncio callbacks -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports do not subclass asyncio.Transport; cast, don't check.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         _nodelay(transport)
         peer = transport.get_extra_info("peername")
@@ -519,7 +525,7 @@ class LocalListener(asyncio.Protocol):
         self.app: AppStream | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)
         g = self.gateway
         tunnel = g.tunnel
         app = AppStream(tunnel, None)
@@ -777,6 +783,14 @@ class Gateway:
                 else round(max(0.0, next_rekey - t.loop.time()), 1),
                 open_streams=t.conn.open_streams,
             )
+            if os.environ.get("QKDGW_DEBUG_STREAMS"):
+                peer["streams"] = {
+                    sid: dict(window=t.conn.send_window(sid), pending=len(a._pending_out),
+                              unconsumed=a._unconsumed, rpaused=a._reading_paused,
+                              wpaused=a._writing_paused, eof=a._app_eof, fin=a._fin_sent,
+                              peer_fin=a._peer_fin, done=a._done,
+                              buf=a.transport.get_write_buffer_size() if a.transport else None)
+                    for sid, a in t.streams.items()}
         return {
             "site_id": self.config.site_id,
             "role": "initiator" if self.config.initiator else "responder",
