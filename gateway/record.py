@@ -123,6 +123,10 @@ class RecordLayer:
         return -1 if self._send is None else self._send.generation
 
     @property
+    def recv_phase(self) -> int | None:
+        return None if self._recv is None else self._recv.phase
+
+    @property
     def recv_generation(self) -> int:
         return -1 if self._recv is None else self._recv.generation
 

@@ -27,9 +27,12 @@ from gateway.pki import init_pki
 class TestbedError(Exception):
     """A testbed process failed to start; the message carries the end of its log."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
 
 @dataclass
 class TestbedOptions:
+    __test__ = False
     rekey_interval: float = 600.0
     key_update_records: int = 1 << 20
     key_rate: float = 1000.0  # keys per second the ideal link produces
@@ -40,6 +43,7 @@ class TestbedOptions:
     algorithm: str = "ml-dsa-65"
     log_level: str = "info"
     stream_window: int = 1 << 20
+    connect_wait: float = 10.0
 
 
 def _toml_str(s: str | Path) -> str:
@@ -62,6 +66,7 @@ class Proc:
 
 @dataclass
 class Testbed:
+    __test__ = False
     workdir: Path
     options: TestbedOptions = field(default_factory=TestbedOptions)
     procs: dict[str, Proc] = field(default_factory=dict)
@@ -148,6 +153,7 @@ state_dir = {_toml_str(self.workdir / "state" / site)}
 rekey_interval_s = {o.rekey_interval}
 key_update_records = {o.key_update_records}
 stream_window = {o.stream_window}
+connect_wait_s = {o.connect_wait}
 reconnect_min_s = 0.2
 reconnect_max_s = 2
 
@@ -246,15 +252,22 @@ format = "json"
             self.ports[f"listen-{site}-{service}"] = int(port)
         return info
 
-    def start_all(self, *, relay_port: int | None = None) -> None:
+    def start_all(self, *, relay_port: int | None = None,
+                  extra_listeners: tuple[str, ...] = ()) -> None:
         """KMEs, sink, gateway B, then gateway A (through `relay_port` if given)."""
         self.prepare()
         self.start_kmes()
         sink = self.start_sink()
         self.start_gateway("site-b", "site-a", connect=None, services={"sink": sink})
+        listeners = {"sink": 0} | {name: 0 for name in extra_listeners}
         self.start_gateway("site-a", "site-b",
                            connect=relay_port or self.ports["tunnel-site-b"],
-                           listeners={"sink": 0})
+                           listeners=listeners)
+
+    def metrics(self, site: str) -> str:
+        url = f"http://127.0.0.1:{self.ports[f'admin-{site}']}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.read().decode()
 
     def status(self, site: str) -> dict[str, Any]:
         url = f"http://127.0.0.1:{self.ports[f'admin-{site}']}/status"
