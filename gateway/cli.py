@@ -15,43 +15,42 @@ from collections.abc import Sequence
 
 from gateway.confload import ConfigError
 
-# Modules that add subcommands; each has register_cli(subparsers).
-_COMMAND_MODULES = (
-    "gateway.pki",
-    "qkd.kme",
-    "gateway.runtime",
-    "gateway.demo",
-    "gateway.rndl",
-    "qkd.sim.cli",
-)
+# Subcommand -> module with register_cli(subparsers). Only the module of the command
+# being run is imported, so `qkdgw gateway` does not pay for the simulator's imports.
+_COMMANDS = {
+    "pki": "gateway.pki",
+    "kme": "qkd.kme",
+    "gateway": "gateway.runtime",
+    "status": "gateway.runtime",
+    "demo": "gateway.demo",
+    "rndl": "gateway.rndl",
+    "qkd": "qkd.sim.cli",
+}
 
 
 class UserError(Exception):
     """An error the user can act on; printed as one line, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser, or one that knows only `command` (cheaper to import)."""
     parser = argparse.ArgumentParser(
         prog="qkdgw",
         description="Hybrid ML-KEM + QKD site-to-site gateway.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            # Only tolerate the command module itself being absent (a trimmed install);
-            # a missing dependency inside it is a real error.
-            if exc.name is None or not (name == exc.name or name.startswith(exc.name + ".")):
-                raise
-            continue
-        module.register_cli(sub)
+    modules = [_COMMANDS[command]] if command in _COMMANDS else list(dict.fromkeys(
+        _COMMANDS.values()))
+    for name in modules:
+        importlib.import_module(name).register_cli(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     try:
         code = args.handler(args)
