@@ -1,0 +1,134 @@
+"""Record layer and stream frames against independent computations and bad input."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from gateway import events as ev
+from gateway.record import (
+    HEADER_LEN,
+    INNER_STREAM,
+    MAX_PROTECTED_BODY,
+    PROTECTED,
+    RecordError,
+    RecordLayer,
+    RecordReader,
+)
+from gateway.streams import FRAME_DATA, FRAME_HEADER, MuxError, StreamMux
+from gateway.wire import DecodeError, ErrorCode
+from pqc.combiner import next_traffic_secret, record_key_iv
+
+SECRET = bytes(range(48))
+
+
+def pair() -> tuple[RecordLayer, RecordLayer]:
+    tx, rx = RecordLayer(), RecordLayer()
+    tx.install_send(SECRET)
+    rx.install_recv(SECRET)
+    return tx, rx
+
+
+def split(record: bytes) -> tuple[int, int, bytes, bytes]:
+    return record[0], record[1], record[:HEADER_LEN], record[HEADER_LEN:]
+
+
+def test_nonce_is_iv_xor_sequence_and_header_is_aad() -> None:
+    tx, _ = pair()
+    key, iv = record_key_iv(SECRET)
+    records = [tx.seal(INNER_STREAM, f"msg{i}".encode()) for i in range(3)]
+    for seq, rec in enumerate(records):
+        nonce = (int.from_bytes(iv, "big") ^ seq).to_bytes(12, "big")
+        plain = AESGCM(key).decrypt(nonce, rec[HEADER_LEN:], rec[:HEADER_LEN])
+        assert plain == bytes([INNER_STREAM]) + f"msg{seq}".encode()
+
+
+@pytest.mark.parametrize("position", [0, 1, 2, 4, 5, 10, -17, -1])
+def test_any_flipped_bit_is_fatal(position: int) -> None:
+    tx, rx = pair()
+    rec = bytearray(tx.seal(INNER_STREAM, b"payload bytes"))
+    rec[position] ^= 0x04
+    with pytest.raises((RecordError, DecodeError)):
+        reader = RecordReader()
+        reader.feed(bytes(rec))
+        got = reader.next_record()
+        assert got is not None
+        rx.open(*got)
+
+
+def test_untampered_record_opens() -> None:  # positive control for the test above
+    tx, rx = pair()
+    assert rx.open(*split(tx.seal(INNER_STREAM, b"payload bytes"))) == (INNER_STREAM,
+                                                                          b"payload bytes")
+
+
+def test_replay_reorder_and_drop_fail() -> None:
+    tx, rx = pair()
+    r0, r1, _r2 = (tx.seal(INNER_STREAM, bytes([i])) for i in range(3))
+    rx.open(*split(r0))
+    with pytest.raises(RecordError) as exc:
+        rx.open(*split(r0))  # replay
+    assert exc.value.code == ErrorCode.BAD_RECORD_MAC
+    _, rx = pair()
+    with pytest.raises(RecordError):
+        rx.open(*split(r1))  # r0 dropped / reordered
+
+
+def test_reflection_fails() -> None:
+    # A side's own records sent back to it use the other direction's key.
+    tx = RecordLayer()
+    tx.install_send(SECRET)
+    tx.install_recv(bytes(48))
+    with pytest.raises(RecordError):
+        tx.open(*split(tx.seal(INNER_STREAM, b"x")))
+
+
+def test_key_update_follows_phase_flip() -> None:
+    tx, rx = pair()
+    rx.open(*split(tx.seal(INNER_STREAM, b"a")))
+    tx.update_send_key()
+    rec = tx.seal(INNER_STREAM, b"b")
+    assert rec[1] & 1 == 1
+    assert rx.open(*split(rec)) == (INNER_STREAM, b"b")
+    assert rx.recv_generation == 1
+    key, _ = record_key_iv(next_traffic_secret(SECRET))
+    assert key != record_key_iv(SECRET)[0]
+
+
+def test_reader_rejects_oversize_zero_length_and_unknown_types() -> None:
+    for bad in (bytes([PROTECTED, 0]) + (MAX_PROTECTED_BODY + 1).to_bytes(3, "big"),
+                bytes([PROTECTED, 0, 0, 0, 0]), bytes([0x42, 0, 0, 0, 5]) + b"hello"):
+        reader = RecordReader()
+        reader.feed(bad)
+        with pytest.raises(DecodeError):
+            reader.next_record()
+
+
+def test_reader_reassembles_byte_by_byte() -> None:
+    tx, rx = pair()
+    data = b"".join(tx.seal(INNER_STREAM, os.urandom(n)) for n in (1, 1000, 5))
+    reader = RecordReader()
+    got = []
+    for i in range(len(data)):
+        reader.feed(data[i : i + 1])
+        while (rec := reader.next_record()) is not None:
+            got.append(rx.open(*rec))
+    assert [len(p) for _, p in got] == [1, 1000, 5]
+
+
+def test_mux_rejects_window_overrun_and_bad_ids() -> None:
+    mux = StreamMux(is_initiator=False, peer_recv_window=100)
+    mux.settings.recv_window = 100
+    mux.receive_payload(FRAME_HEADER.pack(1, 1, 3) + b"svc")
+    assert isinstance(mux.events[0], ev.StreamOpened)
+    with pytest.raises(MuxError) as exc:
+        mux.receive_payload(FRAME_HEADER.pack(FRAME_DATA, 1, 101) + b"x" * 101)
+    assert exc.value.code == ErrorCode.FLOW_CONTROL
+    with pytest.raises(MuxError):  # responder-parity id opened by the initiator
+        StreamMux(is_initiator=False).receive_payload(FRAME_HEADER.pack(1, 2, 3) + b"svc")
+    with pytest.raises(MuxError):  # data for a stream never opened
+        StreamMux(is_initiator=False).receive_payload(FRAME_HEADER.pack(FRAME_DATA, 7, 1) + b"x")
+    with pytest.raises(MuxError):  # frame longer than its record
+        StreamMux(is_initiator=False).receive_payload(FRAME_HEADER.pack(1, 1, 50) + b"svc")
