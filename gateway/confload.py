@@ -179,7 +179,7 @@ class Section:
     def host_port(self, key: str, default: Any = _MISSING, *,
                   fix: str = "write it as 'host:port', e.g. '127.0.0.1:7443'") -> Any:
         value = self.str(key, default, fix=fix)
-        if value is default and default is not _MISSING:
+        if value is default and default is not _MISSING and not isinstance(default, str):
             return value
         try:
             return parse_host_port(value)

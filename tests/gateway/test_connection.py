@@ -316,3 +316,22 @@ def test_keylog_gets_both_secrets(pki_dir: Path) -> None:
     assert "mlkem_shared_secret" not in repr(entry) or "b'" not in repr(entry)
     assert len(entry.mlkem_shared_secret) == 32  # type: ignore[attr-defined]
     assert len(entry.qkd_key) == 2 + 32  # type: ignore[attr-defined]
+
+
+def test_responder_closes_when_initiator_never_rekeys(pki_dir: Path) -> None:
+    from gateway.connection import TunnelConnection
+
+    a = TunnelConnection(initiator=True, params=params(pki_dir, "site-a", "site-b"),
+                         settings=ConnectionSettings(rekey_interval=1000.0))
+    b = TunnelConnection(initiator=False, params=params(pki_dir, "site-b", "site-a"),
+                         settings=ConnectionSettings(rekey_interval=10.0))
+    pair = Pair(a, b, FakeKmePair())
+    a.start(0.0)
+    pair.pump()
+    assert b.ready
+    pair.advance(30.0)
+    assert b.ready  # 3 x 10 s + 15 s handshake allowance not yet over
+    pair.advance(20.0)
+    term = terminated(pair.events_b)
+    assert term is not None and term.code == ErrorCode.TIMEOUT
+    assert "outlived" in term.reason
