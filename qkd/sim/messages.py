@@ -1,0 +1,349 @@
+"""Classical-channel messages of the post-processing protocol and their byte encoding.
+
+Every message is a small frozen dataclass; `encode()` gives `type byte || body` and
+`decode()` reverses it, rejecting truncated or oversized bodies. Bit strings travel
+packed (numpy.packbits, big-endian bit order) with their exact bit count, so what a
+party reveals is counted from the bits actually carried.
+
+The channel is assumed authenticated (the KME layer adds the MAC); these encodings only
+have to be unambiguous.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+
+class MessageError(ValueError):
+    """A message could not be decoded (truncated, wrong type, inconsistent lengths)."""
+
+
+_REGISTRY: dict[int, type[Message]] = {}
+
+
+def _register(cls: type[Message]) -> type[Message]:
+    if cls.TYPE in _REGISTRY:
+        raise RuntimeError(f"duplicate message type {cls.TYPE}")
+    _REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.data):
+            raise MessageError("message truncated")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str) -> tuple:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
+
+    def bits(self) -> np.ndarray:
+        (nbits,) = self.unpack("!Q")
+        raw = self.take((nbits + 7) // 8)
+        return np.unpackbits(np.frombuffer(raw, np.uint8), count=nbits)
+
+    def array(self, dtype: str) -> np.ndarray:
+        (count,) = self.unpack("!Q")
+        dt = np.dtype(dtype).newbyteorder("<")
+        raw = self.take(count * dt.itemsize)
+        return np.frombuffer(raw, dt).astype(np.dtype(dtype).newbyteorder("="))
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise MessageError("trailing bytes after message body")
+
+
+def _bits(b: np.ndarray) -> bytes:
+    b = np.asarray(b, np.uint8)
+    return struct.pack("!Q", b.size) + np.packbits(b).tobytes()
+
+
+def _array(a: np.ndarray, dtype: str) -> bytes:
+    a = np.asarray(a).astype(np.dtype(dtype).newbyteorder("<"))
+    return struct.pack("!Q", a.size) + a.tobytes()
+
+
+class Message:
+    TYPE: ClassVar[int]
+
+    def body(self) -> bytes:
+        raise NotImplementedError
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Message:
+        raise NotImplementedError
+
+    def encode(self) -> bytes:
+        return bytes([self.TYPE]) + self.body()
+
+    # Bits of secret-correlated information this message reveals (parities, hash tags).
+    def revealed_bits(self) -> int:
+        return 0
+
+
+def decode(data: bytes) -> Message:
+    if not data:
+        raise MessageError("empty message")
+    cls = _REGISTRY.get(data[0])
+    if cls is None:
+        raise MessageError(f"unknown message type {data[0]}")
+    r = _Reader(data[1:])
+    try:
+        msg = cls.parse(r)
+    except (struct.error, ValueError) as exc:
+        if isinstance(exc, MessageError):
+            raise
+        raise MessageError(f"bad {cls.__name__}: {exc}") from exc
+    r.end()
+    return msg
+
+
+# --- Cascade ---------------------------------------------------------------------------
+
+
+@_register
+@dataclass(frozen=True)
+class CascadeHello(Message):
+    """Bob -> Alice: the reconciliation run both sides will follow."""
+
+    TYPE: ClassVar[int] = 1
+    variant: str
+    qber_estimate: float
+    frame_bits: int
+    frames: int
+    seed: int  # public seed of the pass permutations
+
+    def body(self) -> bytes:
+        v = self.variant.encode()
+        return struct.pack("!B", len(v)) + v + struct.pack(
+            "!dIIQ", self.qber_estimate, self.frame_bits, self.frames, self.seed
+        )
+
+    @classmethod
+    def parse(cls, r: _Reader) -> CascadeHello:
+        (ln,) = r.unpack("!B")
+        v = bytes(r.take(ln)).decode()
+        q, fb, fr, seed = r.unpack("!dIIQ")
+        return cls(v, q, fb, fr, seed)
+
+
+@_register
+@dataclass(frozen=True)
+class PassRequest(Message):
+    """Bob -> Alice: send the parities of all top-level blocks of pass `index`."""
+
+    TYPE: ClassVar[int] = 2
+    index: int
+
+    def body(self) -> bytes:
+        return struct.pack("!H", self.index)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> PassRequest:
+        return cls(*r.unpack("!H"))
+
+
+@_register
+@dataclass(frozen=True, eq=False)
+class ParityQuery(Message):
+    """Bob -> Alice: parities wanted for these node ids (layout agreed in CascadeHello)."""
+
+    TYPE: ClassVar[int] = 3
+    nodes: np.ndarray
+
+    def body(self) -> bytes:
+        wide = self.nodes.size and int(self.nodes.max()) >= 1 << 32
+        return struct.pack("!B", 8 if wide else 4) + _array(self.nodes, "u8" if wide else "u4")
+
+    @classmethod
+    def parse(cls, r: _Reader) -> ParityQuery:
+        (w,) = r.unpack("!B")
+        if w not in (4, 8):
+            raise MessageError("bad node id width")
+        return cls(r.array("u8" if w == 8 else "u4").astype(np.int64))
+
+
+@_register
+@dataclass(frozen=True, eq=False)
+class ParityReply(Message):
+    """Alice -> Bob: the requested parities, in request order."""
+
+    TYPE: ClassVar[int] = 4
+    bits: np.ndarray
+
+    def body(self) -> bytes:
+        return _bits(self.bits)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> ParityReply:
+        return cls(r.bits())
+
+    def revealed_bits(self) -> int:
+        return int(self.bits.size)
+
+
+@_register
+@dataclass(frozen=True)
+class CascadeDone(Message):
+    """Bob -> Alice: reconciliation finished; both count the same leakage."""
+
+    TYPE: ClassVar[int] = 5
+    leaked_bits: int
+
+    def body(self) -> bytes:
+        return struct.pack("!Q", self.leaked_bits)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> CascadeDone:
+        return cls(*r.unpack("!Q"))
+
+
+# --- sifting, estimation, verification, privacy amplification -------------------------
+
+
+@_register
+@dataclass(frozen=True, eq=False)
+class Detections(Message):
+    """Bob -> Alice: slots with a registered click (delta-coded) and Bob's basis for each."""
+
+    TYPE: ClassVar[int] = 10
+    slots: np.ndarray
+    bases: np.ndarray
+
+    def body(self) -> bytes:
+        deltas = np.diff(self.slots, prepend=0)
+        return _array(deltas, "u8") + _bits(self.bases)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> Detections:
+        slots = np.cumsum(r.array("u8").astype(np.int64))
+        bases = r.bits()
+        if bases.size != slots.size:
+            raise MessageError("basis count differs from slot count")
+        return cls(slots, bases)
+
+
+@_register
+@dataclass(frozen=True, eq=False)
+class SiftReply(Message):
+    """Alice -> Bob: her basis and intensity class (0=mu, 1=nu, 2=vacuum) for each slot."""
+
+    TYPE: ClassVar[int] = 11
+    bases: np.ndarray
+    intensities: np.ndarray
+
+    def body(self) -> bytes:
+        i = np.asarray(self.intensities, np.uint8)
+        return _bits(self.bases) + _bits(i >> 1) + _bits(i & 1)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> SiftReply:
+        b = r.bits()
+        hi = r.bits()
+        lo = r.bits()
+        if not b.size == hi.size == lo.size:
+            raise MessageError("inconsistent sift reply lengths")
+        return cls(b, (hi << 1) | lo)
+
+
+@_register
+@dataclass(frozen=True, eq=False)
+class TestBits(Message):
+    """Bob -> Alice: his bits on the sifted test-basis (X) slots (discarded afterwards)."""
+
+    TYPE: ClassVar[int] = 12
+    bits: np.ndarray
+
+    def body(self) -> bytes:
+        return _bits(self.bits)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> TestBits:
+        return cls(r.bits())
+
+
+@_register
+@dataclass(frozen=True)
+class EstimationResult(Message):
+    """Alice -> Bob: test-basis error counts per intensity and her go/abort decision."""
+
+    TYPE: ClassVar[int] = 13
+    errors: tuple[int, int, int]
+    abort_reason: str  # empty when going on
+
+    def body(self) -> bytes:
+        r = self.abort_reason.encode()
+        return struct.pack("!QQQH", *self.errors, len(r)) + r
+
+    @classmethod
+    def parse(cls, r: _Reader) -> EstimationResult:
+        a, b, c, ln = r.unpack("!QQQH")
+        return cls((a, b, c), bytes(r.take(ln)).decode())
+
+
+@_register
+@dataclass(frozen=True, eq=False)
+class VerifyHash(Message):
+    """Alice -> Bob: Toeplitz seed and the tag of her reconciled key."""
+
+    TYPE: ClassVar[int] = 14
+    seed: np.ndarray
+    tag: np.ndarray
+
+    def body(self) -> bytes:
+        return _bits(self.seed) + _bits(self.tag)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> VerifyHash:
+        return cls(r.bits(), r.bits())
+
+    def revealed_bits(self) -> int:
+        return int(self.tag.size)
+
+
+@_register
+@dataclass(frozen=True)
+class VerifyResult(Message):
+    """Bob -> Alice: whether his tag matched."""
+
+    TYPE: ClassVar[int] = 15
+    ok: bool
+
+    def body(self) -> bytes:
+        return struct.pack("!B", 1 if self.ok else 0)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> VerifyResult:
+        (v,) = r.unpack("!B")
+        return cls(bool(v))
+
+
+@_register
+@dataclass(frozen=True, eq=False)
+class PrivacyAmp(Message):
+    """Alice -> Bob: final key length and the Toeplitz seed (0 length = abort)."""
+
+    TYPE: ClassVar[int] = 16
+    out_bits: int
+    seed: np.ndarray
+    abort_reason: str = ""
+
+    def body(self) -> bytes:
+        r = self.abort_reason.encode()
+        return struct.pack("!QH", self.out_bits, len(r)) + r + _bits(self.seed)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> PrivacyAmp:
+        n, ln = r.unpack("!QH")
+        reason = bytes(r.take(ln)).decode()
+        return cls(n, r.bits(), reason)

@@ -1,0 +1,367 @@
+"""Alice's and Bob's post-processing as two sans-I/O state machines.
+
+Each party sees only its own device record and the messages it receives. Drive them
+with `receive_message(data, now)` and `messages_to_send()`; `now` is only used for the
+idle timeout (`check_timeout(now)`), so the machines never sleep or read a clock.
+
+Flow (every arrow is one encoded `qkd.sim.messages` message):
+
+    Bob   -> Alice  Detections (slots, Bob's bases)
+    Alice -> Bob    SiftReply (Alice's bases and intensity classes)
+    Bob   -> Alice  TestBits (Bob's X-basis bits; X is the test basis)
+    Alice -> Bob    EstimationResult (X errors per intensity; abort reason if any)
+    Bob  <-> Alice  Cascade on the Z-basis key (see qkd.sim.cascade)
+    Alice -> Bob    VerifyHash (Toeplitz seed, tag)       eps_cor = 2^-tag_bits
+    Bob   -> Alice  VerifyResult
+    Alice -> Bob    PrivacyAmp (final length from Lim et al. 2014, Toeplitz seed)
+
+What is revealed about the key (Cascade parities, the tag) is summed from the messages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qkd.sim import messages as m
+from qkd.sim.cascade import CascadeAlice, CascadeBob
+from qkd.sim.channel import X_BASIS, Z_BASIS, AliceRecord, BobRecord
+from qkd.sim.estimation import DecoyEstimate, decoy_bounds, key_length
+from qkd.sim.privacy import privacy_amplification, toeplitz_hash
+
+# Cascade needs some error-rate guess even when the test basis shows no error.
+_MIN_QBER_GUESS = 1e-3
+
+
+@dataclass(frozen=True)
+class PostParams:
+    """Post-processing settings both parties agree on in advance."""
+
+    mus: tuple[float, float, float]
+    probs: tuple[float, float, float]
+    eps_sec: float = 1e-10
+    eps_cor: float = 1e-15
+    qber_abort: float = 0.11
+    frame_bits: int = 1 << 14
+    cascade_variant: str = "option8"
+    # Frames reconciled together (one Cascade run); bounds memory, and more frames per
+    # run amortise the per-round-trip cost.
+    cascade_group_frames: int = 128
+    timeout_s: float = 60.0
+
+    @property
+    def tag_bits(self) -> int:
+        return math.ceil(math.log2(1.0 / self.eps_cor))
+
+
+@dataclass
+class SessionResult:
+    aborted: bool = False
+    abort_reason: str = ""
+    sifted_bits: int = 0  # Z-basis (key) detections after sifting
+    test_bits: int = 0  # X-basis detections after sifting
+    n_z: tuple[int, int, int] = (0, 0, 0)
+    n_x: tuple[int, int, int] = (0, 0, 0)
+    m_x: tuple[int, int, int] = (0, 0, 0)
+    qber_x: float = 0.0
+    key_bits_reconciled: int = 0
+    corrected_errors: int = 0  # known to Bob only
+    leaked_ec_bits: int = 0
+    leaked_verify_bits: int = 0
+    cascade_round_trips: int = 0
+    verified: bool | None = None
+    estimate: DecoyEstimate | None = None
+    final_key: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint8))
+    bytes_sent: int = 0
+    messages_sent: int = 0
+
+
+class _Party:
+    def __init__(self, post: PostParams, rng: np.random.Generator) -> None:
+        self.post = post
+        self._rng = rng
+        self._out: deque[bytes] = deque()
+        self.result = SessionResult()
+        self.done = False
+        self._last = 0.0
+
+    def messages_to_send(self) -> list[bytes]:
+        out = list(self._out)
+        self._out.clear()
+        self.result.messages_sent += len(out)
+        self.result.bytes_sent += sum(len(x) for x in out)
+        return out
+
+    def check_timeout(self, now: float) -> None:
+        if not self.done and now - self._last > self.post.timeout_s:
+            self._abort("peer silent for longer than the timeout")
+
+    def _send(self, msg: m.Message) -> None:
+        self._out.append(msg.encode())
+
+    def _abort(self, reason: str) -> None:
+        self.result.aborted = True
+        self.result.abort_reason = reason
+        self.result.final_key = np.zeros(0, np.uint8)
+        self.done = True
+
+    def _sift_counts(self, a_basis: np.ndarray, b_basis: np.ndarray,
+                     intensity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        match = a_basis == b_basis
+        zsel = np.flatnonzero(match & (a_basis == Z_BASIS))
+        xsel = np.flatnonzero(match & (a_basis == X_BASIS))
+        r = self.result
+        r.n_z = tuple(int(v) for v in np.bincount(intensity[zsel], minlength=3)[:3])
+        r.n_x = tuple(int(v) for v in np.bincount(intensity[xsel], minlength=3)[:3])
+        r.sifted_bits = int(zsel.size)
+        r.test_bits = int(xsel.size)
+        return zsel, xsel
+
+    def _frames(self, key: np.ndarray) -> np.ndarray:
+        # Equal-length frames; the < F leftover bits are dropped (and charged in ell).
+        n = key.size
+        f = max(1, -(-n // self.post.frame_bits))
+        nf = n // f
+        return key[: f * nf].reshape(f, nf)
+
+    def _estimate(self) -> DecoyEstimate:
+        r = self.result
+        est = decoy_bounds(np.array(r.n_z), np.array(r.n_x), np.array(r.m_x),
+                           self.post.mus, self.post.probs, self.post.eps_sec)
+        r.estimate = est
+        return est
+
+    def _final_length(self) -> int:
+        r = self.result
+        assert r.estimate is not None
+        dropped = r.sifted_bits - r.key_bits_reconciled
+        ell = key_length(r.estimate, r.leaked_ec_bits, self.post.eps_sec, self.post.eps_cor)
+        # The dropped bits might all have been single-photon events: charge them fully.
+        return max(math.floor(ell - dropped), 0)
+
+
+class AliceProtocol(_Party):
+    def __init__(self, record: AliceRecord, post: PostParams, rng: np.random.Generator) -> None:
+        super().__init__(post, rng)
+        self._rec = record
+        self._state = "detections"
+        self._key: np.ndarray | None = None
+        self._cascade: CascadeAlice | None = None
+
+    def receive_message(self, data: bytes, now: float = 0.0) -> None:
+        self._last = now
+        if self.done:
+            raise m.MessageError("message after the session ended")
+        msg = m.decode(data)
+        if isinstance(msg, (m.CascadeHello, m.PassRequest, m.ParityQuery, m.CascadeDone)):
+            if self._state != "cascade":
+                raise m.MessageError("Cascade message out of order")
+            if isinstance(msg, m.CascadeHello):
+                if self._group >= len(self._groups) or (
+                        self._cascade is not None and not self._cascade.done):
+                    raise m.MessageError("unexpected CascadeHello")
+                self._cascade = CascadeAlice(self._groups[self._group])
+                self._group += 1
+            if self._cascade is None:
+                raise m.MessageError("Cascade message before CascadeHello")
+            self._cascade.receive_message(data, now)
+            for out in self._cascade.messages_to_send():
+                self._out.append(out)
+            if self._cascade.done:
+                self._leak += self._cascade.revealed_bits
+                if self._group == len(self._groups):
+                    self._after_cascade()
+            return
+        handler = {
+            ("detections", m.Detections): self._on_detections,
+            ("test", m.TestBits): self._on_test_bits,
+            ("verify", m.VerifyResult): self._on_verify,
+        }.get((self._state, type(msg)))
+        if handler is None:
+            raise m.MessageError(f"unexpected {type(msg).__name__} in state {self._state}")
+        handler(msg)
+
+    def _on_detections(self, msg: m.Detections) -> None:
+        idx = self._rec.lookup(msg.slots)
+        a_basis = self._rec.basis[idx]
+        intensity = self._rec.intensity[idx]
+        self._send(m.SiftReply(a_basis, intensity))
+        zsel, xsel = self._sift_counts(a_basis, msg.bases, intensity)
+        self._key = self._rec.bit[idx[zsel]]
+        self._x_bits = self._rec.bit[idx[xsel]]
+        self._x_int = intensity[xsel]
+        self._state = "test"
+
+    def _on_test_bits(self, msg: m.TestBits) -> None:
+        if msg.bits.size != self._x_bits.size:
+            raise m.MessageError("test-bit count differs from the sifted X set")
+        err = msg.bits != self._x_bits
+        r = self.result
+        r.m_x = tuple(int(v) for v in np.bincount(self._x_int[err], minlength=3)[:3])
+        r.qber_x = float(err.mean()) if err.size else 0.0
+        reason = ""
+        if r.sifted_bits == 0 or r.test_bits == 0:
+            reason = "no sifted detections"
+        elif r.qber_x > self.post.qber_abort:
+            reason = (f"test-basis QBER {r.qber_x:.4f} above the abort threshold "
+                      f"{self.post.qber_abort:g}")
+        else:
+            est = self._estimate()
+            if est.s_z1 <= 0:
+                reason = "decoy estimate: no single-photon events can be guaranteed"
+            elif key_length(est, 0.0, self.post.eps_sec, self.post.eps_cor) <= 0:
+                reason = "finite-key length not positive even before error correction"
+        self._send(m.EstimationResult(r.m_x, reason))
+        if reason:
+            self._abort(reason)
+            return
+        assert self._key is not None
+        frames = self._frames(self._key)
+        self._key = frames.ravel()
+        r.key_bits_reconciled = int(self._key.size)
+        g = self.post.cascade_group_frames
+        self._groups = [frames[i : i + g] for i in range(0, frames.shape[0], g)]
+        self._group = 0
+        self._leak = 0
+        self._state = "cascade"
+
+    def _after_cascade(self) -> None:
+        assert self._key is not None
+        r = self.result
+        r.leaked_ec_bits = self._leak
+        t = self.post.tag_bits
+        seed = self._rng.integers(0, 2, self._key.size + t - 1, dtype=np.uint8)
+        tag = toeplitz_hash(self._key, seed, t)
+        msg = m.VerifyHash(seed, tag)
+        r.leaked_verify_bits = msg.revealed_bits()
+        self._send(msg)
+        self._state = "verify"
+
+    def _on_verify(self, msg: m.VerifyResult) -> None:
+        r = self.result
+        r.verified = msg.ok
+        if not msg.ok:
+            self._send(m.PrivacyAmp(0, np.zeros(0, np.uint8), "verification hash mismatch"))
+            self._abort("verification hash mismatch")
+            return
+        ell = self._final_length()
+        if ell <= 0:
+            reason = "finite-key length not positive after error correction"
+            self._send(m.PrivacyAmp(0, np.zeros(0, np.uint8), reason))
+            self._abort(reason)
+            return
+        assert self._key is not None
+        seed = self._rng.integers(0, 2, self._key.size + ell - 1, dtype=np.uint8)
+        self._send(m.PrivacyAmp(ell, seed))
+        r.final_key = privacy_amplification(self._key, seed, ell)
+        self.done = True
+
+
+class BobProtocol(_Party):
+    def __init__(self, record: BobRecord, post: PostParams, rng: np.random.Generator) -> None:
+        super().__init__(post, rng)
+        self._rec = record
+        self._state = "sift"
+        self._key: np.ndarray | None = None
+        self._cascade: CascadeBob | None = None
+        self._send(m.Detections(record.slots, record.basis))
+
+    def receive_message(self, data: bytes, now: float = 0.0) -> None:
+        self._last = now
+        if self.done:
+            raise m.MessageError("message after the session ended")
+        msg = m.decode(data)
+        if isinstance(msg, m.ParityReply):
+            if self._state != "cascade" or self._cascade is None:
+                raise m.MessageError("parity reply out of order")
+            self._cascade.receive_message(data, now)
+            for out in self._cascade.messages_to_send():
+                self._out.append(out)
+            if self._cascade.done:
+                r = self.result
+                r.leaked_ec_bits += self._cascade.revealed_bits
+                r.cascade_round_trips += self._cascade.round_trips
+                self._corrected.append(self._cascade.bits)
+                if self._group < len(self._groups):
+                    self._start_group()
+                else:
+                    self._key = np.concatenate(self._corrected).ravel()
+                    r.corrected_errors = int(np.count_nonzero(self._key != self._raw_key))
+                    self._state = "verify"
+            return
+        handler = {
+            ("sift", m.SiftReply): self._on_sift,
+            ("estimate", m.EstimationResult): self._on_estimate,
+            ("verify", m.VerifyHash): self._on_verify_hash,
+            ("pa", m.PrivacyAmp): self._on_pa,
+        }.get((self._state, type(msg)))
+        if handler is None:
+            raise m.MessageError(f"unexpected {type(msg).__name__} in state {self._state}")
+        handler(msg)
+
+    def _on_sift(self, msg: m.SiftReply) -> None:
+        if msg.bases.size != self._rec.slots.size:
+            raise m.MessageError("sift reply length differs from the detections sent")
+        zsel, xsel = self._sift_counts(msg.bases, self._rec.basis, msg.intensities)
+        self._key = self._rec.bit[zsel]
+        self._x_int = msg.intensities[xsel]
+        self._send(m.TestBits(self._rec.bit[xsel]))
+        self._state = "estimate"
+
+    def _on_estimate(self, msg: m.EstimationResult) -> None:
+        r = self.result
+        r.m_x = msg.errors
+        r.qber_x = sum(msg.errors) / r.test_bits if r.test_bits else 0.0
+        if msg.abort_reason:
+            self._abort(msg.abort_reason)
+            return
+        self._estimate()
+        assert self._key is not None
+        frames = self._frames(self._key)
+        self._raw_key = frames.ravel().copy()
+        r.key_bits_reconciled = int(self._raw_key.size)
+        g = self.post.cascade_group_frames
+        self._groups = [frames[i : i + g] for i in range(0, frames.shape[0], g)]
+        self._group = 0
+        self._corrected: list[np.ndarray] = []
+        self._state = "cascade"
+        self._start_group()
+
+    def _start_group(self) -> None:
+        seed = int(self._rng.integers(0, 2**63))
+        guess = max(self.result.qber_x, _MIN_QBER_GUESS)
+        self._cascade = CascadeBob(self._groups[self._group], guess,
+                                   self.post.cascade_variant, seed)
+        self._group += 1
+        for out in self._cascade.messages_to_send():
+            self._out.append(out)
+
+    def _on_verify_hash(self, msg: m.VerifyHash) -> None:
+        assert self._key is not None
+        t = self.post.tag_bits
+        if msg.tag.size != t or msg.seed.size != self._key.size + t - 1:
+            raise m.MessageError("verification seed or tag of the wrong length")
+        ok = bool(np.array_equal(toeplitz_hash(self._key, msg.seed, t), msg.tag))
+        self.result.verified = ok
+        self.result.leaked_verify_bits = msg.revealed_bits()
+        self._send(m.VerifyResult(ok))
+        self._state = "pa"
+        if not ok:
+            self._abort("verification hash mismatch")
+
+    def _on_pa(self, msg: m.PrivacyAmp) -> None:
+        if msg.out_bits == 0:
+            self._abort(msg.abort_reason or "Alice aborted privacy amplification")
+            return
+        ell = self._final_length()
+        if ell != msg.out_bits:
+            self._abort(f"final length disagreement (Alice {msg.out_bits}, Bob {ell})")
+            return
+        assert self._key is not None
+        if msg.seed.size != self._key.size + ell - 1:
+            raise m.MessageError("privacy amplification seed of the wrong length")
+        self.result.final_key = privacy_amplification(self._key, msg.seed, ell)
+        self.done = True
