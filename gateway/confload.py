@@ -20,6 +20,13 @@ from typing import Any
 
 _MISSING = object()
 
+# Section has methods named str/int/float/bool/path; inside the class body those names
+# would shadow the builtins in annotations, so annotations use these aliases.
+_Str = str
+_Int = int
+_Float = float
+_Bool = bool
+
 
 class ConfigError(Exception):
     """A config value is missing or wrong; the message names the field and the fix."""
@@ -76,11 +83,11 @@ class Section:
     """One TOML table. Accessors validate, convert and record which keys were read,
     so `finish()` can reject unknown keys (usually typos) by name."""
 
-    def __init__(self, data: dict[str, Any], source: Path, name: str) -> None:
+    def __init__(self, data: dict[str, Any], source: Path, name: _Str) -> None:
         self._data = data
         self._source = source
         self._name = name
-        self._seen: set[str] = set()
+        self._seen: set[_Str] = set()
 
     @property
     def source(self) -> Path:
@@ -90,16 +97,16 @@ class Section:
     def base_dir(self) -> Path:
         return self._source.parent
 
-    def field_name(self, key: str) -> str:
+    def field_name(self, key: _Str) -> _Str:
         return f"[{self._name}] {key}" if self._name else key
 
-    def error(self, key: str, problem: str, fix: str) -> ConfigError:
+    def error(self, key: _Str, problem: _Str, fix: _Str) -> ConfigError:
         return ConfigError(f"{self._source}: {self.field_name(key)}: {problem} (fix: {fix})")
 
-    def has(self, key: str) -> bool:
+    def has(self, key: _Str) -> _Bool:
         return key in self._data
 
-    def _get(self, key: str, default: Any, fix: str) -> Any:
+    def _get(self, key: _Str, default: Any, fix: _Str) -> Any:
         self._seen.add(key)
         if key in self._data:
             return self._data[key]
@@ -107,8 +114,8 @@ class Section:
             raise self.error(key, "missing", fix)
         return default
 
-    def str(self, key: str, default: Any = _MISSING, *, fix: str = "set it to a string",
-            choices: tuple[str, ...] | None = None) -> Any:
+    def str(self, key: _Str, default: Any = _MISSING, *, fix: _Str = "set it to a string",
+            choices: tuple[_Str, ...] | None = None) -> Any:
         value = self._get(key, default, fix)
         if value is default and default is not _MISSING:
             return value
@@ -118,8 +125,8 @@ class Section:
             raise self.error(key, f"unknown value {value!r}", "use one of " + ", ".join(choices))
         return value
 
-    def int(self, key: str, default: Any = _MISSING, *, fix: str = "set it to a whole number",
-            min: int | None = None, max: int | None = None) -> Any:
+    def int(self, key: _Str, default: Any = _MISSING, *, fix: _Str = "set it to a whole number",
+            min: _Int | None = None, max: _Int | None = None) -> Any:
         value = self._get(key, default, fix)
         if value is default and default is not _MISSING:
             return value
@@ -131,8 +138,8 @@ class Section:
             raise self.error(key, f"{value} is above the maximum {max}", f"use a value <= {max}")
         return value
 
-    def float(self, key: str, default: Any = _MISSING, *, fix: str = "set it to a number",
-              min: float | None = None, max: float | None = None) -> Any:
+    def float(self, key: _Str, default: Any = _MISSING, *, fix: _Str = "set it to a number",
+              min: _Float | None = None, max: _Float | None = None) -> Any:
         value = self._get(key, default, fix)
         if value is default and default is not _MISSING:
             return value
@@ -145,8 +152,8 @@ class Section:
             raise self.error(key, f"{value} is above the maximum {max}", f"use a value <= {max}")
         return value
 
-    def bool(self, key: str, default: Any = _MISSING, *,
-             fix: str = "set it to true or false") -> Any:
+    def bool(self, key: _Str, default: Any = _MISSING, *,
+             fix: _Str = "set it to true or false") -> Any:
         value = self._get(key, default, fix)
         if value is default and default is not _MISSING:
             return value
@@ -154,8 +161,8 @@ class Section:
             raise self.error(key, f"expected true or false, got {value!r}", fix)
         return value
 
-    def str_list(self, key: str, default: Any = _MISSING, *,
-                 fix: str = 'set it to a list of strings, e.g. ["a", "b"]') -> Any:
+    def str_list(self, key: _Str, default: Any = _MISSING, *,
+                 fix: _Str = 'set it to a list of strings, e.g. ["a", "b"]') -> Any:
         value = self._get(key, default, fix)
         if value is default and default is not _MISSING:
             return value
@@ -163,8 +170,8 @@ class Section:
             raise self.error(key, "expected a list of strings", fix)
         return list(value)
 
-    def path(self, key: str, default: Any = _MISSING, *, fix: str = "set it to a file path",
-             must_exist: bool = False) -> Any:
+    def path(self, key: _Str, default: Any = _MISSING, *, fix: _Str = "set it to a file path",
+             must_exist: _Bool = False) -> Any:
         """A filesystem path, resolved relative to the config file's directory."""
         value = self.str(key, default, fix=fix)
         if value is default and default is not _MISSING:
@@ -176,8 +183,8 @@ class Section:
             raise self.error(key, f"file {str(p)!r} does not exist", fix)
         return p
 
-    def host_port(self, key: str, default: Any = _MISSING, *,
-                  fix: str = "write it as 'host:port', e.g. '127.0.0.1:7443'") -> Any:
+    def host_port(self, key: _Str, default: Any = _MISSING, *,
+                  fix: _Str = "write it as 'host:port', e.g. '127.0.0.1:7443'") -> Any:
         value = self.str(key, default, fix=fix)
         if value is default and default is not _MISSING and not isinstance(default, str):
             return value
@@ -186,8 +193,8 @@ class Section:
         except ValueError as exc:
             raise self.error(key, str(exc), fix) from None
 
-    def ip_host_port(self, key: str, default: Any = _MISSING, *,
-                     fix: str = "write it as 'ip:port', e.g. '127.0.0.1:7443'") -> Any:
+    def ip_host_port(self, key: _Str, default: Any = _MISSING, *,
+                     fix: _Str = "write it as 'ip:port', e.g. '127.0.0.1:7443'") -> Any:
         hp = self.host_port(key, default, fix=fix)
         if hp is default and default is not _MISSING:
             return hp
@@ -198,7 +205,7 @@ class Section:
                 raise self.error(key, f"{hp.host!r} is not an IP address", fix) from None
         return hp
 
-    def section(self, key: str, *, required: bool = True) -> Section:
+    def section(self, key: _Str, *, required: _Bool = True) -> Section:
         self._seen.add(key)
         value = self._data.get(key)
         if value is None:
@@ -209,7 +216,7 @@ class Section:
             raise self.error(key, "expected a table", f"write it as [{self._child(key)}]")
         return Section(value, self._source, self._child(key))
 
-    def sections(self, key: str) -> Iterator[Section]:
+    def sections(self, key: _Str) -> Iterator[Section]:
         """An array of tables, `[[key]]`; absent means empty."""
         self._seen.add(key)
         value = self._data.get(key, [])
@@ -218,7 +225,7 @@ class Section:
         for i, item in enumerate(value):
             yield Section(item, self._source, f"{self._child(key)}][{i}")
 
-    def _child(self, key: str) -> str:
+    def _child(self, key: _Str) -> _Str:
         return f"{self._name}.{key}" if self._name else key
 
     def finish(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -676,7 +677,7 @@ class Gateway:
                                "Never enable this in production.")
         for listener in cfg.listeners:
             server = await loop.create_server(
-                lambda svc=listener.service: LocalListener(self, svc),
+                functools.partial(LocalListener, self, listener.service),
                 listener.listen.host, listener.listen.port)
             self._servers.append(server)
             port = server.sockets[0].getsockname()[1]
