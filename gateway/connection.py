@@ -111,7 +111,7 @@ class TunnelConnection:
         self._reader = RecordReader()
         self._events: deque[ev.Event] = deque()
         self._mux: StreamMux | None = None
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._handshake: Handshake | None = None
         self._handshake_seq = 0
         self._handshake_deadline: float | None = None
@@ -181,8 +181,8 @@ class TunnelConnection:
     def receive_data(self, data: bytes, now: float) -> None:
         if self._closed:
             return
-        self._reader.feed(data)
         try:
+            self._reader.feed(data)
             while not self._closed:
                 record = self._reader.next_record()
                 if record is None:
@@ -230,7 +230,7 @@ class TunnelConnection:
     def next_event(self) -> ev.Event | None:
         return self._events.popleft() if self._events else None
 
-    def data_to_send(self) -> list[bytes]:
+    def data_to_send(self) -> list[bytes | bytearray]:
         try:
             self._flush_frames()
         except RecordError as exc:
@@ -310,9 +310,9 @@ class TunnelConnection:
             return
         self._drain_handshake()
 
-    def _on_record(self, inner: int, payload: bytes, now: float) -> None:
+    def _on_record(self, inner: int, payload: bytes | memoryview, now: float) -> None:
         if inner == INNER_HANDSHAKE:
-            self._on_handshake_message(payload, now)
+            self._on_handshake_message(bytes(payload), now)
         elif inner == INNER_STREAM:
             if self._mux is None or not self._ready:
                 raise RecordError(ErrorCode.PROTOCOL_ERROR, "stream data before the handshake")
@@ -323,7 +323,7 @@ class TunnelConnection:
             if len(payload) < 2:
                 raise RecordError(ErrorCode.DECODE_ERROR, "close record too short")
             (code,) = struct.unpack(">H", payload[:2])
-            reason = payload[2:].decode("utf-8", "replace")
+            reason = bytes(payload[2:]).decode("utf-8", "replace")
             self._terminate(code, reason or "closed by peer",
                             clean=code == ErrorCode.NO_ERROR, by_peer=True)
 
@@ -363,7 +363,7 @@ class TunnelConnection:
         if hs.complete:
             self._complete(hs)
 
-    def _seal_handshake(self, msg: bytes) -> bytes:
+    def _seal_handshake(self, msg: bytes) -> bytes | bytearray:
         if self._records.send_ready:
             return self._records.seal(INNER_HANDSHAKE, msg)
         return self._records.seal_plaintext_handshake(msg)
@@ -427,19 +427,22 @@ class TunnelConnection:
         frames = self._mux.frames_to_send()
         if not frames:
             return
-        batch: list[bytes] = []
+        parts: list[bytes] = []
         size = 0
-        for frame in frames:
-            if size + len(frame) > MAX_PAYLOAD and batch:
-                self._seal_stream(b"".join(batch))
-                batch, size = [], 0
-            batch.append(frame)
-            size += len(frame)
-        if batch:
-            self._seal_stream(batch[0] if len(batch) == 1 else b"".join(batch))
+        for header, body in frames:
+            n = len(header) + len(body)
+            if size + n > MAX_PAYLOAD and parts:
+                self._seal_stream(parts)
+                parts, size = [], 0
+            parts.append(header)
+            if body:
+                parts.append(body)
+            size += n
+        if parts:
+            self._seal_stream(parts)
 
-    def _seal_stream(self, payload: bytes) -> None:
-        self._out.append(self._records.seal(INNER_STREAM, payload))
+    def _seal_stream(self, parts: list[bytes]) -> None:
+        self._out.append(self._records.seal_parts(INNER_STREAM, parts))
         self.stats.records_sent += 1
         # A re-handshake in flight will replace the keys anyway; updating now could
         # collide with the peer's expectation of the handshake's key phase flip.

@@ -67,7 +67,7 @@ class StreamOpened(Event):
 @dataclass(frozen=True)
 class StreamDataReceived(Event):
     stream_id: int
-    data: bytes = field(repr=False)
+    data: bytes | memoryview = field(repr=False)  # read-only view, safe to keep
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ and every authentication failure is fatal.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -167,31 +168,35 @@ class RecordLayer:
             raise RecordError(ErrorCode.INTERNAL_ERROR, "handshake message too large")
         return _header(PLAINTEXT_HANDSHAKE, 0, len(payload)) + payload
 
-    def seal(self, inner_type: int, payload: bytes) -> bytes:
+    def seal(self, inner_type: int, payload: bytes) -> bytearray:
+        return self.seal_parts(inner_type, (payload,))
+
+    def seal_parts(self, inner_type: int, parts: Sequence[bytes]) -> bytearray:
+        """One protected record whose payload is the concatenation of `parts`."""
         d = self._send
         if d is None:
             raise RecordError(ErrorCode.INTERNAL_ERROR, "no send key yet")
-        n = len(payload)
+        plaintext = b"".join((bytes((inner_type,)), *parts))
+        n = len(plaintext) - 1
         if n > MAX_PAYLOAD:
             raise RecordError(ErrorCode.INTERNAL_ERROR, "record payload too large")
         if d.seq >= self.limits.hard_max_records or d.bytes >= self.limits.hard_max_bytes:
             raise RecordError(ErrorCode.KEY_LIMIT, "send key reached its usage limit")
         body_len = n + 1 + TAG_LEN
         header = _header(PROTECTED, d.phase, body_len)
+        # Ciphertext and tag go straight after the header in the buffer that is handed
+        # to the socket: no copy after encryption.
         out = bytearray(HEADER_LEN + body_len)
         out[:HEADER_LEN] = header
-        # encrypt_into writes ciphertext‖tag straight after the header: one copy less
-        # on the data path than concatenating.
-        plaintext = bytes((inner_type,)) + payload
         d.aead.encrypt_into(d.nonce(), plaintext, header, memoryview(out)[HEADER_LEN:])
         d.seq += 1
         d.bytes += n
-        return bytes(out)
+        return out
 
     # -- opening --------------------------------------------------------------------
 
     def open(self, rtype: int, flags: int, header: bytes, body: memoryview | bytes,
-             ) -> tuple[int, bytes]:
+             ) -> tuple[int, memoryview | bytes]:
         """Authenticate and decrypt one record; returns (inner_type, payload)."""
         if rtype == PLAINTEXT_HANDSHAKE:
             if self._recv is not None:
@@ -218,8 +223,9 @@ class RecordLayer:
             raise RecordError(ErrorCode.DECODE_ERROR, "protected record too short")
         if d.seq >= self.limits.hard_max_records or d.bytes >= self.limits.hard_max_bytes:
             raise RecordError(ErrorCode.KEY_LIMIT, "peer kept using a key past its limit")
+        plaintext = bytearray(len(body) - TAG_LEN)
         try:
-            plaintext = d.aead.decrypt(d.nonce(), body, header)
+            d.aead.decrypt_into(d.nonce(), body, header, plaintext)
         except InvalidTag:
             raise RecordError(ErrorCode.BAD_RECORD_MAC, "record authentication failed") from None
         d.seq += 1
@@ -227,44 +233,85 @@ class RecordLayer:
         inner = plaintext[0]
         if inner not in _INNER_TYPES:
             raise RecordError(ErrorCode.DECODE_ERROR, f"unknown inner record type {inner}")
-        return inner, plaintext[1:]
+        # A read-only view: stream data is handed on without another copy, and the
+        # buffer is fresh per record, so nothing overwrites what a consumer still holds.
+        return inner, memoryview(plaintext).toreadonly()[1:]
+
+
+def _check_header(rtype: int, length: int) -> None:
+    if rtype not in (PLAINTEXT_HANDSHAKE, PROTECTED):
+        raise DecodeError(f"unknown record type {rtype}")
+    limit = MAX_PLAINTEXT_BODY if rtype == PLAINTEXT_HANDSHAKE else MAX_PROTECTED_BODY
+    if length > limit:
+        raise DecodeError(f"record of {length} bytes exceeds the limit {limit}")
+    if length == 0:
+        raise DecodeError("zero-length record")
 
 
 class RecordReader:
-    """Cuts a TCP byte stream into records without quadratic copying."""
+    """Cuts a TCP byte stream into records.
+
+    A record that arrives whole inside one read is handed out as a view into that
+    (immutable) read, without a copy; only a record split across reads is assembled,
+    from exactly the bytes it needs."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._partial = bytearray()  # the start of a record split across reads
+        self._chunk: memoryview = memoryview(b"")
         self._pos = 0
 
     def feed(self, data: bytes) -> None:
-        if self._pos and self._pos >= len(self._buf) // 2:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        if self._pos < len(self._chunk):
+            # The previous read was not consumed: keep it, rare (reader not drained).
+            self._chunk = memoryview(bytes(self._chunk[self._pos :]) + data)
+        else:
+            self._chunk = memoryview(data)
+        self._pos = 0
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        return len(self._partial) + len(self._chunk) - self._pos
 
-    def next_record(self) -> tuple[int, int, bytes, bytes] | None:
+    def next_record(self) -> tuple[int, int, bytes, memoryview] | None:
         """(type, flags, header, body) of the next complete record, or None."""
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos < HEADER_LEN:
+        if self._partial:
+            return self._continue_partial()
+        buf, pos = self._chunk, self._pos
+        avail = len(buf) - pos
+        if avail < HEADER_LEN:
+            self._stash(pos)
             return None
         rtype, flags = buf[pos], buf[pos + 1]
         length = (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4]
-        limit = MAX_PLAINTEXT_BODY if rtype == PLAINTEXT_HANDSHAKE else MAX_PROTECTED_BODY
-        if rtype not in (PLAINTEXT_HANDSHAKE, PROTECTED):
-            raise DecodeError(f"unknown record type {rtype}")
-        if length > limit:
-            raise DecodeError(f"record of {length} bytes exceeds the limit {limit}")
-        if length == 0:
-            raise DecodeError("zero-length record")
+        _check_header(rtype, length)
         end = pos + HEADER_LEN + length
         if len(buf) < end:
+            self._stash(pos)
             return None
-        header = bytes(buf[pos : pos + HEADER_LEN])
-        body = bytes(buf[pos + HEADER_LEN : end])
         self._pos = end
-        return rtype, flags, header, body
+        return rtype, flags, bytes(buf[pos : pos + HEADER_LEN]), buf[pos + HEADER_LEN : end]
+
+    def _stash(self, pos: int) -> None:
+        self._partial += self._chunk[pos:]
+        self._pos = len(self._chunk)
+
+    def _continue_partial(self) -> tuple[int, int, bytes, memoryview] | None:
+        part = self._partial
+        if len(part) < HEADER_LEN:
+            self._take(HEADER_LEN - len(part))
+            if len(part) < HEADER_LEN:
+                return None
+        rtype, flags = part[0], part[1]
+        length = (part[2] << 16) | (part[3] << 8) | part[4]
+        _check_header(rtype, length)
+        self._take(HEADER_LEN + length - len(part))
+        if len(part) < HEADER_LEN + length:
+            return None
+        record = memoryview(bytes(part))
+        part.clear()
+        return rtype, flags, bytes(record[:HEADER_LEN]), record[HEADER_LEN:]
+
+    def _take(self, n: int) -> None:
+        end = min(self._pos + n, len(self._chunk))
+        self._partial += self._chunk[self._pos : end]
+        self._pos = end

@@ -204,7 +204,7 @@ class _Handshake:
 @dataclass
 class _Direction:
     name: str
-    records: list[tuple[int, int, bytes, bytes]]
+    records: list[tuple[int, int, bytes, memoryview]]
     layer: RecordLayer = field(default_factory=lambda: RecordLayer(RecordLimits(
         hard_max_records=1 << 62, hard_max_bytes=1 << 62)))
     pos: int = 0
@@ -307,12 +307,12 @@ class Adversary:
             d.pos += 1
             moved = True
             if inner == INNER_HANDSHAKE:
-                self._hs.add(d.name, payload)
+                self._hs.add(d.name, bytes(payload))
             elif inner == INNER_STREAM:
                 self._frames(payload)
         return moved
 
-    def _frames(self, payload: bytes) -> None:
+    def _frames(self, payload: bytes | memoryview) -> None:
         pos = 0
         while pos + FRAME_HEADER_LEN <= len(payload):
             ftype, sid, length = FRAME_HEADER.unpack_from(payload, pos)
@@ -330,12 +330,12 @@ def _first_session_only(keylog: KeyLog, a2b: bytes) -> KeyLog:
     records = _split(a2b)
     if not records or records[0][0] != PLAINTEXT_HANDSHAKE:
         return KeyLog()
-    sid = ClientHello.decode(records[0][3]).nonce.hex()
+    sid = ClientHello.decode(bytes(records[0][3])).nonce.hex()
     return KeyLog({k: v for k, v in keylog.mlkem.items() if k == sid},
                   {k: v for k, v in keylog.qkd.items() if k == sid})
 
 
-def _split(data: bytes) -> list[tuple[int, int, bytes, bytes]]:
+def _split(data: bytes) -> list[tuple[int, int, bytes, memoryview]]:
     reader = RecordReader()
     reader.feed(data)
     out = []

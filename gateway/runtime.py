@@ -111,7 +111,7 @@ class AppStream(asyncio.Protocol):
         self.stream_id = stream_id
         self.transport: asyncio.Transport | None = None
         self._pending_out = bytearray()  # app bytes waiting for send window
-        self._pending_in: list[bytes] = []  # peer bytes waiting for the app socket
+        self._pending_in: list[bytes | memoryview] = []  # peer bytes waiting for the app
         self._unconsumed = 0
         self._writing_paused = False
         self._reading_paused = False
@@ -189,7 +189,7 @@ class AppStream(asyncio.Protocol):
         else:
             self._resume_reading()
 
-    def deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes | memoryview) -> None:
         if self.transport is None:
             self._pending_in.append(data)
             return

@@ -84,7 +84,8 @@ class StreamMux:
     peer_recv_window: int = 1 << 20
     events: list[ev.Event] = field(default_factory=list)
     _streams: dict[int, _Stream] = field(default_factory=dict)
-    _out: list[bytes] = field(default_factory=list)
+    # Frames as (header, body): a DATA body is only copied once, into the record.
+    _out: list[tuple[bytes, bytes]] = field(default_factory=list)
     _next_local_id: int = 0
     _max_peer_id: int = 0
 
@@ -103,7 +104,7 @@ class StreamMux:
         self._next_local_id += 2
         self._streams[sid] = _Stream(sid, service, self.peer_recv_window,
                                      self.settings.recv_window)
-        self._out.append(FRAME_HEADER.pack(FRAME_OPEN, sid, len(raw)) + raw)
+        self._out.append((FRAME_HEADER.pack(FRAME_OPEN, sid, len(raw)), raw))
         return sid
 
     def send_window(self, stream_id: int) -> int:
@@ -117,14 +118,14 @@ class StreamMux:
         if len(data) > s.send_window:
             raise ValueError("data exceeds the stream's send window")
         s.send_window -= len(data)
-        self._out.append(FRAME_HEADER.pack(FRAME_DATA, stream_id, len(data)) + data)
+        self._out.append((FRAME_HEADER.pack(FRAME_DATA, stream_id, len(data)), data))
 
     def send_fin(self, stream_id: int) -> None:
         s = self._streams.get(stream_id)
         if s is None or s.local_fin:
             return
         s.local_fin = True
-        self._out.append(FRAME_HEADER.pack(FRAME_FIN, stream_id, 0))
+        self._out.append((FRAME_HEADER.pack(FRAME_FIN, stream_id, 0), b""))
         self._maybe_forget(s)
 
     def reset_stream(self, stream_id: int, code: StreamCode, reason: str = "") -> None:
@@ -132,7 +133,7 @@ class StreamMux:
             return
         raw = reason.encode("utf-8")[:200]
         payload = struct.pack(">H", int(code)) + raw
-        self._out.append(FRAME_HEADER.pack(FRAME_RESET, stream_id, len(payload)) + payload)
+        self._out.append((FRAME_HEADER.pack(FRAME_RESET, stream_id, len(payload)), payload))
 
     def data_consumed(self, stream_id: int, n: int) -> None:
         """The application took n bytes of this stream: grant the peer more window.
@@ -146,8 +147,8 @@ class StreamMux:
         if s.unacked_consumed >= self.settings.recv_window // 4:
             grant, s.unacked_consumed = s.unacked_consumed, 0
             s.recv_window += grant
-            self._out.append(FRAME_HEADER.pack(FRAME_WINDOW, stream_id, 4)
-                             + struct.pack(">I", grant))
+            self._out.append((FRAME_HEADER.pack(FRAME_WINDOW, stream_id, 4),
+                              struct.pack(">I", grant)))
 
     def abort_all(self, code: StreamCode, reason: str) -> None:
         """The tunnel is gone: every open stream ends with a reset, none silently."""
@@ -162,13 +163,13 @@ class StreamMux:
     def stream_ids(self) -> list[int]:
         return list(self._streams)
 
-    def frames_to_send(self) -> list[bytes]:
+    def frames_to_send(self) -> list[tuple[bytes, bytes]]:
         out, self._out = self._out, []
         return out
 
     # -- peer frames ------------------------------------------------------------------
 
-    def receive_payload(self, payload: bytes) -> None:
+    def receive_payload(self, payload: bytes | memoryview) -> None:
         """Handle the frames of one decrypted record."""
         pos, end = 0, len(payload)
         if end == 0:
@@ -211,7 +212,8 @@ class StreamMux:
                 raise MuxError(ErrorCode.FLOW_CONTROL, f"peer overran the window of stream {sid}")
             s.recv_window -= n
             if n:
-                self.events.append(ev.StreamDataReceived(sid, bytes(body)))
+                # A view into the decrypted record, which nothing writes to again.
+                self.events.append(ev.StreamDataReceived(sid, body))
         elif ftype == FRAME_WINDOW:
             if len(body) != 4:
                 raise MuxError(ErrorCode.DECODE_ERROR, "WINDOW frame must be 4 bytes")

@@ -132,3 +132,29 @@ def test_mux_rejects_window_overrun_and_bad_ids() -> None:
         StreamMux(is_initiator=False).receive_payload(FRAME_HEADER.pack(FRAME_DATA, 7, 1) + b"x")
     with pytest.raises(MuxError):  # frame longer than its record
         StreamMux(is_initiator=False).receive_payload(FRAME_HEADER.pack(1, 1, 50) + b"svc")
+
+
+def test_reader_any_split_gives_the_same_records() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tx, _ = pair()
+    sizes = [1, 70, 65536, 3, 40000, 65536, 12]
+    stream = b"".join(tx.seal(INNER_STREAM, os.urandom(n)) for n in sizes)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.integers(min_value=1, max_value=len(stream)), max_size=12))
+    def check(cuts: list[int]) -> None:
+        _, rx = pair()
+        reader = RecordReader()
+        bounds = sorted(set(cuts)) + [len(stream)]
+        got = []
+        start = 0
+        for end in bounds:
+            reader.feed(stream[start:end])
+            start = end
+            while (rec := reader.next_record()) is not None:
+                got.append(len(rx.open(*rec)[1]))
+        assert got == sizes
+
+    check()
