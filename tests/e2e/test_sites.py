@@ -95,10 +95,15 @@ def test_garbage_peer_is_dropped_and_counted(tmp_path: Path) -> None:
         assert int.from_bytes(answer[:8], "big") == 10
 
 
-def test_unknown_service_is_reset(tmp_path: Path) -> None:
+def test_unknown_service_is_reset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
     with Testbed(tmp_path) as bed:
         bed.start_all(extra_listeners=("nosuch",))
         bed.wait_tunnel()
+        assert main(["status", "--url", f"http://127.0.0.1:{bed.ports['admin-site-a']}"]) == 0
+        out = capsys.readouterr().out
+        assert "tunnel up" in out and "auth_mode        pki" in out and "epoch" in out
         assert _app_exchange(bed.ports["listen-site-a-nosuch"], b"hello") == b""
         answer = _app_exchange(bed.ports["listen-site-a-sink"], b"ok")
         assert int.from_bytes(answer[:8], "big") == 2
