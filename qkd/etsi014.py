@@ -248,6 +248,13 @@ def _check_extension_list(obj: dict[str, Any], name: str) -> list[dict[str, Any]
     return value
 
 
+def _check_extension_object(obj: dict[str, Any], name: str, where: str = "") -> None:
+    # The spec types every *_extension as an object; anything else is a malformed
+    # request, not an extension we may ignore.
+    if name in obj and not isinstance(obj[name], dict):
+        raise _bad(where + name, "must be a JSON object")
+
+
 def parse_enc_keys_post(body: bytes, limits: Limits) -> KeyRequest:
     """POST enc_keys: the Key request object (number, size, additional_slave_SAE_IDs,
     extension_mandatory, extension_optional)."""
@@ -305,6 +312,7 @@ def parse_dec_keys_post(body: bytes, limits: Limits) -> list[str]:
     unknown = sorted(set(obj) - {"key_IDs", "key_IDs_extension"})
     if unknown:
         raise _bad(unknown[0], "unknown field in Key IDs")
+    _check_extension_object(obj, "key_IDs_extension")
     items = obj.get("key_IDs")
     if not isinstance(items, list) or not items:
         raise _bad("key_IDs", "must be a non-empty array of {\"key_ID\": ...} objects")
@@ -318,6 +326,7 @@ def parse_dec_keys_post(body: bytes, limits: Limits) -> list[str]:
         extra = set(item) - {"key_ID", "key_ID_extension"}
         if extra:
             raise _bad(f"key_IDs[{i}]", f"unknown field {sorted(extra)[0]!r}")
+        _check_extension_object(item, "key_ID_extension", f"key_IDs[{i}].")
         try:
             ids.append(canonical_key_id(item["key_ID"]))
         except ValueError as exc:

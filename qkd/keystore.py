@@ -1,14 +1,27 @@
-"""The KME's durable record of what it has delivered (SQLite, stdlib sqlite3).
+"""The KME's durable record of keys and deliveries (SQLite, stdlib sqlite3).
 
-It holds no key material: keys are re-derivable from the link, so the store only has
-to remember *who got what*, which is what makes "delivered to its master SAE once and
-to its slave SAE once, never again, also across restarts" hold:
+Two kinds of key source use it:
+
+- the *ideal link* derives keys from its secret, so for it the store only remembers
+  *who got what* (`counters`, `deliveries` below);
+- a *real link* (the BB84 link between the KMEs) deposits key blocks into `pool`,
+  sealed under the KME's storage key (`qkd.storage_key`: AES-256-GCM, key ID as
+  associated data). A block is reserved for one (master, slave) pair, handed to this
+  KME's SAE once, and then its material is overwritten (NULL, with SQLite's
+  secure_delete zeroing the freed page bytes); the row stays as a tombstone so the
+  key ID can never be served again. Blocks past their lifetime are erased the same way.
+
+What makes "delivered to its master SAE once and to its slave SAE once, never again,
+also across restarts" hold for the ideal link:
 
 - `counters`: per ordered (master, slave) pair, the next counter the master's KME may
   hand out. Allocation bumps it in the same transaction that records the deliveries,
   so a counter is never issued twice even if the process dies right after.
 - `deliveries`: one row per key ID delivered, with the role (master or slave) it was
   delivered to. The slave side's uniqueness check is the PRIMARY KEY on key_id.
+
+The database file is created 0600 in a 0700 directory (its -wal and -shm files too),
+so only the service user can read it.
 
 Every write is a `BEGIN IMMEDIATE` transaction committed with `synchronous=FULL` under
 WAL before the caller gets its answer, so an HTTP answer never describes a delivery
@@ -23,7 +36,10 @@ all writers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +47,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qkd.storage_key import Sealer, private_dir
+
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -55,11 +73,46 @@ CREATE TABLE IF NOT EXISTS deliveries (
     size_bits    INTEGER NOT NULL,
     delivered_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS pool (
+    block_id  TEXT PRIMARY KEY,
+    seq       INTEGER NOT NULL UNIQUE,
+    size_bits INTEGER NOT NULL,
+    material  BLOB,
+    state     TEXT NOT NULL CHECK (state IN ('free', 'reserved', 'delivered', 'expired')),
+    key_id    TEXT,
+    part      INTEGER,
+    master    TEXT,
+    slave     TEXT,
+    key_bits  INTEGER,
+    created   REAL NOT NULL,
+    expires   REAL NOT NULL,
+    CHECK ((state IN ('free', 'reserved')) = (material IS NOT NULL))
+);
+CREATE INDEX IF NOT EXISTS pool_free ON pool(state, seq);
+CREATE INDEX IF NOT EXISTS pool_key ON pool(key_id);
 """
 
 
 class StoreError(Exception):
     """The store cannot be used (wrong owner, newer schema, exhausted counter space)."""
+
+
+class PoolError(Exception):
+    """A pool request cannot be served; `reason` says why, no key material inside."""
+
+    def __init__(self, reason: str, key_ids: Sequence[str] = ()) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.key_ids = list(key_ids)
+
+
+@dataclass(frozen=True)
+class ReservedKey:
+    """A key made of one or more pool blocks, reserved for master -> slave."""
+
+    key_id: str
+    block_ids: tuple[str, ...]
+    size_bits: int
 
 
 class AlreadyDelivered(Exception):
@@ -80,17 +133,29 @@ class SlaveDelivery:
 
 
 class KeyStore:
-    def __init__(self, path: Path, kme_id: str) -> None:
+    def __init__(self, path: Path, kme_id: str, sealer: Sealer | None = None) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # isolation_level=None: no implicit transactions, we BEGIN/COMMIT explicitly.
-        self._db = sqlite3.connect(str(path), isolation_level=None,
-                                   check_same_thread=False)
+        self._sealer = sealer
+        private_dir(path.parent)
+        # SQLite creates the db, -wal and -shm files with the process umask; these
+        # hold (sealed) key material and the delivery history, so: owner only.
+        old = os.umask(0o077)
         try:
-            self._init(kme_id)
-        except BaseException:
-            self._db.close()
-            raise
+            # isolation_level=None: no implicit transactions, we BEGIN/COMMIT explicitly.
+            self._db = sqlite3.connect(str(path), isolation_level=None,
+                                       check_same_thread=False)
+            try:
+                self._init(kme_id)
+            except BaseException:
+                self._db.close()
+                raise
+        finally:
+            os.umask(old)
+        for suffix in ("", "-wal", "-shm"):
+            f = Path(str(path) + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_IMODE(f.stat().st_mode) & 0o077:
+                    f.chmod(0o600)
 
     def _init(self, kme_id: str) -> None:
         db = self._db
@@ -99,6 +164,9 @@ class KeyStore:
             raise StoreError(f"SQLite refused WAL mode (got {mode!r}); put the database on "
                              "a local file system")
         db.execute("PRAGMA synchronous=FULL")
+        # Zero the bytes of deleted or overwritten content instead of leaving them in
+        # free pages, so an erased key block does not linger in the file.
+        db.execute("PRAGMA secure_delete=ON")
         db.execute("PRAGMA foreign_keys=ON")
         db.execute("PRAGMA busy_timeout=5000")
         version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -180,6 +248,118 @@ class KeyStore:
                                (master, slave)).fetchone()
         return row[0] if row else 0
 
+    # ------------------------------------------------------------------ key pool
+
+    def _need_sealer(self) -> Sealer:
+        if self._sealer is None:
+            raise StoreError("this store was opened without a storage key; key blocks "
+                             "cannot be stored")
+        return self._sealer
+
+    def deposit(self, blocks: Sequence[tuple[str, bytes]], now: float,
+                lifetime: float) -> None:
+        """Add key blocks (block_id, material) from the link, sealed, all or none."""
+        sealer = self._need_sealer()
+        db = self._db
+        with self._transaction():
+            row = db.execute("SELECT COALESCE(MAX(seq), -1) FROM pool").fetchone()
+            seq = row[0] + 1
+            db.executemany(
+                "INSERT INTO pool(block_id, seq, size_bits, material, state, created,"
+                " expires) VALUES (?, ?, ?, ?, 'free', ?, ?)",
+                [(bid, seq + i, len(mat) * 8, sealer.seal(bid, mat), now, now + lifetime)
+                 for i, (bid, mat) in enumerate(blocks)])
+
+    def free_blocks(self, now: float) -> int:
+        row = self._db.execute("SELECT COUNT(*) FROM pool WHERE state='free' AND "
+                               "expires > ?", (now,)).fetchone()
+        return int(row[0])
+
+    def reserve(self, master: str, slave: str, number: int, size_bits: int,
+                now: float) -> list[ReservedKey]:
+        """Reserve `number` keys of `size_bits` from the oldest free blocks (the
+        allocating KME's side). Raises PoolError if the pool cannot serve all."""
+        db = self._db
+        with self._transaction():
+            rows = db.execute("SELECT block_id, size_bits FROM pool WHERE state='free' "
+                              "AND expires > ? ORDER BY seq", (now,)).fetchall()
+            keys: list[ReservedKey] = []
+            i = 0
+            for _ in range(number):
+                ids: list[str] = []
+                bits = 0
+                while bits < size_bits and i < len(rows):
+                    ids.append(rows[i][0])
+                    bits += rows[i][1]
+                    i += 1
+                if bits < size_bits:
+                    raise PoolError("no key available")
+                keys.append(ReservedKey(ids[0], tuple(ids), size_bits))
+            self._mark_reserved(keys, master, slave)
+        return keys
+
+    def apply_reservation(self, master: str, slave: str, keys: Sequence[ReservedKey],
+                          now: float) -> None:
+        """Record the peer KME's reservation (the slave's side), all or none."""
+        db = self._db
+        with self._transaction():
+            for key in keys:
+                for bid in key.block_ids:
+                    row = db.execute("SELECT state, expires FROM pool WHERE block_id=?",
+                                     (bid,)).fetchone()
+                    if row is None or row[0] != "free" or row[1] <= now:
+                        raise PoolError("peer reserved a block this KME cannot give",
+                                        [key.key_id])
+            self._mark_reserved(keys, master, slave)
+
+    def _mark_reserved(self, keys: Sequence[ReservedKey], master: str, slave: str) -> None:
+        self._db.executemany(
+            "UPDATE pool SET state='reserved', key_id=?, part=?, master=?, slave=?,"
+            " key_bits=? WHERE block_id=? AND state='free'",
+            [(k.key_id, part, master, slave, k.size_bits, bid)
+             for k in keys for part, bid in enumerate(k.block_ids)])
+
+    def take(self, key_ids: Sequence[str], master: str, slave: str,
+             now: float) -> list[tuple[str, bytes]]:
+        """Hand out reserved keys for master -> slave once: returns [(key_id, key)] and
+        erases their material in the same transaction (all or none)."""
+        sealer = self._need_sealer()
+        db = self._db
+        out: list[tuple[str, bytes]] = []
+        with self._transaction():
+            for kid in key_ids:
+                rows = db.execute("SELECT block_id, material, state, master, slave,"
+                                  " key_bits, expires FROM pool WHERE key_id=? ORDER BY"
+                                  " part", (kid,)).fetchall()
+                if not rows:
+                    raise PoolError("unknown key ID", [kid])
+                states = {r[2] for r in rows}
+                if states != {"reserved"}:
+                    reason = ("already delivered" if "delivered" in states
+                              else "expired" if "expired" in states else "not reserved")
+                    raise PoolError(reason, [kid])
+                if (rows[0][3], rows[0][4]) != (master, slave):
+                    raise PoolError("not reserved for this SAE pair", [kid])
+                if rows[0][6] <= now:
+                    raise PoolError("expired", [kid])
+                material = b"".join(sealer.open(r[0], r[1]) for r in rows)
+                out.append((kid, material[: rows[0][5] // 8]))
+            db.executemany("UPDATE pool SET state='delivered', material=NULL WHERE key_id=?",
+                           [(kid,) for kid in key_ids])
+        return out
+
+    def purge_expired(self, now: float) -> int:
+        """Erase every block past its lifetime (free or reserved); returns the count."""
+        db = self._db
+        with self._transaction():
+            cur = db.execute("UPDATE pool SET state='expired', material=NULL "
+                             "WHERE state IN ('free', 'reserved') AND expires <= ?", (now,))
+            count = cur.rowcount
+        if count:
+            # Push the erased pages out of the WAL into the (zeroed) main file.
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return count
+
     def close(self) -> None:
         self._db.close()
 
@@ -210,11 +390,12 @@ class AsyncKeyStore:
         self._executor = executor
 
     @classmethod
-    async def open(cls, path: Path, kme_id: str) -> AsyncKeyStore:
+    async def open(cls, path: Path, kme_id: str,
+                   sealer: Sealer | None = None) -> AsyncKeyStore:
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kme-store")
         loop = asyncio.get_running_loop()
         try:
-            store = await loop.run_in_executor(executor, KeyStore, path, kme_id)
+            store = await loop.run_in_executor(executor, KeyStore, path, kme_id, sealer)
         except BaseException:
             executor.shutdown(wait=False)
             raise
@@ -236,6 +417,28 @@ class AsyncKeyStore:
 
     async def next_counter(self, master: str, slave: str) -> int:
         return await self._run(self._store.next_counter, master, slave)
+
+    async def deposit(self, blocks: Sequence[tuple[str, bytes]], now: float,
+                      lifetime: float) -> None:
+        await self._run(self._store.deposit, blocks, now, lifetime)
+
+    async def free_blocks(self, now: float) -> int:
+        return await self._run(self._store.free_blocks, now)
+
+    async def reserve(self, master: str, slave: str, number: int, size_bits: int,
+                      now: float) -> list[ReservedKey]:
+        return await self._run(self._store.reserve, master, slave, number, size_bits, now)
+
+    async def apply_reservation(self, master: str, slave: str,
+                                keys: Sequence[ReservedKey], now: float) -> None:
+        await self._run(self._store.apply_reservation, master, slave, keys, now)
+
+    async def take(self, key_ids: Sequence[str], master: str, slave: str,
+                   now: float) -> list[tuple[str, bytes]]:
+        return await self._run(self._store.take, key_ids, master, slave, now)
+
+    async def purge_expired(self, now: float) -> int:
+        return await self._run(self._store.purge_expired, now)
 
     async def close(self) -> None:
         try:

@@ -27,7 +27,7 @@ import sqlite3
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from qkd.etsi014 import (
 from qkd.ideal_link import COUNTER_LIMIT, IdealLink, InvalidKeyId, TokenBucket
 from qkd.keystore import AlreadyDelivered, AsyncKeyStore, SlaveDelivery, StoreError
 from qkd.kme_config import KmeConfig
+from qkd.storage_key import Sealer, StorageKeyError, load_or_create
 
 log = get_logger("qkd.kme")
 
@@ -261,6 +262,7 @@ class RunningKme:
     port: int
     service: KmeService
     _runner: web.AppRunner
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -268,10 +270,30 @@ class RunningKme:
         return f"https://{host}:{self.port}"
 
     async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         try:
             await self._runner.cleanup()
         finally:
             await self.service.store.close()
+
+
+async def _purge_loop(store: AsyncKeyStore, lifetime: float) -> None:
+    """Erase pool blocks past their lifetime; the interval keeps an expired block's
+    material on disk for at most a quarter of its lifetime (and never over a minute)."""
+    interval = min(60.0, max(0.5, lifetime / 4))
+    while True:
+        try:
+            erased = await store.purge_expired(time.time())
+        except (sqlite3.Error, OSError):
+            log.exception("kme_purge_failed")
+        else:
+            if erased:
+                log.info("key_blocks_expired", erased=erased)
+        await asyncio.sleep(interval)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -314,7 +336,15 @@ async def start_kme(config: KmeConfig, *,
                            "check [tls] cert, key and client_ca") from None
     link = IdealLink(config.link.secret)
     try:
-        store = await AsyncKeyStore.open(config.db, config.kme_id)
+        sealer = Sealer(load_or_create(config.storage_key))
+    except StorageKeyError as exc:
+        raise config.error("[kme] storage_key", str(exc), "see the message") from None
+    except OSError as exc:
+        raise config.error("[kme] storage_key", f"cannot create or read "
+                           f"{str(config.storage_key)!r} ({exc.strerror})",
+                           "point it at a writable location on a local disk") from None
+    try:
+        store = await AsyncKeyStore.open(config.db, config.kme_id, sealer)
     except StoreError as exc:
         raise config.error("[kme] db", str(exc), "see the message") from None
     except (sqlite3.Error, OSError) as exc:
@@ -338,6 +368,7 @@ async def start_kme(config: KmeConfig, *,
         await store.close()
         raise
     running = RunningKme(config, config.listen.host, port, service, runner)
+    running.tasks.append(asyncio.create_task(_purge_loop(store, config.key_lifetime_s)))
     log.info("kme_started", kme_id=config.kme_id, listen=f"{config.listen.host}:{port}",
              url=running.url, link_type=config.link.type, key_rate=config.link.key_rate,
              local_saes=list(config.local_sae_ids), peer_kme=config.peer.kme_id,

@@ -50,6 +50,8 @@ class KmeConfig:
     listen: HostPort
     db: Path
     limits: Limits
+    storage_key: Path
+    key_lifetime_s: float
     tls: TlsConfig
     local_sae_ids: tuple[str, ...]
     peer: PeerConfig
@@ -67,6 +69,13 @@ class KmeConfig:
         db = kme.path("db", fix='set it to the SQLite file of this KME, e.g. '
                                 '"../state/kme-site-a.sqlite3"')
         limits = _limits(kme)
+        storage_key = kme.path("storage_key", Path(str(db) + ".storage-key"),
+                               fix='set it to a file only this KME reads, e.g. '
+                                   '"../state/kme-site-a.storage-key" (created on first '
+                                   'start, mode 0600)')
+        lifetime = kme.float("key_lifetime_s", 3600.0, min=1.0,
+                             fix="seconds a key block may wait in the pool before it is "
+                                 "erased unused, e.g. 3600")
         kme.finish()
 
         tls_sec = root.section("tls")
@@ -140,7 +149,8 @@ class KmeConfig:
         root.finish()
 
         return cls(
-            source=root.source, kme_id=kme_id, listen=listen, db=db, limits=limits, tls=tls,
+            source=root.source, kme_id=kme_id, listen=listen, db=db, limits=limits,
+            storage_key=storage_key, key_lifetime_s=lifetime, tls=tls,
             local_sae_ids=tuple(local), peer=PeerConfig(peer_kme, tuple(peer_saes)),
             link=LinkConfig(link_type, secret_file, key_rate, secret),
             log_level=level, log_format=fmt,

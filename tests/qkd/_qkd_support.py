@@ -56,3 +56,59 @@ key_rate = {key_rate}
 [logging]
 level = "debug"
 """
+
+
+class KmeProcess:
+    """`qkdgw kme` as a real child process (for schemathesis and the crash tests)."""
+
+    def __init__(self, config: Path, workdir: Path, name: str = "kme") -> None:
+        import os
+        import subprocess
+        import sys
+
+        self.port_file = workdir / f"{name}.port"
+        self.port_file.unlink(missing_ok=True)
+        self.log = workdir / f"{name}.log"
+        with open(self.log, "ab") as out:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "gateway.cli", "kme", "--config", str(config),
+                 "--port-file", str(self.port_file)],
+                stdout=out, stderr=out, stdin=subprocess.DEVNULL,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        self.port = self._wait_port()
+
+    def _wait_port(self, timeout: float = 30.0) -> int:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.port_file.exists() and self.port_file.read_text().strip():
+                return int(self.port_file.read_text())
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"KME exited with {self.popen.returncode}:\n"
+                                   + self.log.read_text(errors="replace")[-3000:])
+            time.sleep(0.05)
+        raise RuntimeError("KME did not write its port file:\n"
+                           + self.log.read_text(errors="replace")[-3000:])
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        import signal
+
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait(10)
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()

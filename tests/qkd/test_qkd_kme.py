@@ -353,3 +353,42 @@ async def test_concurrent_requests_never_share_a_key(kmes: dict[str, RunningKme]
         assert sum(isinstance(o, list) for o in outcomes) == 1
         assert all(isinstance(o, KmeRejected) for o in outcomes if not isinstance(o, list))
         assert b_gw is not None
+
+
+# ------------------------------------------------ ETSI 014 rules added in the audit
+
+
+async def test_enc_keys_up_to_max_key_per_request_in_one_answer(
+        kmes: dict[str, RunningKme], pki: Path) -> None:
+    st, obj = await raw(pki, "site-a", kmes["a"], "POST", "/site-b-gw/enc_keys",
+                        json_body={"number": 16, "size": 64,
+                                   "extension_optional": [{"vendor_x": {"qos": 1}}]})
+    assert st == 200
+    assert len({kid for kid, _ in assert_keys(obj, 16, 64)}) == 16
+    st, obj = await raw(pki, "site-a", kmes["a"], "GET", "/site-b-gw/enc_keys",
+                        params={"number": "16"})
+    assert st == 200 and len(assert_keys(obj, 16, 256)) == 16
+
+
+@pytest.mark.parametrize(("path", "body", "needle"), [
+    ("/site-b-gw/enc_keys", {"extension_optional": {"a": 1}}, "extension_optional"),
+    ("/site-b-gw/enc_keys", {"extension_mandatory": {}}, "extension_mandatory"),
+    ("/site-b-gw/enc_keys", {"number": 0}, "number"),
+    ("/site-b-gw/enc_keys", {"number": True}, "number"),
+    ("/site-b-gw/enc_keys", {"size": 256.5}, "size"),
+    ("/site-b-gw/enc_keys", {"nuber": 1}, "nuber"),
+    ("/site-a-gw/dec_keys", {"key_IDs": [{"key_ID": "6f2d1c9e-0000-4000-8000-000000000000",
+                                          "key_ID_extension": 5}]}, "key_ID_extension"),
+    ("/site-a-gw/dec_keys", {"key_IDs": [{"key_ID": "6f2d1c9e-0000-4000-8000-000000000000"}],
+                             "key_IDs_extension": []}, "key_IDs_extension"),
+    ("/site-a-gw/dec_keys", {"key_IDs": [{"key_ID": f"6f2d1c9e-0000-4000-8000-{i:012d}"}
+                                         for i in range(17)]}, "max_key_per_request"),
+    ("/site-a-gw/dec_keys", {"key_IDs": []}, "key_IDs"),
+    ("/site-a-gw/dec_keys", {"key_IDs": [{"key_ID": "not-a-uuid"}]}, "key_IDs[0].key_ID"),
+])
+async def test_malformed_bodies_name_the_field(kmes: dict[str, RunningKme], pki: Path,
+                                               path: str, body: Any, needle: str) -> None:
+    side, site = ("a", "site-a") if "enc_keys" in path else ("b", "site-b")
+    st, obj = await raw(pki, site, kmes[side], "POST", path, json_body=body)
+    assert_error(st, obj, 400)
+    assert needle in json.dumps(obj)

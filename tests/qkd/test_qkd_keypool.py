@@ -1,0 +1,126 @@
+"""Key pool at rest: sealed under the storage key, bound to its key ID, erased after
+delivery or expiry, private file modes."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from qkd.keystore import KeyStore, PoolError, ReservedKey
+from qkd.storage_key import Sealer, SealError, StorageKeyError, load_or_create
+
+T0 = 1_000_000.0
+
+
+def blocks(n: int, start: int = 0) -> list[tuple[str, bytes]]:
+    # Recognisable 32-byte blocks so a plaintext leak into the file is easy to find.
+    return [(f"00000000-0000-4000-8000-{i:012d}", bytes([0xA5, i % 256]) * 16)
+            for i in range(start, start + n)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> KeyStore:
+    key = load_or_create(tmp_path / "state" / "kme.storage-key")
+    return KeyStore(tmp_path / "state" / "kme.sqlite3", "kme-a", Sealer(key))
+
+
+def test_storage_key_created_once_private(tmp_path: Path) -> None:
+    path = tmp_path / "d" / "sk"
+    key = load_or_create(path)
+    assert load_or_create(path) == key and len(key) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    path.chmod(0o640)
+    with pytest.raises(StorageKeyError, match="chmod 600"):
+        load_or_create(path)
+    path.chmod(0o600)
+    path.write_text("zz")
+    with pytest.raises(StorageKeyError, match="hex"):
+        load_or_create(path)
+
+
+def test_material_sealed_at_rest_and_files_private(store: KeyStore, tmp_path: Path) -> None:
+    store.deposit(blocks(8), T0, 3600)
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "state").iterdir()
+                   if p.name.startswith("kme.sqlite3"))
+    assert not any(mat in raw for _, mat in blocks(8))
+    # Positive control: the same search finds a block stored without sealing.
+    plain = sqlite3.connect(tmp_path / "plain.db")
+    plain.execute("CREATE TABLE t (b BLOB)")
+    plain.execute("INSERT INTO t VALUES (?)", (blocks(8)[3][1],))
+    plain.commit()
+    plain.close()
+    assert blocks(8)[3][1] in (tmp_path / "plain.db").read_bytes()
+    for p in (tmp_path / "state").iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) & 0o077 == 0, p
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+
+
+def test_reserve_take_once_then_erased(store: KeyStore, tmp_path: Path) -> None:
+    store.deposit(blocks(5), T0, 3600)
+    keys = store.reserve("a-gw", "b-gw", 2, 512, T0)
+    assert [k.block_ids for k in keys] == [tuple(b for b, _ in blocks(2)),
+                                          tuple(b for b, _ in blocks(2, 2))]
+    assert store.free_blocks(T0) == 1
+    got = store.take([keys[1].key_id], "a-gw", "b-gw", T0)
+    assert got == [(keys[1].key_id, blocks(2, 2)[0][1] + blocks(2, 2)[1][1])]
+    with pytest.raises(PoolError, match="already delivered"):
+        store.take([keys[1].key_id], "a-gw", "b-gw", T0)
+    with pytest.raises(PoolError, match="not reserved for this SAE pair"):
+        store.take([keys[0].key_id], "a-gw", "c-gw", T0)
+    # All or nothing: a batch with one bad ID delivers nothing.
+    with pytest.raises(PoolError):
+        store.take([keys[0].key_id, keys[1].key_id], "a-gw", "b-gw", T0)
+    assert store.take([keys[0].key_id], "a-gw", "b-gw", T0)[0][0] == keys[0].key_id
+    db = sqlite3.connect(store.path)
+    rows = db.execute("SELECT state, material IS NULL FROM pool ORDER BY seq").fetchall()
+    assert rows == [("delivered", 1)] * 4 + [("free", 0)]
+    with pytest.raises(PoolError, match="no key available"):
+        store.reserve("a-gw", "b-gw", 1, 512, T0)
+
+
+def test_peer_reservation_must_name_free_blocks(store: KeyStore) -> None:
+    store.deposit(blocks(3), T0, 3600)
+    key = ReservedKey(blocks(1)[0][0], (blocks(1)[0][0],), 256)
+    store.apply_reservation("b-gw", "a-gw", [key], T0)
+    with pytest.raises(PoolError, match="cannot give"):
+        store.apply_reservation("b-gw", "a-gw", [key], T0)
+    assert store.take([key.key_id], "b-gw", "a-gw", T0)[0][1] == blocks(1)[0][1]
+
+
+def test_expiry_erases_free_and_reserved(store: KeyStore) -> None:
+    store.deposit(blocks(2), T0, 10)
+    store.deposit(blocks(1, 2), T0 + 5, 10)
+    key = store.reserve("a-gw", "b-gw", 1, 256, T0)[0]
+    assert store.purge_expired(T0 + 10) == 2
+    with pytest.raises(PoolError, match="expired"):
+        store.take([key.key_id], "a-gw", "b-gw", T0 + 10)
+    assert store.free_blocks(T0 + 10) == 1
+    assert store.free_blocks(T0 + 15) == 0
+
+
+def test_moved_or_edited_rows_do_not_open(store: KeyStore, tmp_path: Path) -> None:
+    store.deposit(blocks(2), T0, 3600)
+    a, b = (bid for bid, _ in blocks(2))
+    db = sqlite3.connect(store.path, isolation_level=None)
+    mat_a = db.execute("SELECT material FROM pool WHERE block_id=?", (a,)).fetchone()[0]
+    # Copy block A's sealed bytes onto block B: the key ID is bound, so it must fail.
+    db.execute("UPDATE pool SET material=? WHERE block_id=?", (mat_a, b))
+    key_b = store.reserve("a-gw", "b-gw", 2, 256, T0)[1]
+    with pytest.raises(SealError, match=key_b.key_id):
+        store.take([key_b.key_id], "a-gw", "b-gw", T0)
+    # A different storage key opens nothing.
+    other = KeyStore(store.path, "kme-a", Sealer(os.urandom(32)))
+    with pytest.raises(SealError):
+        other.take([a], "a-gw", "b-gw", T0)
+    other.close()
+    assert store.take([a], "a-gw", "b-gw", T0) == [(a, blocks(1)[0][1])]
+
+
+def test_sealer_repr_hides_key() -> None:
+    key = bytes(range(32))
+    assert key.hex() not in repr(Sealer(key)) and "redacted" in repr(Sealer(key))
