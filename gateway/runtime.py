@@ -726,11 +726,11 @@ class Gateway:
             if session is not None:
                 self.tunnel_connects += 1
                 self.sessions.add(session)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(session.ready.wait(), cfg.handshake_timeout * 2)
+                # The session ends by itself: a failed handshake closes it (the handshake
+                # has its own deadline), a working tunnel runs until it drops.
+                await session.closed.wait()
                 if session.ready.is_set():
                     delay = cfg.reconnect_min
-                await session.closed.wait()
             if self._stopping:
                 break
             await asyncio.sleep(delay)

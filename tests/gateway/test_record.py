@@ -147,7 +147,7 @@ def test_reader_any_split_gives_the_same_records() -> None:
     def check(cuts: list[int]) -> None:
         _, rx = pair()
         reader = RecordReader()
-        bounds = sorted(set(cuts)) + [len(stream)]
+        bounds = [*sorted(set(cuts)), len(stream)]
         got = []
         start = 0
         for end in bounds:
