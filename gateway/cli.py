@@ -25,6 +25,7 @@ _COMMANDS = {
     "demo": "gateway.demo",
     "rndl": "gateway.rndl",
     "qkd": "qkd.sim.cli",
+    "eve": "qkd.link.eve",
 }
 
 

@@ -128,8 +128,12 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     rekey = args.rekey_interval
     if rekey is None:
         rekey = max(1.0, args.duration / 6) if args.duration else 2.0
-    options = TestbedOptions(rekey_interval=rekey, key_update_records=args.key_update_records)
+    options = TestbedOptions(rekey_interval=rekey, key_update_records=args.key_update_records,
+                             link=args.link, distance_km=args.distance_km,
+                             pulses=args.pulses, eve=args.eve, connect_wait=2.0)
     bed = Testbed(workdir, options)
+    if args.eve:
+        return run_eve_demo(args, bed, keep, workdir)
     summary: dict[str, Any] = {"ok": False, "workdir": str(workdir) if keep else None}
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr,
                                                                 flush=True))
@@ -146,6 +150,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         report = asyncio.run(run_traffic(port, args.streams, size, args.duration,
                                          not args.json))
         final_a, final_b = bed.status("site-a"), bed.status("site-b")
+        if args.link == "bb84":
+            summary["link"] = _link_summary(bed.link_status("site-a"))
         failures = report.failures
         ok = (not failures and report.bytes_verified == report.bytes_sent > 0
               and final_a["handshakes"] >= 1)
@@ -177,7 +183,93 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _link_summary(st: dict[str, Any]) -> dict[str, Any]:
+    keys = ("distance_km", "rounds_committed", "rounds_aborted", "auth_failures",
+            "last_qber", "last_abort_reason", "pool_free_blocks", "secret_key_rate_bps",
+            "key_rate_at_source_bps", "auth_mode")
+    return {k: st.get(k) for k in keys}
+
+
+def run_eve_demo(args: argparse.Namespace, bed: Testbed, keep: bool,
+                 workdir: Path) -> dict[str, Any]:
+    """Eve on the quantum channel from the start: the KMEs must see her in the QBER,
+    abort every round (so the pool never fills), and the gateways must fail closed.
+
+    ok = the attack was detected (a round aborted on QBER), no key was produced and no
+    application byte crossed; that is the expected outcome, so it exits 0."""
+    summary: dict[str, Any] = {"ok": False, "eve": args.eve,
+                               "workdir": str(workdir) if keep else None}
+    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr,
+                                                                flush=True))
+    try:
+        say(f"qkdgw demo --eve {args.eve}: KMEs on {args.distance_km:g} km of fibre, "
+            "eavesdropper on the quantum channel")
+        t0 = time.monotonic()
+        bed.start_all()
+        detected_at = None
+        link: dict[str, Any] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                link = bed.link_status("site-a")
+                if link.get("rounds_aborted", 0) >= 1 or link.get("rounds_committed", 0):
+                    detected_at = time.monotonic() - t0
+                    break
+            time.sleep(0.2)
+        say(f"link: round aborted after {detected_at or 0:.1f} s: "
+            f"{link.get('last_abort_reason') or 'no abort'}")
+        # The gateways: the KME has no key, so the handshake cannot complete and an
+        # application connection is reset rather than carried.
+        port = bed.ports["listen-site-a-sink"]
+        result = asyncio.run(push_stream(port, 0, 64 * 1024, timeout=10))
+        closed_at = time.monotonic() - t0
+        gw = bed.status("site-a")
+        link = bed.link_status("site-a")
+        detected = (detected_at is not None and link.get("rounds_committed", 0) == 0
+                    and "QBER" in str(link.get("last_abort_reason")))
+        summary.update(
+            ok=bool(detected and result.verified == 0 and gw["handshakes"] == 0),
+            detection_seconds=round(detected_at or 0.0, 2),
+            fail_closed_seconds=round(closed_at, 2),
+            tunnel=gw["peer"]["tunnel"],
+            handshakes=gw["handshakes"],
+            application_result=result.error or "data crossed the tunnel",
+            link=_link_summary(link),
+        )
+    except TestbedError as exc:
+        summary["error"] = str(exc)
+        keep = True
+        summary["workdir"] = str(workdir)
+    finally:
+        bed.stop()
+        if not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return summary
+
+
+def _print_eve_summary(s: dict[str, Any]) -> None:
+    if "error" in s:
+        print(f"demo FAILED: {s['error']}\nlogs and configs kept in {s['workdir']}")
+        return
+    link = s["link"]
+    verdict = ("OK: the link detected the eavesdropper and the gateways failed closed"
+               if s["ok"] else "FAILED: the attack was not handled as expected")
+    print(f"""
+qkdgw demo --eve {s['eve']}: {verdict}
+  QBER (test basis)   {link['last_qber']}  (abort threshold 0.11)
+  rounds              {link['rounds_committed']} committed, {link['rounds_aborted']} aborted
+  abort reason        {link['last_abort_reason']}
+  key pool            {link['pool_free_blocks']} keys
+  detected after      {s['detection_seconds']} s
+  gateways            tunnel {s['tunnel']}, {s['handshakes']} handshakes; an application
+                      connection got: {s['application_result']}
+  failed closed after {s['fail_closed_seconds']} s""")
+
+
 def _print_summary(s: dict[str, Any]) -> None:
+    if "eve" in s:
+        _print_eve_summary(s)
+        return
     if "error" in s:
         print(f"demo FAILED: {s['error']}\nlogs and configs kept in {s['workdir']}")
         return
@@ -192,6 +284,12 @@ qkdgw demo: {verdict}
   handshakes         {s['handshakes']} (of which {s['rekeys']} re-handshakes inside the tunnel)
   key updates        {s['key_updates']}
   QKD keys consumed  {s['qkd_keys_consumed']}""")
+    link = s.get("link")
+    if link:
+        print(f"  QKD link           {link['distance_km']:g} km BB84, QBER {link['last_qber']}, "
+              f"{link['rounds_committed']} rounds committed, {link['rounds_aborted']} "
+              f"aborted, {link['secret_key_rate_bps']:.0f} bit/s emulated "
+              f"({link['key_rate_at_source_bps'] / 1e6:.2f} Mbit/s at the source rate)")
     for failure in s["failures"]:
         print(f"  failure: {failure}")
     if s.get("workdir"):
@@ -229,6 +327,18 @@ def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="seconds between hybrid re-handshakes (default: 2, or duration/6)")
     p.add_argument("--key-update-records", type=int, default=1024,
                    help="records per AES key before a key update (default 1024)")
+    p.add_argument("--link", choices=("bb84", "ideal"), default="bb84",
+                   help="key source between the KMEs: the emulated BB84 link (default) "
+                        "or the ideal link (no quantum security, fast)")
+    p.add_argument("--distance-km", type=float, default=25.0,
+                   help="fibre length of the BB84 link (default 25)")
+    p.add_argument("--pulses", type=int, default=20_000_000,
+                   help="pulses per BB84 round (default 2e7: 20 ms at 1 GHz, first key "
+                        "in a few seconds)")
+    p.add_argument("--eve", choices=("intercept-resend", "pns", "noise"), default=None,
+                   help="put an eavesdropper on the quantum channel; the demo then shows "
+                        "the link detecting it and the gateways failing closed (exit 0 "
+                        "when that is what happens)")
     p.add_argument("--workdir", help="keep the generated PKI, configs and logs here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_cmd_demo)

@@ -44,6 +44,13 @@ class TestbedOptions:
     log_level: str = "info"
     stream_window: int = 1 << 20
     connect_wait: float = 10.0
+    # "ideal" (fast, for tests) or "bb84" (the emulated QKD link between the KMEs).
+    link: str = "ideal"
+    distance_km: float = 25.0
+    pulses: int = 40_000_000
+    # An eavesdropper on the quantum channel: intercept-resend, pns or noise.
+    eve: str | None = None
+    eve_fraction: float = 1.0
 
 
 def _toml_str(s: str | Path) -> str:
@@ -95,13 +102,29 @@ class Testbed:
             d.mkdir(exist_ok=True)
         if not (self.pki / "ca.crt").exists():
             init_pki(self.pki, ["site-a", "site-b"], algorithm=self.options.algorithm)
-        for site, peer in (("site-a", "site-b"), ("site-b", "site-a")):
-            self._write(f"kme-{site}.toml", self._kme_config(site, peer))
+        if self.options.link == "ideal":
+            for site, peer in (("site-a", "site-b"), ("site-b", "site-a")):
+                self._write(f"kme-{site}.toml", self._kme_config(site, peer))
 
     def _write(self, name: str, text: str) -> Path:
         path = self.workdir / "configs" / name
         path.write_text(text)
         return path
+
+    def _link_config(self, site: str) -> str:
+        o = self.options
+        secret = _toml_str(self.pki / "link-secret.key")
+        if o.link == "ideal":
+            rate = "inf" if o.key_rate == float("inf") else o.key_rate
+            return f'type = "ideal"\nsecret_file = {secret}\nkey_rate = {rate}\n'
+        common = (f'type = "bb84"\nsecret_file = {secret}\ndistance_km = {o.distance_km}\n'
+                  f"pulses = {o.pulses}\n")
+        if site == "site-b":
+            return (common + 'role = "bob"\nlisten = "127.0.0.1:0"\n'
+                    'quantum_listen = "127.0.0.1:0"\n')
+        quantum = self.ports.get("eve", self.ports["link-quantum"])
+        return (common + f'role = "alice"\npeer = "127.0.0.1:{self.ports["link-classical"]}"\n'
+                f'quantum = "127.0.0.1:{quantum}"\n')
 
     def _kme_config(self, site: str, peer: str) -> str:
         o = self.options
@@ -127,10 +150,7 @@ kme_id = "kme-{peer}"
 sae_ids = ["{peer}-gw"]
 
 [link]
-type = "ideal"
-secret_file = {_toml_str(self.pki / "link-secret.key")}
-key_rate = {"inf" if o.key_rate == float("inf") else o.key_rate}
-
+{self._link_config(site)}
 [logging]
 level = "{o.log_level}"
 format = "json"
@@ -217,14 +237,73 @@ format = "json"
                            f"end of {proc.log}:\n{proc.tail()}")
 
     def start_kmes(self) -> None:
-        for site in ("site-a", "site-b"):
+        # With the BB84 link, Bob (site B) binds its link ports first; Alice's config
+        # names them (through eve if there is one).
+        order = ("site-a", "site-b") if self.options.link == "ideal" else ("site-b", "site-a")
+        for site in order:
             name = f"kme-{site}"
+            if self.options.link != "ideal":
+                peer = "site-a" if site == "site-b" else "site-b"
+                self._write(f"{name}.toml", self._kme_config(site, peer))
             port_file = self.run / f"{name}.port"
             port_file.unlink(missing_ok=True)
             proc = self._spawn(name, ["-m", "gateway.cli", "kme", "--config",
                                       str(self.workdir / "configs" / f"{name}.toml"),
                                       "--port-file", str(port_file)])
             self.ports[name] = int(self._wait_file(proc, port_file))
+            if self.options.link != "ideal" and site == "site-b":
+                link = json.loads(port_file.with_name(port_file.name + ".link").read_text())
+                self.ports["link-classical"] = int(link["classical"])
+                self.ports["link-quantum"] = int(link["quantum"])
+                if self.options.eve:
+                    self.start_eve()
+
+    def start_eve(self) -> int:
+        o = self.options
+        port_file = self.run / "eve.port"
+        port_file.unlink(missing_ok=True)
+        proc = self._spawn("eve", ["-m", "gateway.cli", "eve", "--listen", "127.0.0.1:0",
+                                   "--forward", f"127.0.0.1:{self.ports['link-quantum']}",
+                                   "--attack", str(o.eve), "--fraction", str(o.eve_fraction),
+                                   "--port-file", str(port_file), "--log-format", "json"])
+        self.ports["eve"] = int(self._wait_file(proc, port_file))
+        return self.ports["eve"]
+
+    def wait_kme_key(self, timeout: float = 60.0) -> float:
+        """Wait until both KMEs hold key from the link; returns the seconds waited."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            with contextlib.suppress(OSError, ValueError):
+                if all(self.kme_status(s)["stored_key_count"] > 0
+                       for s in ("site-a", "site-b")):
+                    return time.monotonic() - start
+            for proc in self.procs.values():
+                if proc.popen.poll() is not None:
+                    raise TestbedError(f"{proc.name} exited with code "
+                                       f"{proc.popen.returncode}; end of {proc.log}:\n"
+                                       f"{proc.tail()}")
+            time.sleep(0.2)
+        kme = self.procs.get("kme-site-a")
+        raise TestbedError(f"the QKD link produced no key within {timeout:.0f} s; end of "
+                           "KME A's log:\n" + (kme.tail() if kme else ""))
+
+    def kme_status(self, site: str) -> dict[str, Any]:
+        """The KME's ETSI 014 Status as the local gateway (its SAE certificate) sees it."""
+        import ssl
+
+        peer = "site-b" if site == "site-a" else "site-a"
+        ctx = ssl.create_default_context(cafile=str(self.pki / "tls-ca.crt"))
+        ctx.load_cert_chain(self.pki / site / "sae-client.crt",
+                            self.pki / site / "sae-client.key")
+        url = (f"https://127.0.0.1:{self.ports[f'kme-{site}']}/api/v1/keys/{peer}-gw"
+               "/status")
+        with urllib.request.urlopen(url, timeout=5, context=ctx) as resp:
+            result: dict[str, Any] = json.loads(resp.read())
+        return result
+
+    def link_status(self, site: str) -> dict[str, Any]:
+        ext: dict[str, Any] = self.kme_status(site).get("status_extension", {})
+        return dict(ext.get("qkd_link", {}))
 
     def start_sink(self) -> int:
         port_file = self.run / "sink.port"
@@ -257,6 +336,10 @@ format = "json"
         """KMEs, sink, gateway B, then gateway A (through `relay_port` if given)."""
         self.prepare()
         self.start_kmes()
+        if self.options.link != "ideal" and not self.options.eve:
+            # A gateway that meets an empty pool fails closed and redials with backoff;
+            # starting the gateways once the link has key makes the first attempt work.
+            self.wait_kme_key()
         sink = self.start_sink()
         self.start_gateway("site-b", "site-a", connect=None, services={"sink": sink})
         listeners = {"sink": 0} | {name: 0 for name in extra_listeners}

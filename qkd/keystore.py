@@ -276,13 +276,18 @@ class KeyStore:
         return int(row[0])
 
     def reserve(self, master: str, slave: str, number: int, size_bits: int,
-                now: float) -> list[ReservedKey]:
-        """Reserve `number` keys of `size_bits` from the oldest free blocks (the
-        allocating KME's side). Raises PoolError if the pool cannot serve all."""
+                now: float, newest_first: bool = False) -> list[ReservedKey]:
+        """Reserve `number` keys of `size_bits` from the oldest (or newest) free blocks
+        (the allocating KME's side). Raises PoolError if the pool cannot serve all.
+
+        The two KMEs of a link allocate from opposite ends of the same pool, so they
+        rarely pick the same block; when they do, the peer refuses and nothing is
+        handed out."""
         db = self._db
+        order = "DESC" if newest_first else "ASC"
         with self._transaction():
             rows = db.execute("SELECT block_id, size_bits FROM pool WHERE state='free' "
-                              "AND expires > ? ORDER BY seq", (now,)).fetchall()
+                              f"AND expires > ? ORDER BY seq {order}", (now,)).fetchall()
             keys: list[ReservedKey] = []
             i = 0
             for _ in range(number):
@@ -311,6 +316,14 @@ class KeyStore:
                         raise PoolError("peer reserved a block this KME cannot give",
                                         [key.key_id])
             self._mark_reserved(keys, master, slave)
+
+    def release(self, keys: Sequence[ReservedKey]) -> None:
+        """Undo a local reservation the peer KME refused (its blocks become free)."""
+        with self._transaction():
+            self._db.executemany(
+                "UPDATE pool SET state='free', key_id=NULL, part=NULL, master=NULL,"
+                " slave=NULL, key_bits=NULL WHERE block_id=? AND state='reserved'",
+                [(bid,) for k in keys for bid in k.block_ids])
 
     def _mark_reserved(self, keys: Sequence[ReservedKey], master: str, slave: str) -> None:
         self._db.executemany(
@@ -426,8 +439,12 @@ class AsyncKeyStore:
         return await self._run(self._store.free_blocks, now)
 
     async def reserve(self, master: str, slave: str, number: int, size_bits: int,
-                      now: float) -> list[ReservedKey]:
-        return await self._run(self._store.reserve, master, slave, number, size_bits, now)
+                      now: float, newest_first: bool = False) -> list[ReservedKey]:
+        return await self._run(self._store.reserve, master, slave, number, size_bits, now,
+                               newest_first)
+
+    async def release(self, keys: Sequence[ReservedKey]) -> None:
+        await self._run(self._store.release, keys)
 
     async def apply_reservation(self, master: str, slave: str,
                                 keys: Sequence[ReservedKey], now: float) -> None:

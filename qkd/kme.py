@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import math
 import os
 import signal
@@ -45,8 +46,10 @@ from qkd.etsi014 import (
     QkdKey,
 )
 from qkd.ideal_link import COUNTER_LIMIT, IdealLink, InvalidKeyId, TokenBucket
-from qkd.keystore import AlreadyDelivered, AsyncKeyStore, SlaveDelivery, StoreError
+from qkd.keystore import AlreadyDelivered, AsyncKeyStore, PoolError, SlaveDelivery, StoreError
 from qkd.kme_config import KmeConfig
+from qkd.link.bb84 import Bb84Link, Bb84Settings, LinkUnavailable
+from qkd.link.core import LinkProtocolError
 from qkd.storage_key import Sealer, StorageKeyError, load_or_create
 
 log = get_logger("qkd.kme")
@@ -78,10 +81,15 @@ class KmeService:
     """The request handlers and the state they share (pool, link, store)."""
 
     def __init__(self, config: KmeConfig, store: AsyncKeyStore, link: IdealLink,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 bb84: Bb84Link | None = None) -> None:
         self.config = config
         self.store = store
         self.link = link
+        # With the BB84 link, keys come from the pool the link deposits into; `link`
+        # (the ideal one) is then unused.
+        self.bb84 = bb84
+        self._reserve_lock = asyncio.Lock()
         self._clock = clock
         self.bucket = TokenBucket(config.link.key_rate, config.limits.max_key_count, clock())
         self._local = frozenset(config.local_sae_ids)
@@ -121,11 +129,19 @@ class KmeService:
     async def status(self, request: web.Request) -> web.Response:
         caller = self.caller(request)
         slave = self._peer_sae(request, "slave")
+        if self.bb84 is not None:
+            stored = await self.store.free_blocks(time.time())
+        else:
+            stored = self.bucket.level(self._clock())
         body = etsi014.build_status(
             source_kme_id=self.config.kme_id, target_kme_id=self.config.peer.kme_id,
             master_sae_id=caller, slave_sae_id=slave, limits=self.config.limits,
-            stored_key_count=self.bucket.level(self._clock()),
+            stored_key_count=stored,
         )
+        if self.bb84 is not None:
+            # ETSI 014's own extension slot: the standard fields stay as they are.
+            body["status_extension"] = {"qkd_link": self.bb84.status()
+                                        | {"pool_free_blocks": stored}}
         return web.json_response(body)
 
     async def enc_keys(self, request: web.Request) -> web.Response:
@@ -144,6 +160,8 @@ class KmeService:
                             f"{limits.key_size} bits, the pool holds at most "
                             f"{limits.max_key_count}",
                             [{"parameter": "number", "reason": "ask for fewer or smaller keys"}])
+        if self.bb84 is not None:
+            return await self._enc_keys_pool(caller, slave, req.number, req.size)
         # take() runs without an await before it, so concurrent requests cannot both
         # spend the same keys.
         if not self.bucket.take(cost, self._clock()):
@@ -172,6 +190,8 @@ class KmeService:
         else:
             key_ids = etsi014.parse_dec_keys_post(await request.read(), self.config.limits)
 
+        if self.bb84 is not None:
+            return await self._dec_keys_pool(master, caller, key_ids)
         items: list[SlaveDelivery] = []
         not_yours: list[str] = []
         unknown: list[str] = []
@@ -202,6 +222,51 @@ class KmeService:
         log.info("keys_delivered", role="slave", master=master, slave=caller,
                  count=len(keys), key_ids=[k.key_id for k in keys])
         return web.json_response(etsi014.build_key_container(keys))
+
+    async def _enc_keys_pool(self, master: str, slave: str, number: int,
+                             size: int) -> web.Response:
+        """Reserve here, have the peer KME record the same reservation, then deliver:
+        the slave SAE can fetch exactly these keys at the peer, and no other SAE can."""
+        assert self.bb84 is not None
+        role = self.config.link.role
+        async with self._reserve_lock:
+            try:
+                keys = await self.store.reserve(master, slave, number, size, time.time(),
+                                                newest_first=role == "bob")
+            except PoolError as exc:
+                free = await self.store.free_blocks(time.time())
+                raise EtsiError(SERVER_ERROR, NO_KEY_MESSAGE,
+                                [{"reason": f"{exc.reason}: {free} blocks of "
+                                            f"{self.config.limits.key_size} bits in the "
+                                            "pool"}]) from None
+            try:
+                await self.bb84.reserve_at_peer(master, slave, keys)
+            except LinkUnavailable as exc:
+                await self.store.release(keys)
+                log.warning("keys_not_reserved_at_peer", master=master, slave=slave,
+                            reason=str(exc))
+                raise EtsiError(SERVER_ERROR, NO_KEY_MESSAGE, [{"reason": str(exc)}]) from None
+        taken = await self.store.take([k.key_id for k in keys], master, slave, time.time())
+        log.info("keys_delivered", role="master", master=master, slave=slave,
+                 count=len(taken), size=size, key_ids=[k for k, _ in taken])
+        return web.json_response(etsi014.build_key_container(
+            [QkdKey(kid, key) for kid, key in taken]))
+
+    async def _dec_keys_pool(self, master: str, slave: str,
+                             key_ids: list[str]) -> web.Response:
+        try:
+            taken = await self.store.take(key_ids, master, slave, time.time())
+        except PoolError as exc:
+            status = UNAUTHORIZED if exc.reason == "not reserved for this SAE pair" \
+                else BAD_REQUEST
+            msg = (f"key ID(s) were not issued for SAE {slave!r}" if status == UNAUTHORIZED
+                   else f"key ID(s) {exc.reason} for master SAE {master!r} and slave SAE "
+                        f"{slave!r}; a key is delivered once")
+            raise EtsiError(status, msg, [{"key_ID": k} for k in exc.key_ids]) from None
+        log.info("keys_delivered", role="slave", master=master, slave=slave,
+                 count=len(taken), key_ids=[k for k, _ in taken])
+        return web.json_response(etsi014.build_key_container(
+            [QkdKey(kid, key) for kid, key in taken]))
 
     def _owner(self, key_id: str, exclude: tuple[str, str]) -> tuple[str, str] | None:
         """Which other (master, slave) pair of this KME a key ID belongs to, if any.
@@ -263,6 +328,7 @@ class RunningKme:
     service: KmeService
     _runner: web.AppRunner
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    link: Bb84Link | None = None
 
     @property
     def url(self) -> str:
@@ -275,6 +341,8 @@ class RunningKme:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.link is not None:
+            await self.link.close()
         try:
             await self._runner.cleanup()
         finally:
@@ -312,13 +380,8 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def start_kme(config: KmeConfig, *,
-                    clock: Callable[[], float] = time.monotonic) -> RunningKme:
-    """Open the store, bind `[kme] listen` (port 0 = any free port) and serve."""
-    if config.link.type != "ideal":  # pragma: no cover - the loader only allows "ideal"
-        raise config.error("[link] type", f"unsupported {config.link.type!r}", 'use "ideal"')
-    log.warning(
-        "ideal_link_no_quantum_security",
+def _warn_ideal(config: KmeConfig) -> None:
+    log.warning(        "ideal_link_no_quantum_security",
         message="IDEAL LINK: keys are derived from a pre-shared file, NOT from QKD. They "
                 "give NO quantum security; anyone with the link secret file can compute "
                 "every key. Use only for tests and demos.",
@@ -329,6 +392,13 @@ async def start_kme(config: KmeConfig, *,
             # Anyone who can read this file can compute every key this KME delivers.
             log.warning("link_secret_file_not_private", link_file=str(config.link.secret_file),
                         fix="chmod 600 the file (qkdgw pki init writes it that way)")
+
+
+async def start_kme(config: KmeConfig, *,
+                    clock: Callable[[], float] = time.monotonic) -> RunningKme:
+    """Open the store, bind `[kme] listen` (port 0 = any free port) and serve."""
+    if config.link.type == "ideal":
+        _warn_ideal(config)
     try:
         ssl_ctx = server_ssl_context(config)
     except (ssl.SSLError, OSError) as exc:
@@ -351,9 +421,33 @@ async def start_kme(config: KmeConfig, *,
         raise config.error("[kme] db", f"cannot open {str(config.db)!r} ({exc})",
                            "point it at a writable file on a local disk") from None
 
-    service = KmeService(config, store, link, clock)
+    bb84: Bb84Link | None = None
+    if config.link.type == "bb84":
+        lcfg = config.link
+        settings = Bb84Settings(role=lcfg.role, params=lcfg.params,
+                                bootstrap_key=lcfg.secret, peer=lcfg.peer,
+                                quantum=lcfg.quantum, listen=lcfg.listen,
+                                quantum_listen=lcfg.quantum_listen)
+        assert lcfg.state_file is not None
+        try:
+            bb84 = Bb84Link(settings, store, sealer, lcfg.state_file,
+                            key_size_bits=config.limits.key_size,
+                            lifetime_s=config.key_lifetime_s,
+                            max_key_count=config.limits.max_key_count,
+                            local_saes=config.local_sae_ids, peer_saes=config.peer.sae_ids)
+        except LinkProtocolError as exc:
+            await store.close()
+            raise config.error("[link] state_file", str(exc), "see the message") from None
+    service = KmeService(config, store, link, clock, bb84)
     runner = web.AppRunner(build_app(service), access_log=None, shutdown_timeout=5.0)
     try:
+        if bb84 is not None:
+            try:
+                await bb84.start()
+            except OSError as exc:
+                raise UserError(f"{config.source}: [link] listen: cannot listen "
+                                f"({exc.strerror or exc}) (fix: choose free ports for "
+                                "listen and quantum_listen)") from None
         await runner.setup()
         try:
             sock = _bind(config.listen.host, config.listen.port)
@@ -364,10 +458,12 @@ async def start_kme(config: KmeConfig, *,
         port = sock.getsockname()[1]
         await web.SockSite(runner, sock, ssl_context=ssl_ctx).start()
     except BaseException:
+        if bb84 is not None:
+            await bb84.close()
         await runner.cleanup()
         await store.close()
         raise
-    running = RunningKme(config, config.listen.host, port, service, runner)
+    running = RunningKme(config, config.listen.host, port, service, runner, link=bb84)
     running.tasks.append(asyncio.create_task(_purge_loop(store, config.key_lifetime_s)))
     log.info("kme_started", kme_id=config.kme_id, listen=f"{config.listen.host}:{port}",
              url=running.url, link_type=config.link.type, key_rate=config.link.key_rate,
@@ -383,6 +479,14 @@ def write_port_file(path: Path, port: int) -> None:
     os.replace(tmp, path)
 
 
+def write_link_ports(port_file: Path, ports: dict[str, int]) -> None:
+    """Bob's bound link ports, as JSON next to the port file (`<port-file>.link`)."""
+    path = port_file.with_name(port_file.name + ".link")
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(ports) + "\n", encoding="ascii")
+    os.replace(tmp, path)
+
+
 async def serve(config: KmeConfig, port_file: Path | None = None) -> None:
     """Run until SIGINT or SIGTERM, then shut down cleanly."""
     running = await start_kme(config)
@@ -394,6 +498,9 @@ async def serve(config: KmeConfig, port_file: Path | None = None) -> None:
     try:
         if port_file is not None:
             try:
+                if running.link is not None and running.link.ports:
+                    # Written first: a launcher that sees the port file may rely on it.
+                    write_link_ports(port_file, running.link.ports)
                 write_port_file(port_file, running.port)
             except OSError as exc:
                 raise UserError(f"--port-file {port_file}: cannot write ({exc.strerror})"

@@ -15,8 +15,19 @@ from pathlib import Path
 from gateway.confload import ConfigError, HostPort, Section, load_toml
 from qkd.etsi014 import HKDF_MAX_BITS, Limits, is_valid_id
 from qkd.ideal_link import load_link_secret
+from qkd.sim.params import LinkParams, ParamError
 
-LINK_TYPES = ("ideal",)
+LINK_TYPES = ("ideal", "bb84")
+LINK_ROLES = ("alice", "bob")
+# [link] fields copied into qkd.sim.params.LinkParams (same names, same meaning).
+BB84_FLOATS = ("distance_km", "fiber_loss_db_km", "detector_efficiency", "dark_count_prob",
+               "misalignment", "mu", "nu", "p_mu", "p_nu", "basis_bias", "rep_rate_hz",
+               "eps_sec", "eps_cor", "qber_abort")
+# The BB84 defaults: 25 km of standard fibre, a GHz source and superconducting-nanowire
+# detectors (efficiency 0.8, 1e-7 background, 1 % misalignment). 4e7 pulses per round
+# is 40 ms of source time; smaller rounds lose most of their key to finite-size terms.
+BB84_DEFAULTS = LinkParams(distance_km=25.0, detector_efficiency=0.8, dark_count_prob=1e-7,
+                           misalignment=0.01, pulses=40_000_000)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("console", "json")
 _ID_FIX = "use 1-255 characters from A-Z a-z 0-9 . _ ~ : @ -"
@@ -41,6 +52,14 @@ class LinkConfig:
     secret_file: Path
     key_rate: float
     secret: bytes = field(repr=False)
+    # bb84 only (see configs/kme-a.toml)
+    role: str = ""
+    params: LinkParams = BB84_DEFAULTS
+    peer: HostPort | None = None
+    quantum: HostPort | None = None
+    listen: HostPort | None = None
+    quantum_listen: HostPort | None = None
+    state_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -126,8 +145,8 @@ class KmeConfig:
         peer_sec.finish()
 
         link_sec = root.section("link")
-        link_type = link_sec.str("type", fix='set type = "ideal" (the only link so far)',
-                                 choices=LINK_TYPES)
+        link_type = link_sec.str("type", "bb84", fix='set type = "bb84" (the emulated QKD '
+                                 'link) or "ideal" (tests only)', choices=LINK_TYPES)
         secret_file = _readable(link_sec, "secret_file", "the shared link secret, e.g. "
                                 '"../pki/link-secret.key" from `qkdgw pki init`, the same '
                                 "file on both KMEs")
@@ -137,9 +156,13 @@ class KmeConfig:
             raise link_sec.error("secret_file", str(exc),
                                  "use the link-secret.key written by `qkdgw pki init` "
                                  "(64 hex digits)") from None
-        key_rate = link_sec.float("key_rate", 100.0, min=0.0,
-                                  fix="keys per second the simulated link produces; "
-                                      "0 = none, inf = unlimited")
+        if link_type == "ideal":
+            key_rate = link_sec.float("key_rate", 100.0, min=0.0,
+                                      fix="keys per second the simulated link produces; "
+                                          "0 = none, inf = unlimited")
+            link = LinkConfig(link_type, secret_file, key_rate, secret)
+        else:
+            link = _bb84(link_sec, secret_file, secret, db)
         link_sec.finish()
 
         log_sec = root.section("logging", required=False)
@@ -152,7 +175,7 @@ class KmeConfig:
             source=root.source, kme_id=kme_id, listen=listen, db=db, limits=limits,
             storage_key=storage_key, key_lifetime_s=lifetime, tls=tls,
             local_sae_ids=tuple(local), peer=PeerConfig(peer_kme, tuple(peer_saes)),
-            link=LinkConfig(link_type, secret_file, key_rate, secret),
+            link=link,
             log_level=level, log_format=fmt,
         )
 
@@ -220,3 +243,36 @@ def _check_tls(sec: Section, tls: TlsConfig) -> None:
     except ssl.SSLError as exc:
         raise sec.error("client_ca", f"not a PEM CA certificate ({exc.reason or exc})",
                         'use the tls-ca.crt from `qkdgw pki init`') from None
+
+
+def _bb84(sec: Section, secret_file: Path, secret: bytes, db: Path) -> LinkConfig:
+    role = sec.str("role", fix='set role = "alice" on one KME (it drives the rounds and '
+                   'dials) and "bob" on the other (it listens)', choices=LINK_ROLES)
+    values: dict[str, float | int] = {}
+    for name in BB84_FLOATS:
+        values[name] = sec.float(name, getattr(BB84_DEFAULTS, name),
+                                 fix=f"set {name} as in qkd.sim.params.LinkParams")
+    values["pulses"] = sec.int("pulses", BB84_DEFAULTS.pulses, min=1000, max=1 << 31,
+                               fix="pulses per round, e.g. 40000000")
+    values["frame_bits"] = sec.int("frame_bits", BB84_DEFAULTS.frame_bits, min=256,
+                                   max=1 << 22, fix="Cascade frame size in bits, e.g. 16384")
+    try:
+        params = BB84_DEFAULTS.with_(**values).validate()
+    except ParamError as exc:
+        raise sec.error(exc.field_name, str(exc).split(": ", 1)[-1],
+                        "use a value inside the range given") from None
+    fix_addr = "write it as 'ip:port', e.g. '127.0.0.1:7451'"
+    peer = quantum = listen = quantum_listen = None
+    if role == "alice":
+        peer = sec.host_port("peer", fix=f"Bob's classical [link] listen address; {fix_addr}")
+        quantum = sec.host_port("quantum", fix="Bob's [link] quantum_listen address, or "
+                                f"the eavesdropper's listen address; {fix_addr}")
+    else:
+        listen = sec.ip_host_port("listen", fix=f"where Alice's KME dials in; {fix_addr}")
+        quantum_listen = sec.ip_host_port("quantum_listen",
+                                          fix=f"where the quantum channel arrives; {fix_addr}")
+    state_file = sec.path("state_file", Path(str(db) + ".link-state"),
+                          fix="a file only this KME reads (sealed authentication state)")
+    return LinkConfig("bb84", secret_file, 0.0, secret, role=role, params=params, peer=peer,
+                      quantum=quantum, listen=listen, quantum_listen=quantum_listen,
+                      state_file=state_file)

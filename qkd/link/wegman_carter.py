@@ -49,11 +49,12 @@ class AuthError(Exception):
 class HashKey:
     """The reusable universal-hash key. repr hides it."""
 
-    __slots__ = ("_nh", "_poly")
+    __slots__ = ("_nh", "_poly", "material")
 
     def __init__(self, material: bytes) -> None:
         if len(material) != HASH_KEY_BYTES:
             raise ValueError(f"hash key must be {HASH_KEY_BYTES} bytes")
+        self.material = bytes(material)
         words = np.frombuffer(material[: NH_KEY_WORDS * 4], "<u4").astype(np.uint64)
         self._nh = [words[4 * t : 4 * t + NH_WORDS] for t in range(NH_ITER)]
         self._poly = int.from_bytes(material[NH_KEY_WORDS * 4 :], "little") % P127
@@ -213,3 +214,61 @@ class AuthKeys:
         return AuthStatus(self.mode, self._avail(self._out, self._next_out),
                           self._avail(self._in, self._watermark_in), self.used,
                           self.reserve, self.failures)
+
+    # ------------------------------------------------------------ persistence
+    # The KME seals this state at rest (qkd.link.bb84) and writes it before any tag it
+    # signed leaves the process, so a restart never hands out a pad twice.
+
+    def export_state(self) -> dict[str, object]:
+        return {
+            "role": self.role, "mode": self.mode, "reserve": self.reserve,
+            "hash_key": self._hash_key.material.hex(),
+            "a2b": self._streams["a2b"].hex(), "b2a": self._streams["b2a"].hex(),
+            "base_a2b": self._base["a2b"], "base_b2a": self._base["b2a"],
+            "next_out": self._next_out, "watermark_in": self._watermark_in,
+            "used": self.used, "failures": self.failures,
+        }
+
+    @classmethod
+    def import_state(cls, state: dict[str, object]) -> AuthKeys:
+        keys = cls(str(state["role"]), HashKey(bytes.fromhex(str(state["hash_key"]))),
+                   int(state["reserve"]), str(state["mode"]))  # type: ignore[call-overload]
+        for name in ("a2b", "b2a"):
+            keys._streams[name] = bytearray(bytes.fromhex(str(state[name])))
+            keys._base[name] = int(state[f"base_{name}"])  # type: ignore[call-overload]
+        keys._next_out = int(state["next_out"])  # type: ignore[call-overload]
+        keys._watermark_in = int(state["watermark_in"])  # type: ignore[call-overload]
+        keys.used = int(state["used"])  # type: ignore[call-overload]
+        keys.failures = int(state["failures"])  # type: ignore[call-overload]
+        return keys
+
+    @property
+    def next_out(self) -> int:
+        return self._next_out
+
+    @property
+    def watermark_in(self) -> int:
+        return self._watermark_in
+
+    def advance_out(self, offset: int) -> None:
+        """Skip outgoing pads up to `offset` (the peer reports it has seen them)."""
+        if offset > self._next_out and offset % PAD_BYTES == 0:
+            self._next_out = min(offset, self._base[self._out] + len(self._streams[self._out]))
+            self._drop(self._out, self._next_out)
+
+    def levels(self) -> tuple[int, int]:
+        """(outgoing, incoming) pad bytes left; Alice uses them to size a refill."""
+        return (self._avail(self._out, self._next_out),
+                self._avail(self._in, self._watermark_in))
+
+    def replace_pads(self, material: bytes, hash_key: HashKey, mode: str) -> None:
+        """Drop every unused pad and start over from `material` (both sides at once):
+        used when link output replaces the bootstrap keys, so no computationally
+        derived pad is used once the link authenticates itself."""
+        for name in ("a2b", "b2a"):
+            self._base[name] += len(self._streams[name])
+            self._streams[name] = bytearray()
+        self._next_out = self._base[self._out]
+        self._watermark_in = self._base[self._in]
+        self.rekey(hash_key, mode)
+        self.refill(material)

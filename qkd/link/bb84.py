@@ -1,0 +1,385 @@
+"""asyncio adapter of the BB84 link (`qkd.link.core`) inside a KME process.
+
+Two TCP connections between the KMEs, both u32-length-prefixed frames:
+
+- the classical channel (Bob listens on `[link] listen`, Alice dials `[link] peer`);
+- the emulated quantum channel (Bob listens on `[link] quantum_listen`, Alice dials
+  `[link] quantum`, possibly through `qkdgw eve`), carrying Alice's pulse frames.
+
+Every call into the core runs on a worker thread (a round is seconds of numpy work)
+under one lock, so the ETSI 014 server stays responsive. The authentication state
+(pads, offsets, hash key, last committed round) is sealed under the storage key and
+written atomically *before* any frame it signed leaves the process, so a restart never
+reuses a one-time pad.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import struct
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from gateway.confload import HostPort
+from gateway.log import get_logger
+from qkd.keystore import AsyncKeyStore, PoolError, ReservedKey
+from qkd.link import core as lc
+from qkd.link.wegman_carter import AuthKeys
+from qkd.sim.params import LinkParams
+from qkd.storage_key import Sealer, SealError
+
+log = get_logger("qkd.link")
+T = TypeVar("T")
+_LEN = struct.Struct("<I")
+_STATE_ID = "qkdgw-link-auth-state-v1"
+RESERVE_TIMEOUT_S = 10.0
+
+
+class LinkUnavailable(Exception):
+    """The peer KME cannot confirm a reservation now; `reason` is safe to show."""
+
+
+@dataclass(frozen=True)
+class Bb84Settings:
+    role: str
+    params: LinkParams = field(default_factory=LinkParams)
+    bootstrap_key: bytes = b""
+    peer: HostPort | None = None  # Alice: Bob's classical address
+    quantum: HostPort | None = None  # Alice: Bob's quantum address (or eve's)
+    listen: HostPort | None = None  # Bob
+    quantum_listen: HostPort | None = None  # Bob
+    round_pause_s: float = 0.2
+
+    def __repr__(self) -> str:
+        return f"Bb84Settings(role={self.role!r}, <bootstrap key redacted>)"
+
+
+async def read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
+    (n,) = _LEN.unpack(await reader.readexactly(4))
+    if n > limit:
+        raise ValueError(f"frame of {n} bytes above the limit {limit}")
+    return await reader.readexactly(n)
+
+
+def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(_LEN.pack(len(data)))
+    writer.write(data)
+
+
+class Bb84Link:
+    def __init__(self, settings: Bb84Settings, store: AsyncKeyStore, sealer: Sealer,
+                 state_path: Path, *, key_size_bits: int, lifetime_s: float,
+                 max_key_count: int, local_saes: Sequence[str], peer_saes: Sequence[str]
+                 ) -> None:
+        self.s = settings
+        self.store = store
+        self._sealer = sealer
+        self._state_path = state_path
+        self._lifetime = lifetime_s
+        self._max = max_key_count
+        self._local = frozenset(local_saes)
+        self._peers = frozenset(peer_saes)
+        auth, committed = self._load_state(settings)
+        self.core = lc.LinkCore(settings.role, auth, settings.params, key_size_bits,
+                                np.random.default_rng(), committed=committed)
+        self._lock = asyncio.Lock()
+        self._writer: asyncio.StreamWriter | None = None
+        self._qwriter: asyncio.StreamWriter | None = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._requests = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[lc.ReservationAnswered]] = {}
+        self._started = time.monotonic()
+        self._first_round: float | None = None
+        self.ports: dict[str, int] = {}
+
+    # ----------------------------------------------------------- state at rest
+
+    def _load_state(self, s: Bb84Settings) -> tuple[AuthKeys, int]:
+        try:
+            sealed = self._state_path.read_bytes()
+        except FileNotFoundError:
+            return lc.bootstrap_auth(s.role, s.bootstrap_key), 0
+        try:
+            state = json.loads(self._sealer.open(_STATE_ID, sealed))
+        except (SealError, ValueError):
+            raise lc.LinkProtocolError(
+                f"link state file {str(self._state_path)!r} cannot be opened with this "
+                "storage key; restore it or re-bootstrap both KMEs") from None
+        if state["auth"]["role"] != s.role:
+            raise lc.LinkProtocolError(f"link state file {str(self._state_path)!r} is for "
+                                       f"role {state['auth']['role']!r}")
+        return AuthKeys.import_state(state["auth"]), int(state["committed"])
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        data = self._sealer.seal(_STATE_ID, json.dumps(state).encode())
+        tmp = self._state_path.with_name(self._state_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._state_path)
+
+    # ---------------------------------------------------------- core plumbing
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        async with self._lock:
+            try:
+                result = await asyncio.to_thread(fn, *args)
+            finally:
+                if self.core.auth_dirty:
+                    self.core.auth_dirty = False
+                    state = {"auth": self.core.auth.export_state(),
+                             "committed": self.core.committed}
+                    # Written before the frames it signed leave (see module note).
+                    await asyncio.to_thread(self._save_state, state)
+                frames = self.core.frames_to_send()
+                pulses = self.core.quantum_to_send()
+                events = []
+                while (ev := self.core.next_event()) is not None:
+                    events.append(ev)
+                await self._send(frames, pulses)
+        for ev in events:
+            await self._on_event(ev)
+        return result
+
+    async def _send(self, frames: list[bytes], pulses: list[bytes]) -> None:
+        w = self._writer
+        if w is not None and frames:
+            for f in frames:
+                write_frame(w, f)
+            with contextlib.suppress(ConnectionError):
+                await w.drain()
+        q = self._qwriter
+        if pulses and q is not None:
+            for p in pulses:
+                write_frame(q, p)
+            with contextlib.suppress(ConnectionError):
+                await q.drain()
+
+    async def _on_event(self, ev: lc.Event) -> None:
+        if isinstance(ev, lc.RoundStarted):
+            if self._first_round is None:
+                self._first_round = time.monotonic()
+            log.debug("link_round_started", round=ev.round)
+        elif isinstance(ev, lc.RoundAborted):
+            log.warning("link_round_aborted", round=ev.round, reason=ev.reason,
+                        auth_failure=ev.auth_failure, qber=ev.qber,
+                        rounds_aborted=self.core.stats.rounds_aborted,
+                        auth_failures=self.core.stats.auth_failures)
+        elif isinstance(ev, lc.DepositRequested):
+            ok = await self._deposit(ev)
+            await self._call(self.core.commit_done, ev.round, ok)
+        elif isinstance(ev, lc.RoundCommitted):
+            await self._deposit(ev)
+        elif isinstance(ev, lc.ReservationRequested):
+            ok, reason = await self._apply_reservation(ev)
+            await self._call(self.core.answer_reservation, ev.request, ok, reason)
+        elif isinstance(ev, lc.ReservationAnswered):
+            fut = self._waiting.pop(ev.request, None)
+            if fut is not None and not fut.done():
+                fut.set_result(ev)
+        elif isinstance(ev, lc.PeerReady):
+            log.info("link_peer_ready", role=self.s.role, auth_mode=self.core.auth.mode,
+                     committed=self.core.committed, peer_committed=ev.committed)
+
+    async def _deposit(self, ev: lc.KeyBlocks) -> bool:
+        try:
+            await self.store.deposit(ev.blocks, time.time(), self._lifetime)
+        except Exception as exc:  # the store's own errors; never holds key bytes
+            log.error("link_deposit_failed", round=ev.round, error=type(exc).__name__)
+            return False
+        log.info("link_round_committed", round=ev.round, key_bits=ev.key_bits,
+                 blocks=len(ev.blocks), qber=round(ev.qber, 5), pulses=ev.pulses,
+                 auth_mode=self.core.auth.mode)
+        return True
+
+    async def _apply_reservation(self, ev: lc.ReservationRequested) -> tuple[bool, str]:
+        # The peer's master SAE asks for keys for one of our SAEs: check both ends.
+        if ev.master not in self._peers or ev.slave not in self._local:
+            return False, "master or slave SAE not registered on this link"
+        keys = [ReservedKey(kid, tuple(bids), size) for kid, bids, size in ev.keys]
+        try:
+            await self.store.apply_reservation(ev.master, ev.slave, keys, time.time())
+        except PoolError as exc:
+            return False, exc.reason
+        log.info("keys_reserved_by_peer", master=ev.master, slave=ev.slave,
+                 key_ids=[k.key_id for k in keys])
+        return True, ""
+
+    async def reserve_at_peer(self, master: str, slave: str,
+                              keys: Sequence[ReservedKey]) -> None:
+        """Tell the peer KME which blocks `keys` uses and wait for its ack."""
+        if self._writer is None or not self.core.peer_ready:
+            raise LinkUnavailable("the peer KME is not connected")
+        req = next(self._requests)
+        fut: asyncio.Future[lc.ReservationAnswered] = asyncio.get_running_loop().create_future()
+        self._waiting[req] = fut
+        try:
+            await self._call(self.core.request_reservation, req, master, slave,
+                             [(k.key_id, list(k.block_ids), k.size_bits) for k in keys])
+            ans = await asyncio.wait_for(fut, RESERVE_TIMEOUT_S)
+        except (TimeoutError, lc.AuthError) as exc:
+            raise LinkUnavailable(f"peer KME did not confirm the reservation "
+                                  f"({type(exc).__name__})") from None
+        finally:
+            self._waiting.pop(req, None)
+        if not ans.ok:
+            raise LinkUnavailable(f"peer KME refused the reservation: {ans.reason}")
+
+    # ------------------------------------------------------------- connections
+
+    async def start(self) -> None:
+        if self.s.role == "bob":
+            assert self.s.listen is not None and self.s.quantum_listen is not None
+            srv = await asyncio.start_server(self._on_classical, self.s.listen.host,
+                                             self.s.listen.port)
+            qsrv = await asyncio.start_server(self._on_quantum, self.s.quantum_listen.host,
+                                              self.s.quantum_listen.port)
+            self._servers += [srv, qsrv]
+            self.ports = {"classical": srv.sockets[0].getsockname()[1],
+                          "quantum": qsrv.sockets[0].getsockname()[1]}
+        else:
+            self._tasks.append(asyncio.create_task(self._dial_loop()))
+            self._tasks.append(asyncio.create_task(self._drive_loop()))
+        self._tasks.append(asyncio.create_task(self._timeout_loop()))
+        log.info("link_started", role=self.s.role, auth_mode=self.core.auth.mode,
+                 distance_km=self.s.params.distance_km, pulses=self.s.params.pulses,
+                 committed=self.core.committed, **self.ports)
+
+    async def close(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for w in (self._writer, self._qwriter):
+            if w is not None:
+                w.close()
+
+    async def _serve_classical(self, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        old = self._writer
+        if old is not None:
+            old.close()
+        self._writer = writer
+        try:
+            await self._call(self.core.connection_made)
+            while True:
+                data = await read_frame(reader, 1 << 28)
+                await self._call(self.core.receive_frame, data, time.monotonic())
+        except (asyncio.IncompleteReadError, ConnectionError):
+            log.warning("link_classical_closed")
+        except (lc.LinkProtocolError, ValueError) as exc:
+            log.error("link_protocol_error", error=str(exc))
+        finally:
+            if self._writer is writer:
+                self._writer = None
+            writer.close()
+
+    async def _on_classical(self, reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        await self._serve_classical(reader, writer)
+
+    async def _on_quantum(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        limit = 64 + 5 * self.s.params.pulses
+        try:
+            while True:
+                data = await read_frame(reader, limit)
+                await self._call(self.core.receive_pulses, data, time.monotonic())
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+            log.info("link_quantum_closed", reason=type(exc).__name__)
+        finally:
+            writer.close()
+
+    async def _dial_loop(self) -> None:
+        assert self.s.peer is not None and self.s.quantum is not None
+        delay = 0.2
+        while True:
+            try:
+                reader, writer = await asyncio.open_connection(self.s.peer.host,
+                                                               self.s.peer.port)
+                _qr, qwriter = await asyncio.open_connection(self.s.quantum.host,
+                                                             self.s.quantum.port)
+            except OSError as exc:
+                log.debug("link_dial_failed", error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            delay = 0.2
+            self._qwriter = qwriter
+            log.info("link_connected", peer=str(self.s.peer), quantum=str(self.s.quantum))
+            try:
+                await self._serve_classical(reader, writer)
+            finally:
+                self._qwriter = None
+                qwriter.close()
+            await asyncio.sleep(delay)
+
+    async def _drive_loop(self) -> None:
+        """Alice: run rounds back to back while the pool is below max_key_count."""
+        while True:
+            await asyncio.sleep(0.05)
+            core = self.core
+            if self._writer is None or not core.peer_ready or core.round_active:
+                continue
+            try:
+                level = await self.store.free_blocks(time.time())
+            except Exception:  # store busy or closing; try again shortly
+                continue
+            if level >= self._max:
+                continue
+            before = core.stats.rounds_aborted
+            await self._call(core.start_round, time.monotonic())
+            while core.round_active and self._writer is not None:
+                await asyncio.sleep(0.02)
+            if core.stats.rounds_aborted > before:
+                await asyncio.sleep(self.s.round_pause_s)
+
+    async def _timeout_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self.core.round_active:
+                await self._call(self.core.check_timeout, time.monotonic())
+
+    # ------------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        st = self.core.stats
+        p = self.s.params
+        out_lvl, in_lvl = self.core.auth.levels()
+        elapsed = time.monotonic() - (self._first_round or self._started)
+        per_pulse = st.key_bits / st.pulses if st.pulses else 0.0
+        return {
+            "link_type": "bb84", "role": self.s.role,
+            "connected": self._writer is not None and self.core.peer_ready,
+            "distance_km": p.distance_km, "pulses_per_round": p.pulses,
+            "rounds_started": st.rounds_started, "rounds_committed": st.rounds_committed,
+            "rounds_aborted": st.rounds_aborted, "auth_failures": st.auth_failures,
+            "last_qber": None if st.last_qber is None else round(st.last_qber, 5),
+            "last_abort_reason": st.last_abort_reason,
+            "key_bits_total": st.key_bits,
+            "secret_key_rate_bps": round(st.key_bits / elapsed, 1) if elapsed > 0 else 0.0,
+            "key_per_pulse": per_pulse,
+            "key_rate_at_source_bps": round(per_pulse * p.rep_rate_hz, 1),
+            "auth_mode": self.core.auth.mode,
+            "auth_pad_bytes_out": out_lvl, "auth_pad_bytes_in": in_lvl,
+            "auth_pad_bytes_used": self.core.auth.used,
+        }
+
+
+__all__ = ["Bb84Link", "Bb84Settings", "LinkUnavailable", "read_frame", "write_frame"]

@@ -1,0 +1,117 @@
+"""`qkdgw eve`: an eavesdropper on the emulated quantum channel between two KMEs.
+
+It accepts Alice's quantum-channel connection, dials Bob's, and rewrites every pulse
+frame in flight with `qkd.link.quantum.attack` (intercept-resend, photon-number
+splitting or depolarising noise on a fraction of the pulses). The KMEs only see its
+effect in their own statistics (QBER, decoy estimates). The classical channel is not
+touched: it is authenticated, and tampering with it is a different test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.confload import HostPort, parse_host_port
+from gateway.log import configure_logging, get_logger
+from qkd.link.bb84 import read_frame, write_frame
+from qkd.link.quantum import ATTACKS, MAX_PULSES, FrameError, PulseFrame, attack
+
+log = get_logger("qkd.eve")
+
+
+async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 forward: HostPort, mode: str, fraction: float,
+                 rng: np.random.Generator) -> None:
+    try:
+        up_r, up_w = await asyncio.open_connection(forward.host, forward.port)
+    except OSError as exc:
+        log.warning("eve_forward_failed", forward=str(forward), error=str(exc))
+        writer.close()
+        return
+    try:
+        while True:
+            data = await read_frame(reader, 64 + 5 * MAX_PULSES)
+            try:
+                frame = PulseFrame.decode(data)
+            except FrameError:
+                write_frame(up_w, data)  # not ours to understand: pass it on
+            else:
+                tapped = await asyncio.to_thread(attack, frame, mode, fraction, rng)
+                write_frame(up_w, tapped.encode())
+                log.info("eve_frame", round=frame.round, pulses=frame.pulses,
+                         sent=int(frame.slots.size), forwarded=int(tapped.slots.size),
+                         attack=mode, fraction=fraction)
+            await up_w.drain()
+    except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+        pass
+    finally:
+        writer.close()
+        up_w.close()
+        del up_r
+
+
+async def run_eve(listen: HostPort, forward: HostPort, mode: str, fraction: float,
+                  port_file: Path | None = None, seed: int | None = None) -> None:
+    rng = np.random.default_rng(seed)
+    server = await asyncio.start_server(
+        lambda r, w: _relay(r, w, forward, mode, fraction, rng), listen.host, listen.port)
+    port = server.sockets[0].getsockname()[1]
+    log.info("eve_started", listen=f"{listen.host}:{port}", forward=str(forward),
+             attack=mode, fraction=fraction)
+    if port_file is not None:
+        from qkd.kme import write_port_file
+
+        write_port_file(port_file, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+    if port_file is not None:
+        with contextlib.suppress(OSError):
+            port_file.unlink()
+
+
+def _handle(args: argparse.Namespace) -> int:
+    from gateway.cli import UserError
+
+    try:
+        listen = parse_host_port(args.listen)
+        forward = parse_host_port(args.forward)
+    except ValueError as exc:
+        raise UserError(f"--listen/--forward: {exc} (fix: write HOST:PORT)") from None
+    if not 0.0 <= args.fraction <= 1.0:
+        raise UserError("--fraction must be between 0 and 1")
+    configure_logging(args.log_level, args.log_format, process="eve")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_eve(listen, forward, args.attack, args.fraction, args.port_file,
+                            args.seed))
+    return 0
+
+
+def register_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "eve", help="eavesdrop on the KMEs' emulated quantum channel",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="where Alice's KME connects ([link] quantum in her config)")
+    p.add_argument("--forward", required=True, metavar="HOST:PORT",
+                   help="Bob's KME quantum_listen address")
+    p.add_argument("--attack", required=True, choices=ATTACKS)
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="fraction of the pulses attacked (default 1)")
+    p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--port-file", type=Path, default=None, metavar="PATH",
+                   help="write the bound port to PATH once listening")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-format", default="console", choices=("console", "json"))
+    p.set_defaults(handler=_handle)
