@@ -5,28 +5,15 @@ Rounds of 1.2e7 pulses over 10 km keep each round near two seconds."""
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 
 import pytest
+from e2e_support import app_exchange as _app_exchange
 
 from gateway.testbed import Testbed, TestbedError, TestbedOptions
 
 FAST = dict(link="bb84", distance_km=10.0, pulses=12_000_000, connect_wait=2.0)
-
-
-def _app_exchange(port: int, payload: bytes, timeout: float = 15.0) -> bytes:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
-            out = b""
-            while chunk := s.recv(4096):
-                out += chunk
-            return out
-    except (ConnectionResetError, BrokenPipeError):
-        return b""
 
 
 def test_gateways_use_keys_from_the_bb84_link(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from e2e_support import app_exchange as _app_exchange
 
 from gateway.testbed import Testbed, TestbedError, TestbedOptions
 
@@ -21,23 +22,6 @@ def _wait(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-
             return True
         time.sleep(0.1)
     return False
-
-
-def _app_exchange(port: int, payload: bytes, timeout: float = 15.0) -> bytes:
-    """What an application at site A sees: the sink's answer, or b"" on reset/close.
-
-    A gateway that refuses the stream resets the connection; depending on timing the
-    reset reaches the client during connect, send or receive."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
-            out = b""
-            while chunk := s.recv(4096):
-                out += chunk
-            return out
-    except (ConnectionResetError, BrokenPipeError):
-        return b""
 
 
 def test_demo_command_json() -> None:
