@@ -14,15 +14,24 @@ reconciliation protocol Cascade", QIC 15, 453 (2015):
 
 How the binary searches are laid out: every block of pass p is embedded in a slot of
 K_p = 2^ceil(log2 k_p) leaves (the tail is zero padding, equal on both sides), so every
-sub-block a binary search can ask about is a node of a complete binary tree. A node is
-named by one integer id (pass, level, frame, index), which is all a query carries.
-Padding-only nodes are known to both sides for free; a right child's parity follows
-from its parent and left sibling and is never asked for.
+sub-block a binary search can ask about is a node of a complete binary tree. On the
+wire a node is one integer id (pass, level, frame, index; see `_Layout`). Padding-only
+nodes are known to both sides for free; a right child's parity follows from its parent
+and left sibling and is never asked for.
 
-Concurrency: within one frame, searches run in parallel only inside one pass, whose
-blocks are disjoint, so the run equals a sequential Cascade that happens to process
-those blocks back to back. Frames are independent and all advance together, which is
-what makes it fast: each round trip carries the queries of every frame.
+What each frame does is exactly the sequential algorithm: pass after pass, ask the
+top-level block parities, then repeat "search every odd block of the lowest pass that
+has one (these are disjoint, so in parallel), flip the errors found, collect the blocks
+of all passes whose parity the flips made odd" until no known block is odd. Frames are
+independent and each advances at its own pace: a round trip carries whatever every
+frame needs next (a pass opening or the next sub-block of each open search), so the
+number of round trips is that of the slowest frame, not the sum of per-batch maxima,
+and the result of a frame does not depend on which frames run with it.
+
+Data layout: Bob's parities (his own, Alice's as learnt, and which are known) are
+bit-sliced, one bit per frame: row r of an (rows, ceil(frames/64)) uint64 array holds
+node r of every frame. Building a pass's tree is then a gather of packed rows and a
+few XORs, and Alice answers any node from a bit-sliced running parity per pass.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from qkd.sim import messages as m
 
 VARIANTS = ("original", "yanetal", "option7", "option8")
 _MIN_QBER = 1e-5
+_BIT = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))  # _BIT[i] = 1 << i
+_ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def block_sizes(variant: str, qber: float, n: int) -> list[int]:
@@ -71,22 +82,25 @@ class _Pass:
     D: int  # tree depth: log2 K
     nb: int  # blocks per frame
     width0: int  # leaves per frame = nb * K
-    seg: np.ndarray  # global id of (level d, frame 0, index 0), d = 0..D
     leaf_of_orig: np.ndarray  # original position -> padded leaf
-    orig_of_leaf: np.ndarray  # padded leaf -> original position (-1 = padding)
-    gather: np.ndarray  # orig_of_leaf with padding mapped to n (a zero column)
+    gather: np.ndarray  # padded leaf -> original position, padding mapped to n (a zero row)
 
 
 class _Layout:
-    """Node numbering shared by both parties (derived from CascadeHello only)."""
+    """Node numbering shared by both parties (derived from CascadeHello only).
+
+    Node (pass p, level d, frame f, index c), level 0 = leaves:
+      wire id  = seg[p, d] + f * wid[p, d] + c   (wid = width0_p >> d; segments in order
+                 of pass then level, frames side by side inside a segment)
+      row      = rowbase[p, d] + c              (bit-sliced arrays, bit f of the row)
+    """
 
     def __init__(self, variant: str, qber: float, n: int, frames: int, seed: int) -> None:
         self.variant, self.n, self.frames = variant, n, frames
+        self.words = (frames + 63) // 64
         self.sizes = block_sizes(variant, qber, n)
         rng = np.random.default_rng(seed)
         self.passes: list[_Pass] = []
-        offset = 0
-        seg_starts, seg_pass, seg_level, seg_width = [], [], [], []
         for p, k in enumerate(self.sizes):
             d_p = max(0, (k - 1).bit_length())
             big_k = 1 << d_p
@@ -97,77 +111,110 @@ class _Layout:
             pos = np.empty(n, np.int64)
             pos[order] = np.arange(n)
             leaf_of_orig = (pos // k) * big_k + pos % k
-            orig_of_leaf = np.full(width0, -1, np.int64)
-            orig_of_leaf[leaf_of_orig] = np.arange(n)
-            seg = np.empty(d_p + 1, np.int64)
-            for d in range(d_p + 1):
-                seg[d] = offset
-                seg_starts.append(offset)
-                seg_pass.append(p)
-                seg_level.append(d)
-                seg_width.append(width0 >> d)
-                offset += frames * (width0 >> d)
-            gather = np.where(orig_of_leaf < 0, n, orig_of_leaf).astype(np.intp)
-            self.passes.append(
-                _Pass(k, big_k, d_p, nb, width0, seg, leaf_of_orig, orig_of_leaf, gather)
-            )
-        self.total_nodes = offset
+            gather = np.full(width0, n, np.intp)
+            gather[leaf_of_orig] = np.arange(n)
+            self.passes.append(_Pass(k, big_k, d_p, nb, width0, leaf_of_orig, gather))
+        npass = len(self.passes)
         depth = max(ps.D for ps in self.passes) + 1
-        self.seg_tab = np.zeros((len(self.passes), depth), np.int64)
+        self.seg = np.zeros((npass, depth), np.int64)
+        self.wid = np.ones((npass, depth), np.int64)
+        self.rowbase = np.zeros((npass, depth), np.int64)
+        s_p, s_d, s_id, s_row = [], [], [], []
+        id_off = row_off = 0
         for p, ps in enumerate(self.passes):
-            self.seg_tab[p, : ps.D + 1] = ps.seg
-        self.width_tab = np.array([ps.width0 for ps in self.passes], np.int64)
-        self.orig_off = np.cumsum([0] + [ps.width0 for ps in self.passes])[:-1]
-        self.orig_cat = np.concatenate([ps.orig_of_leaf for ps in self.passes])
-        self.seg_starts = np.array(seg_starts, np.int64)
-        self.seg_pass = np.array(seg_pass, np.int64)
-        self.seg_level = np.array(seg_level, np.int64)
-        self.seg_width = np.array(seg_width, np.int64)
+            for d in range(ps.D + 1):
+                w = ps.width0 >> d
+                self.seg[p, d], self.wid[p, d], self.rowbase[p, d] = id_off, w, row_off
+                s_p.append(p)
+                s_d.append(d)
+                s_id.append(id_off)
+                s_row.append(row_off)
+                id_off += frames * w
+                row_off += w
+        self.total_ids, self.total_rows = id_off, row_off
+        self.seg_p = np.array(s_p, np.int64)
+        self.seg_d = np.array(s_d, np.int64)
+        self.seg_id = np.array(s_id, np.int64)
+        self.seg_row = np.array(s_row, np.int64)
+        self.depth = depth
+        self.rowbase_flat = self.rowbase.ravel()
+        self.seg_flat = self.seg.ravel()
+        self.wid_flat = self.wid.ravel()
+        self.nb = np.array([ps.nb for ps in self.passes], np.int64)
+        self.kk = np.array([ps.K for ps in self.passes], np.int64)
+        self.width0 = np.array([ps.width0 for ps in self.passes], np.int64)
+        self.top_level = np.array([ps.D for ps in self.passes], np.int64)
+        self.leaf_tab = np.stack([ps.leaf_of_orig for ps in self.passes])  # (passes, n)
+        # prefix rows per pass (Alice): width0 + 1 rows each
+        self.pre_base = np.concatenate(([0], np.cumsum(self.width0 + 1)[:-1])).astype(np.int64)
+        self.pre_rows = int((self.width0 + 1).sum())
+        # per segment: width, first prefix row of its pass, pass width, node size
+        self.seg_w = self.wid[self.seg_p, self.seg_d]
+        self.seg_pre = self.pre_base[self.seg_p]
+        self.seg_w0 = self.width0[self.seg_p]
+        self.seg_step = np.left_shift(1, self.seg_d)
+        # leaf (pass, c) -> original position, for the corrections
+        self.orig_off = np.concatenate(([0], np.cumsum(self.width0)[:-1])).astype(np.int64)
+        self.orig_cat = np.concatenate([np.where(ps.gather == n, -1, ps.gather)
+                                        for ps in self.passes]).astype(np.int64)
+
+    # numbering -----------------------------------------------------------------------
+
+    def ids(self, p: np.ndarray, d: np.ndarray, f: np.ndarray, c: np.ndarray) -> np.ndarray:
+        return self.seg[p, d] + f * self.wid[p, d] + c
 
     def decode(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        s = np.searchsorted(self.seg_starts, ids, side="right") - 1
-        rel = ids - self.seg_starts[s]
-        w = self.seg_width[s]
-        return self.seg_pass[s], self.seg_level[s], rel // w, rel % w
+        s = np.searchsorted(self.seg_id, ids, side="right") - 1
+        rel = ids - self.seg_id[s]
+        w = self.wid[self.seg_p[s], self.seg_d[s]]
+        return self.seg_p[s], self.seg_d[s], rel // w, rel % w
 
-    def padding_mask(self, p: int, d: int) -> np.ndarray:
-        """Nodes of level d (one frame) that cover padding only."""
-        ps = self.passes[p]
-        c = np.arange(ps.width0 >> d, dtype=np.int64)
-        start = c << d
-        blk = start >> ps.D
-        in_blk = start & (ps.K - 1)
-        real = np.where(blk == ps.nb - 1, self.n - (ps.nb - 1) * ps.k, ps.k)
-        return in_blk >= real
+    def decode_rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        s = np.searchsorted(self.seg_row, rows, side="right") - 1
+        return self.seg_p[s], self.seg_d[s], rows - self.seg_row[s]
 
-    def leaves(self, bits: np.ndarray, p: int) -> np.ndarray:
-        """Bits of every frame in pass-p leaf order, zero padded: (frames, width0)."""
-        ps = self.passes[p]
-        if ps.k == ps.K and ps.nb * ps.k == self.n and p == 0:
-            return np.ascontiguousarray(bits, dtype=np.uint8)
-        # Gathering through an index with a zero column for padding beats a scatter ~3x.
-        ext = np.zeros((bits.shape[0], self.n + 1), np.uint8)
-        ext[:, : self.n] = bits
-        return ext[:, ps.gather]
+    def padding_rows(self) -> np.ndarray:
+        """Rows of nodes that cover padding only (the same in every frame)."""
+        out = []
+        for p, ps in enumerate(self.passes):
+            real_last = self.n - (ps.nb - 1) * ps.k
+            if ps.k == ps.K and real_last == ps.k:
+                continue
+            for d in range(ps.D + 1):
+                start = np.arange(ps.width0 >> d, dtype=np.int64) << d
+                blk = start >> ps.D
+                in_blk = start & (ps.K - 1)
+                real = np.where(blk == ps.nb - 1, real_last, ps.k)
+                out.append(self.rowbase[p, d] + np.flatnonzero(in_blk >= real))
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
 
-    def tree(self, bits: np.ndarray, p: int, out: np.ndarray) -> None:
-        """Write the parity tree of pass p for `bits` (frames x n) into `out` (global ids)."""
+    # bit-sliced data -----------------------------------------------------------------
+
+    def packed(self, bits: np.ndarray) -> np.ndarray:
+        """(n + 1, words) uint64: bit f of row j is bits[f, j]; row n is zero padding."""
+        n = bits.shape[1]
+        by = np.packbits(bits, axis=0, bitorder="little")  # (ceil(frames/8), n)
+        buf = np.zeros((n + 1, self.words * 8), np.uint8)
+        buf[:n, : by.shape[0]] = by.T
+        return buf.view("<u8").astype(np.uint64, copy=False)
+
+    def tree(self, pk: np.ndarray, p: int, out: np.ndarray) -> None:
+        """Write pass p's parity tree of the packed bits into rows of `out`."""
         ps = self.passes[p]
-        level = self.leaves(bits, p).ravel()
-        out[ps.seg[0] : ps.seg[0] + level.size] = level
+        level = pk[ps.gather]
+        r = self.rowbase[p, 0]
+        out[r : r + level.shape[0]] = level
         for d in range(1, ps.D + 1):
-            # Rows have even width below the top level, so pairs never straddle frames;
-            # XOR of the two bytes of each uint16 is one contiguous pass.
-            v = level.view(np.uint16)
-            level = (v ^ (v >> 8)).astype(np.uint8)
-            out[ps.seg[d] : ps.seg[d] + level.size] = level
+            level = level[0::2] ^ level[1::2]
+            r = self.rowbase[p, d]
+            out[r : r + level.shape[0]] = level
 
-    def prefix(self, bits: np.ndarray, p: int) -> np.ndarray:
-        """Running parity of each frame in pass-p leaf order, with a leading 0 column."""
+    def prefix(self, pk: np.ndarray, p: int, out: np.ndarray) -> None:
+        """Running parity over pass-p leaves (leading zero row) into rows of `out`."""
         ps = self.passes[p]
-        out = np.zeros((bits.shape[0], ps.width0 + 1), np.uint8)
-        np.bitwise_xor.accumulate(self.leaves(bits, p), axis=1, out=out[:, 1:])
-        return out
+        b = self.pre_base[p]
+        out[b] = 0
+        np.bitwise_xor.accumulate(pk[ps.gather], axis=0, out=out[b + 1 : b + 1 + ps.width0])
 
 
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
@@ -176,11 +223,6 @@ def _sorted_unique(a: np.ndarray) -> np.ndarray:
     if a.size > 1:
         a = a[np.concatenate(([True], a[1:] != a[:-1]))]
     return a
-
-
-def _ids_for(layout: _Layout, p: np.ndarray, d: np.ndarray, f: np.ndarray,
-             c: np.ndarray) -> np.ndarray:
-    return layout.seg_tab[p, d] + f * (layout.width_tab[p] >> d) + c
 
 
 class CascadeAlice:
@@ -192,7 +234,6 @@ class CascadeAlice:
     def __init__(self, frames: np.ndarray) -> None:
         self._bits = np.ascontiguousarray(frames, np.uint8)
         self._layout: _Layout | None = None
-        self._prefix: dict[int, np.ndarray] = {}
         self._out: deque[bytes] = deque()
         self.revealed_bits = 0
         self.done = False
@@ -207,39 +248,82 @@ class CascadeAlice:
                                      f"match Alice's {f}x{n} frames")
             if msg.variant not in VARIANTS:
                 raise m.MessageError(f"unknown Cascade variant {msg.variant!r}")
-            self._layout = _Layout(msg.variant, msg.qber_estimate, n, f, msg.seed)
+            if self._layout is not None:
+                raise m.MessageError("second CascadeHello")
+            lay = _Layout(msg.variant, msg.qber_estimate, n, f, msg.seed)
+            self._layout = lay
+            self._packed = lay.packed(self._bits)
+            self._pre = np.zeros((lay.pre_rows, lay.words), np.uint64)
+            self._pre_ready = np.zeros(len(lay.passes), bool)
+            self._opened = np.zeros((f, len(lay.passes)), bool)
             return
         lay = self._layout
         if lay is None:
             raise m.MessageError("Cascade message before CascadeHello")
-        if isinstance(msg, m.PassRequest):
-            if not 0 <= msg.index < len(lay.passes):
-                raise m.MessageError("pass index out of range")
-            ps = lay.passes[msg.index]
-            pre = self._prefix.setdefault(msg.index, lay.prefix(self._bits, msg.index))
-            edges = np.arange(ps.nb + 1) * ps.K
-            par = pre[:, edges[1:]] ^ pre[:, edges[:-1]]
-            self._send(m.ParityReply(par.ravel()))
-        elif isinstance(msg, m.ParityQuery):
-            ids = msg.nodes
-            if ids.size and (ids.min() < 0 or ids.max() >= lay.total_nodes):
-                raise m.MessageError("parity query for a node outside the layout")
-            p, d, f, c = lay.decode(ids)
-            out = np.empty(ids.size, np.uint8)
-            for pi in _sorted_unique(p):
-                pre = self._prefix.get(int(pi))
-                if pre is None:
-                    raise m.MessageError("parity query for a pass not started")
-                s = p == pi
-                lo = c[s] << d[s]
-                hi = np.minimum(lo + (np.int64(1) << d[s]), pre.shape[1] - 1)
-                out[s] = pre[f[s], hi] ^ pre[f[s], lo]
-            self._send(m.ParityReply(out))
+        if isinstance(msg, m.ParityQuery):
+            self._send(m.ParityReply(self._answer(lay, msg)))
         elif isinstance(msg, m.CascadeDone):
             self.bob_reported_leak = msg.leaked_bits
             self.done = True
         else:
             raise m.MessageError(f"unexpected {type(msg).__name__} during Cascade")
+
+    def _answer(self, lay: _Layout, msg: m.ParityQuery) -> np.ndarray:
+        of, op, ids = msg.opens_frame, msg.opens_pass, msg.nodes
+        npass = len(lay.passes)
+        if of.size:
+            if of.max() >= lay.frames or op.max() >= npass:
+                raise m.MessageError("pass opening for a frame or pass outside the layout")
+            if self._opened[of, op].any() or np.unique(of * npass + op).size != of.size:
+                raise m.MessageError("pass opened twice")
+            for p in np.unique(op):
+                self._ensure_prefix(lay, int(p))
+            self._opened[of, op] = True
+            # every top-level block of each opened (frame, pass), in order
+            cnt = lay.nb[op]
+            tp = np.repeat(op, cnt)
+            tf = np.repeat(of, cnt)
+            blk = np.arange(int(cnt.sum())) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+            lo = blk * lay.kk[tp]
+            top = self._parity(lay, tp, tf, lo, lo + lay.kk[tp])
+        else:
+            top = np.zeros(0, np.uint8)
+        if ids.size:
+            if ids[-1] >= lay.total_ids:
+                raise m.MessageError("parity query for a node outside the layout")
+            s = np.searchsorted(lay.seg_id, ids, side="right") - 1
+            f, c = np.divmod(ids - lay.seg_id[s], lay.seg_w[s])
+            if not self._opened[f, lay.seg_p[s]].all():
+                raise m.MessageError("parity query for a pass not started")
+            lo = c << lay.seg_d[s]
+            hi = np.minimum(lo + lay.seg_step[s], lay.seg_w0[s])
+            base = lay.seg_pre[s]
+            nodes = self._parity_rows(base + lo, base + hi, f)
+        else:
+            nodes = np.zeros(0, np.uint8)
+        return np.concatenate((top, nodes))
+
+    def _ensure_prefix(self, lay: _Layout, p: int) -> None:
+        if not self._pre_ready[p]:
+            lay.prefix(self._packed, p, self._pre)
+            self._pre_ready[p] = True
+
+    def _parity(self, lay: _Layout, p: np.ndarray, f: np.ndarray, lo: np.ndarray,
+                hi: np.ndarray) -> np.ndarray:
+        base = lay.pre_base[p]
+        return self._parity_rows(base + lo, base + hi, f)
+
+    def _parity_rows(self, lo: np.ndarray, hi: np.ndarray, f: np.ndarray) -> np.ndarray:
+        """Bit f of prefix row hi xor prefix row lo: the parity of frame f's leaves
+        lo..hi-1 (rows of the concatenated per-pass prefixes)."""
+        x = self._pre.reshape(-1)
+        w = self._layout.words if self._layout is not None else 1
+        if w == 1:
+            v = x[hi] ^ x[lo]
+        else:
+            fw = f >> 6
+            v = x[hi * w + fw] ^ x[lo * w + fw]
+        return ((v >> (f & 63).astype(np.uint64)) & np.uint64(1)).astype(np.uint8)
 
     def _send(self, msg: m.Message) -> None:
         self.revealed_bits += msg.revealed_bits()
@@ -249,6 +333,10 @@ class CascadeAlice:
         out = list(self._out)
         self._out.clear()
         return out
+
+
+_E64 = np.zeros(0, np.int64)
+_EU64 = np.zeros(0, np.uint64)
 
 
 class CascadeBob:
@@ -284,6 +372,8 @@ class CascadeBob:
         msg = m.decode(data)
         if not isinstance(msg, m.ParityReply):
             raise m.MessageError(f"unexpected {type(msg).__name__} during Cascade")
+        if self.done:
+            raise m.MessageError("parity reply after Cascade finished")
         self.revealed_bits += msg.revealed_bits()
         self.round_trips += 1
         try:
@@ -295,116 +385,228 @@ class CascadeBob:
     def _emit(self, msg: m.Message) -> None:
         self._out.append(msg.encode())
 
+    # Bit-sliced state: node (row, frame f) is bit f & 63 of word row * W + (f >> 6) of
+    # self._bp (Bob's parity), self._ap (Alice's, as learnt) and self._kn (known).
+
+    def _learn(self, idx: np.ndarray, bit: np.ndarray, f: np.ndarray,
+               values: np.ndarray) -> None:
+        """Record Alice's parities of previously unknown nodes."""
+        one = values.astype(bool)
+        np.bitwise_or.at(self._ap, idx[one], bit[one])
+        np.bitwise_or.at(self._kn, idx, bit)
+        if not self.reuse:
+            self._learned.append((idx, bit, f))
+
     # the protocol ---------------------------------------------------------------------
 
     def _run(self) -> Generator[m.Message, m.ParityReply, None]:
         lay = self.layout
-        f_count = lay.frames
-        total = lay.total_nodes
-        self._bpar = np.zeros(total, np.uint8)  # Bob's parities
-        self._apar = np.zeros(total, np.uint8)  # Alice's parities as learnt
-        self._known = np.zeros(total, bool)
-        self._started: list[int] = []
-        # The hello rides with the first pass request (Alice needs the layout first).
+        nf, npass, w = lay.frames, len(lay.passes), lay.words
+        self._w = w
+        # Bob's parities: pass p's tree is built from his current bits when the first
+        # frame opens p and from then on kept current on every correction.
+        self._pk = lay.packed(self.bits)  # his current bits, bit-sliced
+        bp2 = np.zeros((lay.total_rows, w), np.uint64)
+        self._bp2 = bp2
+        self._bp = bp2.reshape(-1)
+        self._ap = np.zeros(bp2.size, np.uint64)
+        self._kn = np.zeros(bp2.size, np.uint64)
+        self._built = np.zeros(npass, bool)
+        self._seg_built = np.zeros(lay.seg_p.size, bool)
+        pad = lay.padding_rows()
+        if pad.size:
+            # padding: parity 0 on both sides, known to both
+            self._kn.reshape(-1, w)[pad] = _ALL
+        self._learned: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        # Per frame: the pass it is in, whether it must open it next, whether it is done.
+        self._fpass = np.zeros(nf, np.int64)
+        self._need_open = np.ones(nf, bool)
+        self._fdone = np.zeros(nf, bool)
+        # Open searches still above the leaves: pass, level, frame, index.
+        self._sp, self._sd, self._sf, self._sc = _E64, _E64, _E64, _E64
+        # Searches that reached a leaf, waiting for the rest of their frame's batch.
+        self._lp, self._lf, self._lc = _E64, _E64, _E64
+        # Odd candidates waiting for a later batch of their frame: (row, frame).
+        self._rr, self._rf = _E64, _E64
+        # The hello rides with the first query (Alice needs the layout first).
         self._out.append(self._hello.encode())
-        for p in range(len(lay.passes)):
-            ps = lay.passes[p]
-            reply = yield m.PassRequest(p)
-            top0 = int(ps.seg[ps.D])
-            ntop = f_count * ps.nb
-            if reply.bits.size != ntop:
-                raise m.MessageError("pass parity reply of the wrong length")
-            lay.tree(self.bits, p, self._bpar)
-            for d in range(ps.D + 1):
-                pad = lay.padding_mask(p, d)
-                if pad.any():
-                    w = ps.width0 >> d
-                    ids = (ps.seg[d] + np.arange(f_count)[:, None] * w
-                           + np.flatnonzero(pad)[None, :]).ravel()
-                    self._known[ids] = True
-            self.leak_per_frame += ps.nb
-            self._apar[top0 : top0 + ntop] = reply.bits
-            self._known[top0 : top0 + ntop] = True
-            self._started.append(p)
-            top_ids = np.arange(top0, top0 + ntop)
-            odd = top_ids[self._apar[top_ids] != self._bpar[top_ids]]
-            while odd.size:
-                odd = yield from self._correct(odd)
-
-    def _correct(self, odd: np.ndarray) -> Generator[m.Message, m.ParityReply, np.ndarray]:
-        """One batch: per frame, search every odd node of the lowest pass that has one."""
-        lay = self.layout
-        known, apar, bpar = self._known, self._apar, self._bpar
-        p, d, f, c = lay.decode(odd)
-        minp = np.full(lay.frames, len(lay.passes), np.int64)
-        np.minimum.at(minp, f, p)
-        sel = p == minp[f]
-        rest = odd[~sel]
-        cur, p, d, f, c = odd[sel], p[sel], d[sel], f[sel], c[sel]
-        learned: list[np.ndarray] = []
         while True:
-            # Descend for free while the left child's parity is known.
-            while True:
-                act = np.flatnonzero(d > 0)
-                if act.size == 0:
-                    break
-                left = _ids_for(lay, p[act], d[act] - 1, f[act], 2 * c[act])
-                kn = known[left]
-                if not kn.any():
-                    break
-                a = act[kn]
-                lft = left[kn]
-                rgt = lft + 1
-                go_left = (apar[lft] ^ bpar[lft]).astype(bool)
-                new_r = ~known[rgt] & ~go_left
-                if new_r.any():
-                    r_ids = rgt[new_r]
-                    apar[r_ids] = apar[cur[a][new_r]] ^ apar[lft[new_r]]
-                    known[r_ids] = True
-                    learned.append(r_ids)
-                cur[a] = np.where(go_left, lft, rgt)
-                d[a] -= 1
-                c[a] = 2 * c[a] + (~go_left)
-            act = np.flatnonzero(d > 0)
-            if act.size == 0:
-                break
-            left = _ids_for(lay, p[act], d[act] - 1, f[act], 2 * c[act])
-            ask = _sorted_unique(left[~known[left]])
-            reply = yield m.ParityQuery(ask)
-            if reply.bits.size != ask.size:
+            self._settle()
+            if self._fdone.all():
+                return
+            of = np.flatnonzero(self._need_open)
+            op = self._fpass[of]
+            new = op[~self._built[op]]
+            if new.size:
+                for p in np.unique(new):
+                    lay.tree(self._pk, int(p), bp2)
+                self._built[new] = True
+                self._seg_built = self._built[lay.seg_p]
+            sp, sd, sf, sc = self._sp, self._sd, self._sf, self._sc
+            # After _settle every open search has an unknown left child: ask for it.
+            sl = sp * lay.depth + sd - 1
+            ids = lay.seg_flat[sl] + sf * lay.wid_flat[sl] + 2 * sc
+            order = np.argsort(ids)
+            ids = ids[order]
+            first = np.ones(ids.size, bool)
+            first[1:] = ids[1:] != ids[:-1]
+            ask = ids[first]
+            order = order[first]
+            reply = yield m.ParityQuery(ask, of, op)
+            cnt = lay.nb[op]
+            ntop = int(cnt.sum())
+            if reply.bits.size != ntop + ask.size:
                 raise m.MessageError("parity reply of the wrong length")
-            apar[ask] = reply.bits
-            np.add.at(self.leak_per_frame, lay.decode(ask)[2], 1)
-            known[ask] = True
-            learned.append(ask)
-        # Leaves found: flip each distinct (frame, position) once.
+            self._need_open[of] = False
+            if ask.size:
+                f = sf[order]
+                li = (lay.rowbase_flat[sl[order]] + 2 * sc[order]) * w + (f >> 6)
+                self._learn(li, _BIT[f & 63], f, reply.bits[ntop:])
+                self.leak_per_frame += np.bincount(f, minlength=nf)
+            if of.size:
+                tp = np.repeat(op, cnt)
+                tf = np.repeat(of, cnt)
+                blk = np.arange(ntop) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+                rows = lay.rowbase[tp, lay.top_level[tp]] + blk
+                idx, bit = rows * w + (tf >> 6), _BIT[tf & 63]
+                one = reply.bits[:ntop].astype(bool)
+                np.bitwise_or.at(self._ap, idx[one], bit[one])
+                np.bitwise_or.at(self._kn, idx, bit)
+                self.leak_per_frame[of] += cnt
+                odd = ((self._ap[idx] ^ self._bp[idx]) & bit) != 0
+                self._start_batches(of, rows[odd], tf[odd])
+
+    def _settle(self) -> None:
+        """Advance every frame as far as it can go without asking Alice anything."""
+        nf = self.layout.frames
+        while True:
+            self._descend()
+            if self._lf.size == 0:
+                return
+            ended = np.zeros(nf, bool)
+            ended[self._lf] = True
+            ended[self._sf] = False
+            if not ended.any():
+                return
+            self._end_batches(np.flatnonzero(ended), ended)
+
+    def _descend(self) -> None:
+        """Walk open searches down while the left child's parity is already known;
+        searches that reach a leaf move to the finished list."""
+        lay, w = self.layout, self._w
+        ap, bp, kn, rb = self._ap, self._bp, self._kn, self.layout.rowbase_flat
+        p, d, f, c = self._sp, self._sd, self._sf, self._sc
+        if p.size == 0:
+            return
+        fw, bit = f >> 6, _BIT[f & 63]
+        pb = p * lay.depth - 1  # rb[pb + d] = rowbase[p, d - 1]
+        while True:
+            li = (rb[pb + d] + 2 * c) * w + fw
+            known = (kn[li] & bit) != 0
+            if not known.any():
+                break
+            # The left child is odd: the error is there; even: it is in the right one.
+            right = known & (((ap[li] ^ bp[li]) & bit) == 0)
+            # Going right into an unknown sibling: its parity is parent xor left, for free.
+            ri = li + w
+            new_r = right & ((kn[ri] & bit) == 0)
+            if new_r.any():
+                k = np.flatnonzero(new_r)
+                ci = (rb[pb[k] + d[k] + 1] + c[k]) * w + fw[k]
+                bk = bit[k]
+                self._learn(ri[k], bk, f[k], (ap[ci] ^ ap[li[k]]) & bk)
+            c = c + (c + right) * known
+            d = d - known
+            leaf = d == 0
+            if leaf.any():
+                self._lp = np.concatenate((self._lp, p[leaf]))
+                self._lf = np.concatenate((self._lf, f[leaf]))
+                self._lc = np.concatenate((self._lc, c[leaf]))
+                stay = ~leaf
+                p, d, f, c, fw, bit, pb = (p[stay], d[stay], f[stay], c[stay], fw[stay],
+                                           bit[stay], pb[stay])
+                if p.size == 0:
+                    break
+        self._sp, self._sd, self._sf, self._sc = p, d, f, c
+
+    def _end_batches(self, ended: np.ndarray, is_ended: np.ndarray) -> None:
+        """Frames `ended` have all their searches at leaves: correct, then cascade."""
+        lay, w = self.layout, self._w
+        sel = is_ended[self._lf]
+        p, f, c = self._lp[sel], self._lf[sel], self._lc[sel]
+        keep = ~sel
+        self._lp, self._lf, self._lc = self._lp[keep], self._lf[keep], self._lc[keep]
+        # Flip each distinct (frame, position) once.
         pos = lay.orig_cat[lay.orig_off[p] + c]
         key = _sorted_unique(f * lay.n + pos)
         ff, jj = key // lay.n, key % lay.n
         self.bits[ff, jj] ^= 1
-        toggled = self._toggle(ff, jj)
-        if not self.reuse and learned:
+        fbit = _BIT[ff & 63]
+        np.bitwise_xor.at(self._pk.reshape(-1), jj * w + (ff >> 6), fbit)
+        # Bob's parity of every node containing a flipped bit changes, in every pass
+        # whose tree exists; only passes this frame has opened can hold known nodes.
+        sb = np.flatnonzero(self._seg_built)
+        leaf = lay.leaf_tab[:, jj][lay.seg_p[sb]]  # (segments, flips)
+        rows = lay.seg_row[sb, None] + (leaf >> lay.seg_d[sb, None])
+        idx = rows * w + (ff >> 6)
+        bits = np.broadcast_to(fbit, rows.shape)
+        np.bitwise_xor.at(self._bp, idx.ravel(), bits.ravel())
+        opened = lay.seg_p[sb, None] <= self._fpass[ff][None, :]
+        rows, idx, bits = rows[opened], idx[opened], bits[opened]
+        rf = np.broadcast_to(ff, opened.shape)[opened]
+        if not self.reuse and self._learned:
             # The original protocol forgets sub-block parities after each search.
-            forget = np.concatenate(learned)
-            known[forget] = False
-        cand = np.concatenate([rest, toggled])
-        cand = cand[known[cand]]
-        cand = cand[apar[cand] != bpar[cand]]
-        return _sorted_unique(cand)
+            li = np.concatenate([x[0] for x in self._learned])
+            lb = np.concatenate([x[1] for x in self._learned])
+            lf = np.concatenate([x[2] for x in self._learned])
+            gone = is_ended[lf]
+            np.bitwise_and.at(self._kn, li[gone], ~lb[gone])
+            np.bitwise_and.at(self._ap, li[gone], ~lb[gone])
+            self._learned = [(li[~gone], lb[~gone], lf[~gone])]
+        # Candidates: the frame's waiting odd blocks and every node the flips touched.
+        mine = is_ended[self._rf]
+        wr, wf = self._rr[mine], self._rf[mine]
+        self._rr, self._rf = self._rr[~mine], self._rf[~mine]
+        cr = np.concatenate((wr, rows))
+        cf = np.concatenate((wf, rf))
+        ci = np.concatenate((wr * w + (wf >> 6), idx))
+        cb = np.concatenate((_BIT[wf & 63], bits))
+        odd = ((self._kn[ci] & cb) != 0) & (((self._ap[ci] ^ self._bp[ci]) & cb) != 0)
+        self._start_batches(ended, cr[odd], cf[odd])
 
-    def _toggle(self, ff: np.ndarray, jj: np.ndarray) -> np.ndarray:
-        """Flip Bob's parity of every node containing the corrected bits; return those ids."""
+    def _start_batches(self, frames: np.ndarray, rows: np.ndarray, f: np.ndarray) -> None:
+        """Start a batch in each of `frames` from its odd known nodes (rows, f): search
+        those of the lowest pass, keep the rest waiting; no odd node: next pass."""
         lay = self.layout
-        parts = []
-        for p in self._started:
-            ps = lay.passes[p]
-            leaf = ps.leaf_of_orig[jj]
-            lv = np.arange(ps.D + 1)[:, None]
-            ids = ps.seg[lv] + ff[None, :] * (ps.width0 >> lv) + (leaf[None, :] >> lv)
-            parts.append(ids.ravel())
-        ids = np.concatenate(parts)
-        np.bitwise_xor.at(self._bpar, ids, np.uint8(1))
-        return ids
+        nf, npass = lay.frames, len(lay.passes)
+        if rows.size:
+            key = _sorted_unique(f * lay.total_rows + rows)
+            f, rows = key // lay.total_rows, key % lay.total_rows
+            p, d, c = lay.decode_rows(rows)
+            minp = np.full(nf, npass, np.int64)
+            np.minimum.at(minp, f, p)
+            sel = p == minp[f]
+            # A top-level odd block of a pass with one-leaf blocks is already a leaf.
+            leaf = sel & (d == 0)
+            if leaf.any():
+                self._lp = np.concatenate((self._lp, p[leaf]))
+                self._lf = np.concatenate((self._lf, f[leaf]))
+                self._lc = np.concatenate((self._lc, c[leaf]))
+            s = sel & (d > 0)
+            self._sp = np.concatenate((self._sp, p[s]))
+            self._sd = np.concatenate((self._sd, d[s]))
+            self._sf = np.concatenate((self._sf, f[s]))
+            self._sc = np.concatenate((self._sc, c[s]))
+            self._rr = np.concatenate((self._rr, rows[~sel]))
+            self._rf = np.concatenate((self._rf, f[~sel]))
+        busy = np.zeros(nf, bool)
+        busy[f] = True
+        idle = frames[~busy[frames]]
+        if idle.size:
+            self._fpass[idle] += 1
+            fin = self._fpass[idle] >= npass
+            self._fdone[idle[fin]] = True
+            self._need_open[idle[~fin]] = True
 
 
 @dataclass

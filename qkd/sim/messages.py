@@ -12,7 +12,7 @@ have to be unambiguous.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -58,6 +58,41 @@ class _Reader:
         raw = self.take(count * dt.itemsize)
         return np.frombuffer(raw, dt).astype(np.dtype(dtype).newbyteorder("="))
 
+    def varints(self, count: int) -> np.ndarray:
+        """`count` unsigned LEB128 varints (7 bits per byte, high bit = more follows)."""
+        if count == 0:
+            return np.zeros(0, np.uint64)
+        rest = np.frombuffer(self.data[self.pos :], np.uint8)
+        if rest.size >= count and rest[:count].max() < 0x80:  # all single-byte
+            self.pos += count
+            return rest[:count].astype(np.uint64)
+        ends = np.flatnonzero(rest < 0x80)[:count]
+        if ends.size < count:
+            raise MessageError("message truncated")
+        used = int(ends[-1]) + 1
+        starts = np.empty(count, np.int64)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        lens = ends - starts + 1
+        if int(lens.max()) > 10 or ((lens == 10).any() and rest[ends[lens == 10]].max() > 1):
+            raise MessageError("varint above 2^64")
+        shift = (np.arange(used) - np.repeat(starts, lens)) * 7
+        vals = np.bitwise_or.reduceat(
+            (rest[:used] & 0x7F).astype(np.uint64) << shift.astype(np.uint64), starts)
+        self.pos += used
+        return vals
+
+    def varint(self) -> int:
+        v = 0
+        for shift in range(0, 70, 7):
+            (b,) = self.take(1)
+            if shift == 63 and b > 1:
+                raise MessageError("varint above 2^64")
+            v |= (b & 0x7F) << shift
+            if b < 0x80:
+                return v
+        raise MessageError("varint above 2^64")
+
     def end(self) -> None:
         if self.pos != len(self.data):
             raise MessageError("trailing bytes after message body")
@@ -71,6 +106,35 @@ def _bits(b: np.ndarray) -> bytes:
 def _array(a: np.ndarray, dtype: str) -> bytes:
     a = np.asarray(a).astype(np.dtype(dtype).newbyteorder("<"))
     return struct.pack("!Q", a.size) + a.tobytes()
+
+
+_VARINT_LIMITS = np.left_shift(np.uint64(1), np.arange(7, 64, 7, dtype=np.uint64))
+
+
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def _varints(v: np.ndarray) -> bytes:
+    """Unsigned LEB128 encoding of each value (1 byte below 128, 2 below 16384, ...)."""
+    if len(v) == 0:
+        return b""
+    v = np.asarray(v).astype(np.uint64)
+    if int(v.max()) < 0x80:
+        return v.astype(np.uint8).tobytes()
+    nb = np.searchsorted(_VARINT_LIMITS, v, side="right") + 1  # bytes per value
+    last = np.cumsum(nb) - 1  # index of each value's last byte
+    idx = np.repeat(np.arange(v.size), nb)
+    j = np.arange(idx.size) - np.repeat(last - nb + 1, nb)  # byte index within value
+    out = ((v[idx] >> (7 * j).astype(np.uint64)) & np.uint64(0x7F)).astype(np.uint8)
+    out |= 0x80
+    out[last] &= 0x7F
+    return out.tobytes()
 
 
 class Message:
@@ -138,39 +202,59 @@ class CascadeHello(Message):
 
 
 @_register
-@dataclass(frozen=True)
-class PassRequest(Message):
-    """Bob -> Alice: send the parities of all top-level blocks of pass `index`."""
-
-    TYPE: ClassVar[int] = 2
-    index: int
-
-    def body(self) -> bytes:
-        return struct.pack("!H", self.index)
-
-    @classmethod
-    def parse(cls, r: _Reader) -> PassRequest:
-        return cls(*r.unpack("!H"))
-
-
-@_register
 @dataclass(frozen=True, eq=False)
 class ParityQuery(Message):
-    """Bob -> Alice: parities wanted for these node ids (layout agreed in CascadeHello)."""
+    """Bob -> Alice: the parities Bob wants this round (layout agreed in CascadeHello).
 
-    TYPE: ClassVar[int] = 3
+    `opens`: (frame, pass) pairs, each asking for the parities of all top-level blocks of
+    that pass in that frame (the start of a pass). `nodes`: strictly increasing node ids
+    (binary-search sub-blocks). The reply carries the opens' parities first (in order,
+    blocks in order), then one parity per node.
+
+    Encoding: the counts, the open frames and passes, then the node ids as gaps
+    (first id, then id_i - id_(i-1) - 1), every number an unsigned LEB128 varint.
+    Node ids are numbered level by level within a pass, frames side by side, so a
+    round's queries cluster and most gaps take one or two bytes.
+    """
+
+    TYPE: ClassVar[int] = 6
     nodes: np.ndarray
+    opens_frame: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    opens_pass: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def body(self) -> bytes:
-        wide = self.nodes.size and int(self.nodes.max()) >= 1 << 32
-        return struct.pack("!B", 8 if wide else 4) + _array(self.nodes, "u8" if wide else "u4")
+        nodes = np.asarray(self.nodes, np.int64)
+        of = np.asarray(self.opens_frame, np.int64)
+        op = np.asarray(self.opens_pass, np.int64)
+        if of.size != op.size:
+            raise ValueError("opens_frame and opens_pass differ in length")
+        if (nodes.size and nodes[0] < 0) or (of.size and min(of.min(), op.min()) < 0):
+            raise ValueError("negative node, frame or pass")
+        gaps = np.diff(nodes, prepend=-1) - 1
+        if gaps.size and gaps.min() < 0:
+            raise ValueError("node ids must be strictly increasing")
+        return (_varint(of.size) + _varints(of) + _varints(op) + _varint(nodes.size)
+                + _varints(gaps))
 
     @classmethod
     def parse(cls, r: _Reader) -> ParityQuery:
-        (w,) = r.unpack("!B")
-        if w not in (4, 8):
-            raise MessageError("bad node id width")
-        return cls(r.array("u8" if w == 8 else "u4").astype(np.int64))
+        n_open = r.varint()
+        if n_open > len(r.data):
+            raise MessageError("message truncated")
+        of = r.varints(n_open).astype(np.int64)
+        op = r.varints(n_open).astype(np.int64)
+        n_nodes = r.varint()
+        if n_nodes > len(r.data):
+            raise MessageError("message truncated")
+        gaps = r.varints(n_nodes)
+        if gaps.size and int(gaps.max()) >= 1 << 62:
+            raise MessageError("node id out of range")
+        nodes = np.cumsum(gaps.astype(np.int64) + 1) - 1
+        if nodes.size and int(nodes[-1]) >= 1 << 62:
+            raise MessageError("node id out of range")
+        if of.size and (int(of.max()) >= 1 << 62 or int(op.max()) >= 1 << 62):
+            raise MessageError("frame or pass out of range")
+        return cls(nodes, of, op)
 
 
 @_register

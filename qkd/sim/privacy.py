@@ -4,45 +4,56 @@ The m x n Toeplitz matrix is fixed by a seed s of n + m - 1 bits: T[i, j] = s[i 
 Random Toeplitz matrices form a universal_2 family (collision probability 2^-m for any
 two distinct inputs), which is what the leftover hash lemma needs.
 
-T x is the middle part of the convolution s * x. A circular convolution of length
-L >= n + m - 1 (= len(s)) already contains it without wrap-around, which makes the FFT
-about 40% shorter than a full linear convolution. Float64 FFTs are exact here: outputs
-are integers <= n, and the rounding residual is checked on every call.
+T x is the middle part of the convolution s * x: output bit i is the parity of
+c[i + n - 1]. A circular convolution of length L >= n + m - 1 (= len(s)) already holds
+those m values without wrap-around.
+
+How the convolution is computed (`_circular_conv`), for N = n + m - 1 bits:
+
+* L = L1 * L2 >= N with L1, L2 5-smooth (L2 even) and close to sqrt(L), so every FFT
+  is short and cache resident; for 10^7 input bits and m = n/2, L = N + 1 = 4000 * 3750.
+* ONE complex FFT of z = s + i x gives both spectra (S_k = (Z_k + conj Z_-k)/2,
+  X_k = (Z_k - conj Z_-k)/2i, so S_k X_k = (Z_k^2 - conj(Z_-k)^2)/4i), computed as a
+  four-step FFT: L2 transforms of length L1 down the columns, a twiddle, then L1 row
+  transforms of length L2. The spectrum stays in that transposed order: all later steps
+  are pointwise or pair row k1 with row -k1, and rows are processed in small blocks
+  (a block and its mirror) while they sit in cache.
+* The product is Hermitian, so the real inverse is one complex inverse FFT of length
+  L/2 (even outputs in the real part, odd in the imaginary part), again four-step,
+  whose row transforms are done in the same block loop.
+* Everything happens inside one L-point complex buffer: the whole transform touches
+  16 L bytes of fresh memory once (page faults on large new arrays cost as much as an
+  FFT pass here).
+
+Exactness: the exact outputs are integers in [0, n]; parities are read after rounding,
+so the floating-point error must stay below 1/2. `_error_bound` gives a rigorous a-priori
+bound (see there); the transform refuses a size whose bound exceeds 1/4 and instead
+splits the input (T x = T_a x_a xor T_b x_b). For 10^7 bits the bound is ~6e-3, and the
+rounding residual of every call is also checked against 1/4.
+Float32 transforms are not used: the same bound with u = 2^-24 exceeds 1/2 by orders of
+magnitude at any block size worth an FFT.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
-try:  # scipy's pocketfft can work in place; numpy's is the fallback (same results)
-    import scipy.fft as _sfft
-except ImportError:  # pragma: no cover - exercised only without scipy
-    _sfft = None
+import numpy as np
+import scipy.fft as _sfft
 
 # Above this many output bits the FFT path is used; below it, bit-sliced dense products.
 _DENSE_MAX_ROWS = 64
+# Largest error bound accepted for one transform (exact outputs are integers).
+_MAX_ERROR = 0.25
+# Rows of the L1 x L2 spectrum handled together (with their mirror rows) in cache.
+_BLOCK_BYTES = 1 << 19
+_U = 2.0**-53  # unit roundoff of float64
+
+_POPCOUNT = np.array([bin(i).count("1") & 1 for i in range(256)], np.uint8)
 
 
 class PrecisionError(ArithmeticError):
     """The FFT rounding residual was too large to trust the parity (never seen in practice)."""
-
-
-def _fast_len(n: int) -> int:
-    """Smallest 2^a 3^b 5^c >= n (sizes the FFT handles fastest)."""
-    if _sfft is not None:
-        return int(_sfft.next_fast_len(n, real=True))
-    best = 1 << (n - 1).bit_length()
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            p = p35
-            while p < n:
-                p *= 2
-            best = min(best, p)
-            p35 *= 3
-        p5 *= 5
-    return best
 
 
 def toeplitz_dense(x: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
@@ -55,38 +66,253 @@ def toeplitz_dense(x: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
 
 
 def _toeplitz_rows(x: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
-    # Few rows: one packed AND + popcount parity per row.
+    # Few rows: one packed AND + parity per row.
     n = x.size
     xp = np.packbits(x)
     out = np.empty(m, np.uint8)
     for i in range(m):
         row = np.packbits(seed[i : i + n][::-1])
-        out[i] = int(np.bitwise_count(np.bitwise_and(row, xp)).sum()) & 1
+        acc = np.bitwise_xor.reduce(np.bitwise_and(row, xp))
+        out[i] = _POPCOUNT[int(acc)]
     return out
 
 
-def toeplitz_fft(x: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
+# --- planning ---------------------------------------------------------------------------
+
+
+def _smooth_numbers(lo: int, hi: int) -> list[int]:
+    """All 2^a 3^b 5^c in [lo, hi]."""
+    out = []
+    p2 = 1
+    while p2 <= hi:
+        p3 = p2
+        while p3 <= hi:
+            p5 = p3
+            while p5 <= hi:
+                if p5 >= lo:
+                    out.append(p5)
+                p5 *= 5
+            p3 *= 3
+        p2 *= 2
+    return sorted(out)
+
+
+def _plan(size: int) -> tuple[int, int]:
+    """(L1, L2): 5-smooth factors with L2 even, L1 * L2 >= size, L minimal, then balanced."""
+    size = max(size, 2)
+    r = math.isqrt(size)
+    best: tuple[tuple[int, float], int, int] | None = None
+    for l1 in _smooth_numbers(max(1, r // 8), 8 * r + 8):
+        l2 = -(-size // l1)
+        l2 += l2 & 1
+        while True:  # smallest even 5-smooth number >= l2
+            l2 = int(_sfft.next_fast_len(l2, real=True))  # 5-smooth
+            if l2 % 2 == 0:
+                break
+            l2 += 1
+        key = (l1 * l2, abs(math.log(l1 / l2)))
+        if best is None or key < best[0]:
+            best = (key, l1, l2)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _error_bound(n: int, s_len: int, length: int) -> float:
+    """Rigorous bound on max |computed - exact| of the convolution outputs.
+
+    With u = 2^-53, an FFT of length L whose twiddles are within a few ulp has normwise
+    relative error <= eps = c u log2 L (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2nd ed., Thm. 24.2: eta = mu + gamma_4 (sqrt 2 + mu) per radix-2 level;
+    we take c = 10 per factor of 2 to cover the radix-3/4/5 kernels, the four-step twiddle
+    (a product of two exp() values) and the separation and Hermitian-folding steps).
+    For z = s + i x (weights W = |s| + |x| <= s_len + n, ||z||_2 <= sqrt(W)):
+      spectrum error ||dZ||_2 <= eps sqrt(L) ||z||_2, and |Z_k| <= W, so the product
+      S_k X_k = (Z_k^2 - conj(Z_-k)^2)/4i has ||dP||_2 <= eps W sqrt(L) ||z||_2 (rounding
+      of the squares adds u W sqrt(L) ||z||_2, absorbed in c);
+      the inverse maps that to <= eps W ||z||_2 in the outputs, and adds its own
+      eps ||c||_2 <= eps sqrt(L) n (every exact output is <= n).
+    The max-norm is at most the 2-norm, hence
+      |error| <= eps (sqrt(2) W sqrt(W) + sqrt(L) n)
+    (the sqrt 2: folding the Hermitian spectrum to length L/2 has operator norm 1, and
+    the half-length inverse divides by sqrt(L/2) instead of sqrt(L)).
+    10^7 input bits, m = n/2: eps = 2.7e-14, bound = 5.7e-3.
+    """
+    eps = 10.0 * _U * math.ceil(math.log2(max(length, 2)))
+    w = float(n + s_len)
+    return eps * (math.sqrt(2.0) * w * math.sqrt(w) + math.sqrt(length) * n)
+
+
+# --- the transform ----------------------------------------------------------------------
+
+
+def _twiddle_mul(a: np.ndarray, rows: np.ndarray, denom: int, sign: float,
+                 scale: float = 1.0) -> None:
+    """a[r, c] *= scale * exp(sign 2 pi i rows[r] c / denom), in place, c = 0..cols-1.
+
+    exp(i t (c1 B + c2)) = exp(i t c1 B) exp(i t c2): two small tables instead of one
+    exp() per element; every argument is reduced mod denom in exact integers first.
+    """
+    cols = a.shape[1]
+    b = max((d for d in range(1, math.isqrt(cols) + 1) if cols % d == 0), default=1)
+    r = rows.astype(np.int64)[:, None]
+    hi = np.arange(cols // b, dtype=np.int64)[None, :] * b
+    lo = np.arange(b, dtype=np.int64)[None, :]
+    f = sign * 2.0 * math.pi / denom
+    t_hi = np.exp(1j * (f * ((r * hi) % denom)))
+    if scale != 1.0:
+        t_hi *= scale
+    t_lo = np.exp(1j * (f * ((r * lo) % denom)))
+    a3 = a.reshape(a.shape[0], cols // b, b)
+    if not np.may_share_memory(a3, a):  # rows must be contiguous for an in-place view
+        raise RuntimeError("twiddle block is not a view")
+    a3 *= t_hi[:, :, None]
+    a3 *= t_lo[:, None, :]
+
+
+def _fft_inplace(a: np.ndarray, axis: int, inverse: bool, workers: int) -> None:
+    """FFT of `a` along `axis`, result stored in `a` (scipy writes in place when asked;
+    if it ever hands back a different buffer, copy)."""
+    fn = _sfft.ifft if inverse else _sfft.fft
+    res = fn(a, axis=axis, overwrite_x=True, workers=workers)
+    if not np.may_share_memory(res, a):
+        a[...] = res
+
+
+def _circular_conv(x: np.ndarray, s: np.ndarray, workers: int = 1
+                   ) -> tuple[np.ndarray, int]:
+    """Circular convolution of the bit vectors s and x (len(x) <= len(s)) over the reals.
+
+    Returns (y, length) where y is a float64 view of length >= len(s) holding c[0 .. L-1]
+    (flattened rows, see the module docstring); entries at index >= len(s) are unused.
+    """
+    n, size = x.size, s.size
+    l1, l2 = _plan(size)
+    length, m2 = l1 * l2, l2 // 2
+    half = l1 * m2
+    # z = s + i x, rows of length L2 (row-major index L2 n1 + n2).
+    z = np.zeros((l1, l2), np.complex128)
+    zf = z.reshape(-1).view(np.float64)
+    zf[0 : 2 * size : 2] = s
+    zf[1 : 2 * n : 2] = x
+    # Step 1: length-L1 transforms down the columns, in place.
+    _fft_inplace(z, 0, False, workers)
+
+    k1_tw = np.exp(2j * math.pi * np.arange(l1) / length)  # e^{2 pi i k1 / L}
+    k2_tw = np.exp(2j * math.pi * np.arange(m2) / l2)  # e^{2 pi i k2 / L2}
+
+    def rows_forward(a: int, b: int) -> np.ndarray:
+        """Finish the forward transform of rows a..b-1: twiddle, row FFTs (in place)."""
+        blk = z[a:b]
+        _twiddle_mul(blk, np.arange(a, b), length, -1.0)
+        _fft_inplace(blk, 1, False, workers)
+        return blk
+
+    def rows_inverse(a: int, d: np.ndarray) -> None:
+        """d = Z_k^2 - conj(Z_-k)^2 for rows a..: fold to length L/2, inverse row FFTs,
+        inverse twiddle; written to z[rows, :L2/2]."""
+        k1 = np.arange(a, a + d.shape[0])
+        lo, hi = d[:, :m2], d[:, m2:]
+        # P = d / 4i; U = (P_lo + P_hi)/2 + i e^{2 pi i k/L} (P_lo - P_hi)/2
+        #   = (e^{2 pi i k/L} (d_lo - d_hi) - i (d_lo + d_hi)) / 8   (1/8 applied below)
+        ssum = lo + hi
+        lo -= hi
+        lo *= k2_tw[None, :]
+        lo *= k1_tw[k1, None]
+        ssum *= -1j
+        lo += ssum
+        out = z[a : a + d.shape[0], :m2]
+        out[...] = lo
+        _fft_inplace(out, 1, True, workers)
+        _twiddle_mul(out, k1, half, 1.0, 0.125)
+
+    def self_paired(r: int, rev: np.ndarray) -> None:
+        c = z[r : r + 1]
+        d = c * c
+        rev2 = rev * rev
+        np.conjugate(rev2, out=rev2)
+        d -= rev2
+        rows_inverse(r, d)
+
+    # Row 0 pairs with itself: Z_-k at (0, -k2 mod L2).
+    c0 = rows_forward(0, 1)
+    self_paired(0, np.roll(c0[:, ::-1], 1, axis=1))
+    # Row k1 (1 <= k1 < L1/2) pairs with row L1 - k1, reversed: Z_-k at (L1-k1, L2-1-k2).
+    npairs = (l1 - 1) // 2
+    step = max(1, _BLOCK_BYTES // (16 * l2))
+    for a in range(1, npairs + 1, step):
+        b = min(a + step, npairs + 1)
+        ca = rows_forward(a, b)
+        cm = rows_forward(l1 - b + 1, l1 - a + 1)  # rows L1-b+1 .. L1-a, i.e. mirrors reversed
+        rev = cm[::-1, ::-1]
+        d = ca * ca
+        t = rev * rev
+        np.conjugate(t, out=t)
+        d -= t
+        # Mirror rows: d(-k) = -conj(d(k)); in the mirror block's row order.
+        dm = d[::-1, ::-1].conj()
+        np.negative(dm, out=dm)
+        rows_inverse(a, d)
+        rows_inverse(l1 - b + 1, dm)
+    if l1 % 2 == 0:
+        r = l1 // 2
+        cr = rows_forward(r, r + 1)
+        self_paired(r, cr[:, ::-1])
+    # Last step of the inverse: length-L1 transforms down the columns of the left half.
+    u = z[:, :m2]
+    _fft_inplace(u, 0, True, workers)
+    # u[n1, n2] = c[2 (M2 n1 + n2)] + i c[2 (M2 n1 + n2) + 1]
+    y = u.view(np.float64)  # (L1, 2 M2) strided rows = c in row-major order
+    return y, length
+
+
+def _parities(y: np.ndarray, start: int, count: int) -> np.ndarray:
+    """Rounded parities of flat entries start..start+count-1 of the 2-D float view y."""
+    width = y.shape[1]
+    r0, r1 = start // width, (start + count - 1) // width + 1
+    out = np.empty((r1 - r0) * width, np.uint8)
+    # Adding 1.5 * 2^52 rounds |v| < 2^51 to an integer held in the low mantissa bits.
+    magic = 6755399441055744.0
+    step = max(1, (1 << 16) // width)  # rows per cache-sized slab
+    resid = 0.0
+    for a in range(r0, r1, step):
+        b = min(a + step, r1)
+        blk = y[a:b]
+        t = blk + magic
+        np.bitwise_and(t.view(np.int64), 1, out=out[(a - r0) * width : (b - r0) * width]
+                       .reshape(b - a, width), casting="unsafe")
+        t -= magic
+        t -= blk
+        resid = max(resid, float(np.max(np.abs(t))))
+    if resid > _MAX_ERROR:
+        raise PrecisionError("FFT rounding residual above 1/4; refusing to guess parities")
+    off = start - r0 * width
+    return out[off : off + count]
+
+
+def toeplitz_fft(x: np.ndarray, seed: np.ndarray, m: int, workers: int = 1) -> np.ndarray:
+    """T(seed) x over GF(2) by FFT; bit-exact (see the module docstring).
+
+    `workers` > 1 lets scipy's FFT use threads (the per-core figures use 1).
+    """
+    x = np.ascontiguousarray(x, dtype=np.uint8)
+    seed = np.ascontiguousarray(seed, dtype=np.uint8)
     n = x.size
     if seed.size != n + m - 1:
         raise ValueError(f"seed must have n + m - 1 = {n + m - 1} bits, got {seed.size}")
     if m == 0:
         return np.zeros(0, np.uint8)
-    size = _fast_len(n + m - 1)
-    if _sfft is not None:
-        fs = _sfft.rfft(seed.astype(np.float64), size, overwrite_x=True)
-        fx = _sfft.rfft(x.astype(np.float64), size, overwrite_x=True)
-        fs *= fx
-        del fx
-        conv = _sfft.irfft(fs, size, overwrite_x=True)
-    else:
-        fs = np.fft.rfft(seed.astype(np.float64), size)
-        fs *= np.fft.rfft(x.astype(np.float64), size)
-        conv = np.fft.irfft(fs, size)
-    mid = conv[n - 1 : n - 1 + m]
-    r = np.rint(mid)
-    if m and float(np.max(np.abs(mid - r))) > 0.25:
-        raise PrecisionError("FFT rounding residual above 1/4; refusing to guess parities")
-    return (r.astype(np.int64) & 1).astype(np.uint8)
+    length = int(np.prod(_plan(seed.size)))
+    if n > 1 and _error_bound(n, seed.size, length) > _MAX_ERROR:
+        # T x = T_a x_a xor T_b x_b over the two halves of x; each half needs the seed
+        # window its columns use: columns j < na use s[n - na : n + m - 1], the rest
+        # (shifted by na) use s[: nb + m - 1].
+        na = n // 2
+        nb = n - na
+        ya = toeplitz_fft(x[:na], seed[n - na :], m, workers)
+        yb = toeplitz_fft(x[na:], seed[: nb + m - 1], m, workers)
+        return ya ^ yb
+    y, _ = _circular_conv(x, seed, workers)
+    return _parities(y, n - 1, m)
 
 
 def toeplitz_hash(x: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:

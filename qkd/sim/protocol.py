@@ -156,7 +156,7 @@ class AliceProtocol(_Party):
         if self.done:
             raise m.MessageError("message after the session ended")
         msg = m.decode(data)
-        if isinstance(msg, (m.CascadeHello, m.PassRequest, m.ParityQuery, m.CascadeDone)):
+        if isinstance(msg, (m.CascadeHello, m.ParityQuery, m.CascadeDone)):
             if self._state != "cascade":
                 raise m.MessageError("Cascade message out of order")
             if isinstance(msg, m.CascadeHello):
