@@ -132,46 +132,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                              link=args.link, distance_km=args.distance_km,
                              pulses=args.pulses, eve=args.eve, connect_wait=2.0)
     bed = Testbed(workdir, options)
-    if args.eve:
-        return run_eve_demo(args, bed, keep, workdir)
     summary: dict[str, Any] = {"ok": False, "workdir": str(workdir) if keep else None}
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr,
                                                                 flush=True))
     try:
-        say(f"qkdgw demo: starting KME-A, KME-B, gateway B, gateway A and the sink in {workdir}")
-        bed.start_all()
-        status = bed.wait_tunnel()
-        peer = status["peer"]
-        say(f"tunnel up: {peer['kem']} + QKD ({peer['mode']}), epoch {peer['epoch']}, "
-            f"PKI-authenticated; pushing {args.streams} streams x {args.stream_mb} MB"
-            + (f" for {args.duration:.0f} s" if args.duration else ""))
-        port = bed.ports["listen-site-a-sink"]
-        size = int(args.stream_mb * 1024 * 1024)
-        report = asyncio.run(run_traffic(port, args.streams, size, args.duration,
-                                         not args.json))
-        final_a, final_b = bed.status("site-a"), bed.status("site-b")
-        if args.link == "bb84":
-            summary["link"] = _link_summary(bed.link_status("site-a"))
-        failures = report.failures
-        ok = (not failures and report.bytes_verified == report.bytes_sent > 0
-              and final_a["handshakes"] >= 1)
-        summary.update(
-            ok=ok,
-            streams=len(report.results),
-            bytes_sent=report.bytes_sent,
-            bytes_verified=report.bytes_verified,
-            seconds=round(report.seconds, 3),
-            throughput_mbps=round(report.bytes_verified * 8 / report.seconds / 1e6, 1)
-            if report.seconds else 0.0,
-            handshakes=final_a["handshakes"],
-            rekeys=final_a["rekeys"],
-            key_updates=final_a["key_updates"] + final_b["key_updates"],
-            qkd_keys_consumed=final_a["qkd_keys_consumed"],
-            epoch=final_a["peer"].get("epoch"),
-            kem=peer["kem"],
-            mode=peer["mode"],
-            failures=failures[:20],
-        )
+        if args.eve:
+            run_eve_demo(args, bed, summary, say)
+        else:
+            run_traffic_demo(args, bed, summary, say)
     except TestbedError as exc:
         summary["error"] = str(exc)
         keep = True
@@ -181,6 +149,46 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
     return summary
+
+
+def run_traffic_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, Any],
+                     say: Any) -> None:
+    """The normal demo: checked traffic on many streams through the tunnel."""
+    workdir = bed.workdir
+    say(f"qkdgw demo: starting KME-A, KME-B, gateway B, gateway A and the sink in {workdir}")
+    bed.start_all()
+    status = bed.wait_tunnel()
+    peer = status["peer"]
+    say(f"tunnel up: {peer['kem']} + QKD ({peer['mode']}), epoch {peer['epoch']}, "
+        f"PKI-authenticated; pushing {args.streams} streams x {args.stream_mb} MB"
+        + (f" for {args.duration:.0f} s" if args.duration else ""))
+    port = bed.ports["listen-site-a-sink"]
+    size = int(args.stream_mb * 1024 * 1024)
+    report = asyncio.run(run_traffic(port, args.streams, size, args.duration,
+                                     not args.json))
+    final_a, final_b = bed.status("site-a"), bed.status("site-b")
+    if args.link == "bb84":
+        summary["link"] = _link_summary(bed.link_status("site-a"))
+    failures = report.failures
+    ok = (not failures and report.bytes_verified == report.bytes_sent > 0
+          and final_a["handshakes"] >= 1)
+    summary.update(
+        ok=ok,
+        streams=len(report.results),
+        bytes_sent=report.bytes_sent,
+        bytes_verified=report.bytes_verified,
+        seconds=round(report.seconds, 3),
+        throughput_mbps=round(report.bytes_verified * 8 / report.seconds / 1e6, 1)
+        if report.seconds else 0.0,
+        handshakes=final_a["handshakes"],
+        rekeys=final_a["rekeys"],
+        key_updates=final_a["key_updates"] + final_b["key_updates"],
+        qkd_keys_consumed=final_a["qkd_keys_consumed"],
+        epoch=final_a["peer"].get("epoch"),
+        kem=peer["kem"],
+        mode=peer["mode"],
+        failures=failures[:20],
+    )
 
 
 def _link_summary(st: dict[str, Any]) -> dict[str, Any]:
@@ -190,61 +198,48 @@ def _link_summary(st: dict[str, Any]) -> dict[str, Any]:
     return {k: st.get(k) for k in keys}
 
 
-def run_eve_demo(args: argparse.Namespace, bed: Testbed, keep: bool,
-                 workdir: Path) -> dict[str, Any]:
+def run_eve_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, Any],
+                 say: Any) -> None:
     """Eve on the quantum channel from the start: the KMEs must see her in the QBER,
     abort every round (so the pool never fills), and the gateways must fail closed.
 
     ok = the attack was detected (a round aborted on QBER), no key was produced and no
     application byte crossed; that is the expected outcome, so it exits 0."""
-    summary: dict[str, Any] = {"ok": False, "eve": args.eve,
-                               "workdir": str(workdir) if keep else None}
-    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr,
-                                                                flush=True))
-    try:
-        say(f"qkdgw demo --eve {args.eve}: KMEs on {args.distance_km:g} km of fibre, "
-            "eavesdropper on the quantum channel")
-        t0 = time.monotonic()
-        bed.start_all()
-        detected_at = None
-        link: dict[str, Any] = {}
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError, ValueError):
-                link = bed.link_status("site-a")
-                if link.get("rounds_aborted", 0) >= 1 or link.get("rounds_committed", 0):
-                    detected_at = time.monotonic() - t0
-                    break
-            time.sleep(0.2)
-        say(f"link: round aborted after {detected_at or 0:.1f} s: "
-            f"{link.get('last_abort_reason') or 'no abort'}")
-        # The gateways: the KME has no key, so the handshake cannot complete and an
-        # application connection is reset rather than carried.
-        port = bed.ports["listen-site-a-sink"]
-        result = asyncio.run(push_stream(port, 0, 64 * 1024, timeout=10))
-        closed_at = time.monotonic() - t0
-        gw = bed.status("site-a")
-        link = bed.link_status("site-a")
-        detected = (detected_at is not None and link.get("rounds_committed", 0) == 0
-                    and "QBER" in str(link.get("last_abort_reason")))
-        summary.update(
-            ok=bool(detected and result.verified == 0 and gw["handshakes"] == 0),
-            detection_seconds=round(detected_at or 0.0, 2),
-            fail_closed_seconds=round(closed_at, 2),
-            tunnel=gw["peer"]["tunnel"],
-            handshakes=gw["handshakes"],
-            application_result=result.error or "data crossed the tunnel",
-            link=_link_summary(link),
-        )
-    except TestbedError as exc:
-        summary["error"] = str(exc)
-        keep = True
-        summary["workdir"] = str(workdir)
-    finally:
-        bed.stop()
-        if not keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return summary
+    summary["eve"] = args.eve
+    say(f"qkdgw demo --eve {args.eve}: KMEs on {args.distance_km:g} km of fibre, "
+        "eavesdropper on the quantum channel")
+    t0 = time.monotonic()
+    bed.start_all()
+    detected_at = None
+    link: dict[str, Any] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            link = bed.link_status("site-a")
+            if link.get("rounds_aborted", 0) >= 1 or link.get("rounds_committed", 0):
+                detected_at = time.monotonic() - t0
+                break
+        time.sleep(0.2)
+    say(f"link: round aborted after {detected_at or 0:.1f} s: "
+        f"{link.get('last_abort_reason') or 'no abort'}")
+    # The gateways: the KME has no key, so the handshake cannot complete and an
+    # application connection is reset rather than carried.
+    port = bed.ports["listen-site-a-sink"]
+    result = asyncio.run(push_stream(port, 0, 64 * 1024, timeout=10))
+    closed_at = time.monotonic() - t0
+    gw = bed.status("site-a")
+    link = bed.link_status("site-a")
+    detected = (detected_at is not None and link.get("rounds_committed", 0) == 0
+                and "QBER" in str(link.get("last_abort_reason")))
+    summary.update(
+        ok=bool(detected and result.verified == 0 and gw["handshakes"] == 0),
+        detection_seconds=round(detected_at or 0.0, 2),
+        fail_closed_seconds=round(closed_at, 2),
+        tunnel=gw["peer"]["tunnel"],
+        handshakes=gw["handshakes"],
+        application_result=result.error or "data crossed the tunnel",
+        link=_link_summary(link),
+    )
 
 
 def _print_eve_summary(s: dict[str, Any]) -> None:
