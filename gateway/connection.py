@@ -121,7 +121,6 @@ class TunnelConnection:
         self._epoch = -1
         self._ready = False
         self._closed = False
-        self._sent_close = False
         self._installed_handshake = 0
         self._schedule_after_handshake = False
         if not initiator:
@@ -150,10 +149,6 @@ class TunnelConnection:
     @property
     def session(self) -> HandshakeResult | None:
         return self._result
-
-    @property
-    def rekey_in_progress(self) -> bool:
-        return self._handshake is not None and self._ready
 
     @property
     def next_rekey_at(self) -> float | None:
@@ -296,7 +291,6 @@ class TunnelConnection:
         else:
             self._out.append(self._records.seal_plaintext_handshake(
                 encode_alert(int(code), reason)))
-        self._sent_close = True
         self._terminate(code, reason or "closed locally", clean=code == ErrorCode.NO_ERROR,
                         by_peer=False)
 

@@ -397,10 +397,6 @@ class Handshake:
     def complete(self) -> bool:
         return self._state is _State.COMPLETE
 
-    @property
-    def awaiting_done(self) -> bool:
-        return self._state is _State.WAIT_HANDSHAKE_DONE
-
     # -- transcript ------------------------------------------------------------------
 
     def _absorb(self, msg: bytes) -> None:

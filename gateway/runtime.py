@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import web
-from cryptography import x509
 
 from gateway import events as ev
 from gateway.config import GatewayConfig
@@ -950,4 +949,4 @@ def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     s.set_defaults(handler=_cmd_status)
 
 
-__all__ = ["Gateway", "TunnelSession", "load_credentials", "register_cli", "x509"]
+__all__ = ["Gateway", "TunnelSession", "load_credentials", "register_cli"]
