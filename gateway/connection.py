@@ -23,21 +23,26 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
 from gateway import events as ev
 from gateway.handshake import (
     AUTH_CHAIN,
     AUTH_PKI,
+    AUTH_PSK,
     HANDSHAKE_DONE,
     MSG_ALERT,
     MSG_CLIENT_HELLO,
+    ClientHello,
     Handshake,
     HandshakeError,
     HandshakeParams,
     HandshakeResult,
     KeyLogEntry,
+    PskKey,
     decode_alert,
     encode_alert,
+    encode_hello_retry,
     message_type,
 )
 from gateway.record import (
@@ -60,6 +65,16 @@ from gateway.streams import (
 from gateway.wire import DecodeError, ErrorCode
 
 MAX_STREAM_CHUNK = MAX_PAYLOAD - FRAME_HEADER_LEN
+
+
+class CookieGate(Protocol):
+    """Admission control for a responder (gateway/admission.py): when it asks for a
+    cookie, a ClientHello without a valid one gets a stateless HelloRetryRequest and
+    costs no KME request, no encapsulation and no signature."""
+
+    def cookie_required(self, now: float) -> bool: ...
+    def make_cookie(self, hello_digest: bytes, now: float) -> bytes: ...
+    def cookie_valid(self, cookie: bytes, hello_digest: bytes, now: float) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -86,6 +101,7 @@ class ConnectionStats:
     records_sent: int = 0
     records_received: int = 0
     degraded_handshakes: int = 0
+    cookie_retries: int = 0
 
 
 class TunnelConnection:
@@ -99,6 +115,7 @@ class TunnelConnection:
         rng: Callable[[int], bytes] = os.urandom,
         keylog: Callable[[KeyLogEntry], None] | None = None,
         wallclock: Callable[[], datetime] | None = None,
+        cookie_gate: CookieGate | None = None,
     ) -> None:
         self.initiator = initiator
         self.params = params
@@ -123,6 +140,9 @@ class TunnelConnection:
         self._closed = False
         self._installed_handshake = 0
         self._schedule_after_handshake = False
+        self._cookie_gate = cookie_gate
+        self._cookie_sent = False
+        self._offered_psk: PskKey | None = None
         if not initiator:
             self._handshake = self._new_handshake(0, AUTH_PKI, None)
             self._handshake_deadline = now + self.settings.handshake_timeout
@@ -163,15 +183,24 @@ class TunnelConnection:
     def start(self, now: float) -> None:
         if not self.initiator or self._handshake is not None or self._epoch >= 0:
             raise RuntimeError("start() is for a fresh initiator connection")
-        self._handshake = self._new_handshake(0, AUTH_PKI, None)
+        book = self.params.psk_book
+        self._offered_psk = book.offer() if book is not None else None
+        auth = AUTH_PSK if self._offered_psk is not None else AUTH_PKI
+        self._handshake = self._new_handshake(0, auth, None, self._offered_psk)
         self._handshake_deadline = now + self.settings.handshake_timeout
         self._run(self._handshake.start)
 
-    def _new_handshake(self, epoch: int, auth: str, salt: bytes | None) -> Handshake:
+    @property
+    def offered_psk_epoch(self) -> int:
+        """Initiator: the PSK epoch this connection authenticates with (0: PKI)."""
+        return self._offered_psk.epoch if self._offered_psk is not None else 0
+
+    def _new_handshake(self, epoch: int, auth: str, salt: bytes | None,
+                       psk: PskKey | None = None) -> Handshake:
         self._handshake_seq += 1
         return Handshake(initiator=self.initiator, params=self.params, epoch=epoch, auth=auth,
                          salt=salt, handshake_id=self._handshake_seq, rng=self._rng,
-                         keylog=self._keylog)
+                         keylog=self._keylog, psk=psk)
 
     def receive_data(self, data: bytes, now: float) -> None:
         if self._closed:
@@ -327,8 +356,13 @@ class TunnelConnection:
             if self._records.recv_ready:
                 raise RecordError(ErrorCode.PROTOCOL_ERROR, "alert inside the tunnel")
             code, reason = decode_alert(msg)
+            if code == ErrorCode.UNKNOWN_PSK and self._offered_psk is not None:
+                self._events.append(ev.PskRejected(self._offered_psk.epoch))
             self._terminate(code, f"peer aborted the handshake: {reason}", clean=False,
                             by_peer=True)
+            return
+        if (mtype == MSG_CLIENT_HELLO and not self.initiator and not self._ready
+                and self._cookie_gate is not None and not self._admit(msg, now)):
             return
         hs = self._handshake
         if hs is None:
@@ -341,6 +375,26 @@ class TunnelConnection:
                 raise HandshakeError(ErrorCode.PROTOCOL_ERROR, "unexpected handshake message")
         hs.receive(msg, self._wallclock())
         self._drain_handshake()
+
+    def _admit(self, msg: bytes, now: float) -> bool:
+        """Cookie check before any expensive work; False: a HelloRetryRequest went out
+        and nothing of this hello is kept."""
+        gate = self._cookie_gate
+        assert gate is not None
+        if not gate.cookie_required(now):
+            return True
+        hello = ClientHello.decode(msg)
+        digest = hello.digest_without_cookie()
+        if hello.cookie and gate.cookie_valid(hello.cookie, digest, now):
+            return True
+        if self._cookie_sent:
+            raise HandshakeError(ErrorCode.ACCESS_DENIED,
+                                 "ClientHello without a valid cookie after a HelloRetryRequest")
+        self._cookie_sent = True
+        self.stats.cookie_retries += 1
+        self._out.append(self._records.seal_plaintext_handshake(
+            encode_hello_retry(gate.make_cookie(digest, now))))
+        return False
 
     def _drain_handshake(self) -> None:
         hs = self._handshake
@@ -391,7 +445,8 @@ class TunnelConnection:
             self.stats.degraded_handshakes += 1
         self._events.append(ev.HandshakeCompleted(
             epoch=result.epoch, peer_identity=result.peer_identity, auth=result.auth,
-            mode=result.mode, kem=result.kem, qkd_key_ids=result.qkd_key_ids, rekey=rekey))
+            mode=result.mode, kem=result.kem, qkd_key_ids=result.qkd_key_ids, rekey=rekey,
+            psk_epoch=result.psk_epoch, its_mac=result.its_mac))
         if not self._ready:
             self._ready = True
             self._mux = StreamMux(self.initiator, self.settings.mux, result.peer_stream_window)

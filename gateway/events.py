@@ -1,6 +1,7 @@
 """Events the sans-I/O tunnel connection reports to whoever drives it.
 
-Small, immutable, and free of secret bytes: they are safe to log as they are.
+Small and immutable. All but `NextPskDerived` are free of secret bytes and safe to log as
+they are; that one carries the next PSK, which its repr leaves out.
 """
 
 from __future__ import annotations
@@ -43,6 +44,41 @@ class HandshakeCompleted(Event):
     kem: str
     qkd_key_ids: tuple[str, ...]
     rekey: bool
+    psk_epoch: int = 0  # the PSK epoch that authenticated it (auth "psk"), else 0
+    its_mac: bool = False  # also authenticated with one-time MACs keyed by QKD bits
+
+
+@dataclass(frozen=True)
+class NextPskDerived(Event):
+    """A handshake produced the next authentication PSK. Persist it before sending the
+    bytes that follow this event (`data_to_send`): the initiator's Finished or the
+    responder's HandshakeDone tells the peer this side now holds it.
+
+    `confirmed`: the responder has checked the initiator's Finished, so both sides hold
+    the key. The initiator gets False here and a `PskConfirmed` once HandshakeDone
+    arrives. `used_epoch` is the PSK epoch that authenticated this handshake (0: PKI or
+    a re-handshake inside the tunnel)."""
+
+    epoch: int
+    psk: bytes = field(repr=False)
+    used_epoch: int = 0
+    confirmed: bool = False
+
+
+@dataclass(frozen=True)
+class PskRejected(Event):
+    """Initiator: the responder does not know (or no longer accepts) the PSK epoch we
+    offered. The alert saying so is unauthenticated: drop only a PSK the responder never
+    confirmed, and fall back to PKI only where policy allows a re-bootstrap."""
+
+    epoch: int
+
+
+@dataclass(frozen=True)
+class PskConfirmed(Event):
+    """Initiator: the responder confirmed the session, so it holds PSK `epoch` too."""
+
+    epoch: int
 
 
 @dataclass(frozen=True)

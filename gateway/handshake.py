@@ -37,17 +37,19 @@ Finished MACs have been checked: key confirmation in both directions.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import Enum, auto
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography import x509
 
 from gateway import events as ev
+from gateway.otmac import check_one_time_tag, one_time_tag
 from gateway.wire import PROTOCOL_VERSION, DecodeError, ErrorCode, Reader, Writer
 from pqc import PqcError
 from pqc import sig as pqc_sig
@@ -74,6 +76,7 @@ MSG_CERTIFICATE_VERIFY = 4
 MSG_FINISHED = 5
 MSG_HANDSHAKE_DONE = 6
 MSG_ALERT = 7
+MSG_HELLO_RETRY = 8
 
 MSG_NAMES = {
     MSG_CLIENT_HELLO: "ClientHello",
@@ -83,7 +86,14 @@ MSG_NAMES = {
     MSG_FINISHED: "Finished",
     MSG_HANDSHAKE_DONE: "HandshakeDone",
     MSG_ALERT: "Alert",
+    MSG_HELLO_RETRY: "HelloRetryRequest",
 }
+
+# ClientHello flags: what the initiator's policy turns on; the responder's must match.
+FLAG_PSK = 0x01  # this side keeps PSK state: after bootstrap, handshakes run in PSK mode
+FLAG_ITS_MAC = 0x02  # handshake also authenticated by one-time MACs keyed by QKD bits
+KNOWN_FLAGS = FLAG_PSK | FLAG_ITS_MAC
+MAX_COOKIE = 64
 
 TRANSCRIPT_LABEL = b"qkdgw/1 transcript"
 SIG_LABEL_INITIATOR = b"qkdgw/1 initiator signature\x00"
@@ -121,6 +131,8 @@ class ClientHello:
     qkd_key_size_bits: int
     qkd_key_ids: tuple[str, ...]
     stream_window: int
+    flags: int = 0
+    cookie: bytes = b""
 
     def encode(self) -> bytes:
         w = Writer().u8(MSG_CLIENT_HELLO).text(self.version).u64(self.epoch).text(self.auth)
@@ -128,7 +140,12 @@ class ClientHello:
         w.texts(self.allowed_modes).text(self.initiator_id).text(self.responder_id)
         w.text(self.initiator_sae_id).blob(self.nonce).blob(self.encapsulation_key)
         w.u16(self.qkd_key_size_bits).texts(self.qkd_key_ids).u32(self.stream_window)
+        w.u8(self.flags).blob(self.cookie)
         return w.getvalue()
+
+    def digest_without_cookie(self) -> bytes:
+        """What a cookie is bound to: the hello as it was before any HelloRetryRequest."""
+        return hashlib.sha384(replace(self, cookie=b"").encode()).digest()
 
     @classmethod
     def decode(cls, data: bytes) -> ClientHello:
@@ -144,7 +161,8 @@ class ClientHello:
             encapsulation_key=r.blob("encapsulation_key", 4096),
             qkd_key_size_bits=r.u16("qkd_key_size_bits"),
             qkd_key_ids=r.texts("qkd_key_ids", MAX_QKD_KEYS, 64),
-            stream_window=r.u32("stream_window"),
+            stream_window=r.u32("stream_window"), flags=r.u8("flags"),
+            cookie=r.blob("cookie", MAX_COOKIE),
         )
         r.end()
         return msg
@@ -160,11 +178,12 @@ class ServerHello:
     nonce: bytes
     ciphertext: bytes
     stream_window: int
+    next_psk_epoch: int = 0  # the epoch of the PSK this session derives; 0: PSK is off
 
     def encode(self) -> bytes:
         w = Writer().u8(MSG_SERVER_HELLO).text(self.version).text(self.kem).text(self.mode)
         w.texts(self.allowed_modes).text(self.responder_id).blob(self.nonce)
-        w.blob(self.ciphertext).u32(self.stream_window)
+        w.blob(self.ciphertext).u32(self.stream_window).u64(self.next_psk_epoch)
         return w.getvalue()
 
     @classmethod
@@ -176,10 +195,26 @@ class ServerHello:
             version=r.text("version"), kem=r.text("kem"), mode=r.text("mode"),
             allowed_modes=r.texts("allowed_modes", 4), responder_id=r.text("responder_id"),
             nonce=r.blob("nonce", 64), ciphertext=r.blob("ciphertext", 4096),
-            stream_window=r.u32("stream_window"),
+            stream_window=r.u32("stream_window"), next_psk_epoch=r.u64("next_psk_epoch"),
         )
         r.end()
         return msg
+
+
+def encode_hello_retry(cookie: bytes) -> bytes:
+    """The responder's stateless answer to a ClientHello without a valid cookie."""
+    return Writer().u8(MSG_HELLO_RETRY).blob(cookie).getvalue()
+
+
+def decode_hello_retry(data: bytes) -> bytes:
+    r = Reader(data, "HelloRetryRequest")
+    if r.u8("type") != MSG_HELLO_RETRY:
+        raise DecodeError("HelloRetryRequest: wrong message type")
+    cookie = r.blob("cookie", MAX_COOKIE)
+    r.end()
+    if not cookie:
+        raise DecodeError("HelloRetryRequest: empty cookie")
+    return cookie
 
 
 def encode_certificate(chain_der: Sequence[bytes]) -> bytes:
@@ -210,17 +245,18 @@ def decode_certificate_verify(data: bytes) -> tuple[str, bytes]:
     return out
 
 
-def encode_finished(mac: bytes) -> bytes:
-    return Writer().u8(MSG_FINISHED).blob(mac).getvalue()
+def encode_finished(mac: bytes, its_tag: bytes = b"") -> bytes:
+    return Writer().u8(MSG_FINISHED).blob(mac).blob(its_tag).getvalue()
 
 
-def decode_finished(data: bytes) -> bytes:
+def decode_finished(data: bytes) -> tuple[bytes, bytes]:
     r = Reader(data, "Finished")
     if r.u8("type") != MSG_FINISHED:
         raise DecodeError("Finished: wrong message type")
     mac = r.blob("mac", 64)
+    its_tag = r.blob("its_tag", 16)
     r.end()
-    return mac
+    return mac, its_tag
 
 
 HANDSHAKE_DONE = bytes((MSG_HANDSHAKE_DONE,))
@@ -274,6 +310,9 @@ class HandshakePolicy:
     qkd_key_size_bits: int = 256
     qkd_keys_per_handshake: int = 1
     pqc_backend: str = "auto"
+    # Information-theoretic mode: two more QKD keys per handshake key one-time MACs over
+    # the whole transcript, one per direction (gateway/otmac.py).
+    its_mac: bool = False
 
     def __post_init__(self) -> None:
         if MODE_HYBRID not in self.allowed_modes:
@@ -281,10 +320,44 @@ class HandshakePolicy:
         for m in self.allowed_modes:
             if m not in MODES:
                 raise ValueError(f"unknown mode {m!r}")
+        if self.its_mac and self.qkd_key_size_bits < 256:
+            raise ValueError("the one-time MAC mode needs QKD keys of at least 256 bits")
+
+    @property
+    def qkd_keys_total(self) -> int:
+        """QKD keys fetched per handshake: session keys plus the two one-time MAC keys."""
+        return self.qkd_keys_per_handshake + (2 if self.its_mac else 0)
 
     @property
     def degraded_allowed(self) -> bool:
         return MODE_MLKEM_ONLY in self.allowed_modes
+
+
+@dataclass(frozen=True)
+class PskKey:
+    """An authentication PSK and its epoch number (the number travels, the key never)."""
+
+    epoch: int
+    key: bytes = field(repr=False)
+
+
+class PskBook(Protocol):
+    """This side's PSK state for its one peer, as the handshake reads it. The reads are
+    answered from memory; the writes arrive as `NextPskDerived` / `PskConfirmed` events
+    (gateway/psk.py keeps them in SQLite)."""
+
+    def offer(self) -> PskKey | None:
+        """Initiator: the PSK to authenticate with next; None means bootstrap by PKI."""
+
+    def lookup(self, epoch: int) -> PskKey | None:
+        """Responder: the PSK of this epoch if it may still be used, else None."""
+
+    def next_epoch(self) -> int:
+        """Responder: the epoch number the next derived PSK gets (above all known)."""
+
+    def pki_allowed(self) -> bool:
+        """Responder: whether a PKI bootstrap is acceptable now (no PSK state yet, or a
+        re-bootstrap the operator allowed)."""
 
 
 @dataclass(frozen=True)
@@ -296,6 +369,8 @@ class HandshakeParams:
     credentials: Credentials | None
     policy: HandshakePolicy
     stream_window: int = 1 << 20
+    # None: PSK authentication is off (every connection bootstraps by PKI).
+    psk_book: PskBook | None = None
 
 
 @dataclass(frozen=True)
@@ -309,6 +384,9 @@ class HandshakeResult:
     peer_identity: str
     peer_stream_window: int
     session_id: str  # hex of the initiator's nonce, public; names the session in logs
+    psk_epoch: int = 0  # the PSK epoch that authenticated the session (auth "psk")
+    next_psk_epoch: int = 0  # the epoch of the PSK this session derived; 0: none
+    its_mac: bool = False
 
 
 @dataclass(frozen=True)
@@ -357,19 +435,30 @@ class Handshake:
         handshake_id: int = 0,
         rng: Callable[[int], bytes] = os.urandom,
         keylog: Callable[[KeyLogEntry], None] | None = None,
+        psk: PskKey | None = None,
     ) -> None:
+        """`auth` is "pki" for a responder's first handshake on a connection; its
+        ClientHello then picks PKI or PSK. An initiator in "psk" mode passes `psk`."""
         if auth not in (AUTH_PKI, AUTH_CHAIN, AUTH_PSK):
             raise ValueError(f"unknown auth mode {auth!r}")
         if auth == AUTH_PKI and params.credentials is None:
             raise ValueError("PKI authentication needs credentials")
         if auth == AUTH_CHAIN and salt is None:
             raise ValueError("a chained re-handshake needs the previous chain key")
+        if auth == AUTH_PSK and (psk is None or not initiator or params.psk_book is None):
+            raise ValueError("PSK authentication is chosen by an initiator with a PSK book")
         self.initiator = initiator
         self.params = params
         self.epoch = epoch
         self.auth = auth
         self.handshake_id = handshake_id
-        self._salt = salt
+        self._salt = psk.key if psk is not None else salt
+        self._psk_epoch = psk.epoch if psk is not None else 0
+        self._retried = False
+        self._next_psk: PskKey | None = None
+        # The whole transcript, kept only for the one-time MACs (which need the messages
+        # themselves, not a computational hash of them).
+        self._transcript: bytearray | None = bytearray() if params.policy.its_mac else None
         self._rng = rng
         self._keylog = keylog
         self._state = _State.IDLE if initiator else _State.WAIT_CLIENT_HELLO
@@ -400,8 +489,12 @@ class Handshake:
     # -- transcript ------------------------------------------------------------------
 
     def _absorb(self, msg: bytes) -> None:
-        self._th.update(len(msg).to_bytes(4, "big"))
+        prefix = len(msg).to_bytes(4, "big")
+        self._th.update(prefix)
         self._th.update(msg)
+        if self._transcript is not None:
+            self._transcript += prefix
+            self._transcript += msg
 
     def _send(self, msg: bytes) -> None:
         self._absorb(msg)
@@ -423,14 +516,14 @@ class Handshake:
         pol = self.params.policy
         self._state = _State.WAIT_QKD_ENC
         self.events.append(ev.QkdKeysRequested(
-            self.handshake_id, self.params.peer_sae_id, pol.qkd_keys_per_handshake,
+            self.handshake_id, self.params.peer_sae_id, pol.qkd_keys_total,
             pol.qkd_key_size_bits))
 
     def supply_qkd_keys(self, keys: Sequence[tuple[str, bytes]]) -> None:
         """The KME's answer: (key_ID, key) pairs, exactly as many as were asked for."""
         pol = self.params.policy
         if self._state is _State.WAIT_QKD_ENC:
-            if len(keys) != pol.qkd_keys_per_handshake:
+            if len(keys) != pol.qkd_keys_total:
                 raise self._fail(ErrorCode.QKD_UNAVAILABLE, "KME returned the wrong key count")
             self._check_keys(keys)
             self._qkd_keys = list(keys)
@@ -479,17 +572,38 @@ class Handshake:
         p, pol = self.params, self.params.policy
         self._dk = self._kem.from_seed(self._rng(64))
         self._ch = ClientHello(
-            version=PROTOCOL_VERSION, epoch=self.epoch, auth=self.auth, psk_epoch=0,
+            version=PROTOCOL_VERSION, epoch=self.epoch, auth=self.auth,
+            psk_epoch=self._psk_epoch,
             kems_offered=pol.kems, kem=self._kem.name, allowed_modes=pol.allowed_modes,
             initiator_id=p.local_identity, responder_id=p.peer_identity,
             initiator_sae_id=p.local_sae_id, nonce=self._rng(NONCE_LEN),
             encapsulation_key=self._dk.encapsulation_key,
             qkd_key_size_bits=pol.qkd_key_size_bits,
             qkd_key_ids=tuple(k for k, _ in self._qkd_keys),
-            stream_window=p.stream_window,
+            stream_window=p.stream_window, flags=self._flags(),
         )
         self._send(self._ch.encode())
         self._state = _State.WAIT_SERVER_HELLO
+
+    def _flags(self) -> int:
+        flags = FLAG_PSK if self.params.psk_book is not None else 0
+        return flags | (FLAG_ITS_MAC if self.params.policy.its_mac else 0)
+
+    def _on_hello_retry(self, msg: bytes) -> None:
+        """The responder wants proof we receive at our address: send the same hello
+        again with its cookie. The transcript starts over, since the hello the session
+        is built on is the one carrying the cookie."""
+        cookie = decode_hello_retry(msg)
+        if self._retried or self.auth == AUTH_CHAIN:
+            raise self._fail(ErrorCode.PROTOCOL_ERROR, "unexpected second HelloRetryRequest")
+        assert self._ch is not None
+        self._retried = True
+        self._ch = replace(self._ch, cookie=cookie)
+        self._th = transcript_hasher()
+        self._th.update(TRANSCRIPT_LABEL)
+        if self._transcript is not None:
+            self._transcript = bytearray()
+        self._send(self._ch.encode())
 
     def _on_server_hello(self, msg: bytes) -> None:
         sh = ServerHello.decode(msg)
@@ -509,6 +623,13 @@ class Handshake:
             raise self._fail(ErrorCode.POLICY_MISMATCH, "hybrid mode without QKD keys")
         if len(sh.nonce) != NONCE_LEN:
             raise self._fail(ErrorCode.DECODE_ERROR, "bad responder nonce length")
+        if self.params.psk_book is not None:
+            if sh.next_psk_epoch <= self._psk_epoch:
+                raise self._fail(ErrorCode.POLICY_MISMATCH,
+                                 f"responder names PSK epoch {sh.next_psk_epoch} for the next "
+                                 f"PSK, not above the {self._psk_epoch} in use")
+        elif sh.next_psk_epoch != 0:
+            raise self._fail(ErrorCode.POLICY_MISMATCH, "responder derives a PSK; ours is off")
         self._sh = sh
         self._absorb(msg)
         try:
@@ -527,9 +648,7 @@ class Handshake:
         p, pol = self.params, self.params.policy
         if ch.version != PROTOCOL_VERSION:
             raise self._fail(ErrorCode.UNSUPPORTED, f"peer speaks {ch.version!r}")
-        if ch.auth != self.auth:
-            raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
-                             f"peer asked for {ch.auth!r} authentication, expected {self.auth!r}")
+        self._choose_auth(ch)
         if ch.epoch != self.epoch:
             raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
                              f"ClientHello for epoch {ch.epoch}, expected {self.epoch}")
@@ -558,12 +677,10 @@ class Handshake:
             raise self._fail(ErrorCode.POLICY_MISMATCH,
                              f"QKD key size {ch.qkd_key_size_bits} bits, expected "
                              f"{pol.qkd_key_size_bits}")
-        if ch.psk_epoch != 0:
-            raise self._fail(ErrorCode.UNSUPPORTED, "PSK epochs are not supported yet")
         self._ch = ch
         self._absorb(msg)
         if ch.qkd_key_ids:
-            if len(ch.qkd_key_ids) != pol.qkd_keys_per_handshake:
+            if len(ch.qkd_key_ids) != pol.qkd_keys_total:
                 raise self._fail(ErrorCode.POLICY_MISMATCH, "wrong number of QKD key IDs")
             self._state = _State.WAIT_QKD_DEC
             self.events.append(ev.QkdKeysToFetch(
@@ -573,6 +690,44 @@ class Handshake:
                 raise self._fail(ErrorCode.QKD_UNAVAILABLE,
                                  "initiator brought no QKD key and policy requires one")
             self._send_server_flight(MODE_MLKEM_ONLY)
+
+    def _choose_auth(self, ch: ClientHello) -> None:
+        """Responder: check the initiator's authentication choice against ours."""
+        book = self.params.psk_book
+        if ch.flags & ~KNOWN_FLAGS:
+            raise self._fail(ErrorCode.UNSUPPORTED, f"unknown ClientHello flags {ch.flags:#x}")
+        if bool(ch.flags & FLAG_PSK) != (book is not None):
+            raise self._fail(ErrorCode.POLICY_MISMATCH,
+                             "PSK authentication is on at one site only: set [auth] psk "
+                             "the same on both")
+        if bool(ch.flags & FLAG_ITS_MAC) != self.params.policy.its_mac:
+            raise self._fail(ErrorCode.POLICY_MISMATCH,
+                             "the one-time MAC mode is on at one site only: set [auth] "
+                             "its_mac the same on both")
+        if self.auth == AUTH_CHAIN:
+            if ch.auth != AUTH_CHAIN or ch.psk_epoch != 0:
+                raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
+                                 f"peer asked for {ch.auth!r} inside the tunnel, expected 'chain'")
+            return
+        if ch.auth == AUTH_PSK and book is not None:
+            psk = book.lookup(ch.psk_epoch)
+            if psk is None:
+                raise self._fail(ErrorCode.UNKNOWN_PSK,
+                                 f"PSK epoch {ch.psk_epoch} is unknown or no longer accepted")
+            self.auth = AUTH_PSK
+            self._salt = psk.key
+            self._psk_epoch = psk.epoch
+        elif ch.auth == AUTH_PKI:
+            if ch.psk_epoch != 0:
+                raise self._fail(ErrorCode.DECODE_ERROR, "a PKI ClientHello names a PSK epoch")
+            if book is not None and not book.pki_allowed():
+                raise self._fail(ErrorCode.ACCESS_DENIED,
+                                 "PKI bootstrap refused: this site already shares a PSK with "
+                                 "the peer and policy forbids a re-bootstrap ([auth] "
+                                 "pki_rebootstrap)")
+        else:
+            raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
+                             f"peer asked for {ch.auth!r} authentication to start a tunnel")
 
     def _send_server_flight(self, mode: str) -> None:
         ch = self._ch
@@ -586,19 +741,39 @@ class Handshake:
             allowed_modes=self.params.policy.allowed_modes,
             responder_id=self.params.local_identity, nonce=self._rng(NONCE_LEN),
             ciphertext=ct, stream_window=self.params.stream_window,
+            next_psk_epoch=self._next_psk_epoch(),
         )
         self._send(self._sh.encode())
         self._derive(ss, mode)
         if self.auth == AUTH_PKI:
             self._send_signature(SIG_LABEL_RESPONDER)
-        self._send(encode_finished(finished_mac(self._confirm.responder, self._th_now())))
+        self._send_finished(self._confirm.responder)
         self._state = (_State.WAIT_PEER_CERTIFICATE if self.auth == AUTH_PKI
                        else _State.WAIT_PEER_FINISHED)
 
     # -- both ----------------------------------------------------------------------------
 
+    def _next_psk_epoch(self) -> int:
+        book = self.params.psk_book
+        return book.next_epoch() if book is not None else 0
+
+    def _its_keys(self) -> tuple[bytes, bytes] | None:
+        """The one-time MAC keys (responder's, initiator's): the last two QKD keys."""
+        if not self.params.policy.its_mac or len(self._qkd_keys) < 2:
+            return None
+        return self._qkd_keys[-2][1][:32], self._qkd_keys[-1][1][:32]
+
+    def _send_finished(self, confirm_key: bytes) -> None:
+        its = self._its_keys()
+        tag = b""
+        if its is not None:
+            assert self._transcript is not None
+            tag = one_time_tag(its[1] if self.initiator else its[0], bytes(self._transcript))
+        self._send(encode_finished(finished_mac(confirm_key, self._th_now()), tag))
+
     def _derive(self, ss: bytes, mode: str) -> None:
-        k_qkd = _join_qkd_keys([k for _, k in self._qkd_keys]) if mode == MODE_HYBRID else b""
+        session_keys = self._qkd_keys[:self.params.policy.qkd_keys_per_handshake]
+        k_qkd = _join_qkd_keys([k for _, k in session_keys]) if mode == MODE_HYBRID else b""
         self._schedule = HybridKeySchedule(ss, k_qkd, self._salt)
         self._confirm = self._schedule.confirmation_keys(self._th_now())
         if self._keylog is not None:
@@ -652,16 +827,25 @@ class Handshake:
         self._state = _State.WAIT_PEER_FINISHED
 
     def _on_finished(self, msg: bytes) -> None:
-        mac = decode_finished(msg)
+        mac, its_tag = decode_finished(msg)
         key = self._confirm.responder if self.initiator else self._confirm.initiator
         if not hmac.compare_digest(mac, finished_mac(key, self._th_now())):
             raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
                              "key confirmation failed: the peer derived other keys")
+        its = self._its_keys()
+        if its is not None:
+            assert self._transcript is not None
+            peer_key = its[0] if self.initiator else its[1]
+            if not check_one_time_tag(peer_key, bytes(self._transcript), its_tag):
+                raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
+                                 "the peer's one-time MAC over the transcript is invalid")
+        elif its_tag:
+            raise self._fail(ErrorCode.DECODE_ERROR, "unexpected one-time MAC in Finished")
         self._absorb(msg)
         if self.initiator:
             if self.auth == AUTH_PKI:
                 self._send_signature(SIG_LABEL_INITIATOR)
-            self._send(encode_finished(finished_mac(self._confirm.initiator, self._th_now())))
+            self._send_finished(self._confirm.initiator)
             self._finish()
             self._state = _State.WAIT_HANDSHAKE_DONE
         else:
@@ -674,12 +858,22 @@ class Handshake:
         self._schedule = None
         self._confirm = None
         peer_window = self._sh.stream_window if self.initiator else self._ch.stream_window
+        its = self._its_keys() is not None
         self.result = HandshakeResult(
             keys=keys, epoch=self.epoch, auth=self.auth, mode=self._sh.mode, kem=self._sh.kem,
             qkd_key_ids=self._ch.qkd_key_ids, peer_identity=self.params.peer_identity,
             peer_stream_window=peer_window, session_id=self._ch.nonce.hex(),
+            psk_epoch=self._psk_epoch, next_psk_epoch=self._sh.next_psk_epoch, its_mac=its,
         )
         self._qkd_keys = []
+        self._transcript = None
+        if self.params.psk_book is not None and self._sh.next_psk_epoch:
+            # The initiator has not yet seen the responder confirm; the responder has
+            # checked the initiator's Finished, so both sides hold this PSK.
+            self._next_psk = PskKey(self._sh.next_psk_epoch, keys.next_psk)
+            self.events.append(ev.NextPskDerived(
+                epoch=self._next_psk.epoch, psk=keys.next_psk, used_epoch=self._psk_epoch,
+                confirmed=not self.initiator))
 
     def _now(self) -> datetime:
         return self._clock_now if self._clock_now is not None else datetime.now(UTC)
@@ -690,7 +884,8 @@ class Handshake:
         mtype = message_type(msg)
         expected = {
             _State.WAIT_CLIENT_HELLO: MSG_CLIENT_HELLO,
-            _State.WAIT_SERVER_HELLO: MSG_SERVER_HELLO,
+            _State.WAIT_SERVER_HELLO: (MSG_HELLO_RETRY if mtype == MSG_HELLO_RETRY
+                                       else MSG_SERVER_HELLO),
             _State.WAIT_PEER_CERTIFICATE: MSG_CERTIFICATE,
             _State.WAIT_PEER_CERTIFICATE_VERIFY: MSG_CERTIFICATE_VERIFY,
             _State.WAIT_PEER_FINISHED: MSG_FINISHED,
@@ -705,6 +900,8 @@ class Handshake:
                 self._on_client_hello(msg)
             elif mtype == MSG_SERVER_HELLO:
                 self._on_server_hello(msg)
+            elif mtype == MSG_HELLO_RETRY:
+                self._on_hello_retry(msg)
             elif mtype == MSG_CERTIFICATE:
                 self._on_certificate(msg)
             elif mtype == MSG_CERTIFICATE_VERIFY:
@@ -715,5 +912,8 @@ class Handshake:
                 if msg != HANDSHAKE_DONE:
                     raise DecodeError("HandshakeDone carries no body")
                 self._state = _State.COMPLETE
+                if self._next_psk is not None:
+                    self.events.append(ev.PskConfirmed(self._next_psk.epoch))
+                    self._next_psk = None
         except DecodeError as exc:
             raise self._fail(ErrorCode.DECODE_ERROR, str(exc)) from None

@@ -31,6 +31,7 @@ class ErrorCode(IntEnum):
     UNSUPPORTED = 12
     TRUNCATED = 13
     FLOW_CONTROL = 14
+    UNKNOWN_PSK = 15
 
 
 class DecodeError(ValueError):

@@ -1,0 +1,291 @@
+"""The authentication PSKs a gateway shares with its peer, kept in SQLite.
+
+After the first PKI-authenticated session every confirmed session derives the next PSK
+(`next psk` output of the key schedule, so it depends on that session's QKD key), and
+later tunnels authenticate with it instead of signatures. Each PSK has an epoch number;
+the number travels in the ClientHello, the key never does.
+
+Slots, per peer:
+
+    initiator  current  the newest PSK the responder is known to hold
+               pending  a newer one this side derived; the responder holds it only if
+                        it saw our Finished (we learn that from HandshakeDone)
+    responder  current  the PSK of the last confirmed session
+               previous the one before, accepted for one retry only
+
+Ordering, which is what makes every interruption recoverable:
+
+1. the initiator stores `pending` before its Finished leaves;
+2. the responder, after checking that Finished, stores `current` (and moves the old
+   current to `previous`) before HandshakeDone leaves;
+3. the initiator promotes `pending` on HandshakeDone, or on the responder accepting it
+   in a later handshake.
+
+So the responder holding epoch n implies the initiator holds n (step 1 came first),
+and an initiator offering n that the responder never stored gets an "unknown PSK"
+alert and falls back to its `current`, which the responder still holds. Epoch numbers
+only grow (`max_epoch` survives deleted slots), and `previous` is dropped the moment
+it is used or superseded, so an older epoch is never accepted twice.
+
+Every change is one SQLite transaction with `synchronous=FULL`; the file is the
+owner's only (0600). A failed write raises `PskStoreError` and the caller must drop the
+connection before anything else is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gateway import events as ev
+from gateway.handshake import PskKey
+from gateway.log import get_logger
+
+log = get_logger("qkdgw.psk")
+
+SCHEMA_VERSION = 1
+SLOTS = ("current", "previous", "pending")
+
+
+class PskStoreError(Exception):
+    """The PSK state could not be read or written."""
+
+
+@dataclass(frozen=True)
+class PskStatus:
+    """What `/status` shows: epochs and times, never a key."""
+
+    current_epoch: int
+    previous_epoch: int
+    pending_epoch: int
+    max_epoch: int
+    bootstraps: int
+    last_change: float
+    out_of_step: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "current_epoch": self.current_epoch or None,
+            "previous_epoch": self.previous_epoch or None,
+            "pending_epoch": self.pending_epoch or None,
+            "max_epoch": self.max_epoch,
+            "bootstraps": self.bootstraps,
+            "last_change": self.last_change or None,
+            "out_of_step": self.out_of_step,
+        }
+
+
+class PskStore:
+    """One peer's PSK slots. Implements `handshake.PskBook` (reads from memory) and
+    applies the handshake's PSK events (writes to disk first)."""
+
+    def __init__(self, path: Path, peer: str, *, pki_rebootstrap: bool = False) -> None:
+        self.path = path
+        self.peer = peer
+        self.pki_rebootstrap = pki_rebootstrap
+        self._slots: dict[str, PskKey] = {}
+        self._max_epoch = 0
+        self._bootstraps = 0
+        self._last_change = 0.0
+        self._out_of_step = False
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        old = os.umask(0o077)
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None,
+                                       check_same_thread=False)
+            self._init()
+        except sqlite3.Error as exc:
+            raise PskStoreError(f"cannot open the PSK store {str(path)!r}: {exc}") from None
+        finally:
+            os.umask(old)
+        for suffix in ("", "-wal", "-shm"):
+            f = Path(str(path) + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_IMODE(f.stat().st_mode) & 0o077:
+                    f.chmod(0o600)
+        self._load()
+
+    def __repr__(self) -> str:
+        return f"PskStore({str(self.path)!r}, peer={self.peer!r}, epochs={self._epochs()})"
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _init(self) -> None:
+        db = self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA secure_delete=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise PskStoreError(f"PSK store schema {version} is newer than this program's "
+                                f"{SCHEMA_VERSION}; upgrade qkdgw")
+        db.execute("CREATE TABLE IF NOT EXISTS psk (peer TEXT NOT NULL, slot TEXT NOT NULL, "
+                   "epoch INTEGER NOT NULL, key BLOB NOT NULL, at REAL NOT NULL, "
+                   "PRIMARY KEY (peer, slot))")
+        db.execute("CREATE TABLE IF NOT EXISTS peer (peer TEXT PRIMARY KEY, "
+                   "max_epoch INTEGER NOT NULL, bootstraps INTEGER NOT NULL, "
+                   "last_change REAL NOT NULL)")
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _load(self) -> None:
+        rows = self._db.execute("SELECT slot, epoch, key FROM psk WHERE peer = ?",
+                                (self.peer,)).fetchall()
+        self._slots = {slot: PskKey(int(epoch), bytes(key)) for slot, epoch, key in rows
+                       if slot in SLOTS}
+        row = self._db.execute("SELECT max_epoch, bootstraps, last_change FROM peer "
+                               "WHERE peer = ?", (self.peer,)).fetchone()
+        if row is not None:
+            self._max_epoch, self._bootstraps, self._last_change = int(row[0]), int(row[1]), \
+                float(row[2])
+
+    def _epochs(self) -> dict[str, int]:
+        return {slot: k.epoch for slot, k in self._slots.items()}
+
+    def _commit(self, slots: dict[str, PskKey | None], *, bootstrap: bool = False) -> None:
+        """Replace the given slots (None deletes) and bump the bookkeeping, atomically."""
+        now = time.time()
+        new_max = max([self._max_epoch] + [k.epoch for k in slots.values() if k is not None])
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for slot, key in slots.items():
+                    db.execute("DELETE FROM psk WHERE peer = ? AND slot = ?", (self.peer, slot))
+                    if key is not None:
+                        db.execute("INSERT INTO psk VALUES (?, ?, ?, ?, ?)",
+                                   (self.peer, slot, key.epoch, key.key, now))
+                db.execute("INSERT INTO peer VALUES (?, ?, ?, ?) ON CONFLICT(peer) DO UPDATE "
+                           "SET max_epoch = excluded.max_epoch, bootstraps = "
+                           "excluded.bootstraps, last_change = excluded.last_change",
+                           (self.peer, new_max, self._bootstraps + int(bootstrap), now))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise PskStoreError(f"cannot write the PSK store {str(self.path)!r}: {exc}") from None
+        for slot, key in slots.items():
+            if key is None:
+                self._slots.pop(slot, None)
+            else:
+                self._slots[slot] = key
+        self._max_epoch = new_max
+        self._bootstraps += int(bootstrap)
+        self._last_change = now
+
+    # -- PskBook -----------------------------------------------------------------------
+
+    def offer(self) -> PskKey | None:
+        if self._out_of_step and self.pki_rebootstrap:
+            return None
+        return self._slots.get("pending") or self._slots.get("current")
+
+    def lookup(self, epoch: int) -> PskKey | None:
+        for slot in ("current", "previous"):
+            key = self._slots.get(slot)
+            if key is not None and key.epoch == epoch and epoch > 0:
+                return key
+        return None
+
+    def next_epoch(self) -> int:
+        return self._max_epoch + 1
+
+    def pki_allowed(self) -> bool:
+        return "current" not in self._slots or self.pki_rebootstrap
+
+    # -- events ------------------------------------------------------------------------
+
+    @property
+    def out_of_step(self) -> bool:
+        """Initiator: the responder refused our confirmed PSK, so its state is gone or
+        older; only a PKI re-bootstrap (if allowed) or an operator reset gets us going."""
+        return self._out_of_step
+
+    def apply(self, event: ev.Event) -> None:
+        if isinstance(event, ev.NextPskDerived):
+            if event.confirmed:
+                self._responder_confirmed(event)
+            else:
+                self._initiator_derived(event)
+        elif isinstance(event, ev.PskConfirmed):
+            pending = self._slots.get("pending")
+            if pending is not None and pending.epoch == event.epoch:
+                self._commit({"current": pending, "pending": None})
+                log.info("psk_confirmed", peer=self.peer, epoch=event.epoch)
+        elif isinstance(event, ev.PskRejected):
+            self._initiator_rejected(event.epoch)
+
+    def _responder_confirmed(self, event: ev.NextPskDerived) -> None:
+        new = PskKey(event.epoch, event.psk)
+        current = self._slots.get("current")
+        previous = self._slots.get("previous")
+        if event.used_epoch and previous is not None and event.used_epoch == previous.epoch:
+            # The one retry of the previous epoch is spent; the unused current is dropped
+            # with it, since the initiator evidently never stored it.
+            self._commit({"current": new, "previous": None})
+            log.warning("psk_previous_epoch_used", peer=self.peer, epoch=event.used_epoch,
+                        new_epoch=new.epoch)
+        else:
+            self._commit({"current": new, "previous": current},
+                         bootstrap=event.used_epoch == 0 and current is None)
+        log.info("psk_advanced", peer=self.peer, epoch=new.epoch, used_epoch=event.used_epoch)
+
+    def _initiator_derived(self, event: ev.NextPskDerived) -> None:
+        new = PskKey(event.epoch, event.psk)
+        pending = self._slots.get("pending")
+        changes: dict[str, PskKey | None] = {"pending": new}
+        if event.used_epoch and pending is not None and pending.epoch == event.used_epoch:
+            # The responder authenticated with our pending PSK, so it holds it.
+            changes["current"] = pending
+        bootstrap = event.used_epoch == 0 and "current" not in self._slots and pending is None
+        if self._out_of_step and event.used_epoch == 0:
+            # A PKI re-bootstrap: what we held is void.
+            changes["current"] = None
+            bootstrap = True
+        self._commit(changes, bootstrap=bootstrap)
+        if bootstrap:
+            self._out_of_step = False
+
+    def _initiator_rejected(self, epoch: int) -> None:
+        pending = self._slots.get("pending")
+        current = self._slots.get("current")
+        if pending is not None and pending.epoch == epoch:
+            self._commit({"pending": None})
+            log.warning("psk_pending_rejected", peer=self.peer, epoch=epoch,
+                        fallback_epoch=current.epoch if current else None)
+        elif current is not None and current.epoch == epoch:
+            self._out_of_step = True
+            if self.pki_rebootstrap:
+                log.warning("psk_out_of_step_rebootstrap", peer=self.peer, epoch=epoch,
+                            detail="the peer refused our PSK; the next connection "
+                                   "bootstraps by PKI, as [auth] pki_rebootstrap allows")
+            else:
+                log.error("psk_out_of_step", peer=self.peer, epoch=epoch,
+                          fix="the peer no longer holds our PSK: run `qkdgw psk reset "
+                              "--config <both sites' configs>` or set [auth] "
+                              "pki_rebootstrap = true on both sites")
+
+    # -- operator ----------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget every PSK for this peer; the next tunnel bootstraps by PKI. Epoch
+        numbers keep growing from where they were."""
+        self._commit({slot: None for slot in SLOTS})
+        self._out_of_step = False
+
+    def status(self) -> PskStatus:
+        def epoch(slot: str) -> int:
+            key = self._slots.get(slot)
+            return key.epoch if key is not None else 0
+
+        return PskStatus(epoch("current"), epoch("previous"), epoch("pending"),
+                         self._max_epoch, self._bootstraps, self._last_change,
+                         self._out_of_step)

@@ -1,0 +1,380 @@
+"""PSK authentication after bootstrap: epochs, persistence, and every interruption point.
+
+Each scenario runs two sites with real SQLite PSK stores, cuts a handshake at one point
+(a lost flight, or a crash before or after a store write), restarts both sites from
+their files, and checks that they reconnect in a bounded number of attempts without a
+PKI re-bootstrap, agree on the PSK, and never accept a superseded epoch again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from tunnel_harness import FakeKmePair, params
+
+from gateway import events as ev
+from gateway.connection import ConnectionSettings, TunnelConnection
+from gateway.handshake import AUTH_PKI, AUTH_PSK, PskKey
+from gateway.psk import PskStore
+from gateway.wire import ErrorCode
+
+PSK_EVENTS = (ev.NextPskDerived, ev.PskConfirmed, ev.PskRejected)
+
+
+@dataclass
+class Site:
+    path: Path
+    peer: str
+    rebootstrap: bool = False
+    store: PskStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.store = PskStore(self.path, self.peer, pki_rebootstrap=self.rebootstrap)
+
+    def restart(self) -> None:
+        """A crash: whatever was not written to the file is gone."""
+        self.store.close()
+        self.store = PskStore(self.path, self.peer, pki_rebootstrap=self.rebootstrap)
+
+
+@dataclass
+class Attempt:
+    a: TunnelConnection
+    b: TunnelConnection
+    events_a: list[ev.Event]
+    events_b: list[ev.Event]
+    client_flights: list[bytes]
+
+    @property
+    def ready(self) -> bool:
+        return self.a.ready and self.b.ready
+
+    def completed(self, side: str) -> ev.HandshakeCompleted | None:
+        found = [e for e in (self.events_a if side == "a" else self.events_b)
+                 if isinstance(e, ev.HandshakeCompleted)]
+        return found[-1] if found else None
+
+    def terminated(self, side: str) -> ev.ConnectionTerminated | None:
+        found = [e for e in (self.events_a if side == "a" else self.events_b)
+                 if isinstance(e, ev.ConnectionTerminated)]
+        return found[-1] if found else None
+
+
+CUTS = {
+    # name: (flight to drop as (sender, n), crash point as (side, event type))
+    "lost_client_hello": (("a", 1), None),
+    "lost_server_flight": (("b", 1), None),
+    "initiator_crash_before_storing_pending": (None, ("a", ev.NextPskDerived)),
+    "lost_initiator_finished": (("a", 2), None),
+    "responder_crash_before_storing": (None, ("b", ev.NextPskDerived)),
+    "lost_handshake_done": (("b", 2), None),
+    "initiator_crash_before_promoting": (None, ("a", ev.PskConfirmed)),
+}
+
+
+def connect(pki: Path, sa: Site, sb: Site, kme: FakeKmePair, cut: str | None = None,
+            settings: ConnectionSettings | None = None) -> Attempt:
+    """One tunnel connection, delivered flight by flight; PSK events reach the stores
+    before the bytes that follow them leave, as in the runtime."""
+    drop, crash = CUTS[cut] if cut else (None, None)
+    a = TunnelConnection(initiator=True, settings=settings,
+                         params=params(pki, "site-a", "site-b", psk_book=sa.store))
+    b = TunnelConnection(initiator=False, settings=settings,
+                         params=params(pki, "site-b", "site-a", psk_book=sb.store))
+    att = Attempt(a, b, [], [], [])
+    a.start(0.0)
+    sides = {"a": (a, sa, att.events_a, b), "b": (b, sb, att.events_b, a)}
+    flights = {"a": 0, "b": 0}
+    for _ in range(50):
+        moved = False
+        for name, (conn, site, events, other) in sides.items():
+            while (e := conn.next_event()) is not None:
+                moved = True
+                events.append(e)
+                if crash is not None and crash == (name, type(e)):
+                    return att  # the process dies before the write: nothing more happens
+                if isinstance(e, PSK_EVENTS):
+                    site.store.apply(e)
+                elif isinstance(e, ev.QkdKeysRequested):
+                    keys = kme.enc(e.number, e.size_bits)
+                    assert keys is not None
+                    conn.supply_qkd_keys(e.handshake_id, keys, 0.0)
+                elif isinstance(e, ev.QkdKeysToFetch):
+                    keys = kme.dec(e.key_ids)
+                    if keys is None:
+                        conn.qkd_keys_unavailable(e.handshake_id, "unknown key IDs", 0.0)
+                    else:
+                        conn.supply_qkd_keys(e.handshake_id, keys, 0.0)
+            out = b"".join(conn.data_to_send())
+            if not out:
+                continue
+            moved = True
+            flights[name] += 1
+            if name == "a":
+                att.client_flights.append(out)
+            if drop == (name, flights[name]):
+                return att  # the flight is lost and the connection with it
+            other.receive_data(out, 0.0)
+        if not moved:
+            break
+    return att
+
+
+def reconnect(pki: Path, sa: Site, sb: Site, kme: FakeKmePair, max_attempts: int = 3
+              ) -> tuple[Attempt, int]:
+    for n in range(1, max_attempts + 1):
+        att = connect(pki, sa, sb, kme)
+        if att.ready:
+            return att, n
+    raise AssertionError(f"no tunnel after {max_attempts} attempts: "
+                         f"{att.terminated('a')} / {att.terminated('b')}")
+
+
+@pytest.fixture
+def sites(tmp_path: Path) -> tuple[Site, Site]:
+    return Site(tmp_path / "a" / "psk.sqlite", "site-b"), \
+        Site(tmp_path / "b" / "psk.sqlite", "site-a")
+
+
+def test_bootstrap_by_pki_then_psk_without_signatures(pki_dir: Path, sites: tuple[Site, Site],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    sa, sb = sites
+    kme = FakeKmePair()
+    first = connect(pki_dir, sa, sb, kme)
+    assert first.ready
+    assert first.completed("a").auth == first.completed("b").auth == AUTH_PKI  # type: ignore[union-attr]
+    assert sa.store.status().current_epoch == sb.store.status().current_epoch == 1
+    # From now on no signature is made or checked: break signing to prove it.
+    import gateway.handshake as hs_mod
+
+    def no_signatures(*_a: object, **_k: object) -> bytes:
+        raise AssertionError("a PSK handshake must not sign")
+
+    monkeypatch.setattr(hs_mod.pqc_sig, "sign", no_signatures)
+    monkeypatch.setattr(hs_mod.pqc_sig, "verify", no_signatures)
+    for expected in (2, 3, 4):
+        att = connect(pki_dir, sa, sb, kme)
+        assert att.ready
+        done_a, done_b = att.completed("a"), att.completed("b")
+        assert done_a is not None and done_b is not None
+        assert done_a.auth == done_b.auth == AUTH_PSK
+        assert done_a.psk_epoch == done_b.psk_epoch == expected - 1
+        assert sa.store.status().current_epoch == sb.store.status().current_epoch == expected
+    # The stores hold the same key for the shared epoch, and it changes every session.
+    key_a = sa.store.offer()
+    key_b = sb.store.lookup(4)
+    assert key_a is not None and key_b is not None and key_a.key == key_b.key
+    assert sb.store.lookup(2) is None  # two sessions back: gone
+
+
+def test_psk_depends_on_the_session_qkd_key(pki_dir: Path, sites: tuple[Site, Site]) -> None:
+    """The next PSK is a key-schedule output, so it mixes the session's QKD key: two
+    sessions with everything else fixed but the QKD key give different PSKs."""
+    from pqc.combiner import HybridKeySchedule
+
+    th = b"\x01" * 48
+    ss = b"\x02" * 32
+    k1 = HybridKeySchedule(ss, b"\x03" * 32).session_keys(th).next_psk
+    k2 = HybridKeySchedule(ss, b"\x04" * 32).session_keys(th).next_psk
+    assert k1 != k2
+    sa, sb = sites
+    kme = FakeKmePair()
+    connect(pki_dir, sa, sb, kme)
+    psk1 = sa.store.offer()
+    connect(pki_dir, sa, sb, kme)
+    psk2 = sa.store.offer()
+    assert psk1 is not None and psk2 is not None and psk1.key != psk2.key
+
+
+@pytest.mark.parametrize("stage", ["bootstrap", "psk"])
+@pytest.mark.parametrize("cut", list(CUTS))
+def test_every_interruption_point_recovers(pki_dir: Path, sites: tuple[Site, Site],
+                                           cut: str, stage: str) -> None:
+    sa, sb = sites
+    kme = FakeKmePair()
+    if stage == "psk":
+        assert connect(pki_dir, sa, sb, kme).ready
+        assert connect(pki_dir, sa, sb, kme).ready
+    before = sb.store.status().current_epoch
+    broken = connect(pki_dir, sa, sb, kme, cut=cut)
+    # The last cut comes after the tunnel was up; the process dies all the same.
+    assert not broken.ready or cut == "initiator_crash_before_promoting"
+    sa.restart()
+    sb.restart()
+    att, attempts = reconnect(pki_dir, sa, sb, kme)
+    done_a = att.completed("a")
+    assert done_a is not None
+    # Recovery never needs the signing keys once a PSK is shared; only a bootstrap that
+    # never completed on the responder bootstraps again.
+    responder_had_psk = before > 0 or cut in (
+        "lost_handshake_done", "initiator_crash_before_promoting")
+    assert done_a.auth == (AUTH_PSK if responder_had_psk else AUTH_PKI)
+    assert attempts <= 2
+    st_a, st_b = sa.store.status(), sb.store.status()
+    assert st_a.pending_epoch == 0  # promoted by HandshakeDone
+    assert st_a.current_epoch == st_b.current_epoch > 0
+    assert not st_a.out_of_step
+    # A later connection runs on the newest epoch.
+    again = connect(pki_dir, sa, sb, kme)
+    assert again.ready and again.completed("a").psk_epoch == st_b.current_epoch  # type: ignore[union-attr]
+
+
+def test_superseded_epoch_is_refused_even_when_replayed(pki_dir: Path,
+                                                         sites: tuple[Site, Site]) -> None:
+    sa, sb = sites
+    kme = FakeKmePair()
+    connect(pki_dir, sa, sb, kme)  # PKI, epoch 1
+    recorded = connect(pki_dir, sa, sb, kme)  # PSK epoch 1 -> 2
+    old_hello_flight = recorded.client_flights[0]
+    assert connect(pki_dir, sa, sb, kme).ready  # epoch 2 -> 3; epoch 1 is gone
+    responder = TunnelConnection(initiator=False,
+                                 params=params(pki_dir, "site-b", "site-a", psk_book=sb.store))
+    responder.receive_data(old_hello_flight, 0.0)
+    events = []
+    while (e := responder.next_event()) is not None:
+        events.append(e)
+    term = [e for e in events if isinstance(e, ev.ConnectionTerminated)]
+    assert term and term[0].code == ErrorCode.UNKNOWN_PSK
+    assert not any(isinstance(e, ev.QkdKeysToFetch) for e in events)
+    # Positive control: the same recorded hello, offered to a responder that still
+    # holds an epoch 1, gets past the epoch check (it asks its KME for the QKD key; the
+    # key itself is only checked later, by the Finished MACs).
+    stale = Site(sb.path.parent / "stale.sqlite", "site-a")
+    stale.store._commit({"current": PskKey(1, b"\x00" * 48)})
+    control = TunnelConnection(initiator=False,
+                               params=params(pki_dir, "site-b", "site-a", psk_book=stale.store))
+    control.receive_data(old_hello_flight, 0.0)
+    assert any(isinstance(e, ev.QkdKeysToFetch) for e in iter(control.next_event, None))
+
+
+def test_previous_epoch_is_accepted_for_one_retry_only(pki_dir: Path,
+                                                       sites: tuple[Site, Site]) -> None:
+    sa, sb = sites
+    kme = FakeKmePair()
+    connect(pki_dir, sa, sb, kme)  # epoch 1 at both
+    assert connect(pki_dir, sa, sb, kme).ready  # responder: current 2, previous 1
+    # An initiator that lost epoch 2 (say, restored from an old backup) retries with 1.
+    old = PskKey(1, sb.store.lookup(1).key)  # type: ignore[union-attr]
+    sa.store._commit({"current": old, "pending": None})
+    retry = connect(pki_dir, sa, sb, kme)
+    assert retry.ready and retry.completed("b").psk_epoch == 1  # type: ignore[union-attr]
+    # Epoch 1 is spent: offering it again fails, with no QKD key fetched for it.
+    sa.store._commit({"current": old, "pending": None})
+    fetched = len(kme.fetches)
+    again = connect(pki_dir, sa, sb, kme)
+    assert not again.ready
+    assert again.terminated("b").code == ErrorCode.UNKNOWN_PSK  # type: ignore[union-attr]
+    assert len(kme.fetches) == fetched
+
+
+def test_pki_rebootstrap_only_when_policy_allows(pki_dir: Path, tmp_path: Path) -> None:
+    kme = FakeKmePair()
+    sa = Site(tmp_path / "a.sqlite", "site-b")
+    sb = Site(tmp_path / "b.sqlite", "site-a")
+    assert connect(pki_dir, sa, sb, kme).ready
+    # Site A loses its state entirely (new disk): it can only offer PKI.
+    sa.store.reset()
+    refused = connect(pki_dir, sa, sb, kme)
+    assert not refused.ready
+    term = refused.terminated("b")
+    assert term is not None and term.code == ErrorCode.ACCESS_DENIED
+    assert "pki_rebootstrap" in term.reason
+    # Allowed on the responder: the PKI handshake goes through and restarts the chain.
+    sb.rebootstrap = True
+    sb.restart()
+    att = connect(pki_dir, sa, sb, kme)
+    assert att.ready and att.completed("b").auth == AUTH_PKI  # type: ignore[union-attr]
+    assert sb.store.status().bootstraps == 1  # the responder counted its first bootstrap
+    assert sa.store.status().current_epoch == sb.store.status().current_epoch
+
+
+def test_responder_state_lost_initiator_stuck_unless_rebootstrap(pki_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    kme = FakeKmePair()
+    sa = Site(tmp_path / "a.sqlite", "site-b")
+    sb = Site(tmp_path / "b.sqlite", "site-a")
+    assert connect(pki_dir, sa, sb, kme).ready
+    sb.store.reset()
+    stuck = connect(pki_dir, sa, sb, kme)
+    assert not stuck.ready
+    assert any(isinstance(e, ev.PskRejected) for e in stuck.events_a)
+    assert sa.store.out_of_step
+    assert sa.store.offer() is not None  # keeps trying the PSK: no silent PKI fallback
+    assert not connect(pki_dir, sa, sb, kme).ready
+    # With re-bootstrap allowed at the initiator, the next connection uses PKI.
+    sa.store.pki_rebootstrap = True
+    att = connect(pki_dir, sa, sb, kme)
+    assert att.ready and att.completed("a").auth == AUTH_PKI  # type: ignore[union-attr]
+    assert not sa.store.out_of_step
+    assert connect(pki_dir, sa, sb, kme).completed("a").auth == AUTH_PSK  # type: ignore[union-attr]
+
+
+def test_rekeys_advance_the_psk_and_a_drop_mid_rekey_recovers(pki_dir: Path,
+                                                               sites: tuple[Site, Site]) -> None:
+    sa, sb = sites
+    kme = FakeKmePair()
+    settings = ConnectionSettings(rekey_interval=10.0)
+    att = connect(pki_dir, sa, sb, kme, settings=settings)
+    assert att.ready
+    epoch_before = sb.store.status().current_epoch
+    # Drive one in-tunnel rekey but lose the connection right after the initiator's
+    # Finished left (the initiator stored its pending PSK, the responder never saw it).
+    att.a.handle_timer(11.0)
+    fin_sent = False
+    for _ in range(20):
+        for e in iter(att.a.next_event, None):
+            if isinstance(e, ev.QkdKeysRequested):
+                att.a.supply_qkd_keys(e.handshake_id, kme.enc(e.number, e.size_bits) or [], 0)
+            elif isinstance(e, PSK_EVENTS):
+                sa.store.apply(e)
+                fin_sent = True
+        out = b"".join(att.a.data_to_send())
+        if fin_sent:
+            break
+        if out:
+            att.b.receive_data(out, 0.0)
+        for e in iter(att.b.next_event, None):
+            if isinstance(e, ev.QkdKeysToFetch):
+                att.b.supply_qkd_keys(e.handshake_id, kme.dec(e.key_ids) or [], 0)
+            elif isinstance(e, PSK_EVENTS):
+                sb.store.apply(e)
+        back = b"".join(att.b.data_to_send())
+        if back:
+            att.a.receive_data(back, 0.0)
+    assert fin_sent
+    assert sa.store.status().pending_epoch > epoch_before == sb.store.status().current_epoch
+    sa.restart()
+    sb.restart()
+    again, attempts = reconnect(pki_dir, sa, sb, kme)
+    assert attempts == 2  # one "unknown PSK", then the current epoch
+    assert again.completed("a").auth == AUTH_PSK  # type: ignore[union-attr]
+    assert sa.store.status().current_epoch == sb.store.status().current_epoch
+
+
+def test_store_files_are_owner_only_and_keys_stay_out_of_reprs(sites: tuple[Site, Site],
+                                                                pki_dir: Path) -> None:
+    sa, sb = sites
+    connect(pki_dir, sa, sb, FakeKmePair())
+    assert (sa.path.stat().st_mode & 0o777) == 0o600
+    key = sa.store.offer()
+    assert key is not None
+    for text in (repr(key), repr(sa.store), repr(sa.store.status()),
+                 repr(ev.NextPskDerived(epoch=1, psk=key.key))):
+        assert key.key.hex() not in text and repr(key.key) not in text
+
+
+def test_mismatched_psk_setting_is_a_clear_policy_error(pki_dir: Path, tmp_path: Path) -> None:
+    sa = Site(tmp_path / "a.sqlite", "site-b")
+    a = TunnelConnection(initiator=True,
+                         params=params(pki_dir, "site-a", "site-b", psk_book=sa.store))
+    b = TunnelConnection(initiator=False, params=params(pki_dir, "site-b", "site-a"))
+    kme = FakeKmePair()
+    a.start(0.0)
+    for e in iter(a.next_event, None):
+        if isinstance(e, ev.QkdKeysRequested):
+            a.supply_qkd_keys(e.handshake_id, kme.enc(e.number, e.size_bits) or [], 0)
+    b.receive_data(b"".join(a.data_to_send()), 0.0)
+    term = [e for e in iter(b.next_event, None) if isinstance(e, ev.ConnectionTerminated)]
+    assert term and term[0].code == ErrorCode.POLICY_MISMATCH and "[auth] psk" in term[0].reason
