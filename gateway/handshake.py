@@ -31,6 +31,22 @@ ML-KEM key pair and fresh QKD keys, take the previous session's chain key as HKD
 and replace the signatures by the Finished MACs: only the holder of the chain key can
 produce them, and the messages travel inside the authenticated tunnel anyway.
 
+After the first PKI session (auth = "psk"): every confirmed session derives the next
+authentication PSK, numbered by the responder (ServerHello `next_psk_epoch`). A new
+tunnel's ClientHello names the PSK epoch it authenticates with; the PSK is the HKDF salt,
+and the two Finished MACs replace the signatures, so only holders of that PSK *and* of the
+session's QKD key and ML-KEM secret complete it. gateway/psk.py keeps the epochs and
+explains why no interruption leaves the two sides apart for good.
+
+A responder under load answers a ClientHello without a valid cookie with a plaintext
+HelloRetryRequest (cookie) and keeps no state (TunnelConnection's `cookie_gate`); the
+initiator sends the same hello again with the cookie, and the transcript starts over.
+
+Optional one-time MAC mode (policy `its_mac`): two more QKD keys per handshake key
+Wegman–Carter MACs (gateway/otmac.py) over the whole transcript, carried in the two
+Finished messages, so the handshake's authentication also holds against an adversary
+with unbounded computing power, as long as the QKD keys are secret.
+
 Application data flows only after the HandshakeDone record, that is after both
 Finished MACs have been checked: key confirmation in both directions.
 """
