@@ -27,6 +27,7 @@ _COMMANDS = {
     "rndl": "gateway.rndl",
     "qkd": "qkd.sim.cli",
     "eve": "qkd.link.eve",
+    "psk": "gateway.psk",
 }
 
 

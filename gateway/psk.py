@@ -34,7 +34,9 @@ connection before anything else is sent.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import os
 import sqlite3
 import stat
@@ -289,3 +291,66 @@ class PskStore:
         return PskStatus(epoch("current"), epoch("previous"), epoch("pending"),
                          self._max_epoch, self._bootstraps, self._last_change,
                          self._out_of_step)
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def _open_for(config_path: str) -> PskStore:
+    from gateway.config import GatewayConfig
+
+    config = GatewayConfig.load(config_path)
+    if not config.psk_enabled:
+        from gateway.cli import UserError
+
+        raise UserError(f"{config_path}: [auth] psk is off, so this site keeps no PSK state")
+    try:
+        return PskStore(config.state_dir / "psk.sqlite", config.peer_site_id,
+                        pki_rebootstrap=config.pki_rebootstrap)
+    except PskStoreError as exc:
+        from gateway.cli import UserError
+
+        raise UserError(f"{exc} (fix: check [gateway] state_dir in {config_path})") from None
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    store = _open_for(args.config)
+    try:
+        print(json.dumps({"peer": store.peer, "path": str(store.path),
+                          **store.status().as_dict()}, indent=2))
+    finally:
+        store.close()
+    return 0
+
+
+def _cmd_reset(args: argparse.Namespace) -> int:
+    from gateway.cli import UserError
+
+    if not args.yes:
+        raise UserError("this forgets every PSK shared with the peer, so the next tunnel "
+                        "must bootstrap by PKI again (fix: stop the gateway, run it again "
+                        "with --yes, and do the same at the peer site)")
+    store = _open_for(args.config)
+    try:
+        before = store.status()
+        store.reset()
+        log.warning("psk_reset", peer=store.peer, dropped_epoch=before.current_epoch or None)
+        print(f"PSK state for peer {store.peer} cleared (was epoch {before.current_epoch}); "
+              "the next tunnel bootstraps by PKI")
+    finally:
+        store.close()
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("psk", help="show or reset the PSK state shared with the peer")
+    psub = p.add_subparsers(dest="psk_command", metavar="ACTION")
+    psub.required = True
+    show = psub.add_parser("show", help="epochs and counters (never the keys)")
+    show.add_argument("--config", required=True, help="this site's gateway config")
+    show.set_defaults(handler=_cmd_show)
+    reset = psub.add_parser("reset", help="forget the PSKs; the next tunnel bootstraps by "
+                            "PKI (run at both sites, gateways stopped)")
+    reset.add_argument("--config", required=True, help="this site's gateway config")
+    reset.add_argument("--yes", action="store_true", help="really forget them")
+    reset.set_defaults(handler=_cmd_reset)

@@ -378,3 +378,33 @@ def test_mismatched_psk_setting_is_a_clear_policy_error(pki_dir: Path, tmp_path:
     b.receive_data(b"".join(a.data_to_send()), 0.0)
     term = [e for e in iter(b.next_event, None) if isinstance(e, ev.ConnectionTerminated)]
     assert term and term[0].code == ErrorCode.POLICY_MISMATCH and "[auth] psk" in term[0].reason
+
+
+def test_psk_cli_shows_epochs_and_resets(tmp_path: Path, pki_dir: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    import shutil
+
+    from gateway.cli import main
+    from gateway.config import GatewayConfig
+
+    repo = Path(__file__).resolve().parents[2]
+    shutil.copytree(pki_dir, tmp_path / "pki")
+    (tmp_path / "configs").mkdir()
+    cfg = tmp_path / "configs" / "site-a.toml"
+    cfg.write_text((repo / "configs" / "site-a.toml").read_text())
+    config = GatewayConfig.load(cfg)
+    store = PskStore(config.state_dir / "psk.sqlite", "site-b")
+    store._commit({"current": PskKey(7, b"\x42" * 48)}, bootstrap=True)
+    store.close()
+    assert main(["psk", "show", "--config", str(cfg)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["current_epoch"] == 7 and shown["bootstraps"] == 1
+    assert "42" * 8 not in json.dumps(shown)
+    assert main(["psk", "reset", "--config", str(cfg)]) == 2  # needs --yes
+    assert "--yes" in capsys.readouterr().err
+    assert main(["psk", "reset", "--config", str(cfg), "--yes"]) == 0
+    assert main(["psk", "show", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    after = json.loads(out[out.rindex("{\n"):])
+    assert after["current_epoch"] is None and after["max_epoch"] == 7
