@@ -63,6 +63,7 @@ class NextPskDerived(Event):
     psk: bytes = field(repr=False)
     used_epoch: int = 0
     confirmed: bool = False
+    bootstrap: bool = False  # the handshake was PKI-authenticated: a (re)start of the chain
 
 
 @dataclass(frozen=True)

@@ -889,7 +889,7 @@ class Handshake:
             self._next_psk = PskKey(self._sh.next_psk_epoch, keys.next_psk)
             self.events.append(ev.NextPskDerived(
                 epoch=self._next_psk.epoch, psk=keys.next_psk, used_epoch=self._psk_epoch,
-                confirmed=not self.initiator))
+                confirmed=not self.initiator, bootstrap=self.auth == AUTH_PKI))
 
     def _now(self) -> datetime:
         return self._clock_now if self._clock_now is not None else datetime.now(UTC)

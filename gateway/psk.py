@@ -235,9 +235,14 @@ class PskStore:
             self._commit({"current": new, "previous": None})
             log.warning("psk_previous_epoch_used", peer=self.peer, epoch=event.used_epoch,
                         new_epoch=new.epoch)
+        elif event.bootstrap:
+            # A PKI (re-)bootstrap restarts the chain: nothing older stays acceptable.
+            self._commit({"current": new, "previous": None}, bootstrap=True)
+            if current is not None:
+                log.warning("psk_rebootstrapped", peer=self.peer, dropped_epoch=current.epoch,
+                            new_epoch=new.epoch)
         else:
-            self._commit({"current": new, "previous": current},
-                         bootstrap=event.used_epoch == 0 and current is None)
+            self._commit({"current": new, "previous": current})
         log.info("psk_advanced", peer=self.peer, epoch=new.epoch, used_epoch=event.used_epoch)
 
     def _initiator_derived(self, event: ev.NextPskDerived) -> None:
@@ -247,13 +252,11 @@ class PskStore:
         if event.used_epoch and pending is not None and pending.epoch == event.used_epoch:
             # The responder authenticated with our pending PSK, so it holds it.
             changes["current"] = pending
-        bootstrap = event.used_epoch == 0 and "current" not in self._slots and pending is None
-        if self._out_of_step and event.used_epoch == 0:
-            # A PKI re-bootstrap: what we held is void.
+        if event.bootstrap:
+            # A PKI (re-)bootstrap: whatever we held before is void.
             changes["current"] = None
-            bootstrap = True
-        self._commit(changes, bootstrap=bootstrap)
-        if bootstrap:
+        self._commit(changes, bootstrap=event.bootstrap)
+        if event.bootstrap:
             self._out_of_step = False
 
     def _initiator_rejected(self, epoch: int) -> None:

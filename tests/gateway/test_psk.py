@@ -286,7 +286,8 @@ def test_pki_rebootstrap_only_when_policy_allows(pki_dir: Path, tmp_path: Path) 
     sb.restart()
     att = connect(pki_dir, sa, sb, kme)
     assert att.ready and att.completed("b").auth == AUTH_PKI  # type: ignore[union-attr]
-    assert sb.store.status().bootstraps == 1  # the responder counted its first bootstrap
+    assert sb.store.status().bootstraps == 2  # the first bootstrap and this re-bootstrap
+    assert sb.store.lookup(1) is None  # the old chain is void
     assert sa.store.status().current_epoch == sb.store.status().current_epoch
 
 
