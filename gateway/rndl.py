@@ -35,6 +35,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from gateway.handshake import (
+    AUTH_PSK,
     MSG_CERTIFICATE,
     MSG_CERTIFICATE_VERIFY,
     MSG_CLIENT_HELLO,
@@ -225,6 +226,7 @@ class Adversary:
         self.sessions_opened = 0
         self._hs = _Handshake()
         self._chain: bytes | None = None
+        self._psks: dict[int, bytes] = {}
 
     def _guesses(self, what: str, sid: str) -> list[bytes]:
         """Candidate values for one secret: the real one if handed over, otherwise the
@@ -251,7 +253,7 @@ class Adversary:
         finished: list[tuple[bytes, bytes]] = []
         for msg in messages:
             if message_type(msg) == MSG_FINISHED:
-                finished.append((th.copy().digest(), decode_finished(msg)))
+                finished.append((th.copy().digest(), decode_finished(msg)[0]))
             th.update(len(msg).to_bytes(4, "big"))
             th.update(msg)
             if message_type(msg) == MSG_SERVER_HELLO:
@@ -259,9 +261,17 @@ class Adversary:
         final_th = th.digest()
         (th_r, mac_r), (th_i, mac_i) = finished
         qkd_guesses = self._guesses("qkd", sid) if sh.mode == "hybrid" else [b""]
+        if ch.auth == AUTH_PSK:
+            # A PSK-authenticated tunnel is salted with a PSK from an earlier session:
+            # without having opened that session, the adversary cannot know it.
+            salt = self._psks.get(ch.psk_epoch)
+            if salt is None:
+                return False
+        else:
+            salt = self._chain
         for ss in self._guesses("mlkem", sid):
             for k_qkd in qkd_guesses:
-                sched = HybridKeySchedule(ss, k_qkd, self._chain)
+                sched = HybridKeySchedule(ss, k_qkd, salt)
                 confirm = sched.confirmation_keys(hello_th)
                 if not (hmac.compare_digest(finished_mac(confirm.responder, th_r), mac_r)
                         and hmac.compare_digest(finished_mac(confirm.initiator, th_i), mac_i)):
@@ -270,6 +280,8 @@ class Adversary:
                 self.dirs["a2b"].layer.install_recv(keys.i2r_traffic)
                 self.dirs["b2a"].layer.install_recv(keys.r2i_traffic)
                 self._chain = keys.chain_key
+                if sh.next_psk_epoch:
+                    self._psks[sh.next_psk_epoch] = keys.next_psk
                 self.sessions_opened += 1
                 return True
         return False
