@@ -217,7 +217,8 @@ class Adversary:
     """Offline decryption of a recorded tunnel with a subset of the secrets."""
 
     def __init__(self, a2b: bytes, b2a: bytes, keylog: KeyLog, has: frozenset[str],
-                 signing_keys: list[bytes]) -> None:
+                 signing_keys: list[bytes], stolen_psks: dict[int, bytes] | None = None
+                 ) -> None:
         self.has = has
         self.keylog = keylog
         self.signing_keys = signing_keys
@@ -226,7 +227,9 @@ class Adversary:
         self.sessions_opened = 0
         self._hs = _Handshake()
         self._chain: bytes | None = None
-        self._psks: dict[int, bytes] = {}
+        # PSKs by epoch: those read from a stolen PSK store ("psk" in has), plus those
+        # of sessions the adversary opened itself.
+        self._psks: dict[int, bytes] = dict(stolen_psks or {}) if "psk" in has else {}
 
     def _guesses(self, what: str, sid: str) -> list[bytes]:
         """Candidate values for one secret: the real one if handed over, otherwise the
