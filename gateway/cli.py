@@ -70,4 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, so UserError raised by subcommands (which import
+    # gateway.cli) is the class main() catches, not a second copy from __main__.
+    from gateway.cli import main as _main
+
+    sys.exit(_main())

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.admission import COOKIE_MODES, AdmissionSettings
 from gateway.confload import ConfigError, HostPort, Section, load_toml
 
 KEMS = ("ML-KEM-768", "ML-KEM-1024")
@@ -66,6 +67,13 @@ class GatewayConfig:
     log_format: str = "console"
     keylog_file: Path | None = None
     admin_listen: HostPort | None = None
+    psk_enabled: bool = True
+    pki_rebootstrap: bool = False
+    its_mac: bool = False
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
+    # [pki] crl / crl_grace_s: revocation list checked at bootstrap (gateway/credentials.py).
+    crl_file: Path | None = None
+    crl_grace: float = 0.0
 
     @property
     def initiator(self) -> bool:
@@ -93,6 +101,44 @@ def _existing_file(sec: Section, key: str, what: str) -> Path:
         raise sec.error(key, f"file {str(p)!r} does not exist or is not a file",
                         f"point it at {what} (run `qkdgw pki init` to create one)")
     return p
+
+
+def _admission(sec: Section, handshake_timeout: float) -> AdmissionSettings:
+    """[tunnel.admission]: what the listening side does before any expensive handshake
+    work (gateway/admission.py). Only the side with [tunnel] listen uses it."""
+    cookie = sec.str("cookie", "under-load", choices=COOKIE_MODES)
+    lifetime = sec.float("cookie_lifetime_s", 10.0, min=1.0, max=300.0)
+    rotation = sec.float("cookie_secret_rotation_s", 60.0, min=1.0, max=86400.0)
+    if lifetime > rotation:
+        raise sec.error("cookie_lifetime_s", f"{lifetime} s is longer than "
+                        f"cookie_secret_rotation_s ({rotation} s)",
+                        "keep cookie_lifetime_s at most cookie_secret_rotation_s: only the "
+                        "previous secret is kept")
+    rate = sec.float("rate_per_s", 2.0, min=0.01, max=10000.0)
+    burst = sec.int("burst", 10, min=1, max=100000)
+    max_sources = sec.int("max_sources", 4096, min=16, max=1 << 20)
+    max_pending = sec.int("max_pending", 64, min=1, max=100000)
+    per_source = sec.int("max_pending_per_source", 8, min=1, max=100000)
+    if per_source > max_pending:
+        raise sec.error("max_pending_per_source", f"{per_source} is above max_pending "
+                        f"({max_pending})", "make it at most max_pending")
+    threshold = sec.int("load_threshold", 16, min=1, max=100000)
+    if threshold > max_pending:
+        raise sec.error("load_threshold", f"{threshold} is above max_pending ({max_pending}): "
+                        "cookies would never turn on", "make it at most max_pending")
+    first_record = sec.float("first_record_timeout_s", min(5.0, handshake_timeout), min=0.1,
+                             max=300.0)
+    if first_record > handshake_timeout:
+        raise sec.error("first_record_timeout_s", f"{first_record} s is longer than [tunnel] "
+                        f"handshake_timeout_s ({handshake_timeout} s)",
+                        "make it at most handshake_timeout_s")
+    max_bytes = sec.int("max_handshake_bytes", 256 * 1024, min=1 << 14, max=1 << 26)
+    sec.finish()
+    return AdmissionSettings(
+        cookie=cookie, cookie_lifetime=lifetime, secret_rotation=rotation, rate=rate,
+        burst=burst, max_sources=max_sources, max_pending=max_pending,
+        max_pending_per_source=per_source, load_threshold=threshold,
+        first_record_timeout=first_record, max_handshake_bytes=max_bytes)
 
 
 def _parse(root: Section) -> GatewayConfig:
@@ -126,6 +172,7 @@ def _parse(root: Section) -> GatewayConfig:
     if reconnect_max < reconnect_min:
         raise tun.error("reconnect_max_s", "is below reconnect_min_s",
                         "make reconnect_max_s at least reconnect_min_s")
+    admission = _admission(tun.section("admission", required=False), handshake_timeout)
     tun.finish()
 
     peer = root.section("peer")
@@ -140,6 +187,15 @@ def _parse(root: Section) -> GatewayConfig:
     ca_file = _existing_file(pki, "ca", "the gateway CA certificate (ca.crt)")
     cert_file = _existing_file(pki, "cert", "this site's gateway.crt")
     key_file = _existing_file(pki, "key", "this site's gateway.key")
+    crl_file = (_existing_file(pki, "crl", "the gateway CA's revocation list (crl.pem), or "
+                               "remove the line to turn revocation checks off")
+                if pki.has("crl") else None)
+    crl_grace = pki.float("crl_grace_s", 0.0, min=0.0, max=30 * 86400.0,
+                          fix="seconds a revocation list may be past its nextUpdate and "
+                              "still be used; 0 (default) refuses bootstraps at once")
+    if crl_grace and crl_file is None:
+        raise pki.error("crl_grace_s", "is set but [pki] crl is not",
+                        "set crl to the revocation list, or remove crl_grace_s")
     pki.finish()
 
     kme = root.section("kme")
@@ -178,6 +234,16 @@ def _parse(root: Section) -> GatewayConfig:
         services.append(ServiceConfig(name, sec.host_port("target")))
         sec.finish()
 
+    auth = root.section("auth", required=False)
+    psk_enabled = auth.bool("psk", True)
+    pki_rebootstrap = auth.bool("pki_rebootstrap", False)
+    its_mac = auth.bool("its_mac", False)
+    if its_mac and qkd_key_bits < 256:
+        raise auth.error("its_mac", f"needs QKD keys of at least 256 bits, [policy] "
+                         f"qkd_key_bits is {qkd_key_bits}",
+                         "set [policy] qkd_key_bits = 256 or turn its_mac off")
+    auth.finish()
+
     logs = root.section("logging", required=False)
     level = logs.str("level", "info", choices=("debug", "info", "warning", "error"))
     fmt = logs.str("format", "console", choices=("console", "json"))
@@ -200,6 +266,8 @@ def _parse(root: Section) -> GatewayConfig:
         kem=kem, allow_degraded=allow_degraded, qkd_key_bits=qkd_key_bits,
         pqc_backend=backend, listeners=tuple(listeners), services=tuple(services),
         log_level=level, log_format=fmt, keylog_file=keylog, admin_listen=admin_listen,
+        psk_enabled=psk_enabled, pki_rebootstrap=pki_rebootstrap, its_mac=its_mac,
+        admission=admission, crl_file=crl_file, crl_grace=crl_grace,
     )
 
 

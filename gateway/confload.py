@@ -146,6 +146,8 @@ class Section:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.error(key, f"expected a number, got {value!r}", fix)
         value = float(value)
+        if value != value:  # NaN passes every comparison below
+            raise self.error(key, "nan is not a number", fix)
         if min is not None and value < min:
             raise self.error(key, f"{value} is below the minimum {min}", f"use a value >= {min}")
         if max is not None and value > max:
@@ -176,6 +178,8 @@ class Section:
         value = self.str(key, default, fix=fix)
         if value is default and default is not _MISSING:
             return value
+        if "\x00" in value:
+            raise self.error(key, "contains a NUL character", fix)
         p = Path(value)
         if not p.is_absolute():
             p = self.base_dir / p
@@ -233,5 +237,7 @@ class Section:
         unknown = sorted(set(self._data) - self._seen)
         if unknown:
             key = unknown[0]
+            if not key.replace("_", "").replace("-", "").isalnum():
+                key = repr(key)
             raise self.error(key, "unknown field", "remove it or check its spelling against "
                              "the documented fields in configs/")

@@ -254,6 +254,10 @@ class TunnelConnection:
     def next_event(self) -> ev.Event | None:
         return self._events.popleft() if self._events else None
 
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
+
     def data_to_send(self) -> list[bytes | bytearray]:
         try:
             self._flush_frames()

@@ -70,8 +70,10 @@ from gateway.wire import PROTOCOL_VERSION, DecodeError, ErrorCode, Reader, Write
 from pqc import PqcError
 from pqc import sig as pqc_sig
 from pqc.combiner import (
+    HASH_LEN,
     HybridKeySchedule,
     SessionKeys,
+    expand_label,
     finished_mac,
     transcript_hasher,
 )
@@ -148,6 +150,7 @@ class ClientHello:
     qkd_key_ids: tuple[str, ...]
     stream_window: int
     flags: int = 0
+    psk_binder: bytes = b""  # auth "psk": proves the PSK before the responder does any work
     cookie: bytes = b""
 
     def encode(self) -> bytes:
@@ -156,8 +159,12 @@ class ClientHello:
         w.texts(self.allowed_modes).text(self.initiator_id).text(self.responder_id)
         w.text(self.initiator_sae_id).blob(self.nonce).blob(self.encapsulation_key)
         w.u16(self.qkd_key_size_bits).texts(self.qkd_key_ids).u32(self.stream_window)
-        w.u8(self.flags).blob(self.cookie)
+        w.u8(self.flags).blob(self.psk_binder).blob(self.cookie)
         return w.getvalue()
+
+    def binder_input(self) -> bytes:
+        """What the PSK binder covers: the whole hello except the binder and cookie."""
+        return hashlib.sha384(replace(self, psk_binder=b"", cookie=b"").encode()).digest()
 
     def digest_without_cookie(self) -> bytes:
         """What a cookie is bound to: the hello as it was before any HelloRetryRequest."""
@@ -178,7 +185,7 @@ class ClientHello:
             qkd_key_size_bits=r.u16("qkd_key_size_bits"),
             qkd_key_ids=r.texts("qkd_key_ids", MAX_QKD_KEYS, 64),
             stream_window=r.u32("stream_window"), flags=r.u8("flags"),
-            cookie=r.blob("cookie", MAX_COOKIE),
+            psk_binder=r.blob("psk_binder", 64), cookie=r.blob("cookie", MAX_COOKIE),
         )
         r.end()
         return msg
@@ -431,6 +438,16 @@ class _State(Enum):
     FAILED = auto()
 
 
+LABEL_PSK_BINDER = b"qkdgw/1 psk binder"
+
+
+def psk_binder(psk: bytes, hello: ClientHello) -> bytes:
+    """HMAC over the hello under a key derived from the PSK (like TLS 1.3's binder).
+    A replayed hello carries a valid binder, but then its QKD key IDs are spent."""
+    return hmac.new(expand_label(psk, LABEL_PSK_BINDER, b"", HASH_LEN), hello.binder_input(),
+                    "sha384").digest()
+
+
 def _join_qkd_keys(keys: Sequence[bytes]) -> bytes:
     # Several QKD keys enter the combiner as one length-prefixed string, so the split
     # between them is unambiguous.
@@ -598,6 +615,9 @@ class Handshake:
             qkd_key_ids=tuple(k for k, _ in self._qkd_keys),
             stream_window=p.stream_window, flags=self._flags(),
         )
+        if self.auth == AUTH_PSK:
+            assert self._salt is not None
+            self._ch = replace(self._ch, psk_binder=psk_binder(self._salt, self._ch))
         self._send(self._ch.encode())
         self._state = _State.WAIT_SERVER_HELLO
 
@@ -730,6 +750,11 @@ class Handshake:
             if psk is None:
                 raise self._fail(ErrorCode.UNKNOWN_PSK,
                                  f"PSK epoch {ch.psk_epoch} is unknown or no longer accepted")
+            if not hmac.compare_digest(ch.psk_binder, psk_binder(psk.key, ch)):
+                # Checked before the KME request and the encapsulation: whoever merely
+                # read an epoch number off the wire costs us one HMAC, not a QKD key.
+                raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
+                                 f"PSK binder for epoch {ch.psk_epoch} is invalid")
             self.auth = AUTH_PSK
             self._salt = psk.key
             self._psk_epoch = psk.epoch
@@ -822,9 +847,12 @@ class Handshake:
             raise self._fail(ErrorCode.BAD_CERTIFICATE,
                              f"peer certificate rejected: {exc}") from None
         if creds.crl_check is not None:
-            revoked = creds.crl_check(chain[0])
-            if revoked:
-                raise self._fail(ErrorCode.BAD_CERTIFICATE, revoked)
+            # The leaf and any intermediates it came with: a revoked intermediate CA
+            # revokes everything below it.
+            for cert in chain:
+                revoked = creds.crl_check(cert)
+                if revoked:
+                    raise self._fail(ErrorCode.BAD_CERTIFICATE, revoked)
         self._peer_cert = chain[0]
         self._absorb(msg)
         self._state = _State.WAIT_PEER_CERTIFICATE_VERIFY

@@ -33,6 +33,24 @@ class GatewayMetrics:
         self.degraded = Gauge("qkdgw_degraded", "1 while the session runs without QKD key",
                               registry=r)
         self.epoch = Gauge("qkdgw_session_epoch", "Current session epoch", registry=r)
+        self.psk_epoch = Gauge("qkdgw_psk_epoch", "Epoch of the current authentication PSK "
+                               "shared with the peer (0: none yet)", registry=r)
+        self.psk_rejected = Counter("qkdgw_psk_rejected", "PSK epochs the peer refused",
+                                    registry=r)
+        self.psk_store_failures = Counter("qkdgw_psk_store_failures",
+                                          "PSK state writes that failed", registry=r)
+        # Admission control on the tunnel listener (gateway/admission.py).
+        self.tunnel_refused = Counter(
+            "qkdgw_tunnel_refused", "Tunnel connections refused or cut before a confirmed "
+            "handshake (rate_limited, pending_cap, source_pending_cap, first_record_timeout, "
+            "cookie_retry_timeout, handshake_bytes)", ["reason"], registry=r)
+        self.cookie_retries = Counter(
+            "qkdgw_cookie_retries", "HelloRetryRequests with a cookie sent instead of "
+            "handshake work", registry=r)
+        self.cookies_rejected = Counter("qkdgw_cookies_rejected", "Cookies that failed "
+                                        "validation", ["reason"], registry=r)
+        self.pending_handshakes = Gauge("qkdgw_pending_handshakes", "Accepted tunnel "
+                                        "connections without a confirmed handshake", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

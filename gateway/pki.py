@@ -10,6 +10,10 @@ Two CAs, because two different TLS stacks consume them (docs/architecture.md):
 * the TLS CA (ECDSA P-256) signs the ETSI 014 HTTPS certificates, because Python's
   `ssl` module links a system OpenSSL without ML-DSA.
 
+The gateway CA also signs `crl.pem`, the revocation list gateways check at bootstrap
+(`RevocationList`); `qkdgw pki revoke`, `renew` and `crl` maintain it and the site
+certificates from the host that keeps ca.key (docs/pki.md).
+
 Files are written so that a failure never leaves a half-written PKI: everything is
 generated in memory, written into a staging directory inside the target (same
 filesystem), and only then renamed into place.
@@ -54,6 +58,10 @@ DEFAULT_ALGORITHM = "ml-dsa-65"
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
 TLS_CA_CERT, TLS_CA_KEY = "tls-ca.crt", "tls-ca.key"
 LINK_SECRET = "link-secret.key"
+CRL_FILE = "crl.pem"
+# Days until a CRL's nextUpdate; after that gateways refuse bootstraps until the list is
+# re-signed (`qkdgw pki crl`) or the operator configures a grace.
+DEFAULT_CRL_DAYS = 30
 SITE_URI_PREFIX = "qkdgw://site/"
 
 # A DNS-label-like name: it ends up in a URI, a CN, file paths and SAE/KME IDs.
@@ -65,7 +73,7 @@ _BACKDATE = dt.timedelta(hours=1)
 _MAX_DAYS = 36500
 _WEAK_HASHES = (hashes.MD5, hashes.SHA1)
 
-REASONS = ("untrusted", "expired", "not_yet_valid", "wrong_identity", "bad_usage")
+REASONS = ("untrusted", "expired", "not_yet_valid", "wrong_identity", "bad_usage", "revoked")
 
 
 class PkiError(Exception):
@@ -350,6 +358,325 @@ def verify_peer_certificate(cert: x509.Certificate, trusted_ca: x509.Certificate
             f"site {expected_identity!r} (fix: check the configured peer identity)")
 
 
+# --- revocation -------------------------------------------------------------------------
+
+
+class CrlError(PkiError):
+    """The revocation list cannot be used: unreadable, not from the trusted CA, or out
+    of date. Bootstraps are refused while it stands (fail closed)."""
+
+
+# A CA host's clock a little ahead of ours must not make a fresh CRL unusable.
+_CRL_SKEW = dt.timedelta(minutes=5)
+_CRL_FIX = ("fix: re-sign it on the CA host with `qkdgw pki crl --pki DIR` and copy crl.pem "
+            "to the gateways")
+
+
+def load_crl(path: Path) -> x509.CertificateRevocationList:
+    """An X.509 CRL from a PEM or DER file (not yet verified: see `verify_crl`)."""
+    data = _read(path, "revocation list")
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_crl(data)
+        return x509.load_der_x509_crl(data)
+    except ValueError:
+        raise CrlError(f"{path}: not an X.509 revocation list (fix: point [pki] crl at a PEM "
+                       "file containing '-----BEGIN X509 CRL-----' or a DER CRL, e.g. the "
+                       f"{CRL_FILE} written by `qkdgw pki init`)") from None
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    if crl.issuer != ca.subject:
+        return False
+    try:
+        if isinstance(crl.signature_hash_algorithm, _WEAK_HASHES):
+            return False
+        return bool(crl.is_signature_valid(ca.public_key()))
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+        return False
+
+
+def verify_crl(crl: x509.CertificateRevocationList, trust_anchor: x509.Certificate, *,
+               source: str | Path = "revocation list", now: dt.datetime | None = None,
+               grace: dt.timedelta = dt.timedelta(0), check_time: bool = True) -> None:
+    """Raise CrlError unless `crl` is signed by `trust_anchor`, has no critical extension
+    we would have to act on, and (with `check_time`) is current at `now`: thisUpdate not
+    in the future, nextUpdate not passed by more than `grace`."""
+    if not _crl_signed_by(crl, trust_anchor):
+        raise CrlError(f"{source}: not signed by the trusted CA {_describe(trust_anchor)} "
+                       "(fix: use the crl.pem of the same PKI as [pki] ca; never edit it by "
+                       "hand)")
+    usage = _extension(trust_anchor, x509.KeyUsage)
+    if usage is not None and not usage.crl_sign:
+        raise CrlError(f"{source}: the CA {_describe(trust_anchor)} may not sign revocation "
+                       "lists (keyUsage lacks cRLSign) (fix: issue the CA with cRLSign)")
+    # Delta CRLs, partitioned CRLs (issuingDistributionPoint) and indirect entries change
+    # what the list covers; we handle none of them, so a critical one is refused.
+    for ext in crl.extensions:
+        if ext.critical:
+            raise CrlError(f"{source}: has a critical extension this gateway does not "
+                           f"process ({ext.oid.dotted_string}) (fix: issue a full CRL "
+                           "without it)")
+    for entry in crl:
+        for ext in entry.extensions:
+            if ext.critical:
+                raise CrlError(f"{source}: entry for serial {entry.serial_number:x} has a "
+                               f"critical extension ({ext.oid.dotted_string}) this gateway "
+                               "does not process (fix: issue the CRL without it)")
+    if not check_time:
+        return
+    now = _aware(now)
+    if crl.last_update_utc > now + _CRL_SKEW:
+        raise CrlError(f"{source}: issued in the future ({crl.last_update_utc.isoformat()}, "
+                       f"now {now.isoformat()}) (fix: check both hosts' clocks)")
+    next_update = crl.next_update_utc
+    if next_update is None:
+        raise CrlError(f"{source}: has no nextUpdate, so its age cannot be judged ({_CRL_FIX})")
+    if now > next_update + grace:
+        extra = f" plus the configured grace of {grace}" if grace else ""
+        raise CrlError(f"{source}: expired at {next_update.isoformat()}{extra}, so revoked "
+                       f"certificates could pass; bootstraps are refused ({_CRL_FIX}, or set "
+                       "[pki] crl_grace_s to tolerate a late list)")
+
+
+def _aware(now: dt.datetime | None) -> dt.datetime:
+    if now is None:
+        return dt.datetime.now(dt.UTC)
+    return now if now.tzinfo is not None else now.replace(tzinfo=dt.UTC)
+
+
+def revocation_reason(crl: x509.CertificateRevocationList,
+                      cert: x509.Certificate) -> str | None:
+    """Why `cert` is revoked by `crl` (a sentence for the log), or None. Only certificates
+    the CRL's issuer issued are covered (no indirect CRLs)."""
+    if cert.issuer != crl.issuer:
+        return None
+    entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+    if entry is None:
+        return None
+    reason = ""
+    with contextlib.suppress(x509.ExtensionNotFound):
+        flag = entry.extensions.get_extension_for_class(x509.CRLReason).value.reason
+        reason = f" ({flag.name})"
+    return (f"certificate {_describe(cert)} serial {cert.serial_number:x} was revoked at "
+            f"{entry.revocation_date_utc.isoformat()}{reason}")
+
+
+@dataclass(frozen=True)
+class RevocationList:
+    """A CRL verified against the trust anchor at load, checked for freshness at each use."""
+
+    source: Path
+    crl: x509.CertificateRevocationList
+    trust_anchor: x509.Certificate
+    grace: dt.timedelta = dt.timedelta(0)
+
+    @classmethod
+    def load(cls, path: Path, trust_anchor: x509.Certificate, *,
+             grace: dt.timedelta = dt.timedelta(0),
+             now: dt.datetime | None = None) -> RevocationList:
+        crl = load_crl(path)
+        verify_crl(crl, trust_anchor, source=path, now=now, grace=grace)
+        return cls(Path(path), crl, trust_anchor, grace)
+
+    @property
+    def next_update(self) -> dt.datetime | None:
+        return self.crl.next_update_utc
+
+    def check_chain(self, chain: Sequence[x509.Certificate],
+                    now: dt.datetime | None = None) -> str | None:
+        """None if no certificate of `chain` is revoked and the list is current; else
+        the reason to refuse (an out-of-date list refuses everything: fail closed)."""
+        try:
+            verify_crl(self.crl, self.trust_anchor, source=self.source, now=now,
+                       grace=self.grace)
+        except CrlError as exc:
+            return str(exc)
+        for cert in chain:
+            reason = revocation_reason(self.crl, cert)
+            if reason is not None:
+                return f"{reason} (listed in {self.source})"
+        return None
+
+    def __call__(self, cert: x509.Certificate) -> str | None:
+        """`Credentials.crl_check`: the handshake passes each certificate the peer sent."""
+        return self.check_chain([cert])
+
+
+def _pem_crl(crl: x509.CertificateRevocationList) -> bytes:
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def issue_crl(ca_cert: x509.Certificate, ca_key: Any,
+              revoked: Sequence[x509.RevokedCertificate], number: int, days: int,
+              now: dt.datetime | None = None) -> x509.CertificateRevocationList:
+    """A full CRL signed by the CA, valid from `now` for `days` (at most until the CA
+    itself expires)."""
+    now = now or _now()
+    next_update = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(max(next_update, now))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+            ca_cert.public_key()), critical=False)
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    return builder.sign(ca_key, _signing_hash(ca_key))
+
+
+def _revoked_entry(serial: int, when: dt.datetime,
+                   reason: x509.ReasonFlags | None) -> x509.RevokedCertificate:
+    builder = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
+    if reason is not None:
+        builder = builder.add_extension(x509.CRLReason(reason), critical=False)
+    return builder.build()
+
+
+def _replace_file(path: Path, data: bytes, mode: int) -> None:
+    """Write `path` so a reader sees the old content or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        _write_new(tmp, data, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _load_ca(pki_dir: Path) -> tuple[x509.Certificate, Any]:
+    ca_key_path = Path(pki_dir) / CA_KEY
+    if not ca_key_path.exists():
+        raise PkiError(f"{ca_key_path}: the CA key is not here (fix: run this on the host "
+                       "that keeps the CA, with --pki pointing at the directory made by "
+                       "`qkdgw pki init`)")
+    ca_cert = load_certificate(Path(pki_dir) / CA_CERT)
+    ca_key = load_private_key(ca_key_path)
+    if _pem_key_public(ca_key) != _pem_key_public(ca_cert.public_key()):
+        raise PkiError(f"{ca_key_path}: does not match {Path(pki_dir) / CA_CERT} (fix: restore "
+                       "the CA key and certificate of the same `pki init`)")
+    return ca_cert, ca_key
+
+
+def _pem_key_public(key: Any) -> bytes:
+    public = key.public_key() if hasattr(key, "private_bytes") else key
+    return bytes(public.public_bytes(serialization.Encoding.DER,
+                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
+def _existing_entries(pki_dir: Path, ca_cert: x509.Certificate
+                      ) -> tuple[list[x509.RevokedCertificate], int]:
+    """The entries and CRL number of DIR/crl.pem (none if the file is absent). The list
+    must be this CA's; its age does not matter, it is about to be re-signed."""
+    path = Path(pki_dir) / CRL_FILE
+    if not path.exists():
+        return [], 0
+    crl = load_crl(path)
+    verify_crl(crl, ca_cert, source=path, check_time=False)
+    number = 0
+    with contextlib.suppress(x509.ExtensionNotFound):
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    return list(crl), number
+
+
+def write_crl(pki_dir: Path, add_serials: Sequence[int] = (),
+              reason: x509.ReasonFlags | None = None,
+              days: int = DEFAULT_CRL_DAYS) -> x509.CertificateRevocationList:
+    """Re-sign DIR/crl.pem with the CA key: the existing entries, plus `add_serials`,
+    with a fresh thisUpdate/nextUpdate and the next CRL number. Atomic replace."""
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= _MAX_DAYS:
+        raise PkiError(f"CRL validity of {days!r} days is out of range (fix: use 1..{_MAX_DAYS})")
+    pki_dir = Path(pki_dir)
+    ca_cert, ca_key = _load_ca(pki_dir)
+    entries, number = _existing_entries(pki_dir, ca_cert)
+    listed = {e.serial_number for e in entries}
+    now = _now()
+    for serial in add_serials:
+        if serial not in listed:
+            entries.append(_revoked_entry(serial, now, reason))
+            listed.add(serial)
+    crl = issue_crl(ca_cert, ca_key, entries, number + 1, days, now)
+    try:
+        _replace_file(pki_dir / CRL_FILE, _pem_crl(crl), 0o644)
+    except OSError as exc:
+        raise PkiError(f"{pki_dir / CRL_FILE}: cannot write the revocation list "
+                       f"({exc.strerror}) (fix: check the directory's permissions and free "
+                       "space)") from None
+    return crl
+
+
+def parse_serial(text: str) -> int:
+    """A certificate serial as printed by openssl (hex, optionally with colons), with an
+    explicit 0x, or in decimal with a leading 'd:'."""
+    raw = text.strip().lower()
+    try:
+        if raw.startswith("d:"):
+            value = int(raw[2:], 10)
+        else:
+            value = int(raw.removeprefix("0x").replace(":", ""), 16)
+    except ValueError:
+        raise PkiError(f"--serial {text!r} is not a certificate serial (fix: give it in hex "
+                       "as `openssl x509 -noout -serial` prints it, or as d:DECIMAL)"
+                       ) from None
+    if not 0 < value < 1 << 160:
+        raise PkiError(f"--serial {text!r} is out of range (fix: a serial is 1..20 bytes)")
+    return value
+
+
+def revoke(pki_dir: Path, *, site: str | None = None, serials: Sequence[int] = (),
+           reason: x509.ReasonFlags | None = None,
+           days: int = DEFAULT_CRL_DAYS) -> tuple[list[int], x509.CertificateRevocationList]:
+    """Add a site's current gateway certificate and/or explicit serials to DIR/crl.pem."""
+    pki_dir = Path(pki_dir)
+    _load_ca(pki_dir)  # the CA key is needed anyway: say so before anything else
+    targets = list(serials)
+    if site is not None:
+        cert = load_certificate(site_paths(pki_dir, validate_site_name(site)).gateway_cert)
+        targets.append(cert.serial_number)
+    if not targets:
+        raise PkiError("nothing to revoke (fix: pass --site NAME or --serial HEX)")
+    return targets, write_crl(pki_dir, targets, reason, days)
+
+
+def renew(pki_dir: Path, site: str, days: int = 365,
+          revoke_old: bool = False) -> tuple[x509.Certificate, x509.Certificate]:
+    """Issue `site` a fresh gateway key and certificate (same identity, same key
+    algorithm), replacing DIR/<site>/gateway.key and .crt atomically. Returns (old, new).
+
+    The key is replaced first and the certificate second: a gateway that reads between
+    the two sees a mismatched pair, rejects it and keeps its current credentials until
+    the next check, when both are new."""
+    validate_site_name(site)
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= _MAX_DAYS:
+        raise PkiError(f"validity of {days!r} days is out of range (fix: use 1..{_MAX_DAYS})")
+    pki_dir = Path(pki_dir)
+    paths = site_paths(pki_dir, site)
+    ca_cert, ca_key = _load_ca(pki_dir)
+    old = load_certificate(paths.gateway_cert)
+    if site_identity(old) != site:
+        raise PkiError(f"{paths.gateway_cert}: is not the gateway certificate of site "
+                       f"{site!r} (fix: check --site and --pki)")
+    key = generate_private_key(algorithm_of_public_key(old.public_key()))
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    new = _make_leaf(site, key, ca_cert, ca_key, days, usages,
+                     [x509.UniformResourceIdentifier(f"{SITE_URI_PREFIX}{site}")])
+    try:
+        _replace_file(paths.gateway_key, _pem_key(key), 0o600)
+        _replace_file(paths.gateway_cert, _pem_cert(new), 0o644)
+    except OSError as exc:
+        raise PkiError(f"{exc.filename or paths.directory}: cannot write the renewed "
+                       f"certificate ({exc.strerror}) (fix: check permissions and free space)"
+                       ) from None
+    if revoke_old:
+        write_crl(pki_dir, [old.serial_number], x509.ReasonFlags.superseded)
+    return old, new
+
+
 # --- creating ---------------------------------------------------------------------------
 
 
@@ -371,8 +698,9 @@ _NO_USAGE = dict(digital_signature=False, content_commitment=False, key_encipher
                  crl_sign=False, encipher_only=False, decipher_only=False)
 
 
-def _make_ca(common_name: str, key: Any, days: int) -> x509.Certificate:
-    now = _now()
+def _make_ca(common_name: str, key: Any, days: int,
+             now: dt.datetime | None = None) -> x509.Certificate:
+    now = now or _now()
     return (
         x509.CertificateBuilder()
         .subject_name(_cn(common_name))
@@ -394,8 +722,10 @@ def _make_ca(common_name: str, key: Any, days: int) -> x509.Certificate:
 
 def _make_leaf(common_name: str, key: Any, ca_cert: x509.Certificate, ca_key: Any, days: int,
                usages: list[x509.ObjectIdentifier],
-               san: list[x509.GeneralName] | None) -> x509.Certificate:
-    now = _now()
+               san: list[x509.GeneralName] | None,
+               now: dt.datetime | None = None) -> x509.Certificate:
+    # `now` lets tests issue certificates that have already expired.
+    now = now or _now()
     builder = (
         x509.CertificateBuilder()
         .subject_name(_cn(common_name))
@@ -487,7 +817,7 @@ def _validate(out: Path, sites: Sequence[str], algorithm: str, days: int) -> str
 
 
 def _layout(sites: Sequence[str]) -> list[str]:
-    names = [CA_CERT, CA_KEY, TLS_CA_CERT, TLS_CA_KEY, LINK_SECRET]
+    names = [CA_CERT, CA_KEY, TLS_CA_CERT, TLS_CA_KEY, LINK_SECRET, CRL_FILE]
     for site in sites:
         names += [f"{site}/{leaf}.{ext}" for leaf in ("gateway", "kme-server", "sae-client")
                   for ext in ("crt", "key")]
@@ -511,6 +841,9 @@ def _generate(sites: Sequence[str], algorithm: str, days: int,
     files[TLS_CA_KEY] = (_pem_key(tls_key), 0o600)
 
     files[LINK_SECRET] = ((secrets.token_bytes(32).hex() + "\n").encode(), 0o600)
+    # An empty but signed list, so gateways can enforce revocation from day one and
+    # `pki revoke` only ever adds to a list the CA already vouches for.
+    files[CRL_FILE] = (_pem_crl(issue_crl(ca_cert, ca_key, [], 1, DEFAULT_CRL_DAYS)), 0o644)
 
     server, client = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
     for site in sites:
@@ -625,6 +958,8 @@ def _summary(out: Path, sites: Sequence[str]) -> str:
         (f"{TLS_CA_CERT} {TLS_CA_KEY}", f"ETSI 014 TLS CA, ECDSA-P256, "
          f"sha256 {fingerprint(tls)[:16]}…"),
         (LINK_SECRET, "the ideal link's shared secret (copy it to both KMEs)"),
+        (CRL_FILE, f"revocation list, empty, signed by the gateway CA, re-sign within "
+                   f"{DEFAULT_CRL_DAYS} days (`qkdgw pki crl`)"),
     ]
     for site in sites:
         kme = load_certificate(site_paths(out, site).kme_server_cert)
@@ -651,6 +986,86 @@ def _cmd_init(args: argparse.Namespace) -> int:
     except PkiError as exc:
         raise UserError(str(exc)) from None
     return 0
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    try:
+        serials = [parse_serial(text) for text in args.serials]
+        reason = x509.ReasonFlags[args.reason] if args.reason else None
+        targets, crl = revoke(args.pki, site=args.site, serials=serials, reason=reason,
+                              days=args.crl_days)
+    except PkiError as exc:
+        raise UserError(str(exc)) from None
+    assert crl.next_update_utc is not None
+    print(f"Revoked serial(s) {', '.join(f'{s:x}' for s in targets)}; "
+          f"{Path(args.pki) / CRL_FILE} now lists {len(list(crl))} certificate(s), next "
+          f"update due {crl.next_update_utc:%Y-%m-%d %H:%M} UTC. Copy it to every gateway; "
+          "they pick it up without a restart.")
+    return 0
+
+
+def _cmd_renew(args: argparse.Namespace) -> int:
+    try:
+        old, new = renew(args.pki, args.site, args.days, args.revoke_old)
+    except PkiError as exc:
+        raise UserError(str(exc)) from None
+    paths = site_paths(Path(args.pki), args.site)
+    print(f"Renewed {paths.gateway_cert} and {paths.gateway_key}: {SITE_URI_PREFIX}{args.site}, "
+          f"serial {new.serial_number:x}, valid until {new.not_valid_after_utc:%Y-%m-%d} "
+          f"(was serial {old.serial_number:x}"
+          f"{', now revoked' if args.revoke_old else ''}). A running gateway picks the new "
+          "pair up at its next tunnel connection.")
+    return 0
+
+
+def _cmd_crl(args: argparse.Namespace) -> int:
+    try:
+        crl = write_crl(args.pki, days=args.crl_days)
+    except PkiError as exc:
+        raise UserError(str(exc)) from None
+    assert crl.next_update_utc is not None
+    print(f"Re-signed {Path(args.pki) / CRL_FILE}: {len(list(crl))} revoked certificate(s), "
+          f"next update due {crl.next_update_utc:%Y-%m-%d %H:%M} UTC.")
+    return 0
+
+
+def _register_maintenance(actions: Any) -> None:
+    reasons = [r.name for r in x509.ReasonFlags if r.name not in ("unspecified", "remove_from_crl")]
+    pki_help = "the directory made by `qkdgw pki init` (holds ca.key)"
+    crl_days = dict(type=int, default=DEFAULT_CRL_DAYS, metavar="N",
+                    help="days until the list's nextUpdate (default: %(default)s)")
+
+    rev = actions.add_parser(
+        "revoke", help="add a site's gateway certificate (or a serial) to the CRL",
+        description=f"Add certificates to DIR/{CRL_FILE} and re-sign it with the gateway CA. "
+                    "Gateways configured with [pki] crl refuse revoked peers at bootstrap.")
+    rev.add_argument("--pki", required=True, type=Path, metavar="DIR", help=pki_help)
+    rev.add_argument("--site", metavar="NAME", help="revoke this site's current gateway.crt")
+    rev.add_argument("--serial", action="append", dest="serials", default=[], metavar="HEX",
+                     help="revoke this serial (hex as openssl prints it); repeatable")
+    rev.add_argument("--reason", choices=reasons, help="CRL reason code")
+    rev.add_argument("--crl-days", **crl_days)  # type: ignore[arg-type]
+    rev.set_defaults(handler=_cmd_revoke)
+
+    ren = actions.add_parser(
+        "renew", help="issue a site a fresh gateway key and certificate",
+        description="Replace DIR/SITE/gateway.key and gateway.crt atomically with a new key "
+                    "and certificate for the same identity, signed by the gateway CA.")
+    ren.add_argument("--pki", required=True, type=Path, metavar="DIR", help=pki_help)
+    ren.add_argument("--site", required=True, metavar="NAME", help="the site, e.g. site-a")
+    ren.add_argument("--days", type=int, default=365,
+                     help="certificate validity in days (default: %(default)s)")
+    ren.add_argument("--revoke-old", action="store_true",
+                     help=f"also add the replaced certificate to {CRL_FILE}")
+    ren.set_defaults(handler=_cmd_renew)
+
+    crl = actions.add_parser(
+        "crl", help="re-sign the CRL with a fresh nextUpdate",
+        description=f"Re-sign DIR/{CRL_FILE} with the same entries and a new nextUpdate. "
+                    "Run it (e.g. from cron) well before the current one is due.")
+    crl.add_argument("--pki", required=True, type=Path, metavar="DIR", help=pki_help)
+    crl.add_argument("--crl-days", **crl_days)  # type: ignore[arg-type]
+    crl.set_defaults(handler=_cmd_crl)
 
 
 def register_cli(subparsers: Any) -> None:
@@ -680,3 +1095,4 @@ def register_cli(subparsers: Any) -> None:
     init.add_argument("--force", action="store_true",
                       help="replace an existing PKI in DIR")
     init.set_defaults(handler=_cmd_init)
+    _register_maintenance(actions)

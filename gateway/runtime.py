@@ -15,23 +15,41 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import os
 import signal
 import socket
 import struct
 import time
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import web
 
 from gateway import events as ev
+from gateway.admission import (
+    CUT_COOKIE_RETRY,
+    CUT_FIRST_RECORD,
+    CUT_HANDSHAKE_BYTES,
+    Admission,
+    ConnectionCookieGate,
+    ConnectionRefused,
+    CookieGate,
+    CookieIssued,
+    CookieRejected,
+    LogThrottle,
+    PendingHandshake,
+    Refused,
+)
 from gateway.config import GatewayConfig
 from gateway.confload import ConfigError
 from gateway.connection import ConnectionSettings, TunnelConnection
+from gateway.credentials import CredentialFiles, CredentialSource, OwnCertificateExpired
 from gateway.handshake import (
+    AUTH_PKI,
     MODE_HYBRID,
     MODE_MLKEM_ONLY,
     Credentials,
@@ -48,6 +66,7 @@ from gateway.pki import (
     site_identity,
     verify_peer_certificate,
 )
+from gateway.psk import PskStore, PskStoreError
 from gateway.record import RecordLimits
 from gateway.streams import MuxSettings, StreamCode
 from gateway.wire import ErrorCode
@@ -266,8 +285,14 @@ class TunnelSession(asyncio.Protocol):
         self.streams: dict[int, AppStream] = {}
         self.peer_address = ""
         self.ready = asyncio.Event()
+        # Initiator: set once the ClientHello is ready (QKD keys fetched) or the attempt
+        # failed; the TCP connection is opened only then (see Gateway._dial_loop).
+        self.hello_ready = asyncio.Event()
+        self._started = False
         self.closed = asyncio.Event()
         self.last_handshake: datetime | None = None
+        self.bootstrap_auth = ""  # how this tunnel was first authenticated: pki or psk
+        self.psk_epoch = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._flush_scheduled = False
@@ -275,6 +300,17 @@ class TunnelSession(asyncio.Protocol):
         # labels() takes a lock per call: resolve the per-record counters once.
         self._bytes_in = gateway.metrics.tunnel_bytes.labels("in")
         self._bytes_out = gateway.metrics.tunnel_bytes.labels("out")
+        # Responder admission (gateway/admission.py): the pending-handshake slot this
+        # connection holds, the deadline for its first complete record, and the bytes
+        # it sent before its handshake was confirmed.
+        self._ticket: PendingHandshake | None = None
+        self._refused = False
+        self._gate: ConnectionCookieGate | None = None
+        self._cookies_seen = 0
+        self._records_expected = 0
+        self._record_timer: asyncio.TimerHandle | None = None
+        self._handshake_bytes = 0
+        self._source = ""
 
     # asyncio callbacks -----------------------------------------------------------------
 
@@ -285,23 +321,66 @@ class TunnelSession(asyncio.Protocol):
         _nodelay(transport)
         peer = transport.get_extra_info("peername")
         self.peer_address = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if (not self.initiator and self.gateway.admission is not None
+                and not self._admit(transport, peer[0] if peer else "")):
+            return
         log.info("tunnel.connected", peer=self.peer_address,
                  role="initiator" if self.initiator else "responder")
-        if self.initiator:
-            self.conn.start(self.loop.time())
+        if self.initiator and not self._started:
+            self.prestart()
+        self.process()
+
+    def prestart(self) -> None:
+        """Initiator: begin the handshake before dialling, so the QKD keys are fetched
+        first and the peer's first-record deadline does not include our KME's latency."""
+        self._started = True
+        self.conn.start(self.loop.time())
         self.process()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         self._bytes_in.inc(len(data))
+        ticket = self._ticket
+        if ticket is not None and ticket.pending:
+            self._handshake_bytes += len(data)
+            if self._handshake_bytes > self.gateway.config.admission.max_handshake_bytes:
+                self._cut(CUT_HANDSHAKE_BYTES, "too many bytes before the handshake completed")
+                return
         self.conn.receive_data(data, self.loop.time())
         self.process()
+        if ticket is not None:
+            gate = self._gate
+            if gate is not None and gate.issued != self._cookies_seen and not self.conn.closed:
+                # A HelloRetryRequest went out: the client gets the same short deadline
+                # to come back with the cookie as it had for its first record.
+                self._cookies_seen = gate.issued
+                self._expect_record(self.conn.stats.records_received + 1, CUT_COOKIE_RETRY)
+            elif (self._record_timer is not None
+                  and self.conn.stats.records_received >= self._records_expected):
+                self._record_timer.cancel()
+                self._record_timer = None
+            self.gateway.drain_admission()
 
     def eof_received(self) -> bool:
+        if self._refused:
+            return False
         self.conn.connection_lost(self.loop.time())
         self.process()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._record_timer is not None:
+            self._record_timer.cancel()
+            self._record_timer = None
+        if self._ticket is not None:
+            self._ticket.release()
+            self.gateway.drain_admission()
+        if self._refused:
+            # Never admitted: no session to end, nothing to log beyond the refusal.
+            self.closed.set()
+            self.gateway.sessions.discard(self)
+            return
         self.conn.connection_lost(self.loop.time())
         self.process()
         if self._timer is not None:
@@ -310,6 +389,52 @@ class TunnelSession(asyncio.Protocol):
             task.cancel()
         self.closed.set()
         self.gateway.tunnel_lost(self)
+
+    # admission (responder) ---------------------------------------------------------------
+
+    def _admit(self, transport: asyncio.Transport, source: str) -> bool:
+        """Refuse (RST, counted) or admit a new tunnel connection before any handshake work."""
+        g = self.gateway
+        assert g.admission is not None
+        now = self.loop.time()
+        self._source = source
+        decision = g.admission.admit(source, now)
+        if isinstance(decision, Refused):
+            self._refused = True
+            g.drain_admission()
+            _reset_transport(transport)
+            return False
+        self._ticket = decision
+        self._gate = decision.cookie_gate()
+        self.conn = g.new_connection(False, now, cookie_gate=self._gate)
+        # A client that never completes a record (a trickled or oversized one) is cut
+        # long before handshake_timeout frees its slot.
+        self._expect_record(1, CUT_FIRST_RECORD)
+        g.drain_admission()
+        return True
+
+    def _expect_record(self, count: int, reason: str) -> None:
+        """Cut the connection unless `count` records have arrived within the deadline."""
+        if self._record_timer is not None:
+            self._record_timer.cancel()
+        self._records_expected = count
+        self._record_timer = self.loop.call_later(
+            self.gateway.config.admission.first_record_timeout, self._record_overdue, reason)
+
+    def _record_overdue(self, reason: str) -> None:
+        self._record_timer = None
+        if not self.conn.closed and self.conn.stats.records_received < self._records_expected:
+            self._cut(reason, "no complete record in time")
+
+    def _cut(self, reason: str, detail: str) -> None:
+        g = self.gateway
+        if g.admission is not None:
+            g.admission.note_refused(self._source, reason)
+            g.drain_admission()
+        self.conn.close(ErrorCode.TIMEOUT if reason != CUT_HANDSHAKE_BYTES
+                        else ErrorCode.PROTOCOL_ERROR, detail)
+        self.process()
+        _reset_transport(self.transport)
 
     # driving ---------------------------------------------------------------------------
 
@@ -325,6 +450,15 @@ class TunnelSession(asyncio.Protocol):
     def process(self) -> None:
         while (event := self.conn.next_event()) is not None:
             self._handle(event)
+        if self.transport is None:
+            # Not connected yet: the ClientHello stays queued in the connection.
+            if self.conn.closed or self.conn.has_data_to_send:
+                self.hello_ready.set()
+            if self.conn.closed:
+                self.discard()
+            else:
+                self._arm_timer()
+            return
         out = self.conn.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self._bytes_out.inc(sum(map(len, out)))
@@ -334,6 +468,17 @@ class TunnelSession(asyncio.Protocol):
                 self.transport.close()
             return
         self._arm_timer()
+
+    def discard(self) -> None:
+        """Drop an initiator attempt that ended before any connection was made."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        self.closed.set()
 
     def _arm_timer(self) -> None:
         at = self.conn.get_timer()
@@ -388,7 +533,12 @@ class TunnelSession(asyncio.Protocol):
             self._spawn(self._fetch_dec_keys(event))
         elif isinstance(event, ev.HandshakeCompleted):
             self._on_handshake(event)
+        elif isinstance(event, ev.NextPskDerived | ev.PskConfirmed | ev.PskRejected):
+            self._on_psk(event)
         elif isinstance(event, ev.TunnelReady):
+            if self._ticket is not None:
+                self._ticket.confirmed()
+                g.drain_admission()
             self.ready.set()
             g.tunnel_ready(self)
         elif isinstance(event, ev.KeyUpdated):
@@ -398,9 +548,36 @@ class TunnelSession(asyncio.Protocol):
         elif isinstance(event, ev.ConnectionTerminated):
             self._on_terminated(event)
 
+    def _on_psk(self, event: ev.Event) -> None:
+        """Persist PSK state before the bytes that tell the peer we hold it (`process`
+        handles events before `data_to_send`); if the write fails, nothing more is sent."""
+        g = self.gateway
+        if g.psk is None:
+            return
+        try:
+            g.psk.apply(event)
+        except PskStoreError as exc:
+            log.error("psk.store_failed", error=str(exc),
+                      detail="dropping the connection unsent so the peer does not move to "
+                             "a PSK this site could not keep")
+            g.metrics.psk_store_failures.inc()
+            _reset_transport(self.transport)
+            self.conn.close(ErrorCode.INTERNAL_ERROR, "PSK state could not be stored")
+            return
+        if isinstance(event, ev.PskRejected):
+            g.metrics.psk_rejected.inc()
+        st = g.psk.status()
+        g.metrics.psk_epoch.set(st.current_epoch)
+
     def _on_handshake(self, event: ev.HandshakeCompleted) -> None:
         g = self.gateway
         self.last_handshake = datetime.now(UTC)
+        if not event.rekey:
+            self.bootstrap_auth = event.auth
+            self.psk_epoch = event.psk_epoch
+            if event.auth == AUTH_PKI and g.psk is not None and g.psk.status().bootstraps > 1:
+                log.warning("tunnel.PKI_REBOOTSTRAP", peer=event.peer_identity,
+                            detail="the PSK chain was restarted from PKI authentication")
         g.metrics.handshakes.labels(event.auth, event.mode).inc()
         g.metrics.qkd_keys.inc(len(event.qkd_key_ids))
         g.metrics.epoch.set(event.epoch)
@@ -408,7 +585,8 @@ class TunnelSession(asyncio.Protocol):
             g.metrics.rekeys.inc()
         fields = dict(peer=event.peer_identity, epoch=event.epoch, auth=event.auth,
                       mode=event.mode, kem=event.kem, qkd_key_ids=list(event.qkd_key_ids),
-                      rekey=event.rekey)
+                      rekey=event.rekey, psk_epoch=event.psk_epoch or None,
+                      its_mac=event.its_mac)
         if event.mode == MODE_MLKEM_ONLY:
             g.metrics.degraded.set(1)
             log.warning("tunnel.DEGRADED_MODE", **fields,
@@ -598,7 +776,7 @@ def load_credentials(config: GatewayConfig) -> Credentials:
     try:
         ca = load_certificate(config.ca_file)
         cert = load_certificate(config.cert_file)
-        key = load_private_key(config.key_file)
+        load_private_key(config.key_file)
     except PkiError as exc:
         raise ConfigError(str(exc)) from None
     identity = site_identity(cert)
@@ -613,14 +791,56 @@ def load_credentials(config: GatewayConfig) -> Credentials:
         raise ConfigError(
             f"{config.source}: [pki] cert: this site's own certificate does not verify "
             f"against [pki] ca: {exc}") from None
-    return Credentials(private_key=key, chain=(cert,), trust_anchor=ca)
+    return credential_source(config).current()
+
+
+def credential_source(config: GatewayConfig, registry: Any = None) -> CredentialSource:
+    """This gateway's credentials from [pki], re-read when the files change
+    (gateway/credentials.py); a set that is invalid at start is a ConfigError."""
+    files = CredentialFiles(key=config.key_file, cert=config.cert_file, ca=config.ca_file,
+                            crl=config.crl_file)
+    try:
+        return CredentialSource(files, config.site_id,
+                                crl_grace=timedelta(seconds=config.crl_grace),
+                                registry=registry)
+    except PkiError as exc:
+        text = str(exc)
+        name = next((n for n, p in (("crl", files.crl), ("key", files.key),
+                                    ("cert", files.cert), ("ca", files.ca))
+                     if p is not None and text.startswith(str(p))), "cert")
+        raise ConfigError(f"{config.source}: [pki] {name}: {text}") from None
+
+
+class RecentKeyIds:
+    """The last `limit` QKD key IDs named to this gateway: a cheap replay check in front
+    of the KME's durable once-only delivery. Bounded, since flood hellos name random IDs."""
+
+    def __init__(self, limit: int = 65536) -> None:
+        self.limit = limit
+        self._ids: dict[str, None] = {}
+
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def update(self, key_ids: Sequence[str]) -> None:
+        for key_id in key_ids:
+            self._ids[key_id] = None
+        while len(self._ids) > self.limit:
+            del self._ids[next(iter(self._ids))]
 
 
 class Gateway:
     def __init__(self, config: GatewayConfig, *, credentials: Credentials | None = None) -> None:
         self.config = config
         self.metrics = GatewayMetrics()
-        self.credentials = credentials or load_credentials(config)
+        # Injected credentials (tests) stay fixed; from config they follow the files.
+        self.credential_source = None if credentials is not None else credential_source(
+            config, self.metrics.registry)
+        self.credentials = credentials or cast(CredentialSource,
+                                               self.credential_source).current()
         self.services = {s.name: s.target for s in config.services}
         policy = HandshakePolicy(
             kems=(config.kem,),
@@ -628,11 +848,21 @@ class Gateway:
             else (MODE_HYBRID,),
             qkd_key_size_bits=config.qkd_key_bits,
             pqc_backend=config.pqc_backend,
+            its_mac=config.its_mac,
         )
+        self.psk: PskStore | None = None
+        if config.psk_enabled:
+            try:
+                self.psk = PskStore(config.state_dir / "psk.sqlite", config.peer_site_id,
+                                    pki_rebootstrap=config.pki_rebootstrap)
+            except PskStoreError as exc:
+                raise ConfigError(f"{config.source}: [gateway] state_dir: {exc} (fix: make "
+                                  f"{config.state_dir} a writable local directory)") from None
         self.params = HandshakeParams(
             local_identity=config.site_id, peer_identity=config.peer_site_id,
             local_sae_id=config.sae_id, peer_sae_id=config.peer_sae_id,
-            credentials=self.credentials, policy=policy, stream_window=config.stream_window)
+            credentials=self.credentials, policy=policy, stream_window=config.stream_window,
+            psk_book=self.psk)
         self.settings = ConnectionSettings(
             handshake_timeout=config.handshake_timeout,
             rekey_interval=config.rekey_interval,
@@ -643,7 +873,7 @@ class Gateway:
         self.kme = EtsiClient(config.kme_url, ca_file=config.kme_ca, cert_file=config.kme_cert,
                               key_file=config.kme_key, timeout=config.kme_timeout)
         self.keylog: KeyLogWriter | None = None
-        self.used_key_ids: set[str] = set()
+        self.used_key_ids = RecentKeyIds()
         self.tunnel: TunnelSession | None = None
         self.sessions: set[TunnelSession] = set()
         self.started = time.time()
@@ -656,12 +886,52 @@ class Gateway:
         self.admin_port: int | None = None
         self.tunnel_port: int | None = None
         self.listener_ports: dict[str, int] = {}
+        # Only the listening side admits connections; see gateway/admission.py.
+        self.admission: Admission | None = (
+            Admission(config.admission) if config.tunnel_listen is not None else None)
+        self._admission_log = LogThrottle(1.0)
         self.totals = {"handshakes": 0, "rekeys": 0, "key_updates": 0,
                        "qkd_keys_consumed": 0, "degraded_handshakes": 0}
 
-    def new_connection(self, initiator: bool, now: float) -> TunnelConnection:
+    def new_connection(self, initiator: bool, now: float,
+                       cookie_gate: CookieGate | None = None) -> TunnelConnection:
+        if self.credential_source is not None:
+            # A renewed certificate or re-signed CRL counts from the next connection on.
+            self.credentials = self.credential_source.current()
+            if self.params.credentials is not self.credentials:
+                self.params = dataclasses.replace(self.params, credentials=self.credentials)
         return TunnelConnection(initiator=initiator, params=self.params,
-                                settings=self.settings, now=now, keylog=self.keylog)
+                                settings=self.settings, now=now, keylog=self.keylog,
+                                cookie_gate=cookie_gate)
+
+    def drain_admission(self) -> None:
+        """Admission events to metrics and (throttled) log lines."""
+        a = self.admission
+        if a is None:
+            return
+        m = self.metrics
+        now = time.monotonic()
+        while a.events:
+            e = a.events.popleft()
+            if isinstance(e, ConnectionRefused):
+                m.tunnel_refused.labels(e.reason).inc()
+                held = self._admission_log.allow("refused:" + e.reason, now)
+                if held is not None:
+                    log.warning("tunnel.refused", source=e.source, reason=e.reason,
+                                pending=a.pending, suppressed_since_last=held)
+            elif isinstance(e, CookieIssued):
+                m.cookie_retries.inc()
+                held = self._admission_log.allow("cookie", now)
+                if held is not None:
+                    log.info("tunnel.cookie_sent", source=e.source, under_load=e.under_load,
+                             pending=a.pending, suppressed_since_last=held)
+            elif isinstance(e, CookieRejected):
+                m.cookies_rejected.labels(e.reason).inc()
+                held = self._admission_log.allow("cookie_rejected:" + e.reason, now)
+                if held is not None:
+                    log.warning("tunnel.cookie_rejected", source=e.source, reason=e.reason,
+                                suppressed_since_last=held)
+        m.pending_handshakes.set(a.pending)
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -711,6 +981,18 @@ class Gateway:
         self.sessions.add(session)
         return session
 
+    def _check_bootstrap(self) -> None:
+        """Raise OwnCertificateExpired instead of dialling into a PKI bootstrap that
+        would present an expired certificate. A PSK reconnect needs no certificate."""
+        if self.credential_source is None:
+            return
+        book = getattr(self.params, "psk_book", None)
+        if book is not None and book.offer() is not None:
+            return
+        problem = self.credential_source.bootstrap_problem()
+        if problem is not None:
+            raise OwnCertificateExpired(problem)
+
     async def _dial_loop(self) -> None:
         cfg = self.config
         assert cfg.tunnel_connect is not None
@@ -718,13 +1000,28 @@ class Gateway:
         delay = cfg.reconnect_min
         while not self._stopping:
             session: TunnelSession | None = None
+            attempt: TunnelSession | None = None
             try:
-                _, session = await loop.create_connection(
-                    lambda: TunnelSession(self, initiator=True),
-                    cfg.tunnel_connect.host, cfg.tunnel_connect.port)
+                self._check_bootstrap()
+                attempt = TunnelSession(self, initiator=True)
+                attempt.prestart()
+                await attempt.hello_ready.wait()
+                if attempt.conn.closed:
+                    # No QKD key (or no PSK the policy accepts): logged by the session.
+                    await attempt.closed.wait()
+                else:
+                    _, session = await loop.create_connection(
+                        functools.partial(lambda a: a, attempt),
+                        cfg.tunnel_connect.host, cfg.tunnel_connect.port)
             except OSError as exc:
+                if attempt is not None:
+                    attempt.discard()
                 log.warning("tunnel.connect_failed", address=str(cfg.tunnel_connect),
                             error=exc.strerror or str(exc), retry_in_s=round(delay, 2))
+            except OwnCertificateExpired as exc:
+                self.metrics.handshake_failures.labels("own_certificate_expired").inc()
+                log.error("tunnel.BOOTSTRAP_REFUSED", reason=str(exc),
+                          retry_in_s=round(delay, 2))
             if session is not None:
                 self.tunnel_connects += 1
                 self.sessions.add(session)
@@ -779,8 +1076,11 @@ class Gateway:
             next_rekey = t.conn.next_rekey_at
             peer.update(
                 tunnel="up", address=t.peer_address, epoch=sess.epoch,
-                auth_mode="pki" if sess.epoch == 0 else f"chain (bootstrap {sess.auth})",
+                auth_mode=t.bootstrap_auth,
+                bootstrap_psk_epoch=t.psk_epoch or None,
+                session_auth=sess.auth, its_mac=sess.its_mac,
                 mode=sess.mode, degraded=sess.mode != MODE_HYBRID, kem=sess.kem,
+                qkd_keys_consumed=t.conn.stats.qkd_keys_consumed,
                 last_handshake=t.last_handshake.isoformat() if t.last_handshake else None,
                 next_rekey_in_s=None if next_rekey is None
                 else round(max(0.0, next_rekey - t.loop.time()), 1),
@@ -794,6 +1094,11 @@ class Gateway:
                               peer_fin=a._peer_fin, done=a._done,
                               buf=a.transport.get_write_buffer_size() if a.transport else None)
                     for sid, a in t.streams.items()}
+        if self.psk is not None:
+            peer["psk"] = self.psk.status().as_dict()
+            peer["psk"]["pki_rebootstrap_allowed"] = self.config.pki_rebootstrap
+        else:
+            peer["psk"] = None
         return {
             "site_id": self.config.site_id,
             "role": "initiator" if self.config.initiator else "responder",
@@ -842,6 +1147,8 @@ class Gateway:
         await self.kme.close()
         if self.keylog is not None:
             self.keylog.close()
+        if self.psk is not None:
+            self.psk.close()
         log.info("gateway.stopped", site=self.config.site_id)
 
 
@@ -927,10 +1234,20 @@ def _cmd_status(args: argparse.Namespace) -> int:
     peer = status.get("peer", {})
     print(f"site {status['site_id']} ({status['role']}), up {status['uptime_s']} s")
     print(f"  peer {peer.get('site_id')}: tunnel {peer.get('tunnel')}")
-    for key in ("auth_mode", "epoch", "mode", "degraded", "kem", "last_handshake",
-                "next_rekey_in_s", "open_streams"):
+    for key in ("auth_mode", "bootstrap_psk_epoch", "its_mac", "epoch", "mode", "degraded",
+                "kem", "last_handshake", "next_rekey_in_s", "qkd_keys_consumed",
+                "open_streams"):
         if key in peer:
             print(f"    {key:16} {peer[key]}")
+    psk = peer.get("psk")
+    if psk is None:
+        print("    psk              off (every tunnel bootstraps by PKI)")
+    else:
+        state = "OUT OF STEP with the peer" if psk.get("out_of_step") else "in step"
+        print(f"    psk              epoch {psk.get('current_epoch')} ({state}; pending "
+              f"{psk.get('pending_epoch')}, previous {psk.get('previous_epoch')}, "
+              f"PKI bootstraps {psk.get('bootstraps')}, re-bootstrap "
+              f"{'allowed' if psk.get('pki_rebootstrap_allowed') else 'refused'})")
     for key in ("handshakes", "rekeys", "key_updates", "qkd_keys_consumed",
                 "degraded_handshakes"):
         print(f"  {key:20} {status.get(key)}")

@@ -589,5 +589,5 @@ def test_file_modes_do_not_depend_on_umask(tmp_path: Path, umask: int) -> None:
     finally:
         os.umask(old)
     for path in (tmp_path / "pki").rglob("*"):
-        expected = {".key": 0o600, ".crt": 0o644, "": 0o700}[path.suffix]
+        expected = {".key": 0o600, ".crt": 0o644, ".pem": 0o644, "": 0o700}[path.suffix]
         assert stat.S_IMODE(path.stat().st_mode) == expected, path

@@ -217,3 +217,43 @@ def test_replayed_psk_handshake_is_refused(pki_dir: Path, tmp_path: Path, live: 
     # The replayed epoch is B's "previous" (one retry), so the once-only QKD key is the
     # guard that stopped it; the replayer would still lack the ML-KEM and PSK secrets.
     assert fetch and kme.dec(fetch[0].key_ids) is not None
+
+
+def test_psk_hello_without_the_psk_costs_no_kme_request(pki_dir: Path, tmp_path: Path) -> None:
+    """The epoch travels in the clear; the binder (an HMAC under the PSK) is checked
+    before the responder asks its KME for anything."""
+    from dataclasses import replace
+
+    from gateway.handshake import ClientHello, psk_binder
+    from gateway.record import RecordLayer, RecordReader
+
+    sa, sb, kme = _established(pki_dir, tmp_path)
+    honest = connect(pki_dir, sa, sb, kme)
+    reader = RecordReader()
+    reader.feed(honest.client_flights[0])
+    record = reader.next_record()
+    assert record is not None
+    hello = ClientHello.decode(bytes(record[3]))
+    current = sb.store.status().current_epoch
+    forged = replace(hello, psk_epoch=current, qkd_key_ids=("made-up",),
+                     psk_binder=b"\x00" * 48)
+
+    def first_flight(h: ClientHello) -> bytes:
+        return RecordLayer().seal_plaintext_handshake(h.encode())
+
+    victim = TunnelConnection(initiator=False,
+                              params=params(pki_dir, "site-b", "site-a", psk_book=sb.store))
+    victim.receive_data(first_flight(forged), 0.0)
+    events = list(iter(victim.next_event, None))
+    assert not any(isinstance(e, ev.QkdKeysToFetch) for e in events)
+    term = [e for e in events if isinstance(e, ev.ConnectionTerminated)]
+    assert term and term[0].code == ErrorCode.HANDSHAKE_FAILURE and "binder" in term[0].reason
+    # Positive control: the thief of the PSK computes the right binder and gets as far
+    # as the KME request (where its made-up key ID then fails).
+    key = sb.store.lookup(current)
+    assert key is not None
+    good = replace(forged, psk_binder=psk_binder(key.key, forged))
+    victim2 = TunnelConnection(initiator=False,
+                               params=params(pki_dir, "site-b", "site-a", psk_book=sb.store))
+    victim2.receive_data(first_flight(good), 0.0)
+    assert any(isinstance(e, ev.QkdKeysToFetch) for e in iter(victim2.next_event, None))

@@ -226,6 +226,8 @@ def test_superseded_epoch_is_refused_even_when_replayed(pki_dir: Path,
     sa, sb = sites
     kme = FakeKmePair()
     connect(pki_dir, sa, sb, kme)  # PKI, epoch 1
+    psk1 = sa.store.offer()
+    assert psk1 is not None and psk1.epoch == 1
     recorded = connect(pki_dir, sa, sb, kme)  # PSK epoch 1 -> 2
     old_hello_flight = recorded.client_flights[0]
     assert connect(pki_dir, sa, sb, kme).ready  # epoch 2 -> 3; epoch 1 is gone
@@ -239,10 +241,10 @@ def test_superseded_epoch_is_refused_even_when_replayed(pki_dir: Path,
     assert term and term[0].code == ErrorCode.UNKNOWN_PSK
     assert not any(isinstance(e, ev.QkdKeysToFetch) for e in events)
     # Positive control: the same recorded hello, offered to a responder that still
-    # holds an epoch 1, gets past the epoch check (it asks its KME for the QKD key; the
-    # key itself is only checked later, by the Finished MACs).
+    # holds epoch 1 (say, restored from a backup), gets past the epoch and binder checks
+    # and asks its KME for the QKD key, which the KME's once-only delivery then refuses.
     stale = Site(sb.path.parent / "stale.sqlite", "site-a")
-    stale.store._commit({"current": PskKey(1, b"\x00" * 48)})
+    stale.store._commit({"current": psk1})
     control = TunnelConnection(initiator=False,
                                params=params(pki_dir, "site-b", "site-a", psk_book=stale.store))
     control.receive_data(old_hello_flight, 0.0)
@@ -409,3 +411,4 @@ def test_psk_cli_shows_epochs_and_resets(tmp_path: Path, pki_dir: Path,
     out = capsys.readouterr().out
     after = json.loads(out[out.rindex("{\n"):])
     assert after["current_epoch"] is None and after["max_epoch"] == 7
+

@@ -1,0 +1,453 @@
+"""Admission control for the tunnel listener: what a responder does before any expensive work.
+
+A responder's costly steps for one ClientHello are the KME `dec_keys` call (a database
+round trip that may consume a QKD key), an ML-KEM encapsulation and an ML-DSA signature.
+This module decides, without I/O and with the time passed in, whether a new tunnel
+connection gets that far:
+
+- **Per-source token bucket.** Each source address (an IPv4 address, or the /64 of an
+  IPv6 address, since one IPv6 host usually owns a whole /64) may open `burst`
+  connections at once and `rate` per second after that. The table is capped at
+  `max_sources` entries; the least recently seen source is evicted first, so memory
+  stays bounded whatever the number of sources.
+- **Pending handshakes.** Connections that have not yet confirmed a handshake are
+  counted, globally (`max_pending`) and per source (`max_pending_per_source`), so one
+  source cannot hold every slot.
+- **Stateless cookies** (the `CookieGate` the sans-I/O connection calls). In mode
+  "always", or in "under-load" while the number of pending handshakes is at or above
+  `load_threshold`, a ClientHello without a valid cookie is answered with a
+  HelloRetryRequest carrying a cookie and costs the responder one HMAC. The cookie is
+
+      generation (1) | issued_at_ms (8) | HMAC-SHA256(secret, label | generation |
+                                                      issued_at_ms | source IP | digest)
+
+  (41 bytes), bound to the source IP (not the port: a host behind NAT may reconnect
+  from another port) and to the SHA-384 digest of the ClientHello, so it cannot be
+  moved to another source or another hello. The secret is random and replaced every
+  `secret_rotation` seconds; the previous one is still accepted, which is why a
+  cookie's lifetime may not exceed the rotation interval. Nothing per cookie is
+  stored. Over TCP the cookie adds little that the TCP handshake does not already prove
+  (the source can receive); what it buys is that a client must read and echo an answer
+  before the responder does any work for it, so fire-and-forget ClientHello floods and
+  pipelined bursts cost the responder an HMAC each, while the rate limits and pending
+  caps bound what a client that does echo can get.
+
+Everything that happens is also queued as a small event (`Admission.events`) for the
+runtime to turn into log lines and metrics; events never carry secret bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import math
+import os
+import struct
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+COOKIE_OFF = "off"
+COOKIE_UNDER_LOAD = "under-load"
+COOKIE_ALWAYS = "always"
+COOKIE_MODES = (COOKIE_OFF, COOKIE_UNDER_LOAD, COOKIE_ALWAYS)
+
+REFUSED_RATE = "rate_limited"
+REFUSED_PENDING = "pending_cap"
+REFUSED_SOURCE_PENDING = "source_pending_cap"
+# Decided by the runtime, which owns the clocks and the byte counts; counted here too.
+CUT_FIRST_RECORD = "first_record_timeout"
+CUT_COOKIE_RETRY = "cookie_retry_timeout"
+CUT_HANDSHAKE_BYTES = "handshake_bytes"
+
+COOKIE_LABEL = b"qkdgw/1 cookie\x00"
+_COOKIE_HEAD = struct.Struct(">BQ")
+COOKIE_MAC_LEN = 32
+COOKIE_LEN = _COOKIE_HEAD.size + COOKIE_MAC_LEN
+HELLO_DIGEST_LEN = 48  # SHA-384
+# A cookie stamped this far in the future was not made by this clock.
+_CLOCK_SLACK_MS = 1000
+
+
+class CookieGate(Protocol):
+    """What the sans-I/O responder calls; one object per tunnel connection."""
+
+    def cookie_required(self, now: float) -> bool: ...
+
+    def make_cookie(self, hello_digest: bytes, now: float) -> bytes: ...
+
+    def cookie_valid(self, cookie: bytes, hello_digest: bytes, now: float) -> bool: ...
+
+
+@dataclass(frozen=True)
+class AdmissionSettings:
+    cookie: str = COOKIE_UNDER_LOAD
+    cookie_lifetime: float = 10.0
+    secret_rotation: float = 60.0
+    rate: float = 2.0
+    burst: int = 10
+    max_sources: int = 4096
+    max_pending: int = 64
+    max_pending_per_source: int = 8
+    load_threshold: int = 16
+    first_record_timeout: float = 5.0
+    max_handshake_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        # The config loader reports these per field; this guards direct construction.
+        if self.cookie not in COOKIE_MODES:
+            raise ValueError(f"cookie mode must be one of {', '.join(COOKIE_MODES)}")
+        if not 0 < self.cookie_lifetime <= self.secret_rotation:
+            raise ValueError("cookie_lifetime must be positive and at most secret_rotation")
+        if self.rate <= 0 or self.burst < 1:
+            raise ValueError("rate must be positive and burst at least 1")
+        if min(self.max_sources, self.max_pending, self.max_pending_per_source,
+               self.load_threshold) < 1:
+            raise ValueError("caps and the load threshold must be at least 1")
+        if self.first_record_timeout <= 0 or self.max_handshake_bytes < 1:
+            raise ValueError("first_record_timeout and max_handshake_bytes must be positive")
+
+
+# ---------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class ConnectionRefused:
+    """A new tunnel connection was turned away before any handshake work."""
+
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CookieIssued:
+    """A HelloRetryRequest with a cookie goes out instead of the expensive work."""
+
+    source: str
+    under_load: bool
+
+
+@dataclass(frozen=True)
+class CookieRejected:
+    source: str
+    reason: str  # malformed, unknown_secret, expired, bad_mac
+
+
+AdmissionEvent = ConnectionRefused | CookieIssued | CookieRejected
+
+
+# ------------------------------------------------------------------------- pieces
+
+
+def _packed_ip(address: str) -> bytes:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        # Not an IP transport (or no peer name): all such clients share one identity.
+        return b"\x00" + address.encode("utf-8", "replace")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.packed
+
+
+def source_key(address: str) -> str:
+    """The rate limiter's bucket for an address: the IPv4 address or the IPv6 /64."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address or "?"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class TokenBucketTable:
+    """Per-source token buckets with a hard cap on the number of sources tracked."""
+
+    def __init__(self, rate: float, burst: int, max_sources: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.max_sources = max_sources
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, key: str, now: float) -> bool:
+        """Spend one token of `key`'s bucket; False when it is empty."""
+        entry = self._buckets.pop(key, None)
+        if entry is None:
+            tokens = self.burst
+        else:
+            tokens, last = entry
+            tokens = min(self.burst, tokens + max(0.0, now - last) * self.rate)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        # Re-inserted at the end: the front of the dict is always the least recently
+        # seen source, the one to evict.
+        self._buckets[key] = (tokens, now)
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
+            self.evictions += 1
+        return allowed
+
+
+class CookieJar:
+    """Makes and checks stateless cookies; holds the current and previous secret."""
+
+    def __init__(self, lifetime: float, rotation: float,
+                 rng: Callable[[int], bytes] = os.urandom) -> None:
+        if not 0 < lifetime <= rotation:
+            raise ValueError("cookie lifetime must be positive and at most the rotation")
+        self.lifetime = lifetime
+        self.rotation = rotation
+        self._rng = rng
+        self._generation: int | None = None
+        self._current = b""
+        self._previous: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"CookieJar(lifetime={self.lifetime}, rotation={self.rotation})"
+
+    def _rotate(self, now: float) -> int:
+        gen = math.floor(now / self.rotation)
+        if self._generation is None or gen > self._generation + 1:
+            self._previous = None
+            self._current = self._rng(32)
+        elif gen == self._generation + 1:
+            self._previous = self._current
+            self._current = self._rng(32)
+        elif gen < self._generation:
+            # A clock that went backwards would otherwise resurrect old generations.
+            return self._generation
+        self._generation = gen
+        return gen
+
+    @staticmethod
+    def _mac(secret: bytes, head: bytes, ip: bytes, digest: bytes) -> bytes:
+        return hmac.new(secret, COOKIE_LABEL + head + ip + digest, hashlib.sha256).digest()
+
+    def make(self, source_ip: str, hello_digest: bytes, now: float) -> bytes:
+        gen = self._rotate(now)
+        head = _COOKIE_HEAD.pack(gen & 0xFF, max(0, int(now * 1000)))
+        return head + self._mac(self._current, head, _packed_ip(source_ip), hello_digest)
+
+    def check(self, cookie: bytes, source_ip: str, hello_digest: bytes,
+              now: float) -> str | None:
+        """None if valid, else why not (a short reason for logs and metrics)."""
+        if len(cookie) != COOKIE_LEN:
+            return "malformed"
+        gen = self._rotate(now)
+        head, mac = cookie[: _COOKIE_HEAD.size], cookie[_COOKIE_HEAD.size :]
+        cookie_gen, issued_ms = _COOKIE_HEAD.unpack(head)
+        if cookie_gen == gen & 0xFF:
+            secret: bytes | None = self._current
+        elif cookie_gen == (gen - 1) & 0xFF:
+            secret = self._previous
+        else:
+            secret = None
+        if secret is None:
+            return "unknown_secret"
+        expected = self._mac(secret, head, _packed_ip(source_ip), hello_digest)
+        if not hmac.compare_digest(mac, expected):
+            return "bad_mac"
+        # Checked after the MAC, so the timestamp is the one this jar wrote.
+        age_ms = int(now * 1000) - issued_ms
+        if age_ms > self.lifetime * 1000 or age_ms < -_CLOCK_SLACK_MS:
+            return "expired"
+        return None
+
+
+class LogThrottle:
+    """At most one log line per key per `interval` seconds, so a flood cannot turn into
+    a log flood; the next line that does go out says how many were held back."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, key: str, now: float) -> int | None:
+        """The number of suppressed lines before this one if it may be logged, else None.
+
+        Keys are event kinds and reasons, a small fixed set, so the tables stay small."""
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+
+# ------------------------------------------------------------------------- admission
+
+
+class PendingHandshake:
+    """One admitted connection that has not confirmed a handshake yet.
+
+    `confirmed()` or `release()` frees its pending slot; both are idempotent."""
+
+    __slots__ = ("_admission", "_released", "source", "source_key")
+
+    def __init__(self, admission: Admission, source: str, key: str) -> None:
+        self._admission = admission
+        self.source = source
+        self.source_key = key
+        self._released = False
+
+    def __repr__(self) -> str:
+        return f"PendingHandshake(source={self.source!r}, released={self._released})"
+
+    @property
+    def pending(self) -> bool:
+        return not self._released
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._admission._release(self.source_key)
+
+    confirmed = release
+
+    def cookie_gate(self) -> ConnectionCookieGate:
+        return ConnectionCookieGate(self._admission, self.source)
+
+
+class ConnectionCookieGate:
+    """The `CookieGate` of one tunnel connection: the shared jar, this source's IP."""
+
+    __slots__ = ("_admission", "issued", "source")
+
+    def __init__(self, admission: Admission, source: str) -> None:
+        self._admission = admission
+        self.source = source
+        # Cookies sent on this connection: the runtime gives the client a deadline to
+        # come back with it, so a HelloRetryRequest does not hold a pending slot for the
+        # whole handshake timeout.
+        self.issued = 0
+
+    def __repr__(self) -> str:
+        return f"ConnectionCookieGate(source={self.source!r})"
+
+    def cookie_required(self, now: float) -> bool:
+        return self._admission.cookie_required(now)
+
+    def make_cookie(self, hello_digest: bytes, now: float) -> bytes:
+        a = self._admission
+        self.issued += 1
+        a.stats_cookies_issued += 1
+        a.events.append(CookieIssued(self.source, a.under_load))
+        return a.jar.make(self.source, hello_digest, now)
+
+    def cookie_valid(self, cookie: bytes, hello_digest: bytes, now: float) -> bool:
+        a = self._admission
+        reason = a.jar.check(cookie, self.source, hello_digest, now)
+        if reason is None:
+            return True
+        a.stats_cookies_rejected += 1
+        a.events.append(CookieRejected(self.source, reason))
+        return False
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason: str
+
+
+class Admission:
+    """The listener's admission state: rate buckets, pending counts, the cookie jar."""
+
+    def __init__(self, settings: AdmissionSettings | None = None,
+                 rng: Callable[[int], bytes] = os.urandom) -> None:
+        self.settings = s = settings or AdmissionSettings()
+        self.buckets = TokenBucketTable(s.rate, s.burst, s.max_sources)
+        self.jar = CookieJar(s.cookie_lifetime, s.secret_rotation, rng)
+        self.pending = 0
+        self._pending_by_source: dict[str, int] = {}
+        self.events: deque[AdmissionEvent] = deque()
+        self.stats_refused: dict[str, int] = {}
+        self.stats_cookies_issued = 0
+        self.stats_cookies_rejected = 0
+
+    def __repr__(self) -> str:
+        return (f"Admission(cookie={self.settings.cookie!r}, pending={self.pending}, "
+                f"sources={len(self.buckets)})")
+
+    @property
+    def under_load(self) -> bool:
+        return self.pending >= self.settings.load_threshold
+
+    def cookie_required(self, now: float) -> bool:
+        mode = self.settings.cookie
+        if mode == COOKIE_ALWAYS:
+            return True
+        if mode == COOKIE_OFF:
+            return False
+        return self.under_load
+
+    def admit(self, source: str, now: float) -> PendingHandshake | Refused:
+        """A new tunnel connection from `source` (an IP address string)."""
+        s = self.settings
+        key = source_key(source)
+        # Caps first: a refused connection should not also spend its source's tokens.
+        if self.pending >= s.max_pending:
+            return self._refuse(source, REFUSED_PENDING)
+        if self._pending_by_source.get(key, 0) >= s.max_pending_per_source:
+            return self._refuse(source, REFUSED_SOURCE_PENDING)
+        if not self.buckets.take(key, now):
+            return self._refuse(source, REFUSED_RATE)
+        self.pending += 1
+        self._pending_by_source[key] = self._pending_by_source.get(key, 0) + 1
+        return PendingHandshake(self, source, key)
+
+    def note_refused(self, source: str, reason: str) -> None:
+        """A refusal decided elsewhere (deadline, byte cap), counted with the rest."""
+        self._refuse(source, reason)
+
+    def _refuse(self, source: str, reason: str) -> Refused:
+        self.stats_refused[reason] = self.stats_refused.get(reason, 0) + 1
+        self.events.append(ConnectionRefused(source, reason))
+        return Refused(reason)
+
+    def _release(self, key: str) -> None:
+        self.pending -= 1
+        left = self._pending_by_source.get(key, 0) - 1
+        if left > 0:
+            self._pending_by_source[key] = left
+        else:
+            self._pending_by_source.pop(key, None)
+
+    def pending_from(self, source: str) -> int:
+        return self._pending_by_source.get(source_key(source), 0)
+
+
+__all__ = [
+    "COOKIE_ALWAYS",
+    "COOKIE_LEN",
+    "COOKIE_MODES",
+    "COOKIE_OFF",
+    "COOKIE_UNDER_LOAD",
+    "CUT_COOKIE_RETRY",
+    "CUT_FIRST_RECORD",
+    "CUT_HANDSHAKE_BYTES",
+    "Admission",
+    "AdmissionEvent",
+    "AdmissionSettings",
+    "ConnectionCookieGate",
+    "ConnectionRefused",
+    "CookieGate",
+    "CookieIssued",
+    "CookieJar",
+    "CookieRejected",
+    "LogThrottle",
+    "PendingHandshake",
+    "Refused",
+    "TokenBucketTable",
+    "source_key",
+]
