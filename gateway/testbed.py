@@ -51,6 +51,9 @@ class TestbedOptions:
     # An eavesdropper on the quantum channel: intercept-resend, pns or noise.
     eve: str | None = None
     eve_fraction: float = 1.0
+    # None: Eve attacks from the first pulse. A number: she forwards untouched for that
+    # many seconds (inf: until `arm_eve()`), so the link first makes key.
+    eve_after: float | None = None
 
 
 def _toml_str(s: str | Path) -> str:
@@ -135,7 +138,7 @@ listen = "127.0.0.1:0"
 db = {_toml_str(self.workdir / "state" / f"kme-{site}.sqlite3")}
 key_size = 256
 max_key_count = {o.max_key_count}
-max_key_per_request = 128
+max_key_per_request = {min(128, o.max_key_count)}
 
 [tls]
 cert = {_toml_str(self.pki / site / "kme-server.crt")}
@@ -265,9 +268,17 @@ format = "json"
         proc = self._spawn("eve", ["-m", "gateway.cli", "eve", "--listen", "127.0.0.1:0",
                                    "--forward", f"127.0.0.1:{self.ports['link-quantum']}",
                                    "--attack", str(o.eve), "--fraction", str(o.eve_fraction),
+                                   "--start-after", str(o.eve_after or 0.0),
                                    "--port-file", str(port_file), "--log-format", "json"])
         self.ports["eve"] = int(self._wait_file(proc, port_file))
         return self.ports["eve"]
+
+    def arm_eve(self) -> None:
+        """Make a waiting eavesdropper start her attack now."""
+        proc = self.procs.get("eve")
+        if proc is None or proc.popen.poll() is not None:
+            raise TestbedError("no eavesdropper is running")
+        proc.popen.send_signal(signal.SIGUSR1)
 
     def wait_kme_key(self, timeout: float = 60.0) -> float:
         """Wait until both KMEs hold key from the link; returns the seconds waited."""
@@ -336,7 +347,8 @@ format = "json"
         """KMEs, sink, gateway B, then gateway A (through `relay_port` if given)."""
         self.prepare()
         self.start_kmes()
-        if self.options.link != "ideal" and not self.options.eve:
+        if self.options.link != "ideal" and (not self.options.eve
+                                             or self.options.eve_after is not None):
             # A gateway that meets an empty pool fails closed and redials with backoff;
             # starting the gateways once the link has key makes the first attempt work.
             self.wait_kme_key()

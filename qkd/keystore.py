@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import sqlite3
 import stat
@@ -257,18 +258,41 @@ class KeyStore:
         return self._sealer
 
     def deposit(self, blocks: Sequence[tuple[str, bytes]], now: float,
-                lifetime: float) -> None:
-        """Add key blocks (block_id, material) from the link, sealed, all or none."""
+                lifetime: float, limit: int | None = None) -> int:
+        """Add key blocks (block_id, material) from the link, sealed, in one transaction.
+
+        Idempotent: a block ID the pool already has (stored before a crash, maybe
+        delivered since) is left as it is, so replaying a deposit is harmless. With
+        `limit`, the pool never holds more than `limit` free blocks: the blocks that do
+        not fit are dropped (never stored). Returns how many were dropped."""
         sealer = self._need_sealer()
         db = self._db
         with self._transaction():
+            known = {r[0] for r in db.execute(
+                "SELECT block_id FROM pool WHERE block_id IN (SELECT value FROM "
+                "json_each(?))", (_json_list([b for b, _ in blocks]),))}
+            new = [(bid, mat) for bid, mat in blocks if bid not in known]
+            dropped = 0
+            if limit is not None:
+                room = max(0, limit - self.free_blocks(now))
+                dropped = max(0, len(new) - room)
+                new = new[:room]
             row = db.execute("SELECT COALESCE(MAX(seq), -1) FROM pool").fetchone()
             seq = row[0] + 1
             db.executemany(
                 "INSERT INTO pool(block_id, seq, size_bits, material, state, created,"
                 " expires) VALUES (?, ?, ?, ?, 'free', ?, ?)",
                 [(bid, seq + i, len(mat) * 8, sealer.seal(bid, mat), now, now + lifetime)
-                 for i, (bid, mat) in enumerate(blocks)])
+                 for i, (bid, mat) in enumerate(new)])
+        return dropped
+
+    def pool_counts(self, now: float) -> dict[str, int]:
+        """Blocks per state ('free' counts only unexpired ones); for status/metrics."""
+        out = {"free": 0, "reserved": 0, "delivered": 0, "expired": 0}
+        for state, n in self._db.execute("SELECT state, COUNT(*) FROM pool GROUP BY state"):
+            out[state] = int(n)
+        out["free"] = self.free_blocks(now)
+        return out
 
     def free_blocks(self, now: float) -> int:
         row = self._db.execute("SELECT COUNT(*) FROM pool WHERE state='free' AND "
@@ -377,6 +401,10 @@ class KeyStore:
         self._db.close()
 
 
+def _json_list(items: Sequence[str]) -> str:
+    return json.dumps(list(items))
+
+
 class _Txn:
     """BEGIN IMMEDIATE ... COMMIT, ROLLBACK on any exception."""
 
@@ -432,8 +460,11 @@ class AsyncKeyStore:
         return await self._run(self._store.next_counter, master, slave)
 
     async def deposit(self, blocks: Sequence[tuple[str, bytes]], now: float,
-                      lifetime: float) -> None:
-        await self._run(self._store.deposit, blocks, now, lifetime)
+                      lifetime: float, limit: int | None = None) -> int:
+        return await self._run(self._store.deposit, blocks, now, lifetime, limit)
+
+    async def pool_counts(self, now: float) -> dict[str, int]:
+        return await self._run(self._store.pool_counts, now)
 
     async def free_blocks(self, now: float) -> int:
         return await self._run(self._store.free_blocks, now)

@@ -95,6 +95,10 @@ class KmeService:
         self._local = frozenset(config.local_sae_ids)
         self._peers = frozenset(config.peer.sae_ids)
 
+    def ideal_level(self) -> int:
+        """Keys the ideal link could hand out now (its token bucket)."""
+        return self.bucket.level(self._clock())
+
     # ------------------------------------------------------------ identity / checks
 
     def caller(self, request: web.Request) -> str:
@@ -329,6 +333,8 @@ class RunningKme:
     _runner: web.AppRunner
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     link: Bb84Link | None = None
+    admin_runner: web.AppRunner | None = None
+    admin_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -343,6 +349,8 @@ class RunningKme:
                 await task
         if self.link is not None:
             await self.link.close()
+        if self.admin_runner is not None:
+            await self.admin_runner.cleanup()
         try:
             await self._runner.cleanup()
         finally:
@@ -427,7 +435,8 @@ async def start_kme(config: KmeConfig, *,
         settings = Bb84Settings(role=lcfg.role, params=lcfg.params,
                                 bootstrap_key=lcfg.secret, peer=lcfg.peer,
                                 quantum=lcfg.quantum, listen=lcfg.listen,
-                                quantum_listen=lcfg.quantum_listen)
+                                quantum_listen=lcfg.quantum_listen,
+                                round_timeout_s=lcfg.round_timeout_s)
         assert lcfg.state_file is not None
         try:
             bb84 = Bb84Link(settings, store, sealer, lcfg.state_file,
@@ -465,11 +474,36 @@ async def start_kme(config: KmeConfig, *,
         raise
     running = RunningKme(config, config.listen.host, port, service, runner, link=bb84)
     running.tasks.append(asyncio.create_task(_purge_loop(store, config.key_lifetime_s)))
+    if config.admin_listen is not None:
+        try:
+            await _start_admin(running)
+        except BaseException:
+            await running.close()
+            raise
     log.info("kme_started", kme_id=config.kme_id, listen=f"{config.listen.host}:{port}",
              url=running.url, link_type=config.link.type, key_rate=config.link.key_rate,
              local_saes=list(config.local_sae_ids), peer_kme=config.peer.kme_id,
              peer_saes=list(config.peer.sae_ids), db=str(config.db))
     return running
+
+
+async def _start_admin(running: RunningKme) -> None:
+    from qkd.kme_admin import build_admin_app
+
+    addr = running.config.admin_listen
+    assert addr is not None
+    runner = web.AppRunner(build_admin_app(running.service), access_log=None)
+    await runner.setup()
+    running.admin_runner = runner
+    try:
+        sock = _bind(addr.host, addr.port)
+    except OSError as exc:
+        raise UserError(f"{running.config.source}: [admin] listen: cannot listen on {addr} "
+                        f"({exc.strerror or exc}) (fix: choose a free port or remove "
+                        "[admin])") from None
+    running.admin_port = sock.getsockname()[1]
+    await web.SockSite(runner, sock).start()
+    log.info("kme_admin_listening", address=f"{addr.host}:{running.admin_port}")
 
 
 def write_port_file(path: Path, port: int) -> None:
@@ -479,9 +513,10 @@ def write_port_file(path: Path, port: int) -> None:
     os.replace(tmp, path)
 
 
-def write_link_ports(port_file: Path, ports: dict[str, int]) -> None:
-    """Bob's bound link ports, as JSON next to the port file (`<port-file>.link`)."""
-    path = port_file.with_name(port_file.name + ".link")
+def write_link_ports(port_file: Path, ports: dict[str, int], suffix: str = ".link") -> None:
+    """Bound ports as JSON next to the port file: Bob's link ports (`<port-file>.link`),
+    the admin port (`<port-file>.admin`)."""
+    path = port_file.with_name(port_file.name + suffix)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(ports) + "\n", encoding="ascii")
     os.replace(tmp, path)
@@ -501,6 +536,8 @@ async def serve(config: KmeConfig, port_file: Path | None = None) -> None:
                 if running.link is not None and running.link.ports:
                     # Written first: a launcher that sees the port file may rely on it.
                     write_link_ports(port_file, running.link.ports)
+                if running.admin_port is not None:
+                    write_link_ports(port_file, {"admin": running.admin_port}, ".admin")
                 write_port_file(port_file, running.port)
             except OSError as exc:
                 raise UserError(f"--port-file {port_file}: cannot write ({exc.strerror})"
@@ -513,8 +550,9 @@ async def serve(config: KmeConfig, port_file: Path | None = None) -> None:
         await running.close()
         if port_file is not None:
             # A stale port file would point the next launcher at a dead (or foreign) port.
-            with contextlib.suppress(OSError):
-                port_file.unlink()
+            for stale in (port_file, port_file.with_name(port_file.name + ".admin")):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
         log.info("kme_stopped", kme_id=config.kme_id)
 
 

@@ -60,6 +60,7 @@ class LinkConfig:
     listen: HostPort | None = None
     quantum_listen: HostPort | None = None
     state_file: Path | None = None
+    round_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class KmeConfig:
     link: LinkConfig
     log_level: str = "info"
     log_format: str = "console"
+    # [admin] listen: plain-HTTP /status and /metrics; None = no admin listener.
+    admin_listen: HostPort | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> KmeConfig:
@@ -165,6 +168,12 @@ class KmeConfig:
             link = _bb84(link_sec, secret_file, secret, db)
         link_sec.finish()
 
+        admin_sec = root.section("admin", required=False)
+        admin_listen = admin_sec.ip_host_port(
+            "listen", None, fix="write it as 'ip:port' on loopback, e.g. '127.0.0.1:9201' "
+                                "('127.0.0.1:0' picks a free port), or remove [admin]")
+        admin_sec.finish()
+
         log_sec = root.section("logging", required=False)
         level = log_sec.str("level", "info", choices=LOG_LEVELS)
         fmt = log_sec.str("format", "console", choices=LOG_FORMATS)
@@ -176,7 +185,7 @@ class KmeConfig:
             storage_key=storage_key, key_lifetime_s=lifetime, tls=tls,
             local_sae_ids=tuple(local), peer=PeerConfig(peer_kme, tuple(peer_saes)),
             link=link,
-            log_level=level, log_format=fmt,
+            log_level=level, log_format=fmt, admin_listen=admin_listen,
         )
 
     def error(self, field_name: str, problem: str, fix: str) -> ConfigError:
@@ -273,6 +282,9 @@ def _bb84(sec: Section, secret_file: Path, secret: bytes, db: Path) -> LinkConfi
                                           fix=f"where the quantum channel arrives; {fix_addr}")
     state_file = sec.path("state_file", Path(str(db) + ".link-state"),
                           fix="a file only this KME reads (sealed authentication state)")
+    timeout = sec.float("round_timeout_s", 60.0, min=1.0, max=3600.0,
+                        fix="seconds a round may stall (a lost or dropped frame) before "
+                            "it is aborted, e.g. 60")
     return LinkConfig("bb84", secret_file, 0.0, secret, role=role, params=params, peer=peer,
                       quantum=quantum, listen=listen, quantum_listen=quantum_listen,
-                      state_file=state_file)
+                      state_file=state_file, round_timeout_s=timeout)

@@ -6,20 +6,28 @@ Two TCP connections between the KMEs, both u32-length-prefixed frames:
 - the emulated quantum channel (Bob listens on `[link] quantum_listen`, Alice dials
   `[link] quantum`, possibly through `qkdgw eve`), carrying Alice's pulse frames.
 
-Every call into the core runs on a worker thread (a round is seconds of numpy work)
-under one lock, so the ETSI 014 server stays responsive. The authentication state
-(pads, offsets, hash key, last committed round) is sealed under the storage key and
-written atomically *before* any frame it signed leaves the process, so a restart never
-reuses a one-time pad.
+Every call into the core is short and runs on a worker thread under one lock; the
+heavy steps of a round (emission, measurement, post-processing) are the core's work
+items, run by `_work_loop` on a worker thread *without* the lock. The reader hands
+every frame to the core at once, so a key reservation (RESERVE / RESERVE_ACK) is
+answered within a short core call even while a round crunches numbers, and Alice does
+not start a round while one of her reservations is waiting.
+
+The link state (pads, offsets, hash key, last committed round, a pending commit or
+deposit with its key material) is sealed under the storage key and written
+atomically *before* any frame it signed leaves the process, so a restart never reuses
+a one-time pad and a crash between COMMIT and COMMIT_ACK resolves on reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
+import signal
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +50,28 @@ T = TypeVar("T")
 _LEN = struct.Struct("<I")
 _STATE_ID = "qkdgw-link-auth-state-v1"
 RESERVE_TIMEOUT_S = 10.0
+DEPOSIT_RETRY_S = 1.0
+# Test hook: "point:round" makes the KME SIGKILL itself at that point of that round
+# (points: alice-commit-sent, alice-before-ack, bob-before-ack). Never set in service.
+CRASH_ENV = "QKDGW_TEST_LINK_CRASH"
+
+
+def _crash_point() -> tuple[str, int] | None:
+    spec = os.environ.get(CRASH_ENV, "")
+    if not spec:
+        return None
+    point, _, rnd = spec.partition(":")
+    return point, int(rnd or "1")
+
+
+@dataclass
+class ReservationStats:
+    requested: int = 0  # sent to the peer
+    confirmed: int = 0
+    failed: int = 0  # refused or timed out
+    applied: int = 0  # the peer's, recorded here
+    refused: int = 0  # the peer's, refused here
+    latencies: list[float] = field(default_factory=list)  # seconds, newest last
 
 
 class LinkUnavailable(Exception):
@@ -58,6 +88,7 @@ class Bb84Settings:
     listen: HostPort | None = None  # Bob
     quantum_listen: HostPort | None = None  # Bob
     round_pause_s: float = 0.2
+    round_timeout_s: float = 60.0  # a silent round (or unanswered COMMIT) ends after this
 
     def __repr__(self) -> str:
         return f"Bb84Settings(role={self.role!r}, <bootstrap key redacted>)"
@@ -88,9 +119,10 @@ class Bb84Link:
         self._max = max_key_count
         self._local = frozenset(local_saes)
         self._peers = frozenset(peer_saes)
-        auth, committed = self._load_state(settings)
+        auth, saved = self._load_state(settings)
         self.core = lc.LinkCore(settings.role, auth, settings.params, key_size_bits,
-                                np.random.default_rng(), committed=committed)
+                                np.random.default_rng(), committed=int(saved["committed"]),
+                                saved=saved, round_timeout_s=settings.round_timeout_s)
         self._lock = asyncio.Lock()
         self._writer: asyncio.StreamWriter | None = None
         self._qwriter: asyncio.StreamWriter | None = None
@@ -98,17 +130,21 @@ class Bb84Link:
         self._tasks: list[asyncio.Task[None]] = []
         self._requests = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[lc.ReservationAnswered]] = {}
+        self._work_ready = asyncio.Event()
         self._started = time.monotonic()
         self._first_round: float | None = None
+        self._crash = _crash_point()
+        self.reservations = ReservationStats()
+        self.blocks_trimmed = 0  # dropped by the store at the pool limit
         self.ports: dict[str, int] = {}
 
     # ----------------------------------------------------------- state at rest
 
-    def _load_state(self, s: Bb84Settings) -> tuple[AuthKeys, int]:
+    def _load_state(self, s: Bb84Settings) -> tuple[AuthKeys, dict[str, Any]]:
         try:
             sealed = self._state_path.read_bytes()
         except FileNotFoundError:
-            return lc.bootstrap_auth(s.role, s.bootstrap_key), 0
+            return lc.bootstrap_auth(s.role, s.bootstrap_key), {"committed": 0}
         try:
             state = json.loads(self._sealer.open(_STATE_ID, sealed))
         except (SealError, ValueError):
@@ -118,7 +154,7 @@ class Bb84Link:
         if state["auth"]["role"] != s.role:
             raise lc.LinkProtocolError(f"link state file {str(self._state_path)!r} is for "
                                        f"role {state['auth']['role']!r}")
-        return AuthKeys.import_state(state["auth"]), int(state["committed"])
+        return AuthKeys.import_state(state["auth"]), state
 
     def _save_state(self, state: dict[str, Any]) -> None:
         data = self._sealer.seal(_STATE_ID, json.dumps(state).encode())
@@ -130,29 +166,65 @@ class Bb84Link:
         finally:
             os.close(fd)
         os.replace(tmp, self._state_path)
+        # The rename itself must survive a power cut too.
+        dfd = os.open(self._state_path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
 
     # ---------------------------------------------------------- core plumbing
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        t_wait = time.monotonic()
         async with self._lock:
+            t_in = time.monotonic()
             try:
                 result = await asyncio.to_thread(fn, *args)
             finally:
-                if self.core.auth_dirty:
-                    self.core.auth_dirty = False
-                    state = {"auth": self.core.auth.export_state(),
-                             "committed": self.core.committed}
-                    # Written before the frames it signed leave (see module note).
-                    await asyncio.to_thread(self._save_state, state)
-                frames = self.core.frames_to_send()
-                pulses = self.core.quantum_to_send()
-                events = []
-                while (ev := self.core.next_event()) is not None:
-                    events.append(ev)
-                await self._send(frames, pulses)
+                t_fn = time.monotonic()
+                events = await self._flush_locked()
+            t_out = time.monotonic()
+        if t_out - t_wait > 0.2:
+            # Shows what a reservation may have waited behind (see benchmarks/).
+            log.debug("link_slow_call", fn=getattr(fn, "__name__", "?"),
+                        wait=round(t_in - t_wait, 3), run=round(t_fn - t_in, 3),
+                        flush=round(t_out - t_fn, 3))
+        q = self._qwriter
+        if q is not None and q.transport.get_write_buffer_size():
+            # A pulse frame is tens of MB: wait for it to drain without the lock.
+            with contextlib.suppress(ConnectionError):
+                await q.drain()
         for ev in events:
             await self._on_event(ev)
+        if self.core.has_work:
+            self._work_ready.set()
         return result
+
+    async def _flush_locked(self) -> list[lc.Event]:
+        core = self.core
+        if core.auth_dirty:
+            core.auth_dirty = False
+            state = {"auth": core.auth.export_state()} | core.export_state()
+            # Written before the frames it signed leave (see module note).
+            await asyncio.to_thread(self._save_state, state)
+        frames = core.frames_to_send()
+        pulses = core.quantum_to_send()
+        events = []
+        while (ev := core.next_event()) is not None:
+            events.append(ev)
+        if self._crash == ("bob-before-ack", core.committed) and any(
+                f[0] == lc.COMMIT_ACK for f in frames):
+            self._die("bob-before-ack")
+        await self._send(frames, pulses)
+        if self._crash == ("alice-commit-sent", core.pending_commit_round) and any(
+                f[0] == lc.COMMIT for f in frames):
+            self._die("alice-commit-sent")
+        return events
+
+    def _die(self, point: str) -> None:
+        log.warning("link_test_crash", point=point)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     async def _send(self, frames: list[bytes], pulses: list[bytes]) -> None:
         w = self._writer
@@ -165,8 +237,19 @@ class Bb84Link:
         if pulses and q is not None:
             for p in pulses:
                 write_frame(q, p)
-            with contextlib.suppress(ConnectionError):
-                await q.drain()
+
+    async def _work_loop(self) -> None:
+        """Run the core's heavy steps off the lock, one at a time, in order."""
+        while True:
+            await self._work_ready.wait()
+            self._work_ready.clear()
+            while True:
+                async with self._lock:
+                    work = self.core.take_work()
+                if work is None:
+                    break
+                await asyncio.to_thread(work.run)
+                await self._call(self.core.work_done, work, time.monotonic())
 
     async def _on_event(self, ev: lc.Event) -> None:
         if isinstance(ev, lc.RoundStarted):
@@ -179,10 +262,11 @@ class Bb84Link:
                         rounds_aborted=self.core.stats.rounds_aborted,
                         auth_failures=self.core.stats.auth_failures)
         elif isinstance(ev, lc.DepositRequested):
-            ok = await self._deposit(ev)
-            await self._call(self.core.commit_done, ev.round, ok)
+            await self._deposit_until_stored(ev)
         elif isinstance(ev, lc.RoundCommitted):
-            await self._deposit(ev)
+            log.info("link_round_committed", round=ev.round, key_bits=ev.key_bits,
+                     blocks=len(ev.blocks), discarded=ev.discarded, qber=round(ev.qber, 5),
+                     pulses=ev.pulses, auth_mode=self.core.auth.mode)
         elif isinstance(ev, lc.ReservationRequested):
             ok, reason = await self._apply_reservation(ev)
             await self._call(self.core.answer_reservation, ev.request, ok, reason)
@@ -194,26 +278,39 @@ class Bb84Link:
             log.info("link_peer_ready", role=self.s.role, auth_mode=self.core.auth.mode,
                      committed=self.core.committed, peer_committed=ev.committed)
 
-    async def _deposit(self, ev: lc.KeyBlocks) -> bool:
-        try:
-            await self.store.deposit(ev.blocks, time.time(), self._lifetime)
-        except Exception as exc:  # the store's own errors; never holds key bytes
-            log.error("link_deposit_failed", round=ev.round, error=type(exc).__name__)
-            return False
-        log.info("link_round_committed", round=ev.round, key_bits=ev.key_bits,
-                 blocks=len(ev.blocks), qber=round(ev.qber, 5), pulses=ev.pulses,
-                 auth_mode=self.core.auth.mode)
-        return True
+    async def _deposit_until_stored(self, ev: lc.DepositRequested) -> None:
+        if self._crash == ("alice-before-deposit", ev.round):
+            self._die("alice-before-deposit")
+        # The round is committed on both sides: its blocks must reach the store, so a
+        # failing store is retried (no new round starts meanwhile), never rolled back.
+        while True:
+            try:
+                trimmed = await self.store.deposit(ev.blocks, time.time(), self._lifetime,
+                                                   limit=self._max)
+            except Exception as exc:  # the store's own errors; never holds key bytes
+                log.error("link_deposit_failed", round=ev.round, error=type(exc).__name__,
+                          retry_in_s=DEPOSIT_RETRY_S)
+                await asyncio.sleep(DEPOSIT_RETRY_S)
+                continue
+            break
+        if trimmed:
+            self.blocks_trimmed += trimmed
+            log.warning("link_blocks_discarded_pool_full", round=ev.round, blocks=trimmed,
+                        max_key_count=self._max)
+        await self._call(self.core.deposit_done, ev.round, True)
 
     async def _apply_reservation(self, ev: lc.ReservationRequested) -> tuple[bool, str]:
         # The peer's master SAE asks for keys for one of our SAEs: check both ends.
         if ev.master not in self._peers or ev.slave not in self._local:
+            self.reservations.refused += 1
             return False, "master or slave SAE not registered on this link"
         keys = [ReservedKey(kid, tuple(bids), size) for kid, bids, size in ev.keys]
         try:
             await self.store.apply_reservation(ev.master, ev.slave, keys, time.time())
         except PoolError as exc:
+            self.reservations.refused += 1
             return False, exc.reason
+        self.reservations.applied += 1
         log.info("keys_reserved_by_peer", master=ev.master, slave=ev.slave,
                  key_ids=[k.key_id for k in keys])
         return True, ""
@@ -222,21 +319,34 @@ class Bb84Link:
                               keys: Sequence[ReservedKey]) -> None:
         """Tell the peer KME which blocks `keys` uses and wait for its ack."""
         if self._writer is None or not self.core.peer_ready:
+            self.reservations.failed += 1
             raise LinkUnavailable("the peer KME is not connected")
         req = next(self._requests)
         fut: asyncio.Future[lc.ReservationAnswered] = asyncio.get_running_loop().create_future()
+        # Registered first: the drive loop starts no round while this is waiting.
         self._waiting[req] = fut
+        t0 = time.monotonic()
+        self.reservations.requested += 1
         try:
             await self._call(self.core.request_reservation, req, master, slave,
                              [(k.key_id, list(k.block_ids), k.size_bits) for k in keys])
             ans = await asyncio.wait_for(fut, RESERVE_TIMEOUT_S)
-        except (TimeoutError, lc.AuthError) as exc:
-            raise LinkUnavailable(f"peer KME did not confirm the reservation "
-                                  f"({type(exc).__name__})") from None
+        except TimeoutError:
+            self.reservations.failed += 1
+            raise LinkUnavailable("peer KME did not confirm the reservation in "
+                                  f"{RESERVE_TIMEOUT_S:g} s") from None
+        except lc.AuthError as exc:
+            self.reservations.failed += 1
+            raise LinkUnavailable(f"cannot reserve at the peer KME now: {exc}") from None
         finally:
             self._waiting.pop(req, None)
+        lat = self.reservations.latencies
+        lat.append(time.monotonic() - t0)
+        del lat[:-1000]
         if not ans.ok:
+            self.reservations.failed += 1
             raise LinkUnavailable(f"peer KME refused the reservation: {ans.reason}")
+        self.reservations.confirmed += 1
 
     # ------------------------------------------------------------- connections
 
@@ -254,9 +364,13 @@ class Bb84Link:
             self._tasks.append(asyncio.create_task(self._dial_loop()))
             self._tasks.append(asyncio.create_task(self._drive_loop()))
         self._tasks.append(asyncio.create_task(self._timeout_loop()))
+        self._tasks.append(asyncio.create_task(self._work_loop()))
         log.info("link_started", role=self.s.role, auth_mode=self.core.auth.mode,
                  distance_km=self.s.params.distance_km, pulses=self.s.params.pulses,
-                 committed=self.core.committed, **self.ports)
+                 committed=self.core.committed,
+                 pending_commit=self.core.pending_commit_round, **self.ports)
+        # A round committed before a crash whose blocks may not be stored yet.
+        self._tasks.append(asyncio.create_task(self._call(self.core.resume)))
 
     async def close(self) -> None:
         for srv in self._servers:
@@ -280,6 +394,9 @@ class Bb84Link:
             await self._call(self.core.connection_made)
             while True:
                 data = await read_frame(reader, 1 << 28)
+                if self._crash == ("alice-before-ack", self.core.pending_commit_round) \
+                        and data[:1] == bytes([lc.COMMIT_ACK]):
+                    self._die("alice-before-ack")
                 await self._call(self.core.receive_frame, data, time.monotonic())
         except (asyncio.IncompleteReadError, ConnectionError):
             log.warning("link_classical_closed")
@@ -331,20 +448,34 @@ class Bb84Link:
             await asyncio.sleep(delay)
 
     async def _drive_loop(self) -> None:
-        """Alice: run rounds back to back while the pool is below max_key_count."""
+        """Alice: run rounds back to back while the pool is below max_key_count and no
+        reservation of hers is waiting for the peer."""
         while True:
             await asyncio.sleep(0.05)
             core = self.core
-            if self._writer is None or not core.peer_ready or core.round_active:
+            if (self._writer is None or not core.peer_ready or core.round_active
+                    or self._waiting):
                 continue
             try:
                 level = await self.store.free_blocks(time.time())
             except Exception:  # store busy or closing; try again shortly
                 continue
-            if level >= self._max:
+            if level >= self._max and not core.pads_low:
+                continue
+            number = core.next_round_number()
+            prepared = await asyncio.to_thread(core.prepare_round, number)
+            while self._waiting:  # a reservation came in while the pulses were made
+                await asyncio.sleep(0.01)
+            if core.round_active or not core.peer_ready or \
+                    core.next_round_number() != number:
                 continue
             before = core.stats.rounds_aborted
-            await self._call(core.start_round, time.monotonic())
+            try:
+                await self._call(functools.partial(core.start_round,
+                                                   room=max(0, self._max - level)),
+                                 time.monotonic(), prepared)
+            except ValueError:
+                continue  # the connection changed meanwhile
             while core.round_active and self._writer is not None:
                 await asyncio.sleep(0.02)
             if core.stats.rounds_aborted > before:
@@ -354,7 +485,11 @@ class Bb84Link:
         while True:
             await asyncio.sleep(1.0)
             if self.core.round_active:
-                await self._call(self.core.check_timeout, time.monotonic())
+                drop = await self._call(self.core.check_timeout, time.monotonic())
+                if drop and self._writer is not None:
+                    log.warning("link_commit_unacknowledged_reconnect",
+                                round=self.core.pending_commit_round)
+                    self._writer.close()
 
     # ------------------------------------------------------------------ status
 
@@ -364,6 +499,7 @@ class Bb84Link:
         out_lvl, in_lvl = self.core.auth.levels()
         elapsed = time.monotonic() - (self._first_round or self._started)
         per_pulse = st.key_bits / st.pulses if st.pulses else 0.0
+        r = self.reservations
         return {
             "link_type": "bb84", "role": self.s.role,
             "connected": self._writer is not None and self.core.peer_ready,
@@ -379,6 +515,11 @@ class Bb84Link:
             "auth_mode": self.core.auth.mode,
             "auth_pad_bytes_out": out_lvl, "auth_pad_bytes_in": in_lvl,
             "auth_pad_bytes_used": self.core.auth.used,
+            "committed_round": self.core.committed,
+            "blocks_discarded": st.blocks_discarded + self.blocks_trimmed,
+            "reservations_requested": r.requested, "reservations_confirmed": r.confirmed,
+            "reservations_failed": r.failed, "reservations_applied": r.applied,
+            "reservations_refused": r.refused,
         }
 
 

@@ -28,16 +28,36 @@ round abort cannot exhaust the key the link needs to restart.
 Each committed round first refills the pad streams (Alice names how much in COMMIT)
 and, the first time, replaces the bootstrap hash key and pads by link output.
 RESERVE / RESERVE_ACK carry key reservations between the KMEs (see qkd.kme).
+
+Heavy steps (Alice's pulse emission, Bob's measurement, each post-processing step)
+are *work items*: the core queues them (`take_work`), the adapter runs them off the
+core's lock and hands the result back (`work_done`). Every other call is short, so a
+reservation never waits behind a round's number crunching.
+
+Commit points, so that a crash anywhere leaves both sides able to agree again:
+
+- Bob commits when a valid COMMIT arrives: in one state (persisted by the adapter
+  before COMMIT_ACK leaves) he applies the pads, advances `committed` and records the
+  blocks as a *pending deposit*.
+- Alice's COMMIT is persisted with her state as a *pending commit* before it leaves.
+  COMMIT_ACK, or a HELLO whose `committed` covers the round, commits it; a HELLO
+  below it or an ABORT rolls it back. After a restart with a pending commit Alice
+  holds her HELLO until Bob's has resolved it; Bob's HELLO may already be tagged under
+  the pads the round installs, so it is also checked against those.
+- A pending deposit is stored by the adapter (idempotently, so a replay after a
+  crash is harmless) and cleared with `deposit_done`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import struct
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +88,14 @@ _CTRL = struct.Struct("<BQ16s")
 TARGET_PAD_BYTES = 32 * PAD_BYTES
 RESERVE_PAD_BYTES = 8 * PAD_BYTES
 BOOTSTRAP_PAD_BYTES = 256 * PAD_BYTES
+# Later rounds top the streams up to this (each reservation costs one pad per
+# direction), spending at most a quarter of the round's key per direction on it.
+TOPUP_PAD_BYTES = 256 * PAD_BYTES
+# A reservation leaves this much above the reserve, so the next round can always run
+# (ROUND_START, TRANSCRIPT, COMMIT, COMMIT_ACK) and refill; below LOW_PAD_BYTES Alice
+# runs a round even with a full pool (its key beyond the pool limit is discarded).
+ROUND_PAD_BYTES = 4 * PAD_BYTES
+LOW_PAD_BYTES = 32 * PAD_BYTES
 
 
 class LinkProtocolError(Exception):
@@ -104,12 +132,50 @@ class KeyBlocks:
 
 @dataclass(frozen=True)
 class DepositRequested(KeyBlocks):
-    pass
+    """A committed round's blocks to store (either side); answer with `deposit_done`.
+    `discarded` blocks did not fit under the pool limit and were dropped on both
+    sides."""
+
+    discarded: int = 0
 
 
 @dataclass(frozen=True)
 class RoundCommitted(KeyBlocks):
-    pass
+    """The round's blocks are stored (after `deposit_done`)."""
+
+    discarded: int = 0
+
+
+@dataclass
+class Work:
+    """A heavy step of a round; run `run()` anywhere (no core state is touched but the
+    round's own), then hand the outcome to `LinkCore.work_done`."""
+
+    kind: str  # "measure" or "pp"
+    round: _Round = field(repr=False)
+    fn: Callable[[], Any] = field(repr=False)
+    result: Any = field(default=None, repr=False)
+    error: Exception | None = None
+
+    def run(self) -> Work:
+        try:
+            self.result = self.fn()
+        except ValueError as exc:  # MessageError, FrameError: the peer's fault
+            self.error = exc
+        except Exception as exc:  # a bug; the type only (no data from inside)
+            self.error = RuntimeError(f"internal error ({type(exc).__name__})")
+        return self
+
+
+@dataclass
+class PreparedRound:
+    """Alice's pulses for round `number`, made off the lock (`LinkCore.prepare_round`)."""
+
+    number: int
+    record: SlotRecord = field(repr=False)
+    frame: bytes = field(repr=False)
+    proto: AliceProtocol = field(repr=False)
+    rng: np.random.Generator = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -176,6 +242,11 @@ class _Round:
     started: float = 0.0
     closing: bool = False
     pending: dict[str, Any] | None = None  # Alice: COMMIT sent, waiting for the ACK
+    pending_since: float = 0.0
+    rng: np.random.Generator | None = None
+    busy: bool = False  # a work item of this round is out
+    measuring: bool = False  # Bob: the measurement is queued or running
+    room: int | None = None  # Alice: blocks the pool can still take
 
 
 @dataclass
@@ -189,13 +260,16 @@ class LinkStats:
     last_qber: float | None = None
     last_abort_reason: str = ""
     last_round_key_bits: int = 0
+    blocks_discarded: int = 0
 
 
 class LinkCore:
     """One side ("alice" drives rounds and emits pulses, "bob" measures)."""
 
     def __init__(self, role: str, auth: AuthKeys, params: LinkParams, key_size_bits: int,
-                 rng: np.random.Generator, *, committed: int = 0) -> None:
+                 rng: np.random.Generator, *, committed: int = 0,
+                 saved: dict[str, Any] | None = None,
+                 round_timeout_s: float | None = None) -> None:
         if role not in ("alice", "bob"):
             raise ValueError("role must be 'alice' or 'bob'")
         if key_size_bits % 8:
@@ -204,21 +278,35 @@ class LinkCore:
         self.auth = auth
         self.params = params
         self.post = post_params(params)
+        if round_timeout_s is not None:
+            self.post = dataclasses.replace(self.post, timeout_s=round_timeout_s)
         self.block_bytes = key_size_bits // 8
         self.fingerprint = params_fingerprint(params, key_size_bits)
         self._rng = rng
+        # Only prepare_round draws from this one: it runs off the lock, in parallel
+        # with calls that use self._rng.
+        self._prep_rng = np.random.default_rng(rng.integers(1 << 63))
         self.committed = committed  # last round whose blocks this side holds
         self._last_round = committed
         self.stats = LinkStats()
         self._out: deque[bytes] = deque()
         self._quantum: deque[bytes] = deque()
         self._events: deque[Event] = deque()
+        self._work: deque[Work] = deque()
         self._round: _Round | None = None
-        self._alice_record: SlotRecord | None = None
         self._pulse_frames: dict[int, bytes] = {}
+        # Alice: COMMIT sent, outcome unknown. Both: committed, blocks not yet stored.
         self._pending_commit: dict[str, Any] | None = None
+        self._pending_deposit: dict[str, Any] | None = None
+        self._hello_held = False
+        self._now = 0.0
         self.peer_ready = False
         self.auth_dirty = False
+        if saved:
+            self._pending_commit = _load_pending(saved.get("pending_commit"))
+            self._pending_deposit = _load_pending(saved.get("pending_deposit"))
+            if self._pending_commit is not None and role != "alice":
+                raise ValueError("only Alice has a pending commit")
 
     def __repr__(self) -> str:
         return f"LinkCore(role={self.role!r}, committed={self.committed})"
@@ -226,28 +314,90 @@ class LinkCore:
     # ------------------------------------------------------------- I/O surface
 
     def frames_to_send(self) -> list[bytes]:
-        out = list(self._out)
-        self._out.clear()
+        out = []
+        while self._out:
+            out.append(self._out.popleft())
         return out
 
     def quantum_to_send(self) -> list[bytes]:
-        out = list(self._quantum)
-        self._quantum.clear()
+        out = []
+        while self._quantum:
+            out.append(self._quantum.popleft())
         return out
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    def take_work(self) -> Work | None:
+        """The next heavy step to run off the lock (one per round at a time)."""
+        while self._work:
+            w = self._work[0]
+            if w.round is not self._round:
+                self._work.popleft()  # its round ended meanwhile
+                continue
+            if w.round.busy:
+                return None
+            w.round.busy = True
+            return self._work.popleft()
+        return None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._work)
+
+    def work_done(self, work: Work, now: float) -> None:
+        self._now = now
+        rnd = work.round
+        rnd.busy = False
+        if rnd is not self._round:
+            return  # the round was aborted while the step ran: drop its result
+        if work.error is not None:
+            what = "quantum channel" if work.kind == "measure" else "post-processing"
+            self._abort_local(f"{what}: {work.error}")
+            return
+        if work.kind == "measure":
+            rnd.proto = work.result
+        self._flush_pp()
+
+    def export_state(self) -> dict[str, Any]:
+        """What the adapter persists with the auth keys (sealed; holds key material)."""
+        return {"committed": self.committed,
+                "pending_commit": _dump_pending(self._pending_commit),
+                "pending_deposit": _dump_pending(self._pending_deposit)}
+
     @property
     def round_active(self) -> bool:
-        return self._round is not None
+        """A round, an unresolved commit or an unstored deposit: no new round yet."""
+        return (self._round is not None or self._pending_commit is not None
+                or self._pending_deposit is not None)
+
+    @property
+    def pending_commit_round(self) -> int | None:
+        return None if self._pending_commit is None else int(self._pending_commit["round"])
+
+    def resume(self) -> None:
+        """After a restart: store the blocks of a round committed before the crash."""
+        pend = self._pending_deposit
+        if pend is not None:
+            self._request_deposit(pend)
 
     def connection_made(self) -> None:
-        """A (new) classical connection: send HELLO; any round in flight is lost."""
+        """A (new) classical connection: send HELLO; any round in flight is lost, except
+        a commit Alice has sent, which the peer's HELLO resolves."""
         if self._round is not None and self._round.pending is None:
             self._abort_local("connection to the peer KME lost", notify=False)
+        self._round = None
         self.peer_ready = False
         self._pulse_frames.clear()
+        if self._pending_commit is not None:
+            # Bob may already be on the pads this round installs: sign HELLO only once
+            # his HELLO told us which.
+            self._hello_held = True
+            return
+        self._send_hello()
+
+    def _send_hello(self) -> None:
+        self._hello_held = False
         self._send_ctrl(HELLO, {"role": self.role, "params": self.fingerprint,
                                 "watermark_in": self.auth.watermark_in,
                                 "committed": self.committed}, for_round=False)
@@ -255,6 +405,7 @@ class LinkCore:
     def receive_frame(self, data: bytes, now: float) -> None:
         if not data:
             raise LinkProtocolError("empty frame")
+        self._now = now
         kind = data[0]
         if kind == PP:
             self._on_pp(data[1:], now)
@@ -267,14 +418,17 @@ class LinkCore:
         rnd = self._round
         if kind in (TRANSCRIPT, COMMIT) and rnd is not None:
             extra = bytes(rnd.received)
+        message = _LABEL + bytes([kind]) + body + extra
+        if kind == HELLO and self._pending_commit is not None:
+            self._adopt_committed_pads_if_they_verify(offset, message, tag)
         try:
-            self.auth.verify(offset, _LABEL + bytes([kind]) + body + extra, tag)
+            self.auth.verify(offset, message, tag)
         except AuthError as exc:
             self.auth_dirty = True
             self.stats.auth_failures += 1
             # A forged or altered control frame ends the round in flight (if any); it
             # is never acted on.
-            if rnd is not None:
+            if rnd is not None and rnd.pending is None:
                 self._abort_local(f"{_NAMES[kind]} failed authentication ({exc})",
                                   auth=True)
             else:
@@ -297,6 +451,21 @@ class LinkCore:
         except (KeyError, TypeError, ValueError) as exc:
             raise LinkProtocolError(f"bad {_NAMES[kind]} ({type(exc).__name__})") from None
 
+    def _adopt_committed_pads_if_they_verify(self, offset: int, message: bytes,
+                                             tag: bytes) -> None:
+        """Alice, pending commit, Bob's HELLO: if it verifies only under the pads the
+        pending round installs, Bob has committed; move to those pads (the HELLO
+        handler then commits the round without applying them twice)."""
+        pend = self._pending_commit
+        assert pend is not None
+        if not pend["material"] or self.auth.check(offset, message, tag):
+            return
+        trial = AuthKeys.import_state(self.auth.export_state())
+        _apply_pads(trial, pend)
+        if trial.check(offset, message, tag):
+            self.auth = trial
+            pend["pads_applied"] = True
+
     def receive_pulses(self, data: bytes, now: float) -> None:
         """Bob: a pulse frame from the quantum channel (maybe rewritten by Eve)."""
         if self.role != "bob":
@@ -310,25 +479,49 @@ class LinkCore:
             del self._pulse_frames[k]
         self._maybe_measure(now)
 
-    def check_timeout(self, now: float) -> None:
+    def check_timeout(self, now: float) -> bool:
+        """Abort a silent round. True: a commit has waited too long for its ACK; drop
+        the connection, the HELLOs of the next one resolve it."""
         rnd = self._round
-        if rnd is not None and rnd.pending is None and now - rnd.started > self.post.timeout_s:
+        if rnd is None:
+            return False
+        if rnd.pending is not None:
+            return now - rnd.pending_since > self.post.timeout_s
+        if now - rnd.started > self.post.timeout_s:
             self._abort_local("round timed out (peer or quantum channel silent)")
+        return False
 
     # ------------------------------------------------------------ Alice: rounds
 
-    def start_round(self, now: float) -> None:
+    def next_round_number(self) -> int:
+        return max(self._last_round, self.committed) + 1
+
+    def prepare_round(self, number: int) -> PreparedRound:
+        """The heavy half of starting a round (pulse emission); touches no core state
+        but its own generator, so the adapter runs it off the lock."""
+        rng = np.random.default_rng(self._prep_rng.integers(1 << 63))
+        record, frame = emit(self.params, number & 0xFFFFFFFF, rng)
+        return PreparedRound(number, record, frame.encode(),
+                             AliceProtocol(record, self.post, rng), rng)
+
+    def start_round(self, now: float, prepared: PreparedRound | None = None, *,
+                    room: int | None = None) -> None:
+        """Start round `prepared.number` (made inline if not given). `room`: blocks the
+        pool can still take; the rest of the round's key is discarded on both sides."""
         if self.role != "alice":
             raise ValueError("only Alice starts rounds")
-        if self._round is not None or not self.peer_ready:
+        if self.round_active or not self.peer_ready:
             raise ValueError("a round is already running or the peer is not ready")
-        self._last_round = max(self._last_round, self.committed) + 1
-        number = self._last_round
+        number = self.next_round_number()
+        if prepared is None:
+            prepared = self.prepare_round(number)
+        elif prepared.number != number:
+            raise ValueError("prepared round is stale")
+        self._last_round = number
         nonce = self._rng.bytes(16)
         params = self.params
-        record, frame = emit(params, number & 0xFFFFFFFF, self._rng)
-        self._round = _Round(number, nonce, params.pulses, started=now)
-        self._alice_record = record
+        self._round = _Round(number, nonce, params.pulses, started=now, rng=prepared.rng,
+                             room=room)
         try:
             self._send_ctrl(ROUND_START, {"round": number, "nonce": nonce.hex(),
                                           "pulses": params.pulses}, for_round=True)
@@ -336,15 +529,26 @@ class LinkCore:
             self._round = None
             self._events.append(RoundAborted(number, f"cannot start a round: {exc}"))
             return
-        self._round.proto = AliceProtocol(record, self.post, self._rng)
-        self._quantum.append(frame.encode())
+        self._round.proto = prepared.proto
+        self._quantum.append(prepared.frame)
         self.stats.rounds_started += 1
         self._events.append(RoundStarted(number))
 
     # ------------------------------------------------------ reservations (both)
 
+    @property
+    def pads_low(self) -> bool:
+        """Few pads left in either direction: a round should run to refill them."""
+        return min(self.auth.levels()) < self.auth.reserve + LOW_PAD_BYTES
+
     def request_reservation(self, request: int, master: str, slave: str,
                             keys: list[tuple[str, list[str], int]]) -> None:
+        """Raises AuthError (nothing sent) when the pads are down to what the next round
+        needs: a flood of reservations must not leave the link unable to refill."""
+        out_lvl, in_lvl = self.auth.levels()
+        if min(out_lvl, in_lvl) < self.auth.reserve + ROUND_PAD_BYTES + PAD_BYTES:
+            raise AuthError("authentication pads low; reservations wait for the next "
+                            "round to refill them")
         self._send_ctrl(RESERVE, {"request": request, "master": master, "slave": slave,
                                   "keys": keys}, for_round=False)
 
@@ -378,12 +582,16 @@ class LinkCore:
         if pend is not None:
             self._pending_commit = None
             if peer_committed >= pend["round"]:
-                self._finish_alice_commit(pend)
+                self._alice_commit(pend)
             else:
-                self.stats.rounds_aborted += 1
-                self._events.append(RoundAborted(pend["round"], "commit not acknowledged "
-                                                 "before the connection dropped"))
+                if pend.get("pads_applied"):
+                    raise LinkProtocolError("peer HELLO verified under the pads of a round "
+                                            "it says it has not committed")
+                self._count_abort(pend["round"], "commit not acknowledged before the "
+                                  "connection dropped; rolled back on both sides")
         self._round = None
+        if self._hello_held:
+            self._send_hello()
         self.peer_ready = True
         self._events.append(PeerReady(peer_committed))
 
@@ -397,45 +605,49 @@ class LinkCore:
         if pulses != self.params.pulses:
             raise LinkProtocolError("ROUND_START pulse count differs from [link] pulses")
         self._round = _Round(int(msg["round"]), bytes.fromhex(msg["nonce"]), pulses,
-                             started=now)
+                             started=now,
+                             rng=np.random.default_rng(self._rng.integers(1 << 63)))
         self.stats.rounds_started += 1
         self._events.append(RoundStarted(self._round.number))
         self._maybe_measure(now)
 
     def _maybe_measure(self, now: float) -> None:
         rnd = self._round
-        if rnd is None or rnd.proto is not None:
+        if rnd is None or rnd.proto is not None or rnd.measuring:
             return
         data = self._pulse_frames.pop(rnd.number & 0xFFFFFFFF, None)
         if data is None:
             return
-        try:
+        rnd.measuring = True
+        params, post, rng, pulses = self.params, self.post, rnd.rng, rnd.pulses
+        assert rng is not None
+
+        def step() -> BobProtocol:
+            # Decoding tens of MB is part of the heavy step: off the lock too.
             frame = PulseFrame.decode(data)
-            if frame.pulses != rnd.pulses:
+            if frame.pulses != pulses:
                 raise FrameError("pulse frame size differs from ROUND_START")
-        except FrameError as exc:
-            self._abort_local(f"quantum channel: {exc}")
-            return
-        record = measure(frame, self.params, self._rng)
-        rnd.proto = BobProtocol(record, self.post, self._rng)
-        self._flush_pp()
+            return BobProtocol(measure(frame, params, rng), post, rng)
+
+        self._work.append(Work("measure", rnd, step))
 
     def _on_pp(self, payload: bytes, now: float) -> None:
         rnd = self._round
         if rnd is None or (rnd.closing and self.role == "alice"):
             return  # stale frame of an aborted round
         rnd.received += struct.pack("<I", len(payload)) + payload
-        proto = rnd.proto
-        if proto is None:
+        if rnd.proto is None and not rnd.measuring:
             self._abort_local("post-processing message before the pulses arrived")
             return
-        if not proto.done:
-            try:
+
+        def step() -> None:
+            proto = rnd.proto
+            if proto is None:
+                raise ValueError("post-processing message before the pulses arrived")
+            if not proto.done:
                 proto.receive_message(payload, now)
-            except ValueError as exc:
-                self._abort_local(f"post-processing: {exc}")
-                return
-        self._flush_pp()
+
+        self._work.append(Work("pp", rnd, step))
 
     def _flush_pp(self) -> None:
         rnd = self._round
@@ -443,7 +655,7 @@ class LinkCore:
         for msg in rnd.proto.messages_to_send():
             rnd.sent += struct.pack("<I", len(msg)) + msg
             self._out.append(bytes([PP]) + msg)
-        if not rnd.proto.done or rnd.closing:
+        if not rnd.proto.done or rnd.closing or self._work_pending_for(rnd):
             return
         if self.role == "bob":
             rnd.closing = True
@@ -454,12 +666,16 @@ class LinkCore:
         elif rnd.peer_outcome is not None:
             self._alice_close()
 
+    def _work_pending_for(self, rnd: _Round) -> bool:
+        return any(w.round is rnd for w in self._work)
+
     def _on_transcript(self, msg: dict[str, Any], now: float) -> None:
         rnd = self._round
         if self.role != "alice" or rnd is None or int(msg["round"]) != rnd.number:
             return
         rnd.peer_outcome = msg
-        if rnd.proto is not None and rnd.proto.done and not rnd.closing:
+        if (rnd.proto is not None and rnd.proto.done and not rnd.closing
+                and not rnd.busy and not self._work_pending_for(rnd)):
             self._alice_close()
 
     def _alice_close(self) -> None:
@@ -478,17 +694,28 @@ class LinkCore:
             refill = TARGET_PAD_BYTES
             if len(material) < HASH_KEY_BYTES + 2 * refill:
                 rekey, refill = False, 0  # not enough yet; stay on the bootstrap keys
+            else:
+                # A big first round may install more, as a later top-up would.
+                spare = ((len(material) - HASH_KEY_BYTES) // (4 * PAD_BYTES)) * PAD_BYTES
+                refill = max(refill, min(TOPUP_PAD_BYTES, spare))
         else:
-            refill = max(0, TARGET_PAD_BYTES - min(out_lvl, in_lvl))
+            refill = max(0, TOPUP_PAD_BYTES - min(out_lvl, in_lvl))
             refill = min(-(-refill // PAD_BYTES) * PAD_BYTES,
-                         (len(material) // (2 * PAD_BYTES)) * PAD_BYTES)
-        body = {"round": rnd.number, "key_bits": key_bits, "rekey": rekey, "refill": refill}
-        self._send_ctrl(COMMIT, body, for_round=False, extra=bytes(rnd.sent))
+                         (len(material) // (4 * PAD_BYTES)) * PAD_BYTES)
+        skip = (HASH_KEY_BYTES if rekey else 0) + 2 * refill
+        available = max(0, len(material) - skip) // self.block_bytes
+        blocks = available if rnd.room is None else min(available, max(0, rnd.room))
+        body = {"round": rnd.number, "key_bits": key_bits, "rekey": rekey, "refill": refill,
+                "blocks": blocks}
         rnd.pending = {"round": rnd.number, "nonce": rnd.nonce, "material": material,
                        "rekey": rekey, "refill": refill, "pulses": rnd.pulses,
-                       "qber": res.qber_x, "reason": res.abort_reason
+                       "blocks": blocks, "qber": res.qber_x, "reason": res.abort_reason
                        or ("Bob aborted" if rnd.peer_outcome["aborted"] else "")}
+        rnd.pending_since = self._now
+        # Set before the COMMIT is signed, so the state the adapter persists before the
+        # frame leaves already holds it.
         self._pending_commit = rnd.pending
+        self._send_ctrl(COMMIT, body, for_round=False, extra=bytes(rnd.sent))
 
     def _on_commit(self, msg: dict[str, Any], now: float) -> None:
         rnd = self._round
@@ -507,49 +734,57 @@ class LinkCore:
             self._abort_local("COMMIT names a key this side does not hold")
             return
         material = np.packbits(res.final_key[: key_bits - key_bits % 8]).tobytes()
-        self._pending_commit = {"round": rnd.number, "nonce": rnd.nonce,
-                                "material": material, "rekey": bool(msg["rekey"]),
-                                "refill": int(msg["refill"]), "pulses": rnd.pulses,
-                                "qber": res.qber_x}
-        blocks = self._cut(self._pending_commit)
-        self._events.append(DepositRequested(rnd.number, blocks, len(material) * 8,
-                                             rnd.pulses, res.qber_x))
-
-    def commit_done(self, round_no: int, ok: bool = True) -> None:
-        """Bob: the deposit of `round_no` is on disk (or failed): acknowledge, then
-        refill the pads from the round's key."""
-        pend = self._pending_commit
-        if pend is None or pend["round"] != round_no:
-            return
-        self._pending_commit = None
+        pend = {"round": rnd.number, "nonce": rnd.nonce, "material": material,
+                "rekey": bool(msg["rekey"]), "refill": int(msg["refill"]),
+                "blocks": int(msg["blocks"]), "pulses": rnd.pulses, "qber": res.qber_x}
+        # Bob's commit point: the ACK is tagged under the old pads, then the round's
+        # pads are installed; the adapter persists all of it before the ACK leaves.
+        self._send_ctrl(COMMIT_ACK, {"round": rnd.number}, for_round=False)
         self._round = None
-        if not ok:
-            self._abort_local("could not store the round's key", notify=True,
-                              number=round_no)
-            return
-        self._send_ctrl(COMMIT_ACK, {"round": round_no}, for_round=False)
-        self._apply_pads(pend)
-        self.committed = round_no
-        self._count_commit(pend)
+        self._commit(pend)
 
     def _on_commit_ack(self, msg: dict[str, Any], now: float) -> None:
         pend = self._pending_commit
         if self.role != "alice" or pend is None or int(msg["round"]) != pend["round"]:
             return
         self._pending_commit = None
-        self._finish_alice_commit(pend)
+        self._alice_commit(pend)
 
-    def _finish_alice_commit(self, pend: dict[str, Any]) -> None:
+    def _alice_commit(self, pend: dict[str, Any]) -> None:
         self._round = None
         if not pend["material"]:
             self._count_abort(pend["round"], pend["reason"] or "no key", qber=pend["qber"])
             return
-        blocks = self._cut(pend)
-        self._apply_pads(pend)
+        self._commit(pend)
+
+    def _commit(self, pend: dict[str, Any]) -> None:
+        if not pend.pop("pads_applied", False):
+            _apply_pads(self.auth, pend)
+        self.auth_dirty = True
         self.committed = pend["round"]
         self._count_commit(pend)
-        self._events.append(RoundCommitted(pend["round"], blocks, len(pend["material"]) * 8,
-                                           pend["pulses"], pend["qber"]))
+        self._pending_deposit = pend
+        self._request_deposit(pend)
+
+    def _request_deposit(self, pend: dict[str, Any]) -> None:
+        blocks, discarded = self._cut(pend)
+        self._events.append(DepositRequested(pend["round"], blocks, len(pend["material"]) * 8,
+                                             pend["pulses"], pend["qber"], discarded))
+
+    def deposit_done(self, round_no: int, ok: bool = True) -> None:
+        """The blocks of `round_no` are on disk (ok) or could not be stored (the adapter
+        retries: the round is committed on both sides and stays so)."""
+        pend = self._pending_deposit
+        if pend is None or pend["round"] != round_no or not ok:
+            return
+        self._pending_deposit = None
+        self.auth_dirty = True
+        blocks, discarded = self._cut(pend)
+        self._events.append(RoundCommitted(round_no, blocks, len(pend["material"]) * 8,
+                                           pend["pulses"], pend["qber"], discarded))
+
+    # Older name, kept for callers that still acknowledge a deposit this way.
+    commit_done = deposit_done
 
     def _on_abort(self, msg: dict[str, Any], now: float) -> None:
         rnd = self._round
@@ -561,23 +796,14 @@ class LinkCore:
 
     # ----------------------------------------------------------------- helpers
 
-    def _cut(self, pend: dict[str, Any]) -> list[tuple[str, bytes]]:
+    def _cut(self, pend: dict[str, Any]) -> tuple[list[tuple[str, bytes]], int]:
         skip = (HASH_KEY_BYTES + 2 * pend["refill"]) if pend["rekey"] else 2 * pend["refill"]
         rest = pend["material"][skip:]
         n = len(rest) // self.block_bytes
-        ids = block_ids(pend["nonce"], pend["round"], n)
+        keep = min(n, int(pend["blocks"]))
+        ids = block_ids(pend["nonce"], pend["round"], keep)
         bb = self.block_bytes
-        return [(ids[i], rest[i * bb:(i + 1) * bb]) for i in range(n)]
-
-    def _apply_pads(self, pend: dict[str, Any]) -> None:
-        mat = pend["material"]
-        refill = pend["refill"]
-        if pend["rekey"]:
-            hk = HashKey(mat[:HASH_KEY_BYTES])
-            self.auth.replace_pads(mat[HASH_KEY_BYTES:HASH_KEY_BYTES + 2 * refill], hk, "qkd")
-        elif refill:
-            self.auth.refill(mat[:2 * refill])
-        self.auth_dirty = True
+        return [(ids[i], rest[i * bb:(i + 1) * bb]) for i in range(keep)], n - keep
 
     def _count_commit(self, pend: dict[str, Any]) -> None:
         s = self.stats
@@ -586,6 +812,7 @@ class LinkCore:
         s.pulses += pend["pulses"]
         s.last_qber = pend["qber"]
         s.last_round_key_bits = len(pend["material"]) * 8
+        s.blocks_discarded += self._cut(pend)[1]
 
     def _count_abort(self, number: int, reason: str, *, auth: bool = False,
                      qber: float | None = None) -> None:
@@ -603,10 +830,12 @@ class LinkCore:
         rnd = self._round
         num = number if number is not None else (rnd.number if rnd is not None else -1)
         qber = None
-        if rnd is not None and rnd.proto is not None and rnd.proto.result.test_bits:
+        if (rnd is not None and rnd.proto is not None and not rnd.busy
+                and rnd.proto.result.test_bits):
             qber = rnd.proto.result.qber_x
         self._round = None
-        self._pending_commit = None
+        if rnd is not None and rnd.pending is not None:
+            self._pending_commit = None
         if notify:
             with contextlib.suppress(AuthError):
                 self._send_ctrl(ABORT, {"round": num, "reason": reason[:200]},
@@ -621,6 +850,33 @@ class LinkCore:
         assert len(tag) == TAG_BYTES
         self.auth_dirty = True
         self._out.append(_CTRL.pack(kind, offset, tag) + raw)
+
+
+def _apply_pads(auth: AuthKeys, pend: dict[str, Any]) -> None:
+    """Install what a committed round pays for: a refill of both pad streams, or (the
+    first time) a new hash key and fresh pads instead of the bootstrap ones."""
+    mat = pend["material"]
+    refill = pend["refill"]
+    if pend["rekey"]:
+        hk = HashKey(mat[:HASH_KEY_BYTES])
+        auth.replace_pads(mat[HASH_KEY_BYTES:HASH_KEY_BYTES + 2 * refill], hk, "qkd")
+    elif refill:
+        auth.refill(mat[:2 * refill])
+
+
+def _dump_pending(pend: dict[str, Any] | None) -> dict[str, Any] | None:
+    if pend is None:
+        return None
+    return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in pend.items()}
+
+
+def _load_pending(saved: Any) -> dict[str, Any] | None:
+    if not saved:
+        return None
+    pend = dict(saved)
+    pend["nonce"] = bytes.fromhex(pend["nonce"])
+    pend["material"] = bytes.fromhex(pend["material"])
+    return pend
 
 
 def bootstrap_auth(role: str, psk: bytes) -> AuthKeys:

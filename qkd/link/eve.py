@@ -5,6 +5,10 @@ frame in flight with `qkd.link.quantum.attack` (intercept-resend, photon-number
 splitting or depolarising noise on a fraction of the pulses). The KMEs only see its
 effect in their own statistics (QBER, decoy estimates). The classical channel is not
 touched: it is authenticated, and tampering with it is a different test.
+
+With `--start-after S` she forwards the frames untouched for S seconds and attacks
+from then on; SIGUSR1 starts the attack at once (`qkdgw demo --eve` uses it to strike
+only once the tunnel has run on link key for a while).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +31,25 @@ from qkd.link.quantum import ATTACKS, MAX_PULSES, FrameError, PulseFrame, attack
 log = get_logger("qkd.eve")
 
 
+class Trigger:
+    """When the attack starts: after a delay, or at once on `arm()`."""
+
+    def __init__(self, start_after: float) -> None:
+        self.at = time.monotonic() + start_after
+
+    def arm(self) -> None:
+        if self.at > time.monotonic():
+            self.at = time.monotonic()
+            log.warning("eve_armed", attack="now")
+
+    @property
+    def armed(self) -> bool:
+        return time.monotonic() >= self.at
+
+
 async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  forward: HostPort, mode: str, fraction: float,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, trigger: Trigger) -> None:
     try:
         up_r, up_w = await asyncio.open_connection(forward.host, forward.port)
     except OSError as exc:
@@ -43,6 +64,11 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             except FrameError:
                 write_frame(up_w, data)  # not ours to understand: pass it on
             else:
+                if not trigger.armed:
+                    write_frame(up_w, data)
+                    log.info("eve_passive_frame", round=frame.round, pulses=frame.pulses)
+                    await up_w.drain()
+                    continue
                 tapped = await asyncio.to_thread(attack, frame, mode, fraction, rng)
                 write_frame(up_w, tapped.encode())
                 log.info("eve_frame", round=frame.round, pulses=frame.pulses,
@@ -58,13 +84,16 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 async def run_eve(listen: HostPort, forward: HostPort, mode: str, fraction: float,
-                  port_file: Path | None = None, seed: int | None = None) -> None:
+                  port_file: Path | None = None, seed: int | None = None,
+                  start_after: float = 0.0) -> None:
     rng = np.random.default_rng(seed)
+    trigger = Trigger(start_after)
     server = await asyncio.start_server(
-        lambda r, w: _relay(r, w, forward, mode, fraction, rng), listen.host, listen.port)
+        lambda r, w: _relay(r, w, forward, mode, fraction, rng, trigger),
+        listen.host, listen.port)
     port = server.sockets[0].getsockname()[1]
     log.info("eve_started", listen=f"{listen.host}:{port}", forward=str(forward),
-             attack=mode, fraction=fraction)
+             attack=mode, fraction=fraction, start_after_s=start_after)
     if port_file is not None:
         from qkd.kme import write_port_file
 
@@ -73,6 +102,7 @@ async def run_eve(listen: HostPort, forward: HostPort, mode: str, fraction: floa
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, trigger.arm)
     async with server:
         await stop.wait()
     if port_file is not None:
@@ -90,10 +120,13 @@ def _handle(args: argparse.Namespace) -> int:
         raise UserError(f"--listen/--forward: {exc} (fix: write HOST:PORT)") from None
     if not 0.0 <= args.fraction <= 1.0:
         raise UserError("--fraction must be between 0 and 1")
+    if not args.start_after >= 0.0:
+        raise UserError("--start-after must be a number of seconds >= 0 (inf: only on "
+                        "SIGUSR1)")
     configure_logging(args.log_level, args.log_format, process="eve")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_eve(listen, forward, args.attack, args.fraction, args.port_file,
-                            args.seed))
+                            args.seed, args.start_after))
     return 0
 
 
@@ -108,6 +141,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--attack", required=True, choices=ATTACKS)
     p.add_argument("--fraction", type=float, default=1.0,
                    help="fraction of the pulses attacked (default 1)")
+    p.add_argument("--start-after", type=float, default=0.0, metavar="S",
+                   help="forward the pulses untouched for S seconds first (inf: until "
+                        "SIGUSR1); default 0")
     p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--port-file", type=Path, default=None, metavar="PATH",
                    help="write the bound port to PATH once listening")

@@ -60,3 +60,24 @@ def test_intercept_resend_aborts_rounds_and_the_tunnel_fails_closed(tmp_path: Pa
         assert 'qkdgw_kme_errors_total{kind="no_key"}' in bed.metrics("site-a")
     eve_log = (tmp_path / "logs" / "eve.log").read_text()
     assert "eve_frame" in eve_log
+
+
+@pytest.mark.slow
+def test_demo_late_eve_drains_the_pool_and_fails_closed() -> None:
+    """`qkdgw demo --eve intercept-resend`: Eve strikes once the tunnel runs on link key;
+    the link detects her (QBER), stops making key, the small pool runs dry through the
+    re-handshakes and the gateways fail closed, with the reason given."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "demo", "--eve",
+                           "intercept-resend", "--distance-km", "10", "--pulses",
+                           "12000000", "--json"], capture_output=True, text=True, timeout=400)
+    s = json.loads(proc.stdout)
+    assert proc.returncode == 0 and s["ok"], s
+    assert s["bytes_before_eve"] > 0 and s["rekeys_before_eve"] >= 2
+    assert s["eve_started_seconds"] < s["detection_seconds"] < s["fail_closed_seconds"]
+    assert s["pool_dry_seconds"] <= s["fail_closed_seconds"]
+    assert s["rounds_committed_after_eve"] <= 1 and s["link"]["last_qber"] > 0.2
+    assert "no key" in s["gateway_reason"] and "QBER" in s["link"]["last_abort_reason"]

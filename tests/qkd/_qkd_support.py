@@ -20,9 +20,21 @@ SIDES = {
 }
 
 
+def bb84_link(pki: Path, role: str, *, peer: int = 0, quantum: int = 0,
+              pulses: int = 12_000_000, distance_km: float = 10.0) -> str:
+    """A [link] section for the BB84 link between two test KMEs (Bob listens on free
+    ports; Alice dials `peer` / `quantum`). 10 km and 1.2e7 pulses: ~2 s rounds."""
+    common = (f'type = "bb84"\nsecret_file = "{pki}/link-secret.key"\n'
+              f"distance_km = {distance_km}\npulses = {pulses}\n")
+    if role == "bob":
+        return common + 'role = "bob"\nlisten = "127.0.0.1:0"\nquantum_listen = "127.0.0.1:0"\n'
+    return (common + f'role = "alice"\npeer = "127.0.0.1:{peer}"\n'
+            f'quantum = "127.0.0.1:{quantum}"\n')
+
+
 def kme_toml(pki: Path, side: str, db: Path, *, key_rate: str = "inf",
              max_key_count: int = 1000, max_key_per_request: int = 16,
-             extra_kme: str = "") -> str:
+             extra_kme: str = "", link: str | None = None, extra: str = "") -> str:
     s = SIDES[side]
     site = s["site"]
     saes = "".join(f'[[sae]]\nid = "{sae}"\n\n' for sae in s["local"])
@@ -49,10 +61,9 @@ kme_id = "{s['peer_kme']}"
 sae_ids = [{peers}]
 
 [link]
-type = "ideal"
-secret_file = "{pki}/link-secret.key"
-key_rate = {key_rate}
-
+{link if link is not None else f'type = "ideal"{chr(10)}secret_file = "{pki}/link-secret.key"'
+                                 f'{chr(10)}key_rate = {key_rate}'}
+{extra}
 [logging]
 level = "debug"
 """
@@ -61,7 +72,8 @@ level = "debug"
 class KmeProcess:
     """`qkdgw kme` as a real child process (for schemathesis and the crash tests)."""
 
-    def __init__(self, config: Path, workdir: Path, name: str = "kme") -> None:
+    def __init__(self, config: Path, workdir: Path, name: str = "kme",
+                 env: dict[str, str] | None = None) -> None:
         import os
         import subprocess
         import sys
@@ -74,7 +86,8 @@ class KmeProcess:
                 [sys.executable, "-m", "gateway.cli", "kme", "--config", str(config),
                  "--port-file", str(self.port_file)],
                 stdout=out, stderr=out, stdin=subprocess.DEVNULL,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                start_new_session=True)
         self.port = self._wait_port()
 
     def _wait_port(self, timeout: float = 30.0) -> int:
@@ -94,6 +107,33 @@ class KmeProcess:
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
+
+    def link_ports(self) -> dict[str, int]:
+        """Bob's bound link ports (written next to the port file)."""
+        import json
+
+        path = self.port_file.with_name(self.port_file.name + ".link")
+        return {k: int(v) for k, v in json.loads(path.read_text()).items()}
+
+    def status(self, pki: Path, site: str, peer_sae: str) -> dict[str, object]:
+        """ETSI 014 Status as the local SAE `site`-gw sees it (blocking)."""
+        import json
+        import ssl
+        import urllib.request
+
+        ctx = ssl.create_default_context(cafile=str(pki / "tls-ca.crt"))
+        ctx.load_cert_chain(pki / site / "sae-client.crt", pki / site / "sae-client.key")
+        url = f"{self.url}/api/v1/keys/{peer_sae}/status"
+        with urllib.request.urlopen(url, timeout=10, context=ctx) as resp:
+            result: dict[str, object] = json.loads(resp.read())
+        return result
+
+    def link_status(self, pki: Path, site: str, peer_sae: str) -> dict[str, object]:
+        ext = self.status(pki, site, peer_sae).get("status_extension", {})
+        return dict(ext.get("qkd_link", {}))  # type: ignore[union-attr]
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.popen.wait(timeout)
 
     def kill(self) -> None:
         import signal

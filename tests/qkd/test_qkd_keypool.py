@@ -124,3 +124,22 @@ def test_moved_or_edited_rows_do_not_open(store: KeyStore, tmp_path: Path) -> No
 def test_sealer_repr_hides_key() -> None:
     key = bytes(range(32))
     assert key.hex() not in repr(Sealer(key)) and "redacted" in repr(Sealer(key))
+
+
+def test_deposit_is_idempotent_and_never_exceeds_the_limit(store: KeyStore) -> None:
+    assert store.deposit(blocks(4), T0, 3600) == 0
+    keys = store.reserve("m", "s", 1, 256, T0)
+    store.take([keys[0].key_id], "m", "s", T0)
+    # Replaying the same deposit (after a crash) neither duplicates nor revives a block.
+    assert store.deposit(blocks(4), T0, 3600, limit=100) == 0
+    assert store.free_blocks(T0) == 3
+    with pytest.raises(PoolError, match="already delivered"):
+        store.take([keys[0].key_id], "m", "s", T0)
+    # The limit: only the room left is stored, the rest is dropped and counted.
+    assert store.deposit(blocks(5, 10), T0, 3600, limit=6) == 2
+    assert store.free_blocks(T0) == 6
+    assert store.deposit(blocks(2, 20), T0, 3600, limit=6) == 2
+    assert store.pool_counts(T0) == {"free": 6, "reserved": 0, "delivered": 1, "expired": 0}
+    # Positive control: without a limit the same deposit goes above it.
+    assert store.deposit(blocks(2, 30), T0, 3600) == 0
+    assert store.free_blocks(T0) == 8

@@ -1,0 +1,154 @@
+"""The KME's admin endpoint (`[admin] listen`): plain-HTTP `/status` (JSON) and
+`/metrics` (Prometheus text), separate from the ETSI 014 API.
+
+It shows levels and counters only: pool block counts, link figures (QBER, key rate,
+rounds, aborts, authentication failures, pad levels), reservations. Nothing in it is
+key material or derived from it beyond counts, so no key ID is listed either. Keep it on
+loopback (or a management network): it has no authentication.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from qkd.kme import KmeService
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+async def snapshot(service: KmeService, started: float) -> dict[str, Any]:
+    """Everything /status shows; /metrics renders the same numbers."""
+    cfg = service.config
+    now = time.time()
+    out: dict[str, Any] = {
+        "kme_id": cfg.kme_id, "peer_kme_id": cfg.peer.kme_id,
+        "link_type": cfg.link.type, "uptime_s": round(time.monotonic() - started, 1),
+        "max_key_count": cfg.limits.max_key_count, "key_size": cfg.limits.key_size,
+    }
+    if service.bb84 is not None:
+        out["pool"] = await service.store.pool_counts(now)
+        link = service.bb84.status()
+        lat = service.bb84.reservations.latencies
+        link["reservation_latency_p50_s"] = _quantile(lat, 0.5)
+        link["reservation_latency_p99_s"] = _quantile(lat, 0.99)
+        out["link"] = link
+    else:
+        # The ideal link has no pool, only its token bucket of derivable keys.
+        out["pool"] = {"free": service.ideal_level()}
+        out["link"] = {"link_type": "ideal", "key_rate": cfg.link.key_rate}
+    return out
+
+
+class _KmeCollector(Collector):
+    """Renders the snapshot the handler took just before `generate_latest`."""
+
+    def __init__(self) -> None:
+        self.snap: dict[str, Any] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snap
+        if not s:
+            return
+        pool = GaugeMetricFamily("qkdgw_kme_pool_blocks",
+                                 "Key blocks in the pool by state (free = stored_key_count)",
+                                 labels=["state"])
+        for state, n in sorted(s["pool"].items()):
+            pool.add_metric([state], n)
+        yield pool
+        yield GaugeMetricFamily("qkdgw_kme_pool_max_blocks", "max_key_count",
+                                value=s["max_key_count"])
+        link = s["link"]
+        if link.get("link_type") != "bb84":
+            return
+        yield GaugeMetricFamily("qkdgw_kme_link_connected",
+                                "1 when the peer KME is connected and past HELLO",
+                                value=1 if link["connected"] else 0)
+        rounds = CounterMetricFamily("qkdgw_kme_link_rounds", "BB84 rounds by outcome",
+                                     labels=["outcome"])
+        rounds.add_metric(["committed"], link["rounds_committed"])
+        rounds.add_metric(["aborted"], link["rounds_aborted"])
+        yield rounds
+        yield CounterMetricFamily("qkdgw_kme_link_auth_failures",
+                                  "Classical-channel frames that failed Wegman-Carter "
+                                  "authentication", value=link["auth_failures"])
+        yield CounterMetricFamily("qkdgw_kme_link_key_bits", "Secret key bits committed",
+                                  value=link["key_bits_total"])
+        yield CounterMetricFamily("qkdgw_kme_link_blocks_discarded",
+                                  "Key blocks dropped because the pool was at "
+                                  "max_key_count", value=link["blocks_discarded"])
+        if link["last_qber"] is not None:
+            yield GaugeMetricFamily("qkdgw_kme_link_qber",
+                                    "Test-basis QBER of the last round that measured one",
+                                    value=link["last_qber"])
+        yield GaugeMetricFamily("qkdgw_kme_link_secret_key_rate_bps",
+                                "Committed key bits per wall-clock second since the "
+                                "first round", value=link["secret_key_rate_bps"])
+        yield GaugeMetricFamily("qkdgw_kme_link_key_rate_at_source_bps",
+                                "Key per pulse times the modelled repetition rate",
+                                value=link["key_rate_at_source_bps"])
+        pads = GaugeMetricFamily("qkdgw_kme_link_auth_pad_bytes",
+                                 "One-time pad bytes left per direction",
+                                 labels=["direction"])
+        pads.add_metric(["out"], link["auth_pad_bytes_out"])
+        pads.add_metric(["in"], link["auth_pad_bytes_in"])
+        yield pads
+        mode = GaugeMetricFamily("qkdgw_kme_link_auth_mode",
+                                 "1 for the classical channel's current key source",
+                                 labels=["mode"])
+        for m in ("bootstrap", "qkd"):
+            mode.add_metric([m], 1 if link["auth_mode"] == m else 0)
+        yield mode
+        res = CounterMetricFamily("qkdgw_kme_reservations",
+                                  "Key reservations between the KMEs", labels=["direction",
+                                                                               "outcome"])
+        res.add_metric(["sent", "confirmed"], link["reservations_confirmed"])
+        res.add_metric(["sent", "failed"], link["reservations_failed"])
+        res.add_metric(["received", "applied"], link["reservations_applied"])
+        res.add_metric(["received", "refused"], link["reservations_refused"])
+        yield res
+        lat = GaugeMetricFamily("qkdgw_kme_reservation_latency_seconds",
+                                "RESERVE to RESERVE_ACK, over the last 1000 reservations "
+                                "sent", labels=["quantile"])
+        for q, key in (("0.5", "reservation_latency_p50_s"),
+                       ("0.99", "reservation_latency_p99_s")):
+            if link[key] is not None:
+                lat.add_metric([q], link[key])
+        yield lat
+
+
+def build_admin_app(service: KmeService) -> web.Application:
+    started = time.monotonic()
+    registry = CollectorRegistry()
+    collector = _KmeCollector()
+    registry.register(collector)
+
+    async def status(_request: web.Request) -> web.Response:
+        return web.json_response(await snapshot(service, started))
+
+    async def metrics(_request: web.Request) -> web.Response:
+        collector.snap = await snapshot(service, started)
+        return web.Response(body=generate_latest(registry),
+                            headers={"Content-Type": CONTENT_TYPE})
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+__all__ = ["build_admin_app", "snapshot"]
