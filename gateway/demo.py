@@ -20,6 +20,7 @@ import shutil
 import struct
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import Any
 from gateway.testbed import Testbed, TestbedError, TestbedOptions
 
 CHUNK = 256 * 1024
+# The pool of the late-eavesdropper demo: small, so that it visibly runs dry.
+EVE_POOL_KEYS = 24
 
 
 @dataclass
@@ -126,17 +129,23 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     keep = args.workdir is not None
     workdir = Path(args.workdir) if keep else Path(tempfile.mkdtemp(prefix="qkdgw-demo-"))
     rekey = args.rekey_interval
+    late_eve = bool(args.eve) and _eve_delay(args.eve_after) != 0.0
     if rekey is None:
-        rekey = max(1.0, args.duration / 6) if args.duration else 2.0
+        rekey = 1.0 if late_eve else max(1.0, args.duration / 6) if args.duration else 2.0
+    pool = args.max_key_count or (EVE_POOL_KEYS if late_eve else 1000)
     options = TestbedOptions(rekey_interval=rekey, key_update_records=args.key_update_records,
                              link=args.link, distance_km=args.distance_km,
-                             pulses=args.pulses, eve=args.eve, connect_wait=2.0)
+                             pulses=args.pulses, eve=args.eve, connect_wait=2.0,
+                             max_key_count=pool,
+                             eve_after=float("inf") if late_eve else None)
     bed = Testbed(workdir, options)
     summary: dict[str, Any] = {"ok": False, "workdir": str(workdir) if keep else None}
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr,
                                                                 flush=True))
     try:
-        if args.eve:
+        if late_eve:
+            run_late_eve_demo(args, bed, summary, say)
+        elif args.eve:
             run_eve_demo(args, bed, summary, say)
         else:
             run_traffic_demo(args, bed, summary, say)
@@ -170,8 +179,11 @@ def run_traffic_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, 
     if args.link == "bb84":
         summary["link"] = _link_summary(bed.link_status("site-a"))
     failures = report.failures
+    restart = _restart_by_psk(bed, size=min(size, 1 << 20), say=say)
+    failures += restart.pop("failures")
+    summary["restart"] = restart
     ok = (not failures and report.bytes_verified == report.bytes_sent > 0
-          and final_a["handshakes"] >= 1)
+          and final_a["handshakes"] >= 1 and restart["auth_mode"] == "psk")
     summary.update(
         ok=ok,
         streams=len(report.results),
@@ -189,6 +201,24 @@ def run_traffic_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, 
         mode=peer["mode"],
         failures=failures[:20],
     )
+
+
+def _restart_by_psk(bed: Testbed, size: int, say: Any) -> dict[str, Any]:
+    """Stop gateway A and start it again on its state directory: the new tunnel must
+    authenticate with the PSK the last session derived, without certificates."""
+    say("restarting gateway A: the new tunnel should authenticate by PSK, not PKI")
+    bed.stop("gateway-site-a")
+    bed.start_gateway("site-a", "site-b", connect=bed.ports["tunnel-site-b"],
+                      listeners={"sink": 0})
+    peer = bed.wait_tunnel()["peer"]
+    result = asyncio.run(push_stream(bed.ports["listen-site-a-sink"], 0, size))
+    ok = result.error is None and result.verified == size
+    return {
+        "auth_mode": peer.get("auth_mode"),
+        "psk_epoch": peer.get("bootstrap_psk_epoch"),
+        "bytes_verified": result.verified,
+        "failures": [] if ok else [f"after the restart: {result.error or 'data lost'}"],
+    }
 
 
 def _link_summary(st: dict[str, Any]) -> dict[str, Any]:
@@ -242,9 +272,161 @@ def run_eve_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, Any]
     )
 
 
+def _eve_delay(value: str) -> float | None:
+    """--eve-after: "auto" (None) = once the tunnel is up and has re-handshaked twice;
+    a number = that many seconds after the tunnel came up; 0 = from the first pulse."""
+    if value == "auto":
+        return None
+    try:
+        delay = float(value)
+    except ValueError:
+        from gateway.cli import UserError
+
+        raise UserError(f"--eve-after {value!r}: give 'auto' or a number of seconds "
+                        "(0: attack from the first pulse)") from None
+    if not delay >= 0.0:
+        from gateway.cli import UserError
+
+        raise UserError("--eve-after must be >= 0 seconds (or 'auto')")
+    return delay
+
+
+class _Probe(threading.Thread):
+    """Site A's application during the late-eve demo: a small checked stream through
+    the tunnel every 0.3 s; records (seconds since t0, bytes verified, error)."""
+
+    def __init__(self, port: int, t0: float) -> None:
+        super().__init__(daemon=True, name="demo-probe")
+        self.port, self.t0 = port, t0
+        self.results: list[tuple[float, int, str | None]] = []
+        self._stop_evt = threading.Event()
+
+    def run(self) -> None:
+        i = 0
+        while not self._stop_evt.is_set():
+            r = asyncio.run(push_stream(self.port, i, 64 * 1024, timeout=5))
+            self.results.append((time.monotonic() - self.t0, r.verified, r.error))
+            i += 1
+            self._stop_evt.wait(0.3)
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+        self.join(15)
+
+
+def _last_kme_error(bed: Testbed) -> str:
+    """Why gateway A could not rekey: its last KME error, from its JSON log."""
+    reason = ""
+    with contextlib.suppress(OSError):
+        for line in bed.logs.joinpath("gateway-site-a.log").read_text().splitlines():
+            if '"kme.enc_keys_failed"' in line:
+                with contextlib.suppress(ValueError):
+                    reason = str(json.loads(line).get("error", ""))
+    return reason
+
+
+def run_late_eve_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, Any],
+                      say: Any) -> None:
+    """The link makes key, the tunnel runs and rekeys on it; then Eve starts
+    intercept-resend on the quantum channel. The KMEs see her in the QBER and abort
+    every round, the small pool drains with each re-handshake, and once it is dry the
+    gateways cannot rekey and fail closed.
+
+    ok = traffic crossed before the attack; after it a round aborted on QBER (the
+    detection), no round committed since, the pool ran dry, and application traffic
+    stopped (the last probes all failed) with the reason printed."""
+    o = bed.options
+    delay = _eve_delay(args.eve_after)
+    summary["eve"] = args.eve
+    say(f"qkdgw demo --eve {args.eve}: KMEs on {args.distance_km:g} km, pool of "
+        f"{o.max_key_count} keys, re-handshake every {o.rekey_interval:g} s; the "
+        "eavesdropper waits until the tunnel runs on link key")
+    t0 = time.monotonic()
+    bed.start_all()
+    status = bed.wait_tunnel()
+    up_at = time.monotonic() - t0
+    say(f"t={up_at:5.1f} s  tunnel up ({status['peer']['kem']} + QKD), pool "
+        f"{bed.kme_status('site-a')['stored_key_count']} keys")
+    probe = _Probe(bed.ports["listen-site-a-sink"], t0)
+    probe.start()
+    try:
+        deadline = time.monotonic() + 90
+        if delay is None:
+            while bed.status("site-a")["rekeys"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+        else:
+            time.sleep(delay)
+        before = bed.link_status("site-a")
+        gw_before = bed.status("site-a")
+        bed.arm_eve()
+        armed_at = time.monotonic() - t0
+        say(f"t={armed_at:5.1f} s  Eve starts {args.eve} on every pulse "
+            f"({gw_before['rekeys']} re-handshakes so far, "
+            f"{before['rounds_committed']} rounds committed, pool "
+            f"{bed.kme_status('site-a')['stored_key_count']} keys)")
+        detected_at = dry_at = closed_at = None
+        last_pool = -1
+        link = before
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                link = bed.link_status("site-a")
+                pool = int(bed.kme_status("site-a")["stored_key_count"])
+                now = time.monotonic() - t0
+                if (detected_at is None and link["rounds_aborted"] > before["rounds_aborted"]
+                        and "QBER" in str(link["last_abort_reason"])):
+                    detected_at = now
+                    say(f"t={now:5.1f} s  link: round aborted, QBER {link['last_qber']} "
+                        f"({link['last_abort_reason']})")
+                if pool != last_pool:
+                    say(f"t={now:5.1f} s  pool {pool} keys")
+                    last_pool = pool
+                if pool == 0 and dry_at is None:
+                    dry_at = now
+                if dry_at is not None and closed_at is None:
+                    recent = [r for r in probe.results if r[0] > dry_at]
+                    if len(recent) >= 3 and all(v == 0 for _, v, _ in recent[-3:]):
+                        closed_at = recent[-3][0]
+                        say(f"t={closed_at:5.1f} s  gateways fail closed: "
+                            f"{recent[-1][2] or 'no data crossed'}")
+                if closed_at is not None and detected_at is not None:
+                    break
+            time.sleep(0.3)
+    finally:
+        probe.stop()
+    link = bed.link_status("site-a")
+    gw = bed.status("site-a")
+    after_armed = [r for r in probe.results if r[0] > armed_at]
+    crossed_before = sum(v for t, v, _ in probe.results if t <= armed_at)
+    last = probe.results[-3:]
+    reason = _last_kme_error(bed)
+    committed_since = link["rounds_committed"] - before["rounds_committed"]
+    ok = bool(detected_at is not None and dry_at is not None and closed_at is not None
+              and crossed_before > 0 and last and all(v == 0 for _, v, _ in last)
+              and committed_since <= 1)  # a round whose pulses Eve never saw may finish
+    summary.update(
+        ok=ok, late=True, tunnel_up_seconds=round(up_at, 2),
+        eve_started_seconds=round(armed_at, 2),
+        detection_seconds=None if detected_at is None else round(detected_at, 2),
+        pool_dry_seconds=None if dry_at is None else round(dry_at, 2),
+        fail_closed_seconds=None if closed_at is None else round(closed_at, 2),
+        rekeys_before_eve=gw_before["rekeys"], rekeys=gw["rekeys"],
+        rounds_committed_after_eve=committed_since,
+        bytes_before_eve=crossed_before,
+        bytes_after_dry=sum(v for t, v, _ in after_armed if dry_at and t > dry_at),
+        tunnel=gw["peer"]["tunnel"], handshakes=gw["handshakes"],
+        application_result=(last[-1][2] if last else None) or "data crossed the tunnel",
+        gateway_reason=reason or None, max_key_count=bed.options.max_key_count,
+        link=_link_summary(link),
+    )
+
+
 def _print_eve_summary(s: dict[str, Any]) -> None:
     if "error" in s:
         print(f"demo FAILED: {s['error']}\nlogs and configs kept in {s['workdir']}")
+        return
+    if s.get("late"):
+        _print_late_eve_summary(s)
         return
     link = s["link"]
     verdict = ("OK: the link detected the eavesdropper and the gateways failed closed"
@@ -259,6 +441,30 @@ qkdgw demo --eve {s['eve']}: {verdict}
   gateways            tunnel {s['tunnel']}, {s['handshakes']} handshakes; an application
                       connection got: {s['application_result']}
   failed closed after {s['fail_closed_seconds']} s""")
+
+
+def _print_late_eve_summary(s: dict[str, Any]) -> None:
+    link = s["link"]
+    verdict = ("OK: the link detected the eavesdropper, the pool ran dry and the "
+               "gateways failed closed" if s["ok"]
+               else "FAILED: the attack was not handled as expected")
+
+    def at(key: str) -> str:
+        return "never" if s[key] is None else f"t = {s[key]} s"
+
+    print(f"""
+qkdgw demo --eve {s['eve']} (late): {verdict}
+  tunnel up           t = {s['tunnel_up_seconds']} s; {s['bytes_before_eve']:,} bytes checked \
+before the attack, {s['rekeys_before_eve']} re-handshakes
+  eavesdropper starts t = {s['eve_started_seconds']} s
+  detected            {at('detection_seconds')}: QBER {link['last_qber']} (abort threshold \
+0.11), {link['rounds_aborted']} rounds aborted, {s['rounds_committed_after_eve']} committed \
+since
+  pool ran dry        {at('pool_dry_seconds')} (max {s['max_key_count']} keys)
+  failed closed       {at('fail_closed_seconds')}: tunnel {s['tunnel']}, an application \
+connection got: {s['application_result']}
+  reason              link: {link['last_abort_reason']}
+                      gateway A: {s['gateway_reason'] or '-'}""")
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -279,6 +485,10 @@ qkdgw demo: {verdict}
   handshakes         {s['handshakes']} (of which {s['rekeys']} re-handshakes inside the tunnel)
   key updates        {s['key_updates']}
   QKD keys consumed  {s['qkd_keys_consumed']}""")
+    r = s.get("restart")
+    if r:
+        print(f"  after a restart    tunnel authenticated by {r['auth_mode']} (PSK epoch "
+              f"{r['psk_epoch']}, no signatures), {r['bytes_verified']:,} bytes verified")
     link = s.get("link")
     if link:
         print(f"  QKD link           {link['distance_km']:g} km BB84, QBER {link['last_qber']}, "
@@ -332,8 +542,15 @@ def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                         "in a few seconds)")
     p.add_argument("--eve", choices=("intercept-resend", "pns", "noise"), default=None,
                    help="put an eavesdropper on the quantum channel; the demo then shows "
-                        "the link detecting it and the gateways failing closed (exit 0 "
-                        "when that is what happens)")
+                        "the link detecting it, the pool running dry and the gateways "
+                        "failing closed (exit 0 when that is what happens)")
+    p.add_argument("--eve-after", default="auto", metavar="S",
+                   help="when Eve starts: 'auto' (default) once the tunnel runs and has "
+                        "re-handshaked twice, S seconds after the tunnel is up, or 0 from "
+                        "the first pulse (the pool then never fills)")
+    p.add_argument("--max-key-count", type=int, default=None, metavar="N",
+                   help=f"KME pool size (default 1000; {EVE_POOL_KEYS} with --eve, so the "
+                        "pool visibly runs dry)")
     p.add_argument("--workdir", help="keep the generated PKI, configs and logs here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_cmd_demo)

@@ -34,6 +34,9 @@ def test_demo_command_json() -> None:
     assert summary["streams"] == 4
     assert summary["bytes_sent"] == summary["bytes_verified"] == 4 * 1024 * 1024
     assert summary["handshakes"] >= 1 and summary["qkd_keys_consumed"] >= 1
+    # Gateway A was restarted on its state: the new tunnel authenticated by PSK.
+    assert summary["restart"]["auth_mode"] == "psk" and summary["restart"]["psk_epoch"] >= 1
+    assert summary["restart"]["bytes_verified"] == 1024 * 1024
     for key in ("throughput_mbps", "rekeys"):
         assert key in summary
 
