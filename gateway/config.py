@@ -242,6 +242,10 @@ def _parse(root: Section) -> GatewayConfig:
         raise auth.error("its_mac", f"needs QKD keys of at least 256 bits, [policy] "
                          f"qkd_key_bits is {qkd_key_bits}",
                          "set [policy] qkd_key_bits = 256 or turn its_mac off")
+    if its_mac and allow_degraded:
+        raise auth.error("its_mac", "cannot work in the ML-KEM-only mode that [policy] "
+                         "allow_degraded permits: there are no QKD keys for the MACs",
+                         "turn one of them off")
     auth.finish()
 
     logs = root.section("logging", required=False)

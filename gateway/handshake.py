@@ -345,6 +345,9 @@ class HandshakePolicy:
                 raise ValueError(f"unknown mode {m!r}")
         if self.its_mac and self.qkd_key_size_bits < 256:
             raise ValueError("the one-time MAC mode needs QKD keys of at least 256 bits")
+        if self.its_mac and self.degraded_allowed:
+            # Without QKD keys there is nothing to key the one-time MACs with.
+            raise ValueError("the one-time MAC mode excludes the ML-KEM-only mode")
 
     @property
     def qkd_keys_total(self) -> int:

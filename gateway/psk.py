@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import sqlite3
@@ -55,8 +56,15 @@ SCHEMA_VERSION = 1
 SLOTS = ("current", "previous", "pending")
 
 
+REBOOTSTRAP_AFTER = 2  # rounds of "every PSK refused" before a PKI fallback (if allowed)
+
+
 class PskStoreError(Exception):
     """The PSK state could not be read or written."""
+
+
+class StalePskUpdate(PskStoreError):
+    """A handshake finished after the PSK state it started from had moved on."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +95,8 @@ class PskStore:
     """One peer's PSK slots. Implements `handshake.PskBook` (reads from memory) and
     applies the handshake's PSK events (writes to disk first)."""
 
-    def __init__(self, path: Path, peer: str, *, pki_rebootstrap: bool = False) -> None:
+    def __init__(self, path: Path, peer: str, *, pki_rebootstrap: bool = False,
+                 lock: bool = True) -> None:
         self.path = path
         self.peer = peer
         self.pki_rebootstrap = pki_rebootstrap
@@ -96,13 +105,19 @@ class PskStore:
         self._bootstraps = 0
         self._last_change = 0.0
         self._out_of_step = False
+        self._refused: set[int] = set()
+        self._refusal_rounds = 0
+        self._reserved = 0
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = self._lock(path) if lock else None
         old = os.umask(0o077)
         try:
             self._db = sqlite3.connect(str(path), isolation_level=None,
                                        check_same_thread=False)
             self._init()
         except sqlite3.Error as exc:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
             raise PskStoreError(f"cannot open the PSK store {str(path)!r}: {exc}") from None
         finally:
             os.umask(old)
@@ -118,6 +133,22 @@ class PskStore:
 
     def close(self) -> None:
         self._db.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @staticmethod
+    def _lock(path: Path) -> int:
+        """One process at a time: a running gateway keeps slots and epoch counters in
+        memory, so a second writer (say `qkdgw psk reset`) would be silently undone."""
+        fd = os.open(str(path) + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise PskStoreError(f"{str(path)!r} is in use by another process (a running "
+                                "gateway?); stop it first") from None
+        return fd
 
     def _init(self) -> None:
         db = self._db
@@ -186,9 +217,27 @@ class PskStore:
     # -- PskBook -----------------------------------------------------------------------
 
     def offer(self) -> PskKey | None:
-        if self._out_of_step and self.pki_rebootstrap:
+        """The newest PSK not refused since the last success. Alerts are
+        unauthenticated, so a refusal never deletes a slot: once both were refused we
+        offer them again, and only fall back to PKI (where allowed) after every slot was
+        refused REBOOTSTRAP_AFTER times in a row."""
+        pending, current = self._slots.get("pending"), self._slots.get("current")
+        if current is None:
+            # Still bootstrapping: the pending PSK of an unconfirmed PKI session and PKI
+            # itself, in turn (the responder accepts PKI while it holds no PSK).
+            if pending is None or pending.epoch in self._refused:
+                self._refused.clear()
+                return None
+            return pending
+        candidates = [k for k in (pending, current) if k is not None]
+        fresh = [k for k in candidates if k.epoch not in self._refused]
+        if fresh:
+            return fresh[0]
+        self._refused.clear()
+        self._refusal_rounds += 1
+        if self.pki_rebootstrap and self._refusal_rounds >= REBOOTSTRAP_AFTER:
             return None
-        return self._slots.get("pending") or self._slots.get("current")
+        return candidates[0]
 
     def lookup(self, epoch: int) -> PskKey | None:
         for slot in ("current", "previous"):
@@ -198,7 +247,9 @@ class PskStore:
         return None
 
     def next_epoch(self) -> int:
-        return self._max_epoch + 1
+        # Reserved per handshake, so two handshakes in flight never get the same number.
+        self._reserved = max(self._reserved, self._max_epoch) + 1
+        return self._reserved
 
     def pki_allowed(self) -> bool:
         return "current" not in self._slots or self.pki_rebootstrap
@@ -207,8 +258,9 @@ class PskStore:
 
     @property
     def out_of_step(self) -> bool:
-        """Initiator: the responder refused our confirmed PSK, so its state is gone or
-        older; only a PKI re-bootstrap (if allowed) or an operator reset gets us going."""
+        """Initiator: the responder refused every PSK we hold since our last success.
+        Either its state is gone (an operator reset or a PKI re-bootstrap, where
+        allowed, fixes that) or someone forges refusals."""
         return self._out_of_step
 
     def apply(self, event: ev.Event) -> None:
@@ -217,15 +269,31 @@ class PskStore:
                 self._responder_confirmed(event)
             else:
                 self._initiator_derived(event)
+            self._succeeded()
         elif isinstance(event, ev.PskConfirmed):
             pending = self._slots.get("pending")
             if pending is not None and pending.epoch == event.epoch:
                 self._commit({"current": pending, "pending": None})
                 log.info("psk_confirmed", peer=self.peer, epoch=event.epoch)
+            self._succeeded()
         elif isinstance(event, ev.PskRejected):
             self._initiator_rejected(event.epoch)
 
+    def _succeeded(self) -> None:
+        self._refused.clear()
+        self._refusal_rounds = 0
+        self._out_of_step = False
+
     def _responder_confirmed(self, event: ev.NextPskDerived) -> None:
+        # Compare-and-swap against what this handshake saw: a handshake that finishes
+        # late (its Finished held back) must not overwrite a newer PSK, nor spend a
+        # slot another handshake has spent meanwhile.
+        if event.epoch <= self._max_epoch:
+            raise StalePskUpdate(f"a handshake that derived PSK epoch {event.epoch} "
+                                 f"finished after epoch {self._max_epoch} was stored")
+        if event.used_epoch and self.lookup(event.used_epoch) is None:
+            raise StalePskUpdate(f"PSK epoch {event.used_epoch} was spent or replaced while "
+                                 "this handshake ran")
         new = PskKey(event.epoch, event.psk)
         current = self._slots.get("current")
         previous = self._slots.get("previous")
@@ -248,6 +316,8 @@ class PskStore:
     def _initiator_derived(self, event: ev.NextPskDerived) -> None:
         new = PskKey(event.epoch, event.psk)
         pending = self._slots.get("pending")
+        # The new PSK replaces any older pending one: the responder accepted the PSK this
+        # handshake used, so an older pending PSK is dead on its side too.
         changes: dict[str, PskKey | None] = {"pending": new}
         if event.used_epoch and pending is not None and pending.epoch == event.used_epoch:
             # The responder authenticated with our pending PSK, so it holds it.
@@ -256,27 +326,26 @@ class PskStore:
             # A PKI (re-)bootstrap: whatever we held before is void.
             changes["current"] = None
         self._commit(changes, bootstrap=event.bootstrap)
-        if event.bootstrap:
-            self._out_of_step = False
 
     def _initiator_rejected(self, epoch: int) -> None:
-        pending = self._slots.get("pending")
-        current = self._slots.get("current")
-        if pending is not None and pending.epoch == epoch:
-            self._commit({"pending": None})
-            log.warning("psk_pending_rejected", peer=self.peer, epoch=epoch,
-                        fallback_epoch=current.epoch if current else None)
-        elif current is not None and current.epoch == epoch:
-            self._out_of_step = True
-            if self.pki_rebootstrap:
-                log.warning("psk_out_of_step_rebootstrap", peer=self.peer, epoch=epoch,
-                            detail="the peer refused our PSK; the next connection "
-                                   "bootstraps by PKI, as [auth] pki_rebootstrap allows")
-            else:
-                log.error("psk_out_of_step", peer=self.peer, epoch=epoch,
-                          fix="the peer no longer holds our PSK: run `qkdgw psk reset "
-                              "--config <both sites' configs>` or set [auth] "
-                              "pki_rebootstrap = true on both sites")
+        self._refused.add(epoch)
+        held = {k.epoch for k in (self._slots.get("pending"), self._slots.get("current"))
+                if k is not None}
+        log.warning("psk_rejected_by_peer", peer=self.peer, epoch=epoch,
+                    refused_epochs=sorted(self._refused), held_epochs=sorted(held))
+        if "current" not in self._slots or not held <= self._refused or self._out_of_step:
+            return
+        self._out_of_step = True
+        if self.pki_rebootstrap:
+            log.warning("psk_out_of_step", peer=self.peer,
+                        detail=f"the peer refused every PSK we hold; after "
+                               f"{REBOOTSTRAP_AFTER} such rounds the next connection "
+                               "bootstraps by PKI, as [auth] pki_rebootstrap allows")
+        else:
+            log.error("psk_out_of_step", peer=self.peer,
+                      fix="if the peer lost its PSK state, run `qkdgw psk reset --yes` at "
+                          "both sites (gateways stopped) or set [auth] pki_rebootstrap = "
+                          "true at both; if it did not, someone is forging refusals")
 
     # -- operator ----------------------------------------------------------------------
 
@@ -284,7 +353,7 @@ class PskStore:
         """Forget every PSK for this peer; the next tunnel bootstraps by PKI. Epoch
         numbers keep growing from where they were."""
         self._commit({slot: None for slot in SLOTS})
-        self._out_of_step = False
+        self._succeeded()
 
     def status(self) -> PskStatus:
         def epoch(slot: str) -> int:

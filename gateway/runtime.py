@@ -292,6 +292,7 @@ class TunnelSession(asyncio.Protocol):
         self.closed = asyncio.Event()
         self.last_handshake: datetime | None = None
         self.bootstrap_auth = ""  # how this tunnel was first authenticated: pki or psk
+        self._psk_failed = False
         self.psk_epoch = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -506,6 +507,8 @@ class TunnelSession(asyncio.Protocol):
 
     def _handle(self, event: ev.Event) -> None:
         g = self.gateway
+        if self._psk_failed and isinstance(event, ev.HandshakeCompleted | ev.TunnelReady):
+            return  # this session was dropped before its HandshakeDone could leave
         if isinstance(event, ev.StreamDataReceived):
             app = self.streams.get(event.stream_id)
             if app is not None:
@@ -557,6 +560,7 @@ class TunnelSession(asyncio.Protocol):
         try:
             g.psk.apply(event)
         except PskStoreError as exc:
+            self._psk_failed = True
             log.error("psk.store_failed", error=str(exc),
                       detail="dropping the connection unsent so the peer does not move to "
                              "a PSK this site could not keep")

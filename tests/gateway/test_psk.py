@@ -412,3 +412,125 @@ def test_psk_cli_shows_epochs_and_resets(tmp_path: Path, pki_dir: Path,
     after = json.loads(out[out.rindex("{\n"):])
     assert after["current_epoch"] is None and after["max_epoch"] == 7
 
+
+
+def _forged_refusal(pki: Path, sa: Site, kme: FakeKmePair) -> ev.PskRejected | None:
+    """An on-path attacker swallows the ClientHello and answers with a plaintext
+    UNKNOWN_PSK alert of its own: no secret needed."""
+    from gateway.handshake import encode_alert
+    from gateway.record import RecordLayer
+
+    a = TunnelConnection(initiator=True, params=params(pki, "site-a", "site-b",
+                                                       psk_book=sa.store))
+    a.start(0.0)
+    for e in iter(a.next_event, None):
+        if isinstance(e, ev.QkdKeysRequested):
+            a.supply_qkd_keys(e.handshake_id, kme.enc(e.number, e.size_bits) or [], 0.0)
+    a.data_to_send()  # the hello goes nowhere
+    alert = encode_alert(ErrorCode.UNKNOWN_PSK, "forged")
+    a.receive_data(RecordLayer().seal_plaintext_handshake(alert), 0.0)
+    rejected = None
+    for e in iter(a.next_event, None):
+        if isinstance(e, PSK_EVENTS):
+            sa.store.apply(e)
+            rejected = e if isinstance(e, ev.PskRejected) else rejected
+    return rejected
+
+
+def test_forged_refusals_never_strand_the_pair(pki_dir: Path, tmp_path: Path) -> None:
+    """Alerts are unauthenticated: refusals never delete a PSK, so an attacker who
+    forges them (between lost HandshakeDones) only costs reconnects, never a PKI
+    downgrade or an operator reset."""
+    sa = Site(tmp_path / "a.sqlite", "site-b")
+    sb = Site(tmp_path / "b.sqlite", "site-a")
+    kme = FakeKmePair()
+    assert connect(pki_dir, sa, sb, kme).ready
+    assert connect(pki_dir, sa, sb, kme).ready
+    for _ in range(3):
+        assert not connect(pki_dir, sa, sb, kme, cut="lost_handshake_done").ready
+        assert _forged_refusal(pki_dir, sa, kme) is not None
+    att, attempts = reconnect(pki_dir, sa, sb, kme, max_attempts=3)
+    assert att.completed("a").auth == AUTH_PSK  # type: ignore[union-attr]
+    assert attempts <= 2
+    assert not sa.store.out_of_step
+    assert sa.store.status().current_epoch == sb.store.status().current_epoch
+    assert sb.store.status().bootstraps == 1  # never re-bootstrapped by PKI
+
+
+def test_one_forged_refusal_does_not_downgrade_to_pki(pki_dir: Path, tmp_path: Path) -> None:
+    """With re-bootstrap allowed, PKI is tried only after every PSK we hold was refused
+    REBOOTSTRAP_AFTER rounds in a row; a single forged alert costs one reconnect.
+    (A forger who keeps it up can force the re-bootstrap: docs/security.md.)"""
+    from gateway.psk import REBOOTSTRAP_AFTER
+
+    sa = Site(tmp_path / "a.sqlite", "site-b", rebootstrap=True)
+    sb = Site(tmp_path / "b.sqlite", "site-a", rebootstrap=True)
+    kme = FakeKmePair()
+    assert connect(pki_dir, sa, sb, kme).ready
+    assert _forged_refusal(pki_dir, sa, kme) is not None
+    assert sa.store.offer() is not None  # still a PSK, not PKI
+    assert connect(pki_dir, sa, sb, kme).completed("a").auth == AUTH_PSK  # type: ignore[union-attr]
+    # Positive control: refusals of every PSK for REBOOTSTRAP_AFTER rounds do fall
+    # back to PKI, which the responder (allowing it) accepts.
+    # Each forged refusal below is one connection attempt; the first that offers PKI
+    # has no PSK for the attacker to refuse, so _forged_refusal returns None.
+    pki_at = next(i for i in range(1, 10) if _forged_refusal(pki_dir, sa, kme) is None)
+    assert pki_at == REBOOTSTRAP_AFTER + 1
+
+
+def test_out_of_step_clears_on_success(pki_dir: Path, sites: tuple[Site, Site]) -> None:
+    sa, sb = sites
+    kme = FakeKmePair()
+    connect(pki_dir, sa, sb, kme)
+    assert _forged_refusal(pki_dir, sa, kme) is not None
+    assert sa.store.out_of_step  # every PSK we hold was "refused"
+    assert connect(pki_dir, sa, sb, kme).ready  # ...but the real peer still takes it
+    assert not sa.store.out_of_step
+
+
+def test_handshake_finishing_late_cannot_overwrite_a_newer_psk(pki_dir: Path,
+                                                               sites: tuple[Site, Site]) -> None:
+    """An attacker holds back the initiator's Finished of one connection while a later
+    connection completes; released afterwards, it must not replace the newer PSK."""
+    from gateway.psk import StalePskUpdate
+
+    sa, sb = sites
+    kme = FakeKmePair()
+    connect(pki_dir, sa, sb, kme)
+    # Connection 1 up to the initiator's Finished, which the attacker keeps.
+    held = connect(pki_dir, sa, sb, kme, cut="lost_initiator_finished")
+    finished_flight = held.client_flights[-1]
+    # The initiator gives up on it; the pending PSK is refused, it falls back.
+    sa.restart()
+    reconnect(pki_dir, sa, sb, kme)
+    state = sb.store.status()
+    # The held Finished arrives at the old responder connection now.
+    held.b.receive_data(finished_flight, 0.0)
+    late = [e for e in iter(held.b.next_event, None) if isinstance(e, ev.NextPskDerived)]
+    assert late, "the late Finished completed the old handshake"
+    with pytest.raises(StalePskUpdate):
+        sb.store.apply(late[0])
+    assert sb.store.status() == state
+    # The live tunnel's PSK still works for the next connection.
+    assert connect(pki_dir, sa, sb, kme).completed("a").auth == AUTH_PSK  # type: ignore[union-attr]
+
+
+def test_held_finished_released_in_time_is_accepted(pki_dir: Path,
+                                                    sites: tuple[Site, Site]) -> None:
+    """The control for the test above: the same held Finished, released before any
+    other handshake completed, is an ordinary (slow) handshake and is stored."""
+    sa, sb = sites
+    kme = FakeKmePair()
+    connect(pki_dir, sa, sb, kme)
+    held = connect(pki_dir, sa, sb, kme, cut="lost_initiator_finished")
+    held.b.receive_data(held.client_flights[-1], 0.0)
+    late = [e for e in iter(held.b.next_event, None) if isinstance(e, ev.NextPskDerived)]
+    assert late
+    sb.store.apply(late[0])
+    assert sb.store.status().current_epoch == late[0].epoch
+
+
+def test_concurrent_handshakes_get_distinct_epochs(tmp_path: Path) -> None:
+    store = PskStore(tmp_path / "r.sqlite", "site-a")
+    store._commit({"current": PskKey(5, b"\x01" * 48)})
+    assert [store.next_epoch() for _ in range(3)] == [6, 7, 8]
