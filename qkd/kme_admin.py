@@ -120,7 +120,16 @@ class _KmeCollector(Collector):
         res.add_metric(["sent", "failed"], link["reservations_failed"])
         res.add_metric(["received", "applied"], link["reservations_applied"])
         res.add_metric(["received", "refused"], link["reservations_refused"])
+        res.add_metric(["received", "lapsed"], link["reservations_lapsed"])
         yield res
+        for name, key, doc in (
+                ("state_save_failures", "state_save_failures",
+                 "Link state writes that failed (the frames they covered were dropped)"),
+                ("connections_refused", "connections_refused",
+                 "New classical connections closed without a valid HELLO"),
+                ("loop_errors", "loop_errors",
+                 "Unexpected errors the link's task loops survived")):
+            yield CounterMetricFamily(f"qkdgw_kme_link_{name}", doc, value=link[key])
         lat = GaugeMetricFamily("qkdgw_kme_reservation_latency_seconds",
                                 "RESERVE to RESERVE_ACK, over the last 1000 reservations "
                                 "sent", labels=["quantile"])

@@ -16,7 +16,12 @@ not start a round while one of her reservations is waiting.
 The link state (pads, offsets, hash key, last committed round, a pending commit or
 deposit with its key material) is sealed under the storage key and written
 atomically *before* any frame it signed leaves the process, so a restart never reuses
-a one-time pad and a crash between COMMIT and COMMIT_ACK resolves on reconnect.
+a one-time pad and a crash between COMMIT and COMMIT_ACK resolves on reconnect. If
+that write fails, the frames it would have covered are dropped (never sent), the
+connection is closed and the write is retried; the core's events wait for it.
+
+Bob treats a new classical connection as a stranger until Alice's HELLO on it
+verifies: until then he signs nothing and the live connection stays.
 """
 
 from __future__ import annotations
@@ -51,6 +56,16 @@ _LEN = struct.Struct("<I")
 _STATE_ID = "qkdgw-link-auth-state-v1"
 RESERVE_TIMEOUT_S = 10.0
 DEPOSIT_RETRY_S = 1.0
+# Bob: a new connection must show a valid HELLO within this time, in one small frame;
+# at most this many such strangers wait at once.
+HELLO_TIMEOUT_S = 10.0
+HELLO_FRAME_LIMIT = 4096
+MAX_UNVERIFIED_CONNECTIONS = 16
+# A task loop that hit an unexpected error waits this long (doubling, capped) first.
+LOOP_RETRY_S = 0.5
+LOOP_RETRY_MAX_S = 10.0
+# Alice, after Bob refused rounds in a row with his deposit still unstored.
+BUSY_BACKOFF_MAX_S = 30.0
 # Test hook: "point:round" makes the KME SIGKILL itself at that point of that round
 # (points: alice-commit-sent, alice-before-ack, bob-before-ack). Never set in service.
 CRASH_ENV = "QKDGW_TEST_LINK_CRASH"
@@ -76,6 +91,19 @@ class ReservationStats:
 
 class LinkUnavailable(Exception):
     """The peer KME cannot confirm a reservation now; `reason` is safe to show."""
+
+
+class LinkStateNotSaved(LinkUnavailable):
+    """The sealed link state could not be written: nothing it covers was sent."""
+
+
+@dataclass
+class LinkHealth:
+    state_save_failures: int = 0
+    frames_dropped_unsaved: int = 0  # signed, never sent: their pads were not on disk
+    connections_refused: int = 0  # Bob: no valid HELLO from a new connection
+    loop_errors: int = 0  # unexpected errors a task loop survived
+    reservations_released: int = 0  # recorded for the peer, then its answer lapsed
 
 
 @dataclass(frozen=True)
@@ -136,7 +164,11 @@ class Bb84Link:
         self._crash = _crash_point()
         self.reservations = ReservationStats()
         self.blocks_trimmed = 0  # dropped by the store at the pool limit
+        self.health = LinkHealth()
         self.ports: dict[str, int] = {}
+        self._held_events: list[lc.Event] = []  # produced while the state was unsaved
+        self._unverified: list[asyncio.StreamWriter] = []  # Bob: no valid HELLO yet
+        self._peer_ready_count = 0
 
     # ----------------------------------------------------------- state at rest
 
@@ -175,12 +207,18 @@ class Bb84Link:
 
     # ---------------------------------------------------------- core plumbing
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _call(self, fn: Callable[..., T], *args: Any,
+                    install: asyncio.StreamWriter | None = None) -> T:
+        """Run a short core call under the lock, then persist and send what it made.
+        `install`: make this the classical connection if `fn` returned true (before
+        the frames it queued are sent)."""
         t_wait = time.monotonic()
         async with self._lock:
             t_in = time.monotonic()
             try:
                 result = await asyncio.to_thread(fn, *args)
+                if install is not None and result:
+                    self._install_writer(install)
             finally:
                 t_fn = time.monotonic()
                 events = await self._flush_locked()
@@ -201,18 +239,47 @@ class Bb84Link:
             self._work_ready.set()
         return result
 
+    def _install_writer(self, writer: asyncio.StreamWriter) -> None:
+        old = self._writer
+        self._writer = writer
+        if old is not None and old is not writer:
+            old.close()
+
+    def _drop_connection(self) -> None:
+        w = self._writer
+        if w is not None:
+            self._writer = None
+            w.close()
+
     async def _flush_locked(self) -> list[lc.Event]:
         core = self.core
-        if core.auth_dirty:
-            core.auth_dirty = False
-            state = {"auth": core.auth.export_state()} | core.export_state()
-            # Written before the frames it signed leave (see module note).
-            await asyncio.to_thread(self._save_state, state)
-        frames = core.frames_to_send()
-        pulses = core.quantum_to_send()
-        events = []
+        events = self._held_events
+        self._held_events = []
         while (ev := core.next_event()) is not None:
             events.append(ev)
+        if core.auth_dirty:
+            state = {"auth": core.auth.export_state()} | core.export_state()
+            # Written before the frames it signed leave (see module note). The flag is
+            # cleared only once it is on disk: a failed write is retried.
+            try:
+                await asyncio.to_thread(self._save_state, state)
+            except Exception as exc:  # OSError, SealError: never holds key bytes
+                # A signed frame whose pad position is not on disk must never leave: a
+                # restart from the older file would sign another message with its pad.
+                dropped = len(core.frames_to_send()) + len(core.quantum_to_send())
+                self._held_events = events
+                self.health.state_save_failures += 1
+                self.health.frames_dropped_unsaved += dropped
+                log.error("link_state_save_failed", error=type(exc).__name__,
+                          errno=getattr(exc, "errno", None), frames_dropped=dropped,
+                          state_file=str(self._state_path))
+                self._drop_connection()
+                raise LinkStateNotSaved("the link state file cannot be written "
+                                        f"({type(exc).__name__}); check "
+                                        "[link] state_file and its disk") from None
+            core.auth_dirty = False
+        frames = core.frames_to_send()
+        pulses = core.quantum_to_send()
         if self._crash == ("bob-before-ack", core.committed) and any(
                 f[0] == lc.COMMIT_ACK for f in frames):
             self._die("bob-before-ack")
@@ -238,18 +305,32 @@ class Bb84Link:
             for p in pulses:
                 write_frame(q, p)
 
+    async def _loop_error(self, where: str, exc: Exception, delay: float) -> float:
+        """A task loop must not die: log the error (its type only), count, wait."""
+        self.health.loop_errors += 1
+        log.error("link_loop_error", loop=where, error=type(exc).__name__,
+                  retry_in_s=round(delay, 2))
+        await asyncio.sleep(delay)
+        return min(delay * 2, LOOP_RETRY_MAX_S)
+
     async def _work_loop(self) -> None:
         """Run the core's heavy steps off the lock, one at a time, in order."""
+        delay = LOOP_RETRY_S
         while True:
             await self._work_ready.wait()
             self._work_ready.clear()
-            while True:
-                async with self._lock:
-                    work = self.core.take_work()
-                if work is None:
-                    break
-                await asyncio.to_thread(work.run)
-                await self._call(self.core.work_done, work, time.monotonic())
+            try:
+                while True:
+                    async with self._lock:
+                        work = self.core.take_work()
+                    if work is None:
+                        break
+                    await asyncio.to_thread(work.run)
+                    await self._call(self.core.work_done, work, time.monotonic())
+                delay = LOOP_RETRY_S
+            except Exception as exc:
+                delay = await self._loop_error("work", exc, delay)
+                self._work_ready.set()  # look again: more work may be queued
 
     async def _on_event(self, ev: lc.Event) -> None:
         if isinstance(ev, lc.RoundStarted):
@@ -269,12 +350,20 @@ class Bb84Link:
                      pulses=ev.pulses, auth_mode=self.core.auth.mode)
         elif isinstance(ev, lc.ReservationRequested):
             ok, reason = await self._apply_reservation(ev)
-            await self._call(self.core.answer_reservation, ev.request, ok, reason)
+            sent = await self._call(self.core.answer_reservation, ev.request, ok, reason)
+            if not sent and ok:
+                # The peer never hears of it and answers 503: free the blocks again.
+                await self.store.release([ReservedKey(kid, tuple(bids), size)
+                                          for kid, bids, size in ev.keys])
+                self.health.reservations_released += 1
+                log.warning("link_reservation_answer_lapsed", request=ev.request,
+                            pads_out=self.core.auth.levels()[0])
         elif isinstance(ev, lc.ReservationAnswered):
             fut = self._waiting.pop(ev.request, None)
             if fut is not None and not fut.done():
                 fut.set_result(ev)
         elif isinstance(ev, lc.PeerReady):
+            self._peer_ready_count += 1
             log.info("link_peer_ready", role=self.s.role, auth_mode=self.core.auth.mode,
                      committed=self.core.committed, peer_committed=ev.committed)
 
@@ -333,11 +422,16 @@ class Bb84Link:
             ans = await asyncio.wait_for(fut, RESERVE_TIMEOUT_S)
         except TimeoutError:
             self.reservations.failed += 1
+            await self._forget_request(req)
             raise LinkUnavailable("peer KME did not confirm the reservation in "
                                   f"{RESERVE_TIMEOUT_S:g} s") from None
         except lc.AuthError as exc:
             self.reservations.failed += 1
             raise LinkUnavailable(f"cannot reserve at the peer KME now: {exc}") from None
+        except LinkUnavailable:
+            self.reservations.failed += 1
+            await self._forget_request(req)
+            raise
         finally:
             self._waiting.pop(req, None)
         lat = self.reservations.latencies
@@ -347,6 +441,11 @@ class Bb84Link:
             self.reservations.failed += 1
             raise LinkUnavailable(f"peer KME refused the reservation: {ans.reason}")
         self.reservations.confirmed += 1
+
+    async def _forget_request(self, req: int) -> None:
+        # Its answer no longer counts against the pads the peer may still spend.
+        with contextlib.suppress(LinkUnavailable):
+            await self._call(self.core.reservation_expired, req)
 
     # ------------------------------------------------------------- connections
 
@@ -370,7 +469,16 @@ class Bb84Link:
                  committed=self.core.committed,
                  pending_commit=self.core.pending_commit_round, **self.ports)
         # A round committed before a crash whose blocks may not be stored yet.
-        self._tasks.append(asyncio.create_task(self._call(self.core.resume)))
+        self._tasks.append(asyncio.create_task(self._resume()))
+
+    async def _resume(self) -> None:
+        delay = LOOP_RETRY_S
+        while True:
+            try:
+                await self._call(self.core.resume)
+                return
+            except Exception as exc:
+                delay = await self._loop_error("resume", exc, delay)
 
     async def close(self) -> None:
         for srv in self._servers:
@@ -386,14 +494,16 @@ class Bb84Link:
 
     async def _serve_classical(self, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter) -> None:
-        old = self._writer
-        if old is not None:
-            old.close()
-        self._writer = writer
+        """Read frames into the core while `writer` is the current connection (Alice:
+        it becomes so now; Bob: it became so when its HELLO verified)."""
         try:
-            await self._call(self.core.connection_made)
+            if self.s.role == "alice":
+                self._install_writer(writer)
+                await self._call(self.core.connection_made)
             while True:
                 data = await read_frame(reader, 1 << 28)
+                if self._writer is not writer:
+                    break  # replaced by a newer, verified connection
                 if self._crash == ("alice-before-ack", self.core.pending_commit_round) \
                         and data[:1] == bytes([lc.COMMIT_ACK]):
                     self._die("alice-before-ack")
@@ -402,6 +512,11 @@ class Bb84Link:
             log.warning("link_classical_closed")
         except (lc.LinkProtocolError, ValueError) as exc:
             log.error("link_protocol_error", error=str(exc))
+        except LinkStateNotSaved:
+            pass  # logged where it happened; the connection is closed
+        except Exception as exc:  # a bug: drop this connection, keep the KME
+            self.health.loop_errors += 1
+            log.error("link_classical_error", error=type(exc).__name__)
         finally:
             if self._writer is writer:
                 self._writer = None
@@ -409,6 +524,43 @@ class Bb84Link:
 
     async def _on_classical(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
+        """Bob: a new connection. It replaces the live one, and Bob signs anything for
+        it, only once its first frame is a HELLO that verifies."""
+        if len(self._unverified) >= MAX_UNVERIFIED_CONNECTIONS:
+            # Evict the oldest stranger rather than refuse the newest: idle connections
+            # cannot lock Alice out, they only make her race them.
+            self._unverified.pop(0).close()
+        self._unverified.append(writer)
+        accepted = False
+        reason = "no valid HELLO"
+        try:
+            if self.core.auth_dirty or self._held_events:
+                # A failed state write first: Bob's HELLO could not be covered.
+                await self._call(_nothing)
+            data = await asyncio.wait_for(read_frame(reader, HELLO_FRAME_LIMIT),
+                                          HELLO_TIMEOUT_S)
+            accepted = await self._call(self.core.accept_hello, data, time.monotonic(),
+                                        install=writer)
+        except TimeoutError:
+            reason = "no HELLO in time"
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            reason = "closed or oversized before a HELLO"
+        except lc.LinkProtocolError as exc:
+            reason = str(exc)
+            log.error("link_protocol_error", error=reason)
+        except LinkStateNotSaved:
+            reason = "link state not saved"
+        finally:
+            with contextlib.suppress(ValueError):
+                self._unverified.remove(writer)
+        if not accepted:
+            self.health.connections_refused += 1
+            log.warning("link_connection_refused", reason=reason,
+                        refused=self.health.connections_refused)
+            if self._writer is writer:  # accepted, then the state could not be saved
+                self._writer = None
+            writer.close()
+            return
         await self._serve_classical(reader, writer)
 
     async def _on_quantum(self, reader: asyncio.StreamReader,
@@ -428,68 +580,111 @@ class Bb84Link:
         delay = 0.2
         while True:
             try:
-                reader, writer = await asyncio.open_connection(self.s.peer.host,
-                                                               self.s.peer.port)
-                _qr, qwriter = await asyncio.open_connection(self.s.quantum.host,
-                                                             self.s.quantum.port)
+                # A connection that never got as far as Bob's HELLO backs off too: each
+                # attempt costs a pad per direction.
+                delay = 0.2 if await self._dial_once() else min(delay * 2, LOOP_RETRY_MAX_S)
             except OSError as exc:
                 log.debug("link_dial_failed", error=str(exc))
-                await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
-                continue
-            delay = 0.2
-            self._qwriter = qwriter
-            log.info("link_connected", peer=str(self.s.peer), quantum=str(self.s.quantum))
-            try:
-                await self._serve_classical(reader, writer)
-            finally:
-                self._qwriter = None
-                qwriter.close()
+            except LinkStateNotSaved:
+                delay = min(delay * 2, LOOP_RETRY_MAX_S)  # logged where it failed
+            except Exception as exc:  # a bug or a failed state write: retry, never die
+                self.health.loop_errors += 1
+                log.error("link_loop_error", loop="dial", error=type(exc).__name__,
+                          retry_in_s=delay)
+                delay = min(delay * 2, LOOP_RETRY_MAX_S)
             await asyncio.sleep(delay)
+
+    async def _dial_once(self) -> bool:
+        """One connection, until it ends. True if the peer's HELLO arrived on it."""
+        assert self.s.peer is not None and self.s.quantum is not None
+        if self.core.auth_dirty or self._held_events:
+            # A failed state write first: never sign a HELLO that cannot be covered.
+            await self._call(_nothing)
+        ready_before = self._peer_ready_count
+        reader, writer = await asyncio.open_connection(self.s.peer.host, self.s.peer.port)
+        try:
+            _qr, qwriter = await asyncio.open_connection(self.s.quantum.host,
+                                                         self.s.quantum.port)
+        except BaseException:
+            writer.close()
+            raise
+        self._qwriter = qwriter
+        log.info("link_connected", peer=str(self.s.peer), quantum=str(self.s.quantum))
+        try:
+            await self._serve_classical(reader, writer)
+        finally:
+            self._qwriter = None
+            qwriter.close()
+        return self._peer_ready_count > ready_before
 
     async def _drive_loop(self) -> None:
         """Alice: run rounds back to back while the pool is below max_key_count and no
         reservation of hers is waiting for the peer."""
+        delay = LOOP_RETRY_S
         while True:
-            await asyncio.sleep(0.05)
-            core = self.core
-            if (self._writer is None or not core.peer_ready or core.round_active
-                    or self._waiting):
-                continue
             try:
-                level = await self.store.free_blocks(time.time())
-            except Exception:  # store busy or closing; try again shortly
-                continue
-            if level >= self._max and not core.pads_low:
-                continue
-            number = core.next_round_number()
-            prepared = await asyncio.to_thread(core.prepare_round, number)
-            while self._waiting:  # a reservation came in while the pulses were made
-                await asyncio.sleep(0.01)
-            if core.round_active or not core.peer_ready or \
-                    core.next_round_number() != number:
-                continue
-            before = core.stats.rounds_aborted
-            try:
-                await self._call(functools.partial(core.start_round,
-                                                   room=max(0, self._max - level)),
-                                 time.monotonic(), prepared)
-            except ValueError:
-                continue  # the connection changed meanwhile
-            while core.round_active and self._writer is not None:
-                await asyncio.sleep(0.02)
-            if core.stats.rounds_aborted > before:
-                await asyncio.sleep(self.s.round_pause_s)
+                await self._drive_once()
+                delay = LOOP_RETRY_S
+            except Exception as exc:
+                delay = await self._loop_error("drive", exc, delay)
+
+    async def _drive_once(self) -> None:
+        await asyncio.sleep(0.05)
+        core = self.core
+        if (self._writer is None or not core.peer_ready or core.round_active
+                or self._waiting):
+            return
+        if not core.round_pads_ok:
+            return  # no round can finish; never spend pads (or CPU) on one
+        try:
+            level = await self.store.free_blocks(time.time())
+        except Exception:  # store busy or closing; try again shortly
+            return
+        if level >= self._max and not core.pads_low:
+            return
+        number = core.next_round_number()
+        prepared = await asyncio.to_thread(core.prepare_round, number)
+        while self._waiting:  # a reservation came in while the pulses were made
+            await asyncio.sleep(0.01)
+        if core.round_active or not core.peer_ready or \
+                core.next_round_number() != number:
+            return
+        before = core.stats.rounds_aborted
+        try:
+            await self._call(functools.partial(core.start_round,
+                                               room=max(0, self._max - level)),
+                             time.monotonic(), prepared)
+        except (ValueError, LinkUnavailable):
+            return  # the connection changed meanwhile, or the state was not saved
+        while core.round_active and self._writer is not None:
+            await asyncio.sleep(0.02)
+        if core.stats.rounds_aborted > before:
+            pause = self.s.round_pause_s
+            if core.peer_busy_aborts:
+                # Bob cannot store his last deposit: each refused round costs a pad
+                # per direction, so wait longer and longer.
+                pause = max(pause, min(BUSY_BACKOFF_MAX_S, 2.0 ** core.peer_busy_aborts))
+            await asyncio.sleep(pause)
 
     async def _timeout_loop(self) -> None:
+        delay = LOOP_RETRY_S
         while True:
             await asyncio.sleep(1.0)
-            if self.core.round_active:
-                drop = await self._call(self.core.check_timeout, time.monotonic())
-                if drop and self._writer is not None:
-                    log.warning("link_commit_unacknowledged_reconnect",
-                                round=self.core.pending_commit_round)
-                    self._writer.close()
+            try:
+                if self.core.round_active:
+                    drop = await self._call(self.core.check_timeout, time.monotonic())
+                    if drop and self._writer is not None:
+                        log.warning("link_commit_unacknowledged_reconnect",
+                                    round=self.core.pending_commit_round)
+                        self._drop_connection()
+                elif self.core.auth_dirty or self._held_events:
+                    await self._call(_nothing)  # retry a failed state write
+                delay = LOOP_RETRY_S
+            except LinkStateNotSaved:
+                pass  # logged; retried next second
+            except Exception as exc:
+                delay = await self._loop_error("timeout", exc, delay)
 
     # ------------------------------------------------------------------ status
 
@@ -520,7 +715,16 @@ class Bb84Link:
             "reservations_requested": r.requested, "reservations_confirmed": r.confirmed,
             "reservations_failed": r.failed, "reservations_applied": r.applied,
             "reservations_refused": r.refused,
+            "reservations_lapsed": st.reservations_lapsed,
+            "state_save_failures": self.health.state_save_failures,
+            "connections_refused": self.health.connections_refused,
+            "loop_errors": self.health.loop_errors,
         }
 
 
-__all__ = ["Bb84Link", "Bb84Settings", "LinkUnavailable", "read_frame", "write_frame"]
+def _nothing() -> None:
+    """A core call that changes nothing: `_call` then retries the state write."""
+
+
+__all__ = ["Bb84Link", "Bb84Settings", "LinkStateNotSaved", "LinkUnavailable", "read_frame",
+           "write_frame"]

@@ -4,6 +4,8 @@ time go in; frames to send and events come out. `qkd.link.bb84` moves the bytes.
 Classical channel frames (each carried in a u32 length prefix by the adapter):
 
     control  type u8 | pad offset u64 | tag 16 | JSON body
+    HELLO    type u8 | pad offset u64 | tag 16 | has_alt u8 | alt offset u64 | alt tag 16
+             | JSON body (both tags over the same message; see below)
     pp       type u8 | post-processing message (qkd.sim.messages encoding)
 
 A control frame's tag is a Wegman–Carter tag under its own one-time pad over
@@ -41,9 +43,15 @@ Commit points, so that a crash anywhere leaves both sides able to agree again:
   blocks as a *pending deposit*.
 - Alice's COMMIT is persisted with her state as a *pending commit* before it leaves.
   COMMIT_ACK, or a HELLO whose `committed` covers the round, commits it; a HELLO
-  below it or an ABORT rolls it back. After a restart with a pending commit Alice
-  holds her HELLO until Bob's has resolved it; Bob's HELLO may already be tagged under
-  the pads the round installs, so it is also checked against those.
+  below it or an ABORT rolls it back. Bob's HELLO may already be tagged under the pads
+  the round installs, so it is also checked against those.
+
+Connections: Alice, who dials, sends HELLO first; Bob signs his own only once hers
+verified, so a stranger opening TCP connections to Bob makes him spend no pad, and
+(`accept_hello`) a new connection replaces the live one only with a valid HELLO. With
+a pending commit of the rekeying round Alice cannot know which keys Bob is on, so her
+HELLO carries a second tag under the pads that round installs (the *alt* tag; the pad
+it used is recorded in the pending commit, so it is never used again).
 - A pending deposit is stored by the adapter (idempotently, so a replay after a
   crash is harmless) and cleared with `deposit_done`.
 """
@@ -96,6 +104,10 @@ TOPUP_PAD_BYTES = 256 * PAD_BYTES
 # runs a round even with a full pool (its key beyond the pool limit is discarded).
 ROUND_PAD_BYTES = 4 * PAD_BYTES
 LOW_PAD_BYTES = 32 * PAD_BYTES
+# A round's own tags per direction (ROUND_START + COMMIT, TRANSCRIPT + COMMIT_ACK):
+# Alice starts a round only with this much above the reserve in both directions.
+ROUND_NEED_BYTES = 2 * PAD_BYTES
+_ALT = struct.Struct("<BQ16s")
 
 
 class LinkProtocolError(Exception):
@@ -261,6 +273,7 @@ class LinkStats:
     last_abort_reason: str = ""
     last_round_key_bits: int = 0
     blocks_discarded: int = 0
+    reservations_lapsed: int = 0  # a RESERVE left unanswered: pads too low to sign
 
 
 class LinkCore:
@@ -298,10 +311,15 @@ class LinkCore:
         # Alice: COMMIT sent, outcome unknown. Both: committed, blocks not yet stored.
         self._pending_commit: dict[str, Any] | None = None
         self._pending_deposit: dict[str, Any] | None = None
-        self._hello_held = False
         self._now = 0.0
         self.peer_ready = False
         self.auth_dirty = False
+        # Reservations of this connection in flight: ours waiting for the peer's
+        # RESERVE_ACK, and the peer's we still owe an answer. Both spend pads to come.
+        self._awaiting_acks: set[int] = set()
+        self._owed_answers: set[int] = set()
+        # Alice: rounds Bob refused in a row because his last deposit is not stored.
+        self.peer_busy_aborts = 0
         if saved:
             self._pending_commit = _load_pending(saved.get("pending_commit"))
             self._pending_deposit = _load_pending(saved.get("pending_deposit"))
@@ -357,7 +375,10 @@ class LinkCore:
             return
         if work.kind == "measure":
             rnd.proto = work.result
-        self._flush_pp()
+        try:
+            self._flush_pp()
+        except AuthError as exc:
+            self._abort_local(f"cannot sign the round's transcript ({exc})")
 
     def export_state(self) -> dict[str, Any]:
         """What the adapter persists with the auth keys (sealed; holds key material)."""
@@ -382,25 +403,68 @@ class LinkCore:
             self._request_deposit(pend)
 
     def connection_made(self) -> None:
-        """A (new) classical connection: send HELLO; any round in flight is lost, except
-        a commit Alice has sent, which the peer's HELLO resolves."""
+        """A new classical connection is the current one: any round in flight is lost,
+        except a commit Alice has sent, which the HELLOs resolve. Alice (who dialled)
+        sends HELLO; Bob waits for hers (`receive_frame` or `accept_hello`)."""
+        self._reset_connection()
+        if self.role == "alice":
+            self._send_hello()
+
+    def _reset_connection(self) -> None:
         if self._round is not None and self._round.pending is None:
             self._abort_local("connection to the peer KME lost", notify=False)
         self._round = None
         self.peer_ready = False
         self._pulse_frames.clear()
-        if self._pending_commit is not None:
-            # Bob may already be on the pads this round installs: sign HELLO only once
-            # his HELLO told us which.
-            self._hello_held = True
-            return
-        self._send_hello()
+        # Answers on the old connection are lost; the peer times its requests out.
+        self._awaiting_acks.clear()
+        self._owed_answers.clear()
+
+    def accept_hello(self, data: bytes, now: float) -> bool:
+        """Bob: the first frame of a new, unauthenticated connection. Only a HELLO that
+        verifies makes it the current connection (True: Bob's HELLO is queued for it);
+        anything else changes nothing and spends no pad (False). LinkProtocolError: an
+        authentic HELLO from a misconfigured peer."""
+        if self.role != "bob":
+            raise ValueError("only Bob accepts connections")
+        self._now = now
+        if not data or data[0] != HELLO:
+            return False
+        try:
+            frame = _parse_ctrl(data)
+            msg = _hello_fields(frame.body)
+        except LinkProtocolError:
+            return False
+        return self._receive_hello(frame, msg, now, new_connection=True)
 
     def _send_hello(self) -> None:
-        self._hello_held = False
-        self._send_ctrl(HELLO, {"role": self.role, "params": self.fingerprint,
-                                "watermark_in": self.auth.watermark_in,
-                                "committed": self.committed}, for_round=False)
+        raw = json.dumps({"role": self.role, "params": self.fingerprint,
+                          "watermark_in": self.auth.watermark_in,
+                          "committed": self.committed},
+                         separators=(",", ":"), sort_keys=True).encode()
+        message = _LABEL + bytes([HELLO]) + raw
+        alt = (0, 0, bytes(TAG_BYTES))
+        pend = self._pending_commit
+        if (self.role == "alice" and pend is not None and pend["material"] and pend["rekey"]
+                and not pend.get("pads_applied")):
+            # Bob may have committed the rekeying round (new hash key and pads) or not:
+            # tag under both. The alt pad is recorded in the pending commit, persisted
+            # before this frame leaves, so it is skipped whichever way the round ends.
+            trial = self._trial_auth(pend)
+            alt_off, alt_tag = trial.sign(message, for_round=False)
+            pend["trial_next_out"] = trial.next_out
+            self.auth_dirty = True
+            alt = (1, alt_off, alt_tag)
+        offset, tag = self.auth.sign(message, for_round=False)
+        self.auth_dirty = True
+        self._out.append(_CTRL.pack(HELLO, offset, tag) + _ALT.pack(*alt) + raw)
+
+    def _trial_auth(self, pend: dict[str, Any]) -> AuthKeys:
+        """A copy of the keys as they will be once the pending round is committed."""
+        trial = AuthKeys.import_state(self.auth.export_state())
+        _apply_pads(trial, pend)
+        trial.advance_out(int(pend.get("trial_next_out", 0)))
+        return trial
 
     def receive_frame(self, data: bytes, now: float) -> None:
         if not data:
@@ -410,30 +474,20 @@ class LinkCore:
         if kind == PP:
             self._on_pp(data[1:], now)
             return
-        if kind not in _NAMES or len(data) < _CTRL.size:
-            raise LinkProtocolError(f"unknown or truncated frame type {kind}")
-        _, offset, tag = _CTRL.unpack_from(data)
-        body = data[_CTRL.size:]
+        frame = _parse_ctrl(data)
+        if kind == HELLO:
+            self._receive_hello(frame, _hello_fields(frame.body), now, new_connection=False)
+            return
+        body = frame.body
         extra = b""
         rnd = self._round
         if kind in (TRANSCRIPT, COMMIT) and rnd is not None:
             extra = bytes(rnd.received)
         message = _LABEL + bytes([kind]) + body + extra
-        if kind == HELLO and self._pending_commit is not None:
-            self._adopt_committed_pads_if_they_verify(offset, message, tag)
         try:
-            self.auth.verify(offset, message, tag)
+            self.auth.verify(frame.offset, message, frame.tag)
         except AuthError as exc:
-            self.auth_dirty = True
-            self.stats.auth_failures += 1
-            # A forged or altered control frame ends the round in flight (if any); it
-            # is never acted on.
-            if rnd is not None and rnd.pending is None:
-                self._abort_local(f"{_NAMES[kind]} failed authentication ({exc})",
-                                  auth=True)
-            else:
-                self._events.append(RoundAborted(-1, f"{_NAMES[kind]} failed "
-                                                  f"authentication ({exc})", True))
+            self._auth_failed(kind, exc)
             return
         self.auth_dirty = True
         try:
@@ -442,7 +496,7 @@ class LinkCore:
             raise LinkProtocolError(f"{_NAMES[kind]} body is not JSON") from None
         if not isinstance(msg, dict):
             raise LinkProtocolError(f"{_NAMES[kind]} body is not an object")
-        handler = {HELLO: self._on_hello, ROUND_START: self._on_round_start,
+        handler = {ROUND_START: self._on_round_start,
                    TRANSCRIPT: self._on_transcript, COMMIT: self._on_commit,
                    COMMIT_ACK: self._on_commit_ack, RESERVE: self._on_reserve,
                    RESERVE_ACK: self._on_reserve_ack, ABORT: self._on_abort}[kind]
@@ -450,21 +504,66 @@ class LinkCore:
             handler(msg, now)
         except (KeyError, TypeError, ValueError) as exc:
             raise LinkProtocolError(f"bad {_NAMES[kind]} ({type(exc).__name__})") from None
+        except AuthError as exc:
+            # Out of pads for the answer (TRANSCRIPT, COMMIT, COMMIT_ACK): the round
+            # ends here, cleanly, instead of the error killing the adapter's reader.
+            self._abort_local(f"cannot sign {_NAMES[kind]}'s answer ({exc})")
 
-    def _adopt_committed_pads_if_they_verify(self, offset: int, message: bytes,
-                                             tag: bytes) -> None:
-        """Alice, pending commit, Bob's HELLO: if it verifies only under the pads the
-        pending round installs, Bob has committed; move to those pads (the HELLO
-        handler then commits the round without applying them twice)."""
+    def _auth_failed(self, kind: int, exc: AuthError) -> None:
+        self.auth_dirty = True
+        self.stats.auth_failures += 1
+        rnd = self._round
+        # A forged or altered control frame ends the round in flight (if any); it is
+        # never acted on.
+        if rnd is not None and rnd.pending is None:
+            self._abort_local(f"{_NAMES[kind]} failed authentication ({exc})", auth=True)
+        else:
+            self._events.append(RoundAborted(-1, f"{_NAMES[kind]} failed "
+                                              f"authentication ({exc})", True))
+
+    def _receive_hello(self, frame: _CtrlFrame, msg: dict[str, Any], now: float, *,
+                       new_connection: bool) -> bool:
+        """Verify a HELLO and act on it. Every check that can refuse it runs before any
+        state changes (keys, watermark, pending commit, the current connection)."""
+        message = _LABEL + bytes([HELLO]) + frame.body
+        candidates = [(self.auth, frame.offset, frame.tag, False)]
+        if self.role == "bob" and frame.alt is not None:
+            candidates.append((self.auth, frame.alt[0], frame.alt[1], False))
         pend = self._pending_commit
-        assert pend is not None
-        if not pend["material"] or self.auth.check(offset, message, tag):
-            return
-        trial = AuthKeys.import_state(self.auth.export_state())
-        _apply_pads(trial, pend)
-        if trial.check(offset, message, tag):
-            self.auth = trial
+        if self.role == "alice" and pend is not None and pend["material"]:
+            # Bob's HELLO may be tagged under the pads the pending round installs: if it
+            # verifies only there, Bob has committed that round.
+            candidates.append((self._trial_auth(pend), frame.offset, frame.tag, True))
+        chosen = next((c for c in candidates if c[0].check(c[1], message, c[2])), None)
+        if chosen is None:
+            if new_connection:
+                self.stats.auth_failures += 1  # a forged HELLO; the live link is untouched
+                return False
+            try:
+                self.auth.verify(frame.offset, message, frame.tag)
+            except AuthError as exc:
+                self._auth_failed(HELLO, exc)
+            return False
+        auth, offset, tag, adopt = chosen
+        if msg["role"] == self.role:
+            raise LinkProtocolError(f"both KMEs are configured as {self.role!r}; set "
+                                    "[link] role = \"alice\" on one and \"bob\" on the other")
+        if msg["params"] != self.fingerprint:
+            raise LinkProtocolError("the peer KME runs different [link] parameters; "
+                                    "use the same physical and protocol values on both")
+        if adopt and pend is not None and msg["committed"] < pend["round"]:
+            raise LinkProtocolError("peer HELLO verified under the pads of a round it "
+                                    "says it has not committed")
+        if new_connection:
+            self._reset_connection()
+        auth.verify(offset, message, tag)
+        self.auth_dirty = True
+        if adopt:
+            assert pend is not None
+            self.auth = auth
             pend["pads_applied"] = True
+        self._on_hello(msg, now)
+        return self.peer_ready
 
     def receive_pulses(self, data: bytes, now: float) -> None:
         """Bob: a pulse frame from the quantum channel (maybe rewritten by Eve)."""
@@ -513,6 +612,13 @@ class LinkCore:
         if self.round_active or not self.peer_ready:
             raise ValueError("a round is already running or the peer is not ready")
         number = self.next_round_number()
+        if not self.round_pads_ok:
+            out_lvl, in_lvl = self.auth.levels()
+            self._events.append(RoundAborted(
+                number, f"cannot start a round: authentication pads low (a2b "
+                f"{out_lvl // PAD_BYTES}, b2a {in_lvl // PAD_BYTES} pads, a round needs "
+                f"{(self.auth.reserve + ROUND_NEED_BYTES) // PAD_BYTES} in each)"))
+            return
         if prepared is None:
             prepared = self.prepare_round(number)
         elif prepared.number != number:
@@ -541,39 +647,75 @@ class LinkCore:
         """Few pads left in either direction: a round should run to refill them."""
         return min(self.auth.levels()) < self.auth.reserve + LOW_PAD_BYTES
 
+    @property
+    def round_pads_ok(self) -> bool:
+        """Both directions hold the reserve plus a round's own tags (Alice knows Bob's
+        outgoing level: it is her incoming one)."""
+        need = self.auth.reserve + ROUND_NEED_BYTES
+        return min(self.auth.levels()) >= need
+
+    def _reservation_room(self, sign_out: int, expect_in: int) -> bool:
+        """RESERVE and RESERVE_ACK only use pads above the reserve plus what a round
+        needs, counting every reservation frame still to come in either direction, so
+        no mix of reservations leaves the link unable to run the round that refills."""
+        floor = self.auth.reserve + ROUND_PAD_BYTES
+        out_lvl, in_lvl = self.auth.levels()
+        return (out_lvl - sign_out * PAD_BYTES >= floor
+                and in_lvl - expect_in * PAD_BYTES >= floor)
+
     def request_reservation(self, request: int, master: str, slave: str,
                             keys: list[tuple[str, list[str], int]]) -> None:
         """Raises AuthError (nothing sent) when the pads are down to what the next round
         needs: a flood of reservations must not leave the link unable to refill."""
-        out_lvl, in_lvl = self.auth.levels()
-        if min(out_lvl, in_lvl) < self.auth.reserve + ROUND_PAD_BYTES + PAD_BYTES:
+        if not self._reservation_room(1 + len(self._owed_answers),
+                                      1 + len(self._awaiting_acks)):
             raise AuthError("authentication pads low; reservations wait for the next "
                             "round to refill them")
         self._send_ctrl(RESERVE, {"request": request, "master": master, "slave": slave,
                                   "keys": keys}, for_round=False)
+        self._awaiting_acks.add(request)
 
-    def answer_reservation(self, request: int, ok: bool, reason: str = "") -> None:
+    def reservation_expired(self, request: int) -> None:
+        """The adapter gave up waiting for the peer's answer to `request`."""
+        self._awaiting_acks.discard(request)
+
+    def answer_reservation(self, request: int, ok: bool, reason: str = "") -> bool:
+        """Sign RESERVE_ACK. False: not sent (the request belongs to an old connection,
+        or the pads are too low now); the peer times out, and a reservation recorded
+        here for it must be released."""
+        if request not in self._owed_answers:
+            return False
+        self._owed_answers.discard(request)
+        if not self._reservation_room(1 + len(self._owed_answers), 0):
+            self.stats.reservations_lapsed += 1
+            return False
         self._send_ctrl(RESERVE_ACK, {"request": request, "ok": ok, "reason": reason},
                         for_round=False)
+        return True
 
     def _on_reserve(self, msg: dict[str, Any], now: float) -> None:
         keys = [(str(k), [str(b) for b in bids], int(size)) for k, bids, size in msg["keys"]]
-        self._events.append(ReservationRequested(int(msg["request"]), str(msg["master"]),
+        request = int(msg["request"])
+        if request in self._owed_answers:
+            return
+        if not self._reservation_room(1 + len(self._owed_answers), 0):
+            # Too few pads to answer: let it lapse (the peer times out and answers 503)
+            # rather than sign into what the next round needs.
+            self.stats.reservations_lapsed += 1
+            return
+        self._owed_answers.add(request)
+        self._events.append(ReservationRequested(request, str(msg["master"]),
                                                  str(msg["slave"]), keys))
 
     def _on_reserve_ack(self, msg: dict[str, Any], now: float) -> None:
-        self._events.append(ReservationAnswered(int(msg["request"]), bool(msg["ok"]),
+        request = int(msg["request"])
+        self._awaiting_acks.discard(request)
+        self._events.append(ReservationAnswered(request, bool(msg["ok"]),
                                                 str(msg["reason"])))
 
     # ---------------------------------------------------------------- handlers
 
     def _on_hello(self, msg: dict[str, Any], now: float) -> None:
-        if msg["role"] == self.role:
-            raise LinkProtocolError(f"both KMEs are configured as {self.role!r}; set "
-                                    "[link] role = \"alice\" on one and \"bob\" on the other")
-        if msg["params"] != self.fingerprint:
-            raise LinkProtocolError("the peer KME runs different [link] parameters; "
-                                    "use the same physical and protocol values on both")
         # The peer has seen our pads up to its watermark (e.g. we restarted from an
         # older state): never reuse them.
         self.auth.advance_out(int(msg["watermark_in"]))
@@ -584,14 +726,16 @@ class LinkCore:
             if peer_committed >= pend["round"]:
                 self._alice_commit(pend)
             else:
-                if pend.get("pads_applied"):
-                    raise LinkProtocolError("peer HELLO verified under the pads of a round "
-                                            "it says it has not committed")
                 self._count_abort(pend["round"], "commit not acknowledged before the "
                                   "connection dropped; rolled back on both sides")
         self._round = None
-        if self._hello_held:
-            self._send_hello()
+        if self.role == "bob":
+            # Alice's HELLO verified: only now does Bob spend a pad on his own.
+            try:
+                self._send_hello()
+            except AuthError as exc:
+                raise LinkProtocolError(f"cannot answer HELLO ({exc}); re-bootstrap "
+                                        "both KMEs") from None
         self.peer_ready = True
         self._events.append(PeerReady(peer_committed))
 
@@ -604,6 +748,21 @@ class LinkCore:
         pulses = int(msg["pulses"])
         if pulses != self.params.pulses:
             raise LinkProtocolError("ROUND_START pulse count differs from [link] pulses")
+        number = int(msg["round"])
+        refusal = ""
+        if self._pending_deposit is not None:
+            # Committing another round now would replace the unstored one in the
+            # persisted state: a crash would lose its blocks here but not at Alice.
+            refusal = "the previous round's blocks are not stored yet"
+        elif self.auth.levels()[0] < ROUND_NEED_BYTES + PAD_BYTES:
+            refusal = "authentication pads low (b2a)"
+        if refusal:
+            with contextlib.suppress(AuthError):
+                self._send_ctrl(ABORT, {"round": number, "reason": refusal,
+                                        "busy": self._pending_deposit is not None},
+                                for_round=False)
+            self._count_abort(number, refusal)
+            return
         self._round = _Round(int(msg["round"]), bytes.fromhex(msg["nonce"]), pulses,
                              started=now,
                              rng=np.random.default_rng(self._rng.integers(1 << 63)))
@@ -760,8 +919,11 @@ class LinkCore:
     def _commit(self, pend: dict[str, Any]) -> None:
         if not pend.pop("pads_applied", False):
             _apply_pads(self.auth, pend)
+        # The alt tag of a HELLO may already have used the round's first a2b pad.
+        self.auth.advance_out(int(pend.pop("trial_next_out", 0)))
         self.auth_dirty = True
         self.committed = pend["round"]
+        self.peer_busy_aborts = 0
         self._count_commit(pend)
         self._pending_deposit = pend
         self._request_deposit(pend)
@@ -792,6 +954,8 @@ class LinkCore:
             return
         if rnd.pending is not None:
             self._pending_commit = None
+        if msg.get("busy") is True:
+            self.peer_busy_aborts += 1
         self._abort_local(f"peer aborted: {msg['reason']}", notify=False)
 
     # ----------------------------------------------------------------- helpers
@@ -850,6 +1014,42 @@ class LinkCore:
         assert len(tag) == TAG_BYTES
         self.auth_dirty = True
         self._out.append(_CTRL.pack(kind, offset, tag) + raw)
+
+
+@dataclass(frozen=True)
+class _CtrlFrame:
+    kind: int
+    offset: int
+    tag: bytes = field(repr=False)
+    alt: tuple[int, bytes] | None = field(repr=False)  # HELLO only
+    body: bytes = field(repr=False)
+
+
+def _parse_ctrl(data: bytes) -> _CtrlFrame:
+    kind = data[0]
+    if kind not in _NAMES or kind == PP or len(data) < _CTRL.size:
+        raise LinkProtocolError(f"unknown or truncated frame type {kind}")
+    _, offset, tag = _CTRL.unpack_from(data)
+    if kind != HELLO:
+        return _CtrlFrame(kind, offset, tag, None, data[_CTRL.size:])
+    if len(data) < _CTRL.size + _ALT.size:
+        raise LinkProtocolError("truncated HELLO")
+    has_alt, alt_off, alt_tag = _ALT.unpack_from(data, _CTRL.size)
+    return _CtrlFrame(kind, offset, tag, (alt_off, alt_tag) if has_alt else None,
+                      data[_CTRL.size + _ALT.size:])
+
+
+def _hello_fields(body: bytes) -> dict[str, Any]:
+    """A HELLO body's fields, type-checked (not yet authenticated)."""
+    try:
+        msg = json.loads(body)
+    except ValueError:
+        raise LinkProtocolError("HELLO body is not JSON") from None
+    if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
+            and isinstance(msg.get("params"), str)
+            and all(type(msg.get(k)) is int for k in ("watermark_in", "committed"))):
+        raise LinkProtocolError("bad HELLO (fields missing or of the wrong type)")
+    return msg
 
 
 def _apply_pads(auth: AuthKeys, pend: dict[str, Any]) -> None:
