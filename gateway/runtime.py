@@ -861,7 +861,8 @@ class Gateway:
                                     pki_rebootstrap=config.pki_rebootstrap)
             except PskStoreError as exc:
                 raise ConfigError(f"{config.source}: [gateway] state_dir: {exc} (fix: make "
-                                  f"{config.state_dir} a writable local directory)") from None
+                                  f"{config.state_dir} a writable local directory that no "
+                                  "other running gateway uses)") from None
         self.params = HandshakeParams(
             local_identity=config.site_id, peer_identity=config.peer_site_id,
             local_sae_id=config.sae_id, peer_sae_id=config.peer_sae_id,
