@@ -145,9 +145,9 @@ def _parse(root: Section) -> GatewayConfig:
     gw = root.section("gateway")
     site_id = _name(gw, "site_id", "site-a")
     sae_id = _name(gw, "sae_id", f"{site_id}-gw")
-    state_dir = gw.path("state_dir", Path(f"state/{site_id}"))
-    if not state_dir.is_absolute():
-        state_dir = gw.base_dir / state_dir
+    # path() resolves a relative value against the config file's directory; the default
+    # gets the same treatment here (resolving twice would nest a relative config path).
+    state_dir = gw.path("state_dir", None) or gw.base_dir / "state" / site_id
     gw.finish()
 
     tun = root.section("tunnel")

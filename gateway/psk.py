@@ -368,7 +368,7 @@ class PskStore:
 # ------------------------------------------------------------------------------ CLI
 
 
-def _open_for(config_path: str) -> PskStore:
+def _open_for(config_path: str, *, lock: bool = True) -> PskStore:
     from gateway.config import GatewayConfig
 
     config = GatewayConfig.load(config_path)
@@ -378,7 +378,7 @@ def _open_for(config_path: str) -> PskStore:
         raise UserError(f"{config_path}: [auth] psk is off, so this site keeps no PSK state")
     try:
         return PskStore(config.state_dir / "psk.sqlite", config.peer_site_id,
-                        pki_rebootstrap=config.pki_rebootstrap)
+                        pki_rebootstrap=config.pki_rebootstrap, lock=lock)
     except PskStoreError as exc:
         from gateway.cli import UserError
 
@@ -386,7 +386,8 @@ def _open_for(config_path: str) -> PskStore:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    store = _open_for(args.config)
+    # Reading needs no lock: show works while the gateway runs (WAL readers never block).
+    store = _open_for(args.config, lock=False)
     try:
         print(json.dumps({"peer": store.peer, "path": str(store.path),
                           **store.status().as_dict()}, indent=2))

@@ -111,3 +111,15 @@ def test_cli_process_without_traceback(tmp_path: Path) -> None:
                           timeout=60)
     assert proc.returncode == 2
     assert "cannot read config file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_relative_state_dir_resolves_once_from_a_relative_config_path(
+        site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/site-a.toml says state_dir = "../state/site-a": run from the directory
+    above configs/, that is ./state/site-a, not ./configs/state/site-a."""
+    monkeypatch.chdir(site.parent.parent)
+    cfg = GatewayConfig.load(Path("configs") / site.name)
+    assert cfg.state_dir.resolve() == (site.parent.parent / "state" / "site-a").resolve()
+    edit(site, 'state_dir = "../state/site-a"\n', "")
+    cfg = GatewayConfig.load(Path("configs") / site.name)
+    assert cfg.state_dir.resolve() == (site.parent / "state" / "site-a").resolve()
