@@ -220,24 +220,35 @@ class PskStore:
         """The newest PSK not refused since the last success. Alerts are
         unauthenticated, so a refusal never deletes a slot: once both were refused we
         offer them again, and only fall back to PKI (where allowed) after every slot was
-        refused REBOOTSTRAP_AFTER times in a row."""
+        refused REBOOTSTRAP_AFTER times in a row. Call once per connection attempt: it
+        counts the rounds (`peek` looks without counting)."""
+        key, new_round = self._plan()
+        if new_round is not None:
+            self._refused.clear()
+            self._refusal_rounds += int(new_round)
+        return key
+
+    def peek(self) -> PskKey | None:
+        """What `offer` would return now, without counting an attempt."""
+        return self._plan()[0]
+
+    def _plan(self) -> tuple[PskKey | None, bool | None]:
+        """(the PSK to offer, None: keep the refusal record / False: clear it / True:
+        clear it and count a round of refusals)."""
         pending, current = self._slots.get("pending"), self._slots.get("current")
         if current is None:
             # Still bootstrapping: the pending PSK of an unconfirmed PKI session and PKI
             # itself, in turn (the responder accepts PKI while it holds no PSK).
             if pending is None or pending.epoch in self._refused:
-                self._refused.clear()
-                return None
-            return pending
+                return None, False
+            return pending, None
         candidates = [k for k in (pending, current) if k is not None]
         fresh = [k for k in candidates if k.epoch not in self._refused]
         if fresh:
-            return fresh[0]
-        self._refused.clear()
-        self._refusal_rounds += 1
-        if self.pki_rebootstrap and self._refusal_rounds >= REBOOTSTRAP_AFTER:
-            return None
-        return candidates[0]
+            return fresh[0], None
+        if self.pki_rebootstrap and self._refusal_rounds + 1 >= REBOOTSTRAP_AFTER:
+            return None, True
+        return candidates[0], True
 
     def lookup(self, epoch: int) -> PskKey | None:
         for slot in ("current", "previous"):

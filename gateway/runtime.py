@@ -991,8 +991,7 @@ class Gateway:
         would present an expired certificate. A PSK reconnect needs no certificate."""
         if self.credential_source is None:
             return
-        book = getattr(self.params, "psk_book", None)
-        if book is not None and book.offer() is not None:
+        if self.psk is not None and self.psk.peek() is not None:
             return
         problem = self.credential_source.bootstrap_problem()
         if problem is not None:

@@ -534,3 +534,20 @@ def test_concurrent_handshakes_get_distinct_epochs(tmp_path: Path) -> None:
     store = PskStore(tmp_path / "r.sqlite", "site-a")
     store._commit({"current": PskKey(5, b"\x01" * 48)})
     assert [store.next_epoch() for _ in range(3)] == [6, 7, 8]
+
+
+def test_peek_does_not_count_an_attempt(pki_dir: Path, tmp_path: Path) -> None:
+    """The runtime looks (peek) before it dials and offers once per connection: looking
+    must not use up a round, or the PKI fallback would come early or never."""
+    from gateway.psk import REBOOTSTRAP_AFTER
+
+    sa = Site(tmp_path / "a.sqlite", "site-b", rebootstrap=True)
+    sb = Site(tmp_path / "b.sqlite", "site-a", rebootstrap=True)
+    kme = FakeKmePair()
+    assert connect(pki_dir, sa, sb, kme).ready
+    offered = []
+    for _ in range(REBOOTSTRAP_AFTER + 1):
+        for _ in range(5):
+            sa.store.peek()
+        offered.append(_forged_refusal(pki_dir, sa, kme) is not None)
+    assert offered == [True] * REBOOTSTRAP_AFTER + [False]
