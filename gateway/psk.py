@@ -35,12 +35,10 @@ connection before anything else is sent.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import json
 import os
 import sqlite3
-import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +47,8 @@ from typing import Any
 from gateway import events as ev
 from gateway.handshake import PskKey
 from gateway.log import get_logger
+from gateway.private_db import open_private_db
+from qkd.storage_key import private_dir
 
 log = get_logger("qkdgw.psk")
 
@@ -108,24 +108,16 @@ class PskStore:
         self._refused: set[int] = set()
         self._refusal_rounds = 0
         self._reserved = 0
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path.parent)
         self._lock_fd = self._lock(path) if lock else None
-        old = os.umask(0o077)
         try:
-            self._db = sqlite3.connect(str(path), isolation_level=None,
-                                       check_same_thread=False)
-            self._init()
-        except sqlite3.Error as exc:
+            self._db = open_private_db(path, self._init)
+        except (sqlite3.Error, PskStoreError) as exc:
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
+            if isinstance(exc, PskStoreError):
+                raise
             raise PskStoreError(f"cannot open the PSK store {str(path)!r}: {exc}") from None
-        finally:
-            os.umask(old)
-        for suffix in ("", "-wal", "-shm"):
-            f = Path(str(path) + suffix)
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_IMODE(f.stat().st_mode) & 0o077:
-                    f.chmod(0o600)
         self._load()
 
     def __repr__(self) -> str:
@@ -150,12 +142,8 @@ class PskStore:
                                 "gateway?); stop it first") from None
         return fd
 
-    def _init(self) -> None:
-        db = self._db
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("PRAGMA secure_delete=ON")
-        db.execute("PRAGMA busy_timeout=5000")
+    @staticmethod
+    def _init(db: sqlite3.Connection) -> None:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise PskStoreError(f"PSK store schema {version} is newer than this program's "

@@ -36,11 +36,8 @@ all writers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import sqlite3
-import stat
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,7 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from qkd.storage_key import Sealer, private_dir
+from gateway.private_db import open_private_db
+from qkd.storage_key import Sealer
 
 T = TypeVar("T")
 
@@ -137,39 +135,18 @@ class KeyStore:
     def __init__(self, path: Path, kme_id: str, sealer: Sealer | None = None) -> None:
         self.path = path
         self._sealer = sealer
-        private_dir(path.parent)
-        # SQLite creates the db, -wal and -shm files with the process umask; these
-        # hold (sealed) key material and the delivery history, so: owner only.
-        old = os.umask(0o077)
-        try:
-            # isolation_level=None: no implicit transactions, we BEGIN/COMMIT explicitly.
-            self._db = sqlite3.connect(str(path), isolation_level=None,
-                                       check_same_thread=False)
-            try:
-                self._init(kme_id)
-            except BaseException:
-                self._db.close()
-                raise
-        finally:
-            os.umask(old)
-        for suffix in ("", "-wal", "-shm"):
-            f = Path(str(path) + suffix)
-            with contextlib.suppress(FileNotFoundError):
-                if stat.S_IMODE(f.stat().st_mode) & 0o077:
-                    f.chmod(0o600)
+
+        def setup(db: sqlite3.Connection) -> None:
+            self._db = db
+            self._init(kme_id)
+
+        # Owner-only files, WAL + synchronous=FULL, freed pages zeroed: the store holds
+        # (sealed) key material and the delivery history.
+        self._db = open_private_db(path, setup)
 
     def _init(self, kme_id: str) -> None:
         db = self._db
-        mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StoreError(f"SQLite refused WAL mode (got {mode!r}); put the database on "
-                             "a local file system")
-        db.execute("PRAGMA synchronous=FULL")
-        # Zero the bytes of deleted or overwritten content instead of leaving them in
-        # free pages, so an erased key block does not linger in the file.
-        db.execute("PRAGMA secure_delete=ON")
         db.execute("PRAGMA foreign_keys=ON")
-        db.execute("PRAGMA busy_timeout=5000")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(f"database schema version {version} is newer than this "
