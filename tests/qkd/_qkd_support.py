@@ -9,6 +9,8 @@ peer SAE" exist on both sides):
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 SITES = ["site-a", "site-b", "site-c", "site-d"]
@@ -152,3 +154,22 @@ class KmeProcess:
                 self.popen.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+def wait_until(pred: Callable[[], object], timeout: float, what: str,
+               procs: Sequence[KmeProcess] = ()) -> None:
+    """Poll `pred` (an OSError counts as not yet) until it holds; fail early, with the
+    end of its log, if one of `procs` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except OSError:
+            pass
+        for p in procs:
+            if p.popen.poll() is not None:
+                raise AssertionError(f"{p.log.name} exited: "
+                                     + p.log.read_text(errors="replace")[-2000:])
+        time.sleep(0.25)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -19,7 +19,8 @@ PARAMS = LinkParams(distance_km=10.0, detector_efficiency=0.8, misalignment=0.01
                     dark_count_prob=1e-7, pulses=12_000_000)
 PSK = os.urandom(32)
 
-Tamper = Callable[[str, int, bytes], bytes]
+# (direction, frame number, frame) -> the frame to deliver, or None to drop it
+Tamper = Callable[[str, int, bytes], bytes | None]
 
 
 def pair(params: LinkParams = PARAMS) -> tuple[lc.LinkCore, lc.LinkCore]:
@@ -31,8 +32,10 @@ def pair(params: LinkParams = PARAMS) -> tuple[lc.LinkCore, lc.LinkCore]:
 
 
 def pump(a: lc.LinkCore, b: lc.LinkCore, tamper: Tamper | None = None,
-         eve: str | None = None) -> list[tuple[str, object]]:
-    """Move frames until both sides are quiet; Bob deposits at once. Returns events."""
+         eve: str | None = None, depositors: tuple[str, ...] = ("alice", "bob")
+         ) -> list[tuple[str, object]]:
+    """Move frames until both sides are quiet; the `depositors` store their blocks at
+    once, the others never. Returns events."""
     events: list[tuple[str, object]] = []
     counts = {"a2b": 0, "b2a": 0}
     while True:
@@ -41,10 +44,11 @@ def pump(a: lc.LinkCore, b: lc.LinkCore, tamper: Tamper | None = None,
             for frame in src.frames_to_send():
                 moved = True
                 counts[name] += 1
-                if tamper is not None:
-                    frame = tamper(name, counts[name], frame)
+                out = tamper(name, counts[name], frame) if tamper is not None else frame
+                if out is None:
+                    continue
                 try:
-                    dst.receive_frame(frame, 0.0)
+                    dst.receive_frame(out, 0.0)
                 except lc.LinkProtocolError as exc:
                     events.append(("protocol_error", str(exc)))
         for q in a.quantum_to_send():
@@ -59,7 +63,7 @@ def pump(a: lc.LinkCore, b: lc.LinkCore, tamper: Tamper | None = None,
             while (ev := core.next_event()) is not None:
                 moved = True
                 events.append((side, ev))
-                if isinstance(ev, lc.DepositRequested):
+                if isinstance(ev, lc.DepositRequested) and side in depositors:
                     core.deposit_done(ev.round)
         if not moved:
             return events

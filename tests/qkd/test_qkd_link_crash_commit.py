@@ -8,11 +8,10 @@ pair cannot authenticate any more), is test_qkd_link_recovery.py."""
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
-from _qkd_support import KmeProcess, bb84_link, kme_toml
+from _qkd_support import KmeProcess, bb84_link, kme_toml, wait_until
 
 from qkd.etsi_client import EtsiClient
 from qkd.link.bb84 import CRASH_ENV
@@ -22,22 +21,6 @@ def _client(pki: Path, kme: KmeProcess, site: str) -> EtsiClient:
     return EtsiClient(kme.url, ca_file=pki / "tls-ca.crt",
                       cert_file=pki / site / "sae-client.crt",
                       key_file=pki / site / "sae-client.key", timeout=15)
-
-
-def _wait(pred, timeout: float, what: str, *procs: KmeProcess) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if pred():
-                return
-        except OSError:
-            pass
-        for p in procs:
-            if p.popen.poll() is not None:
-                raise AssertionError(f"{p.log.name} exited: "
-                                     + p.log.read_text(errors="replace")[-2000:])
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def _matching_keys(pki: Path, alice: KmeProcess, bob: KmeProcess, n: int) -> int:
@@ -103,7 +86,7 @@ def test_kill_between_commit_and_ack_then_both_sides_go_on(tmp_path: Path, pki: 
             return (la.get("connected") and int(la["committed_round"]) > crashed_round  # type: ignore[call-overload, return-value]
                     and int(lb["committed_round"]) > crashed_round)  # type: ignore[call-overload]
 
-        _wait(past_crash, 120, "rounds after the crash", alice, bob)
+        wait_until(past_crash, 120, "rounds after the crash", (alice, bob))
         la = alice.link_status(pki, "site-a", "site-b-gw")
         lb = bob.link_status(pki, "site-b", "site-a-gw")
         assert la["auth_failures"] == lb["auth_failures"] == 0

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from test_qkd_link_core import PARAMS, connect, pair
+from test_qkd_link_core import pump as core_pump
 
 from qkd.link import core as lc
 from qkd.link.wegman_carter import AuthKeys
@@ -26,29 +27,8 @@ Snapshot = tuple[dict[str, object], dict[str, object]]
 
 def pump(a: lc.LinkCore, b: lc.LinkCore, hook: Hook | None = None,
          deposit: bool = True) -> list[tuple[str, object]]:
-    events: list[tuple[str, object]] = []
-    while True:
-        moved = False
-        for src, dst, name in ((a, b, "a2b"), (b, a, "b2a")):
-            for frame in src.frames_to_send():
-                moved = True
-                out = hook(name, frame) if hook is not None else frame
-                if out is not None:
-                    dst.receive_frame(out, 0.0)
-        for q in a.quantum_to_send():
-            moved = True
-            b.receive_pulses(q, 0.0)
-        for side, core in (("alice", a), ("bob", b)):
-            while (work := core.take_work()) is not None:
-                moved = True
-                core.work_done(work.run(), 0.0)
-            while (ev := core.next_event()) is not None:
-                moved = True
-                events.append((side, ev))
-                if isinstance(ev, lc.DepositRequested) and deposit:
-                    core.deposit_done(ev.round)
-        if not moved:
-            return events
+    return core_pump(a, b, None if hook is None else lambda name, _i, frame: hook(name, frame),
+                     depositors=("alice", "bob") if deposit else ())
 
 
 def snapshot(core: lc.LinkCore) -> Snapshot:

@@ -165,27 +165,7 @@ def test_running_out_of_pads_mid_round_aborts_it_instead_of_raising() -> None:
 # ---------------------------------------------------------- Bob's pending deposit
 
 def _pump_without_bob_deposits(a: lc.LinkCore, b: lc.LinkCore) -> list[tuple[str, Any]]:
-    events: list[tuple[str, Any]] = []
-    while True:
-        moved = False
-        for src, dst in ((a, b), (b, a)):
-            for f in src.frames_to_send():
-                moved = True
-                dst.receive_frame(f, 0.0)
-        for q in a.quantum_to_send():
-            moved = True
-            b.receive_pulses(q, 0.0)
-        for name, c in (("alice", a), ("bob", b)):
-            while (w := c.take_work()) is not None:
-                moved = True
-                c.work_done(w.run(), 0.0)
-            while (ev := c.next_event()) is not None:
-                moved = True
-                events.append((name, ev))
-                if isinstance(ev, lc.DepositRequested) and name == "alice":
-                    c.deposit_done(ev.round)
-        if not moved:
-            return events
+    return pump(a, b, depositors=("alice",))
 
 
 def test_bob_refuses_a_round_while_his_last_deposit_is_unstored() -> None:

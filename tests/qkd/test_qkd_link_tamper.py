@@ -14,33 +14,17 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from _qkd_support import KmeProcess, bb84_link, kme_toml
+from _qkd_support import KmeProcess, bb84_link, kme_toml, wait_until
 
 from qkd.etsi_client import EtsiClient
 
 HERE = Path(__file__).parent
 ADMIN = '[admin]\nlisten = "127.0.0.1:0"\n'
 TIMEOUT = "round_timeout_s = 10\n"
-
-
-def _wait(pred: Callable[[], bool], timeout: float, what: str,
-          procs: list[KmeProcess]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        for p in procs:
-            if p.popen.poll() is not None:
-                raise AssertionError(f"{p.log.name} exited: "
-                                     + p.log.read_text(errors="replace")[-2000:])
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _metrics(kme: KmeProcess) -> str:
@@ -70,7 +54,7 @@ def test_tampering_relay_stops_rounds_and_is_counted(tmp_path: Path, pki: Path,
                                  stdout=out, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL)
     try:
-        _wait(relay_port.exists, 20, "the relay", procs)
+        wait_until(relay_port.exists, 20, "the relay", procs)
         cfg_a = tmp_path / "kme-a.toml"
         cfg_a.write_text(kme_toml(pki, "a", tmp_path / "a.sqlite3", extra=ADMIN, link=bb84_link(
             pki, "alice", peer=int(relay_port.read_text()),
@@ -98,7 +82,7 @@ def test_tampering_relay_stops_rounds_and_is_counted(tmp_path: Path, pki: Path,
                 la, lb = links()
                 return int(la["auth_failures"]) + int(lb["auth_failures"]) > before  # type: ignore[call-overload]
 
-            _wait(counted, 60, f"an authentication failure under {attack}", procs)
+            wait_until(counted, 60, f"an authentication failure under {attack}", procs)
             no_key_anywhere()
             la, lb = links()
             seen_failures = int(la["auth_failures"]) + int(lb["auth_failures"])  # type: ignore[call-overload]
@@ -114,7 +98,7 @@ def test_tampering_relay_stops_rounds_and_is_counted(tmp_path: Path, pki: Path,
                 return (int(la["rounds_aborted"]) > aborted  # type: ignore[call-overload]
                         and "timed out" in str(la["last_abort_reason"]))
 
-            _wait(timed_out, 60, "a round timing out behind a dropped TRANSCRIPT", procs)
+            wait_until(timed_out, 60, "a round timing out behind a dropped TRANSCRIPT", procs)
             no_key_anywhere()
 
         # Visible outside the ETSI API too: admin metrics and the logs.
@@ -131,7 +115,7 @@ def test_tampering_relay_stops_rounds_and_is_counted(tmp_path: Path, pki: Path,
         # Positive control: the same relay, passing frames unchanged, lets keys flow.
         mode.write_text("pass")
         failures_before = links()
-        _wait(lambda: all(int(x["rounds_committed"]) >= 1 for x in links()),  # type: ignore[call-overload]
+        wait_until(lambda: all(int(x["rounds_committed"]) >= 1 for x in links()),  # type: ignore[call-overload]
               90, "a committed round through the passive relay", procs)
 
         async def matching() -> None:
