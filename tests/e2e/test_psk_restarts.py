@@ -9,35 +9,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from e2e_support import app_exchange
 
 from gateway.testbed import Testbed, TestbedOptions
-
-
-def _restart(bed: Testbed, site: str, peer: str, *, tunnel_port: int | None,
-             connect: int | None, listeners: dict[str, int] | None = None,
-             services: dict[str, int] | None = None) -> None:
-    """Start a gateway again on the same state directory (and, for the listening side,
-    the same tunnel port, so the dialling side finds it)."""
-    text = bed.gateway_config(site, peer, connect=connect, listeners=listeners,
-                              services=services)
-    if tunnel_port is not None:
-        text = text.replace('[tunnel]\nlisten = "127.0.0.1:0"',
-                            f'[tunnel]\nlisten = "127.0.0.1:{tunnel_port}"')
-    cfg = bed._write(f"{site}.toml", text)
-    name = f"gateway-{site}"
-    ready = bed.run / f"{name}.ready"
-    ready.unlink(missing_ok=True)
-    proc = bed._spawn(name, ["-m", "gateway.cli", "gateway", "--config", str(cfg),
-                             "--ready-file", str(ready)])
-    import json
-
-    info: dict[str, Any] = json.loads(bed._wait_file(proc, ready))
-    bed.ports[f"admin-{site}"] = int(info["admin"])
-    for service, port in info.get("listeners", {}).items():
-        bed.ports[f"listen-{site}-{service}"] = int(port)
 
 
 def _kill(bed: Testbed, site: str) -> None:
@@ -63,11 +38,11 @@ def test_restarts_reconnect_by_psk_never_by_pki(tmp_path: Path) -> None:
             victim = "site-a" if round_no % 2 == 0 else "site-b"
             _kill(bed, victim)
             if victim == "site-a":
-                _restart(bed, "site-a", "site-b", tunnel_port=None, connect=b_port,
-                         listeners={"sink": bed.ports["listen-site-a-sink"]})
+                bed.start_gateway("site-a", "site-b", connect=b_port,
+                                  listeners={"sink": bed.ports["listen-site-a-sink"]})
             else:
-                _restart(bed, "site-b", "site-a", tunnel_port=b_port, connect=None,
-                         services={"sink": sink})
+                bed.start_gateway("site-b", "site-a", connect=None, listen_port=b_port,
+                                  services={"sink": sink})
             status = bed.wait_tunnel(timeout=40)
             auth_modes.append(status["peer"]["auth_mode"])
             psk = status["peer"]["psk"]
