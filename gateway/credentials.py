@@ -246,7 +246,7 @@ class CredentialSource:
         except PeerCertificateError as exc:
             if exc.reason == "wrong_identity":
                 raise CredentialError(
-                    f"{files.cert}: names site {site_identity(leaf)!r}, but this gateway is "
+                    f"{files.cert}: is for site {site_identity(leaf)!r}, but this gateway is "
                     f"site {self.local_identity!r} (fix: install this site's own gateway.crt "
                     "and gateway.key)") from None
             raise CredentialError(f"{files.cert}: this site's own certificate is not usable "

@@ -61,10 +61,6 @@ from gateway.log import configure_logging, get_logger
 from gateway.metrics import GatewayMetrics
 from gateway.pki import (
     PkiError,
-    load_certificate,
-    load_private_key,
-    site_identity,
-    verify_peer_certificate,
 )
 from gateway.psk import PskStore, PskStoreError
 from gateway.record import RecordLimits
@@ -776,25 +772,9 @@ def _code_name(code: int) -> str:
 
 
 def load_credentials(config: GatewayConfig) -> Credentials:
-    """The gateway's signing key and chain, checked against its own config at start."""
-    try:
-        ca = load_certificate(config.ca_file)
-        cert = load_certificate(config.cert_file)
-        load_private_key(config.key_file)
-    except PkiError as exc:
-        raise ConfigError(str(exc)) from None
-    identity = site_identity(cert)
-    if identity != config.site_id:
-        raise ConfigError(
-            f"{config.source}: [pki] cert: certificate {config.cert_file} is for site "
-            f"{identity!r}, but [gateway] site_id is {config.site_id!r} (fix: point cert at "
-            f"this site's gateway.crt or correct site_id)")
-    try:
-        verify_peer_certificate(cert, ca, config.site_id)
-    except PkiError as exc:
-        raise ConfigError(
-            f"{config.source}: [pki] cert: this site's own certificate does not verify "
-            f"against [pki] ca: {exc}") from None
+    """The gateway's signing key and chain, checked against its own config: key matches
+    certificate, certificate chains to the CA, is valid and names this site, and the
+    CRL (if set) verifies. Any problem is a ConfigError naming the [pki] field."""
     return credential_source(config).current()
 
 
@@ -1211,7 +1191,6 @@ async def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
 def _cmd_gateway(args: argparse.Namespace) -> int:
     config = GatewayConfig.load(args.config)
     configure_logging(config.log_level, config.log_format, process=f"gateway:{config.site_id}")
-    load_credentials(config)  # fail before starting anything if the keys are wrong
     _keep_heap()
     _install_uvloop()
     asyncio.run(serve(config, Path(args.ready_file) if args.ready_file else None))
