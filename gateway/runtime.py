@@ -276,7 +276,11 @@ class TunnelSession(asyncio.Protocol):
         self.gateway = gateway
         self.initiator = initiator
         self.loop = asyncio.get_running_loop()
-        self.conn = gateway.new_connection(initiator, self.loop.time())
+        self.conn: TunnelConnection
+        if initiator or gateway.admission is None:
+            self.conn = gateway.new_connection(initiator, self.loop.time())
+        # else: admission builds it (with the connection's cookie gate), and only for a
+        # connection it admits: a refused one under a flood costs no protocol state.
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, AppStream] = {}
         self.peer_address = ""
@@ -321,6 +325,8 @@ class TunnelSession(asyncio.Protocol):
         if (not self.initiator and self.gateway.admission is not None
                 and not self._admit(transport, peer[0] if peer else "")):
             return
+        if not self.initiator:
+            self.gateway.sessions.add(self)
         log.info("tunnel.connected", peer=self.peer_address,
                  role="initiator" if self.initiator else "responder")
         if self.initiator and not self._started:
@@ -376,7 +382,6 @@ class TunnelSession(asyncio.Protocol):
         if self._refused:
             # Never admitted: no session to end, nothing to log beyond the refusal.
             self.closed.set()
-            self.gateway.sessions.discard(self)
             return
         self.conn.connection_lost(self.loop.time())
         self.process()
@@ -962,9 +967,8 @@ class Gateway:
                                "the peer must allow it too")
 
     def _accept_tunnel(self) -> TunnelSession:
-        session = TunnelSession(self, initiator=False)
-        self.sessions.add(session)
-        return session
+        # Added to `sessions` once admitted (connection_made).
+        return TunnelSession(self, initiator=False)
 
     def _check_bootstrap(self) -> None:
         """Raise OwnCertificateExpired instead of dialling into a PKI bootstrap that
