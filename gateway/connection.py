@@ -17,8 +17,10 @@ every open stream is reset, never quietly ended.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
+import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from gateway.handshake import (
     HANDSHAKE_DONE,
     MSG_ALERT,
     MSG_CLIENT_HELLO,
+    QKD_NO_KEY,
     ClientHello,
     Handshake,
     HandshakeError,
@@ -219,7 +222,22 @@ class TunnelConnection:
             self._fatal(exc.code, exc.reason)
         except DecodeError as exc:
             self._fatal(ErrorCode.DECODE_ERROR, str(exc))
+        except Exception as exc:
+            # Whatever a layer did not turn into its own error still ends this
+            # connection with an alert, never a traceback up the event loop; the
+            # UnexpectedError event makes it loud (logged with its type and place,
+            # counted), since it is a bug here or a parser letting input through.
+            self._unexpected("receive", exc)
         self._after_activity(now)
+
+    def _unexpected(self, where: str, exc: Exception) -> None:
+        frames = traceback.extract_tb(exc.__traceback__)
+        location = (f"{os.path.basename(frames[-1].filename)}:{frames[-1].lineno} "
+                    f"in {frames[-1].name}" if frames else "?")
+        self._events.append(ev.UnexpectedError(where, type(exc).__name__,
+                                               " ".join(str(exc).split())[:200], location))
+        self._fatal(ErrorCode.INTERNAL_ERROR,
+                    f"unexpected {type(exc).__name__} while processing the peer's input")
 
     def connection_lost(self, now: float) -> None:
         """The transport ended (EOF or error). Without an authenticated close first,
@@ -276,11 +294,32 @@ class TunnelConnection:
         self._run(lambda: hs.supply_qkd_keys(keys))
         self._after_activity(now)
 
-    def qkd_keys_unavailable(self, handshake_id: int, reason: str, now: float) -> None:
+    def qkd_keys_unavailable(self, handshake_id: int, reason: str, now: float,
+                             status: str = QKD_NO_KEY) -> None:
+        """This side's own KME has no key ("no-key") or cannot be reached
+        ("unreachable"); only the initiator may then go on without QKD."""
         hs = self._handshake
         if self._closed or hs is None or hs.handshake_id != handshake_id:
             return
-        self._run(lambda: hs.qkd_keys_unavailable(reason))
+        self._run(lambda: hs.qkd_keys_unavailable(reason, status))
+        self._after_activity(now)
+
+    def qkd_keys_rejected(self, handshake_id: int, reason: str, now: float) -> None:
+        """The KME refused (unknown, replayed or delivered key ID; a request it will not
+        serve), or the gateway's key-ID memory saw the ID before: a hard failure."""
+        hs = self._handshake
+        if self._closed or hs is None or hs.handshake_id != handshake_id:
+            return
+        self._run(lambda: hs.qkd_keys_rejected(reason))
+        self._after_activity(now)
+
+    def local_qkd_status(self, handshake_id: int, status: str, now: float) -> None:
+        """Answer to QkdStatusToCheck: "ok" (this side's KME has keys for the peer),
+        "no-key" or "unreachable"."""
+        hs = self._handshake
+        if self._closed or hs is None or hs.handshake_id != handshake_id:
+            return
+        self._run(lambda: hs.local_qkd_status(status))
         self._after_activity(now)
 
     # -- streams ------------------------------------------------------------------------
@@ -332,10 +371,11 @@ class TunnelConnection:
     def _run(self, action: Callable[[], None]) -> None:
         try:
             action()
-        except HandshakeError as exc:
+            self._drain_handshake()
+        except (HandshakeError, RecordError) as exc:
             self._fatal(exc.code, exc.reason)
-            return
-        self._drain_handshake()
+        except Exception as exc:
+            self._unexpected("handshake", exc)
 
     def _on_record(self, inner: int, payload: bytes | memoryview, now: float) -> None:
         if inner == INNER_HANDSHAKE:
@@ -432,6 +472,15 @@ class TunnelConnection:
             self._records.install_recv(keys.i2r_traffic)
             self._records.install_send(keys.r2i_traffic)
             self._out.append(self._records.seal(INNER_HANDSHAKE, HANDSHAKE_DONE))
+        # The record layer owns the traffic secrets from here on (and ratchets them on
+        # key updates); the session keeps only the chain key for the next re-handshake.
+        # Kept here, the generation-0 secrets would open every generation's records.
+        hs.result = self._forget_traffic_secrets(hs.result)
+
+    @staticmethod
+    def _forget_traffic_secrets(result: HandshakeResult) -> HandshakeResult:
+        return dataclasses.replace(result, keys=dataclasses.replace(
+            result.keys, i2r_traffic=b"", r2i_traffic=b"", next_psk=b""))
 
     def _complete(self, hs: Handshake) -> None:
         result = hs.result
@@ -450,7 +499,8 @@ class TunnelConnection:
         self._events.append(ev.HandshakeCompleted(
             epoch=result.epoch, peer_identity=result.peer_identity, auth=result.auth,
             mode=result.mode, kem=result.kem, qkd_key_ids=result.qkd_key_ids, rekey=rekey,
-            psk_epoch=result.psk_epoch, its_mac=result.its_mac))
+            psk_epoch=result.psk_epoch, its_mac=result.its_mac,
+            qkd_status=result.qkd_status, peer_qkd_status=result.peer_qkd_status))
         if not self._ready:
             self._ready = True
             self._mux = StreamMux(self.initiator, self.settings.mux, result.peer_stream_window)
@@ -521,6 +571,7 @@ class TunnelConnection:
     def _terminate(self, code: int, reason: str, *, clean: bool, by_peer: bool) -> None:
         self._closed = True
         self._handshake = None
+        self._records.erase()
         if self._mux is not None:
             self._mux.abort_all(StreamCode.TUNNEL_CLOSED, reason)
             self._events.extend(self._mux.events)

@@ -16,8 +16,12 @@ is logged at error level and counted (`qkdgw_credential_reload_failures_total`),
 it is tried again when the files change again. Only a source that has never loaded a
 valid set raises (at start, so the gateway does not come up with bad credentials).
 
-An expired own certificate cannot be fixed by keeping the old set; `bootstrap_problem`
-says so, and the runtime refuses to start a PKI bootstrap with it.
+An expired own certificate cannot be fixed by keeping the old set, and a new CRL that
+revokes this site's own certificate is newer information than the set in use: such a
+set is installed (logged as OWN_CERTIFICATE_REVOKED) so that its CRL applies, and every
+handshake then refuses to present the certificate (`Credentials.own_check`, used by the
+handshake core on both sides; `bootstrap_problem` for the dialler). At start, either is
+an error naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry, Counter
 
-from gateway.handshake import Credentials
+from gateway.handshake import Credentials, OwnCertificateProblem
 from gateway.log import get_logger
 from gateway.pki import (
     PeerCertificateError,
@@ -85,6 +89,7 @@ class LoadedCredentials:
     credentials: Credentials
     stamps: tuple[FileStamp, ...]
     revocation: RevocationList | None
+    own_revoked: str | None = None  # why the CRL of this set revokes our own chain
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -139,8 +144,12 @@ class CredentialSource:
         self._m_failures = Counter("qkdgw_credential_reload_failures",
                                    "Changed credential files that failed validation (the "
                                    "previous set stays in use)", registry=registry)
+        self._m_own_revoked = Counter("qkdgw_credential_own_revoked",
+                                      "Reloads whose revocation list revokes this site's own "
+                                      "certificate (installed; the certificate is no longer "
+                                      "presented)", registry=registry)
         # Raises: a gateway must not start without one valid set.
-        self._loaded = self._load(self._stamps())
+        self._loaded = self._load(self._stamps(), initial=True)
         self._checked_at = self._monotonic()
         self._warn_expiry(self._loaded)
 
@@ -191,6 +200,15 @@ class CredentialSource:
         self.last_error = None
         self.reloads += 1
         self._m_reloads.inc()
+        if loaded.own_revoked is not None:
+            self._m_own_revoked.inc()
+            log.error("credentials.OWN_CERTIFICATE_REVOKED", reason=loaded.own_revoked,
+                      path=str(self.files.cert),
+                      detail="the new revocation list revokes this site's own certificate: "
+                             "it is no longer presented, so PKI handshakes fail until it is "
+                             "replaced",
+                      fix=f"qkdgw pki renew --pki DIR --site {self.local_identity}, then copy "
+                          "gateway.crt and gateway.key here (no restart needed)")
         log.info("credentials.reloaded", cert_sha256=fingerprint(loaded.certificate)[:16],
                  previous=fingerprint(old)[:16],
                  not_after=loaded.certificate.not_valid_after_utc.isoformat(),
@@ -203,17 +221,38 @@ class CredentialSource:
         """Why a PKI bootstrap must not start now with these credentials, or None."""
         self.maybe_reload()
         self._warn_expiry(self._loaded)
-        cert = self.certificate
-        now = self._wall()
+        problem = self._own_problem(self._loaded, self._wall())
+        return None if problem is None else problem.detail
+
+    def _renew_fix(self) -> str:
+        return (f"`qkdgw pki renew --pki DIR --site {self.local_identity}` on the CA host and "
+                "copy gateway.crt and gateway.key here; no restart needed")
+
+    def _own_problem(self, loaded: LoadedCredentials,
+                     now: dt.datetime) -> OwnCertificateProblem | None:
+        """Whether this site may present its own chain at `now`: inside its validity and
+        not revoked by the CRL it was loaded with."""
+        cert = loaded.certificate
         if now > cert.not_valid_after_utc:
-            return (f"this site's certificate {self.files.cert} expired at "
-                    f"{cert.not_valid_after_utc.isoformat()}; the peer would refuse it (fix: "
-                    "`qkdgw pki renew --pki DIR --site "
-                    f"{self.local_identity}` on the CA host and copy gateway.crt and "
-                    "gateway.key here; no restart needed)")
+            return OwnCertificateProblem(
+                "expired", f"this site's certificate {self.files.cert} expired at "
+                f"{cert.not_valid_after_utc.isoformat()}; the peer would refuse it (fix: "
+                f"{self._renew_fix()})")
         if now < cert.not_valid_before_utc:
-            return (f"this site's certificate {self.files.cert} is not valid before "
-                    f"{cert.not_valid_before_utc.isoformat()} (fix: check this host's clock)")
+            return OwnCertificateProblem(
+                "not_yet_valid", f"this site's certificate {self.files.cert} is not valid "
+                f"before {cert.not_valid_before_utc.isoformat()} (fix: check this host's "
+                "clock)")
+        for ca in loaded.credentials.chain[1:]:
+            if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+                return OwnCertificateProblem(
+                    "expired", f"a CA certificate in {self.files.cert} is outside its "
+                    f"validity (valid {ca.not_valid_before_utc.isoformat()} to "
+                    f"{ca.not_valid_after_utc.isoformat()}) (fix: install a current chain)")
+        if loaded.own_revoked is not None:
+            return OwnCertificateProblem(
+                "revoked", f"this site's own {loaded.own_revoked} in {self.files.crl}; it is "
+                f"not presented (fix: {self._renew_fix()})")
         return None
 
     def bootstrap_credentials(self) -> Credentials:
@@ -229,7 +268,7 @@ class CredentialSource:
     def _stamps(self) -> tuple[FileStamp, ...]:
         return tuple(_stamp(p) for p in self.files.all())
 
-    def _load(self, stamps: tuple[FileStamp, ...]) -> LoadedCredentials:
+    def _load(self, stamps: tuple[FileStamp, ...], initial: bool = False) -> LoadedCredentials:
         files, now = self.files, self._wall()
         ca = load_certificate(files.ca)
         chain = load_certificates(files.cert)
@@ -249,23 +288,34 @@ class CredentialSource:
                     f"{files.cert}: is for site {site_identity(leaf)!r}, but this gateway is "
                     f"site {self.local_identity!r} (fix: install this site's own gateway.crt "
                     "and gateway.key)") from None
+            if exc.reason == "expired":
+                raise OwnCertificateExpired(
+                    f"{files.cert}: this site's own certificate has expired and is not "
+                    f"presented: {exc} (fix: {self._renew_fix()})") from None
             raise CredentialError(f"{files.cert}: this site's own certificate is not usable "
                                   f"with CA {files.ca}: {exc}") from None
         revocation = None
         crl_check = None
+        own_revoked = None
         if files.crl is not None:
             revocation = RevocationList.load(files.crl, ca, grace=self.crl_grace, now=now)
             for cert in chain:
                 reason = revocation_reason(revocation.crl, cert)
-                if reason is not None:
+                if reason is not None and initial:
                     raise CredentialError(
                         f"{files.cert}: this site's own {reason} in {files.crl}; peers "
-                        "refuse it (fix: `qkdgw pki renew --pki DIR --site "
-                        f"{self.local_identity}` and install the new key and certificate)")
+                        "refuse it and this gateway will not present it (fix: `qkdgw pki "
+                        f"renew --pki DIR --site {self.local_identity}` and install the new "
+                        "key and certificate)")
+                own_revoked = own_revoked or reason
             crl_check = self._crl_check(revocation)
+        holder: list[LoadedCredentials] = []
         credentials = Credentials(private_key=key, chain=tuple(chain), trust_anchor=ca,
-                                  crl_check=crl_check)
-        return LoadedCredentials(credentials, stamps, revocation)
+                                  crl_check=crl_check,
+                                  own_check=lambda when: self._own_problem(holder[0], when))
+        loaded = LoadedCredentials(credentials, stamps, revocation, own_revoked)
+        holder.append(loaded)
+        return loaded
 
     def _crl_check(self, revocation: RevocationList) -> Callable[[x509.Certificate], str | None]:
         def check(cert: x509.Certificate) -> str | None:

@@ -36,6 +36,40 @@ class QkdKeysToFetch(Event):
 
 
 @dataclass(frozen=True)
+class QkdStatusToCheck(Event):
+    """The responder got a hello without key IDs (the initiator's KME had none) and both
+    sides allow ML-KEM-only: ask this side's own KME whether it has `number` keys of
+    `size_bits` for the peer (ETSI 014 status). Answer with
+    `TunnelConnection.local_qkd_status`."""
+
+    handshake_id: int
+    peer_sae_id: str
+    number: int
+    size_bits: int
+
+
+@dataclass(frozen=True)
+class OwnCertificateRefused(Event):
+    """This side would have presented an expired, not yet valid or revoked certificate of
+    its own; the handshake fails instead. `detail` names the file and the fix."""
+
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class UnexpectedError(Event):
+    """Processing input raised an exception no layer turned into its own error. The
+    connection closed with INTERNAL_ERROR and an alert; this says what to look at (a
+    bug here, or input a parser lets through), without the input's bytes."""
+
+    where: str  # "receive", "qkd" or "timer"
+    exc_type: str
+    message: str
+    location: str  # file:line of the innermost frame
+
+
+@dataclass(frozen=True)
 class HandshakeCompleted(Event):
     epoch: int
     peer_identity: str
@@ -46,6 +80,9 @@ class HandshakeCompleted(Event):
     rekey: bool
     psk_epoch: int = 0  # the PSK epoch that authenticated it (auth "psk"), else 0
     its_mac: bool = False  # also authenticated with one-time MACs keyed by QKD bits
+    # What each side's own KME said ("ok", or why ML-KEM-only: "no-key", "unreachable").
+    qkd_status: str = "ok"
+    peer_qkd_status: str = "ok"
 
 
 @dataclass(frozen=True)

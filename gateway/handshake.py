@@ -65,6 +65,7 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from gateway import events as ev
+from gateway import otmac
 from gateway.otmac import check_one_time_tag, one_time_tag
 from gateway.wire import PROTOCOL_VERSION, DecodeError, ErrorCode, Reader, Writer
 from pqc import PqcError
@@ -86,6 +87,15 @@ AUTH_CHAIN = "chain"
 MODE_HYBRID = "hybrid"
 MODE_MLKEM_ONLY = "mlkem-only"
 MODES = (MODE_HYBRID, MODE_MLKEM_ONLY)
+
+# What each side's own KME said, carried in its hello and so bound into TH. Only the two
+# degraded values let a side agree to ML-KEM-only; a key ID the KME refuses (replayed,
+# unknown, already delivered) is never one of them: it fails the handshake.
+QKD_OK = "ok"  # this side holds the session's QKD keys
+QKD_NO_KEY = "no-key"  # this side's KME answered that it has no key for the peer
+QKD_UNREACHABLE = "unreachable"  # this side's KME could not be reached
+QKD_DEGRADED = (QKD_NO_KEY, QKD_UNREACHABLE)
+QKD_STATUSES = (QKD_OK, *QKD_DEGRADED)
 
 MSG_CLIENT_HELLO = 1
 MSG_SERVER_HELLO = 2
@@ -152,14 +162,15 @@ class ClientHello:
     flags: int = 0
     psk_binder: bytes = b""  # auth "psk": proves the PSK before the responder does any work
     cookie: bytes = b""
+    qkd_status: str = QKD_OK  # QKD_OK with key IDs, else why the initiator's KME gave none
 
     def encode(self) -> bytes:
         w = Writer().u8(MSG_CLIENT_HELLO).text(self.version).u64(self.epoch).text(self.auth)
         w.u64(self.psk_epoch).texts(self.kems_offered).text(self.kem)
         w.texts(self.allowed_modes).text(self.initiator_id).text(self.responder_id)
         w.text(self.initiator_sae_id).blob(self.nonce).blob(self.encapsulation_key)
-        w.u16(self.qkd_key_size_bits).texts(self.qkd_key_ids).u32(self.stream_window)
-        w.u8(self.flags).blob(self.psk_binder).blob(self.cookie)
+        w.u16(self.qkd_key_size_bits).texts(self.qkd_key_ids).text(self.qkd_status)
+        w.u32(self.stream_window).u8(self.flags).blob(self.psk_binder).blob(self.cookie)
         return w.getvalue()
 
     def binder_input(self) -> bytes:
@@ -184,6 +195,7 @@ class ClientHello:
             encapsulation_key=r.blob("encapsulation_key", 4096),
             qkd_key_size_bits=r.u16("qkd_key_size_bits"),
             qkd_key_ids=r.texts("qkd_key_ids", MAX_QKD_KEYS, 64),
+            qkd_status=r.text("qkd_status", 16),
             stream_window=r.u32("stream_window"), flags=r.u8("flags"),
             psk_binder=r.blob("psk_binder", 64), cookie=r.blob("cookie", MAX_COOKIE),
         )
@@ -202,11 +214,12 @@ class ServerHello:
     ciphertext: bytes
     stream_window: int
     next_psk_epoch: int = 0  # the epoch of the PSK this session derives; 0: PSK is off
+    qkd_status: str = QKD_OK  # QKD_OK for hybrid, else what the responder's own KME said
 
     def encode(self) -> bytes:
         w = Writer().u8(MSG_SERVER_HELLO).text(self.version).text(self.kem).text(self.mode)
-        w.texts(self.allowed_modes).text(self.responder_id).blob(self.nonce)
-        w.blob(self.ciphertext).u32(self.stream_window).u64(self.next_psk_epoch)
+        w.text(self.qkd_status).texts(self.allowed_modes).text(self.responder_id)
+        w.blob(self.nonce).blob(self.ciphertext).u32(self.stream_window).u64(self.next_psk_epoch)
         return w.getvalue()
 
     @classmethod
@@ -216,7 +229,8 @@ class ServerHello:
             raise DecodeError("ServerHello: wrong message type")
         msg = cls(
             version=r.text("version"), kem=r.text("kem"), mode=r.text("mode"),
-            allowed_modes=r.texts("allowed_modes", 4), responder_id=r.text("responder_id"),
+            qkd_status=r.text("qkd_status", 16), allowed_modes=r.texts("allowed_modes", 4),
+            responder_id=r.text("responder_id"),
             nonce=r.blob("nonce", 64), ciphertext=r.blob("ciphertext", 4096),
             stream_window=r.u32("stream_window"), next_psk_epoch=r.u64("next_psk_epoch"),
         )
@@ -309,6 +323,30 @@ def message_type(data: bytes) -> int:
 
 
 @dataclass(frozen=True)
+class OwnCertificateProblem:
+    """Why this side must not present its own certificate now: `kind` is "expired",
+    "not_yet_valid" or "revoked"; `detail` names the file and the fix (for the log)."""
+
+    kind: str
+    detail: str
+
+
+def validity_problem(chain: Sequence[x509.Certificate],
+                     now: datetime) -> OwnCertificateProblem | None:
+    """The first certificate of `chain` outside its validity at `now`, if any."""
+    for cert in chain:
+        if now > cert.not_valid_after_utc:
+            return OwnCertificateProblem(
+                "expired", f"certificate {cert.subject.rfc4514_string()} expired at "
+                f"{cert.not_valid_after_utc.isoformat()} (fix: `qkdgw pki renew`)")
+        if now < cert.not_valid_before_utc:
+            return OwnCertificateProblem(
+                "not_yet_valid", f"certificate {cert.subject.rfc4514_string()} is not valid "
+                f"before {cert.not_valid_before_utc.isoformat()} (fix: check this host's clock)")
+    return None
+
+
+@dataclass(frozen=True)
 class Credentials:
     """This gateway's PKI identity: signing key, certificate chain, and the trusted CA."""
 
@@ -316,12 +354,20 @@ class Credentials:
     chain: tuple[x509.Certificate, ...]
     trust_anchor: x509.Certificate
     crl_check: Callable[[x509.Certificate], str | None] | None = None
+    # Whether our own chain may be presented at `now` (validity, and revocation by the
+    # loaded CRL); gateway/credentials.py supplies one whose messages name the files.
+    own_check: Callable[[datetime], OwnCertificateProblem | None] | None = None
 
     @property
     def chain_der(self) -> tuple[bytes, ...]:
         from cryptography.hazmat.primitives.serialization import Encoding
 
         return tuple(c.public_bytes(Encoding.DER) for c in self.chain)
+
+    def presentation_problem(self, now: datetime) -> OwnCertificateProblem | None:
+        if self.own_check is not None:
+            return self.own_check(now)
+        return validity_problem(self.chain, now)
 
 
 @dataclass(frozen=True)
@@ -413,6 +459,10 @@ class HandshakeResult:
     psk_epoch: int = 0  # the PSK epoch that authenticated the session (auth "psk")
     next_psk_epoch: int = 0  # the epoch of the PSK this session derived; 0: none
     its_mac: bool = False
+    # What each side's own KME said (QKD_STATUSES); both are in TH. Not QKD_OK only in
+    # the mlkem-only mode, and then both are degraded reasons.
+    qkd_status: str = QKD_OK
+    peer_qkd_status: str = QKD_OK
 
 
 @dataclass(frozen=True)
@@ -436,6 +486,7 @@ class _State(Enum):
     WAIT_PEER_FINISHED = auto()
     WAIT_CLIENT_HELLO = auto()
     WAIT_QKD_DEC = auto()
+    WAIT_QKD_STATUS = auto()
     WAIT_HANDSHAKE_DONE = auto()
     COMPLETE = auto()
     FAILED = auto()
@@ -508,6 +559,7 @@ class Handshake:
         self._ch: ClientHello | None = None
         self._sh: ServerHello | None = None
         self._qkd_keys: list[tuple[str, bytes]] = []
+        self._qkd_status = QKD_OK
         self._schedule: HybridKeySchedule | None = None
         self._confirm: Any = None
         self._ss: bytes = b""
@@ -526,11 +578,22 @@ class Handshake:
 
     def _absorb(self, msg: bytes) -> None:
         prefix = len(msg).to_bytes(4, "big")
+        if self._transcript is not None:
+            self._check_its_transcript(len(self._transcript) + len(prefix) + len(msg))
         self._th.update(prefix)
         self._th.update(msg)
         if self._transcript is not None:
             self._transcript += prefix
             self._transcript += msg
+
+    def _check_its_transcript(self, size: int) -> None:
+        """The one-time MACs' forgery bound is documented for transcripts up to
+        MAX_MESSAGE_BYTES; a longer one (a padded certificate chain) is refused."""
+        if size > otmac.MAX_MESSAGE_BYTES:
+            raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
+                             f"the transcript would be {size} bytes, more than the "
+                             f"{otmac.MAX_MESSAGE_BYTES} the one-time MAC's forgery bound "
+                             "covers (fix: a shorter certificate chain)")
 
     def _send(self, msg: bytes) -> None:
         self._absorb(msg)
@@ -584,25 +647,65 @@ class Handshake:
             if len(key) != size:
                 raise self._fail(ErrorCode.QKD_UNAVAILABLE, "QKD key of the wrong size")
 
-    def qkd_keys_unavailable(self, reason: str) -> None:
-        """The KME had no key (or was unreachable). Fail closed unless degraded mode is
-        allowed here; the responder additionally needs the initiator to allow it."""
+    def qkd_keys_unavailable(self, reason: str, status: str = QKD_NO_KEY) -> None:
+        """This side's own KME has no key (`status` QKD_NO_KEY) or cannot be reached
+        (QKD_UNREACHABLE).
+
+        Initiator: fail closed unless degraded mode is allowed here; then the hello names
+        no key ID and says why (`status`, bound into TH). Responder, for key IDs the
+        initiator named: always a failure. The initiator holds those keys and will not
+        accept ML-KEM-only, so degrading here would only hand an attacker who spent the
+        IDs (a replayed first flight) a way to pick the mode."""
+        if status not in QKD_DEGRADED:
+            raise ValueError(f"unknown QKD status {status!r}")
         pol = self.params.policy
         if self._state is _State.WAIT_QKD_ENC:
             if not pol.degraded_allowed:
                 raise self._fail(ErrorCode.QKD_UNAVAILABLE,
                                  f"no QKD key and policy requires one: {reason}")
             self._qkd_keys = []
+            self._qkd_status = status
             self._send_client_hello()
         elif self._state is _State.WAIT_QKD_DEC:
-            assert self._ch is not None
-            if not (pol.degraded_allowed and MODE_MLKEM_ONLY in self._ch.allowed_modes):
-                raise self._fail(ErrorCode.QKD_UNAVAILABLE,
-                                 f"no QKD key and policy requires one: {reason}")
-            self._qkd_keys = []
-            self._send_server_flight(MODE_MLKEM_ONLY)
+            self._dec_keys_failed(reason, status)
         else:
             raise RuntimeError("no QKD keys were requested")
+
+    def _dec_keys_failed(self, reason: str, status: str) -> None:
+        """Responder: the KME could not deliver the named keys. Fail, never degrade."""
+        raise self._fail(ErrorCode.QKD_UNAVAILABLE,
+                         f"the initiator's QKD keys could not be fetched from this site's "
+                         f"KME ({status}: {reason}); no fallback to ML-KEM-only, since the "
+                         "initiator holds them")
+
+    def qkd_keys_rejected(self, reason: str) -> None:
+        """The KME refused the request: a key ID that is unknown, already delivered,
+        not issued for this pair, or replayed (the gateway's own key-ID memory), or a
+        request the KME will not serve. Always a hard failure, never a reason to run
+        without QKD."""
+        if self._state is _State.WAIT_QKD_DEC:
+            raise self._fail(ErrorCode.QKD_KEY_REJECTED,
+                             f"QKD key ID(s) refused: {reason}")
+        if self._state is _State.WAIT_QKD_ENC:
+            raise self._fail(ErrorCode.QKD_UNAVAILABLE,
+                             f"the KME refused to issue QKD keys: {reason}")
+        raise RuntimeError("no QKD keys were requested")
+
+    def local_qkd_status(self, status: str) -> None:
+        """Responder, for a hello without key IDs: what this side's own KME says about
+        keys for the peer. Only when it, too, has none (or cannot be reached) does the
+        session run on ML-KEM alone; if it holds keys the QKD link is up and the
+        initiator's claim does not hold here."""
+        if self._state is not _State.WAIT_QKD_STATUS:
+            raise RuntimeError("no QKD status was requested")
+        if status == QKD_OK:
+            raise self._fail(ErrorCode.QKD_UNAVAILABLE,
+                             "the initiator brought no QKD key, but this site's KME holds "
+                             "keys for it: ML-KEM-only refused (fix: check the initiator's "
+                             "KME connection)")
+        if status not in QKD_DEGRADED:
+            raise ValueError(f"unknown QKD status {status!r}")
+        self._send_server_flight(MODE_MLKEM_ONLY, status)
 
     def _send_client_hello(self) -> None:
         p, pol = self.params, self.params.policy
@@ -615,7 +718,7 @@ class Handshake:
             initiator_sae_id=p.local_sae_id, nonce=self._rng(NONCE_LEN),
             encapsulation_key=self._dk.encapsulation_key,
             qkd_key_size_bits=pol.qkd_key_size_bits,
-            qkd_key_ids=tuple(k for k, _ in self._qkd_keys),
+            qkd_key_ids=tuple(k for k, _ in self._qkd_keys), qkd_status=self._qkd_status,
             stream_window=p.stream_window, flags=self._flags(),
         )
         if self.auth == AUTH_PSK:
@@ -658,8 +761,14 @@ class Handshake:
                              f"{self.params.peer_identity!r}")
         if sh.mode not in self.params.policy.allowed_modes or sh.mode not in sh.allowed_modes:
             raise self._fail(ErrorCode.POLICY_MISMATCH, f"mode {sh.mode!r} is not allowed")
-        if sh.mode == MODE_HYBRID and not ch.qkd_key_ids:
-            raise self._fail(ErrorCode.POLICY_MISMATCH, "hybrid mode without QKD keys")
+        if sh.mode == MODE_HYBRID:
+            if not ch.qkd_key_ids or sh.qkd_status != QKD_OK:
+                raise self._fail(ErrorCode.POLICY_MISMATCH, "hybrid mode without QKD keys")
+        else:
+            self._refuse_mlkem_only_with_own_keys(ch)
+            if sh.qkd_status not in QKD_DEGRADED:
+                raise self._fail(ErrorCode.POLICY_MISMATCH,
+                                 "ML-KEM-only mode without a reason from the responder's KME")
         if len(sh.nonce) != NONCE_LEN:
             raise self._fail(ErrorCode.DECODE_ERROR, "bad responder nonce length")
         if self.params.psk_book is not None:
@@ -679,6 +788,14 @@ class Handshake:
         self._derive(ss, sh.mode)
         self._state = (_State.WAIT_PEER_CERTIFICATE if self.auth == AUTH_PKI
                        else _State.WAIT_PEER_FINISHED)
+
+    def _refuse_mlkem_only_with_own_keys(self, ch: ClientHello) -> None:
+        """An initiator that obtained QKD keys never accepts ML-KEM-only: the responder
+        can only lack them if someone spent their IDs first (a replayed first flight)."""
+        if ch.qkd_key_ids:
+            raise self._fail(ErrorCode.POLICY_MISMATCH,
+                             "the responder chose ML-KEM-only although this side brought QKD "
+                             "keys: refused (a replayed first flight spends the key IDs)")
 
     # -- responder ---------------------------------------------------------------------
 
@@ -704,6 +821,7 @@ class Handshake:
                              f"initiator SAE {ch.initiator_sae_id!r}, expected {p.peer_sae_id!r}")
         if ch.kem not in ch.kems_offered or ch.kem not in pol.kems:
             raise self._fail(ErrorCode.UNSUPPORTED, f"KEM {ch.kem!r} is not acceptable here")
+        self._check_kem_choice(ch)
         if ch.kem != self._kem.name:
             self._kem = get_kem(ch.kem, pol.pqc_backend)
         if len(ch.encapsulation_key) != self._kem.encapsulation_key_size:
@@ -716,6 +834,11 @@ class Handshake:
             raise self._fail(ErrorCode.POLICY_MISMATCH,
                              f"QKD key size {ch.qkd_key_size_bits} bits, expected "
                              f"{pol.qkd_key_size_bits}")
+        if ch.qkd_status not in QKD_STATUSES or (ch.qkd_status == QKD_OK) != bool(
+                ch.qkd_key_ids):
+            raise self._fail(ErrorCode.POLICY_MISMATCH,
+                             f"QKD status {ch.qkd_status!r} does not match the "
+                             f"{len(ch.qkd_key_ids)} key ID(s) named")
         self._ch = ch
         self._absorb(msg)
         if ch.qkd_key_ids:
@@ -728,7 +851,19 @@ class Handshake:
             if not (pol.degraded_allowed and MODE_MLKEM_ONLY in ch.allowed_modes):
                 raise self._fail(ErrorCode.QKD_UNAVAILABLE,
                                  "initiator brought no QKD key and policy requires one")
-            self._send_server_flight(MODE_MLKEM_ONLY)
+            # Degraded only if this side's own KME has no key either (local_qkd_status).
+            self._state = _State.WAIT_QKD_STATUS
+            self.events.append(ev.QkdStatusToCheck(
+                self.handshake_id, p.peer_sae_id, pol.qkd_keys_total, pol.qkd_key_size_bits))
+
+    def _check_kem_choice(self, ch: ClientHello) -> None:
+        """The chosen KEM must be the initiator's most preferred one that this side
+        accepts: a hello that offers ML-KEM-1024 first but asks for 768 was rewritten."""
+        preferred = next(k for k in ch.kems_offered if k in self.params.policy.kems)
+        if ch.kem != preferred:
+            raise self._fail(ErrorCode.POLICY_MISMATCH,
+                             f"initiator offers {preferred} first but chose {ch.kem}: "
+                             "refused as a downgrade")
 
     def _choose_auth(self, ch: ClientHello) -> None:
         """Responder: check the initiator's authentication choice against ours."""
@@ -773,7 +908,7 @@ class Handshake:
             raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
                              f"peer asked for {ch.auth!r} authentication to start a tunnel")
 
-    def _send_server_flight(self, mode: str) -> None:
+    def _send_server_flight(self, mode: str, qkd_status: str = QKD_OK) -> None:
         ch = self._ch
         assert ch is not None
         try:
@@ -785,7 +920,7 @@ class Handshake:
             allowed_modes=self.params.policy.allowed_modes,
             responder_id=self.params.local_identity, nonce=self._rng(NONCE_LEN),
             ciphertext=ct, stream_window=self.params.stream_window,
-            next_psk_epoch=self._next_psk_epoch(),
+            next_psk_epoch=self._next_psk_epoch(), qkd_status=qkd_status,
         )
         self._send(self._sh.encode())
         self._derive(ss, mode)
@@ -827,21 +962,37 @@ class Handshake:
     def _send_signature(self, label: bytes) -> None:
         creds = self.params.credentials
         assert creds is not None
+        problem = creds.presentation_problem(self._now())
+        if problem is not None:
+            # Never present an expired or revoked certificate: the peer would refuse it
+            # anyway, and a revoked one must not authenticate anything. The detail (file
+            # and fix) goes to this side's log; the wire gets the kind only.
+            self.events.append(ev.OwnCertificateRefused(problem.kind, problem.detail))
+            role = "initiator" if self.initiator else "responder"
+            raise self._fail(ErrorCode.BAD_CERTIFICATE,
+                             f"the {role}'s own certificate is {problem.kind.replace('_', ' ')}"
+                             "; it is not presented")
         self._send(encode_certificate(creds.chain_der))
         algorithm = pqc_sig.algorithm_of_public_key(creds.chain[0].public_key())
         signature = pqc_sig.sign(creds.private_key, label + self._th_now())
         self._send(encode_certificate_verify(algorithm, signature))
 
     def _on_certificate(self, msg: bytes) -> None:
-        from gateway.pki import PeerCertificateError, verify_peer_certificate
+        from gateway.pki import (
+            PeerCertificateError,
+            parse_peer_certificate,
+            verify_peer_certificate,
+        )
 
         chain_der = decode_certificate(msg)
         creds = self.params.credentials
         assert creds is not None
         try:
-            chain = [x509.load_der_x509_certificate(der) for der in chain_der]
-        except ValueError:
-            raise self._fail(ErrorCode.BAD_CERTIFICATE, "peer certificate does not parse") from None
+            # parse_peer_certificate reads every field cryptography parses lazily, so a
+            # malformed one fails here and not later in a log line or a check.
+            chain = [parse_peer_certificate(der) for der in chain_der]
+        except PeerCertificateError as exc:
+            raise self._fail(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
         now = self._now()
         try:
             verify_peer_certificate(chain[0], creds.trust_anchor, self.params.peer_identity,
@@ -863,8 +1014,13 @@ class Handshake:
     def _on_certificate_verify(self, msg: bytes) -> None:
         algorithm, signature = decode_certificate_verify(msg)
         assert self._peer_cert is not None
-        pub = self._peer_cert.public_key()
-        if algorithm != pqc_sig.algorithm_of_public_key(pub):
+        try:
+            pub = self._peer_cert.public_key()
+            expected = pqc_sig.algorithm_of_public_key(pub)
+        except (PqcError, ValueError, TypeError) as exc:
+            raise self._fail(ErrorCode.BAD_CERTIFICATE,
+                             f"peer certificate key is unusable: {exc}") from None
+        if algorithm != expected:
             raise self._fail(ErrorCode.BAD_CERTIFICATE,
                              "signature algorithm does not match the certificate")
         label = SIG_LABEL_RESPONDER if self.initiator else SIG_LABEL_INITIATOR
@@ -911,6 +1067,8 @@ class Handshake:
             qkd_key_ids=self._ch.qkd_key_ids, peer_identity=self.params.peer_identity,
             peer_stream_window=peer_window, session_id=self._ch.nonce.hex(),
             psk_epoch=self._psk_epoch, next_psk_epoch=self._sh.next_psk_epoch, its_mac=its,
+            qkd_status=self._ch.qkd_status if self.initiator else self._sh.qkd_status,
+            peer_qkd_status=self._sh.qkd_status if self.initiator else self._ch.qkd_status,
         )
         self._qkd_keys = []
         self._transcript = None

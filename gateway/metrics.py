@@ -32,6 +32,18 @@ class GatewayMetrics:
         self.tunnel_up = Gauge("qkdgw_tunnel_up", "1 while the tunnel is ready", registry=r)
         self.degraded = Gauge("qkdgw_degraded", "1 while the session runs without QKD key",
                               registry=r)
+        self.degraded_handshakes = Counter(
+            "qkdgw_degraded_handshakes", "Handshakes completed on ML-KEM alone, by what each "
+            "side's own KME said (no-key or unreachable)", ["local_kme", "peer_kme"],
+            registry=r)
+        self.own_certificate_refused = Counter(
+            "qkdgw_own_certificate_refused", "Handshakes in which this side refused to "
+            "present its own certificate (expired, not_yet_valid, revoked)", ["kind"],
+            registry=r)
+        self.unexpected_errors = Counter(
+            "qkdgw_unexpected_errors", "Exceptions no layer turned into its own error "
+            "(the connection closed with INTERNAL_ERROR): a bug to report", ["where", "type"],
+            registry=r)
         self.epoch = Gauge("qkdgw_session_epoch", "Current session epoch", registry=r)
         self.psk_epoch = Gauge("qkdgw_psk_epoch", "Epoch of the current authentication PSK "
                                "shared with the peer (0: none yet)", registry=r)

@@ -5,25 +5,49 @@
              so trailing zero bytes change the value), followed by len(m) in bytes
     tag    = (h_r(m) + s) mod p, as 16 bytes
 
-For two different messages of at most n chunks the hash differences collide with
-probability at most (n + 1)/p: the hash is (n + 1)/p-almost-Δ-universal, and adding a
-uniformly random pad s used for one tag only makes the tag reveal nothing about r
-(Wegman and Carter 1981). For a handshake transcript of about 3 KB (n ≈ 200) a forger,
-whatever its computing power, succeeds with probability below 2^-119 per attempt.
+h_r(m) is a polynomial in r of degree n + 1 with no constant term, where n =
+ceil(len(m) / 15); two different messages give different polynomials (the 0x01 byte and
+the length term make the encoding injective). A forger who saw one tag and sends
+another message with a tag of its choice wins iff r is a root of a non-zero polynomial
+of degree at most n + 1: probability (n + 1)/p for uniform r and s in GF(p). r and s are
+128-bit strings reduced mod p, which puts each at statistical distance at most 2^-127
+from uniform; hence, whatever the forger's computing power,
 
-One 256-bit QKD key makes one tag: its first 16 bytes give r, its last 16 give s (both
-reduced mod p; the bias from reducing 128 bits is below 2^-126). A key must never make
-a second tag: the handshake takes two fresh QKD keys, one per direction.
+    P(forgery per attempt) <= (n + 1)/p + 2^-126        (`forgery_bound`)
+
+The handshake refuses to tag or check a transcript longer than `MAX_MESSAGE_BYTES`
+(64 KiB: n = 4370), so the bound it relies on is at most `MAX_FORGERY_BOUND` < 2^-114.9.
+Real transcripts (measured, docs/protocol.md) are about 21 KB for a PKI bootstrap with
+ML-DSA-65 and ML-KEM-768 (bound 2^-116.6) and under 3 KB for a PSK or chained one.
+
+One 256-bit QKD key makes one tag: its first 16 bytes give r, its last 16 give s. A key
+must never make a second tag: the handshake takes two fresh QKD keys, one per direction.
 """
 
 from __future__ import annotations
 
 import hmac
+import math
 
 P127 = (1 << 127) - 1
 KEY_BYTES = 32
 TAG_BYTES = 16
 _CHUNK = 15
+# Longest message the documented bound covers; longer ones are refused, not tagged.
+MAX_MESSAGE_BYTES = 1 << 16
+
+
+class OneTimeMacError(ValueError):
+    """A key of the wrong size, or a message longer than the bound covers."""
+
+
+def forgery_bound(length: int) -> float:
+    """Upper bound on one forgery attempt's success against a tag over `length` bytes."""
+    n = math.ceil(length / _CHUNK)
+    return (n + 1) / P127 + 2.0 ** -126
+
+
+MAX_FORGERY_BOUND = forgery_bound(MAX_MESSAGE_BYTES)
 
 
 def _poly_hash(r: int, message: bytes) -> int:
@@ -36,7 +60,10 @@ def _poly_hash(r: int, message: bytes) -> int:
 
 def one_time_tag(key: bytes, message: bytes) -> bytes:
     if len(key) != KEY_BYTES:
-        raise ValueError(f"a one-time MAC key is {KEY_BYTES} bytes")
+        raise OneTimeMacError(f"a one-time MAC key is {KEY_BYTES} bytes")
+    if len(message) > MAX_MESSAGE_BYTES:
+        raise OneTimeMacError(f"message of {len(message)} bytes is longer than the "
+                              f"{MAX_MESSAGE_BYTES} bytes the forgery bound covers")
     r = int.from_bytes(key[:16], "little") % P127
     s = int.from_bytes(key[16:], "little") % P127
     return ((_poly_hash(r, message) + s) % P127).to_bytes(TAG_BYTES, "little")

@@ -31,7 +31,7 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,14 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
                 "-out FILE.pem`" if data[:1] == b"\x30" else "")
         raise PkiError(f"{path}: not a PEM certificate{hint} (fix: point to a file "
                        "containing '-----BEGIN CERTIFICATE-----')") from None
+    for cert in certs:
+        for field_name, read in _LAZY_FIELDS:
+            try:
+                read(cert)
+            except Exception as exc:
+                raise PkiError(f"{path}: certificate field {field_name} does not parse "
+                               f"({_exc_text(exc)}) (fix: replace the file with the one "
+                               "`qkdgw pki init`/`renew` wrote)") from None
     return certs
 
 
@@ -190,9 +198,70 @@ def fingerprint(cert: x509.Certificate) -> str:
 
 
 def _describe(cert: x509.Certificate) -> str:
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    cn = str(cns[0].value) if cns else cert.subject.rfc4514_string() or "(empty subject)"
+    try:
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if cns else cert.subject.rfc4514_string() or "(empty subject)"
+    except ValueError:
+        # Only reached for a certificate that skipped parse_peer_certificate: a log line
+        # must not be what raises.
+        cn = "(unparsable subject)"
     return f"'{cn}' (sha256 {fingerprint(cert)[:16]})"
+
+
+def _read_names(cert: x509.Certificate) -> None:
+    for name in (cert.issuer, cert.subject):
+        name.rfc4514_string()
+        for attribute in name:
+            _ = attribute.value
+
+
+def _read_extensions(cert: x509.Certificate) -> None:
+    for ext in cert.extensions:
+        _ = ext.value
+
+
+# Everything verify_peer_certificate, the CRL check and the logs read, in the order
+# they are read. cryptography parses most of these on first access, not at load.
+_LAZY_FIELDS: tuple[tuple[str, Callable[[x509.Certificate], object]], ...] = (
+    ("version", lambda c: c.version),
+    ("serialNumber", lambda c: c.serial_number),
+    ("issuer/subject", _read_names),
+    ("validity", lambda c: (c.not_valid_before_utc, c.not_valid_after_utc)),
+    ("signatureAlgorithm", lambda c: (c.signature_algorithm_oid,
+                                      c.signature_algorithm_parameters)),
+    ("signatureHashAlgorithm", lambda c: c.signature_hash_algorithm),
+    ("subjectPublicKeyInfo", lambda c: c.public_key_algorithm_oid),
+    ("extensions", _read_extensions),
+    ("tbsCertificate", lambda c: (c.tbs_certificate_bytes, c.signature)),
+)
+
+
+def _exc_text(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:120]}" if text else type(exc).__name__
+
+
+def parse_peer_certificate(der: bytes) -> x509.Certificate:
+    """Load a DER certificate a peer sent, reading every lazily parsed field once, so that
+    any malformed part raises here as PeerCertificateError("malformed") instead of as
+    ValueError, InvalidVersion, DuplicateExtension... from whatever reads it later.
+
+    Catching every exception is deliberate: this is the one place where certificate
+    bytes from the network meet cryptography's parser, and whatever it raises means
+    the certificate is unusable; the exception's type is kept in the message."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except Exception as exc:
+        raise PeerCertificateError(
+            "malformed", f"peer certificate does not parse ({_exc_text(exc)})") from None
+    for field_name, read in _LAZY_FIELDS:
+        try:
+            read(cert)
+        except Exception as exc:
+            raise PeerCertificateError(
+                "malformed", f"peer certificate field {field_name} does not parse "
+                f"({_exc_text(exc)})") from None
+    return cert
 
 
 def site_identity(cert: x509.Certificate) -> str | None:
@@ -323,6 +392,8 @@ def verify_peer_certificate(cert: x509.Certificate, trusted_ca: x509.Certificate
     """Accept `cert` as the handshake identity of site `expected_identity`, or raise
     PeerCertificateError with `.reason`:
 
+    malformed       a field of some certificate does not parse (certificates from the
+                    network go through parse_peer_certificate first, which says which)
     untrusted       no chain of valid signatures from `cert` to `trusted_ca`
     bad_usage       a certificate in the chain is used beyond its constraints (a non-CA
                     signing, a CA as leaf, wrong key usage, unknown critical extension,

@@ -11,11 +11,16 @@ The nonce is the direction's IV XOR the 64-bit record sequence number, which res
 at zero with every new key and is never sent.
 
 Flag bit 0 is the key phase (as in QUIC): the sender flips it on the first record under
-a new key, either after a key update (the next secret is expanded from the current
-one) or when a re-handshake installs fresh hybrid keys. The receiver holds the pending
-handshake secret if there is one and otherwise expands the key-update secret. TCP
-delivers in order, so any record under a key the receiver already dropped is an attack,
-and every authentication failure is fatal.
+a new key, either after a key update or when a re-handshake installs fresh hybrid keys.
+A key update ratchets the traffic secret as TLS 1.3 does (next = Expand(current, "key
+update"), key and IV expanded from the secret) and overwrites the old secret, so what
+this layer holds after an update opens no record of an earlier generation. The receiver
+holds the pending handshake secret if there is one and otherwise ratchets. TCP delivers
+in order, so any record under a key the receiver already dropped is an attack, and
+every authentication failure is fatal.
+
+Secrets live in bytearrays owned by this layer and are zeroed when replaced or at
+close; docs/protocol.md says what CPython can and cannot promise about erasure.
 """
 
 from __future__ import annotations
@@ -25,9 +30,18 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA384
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from gateway.wire import DecodeError, ErrorCode
-from pqc.combiner import next_traffic_secret, record_key_iv
+from pqc.combiner import (
+    AES_KEY_LEN,
+    GCM_IV_LEN,
+    HASH_LEN,
+    LABEL_KEY_UPDATE,
+    LABEL_RECORD_IV,
+    LABEL_RECORD_KEY,
+)
 
 PLAINTEXT_HANDSHAKE = 0x16
 PROTECTED = 0x17
@@ -70,14 +84,40 @@ class RecordLimits:
     hard_max_bytes: int = 1 << 36
 
 
+def wipe(buf: bytearray) -> None:
+    """Overwrite a secret in place (the bytes object it may have been copied from is
+    out of reach; see docs/protocol.md)."""
+    buf[:] = bytes(len(buf))
+
+
+def _expand_into(secret: bytearray, label: bytes, out: bytearray) -> None:
+    """pqc.combiner.expand_label(secret, label, b"", len(out)), written into `out`."""
+    info = len(label).to_bytes(2, "big") + label
+    HKDFExpand(SHA384(), len(out), info).derive_into(secret, out)
+
+
+def _owned(secret: bytes | bytearray) -> bytearray:
+    if len(secret) != HASH_LEN:
+        raise ValueError(f"a traffic secret is {HASH_LEN} bytes")
+    return bytearray(secret)
+
+
 class _Direction:
+    """One direction's current generation: its secret, AEAD and IV, nothing older."""
+
     __slots__ = ("_aead", "_iv", "bytes", "generation", "phase", "secret", "seq")
 
-    def __init__(self, secret: bytes, phase: int, generation: int) -> None:
-        key, iv = record_key_iv(secret)
+    def __init__(self, secret: bytearray, phase: int, generation: int) -> None:
+        key = bytearray(AES_KEY_LEN)
+        iv = bytearray(GCM_IV_LEN)
+        _expand_into(secret, LABEL_RECORD_KEY, key)
+        _expand_into(secret, LABEL_RECORD_IV, iv)
         self.secret = secret
-        self._aead = AESGCM(key)
+        # AESGCM copies the key into OpenSSL, which clears it when the object is freed.
+        self._aead: AESGCM | None = AESGCM(key)
+        wipe(key)
         self._iv = int.from_bytes(iv, "big")
+        wipe(iv)
         self.seq = 0
         self.bytes = 0
         self.phase = phase
@@ -88,7 +128,22 @@ class _Direction:
 
     @property
     def aead(self) -> AESGCM:
+        if self._aead is None:
+            raise RecordError(ErrorCode.INTERNAL_ERROR, "key already erased")
         return self._aead
+
+    def ratchet(self) -> _Direction:
+        """The next generation (a key update); this one is erased."""
+        nxt = bytearray(HASH_LEN)
+        _expand_into(self.secret, LABEL_KEY_UPDATE, nxt)
+        out = _Direction(nxt, self.phase ^ 1, self.generation + 1)
+        self.erase()
+        return out
+
+    def erase(self) -> None:
+        wipe(self.secret)
+        self._aead = None
+        self._iv = 0
 
 
 def _header(rtype: int, flags: int, length: int) -> bytes:
@@ -102,8 +157,7 @@ class RecordLayer:
         self.limits = limits or RecordLimits()
         self._send: _Direction | None = None
         self._recv: _Direction | None = None
-        self._pending_recv: bytes | None = None
-        self._pending_send: bytes | None = None
+        self._pending_recv: bytearray | None = None
 
     def __repr__(self) -> str:
         return (f"RecordLayer(send_gen={self.send_generation}, "
@@ -131,28 +185,41 @@ class RecordLayer:
     def recv_generation(self) -> int:
         return -1 if self._recv is None else self._recv.generation
 
-    def install_send(self, secret: bytes) -> None:
-        """Start sealing with a new handshake secret from the next record on."""
-        if self._send is None:
-            self._send = _Direction(secret, 0, 0)
+    def install_send(self, secret: bytes | bytearray) -> None:
+        """Start sealing with a new handshake secret from the next record on. The layer
+        keeps its own copy; the caller erases `secret` if it is a bytearray it owns."""
+        old = self._send
+        if old is None:
+            self._send = _Direction(_owned(secret), 0, 0)
         else:
-            self._send = _Direction(secret, self._send.phase ^ 1, self._send.generation + 1)
+            self._send = _Direction(_owned(secret), old.phase ^ 1, old.generation + 1)
+            old.erase()
 
-    def install_recv(self, secret: bytes) -> None:
+    def install_recv(self, secret: bytes | bytearray) -> None:
         """A new handshake secret for records the peer sends from now on.
 
         Before the first keys exist it applies at once; later it waits for the peer's
         key-phase flip, since records under the old key may still be in flight."""
         if self._recv is None:
-            self._recv = _Direction(secret, 0, 0)
+            self._recv = _Direction(_owned(secret), 0, 0)
         else:
-            self._pending_recv = secret
+            if self._pending_recv is not None:
+                wipe(self._pending_recv)
+            self._pending_recv = _owned(secret)
 
     def update_send_key(self) -> None:
-        """A cheap key update: the next secret is expanded from the current one."""
+        """A cheap key update: ratchet the send secret and erase the old one."""
         assert self._send is not None
-        self._send = _Direction(next_traffic_secret(self._send.secret),
-                                self._send.phase ^ 1, self._send.generation + 1)
+        self._send = self._send.ratchet()
+
+    def erase(self) -> None:
+        """Zero every secret this layer holds (the connection is over)."""
+        for d in (self._send, self._recv):
+            if d is not None:
+                d.erase()
+        if self._pending_recv is not None:
+            wipe(self._pending_recv)
+            self._pending_recv = None
 
     def send_update_due(self) -> bool:
         d = self._send
@@ -216,9 +283,10 @@ class RecordLayer:
         if phase != d.phase:
             if self._pending_recv is not None:
                 secret, self._pending_recv = self._pending_recv, None
+                d.erase()
+                d = self._recv = _Direction(secret, phase, d.generation + 1)
             else:
-                secret = next_traffic_secret(d.secret)
-            d = self._recv = _Direction(secret, phase, d.generation + 1)
+                d = self._recv = d.ratchet()
         if len(body) < 1 + TAG_LEN:
             raise RecordError(ErrorCode.DECODE_ERROR, "protected record too short")
         if d.seq >= self.limits.hard_max_records or d.bytes >= self.limits.hard_max_bytes:

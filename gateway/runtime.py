@@ -52,6 +52,9 @@ from gateway.handshake import (
     AUTH_PKI,
     MODE_HYBRID,
     MODE_MLKEM_ONLY,
+    QKD_NO_KEY,
+    QKD_OK,
+    QKD_UNREACHABLE,
     Credentials,
     HandshakeParams,
     HandshakePolicy,
@@ -535,6 +538,20 @@ class TunnelSession(asyncio.Protocol):
             self._spawn(self._fetch_enc_keys(event))
         elif isinstance(event, ev.QkdKeysToFetch):
             self._spawn(self._fetch_dec_keys(event))
+        elif isinstance(event, ev.QkdStatusToCheck):
+            self._spawn(self._check_qkd_status(event))
+        elif isinstance(event, ev.OwnCertificateRefused):
+            g.metrics.own_certificate_refused.labels(event.kind).inc()
+            log.error("tunnel.OWN_CERTIFICATE_REFUSED", kind=event.kind, detail=event.detail,
+                      peer=self.peer_address,
+                      role="initiator" if self.initiator else "responder")
+        elif isinstance(event, ev.UnexpectedError):
+            g.metrics.unexpected_errors.labels(event.where, event.exc_type).inc()
+            log.error("tunnel.UNEXPECTED_ERROR", where=event.where, exc_type=event.exc_type,
+                      message=event.message, location=event.location,
+                      peer=self.peer_address,
+                      detail="closed with INTERNAL_ERROR; this is a bug or a parser that "
+                             "let bad input through: please report it")
         elif isinstance(event, ev.HandshakeCompleted):
             self._on_handshake(event)
         elif isinstance(event, ev.NextPskDerived | ev.PskConfirmed | ev.PskRejected):
@@ -594,9 +611,13 @@ class TunnelSession(asyncio.Protocol):
                       its_mac=event.its_mac)
         if event.mode == MODE_MLKEM_ONLY:
             g.metrics.degraded.set(1)
-            log.warning("tunnel.DEGRADED_MODE", **fields,
-                        detail="session keys come from ML-KEM alone: no QKD key was "
-                               "available and both sides allow degraded mode")
+            g.metrics.degraded_handshakes.labels(event.qkd_status,
+                                                 event.peer_qkd_status).inc()
+            log.warning("tunnel.DEGRADED_MODE", **fields, local_kme=event.qkd_status,
+                        peer_kme=event.peer_qkd_status,
+                        detail="session keys come from ML-KEM alone: neither site's KME "
+                               "had a key (or could be reached) and both sides allow "
+                               "degraded mode")
         else:
             g.metrics.degraded.set(0)
             log.info("tunnel.handshake_complete", **fields)
@@ -616,6 +637,16 @@ class TunnelSession(asyncio.Protocol):
 
     # QKD ---------------------------------------------------------------------------------
 
+    def _kme_failed(self, handshake_id: int, exc: KmeError) -> None:
+        """Map a KME failure onto the core's two answers: only "no key" and "cannot be
+        reached" are unavailability (which an initiator may, by policy, run without);
+        anything the KME refused is a hard failure."""
+        status = _kme_status(exc)
+        if status is None:
+            self.conn.qkd_keys_rejected(handshake_id, str(exc), self.loop.time())
+        else:
+            self.conn.qkd_keys_unavailable(handshake_id, str(exc), self.loop.time(), status)
+
     async def _fetch_enc_keys(self, event: ev.QkdKeysRequested) -> None:
         g = self.gateway
         try:
@@ -623,7 +654,7 @@ class TunnelSession(asyncio.Protocol):
         except KmeError as exc:
             g.metrics.kme_errors.labels(_kme_kind(exc)).inc()
             log.error("kme.enc_keys_failed", error=str(exc), kind=_kme_kind(exc))
-            self.conn.qkd_keys_unavailable(event.handshake_id, str(exc), self.loop.time())
+            self._kme_failed(event.handshake_id, exc)
         else:
             self.conn.supply_qkd_keys(event.handshake_id, [(k.key_id, k.key) for k in keys],
                                       self.loop.time())
@@ -633,10 +664,12 @@ class TunnelSession(asyncio.Protocol):
         g = self.gateway
         replayed = [k for k in event.key_ids if k in g.used_key_ids]
         if replayed:
+            # A replayed first flight: someone spent these IDs on another connection.
+            # Never a reason to run without QKD (issue 9.3): the handshake fails.
             log.warning("tunnel.qkd_key_id_replayed", key_ids=replayed)
             g.metrics.kme_errors.labels("replayed_key_id").inc()
-            self.conn.qkd_keys_unavailable(event.handshake_id, "QKD key ID used before",
-                                           self.loop.time())
+            self.conn.qkd_keys_rejected(event.handshake_id, "QKD key ID used before",
+                                        self.loop.time())
             self.process()
             return
         g.used_key_ids.update(event.key_ids)
@@ -645,10 +678,30 @@ class TunnelSession(asyncio.Protocol):
         except KmeError as exc:
             g.metrics.kme_errors.labels(_kme_kind(exc)).inc()
             log.error("kme.dec_keys_failed", error=str(exc), kind=_kme_kind(exc))
-            self.conn.qkd_keys_unavailable(event.handshake_id, str(exc), self.loop.time())
+            self._kme_failed(event.handshake_id, exc)
         else:
             self.conn.supply_qkd_keys(event.handshake_id, [(k.key_id, k.key) for k in keys],
                                       self.loop.time())
+        self.process()
+
+    async def _check_qkd_status(self, event: ev.QkdStatusToCheck) -> None:
+        """The responder's own look at its KME before agreeing to ML-KEM-only."""
+        g = self.gateway
+        try:
+            status = await g.kme.status(event.peer_sae_id)
+        except KmeError as exc:
+            g.metrics.kme_errors.labels(_kme_kind(exc)).inc()
+            log.warning("kme.status_failed", error=str(exc), kind=_kme_kind(exc))
+            answer = _kme_status(exc)
+            if answer is None:
+                self.conn.qkd_keys_rejected(event.handshake_id, str(exc), self.loop.time())
+                self.process()
+                return
+        else:
+            per_key = max(1, -(-event.size_bits // max(1, int(status["key_size"]))))
+            enough = int(status["stored_key_count"]) >= event.number * per_key
+            answer = QKD_OK if enough else QKD_NO_KEY
+        self.conn.local_qkd_status(event.handshake_id, answer, self.loop.time())
         self.process()
 
     # streams -----------------------------------------------------------------------------
@@ -759,6 +812,15 @@ class LocalListener(asyncio.Protocol):
 
 
 # ----------------------------------------------------------------------- the gateway
+
+
+def _kme_status(exc: KmeError) -> str | None:
+    """The degraded reason a KME failure stands for, or None if it is a refusal."""
+    if isinstance(exc, KmeNoKey):
+        return QKD_NO_KEY
+    if isinstance(exc, KmeUnavailable):
+        return QKD_UNREACHABLE
+    return None
 
 
 def _kme_kind(exc: KmeError) -> str:
@@ -1008,6 +1070,8 @@ class Gateway:
                             error=exc.strerror or str(exc), retry_in_s=round(delay, 2))
             except OwnCertificateExpired as exc:
                 self.metrics.handshake_failures.labels("own_certificate_expired").inc()
+                self.metrics.own_certificate_refused.labels(
+                    "revoked" if "revoked" in str(exc) else "expired").inc()
                 log.error("tunnel.BOOTSTRAP_REFUSED", reason=str(exc),
                           retry_in_s=round(delay, 2))
             if session is not None:

@@ -32,6 +32,7 @@ class ErrorCode(IntEnum):
     TRUNCATED = 13
     FLOW_CONTROL = 14
     UNKNOWN_PSK = 15
+    QKD_KEY_REJECTED = 16  # a named QKD key ID was replayed, unknown or already delivered
 
 
 class DecodeError(ValueError):

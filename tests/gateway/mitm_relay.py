@@ -450,6 +450,38 @@ def unbind_transcript(monkeypatch: Any, originals: dict[bytes, bytes]) -> None:
     monkeypatch.setattr(hs_mod.Handshake, "_absorb", _absorb)
 
 
+def legacy_qkd_degrade(monkeypatch: Any) -> None:
+    """Positive control (issue 9.3): the QKD degrade rules as they were before the fix.
+
+    - a key ID the KME or the key-ID memory refuses is treated as "no key available";
+    - a responder whose KME cannot deliver the named keys falls back to ML-KEM-only;
+    - a responder agrees to ML-KEM-only without asking its own KME;
+    - an initiator that obtained QKD keys still accepts ML-KEM-only."""
+    from gateway.connection import TunnelConnection
+
+    def rejected_as_unavailable(self: Any, handshake_id: int, reason: str,
+                                now: float) -> None:
+        self.qkd_keys_unavailable(handshake_id, reason, now)
+
+    def degrade_after_dec_failure(self: Any, reason: str, status: str) -> None:
+        pol = self.params.policy
+        assert self._ch is not None
+        if not (pol.degraded_allowed and hs_mod.MODE_MLKEM_ONLY in self._ch.allowed_modes):
+            raise self._fail(hs_mod.ErrorCode.QKD_UNAVAILABLE, f"no QKD key: {reason}")
+        self._qkd_keys = []
+        self._send_server_flight(hs_mod.MODE_MLKEM_ONLY, status)
+
+    def degrade_without_asking(self: Any, status: str) -> None:
+        self._send_server_flight(hs_mod.MODE_MLKEM_ONLY,
+                                 status if status in hs_mod.QKD_DEGRADED else hs_mod.QKD_NO_KEY)
+
+    monkeypatch.setattr(TunnelConnection, "qkd_keys_rejected", rejected_as_unavailable)
+    monkeypatch.setattr(hs_mod.Handshake, "_dec_keys_failed", degrade_after_dec_failure)
+    monkeypatch.setattr(hs_mod.Handshake, "local_qkd_status", degrade_without_asking)
+    monkeypatch.setattr(hs_mod.Handshake, "_refuse_mlkem_only_with_own_keys",
+                        lambda self, ch: None)
+
+
 # -------------------------------------------------------------------- applications
 
 

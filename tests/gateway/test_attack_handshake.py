@@ -30,6 +30,7 @@ from mitm_relay import (
     TamperHandshake,
     frame,
     gateway_config,
+    legacy_qkd_degrade,
     rewrite_hello,
     unbind_transcript,
 )
@@ -108,13 +109,33 @@ def strip_qkd_offer_degraded(d: str, m: bytes) -> bytes:
     return m
 
 
+def strip_qkd_claim_no_key(d: str, m: bytes) -> bytes:
+    """The most consistent strip: no key IDs, and A's KME supposedly had none."""
+    if d == A2B and m[0] == CH:
+        return rewrite_hello(m, qkd_key_ids=(), qkd_status=hs_mod.QKD_NO_KEY)
+    return m
+
+
+def force_mlkem_only_in_server_hello(d: str, m: bytes) -> bytes:
+    if d == B2A and m[0] == SH:
+        return rewrite_hello(m, mode=MODE_MLKEM_ONLY, qkd_status=hs_mod.QKD_NO_KEY)
+    return m
+
+
 DOWNGRADES: dict[str, tuple[Callable[[str, bytes], bytes], bool, bool, str, ErrorCode]] = {
     # name: (rewrite, A allows degraded, B allows degraded, detecting site, code)
-    "strip_qkd_key_ids": (strip_qkd, False, False, "site-b", ErrorCode.QKD_UNAVAILABLE),
+    # A hello without key IDs but with QKD status "ok" is inconsistent on its face.
+    "strip_qkd_key_ids": (strip_qkd, False, False, "site-b", ErrorCode.POLICY_MISMATCH),
     "strip_qkd_and_add_degraded_to_A_policy": (
-        strip_qkd_offer_degraded, False, True, "site-a", ErrorCode.POLICY_MISMATCH),
-    "strip_qkd_both_allow_degraded": (strip_qkd, True, True, "site-a",
-                                      ErrorCode.HANDSHAKE_FAILURE),
+        strip_qkd_offer_degraded, False, True, "site-b", ErrorCode.POLICY_MISMATCH),
+    "strip_qkd_both_allow_degraded": (strip_qkd, True, True, "site-b",
+                                      ErrorCode.POLICY_MISMATCH),
+    # B asks its own KME, which holds keys: ML-KEM-only refused.
+    "strip_qkd_claim_no_key_both_allow_degraded": (
+        strip_qkd_claim_no_key, True, True, "site-b", ErrorCode.QKD_UNAVAILABLE),
+    # A brought QKD keys: it never accepts ML-KEM-only.
+    "mlkem_only_forced_in_server_hello": (
+        force_mlkem_only_in_server_hello, True, True, "site-a", ErrorCode.POLICY_MISMATCH),
     "smaller_qkd_key_size": (
         lambda d, m: rewrite_hello(m, qkd_key_size_bits=128) if m[0] == CH else m,
         False, False, "site-b", ErrorCode.POLICY_MISMATCH),
@@ -142,10 +163,26 @@ async def test_stripping_and_downgrades_are_rejected(sites: Sites, name: str) ->
     assert sites.tunnel_of("site-a").conn.session.mode == MODE_HYBRID
 
 
+async def test_qkd_strip_fails_without_transcript_binding_too(
+        sites: Sites, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defence in depth: with the transcript binding off, B's look at its own KME still
+    refuses the strip (and with B's KME empty, A's refusal of ML-KEM-only after it
+    fetched keys would: see the control below)."""
+    tamper = TamperHandshake(strip_qkd_claim_no_key)
+    unbind_transcript(monkeypatch, tamper.originals)
+    await sites.start(a={"allow_degraded": True}, b={"allow_degraded": True},
+                      strategy=lambda: tamper)
+    await wait_failure(sites, "site-b", ErrorCode.QKD_UNAVAILABLE)
+    await assert_no_session(sites)
+
+
 async def test_positive_control_qkd_strip_succeeds_without_transcript_binding(
         sites: Sites, monkeypatch: pytest.MonkeyPatch) -> None:
-    tamper = TamperHandshake(strip_qkd)
+    # Every protection against the strip off: the transcript binding, the initiator's
+    # refusal of ML-KEM-only after it obtained keys, B's own-KME check.
+    tamper = TamperHandshake(strip_qkd_claim_no_key)
     unbind_transcript(monkeypatch, tamper.originals)
+    legacy_qkd_degrade(monkeypatch)
     await sites.start(a={"allow_degraded": True}, b={"allow_degraded": True},
                       strategy=lambda: tamper)
     await sites.wait_tunnel()
@@ -218,7 +255,7 @@ async def test_substituted_qkd_key_ids_are_rejected(
     assert sites.relay is not None and sites.relay.live is not None
     sites.relay.strategy_factory = lambda: TamperHandshake(substitute)
     sites.relay.live.abort()
-    await wait_failure(sites, "site-b", ErrorCode.QKD_UNAVAILABLE)
+    await wait_failure(sites, "site-b", ErrorCode.QKD_KEY_REJECTED)
     kinds = {dict(labels)["kind"] for (name, labels), v in (await sites.metrics("site-b")).items()
              if name == "qkdgw_kme_errors_total" and v > 0}
     assert kinds & {"replayed_key_id", "KmeRejected"}, kinds
@@ -427,7 +464,7 @@ async def test_replayed_handshake_while_live_and_after(
     assert port is not None
     answer = await _replay_flight(port, flight, rest=True)
     assert [m[0] for m in answer] == [hs_mod.MSG_ALERT]
-    await wait_failure(sites, "site-b", ErrorCode.QKD_UNAVAILABLE)
+    await wait_failure(sites, "site-b", ErrorCode.QKD_KEY_REJECTED)
     assert await sites.counter("site-b", "qkdgw_kme_errors_total", kind="replayed_key_id") == 1
     # The live session is untouched.
     assert sites.tunnel_of("site-a") is live and sites.tunnel_of("site-b") is not None

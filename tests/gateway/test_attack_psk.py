@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from test_psk import Site, connect
-from tunnel_harness import FakeKmePair, params
+from tunnel_harness import FakeKmePair, params, serve_qkd
 
 from gateway import events as ev
 from gateway.connection import TunnelConnection
@@ -39,18 +39,8 @@ def run(a: TunnelConnection, b: TunnelConnection, kme_a: FakeKmePair | None,
                 if isinstance(e, ev.NextPskDerived | ev.PskConfirmed | ev.PskRejected):
                     if name in stores:
                         stores[name].store.apply(e)
-                elif isinstance(e, ev.QkdKeysRequested):
-                    keys = kme.enc(e.number, e.size_bits) if kme else None
-                    if keys is None:
-                        conn.qkd_keys_unavailable(e.handshake_id, "no KME access", 0.0)
-                    else:
-                        conn.supply_qkd_keys(e.handshake_id, keys, 0.0)
-                elif isinstance(e, ev.QkdKeysToFetch):
-                    keys = kme.dec(e.key_ids) if kme else None
-                    if keys is None:
-                        conn.qkd_keys_unavailable(e.handshake_id, "unknown key IDs", 0.0)
-                    else:
-                        conn.supply_qkd_keys(e.handshake_id, keys, 0.0)
+                else:
+                    serve_qkd(conn, e, kme)
             out = b"".join(conn.data_to_send())
             if out:
                 moved = True
@@ -91,7 +81,7 @@ def test_stolen_psk_without_the_kme_cannot_impersonate(pki_dir: Path, tmp_path: 
     _ea, eb = run(attacker, victim, fake_kme, kme, {})
     assert not victim.ready
     term = [e for e in eb if isinstance(e, ev.ConnectionTerminated)]
-    assert term and term[0].code == ErrorCode.QKD_UNAVAILABLE
+    assert term and term[0].code == ErrorCode.QKD_KEY_REJECTED
     assert sb.store.status().current_epoch == before.current_epoch  # nothing advanced
     # Positive control: the same thief with access to A's KME (the shared key pool)
     # completes the handshake: the PSK is symmetric and does authenticate.
@@ -197,10 +187,10 @@ def test_replayed_psk_handshake_is_refused(pki_dir: Path, tmp_path: Path, live: 
         if isinstance(e, ev.QkdKeysToFetch):
             keys = kme.dec(e.key_ids)
             assert keys is None  # the KME already delivered those keys
-            replay_target.qkd_keys_unavailable(e.handshake_id, "key IDs already used", 0.0)
+            replay_target.qkd_keys_rejected(e.handshake_id, "key IDs already used", 0.0)
     events += list(iter(replay_target.next_event, None))
     term = [e for e in events if isinstance(e, ev.ConnectionTerminated)]
-    assert term and term[0].code in (ErrorCode.UNKNOWN_PSK, ErrorCode.QKD_UNAVAILABLE)
+    assert term and term[0].code in (ErrorCode.UNKNOWN_PSK, ErrorCode.QKD_KEY_REJECTED)
     assert not replay_target.ready
     assert sb.store.status() == state  # the replay changed nothing
     assert len(kme.fetches) <= fetches + 1

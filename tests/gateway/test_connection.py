@@ -8,7 +8,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tunnel_harness import FakeKmePair, Pair, credentials, make_pair, params
+from tunnel_harness import (
+    FakeKmePair,
+    Pair,
+    credentials,
+    make_pair,
+    params,
+    traffic_secrets,
+)
 
 from gateway import events as ev
 from gateway.connection import ConnectionSettings
@@ -56,9 +63,12 @@ def test_handshake_completes_with_matching_keys(pki_dir: Path) -> None:
     sa, sb = pair.a.session, pair.b.session
     assert sa is not None and sb is not None
     assert sa.mode == sb.mode == MODE_HYBRID
-    assert sa.keys.i2r_traffic == sb.keys.i2r_traffic
+    a_send, a_recv = traffic_secrets(pair.a)
+    b_send, b_recv = traffic_secrets(pair.b)
+    assert a_send == b_recv and a_recv == b_send and a_send != a_recv
     assert sa.keys.chain_key == sb.keys.chain_key
-    assert sa.keys.i2r_traffic != sa.keys.r2i_traffic
+    # The session result keeps no traffic secret (the record layer owns and ratchets it).
+    assert sa.keys.i2r_traffic == sa.keys.r2i_traffic == b""
     assert len(sa.qkd_key_ids) == 1 and sa.qkd_key_ids == sb.qkd_key_ids
     assert pair.kme.consumed == 1
     assert any(isinstance(e, ev.TunnelReady) for e in pair.events_a)
@@ -117,6 +127,7 @@ def test_rekey_on_timer_keeps_streams_and_changes_keys(pki_dir: Path) -> None:
     pair = make_pair(pki_dir, settings=settings)
     old = pair.a.session
     assert old is not None
+    old_secrets = traffic_secrets(pair.a)
     sid = pair.a.open_stream("svc")
     pair.a.send_stream_data(sid, b"before")
     pair.pump()
@@ -124,7 +135,8 @@ def test_rekey_on_timer_keeps_streams_and_changes_keys(pki_dir: Path) -> None:
     assert pair.a.epoch == pair.b.epoch == 1
     new = pair.a.session
     assert new is not None and new.auth == "chain"
-    assert new.keys.i2r_traffic != old.keys.i2r_traffic
+    assert new.keys.chain_key != old.keys.chain_key
+    assert traffic_secrets(pair.a) != old_secrets
     assert new.qkd_key_ids != old.qkd_key_ids
     assert pair.kme.consumed == 2
     pair.a.send_stream_data(sid, b"after")
@@ -194,7 +206,8 @@ def test_responder_without_key_fails_closed(pki_dir: Path) -> None:
     pair = make_pair(pki_dir, kme=ForgetfulKme())
     assert not pair.a.ready and not pair.b.ready
     term = terminated(pair.events_b)
-    assert term is not None and term.code == ErrorCode.QKD_UNAVAILABLE
+    # A key ID the KME does not deliver is refused outright (never a reason to degrade).
+    assert term is not None and term.code == ErrorCode.QKD_KEY_REJECTED
 
 
 def test_wrong_peer_identity_is_rejected(pki_dir: Path) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from tunnel_harness import FakeKmePair, params
+from tunnel_harness import FakeKmePair, params, serve_qkd
 
 from gateway import events as ev
 from gateway.connection import ConnectionSettings, TunnelConnection
@@ -97,16 +97,8 @@ def connect(pki: Path, sa: Site, sb: Site, kme: FakeKmePair, cut: str | None = N
                     return att  # the process dies before the write: nothing more happens
                 if isinstance(e, PSK_EVENTS):
                     site.store.apply(e)
-                elif isinstance(e, ev.QkdKeysRequested):
-                    keys = kme.enc(e.number, e.size_bits)
-                    assert keys is not None
-                    conn.supply_qkd_keys(e.handshake_id, keys, 0.0)
-                elif isinstance(e, ev.QkdKeysToFetch):
-                    keys = kme.dec(e.key_ids)
-                    if keys is None:
-                        conn.qkd_keys_unavailable(e.handshake_id, "unknown key IDs", 0.0)
-                    else:
-                        conn.supply_qkd_keys(e.handshake_id, keys, 0.0)
+                else:
+                    serve_qkd(conn, e, kme)
             out = b"".join(conn.data_to_send())
             if not out:
                 continue

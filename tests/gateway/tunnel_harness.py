@@ -29,6 +29,14 @@ def params(pki: Path, local: str, peer: str, policy: HandshakePolicy | None = No
         policy=policy or HandshakePolicy(), **kw)  # type: ignore[arg-type]
 
 
+def traffic_secrets(conn: TunnelConnection) -> tuple[bytes, bytes]:
+    """(send, receive) secrets of the connection's record layer now: the session result
+    keeps none (the record layer owns and ratchets them)."""
+    rec = conn._records
+    assert rec._send is not None and rec._recv is not None
+    return bytes(rec._send.secret), bytes(rec._recv.secret)
+
+
 @dataclass
 class FakeKmePair:
     """Both KMEs of a link as one dict: enough for the sans-I/O tests. Delivers each key
@@ -59,6 +67,40 @@ class FakeKmePair:
         self.delivered_dec.update(key_ids)
         return [(k, self.keys[k]) for k in key_ids]
 
+    def status(self, number: int) -> str:
+        """What ETSI 014 status tells a responder: does the (shared) pool hold keys?"""
+        return "ok" if self.available >= number else "no-key"
+
+
+def serve_qkd(conn: TunnelConnection, event: ev.Event, kme: FakeKmePair | None,
+              now: float = 0.0) -> bool:
+    """Answer a QKD event from `kme` (None: this side cannot reach any KME). False if
+    `event` is not a QKD request."""
+    if isinstance(event, ev.QkdKeysRequested):
+        keys = kme.enc(event.number, event.size_bits) if kme is not None else None
+        if keys is None:
+            conn.qkd_keys_unavailable(event.handshake_id, "pool empty" if kme else
+                                      "no KME access", now,
+                                      "no-key" if kme is not None else "unreachable")
+        else:
+            conn.supply_qkd_keys(event.handshake_id, keys, now)
+    elif isinstance(event, ev.QkdKeysToFetch):
+        if kme is None:
+            conn.qkd_keys_unavailable(event.handshake_id, "no KME access", now, "unreachable")
+            return True
+        keys = kme.dec(event.key_ids)
+        if keys is None:
+            conn.qkd_keys_rejected(event.handshake_id, "unknown or delivered key IDs", now)
+        else:
+            conn.supply_qkd_keys(event.handshake_id, keys, now)
+    elif isinstance(event, ev.QkdStatusToCheck):
+        conn.local_qkd_status(event.handshake_id,
+                              kme.status(event.number) if kme is not None else "unreachable",
+                              now)
+    else:
+        return False
+    return True
+
 
 @dataclass
 class Pair:
@@ -74,18 +116,7 @@ class Pair:
     tamper_b2a: object = None
 
     def _serve(self, conn: TunnelConnection, event: ev.Event) -> None:
-        if isinstance(event, ev.QkdKeysRequested):
-            keys = self.kme.enc(event.number, event.size_bits)
-            if keys is None:
-                conn.qkd_keys_unavailable(event.handshake_id, "pool empty", self.now)
-            else:
-                conn.supply_qkd_keys(event.handshake_id, keys, self.now)
-        elif isinstance(event, ev.QkdKeysToFetch):
-            keys = self.kme.dec(event.key_ids)
-            if keys is None:
-                conn.qkd_keys_unavailable(event.handshake_id, "unknown key IDs", self.now)
-            else:
-                conn.supply_qkd_keys(event.handshake_id, keys, self.now)
+        serve_qkd(conn, event, self.kme, self.now)
 
     def pump(self, rounds: int = 50) -> None:
         for _ in range(rounds):
