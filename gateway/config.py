@@ -74,6 +74,13 @@ class GatewayConfig:
     # [pki] crl / crl_grace_s: revocation list checked at bootstrap (gateway/credentials.py).
     crl_file: Path | None = None
     crl_grace: float = 0.0
+    # [policy] accept_kems: further KEMs a peer may choose, after `kem` in preference.
+    accept_kems: tuple[str, ...] = ()
+
+    @property
+    def kems(self) -> tuple[str, ...]:
+        """This side's KEMs in preference order: the one it proposes first."""
+        return tuple(dict.fromkeys((self.kem, *self.accept_kems)))
 
     @property
     def initiator(self) -> bool:
@@ -211,6 +218,11 @@ def _parse(root: Section) -> GatewayConfig:
 
     pol = root.section("policy", required=False)
     kem = pol.str("kem", "ML-KEM-768", choices=KEMS)
+    accept_kems = tuple(pol.str_list("accept_kems", [], fix=f"list KEMs from {', '.join(KEMS)}"))
+    for other in accept_kems:
+        if other not in KEMS:
+            raise pol.error("accept_kems", f"{other!r} is not a known KEM",
+                            f"use names from {', '.join(KEMS)}")
     allow_degraded = pol.bool("allow_degraded", False)
     qkd_key_bits = pol.int("qkd_key_bits", 256, min=128, max=4096)
     if qkd_key_bits % 8:
@@ -271,7 +283,7 @@ def _parse(root: Section) -> GatewayConfig:
         pqc_backend=backend, listeners=tuple(listeners), services=tuple(services),
         log_level=level, log_format=fmt, keylog_file=keylog, admin_listen=admin_listen,
         psk_enabled=psk_enabled, pki_rebootstrap=pki_rebootstrap, its_mac=its_mac,
-        admission=admission, crl_file=crl_file, crl_grace=crl_grace,
+        admission=admission, crl_file=crl_file, crl_grace=crl_grace, accept_kems=accept_kems,
     )
 
 

@@ -894,7 +894,7 @@ class Gateway:
                                                self.credential_source).current()
         self.services = {s.name: s.target for s in config.services}
         policy = HandshakePolicy(
-            kems=(config.kem,),
+            kems=config.kems,
             allowed_modes=(MODE_HYBRID, MODE_MLKEM_ONLY) if config.allow_degraded
             else (MODE_HYBRID,),
             qkd_key_size_bits=config.qkd_key_bits,

@@ -247,6 +247,46 @@ class Truncate(OnceStrategy):
         conn.blackhole.add(rec.direction)
 
 
+class ReplayOnSideConnection(Strategy):
+    """The first-flight replay of issue 9.3: hold the first ClientHello, send a copy to
+    the responder on a connection of the attacker's own (which makes the responder
+    fetch, and so spend, the hello's QKD key IDs), wait for its answer, then forward
+    the original. Honest on every later connection (the strategy object is shared)."""
+
+    def __init__(self) -> None:
+        self.fired = asyncio.Event()
+        self.side_answer: list[int] = []  # handshake message types on the side connection
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def on_record(self, conn: RelayedConnection, rec: WireRecord) -> None:
+        if (self.fired.is_set() or rec.direction != A2B
+                or rec.message_type != hs_mod.MSG_CLIENT_HELLO):
+            conn.forward(rec)
+            return
+        self.fired.set()
+        task = asyncio.ensure_future(self._replay_then_forward(conn, rec))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _replay_then_forward(self, conn: RelayedConnection, rec: WireRecord) -> None:
+        from gateway.record import RecordReader
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", conn.relay.target_port)
+        writer.write(rec.raw)
+        rr = RecordReader()
+        try:
+            async with asyncio.timeout(10):
+                while not self.side_answer and (data := await reader.read(1 << 16)):
+                    rr.feed(data)
+                    while (got := rr.next_record()) is not None:
+                        self.side_answer.append(bytes(got[3])[0])
+        except (TimeoutError, ConnectionError, OSError):
+            pass
+        finally:
+            writer.transport.abort()
+        conn.forward(rec)
+
+
 class TamperHandshake(Strategy):
     """Rewrite plaintext handshake messages. `rewrite(direction, msg)` returns the
     message to send (or the same bytes). Every change is remembered in `originals`
