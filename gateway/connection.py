@@ -52,6 +52,7 @@ from gateway.record import (
     INNER_CLOSE,
     INNER_HANDSHAKE,
     INNER_STREAM,
+    LATE_PLAINTEXT,
     MAX_PAYLOAD,
     RecordError,
     RecordLayer,
@@ -380,6 +381,13 @@ class TunnelConnection:
     def _on_record(self, inner: int, payload: bytes | memoryview, now: float) -> None:
         if inner == INNER_HANDSHAKE:
             self._on_handshake_message(bytes(payload), now)
+        elif inner == LATE_PLAINTEXT:
+            # The initiator has keys, the responder refused its last flight: the plaintext
+            # Alert is the only thing that may come this way.
+            if message_type(bytes(payload)) != MSG_ALERT:
+                raise RecordError(ErrorCode.PROTOCOL_ERROR,
+                                  "plaintext record received after keys were established")
+            self._on_alert(bytes(payload), late=True)
         elif inner == INNER_STREAM:
             if self._mux is None or not self._ready:
                 raise RecordError(ErrorCode.PROTOCOL_ERROR, "stream data before the handshake")
@@ -399,11 +407,7 @@ class TunnelConnection:
         if mtype == MSG_ALERT:
             if self._records.recv_ready:
                 raise RecordError(ErrorCode.PROTOCOL_ERROR, "alert inside the tunnel")
-            code, reason = decode_alert(msg)
-            if code == ErrorCode.UNKNOWN_PSK and self._offered_psk is not None:
-                self._events.append(ev.PskRejected(self._offered_psk.epoch))
-            self._terminate(code, f"peer aborted the handshake: {reason}", clean=False,
-                            by_peer=True)
+            self._on_alert(msg)
             return
         if (mtype == MSG_CLIENT_HELLO and not self.initiator and not self._ready
                 and self._cookie_gate is not None and not self._admit(msg, now)):
@@ -419,6 +423,15 @@ class TunnelConnection:
                 raise HandshakeError(ErrorCode.PROTOCOL_ERROR, "unexpected handshake message")
         hs.receive(msg, self._wallclock())
         self._drain_handshake()
+
+    def _on_alert(self, msg: bytes, late: bool = False) -> None:
+        code, reason = decode_alert(msg)
+        # Late, the responder has already proved the PSK with its Finished: a refusal of
+        # it then is forged and must not count towards the PSK fallback.
+        if code == ErrorCode.UNKNOWN_PSK and self._offered_psk is not None and not late:
+            self._events.append(ev.PskRejected(self._offered_psk.epoch))
+        self._terminate(code, f"peer aborted the handshake: {reason}", clean=False,
+                        by_peer=True)
 
     def _admit(self, msg: bytes, now: float) -> bool:
         """Cookie check before any expensive work; False: a HelloRetryRequest went out

@@ -73,7 +73,8 @@ _BACKDATE = dt.timedelta(hours=1)
 _MAX_DAYS = 36500
 _WEAK_HASHES = (hashes.MD5, hashes.SHA1)
 
-REASONS = ("untrusted", "expired", "not_yet_valid", "wrong_identity", "bad_usage", "revoked")
+REASONS = ("untrusted", "expired", "not_yet_valid", "wrong_identity", "bad_usage", "revoked",
+           "malformed")
 
 
 class PkiError(Exception):

@@ -56,6 +56,10 @@ INNER_HANDSHAKE = 1
 INNER_STREAM = 2
 INNER_CLOSE = 3
 _INNER_TYPES = frozenset((INNER_HANDSHAKE, INNER_STREAM, INNER_CLOSE))
+# Not on the wire: a plaintext record that arrived after the first receive key was
+# installed but before anything was received under it. Only a plaintext Alert may be
+# that: the responder refusing the initiator's last flight has no keys to protect it.
+LATE_PLAINTEXT = 0x100
 
 FLAG_KEY_PHASE = 0x01
 
@@ -158,6 +162,7 @@ class RecordLayer:
         self._send: _Direction | None = None
         self._recv: _Direction | None = None
         self._pending_recv: bytearray | None = None
+        self._late_plaintext_ok = False
 
     def __repr__(self) -> str:
         return (f"RecordLayer(send_gen={self.send_generation}, "
@@ -202,6 +207,7 @@ class RecordLayer:
         key-phase flip, since records under the old key may still be in flight."""
         if self._recv is None:
             self._recv = _Direction(_owned(secret), 0, 0)
+            self._late_plaintext_ok = True
         else:
             if self._pending_recv is not None:
                 wipe(self._pending_recv)
@@ -266,12 +272,12 @@ class RecordLayer:
              ) -> tuple[int, memoryview | bytes]:
         """Authenticate and decrypt one record; returns (inner_type, payload)."""
         if rtype == PLAINTEXT_HANDSHAKE:
-            if self._recv is not None:
+            if self._recv is not None and not self._late_plaintext_ok:
                 raise RecordError(ErrorCode.PROTOCOL_ERROR,
                                   "plaintext record received after keys were established")
             if flags != 0:
                 raise RecordError(ErrorCode.DECODE_ERROR, "plaintext record with flags set")
-            return INNER_HANDSHAKE, bytes(body)
+            return (INNER_HANDSHAKE if self._recv is None else LATE_PLAINTEXT), bytes(body)
         if rtype != PROTECTED:
             raise RecordError(ErrorCode.DECODE_ERROR, f"unknown record type {rtype}")
         d = self._recv
@@ -298,6 +304,7 @@ class RecordLayer:
             raise RecordError(ErrorCode.BAD_RECORD_MAC, "record authentication failed") from None
         d.seq += 1
         d.bytes += len(plaintext) - 1
+        self._late_plaintext_ok = False
         inner = plaintext[0]
         if inner not in _INNER_TYPES:
             raise RecordError(ErrorCode.DECODE_ERROR, f"unknown inner record type {inner}")

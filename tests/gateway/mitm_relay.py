@@ -464,8 +464,8 @@ class UncheckedAesGcm:
     ignores the tag. Only for positive controls (what the tag check is worth)."""
 
     def __init__(self, key: bytes) -> None:
-        self._key = key
-        self._aead = AESGCM(key)
+        self._key = bytes(key)  # the record layer wipes its buffer once AESGCM has it
+        self._aead = AESGCM(self._key)
 
     def encrypt_into(self, nonce: bytes, data: bytes, aad: bytes, buf: Any) -> int:
         return int(self._aead.encrypt_into(nonce, data, aad, buf))
