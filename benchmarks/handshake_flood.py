@@ -7,26 +7,34 @@ and SQLite), gateway B (a real `qkdgw gateway` process, the responder), a flood 
 process: site A's `Gateway` objects with a real ETSI 014 client to KME-A, dialling one
 fresh PKI handshake at a time and timing TCP connect -> tunnel ready.
 
-The flood opens connections from 127.0.0.2-127.0.0.5 (all of 127/8 reaches lo on
-Linux), `--concurrency` at a time, each sending one valid-looking ClientHello (the
-right identities and policy flags, an ML-KEM encapsulation key, a key ID the KME never
-issued) and hanging up after an answer or `--linger` seconds. It does not echo cookies.
-Every such hello that gets past admission costs gateway B a `dec_keys` request that
-KME-B answers from SQLite with an error: `kme_errors` in gateway B's metrics counts
-them.
+The flood comes from `--sources` loopback addresses 127.0.0.2, 127.0.0.3, ... (all of
+127/8 reaches lo on Linux; the default 100 is more than the 64-slot global pending
+cap), `--concurrency` connections at a time, in one of two styles:
 
-Two configurations of gateway B, each measured without and with the flood:
+  hello   each connection sends one valid-looking ClientHello (the right identities
+          and policy flags, an ML-KEM encapsulation key, a key ID the KME never issued)
+          and hangs up after an answer or `--linger` seconds; cookies are not echoed.
+          Every hello that gets past admission costs gateway B a `dec_keys` request
+          that KME-B answers from SQLite with an error (`kme_errors` in B's metrics).
+  hold    each connection sends nothing and stays until B cuts it at the first-record
+          deadline, then comes straight back: it holds a pending slot as long as it can,
+          the way to lock the peer out of a listener with a global cap.
+
+Three configurations of gateway B, each measured without and with the flood:
 
   off        [tunnel.admission] cookie = "off", rates and caps out of the way
   defaults   [tunnel.admission] left at its defaults (cookie = "under-load", 2/s per
              source with a burst of 10, 64 pending handshakes, 8 per source)
+  reserved   the defaults plus peer_sources = ["127.0.0.1"]: the legitimate initiator
+             (which dials from 127.0.0.1) has reserved slots outside the global cap
 
 PSK authentication is off on both sides, so every legitimate handshake is a full PKI
 one (ML-DSA signatures both ways) and every flood hello is a bootstrap attempt the
 responder must take seriously. Legitimate handshakes are paced `--gap` seconds apart
 (a real peer reconnects rarely; the default 0.6 s stays under the 2/s per-source rate).
 
-    python benchmarks/handshake_flood.py                 # about 2 minutes
+    python benchmarks/handshake_flood.py                 # about 5 minutes
+    python benchmarks/handshake_flood.py --styles hold --modes defaults,reserved
     python benchmarks/handshake_flood.py --handshakes 20 --json
 """
 
@@ -46,18 +54,25 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-FLOOD_SOURCES = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 ADMISSION = {
     "off": ('cookie = "off"\nrate_per_s = 10000.0\nburst = 100000\nmax_pending = 100000\n'
             "max_pending_per_source = 100000\nload_threshold = 100000\n"),
     "defaults": "",
+    "reserved": 'peer_sources = ["127.0.0.1"]\n',
 }
+
+
+def flood_sources(n: int) -> list[str]:
+    if not 1 <= n <= 250:
+        raise SystemExit("--sources must be 1..250 (127.0.0.2-127.0.0.251)")
+    return [f"127.0.0.{2 + i}" for i in range(n)]
 
 
 # ------------------------------------------------------------------------ flood worker
 
 
-async def _flood(port: int, duration: float, concurrency: int, linger: float) -> dict[str, int]:
+async def _flood(port: int, duration: float, concurrency: int, linger: float,
+                 sources: list[str], style: str) -> dict[str, int]:
     import signal
 
     from gateway.handshake import ClientHello
@@ -73,8 +88,33 @@ async def _flood(port: int, duration: float, concurrency: int, linger: float) ->
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)  # the bench is done: report
 
+    async def holder(i: int) -> None:
+        src = sources[i % len(sources)]
+        while loop.time() < stop_at and not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, local_addr=(src, 0))
+            except ConnectionResetError:
+                tally["reset_at_connect"] += 1
+                continue
+            except OSError:
+                tally["connect_failed"] += 1
+                await asyncio.sleep(0.05)
+                continue
+            tally["sent"] += 1
+            try:
+                left = max(0.0, stop_at - loop.time())
+                data = await asyncio.wait_for(reader.read(4096), left)
+                tally["answered" if data else "refused"] += 1
+            except (ConnectionResetError, BrokenPipeError):
+                tally["refused"] += 1
+            except TimeoutError:
+                tally["silent"] += 1
+            finally:
+                writer.transport.abort()
+
     async def worker(i: int) -> None:
-        src = FLOOD_SOURCES[i % len(FLOOD_SOURCES)]
+        src = sources[i % len(sources)]
         while loop.time() < stop_at and not stop.is_set():
             try:
                 reader, writer = await asyncio.open_connection(
@@ -105,12 +145,19 @@ async def _flood(port: int, duration: float, concurrency: int, linger: float) ->
             finally:
                 writer.transport.abort()
 
-    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    run = holder if style == "hold" else worker
+    tasks = [asyncio.ensure_future(run(i)) for i in range(concurrency)]
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([stopper, asyncio.gather(*tasks)], return_when=asyncio.FIRST_COMPLETED)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     return tally
 
 
 def flood_worker(args: argparse.Namespace) -> int:
-    tally = asyncio.run(_flood(args.port, args.duration, args.concurrency, args.linger))
+    tally = asyncio.run(_flood(args.port, args.duration, args.concurrency, args.linger,
+                               flood_sources(args.sources), args.style))
     print(json.dumps(tally), flush=True)
     return 0
 
@@ -195,7 +242,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="qkdgw-flood-"))
     options = TestbedOptions(key_rate=2000.0, max_key_count=5000, log_level="warning")
     results: dict[str, Any] = {"handshakes": args.handshakes, "flood": {
-        "sources": len(FLOOD_SOURCES), "concurrency": args.concurrency,
+        "sources": args.sources, "concurrency": args.concurrency,
         "linger_s": args.linger}, "cases": {}}
     tb = FloodTestbed(workdir, options)
     with tb:
@@ -208,7 +255,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             port = tb.ports["tunnel-site-b"]
             a_cfg = tb._write("site-a.toml", tb.gateway_config("site-a", "site-b",
                                                                  connect=port))
-            for flood in (False, True):
+            for flood in [None, *args.styles.split(",")]:
                 before = tb.metrics("site-b")
                 proc = None
                 if flood:
@@ -216,7 +263,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                         [sys.executable, __file__, "--flood-worker", "--port", str(port),
                          "--duration", str(args.handshakes * (args.gap + 1.0) + 30),
                          "--concurrency", str(args.concurrency), "--linger",
-                         str(args.linger)], stdout=subprocess.PIPE, text=True)
+                         str(args.linger), "--sources", str(args.sources), "--style", flood],
+                        stdout=subprocess.PIPE, text=True)
                     time.sleep(args.warmup)
                 t0 = time.monotonic()
                 lat = asyncio.run(_legit_handshakes(a_cfg, args.handshakes, args.gap,
@@ -240,24 +288,31 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                      - _metric_sum(before, "qkdgw_tunnel_refused_total"))
                 row["cookies"] = int(_metric_sum(after, "qkdgw_cookie_retries_total")
                                      - _metric_sum(before, "qkdgw_cookie_retries_total"))
+                row["refused_by_reason"] = {
+                    r: n for r in ("rate_limited", "pending_cap", "source_pending_cap",
+                                   "peer_reserved_full", "first_record_timeout",
+                                   "cookie_retry_timeout", "handshake_bytes")
+                    if (n := int(_metric_sum(after, "qkdgw_tunnel_refused_total", reason=r)
+                                 - _metric_sum(before, "qkdgw_tunnel_refused_total",
+                                               reason=r)))}
                 row["window_s"] = round(elapsed, 1)
                 if tally:
                     row["flood"] = tally
-                results["cases"][f"{mode}/{'flood' if flood else 'quiet'}"] = row
-                print(f"{mode:9} {'flood' if flood else 'quiet':6} {json.dumps(row)}",
-                      file=sys.stderr, flush=True)
+                load = f"flood-{flood}" if flood else "quiet"
+                results["cases"][f"{mode}/{load}"] = row
+                print(f"{mode:9} {load:12} {json.dumps(row)}", file=sys.stderr, flush=True)
     return results
 
 
 def _print_table(res: dict[str, Any]) -> None:
-    print(f"{'admission':10} {'load':6} {'ok/n':>6} {'median ms':>10} {'p90 ms':>8} "
+    print(f"{'admission':10} {'load':12} {'ok/n':>6} {'median ms':>10} {'p90 ms':>8} "
           f"{'max ms':>8} {'flood conn/s':>15} {'KME req (flood)':>16} {'refused':>8} "
           f"{'cookies':>8}")
     for name, row in res["cases"].items():
         mode, load = name.split("/")
         f = row.get("flood")
         rate = (f"{(f['sent'] + f['reset_at_connect']) / row['window_s']:.0f}" if f else "-")
-        print(f"{mode:10} {load:6} {row['n'] - row['failed']:>3}/{row['n']:<2} "
+        print(f"{mode:10} {load:12} {row['n'] - row['failed']:>3}/{row['n']:<2} "
               f"{row.get('median_ms', '-'):>10} {row.get('p90_ms', '-'):>8} "
               f"{row.get('max_ms', '-'):>8} {rate:>15} {row['kme_requests_failed']:>16} "
               f"{row['refused']:>8} {row['cookies']:>8}")
@@ -275,13 +330,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds between legitimate handshakes (default 0.6)")
     p.add_argument("--timeout", type=float, default=15.0,
                    help="a legitimate handshake slower than this counts as failed")
-    p.add_argument("--concurrency", type=int, default=64,
-                   help="flood connections in flight (default 64)")
+    p.add_argument("--concurrency", type=int, default=128,
+                   help="flood connections in flight (default 128)")
     p.add_argument("--linger", type=float, default=1.0,
                    help="seconds a flood connection waits for an answer (default 1)")
     p.add_argument("--warmup", type=float, default=2.0,
                    help="seconds of flood before the first timed handshake (default 2)")
-    p.add_argument("--modes", default="off,defaults", help="admission configs to run")
+    p.add_argument("--modes", default="off,defaults,reserved",
+                   help="admission configs to run (off, defaults, reserved)")
+    p.add_argument("--styles", default="hello,hold",
+                   help="flood styles to run (hello, hold); each after a quiet run")
+    p.add_argument("--sources", type=int, default=100,
+                   help="flood source addresses 127.0.0.2... (default 100, above the "
+                        "64-slot global cap)")
+    p.add_argument("--style", default="hello", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help="keep configs and logs here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)

@@ -13,6 +13,16 @@ connection gets that far:
 - **Pending handshakes.** Connections that have not yet confirmed a handshake are
   counted, globally (`max_pending`) and per source (`max_pending_per_source`), so one
   source cannot hold every slot.
+- **The configured peer's reservation.** Connections from `peer_sources` (the peer
+  gateway's addresses or networks, from config) never compete with anyone else: they
+  have `peer_reserved` pending slots and a rate bucket of their own, outside the global
+  cap and the shared source table, so a flood from any number of other addresses cannot
+  lock the peer out. What identifies the peer here is only its TCP source address, the
+  one thing known before any state is built: after the TCP handshake it shows the
+  client receives at that address, which an off-path attacker cannot fake, but an
+  on-path one can (it could also just drop the peer's packets), and so can any host
+  that shares the peer's address (NAT). The PSK binder, which only the peer can make,
+  arrives in the first record, after this decision; docs/security.md has the limits.
 - **Stateless cookies** (the `CookieGate` the sans-I/O connection calls). In mode
   "always", or in "under-load" while the number of pending handshakes is at or above
   `load_threshold`, a ClientHello without a valid cookie is answered with a
@@ -57,6 +67,7 @@ COOKIE_MODES = (COOKIE_OFF, COOKIE_UNDER_LOAD, COOKIE_ALWAYS)
 REFUSED_RATE = "rate_limited"
 REFUSED_PENDING = "pending_cap"
 REFUSED_SOURCE_PENDING = "source_pending_cap"
+REFUSED_PEER_PENDING = "peer_reserved_full"
 # Decided by the runtime, which owns the clocks and the byte counts; counted here too.
 CUT_FIRST_RECORD = "first_record_timeout"
 CUT_COOKIE_RETRY = "cookie_retry_timeout"
@@ -94,6 +105,10 @@ class AdmissionSettings:
     load_threshold: int = 16
     first_record_timeout: float = 5.0
     max_handshake_bytes: int = 256 * 1024
+    # The configured peer's addresses or networks ("192.0.2.7", "2001:db8::/64"), and the
+    # pending slots reserved for them (separate from max_pending).
+    peer_sources: tuple[str, ...] = ()
+    peer_reserved: int = 4
 
     def __post_init__(self) -> None:
         # The config loader reports these per field; this guards direct construction.
@@ -108,6 +123,14 @@ class AdmissionSettings:
             raise ValueError("caps and the load threshold must be at least 1")
         if self.first_record_timeout <= 0 or self.max_handshake_bytes < 1:
             raise ValueError("first_record_timeout and max_handshake_bytes must be positive")
+        if self.peer_reserved < 1:
+            raise ValueError("peer_reserved must be at least 1")
+        for entry in self.peer_sources:
+            peer_network(entry)  # raises ValueError naming the entry
+
+    @property
+    def peer_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(peer_network(e) for e in self.peer_sources)
 
 
 # ---------------------------------------------------------------------------- events
@@ -150,6 +173,24 @@ def _packed_ip(address: str) -> bytes:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.packed
+
+
+def peer_network(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A peer_sources entry as a network (a bare address is a /32 or /128)."""
+    try:
+        return ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        raise ValueError(f"{entry!r} is not an IP address or network") from None
+
+
+def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def source_key(address: str) -> str:
@@ -293,16 +334,19 @@ class PendingHandshake:
 
     `confirmed()` or `release()` frees its pending slot; both are idempotent."""
 
-    __slots__ = ("_admission", "_released", "source", "source_key")
+    __slots__ = ("_admission", "_released", "reserved", "source", "source_key")
 
-    def __init__(self, admission: Admission, source: str, key: str) -> None:
+    def __init__(self, admission: Admission, source: str, key: str,
+                 reserved: bool = False) -> None:
         self._admission = admission
         self.source = source
         self.source_key = key
+        self.reserved = reserved  # holds one of the configured peer's reserved slots
         self._released = False
 
     def __repr__(self) -> str:
-        return f"PendingHandshake(source={self.source!r}, released={self._released})"
+        return (f"PendingHandshake(source={self.source!r}, reserved={self.reserved}, "
+                f"released={self._released})")
 
     @property
     def pending(self) -> bool:
@@ -311,7 +355,10 @@ class PendingHandshake:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._admission._release(self.source_key)
+            if self.reserved:
+                self._admission._release_peer()
+            else:
+                self._admission._release(self.source_key)
 
     confirmed = release
 
@@ -369,6 +416,11 @@ class Admission:
         self.buckets = TokenBucketTable(s.rate, s.burst, s.max_sources)
         self.jar = CookieJar(s.cookie_lifetime, s.secret_rotation, rng)
         self.pending = 0
+        # The configured peer's own slots and bucket: nothing from other sources touches
+        # them (the shared table evicts under a flood; this one only holds the peer).
+        self._peer_networks = s.peer_networks
+        self.peer_buckets = TokenBucketTable(s.rate, s.burst, max(16, len(s.peer_sources)))
+        self.peer_pending = 0
         self._pending_by_source: dict[str, int] = {}
         self.events: deque[AdmissionEvent] = deque()
         self.stats_refused: dict[str, int] = {}
@@ -391,10 +443,22 @@ class Admission:
             return False
         return self.under_load
 
+    def is_peer(self, source: str) -> bool:
+        ip = _ip(source)
+        return ip is not None and any(ip.version == n.version and ip in n
+                                      for n in self._peer_networks)
+
     def admit(self, source: str, now: float) -> PendingHandshake | Refused:
         """A new tunnel connection from `source` (an IP address string)."""
         s = self.settings
         key = source_key(source)
+        if self.is_peer(source):
+            if self.peer_pending >= s.peer_reserved:
+                return self._refuse(source, REFUSED_PEER_PENDING)
+            if not self.peer_buckets.take(key, now):
+                return self._refuse(source, REFUSED_RATE)
+            self.peer_pending += 1
+            return PendingHandshake(self, source, key, reserved=True)
         # Caps first: a refused connection should not also spend its source's tokens.
         if self.pending >= s.max_pending:
             return self._refuse(source, REFUSED_PENDING)
@@ -423,6 +487,9 @@ class Admission:
         else:
             self._pending_by_source.pop(key, None)
 
+    def _release_peer(self) -> None:
+        self.peer_pending -= 1
+
     def pending_from(self, source: str) -> int:
         return self._pending_by_source.get(source_key(source), 0)
 
@@ -449,5 +516,6 @@ __all__ = [
     "PendingHandshake",
     "Refused",
     "TokenBucketTable",
+    "peer_network",
     "source_key",
 ]

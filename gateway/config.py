@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.admission import COOKIE_MODES, AdmissionSettings
+from gateway.admission import COOKIE_MODES, AdmissionSettings, peer_network
 from gateway.confload import ConfigError, HostPort, Section, load_toml
 
 KEMS = ("ML-KEM-768", "ML-KEM-1024")
@@ -140,12 +140,23 @@ def _admission(sec: Section, handshake_timeout: float) -> AdmissionSettings:
                         f"handshake_timeout_s ({handshake_timeout} s)",
                         "make it at most handshake_timeout_s")
     max_bytes = sec.int("max_handshake_bytes", 256 * 1024, min=1 << 14, max=1 << 26)
+    peer_sources = tuple(sec.str_list(
+        "peer_sources", [], fix='list the peer gateway\'s addresses, e.g. ["192.0.2.7"]'))
+    for entry in peer_sources:
+        try:
+            peer_network(entry)
+        except ValueError:
+            raise sec.error("peer_sources", f"{entry!r} is not an IP address or network",
+                            'use addresses or CIDR networks, e.g. ["192.0.2.7", '
+                            '"2001:db8::/64"]') from None
+    peer_reserved = sec.int("peer_reserved", 4, min=1, max=1024)
     sec.finish()
     return AdmissionSettings(
         cookie=cookie, cookie_lifetime=lifetime, secret_rotation=rotation, rate=rate,
         burst=burst, max_sources=max_sources, max_pending=max_pending,
         max_pending_per_source=per_source, load_threshold=threshold,
-        first_record_timeout=first_record, max_handshake_bytes=max_bytes)
+        first_record_timeout=first_record, max_handshake_bytes=max_bytes,
+        peer_sources=peer_sources, peer_reserved=peer_reserved)
 
 
 def _parse(root: Section) -> GatewayConfig:

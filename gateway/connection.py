@@ -570,6 +570,12 @@ class TunnelConnection:
     def _fatal(self, code: ErrorCode, reason: str) -> None:
         if self._closed:
             return
+        hs = self._handshake
+        if hs is not None:
+            # A failing handshake's requests are void, but what it had to report about
+            # this side (its own certificate refused) still goes to the log.
+            self._events.extend(e for e in hs.events if isinstance(e, ev.OwnCertificateRefused))
+            hs.events.clear()
         try:
             if self._records.send_ready:
                 payload = struct.pack(">H", int(code)) + reason.encode("utf-8")[:200]

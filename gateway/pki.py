@@ -31,6 +31,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from gateway.cli import UserError
@@ -250,18 +252,22 @@ def parse_peer_certificate(der: bytes) -> x509.Certificate:
     Catching every exception is deliberate: this is the one place where certificate
     bytes from the network meet cryptography's parser, and whatever it raises means
     the certificate is unusable; the exception's type is kept in the message."""
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except Exception as exc:
-        raise PeerCertificateError(
-            "malformed", f"peer certificate does not parse ({_exc_text(exc)})") from None
-    for field_name, read in _LAZY_FIELDS:
+    with warnings.catch_warnings():
+        # What cryptography only warns about (a serial number that is not positive) is
+        # malformed by RFC 5280: refused here, and a peer cannot fill the log with it.
+        warnings.simplefilter("error", CryptographyDeprecationWarning)
         try:
-            read(cert)
+            cert = x509.load_der_x509_certificate(der)
         except Exception as exc:
             raise PeerCertificateError(
-                "malformed", f"peer certificate field {field_name} does not parse "
-                f"({_exc_text(exc)})") from None
+                "malformed", f"peer certificate does not parse ({_exc_text(exc)})") from None
+        for field_name, read in _LAZY_FIELDS:
+            try:
+                read(cert)
+            except Exception as exc:
+                raise PeerCertificateError(
+                    "malformed", f"peer certificate field {field_name} does not parse "
+                    f"({_exc_text(exc)})") from None
     return cert
 
 

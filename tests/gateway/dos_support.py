@@ -76,6 +76,8 @@ def _toml(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return json.dumps([str(v) for v in value])
     return json.dumps(str(value))
 
 
@@ -296,3 +298,36 @@ def can_bind(address: str) -> bool:
         except OSError:
             return False
     return True
+
+
+async def hold_slots(port: int, sources: list[str], per_source: int,
+                     stop: asyncio.Event) -> dict[str, int]:
+    """Keep `per_source` silent connections open from each source: a client that sends
+    nothing holds a pending slot until the first-record deadline cuts it, and then
+    comes straight back. Returns how often connections were opened and refused."""
+    tally = {"opened": 0, "refused": 0}
+
+    async def holder(src: str) -> None:
+        while not stop.is_set():
+            try:
+                reader, writer = await open_from(src, port)
+            except OSError:
+                tally["refused"] += 1
+                await asyncio.sleep(0.05)
+                continue
+            tally["opened"] += 1
+            try:
+                stop_wait = asyncio.ensure_future(stop.wait())
+                read = asyncio.ensure_future(reader.read(1))
+                await asyncio.wait({stop_wait, read}, return_when=asyncio.FIRST_COMPLETED)
+                for f in (stop_wait, read):
+                    f.cancel()
+                if read.done() and not read.cancelled() and read.exception() is not None:
+                    tally["refused"] += 1
+            finally:
+                writer.transport.abort()
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(*(holder(src) for src in sources for _ in range(per_source)),
+                         return_exceptions=True)
+    return tally

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -234,9 +235,11 @@ def test_documented_example_matches_the_defaults() -> None:
     assert set(data["tunnel"]["admission"]) == {
         "cookie", "load_threshold", "cookie_lifetime_s", "cookie_secret_rotation_s",
         "rate_per_s", "burst", "max_sources", "max_pending", "max_pending_per_source",
-        "first_record_timeout_s", "max_handshake_bytes"}
+        "first_record_timeout_s", "max_handshake_bytes", "peer_sources", "peer_reserved"}
     sec = Section(data["tunnel"]["admission"], path, "tunnel.admission")
-    assert _admission(sec, data["tunnel"]["handshake_timeout_s"]) == AdmissionSettings()
+    # The example names its peer (site A dials from loopback); everything else is default.
+    assert _admission(sec, data["tunnel"]["handshake_timeout_s"]) == AdmissionSettings(
+        peer_sources=("127.0.0.1",))
 
 
 # --------------------------------------------------------------- attacks over real TCP
@@ -488,7 +491,7 @@ async def test_bytes_before_the_handshake_are_capped(
         tmp_path: Path, pki_dir: Path, sources: list[str], protected: bool) -> None:
     link = ds.FakeKmeLink()
     admission = {"max_handshake_bytes": 16384 if protected else 1 << 20,
-                 "first_record_timeout_s": 3.0}
+                 "first_record_timeout_s": 5.0}
     async with responder(tmp_path, pki_dir, link, admission, handshake_timeout=5.0) as b:
         assert b.tunnel_port is not None
         lasted = await _trickle(b.tunnel_port, sources[0], HUGE_HEADER + bytes(40000), 0.1,
@@ -597,3 +600,76 @@ def test_recent_key_id_memory_is_bounded() -> None:
     ids.update([f"k{i}" for i in range(1000)])
     assert len(ids) == 100
     assert "k999" in ids and "k900" in ids and "k899" not in ids
+
+
+# ------------------------------------------------ the configured peer's reserved slots
+
+
+def test_configured_peer_has_slots_no_flood_can_take() -> None:
+    settings = AdmissionSettings(cookie="off", max_pending=4, max_pending_per_source=1,
+                                 burst=100, peer_sources=("192.0.2.7", "2001:db8:1::/64"),
+                                 peer_reserved=2)
+    a = Admission(settings)
+    flood = [a.admit(f"198.51.100.{i}", 0.0) for i in range(10)]  # more sources than the cap
+    assert sum(not isinstance(t, Refused) for t in flood) == 4 and a.pending == 4
+    peer = [a.admit("192.0.2.7", 0.0), a.admit("::ffff:192.0.2.7", 0.0),
+            a.admit("2001:db8:1::5", 0.0)]
+    assert not isinstance(peer[0], Refused) and not isinstance(peer[1], Refused)
+    assert isinstance(peer[2], Refused) and peer[2].reason == "peer_reserved_full"
+    assert a.pending == 4 and a.peer_pending == 2  # the peer never used a global slot
+    assert not a.is_peer("2001:db8:2::1") and a.is_peer("2001:db8:1::ffff")
+    peer[0].release()  # type: ignore[union-attr]
+    assert not isinstance(a.admit("2001:db8:1::5", 0.0), Refused)
+    # Positive control: without the reservation the peer is one more refused source.
+    b = Admission(dataclasses.replace(settings, peer_sources=()))
+    for i in range(10):
+        b.admit(f"198.51.100.{i}", 0.0)
+    locked_out = b.admit("192.0.2.7", 0.0)
+    assert isinstance(locked_out, Refused) and locked_out.reason == "pending_cap"
+
+
+def test_peer_sources_config_is_checked(tmp_path: Path, pki_dir: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[tunnel.admission\] peer_sources.*not an IP"):
+        ds.write_config(tmp_path, pki_dir, "site-b", "site-a", listen=True,
+                        admission={"peer_sources": ["site-a.example"]})
+    cfg = ds.write_config(tmp_path, pki_dir, "site-b", "site-a", listen=True,
+                          admission={"peer_sources": ["127.0.0.1", "fd00::/8"]})
+    assert cfg.admission.peer_sources == ("127.0.0.1", "fd00::/8")
+
+
+@pytest.mark.parametrize("reserved", [True, False])
+async def test_flood_from_more_sources_than_the_cap_cannot_lock_the_peer_out(
+        tmp_path: Path, pki_dir: Path, reserved: bool) -> None:
+    """12 flood sources (127.0.0.10-21) hold every one of the 8 global slots with silent
+    connections and come straight back when cut. The real initiator dials from
+    127.0.0.1: with it configured as the peer it gets in; without (the positive
+    control) it is refused as long as the flood lasts."""
+    flood_sources = ds.free_sources(12, first=10)
+    if not all(ds.can_bind(a) for a in flood_sources):
+        pytest.fail("this test needs 127.0.0.10-21 on the loopback interface")
+    link = ds.FakeKmeLink()
+    admission: dict[str, Any] = {"cookie": "off", "max_pending": 8,
+                                 "max_pending_per_source": 1, "load_threshold": 8,
+                                 "burst": 1000, "rate_per_s": 1000.0,
+                                 "first_record_timeout_s": 5.0}
+    if reserved:
+        admission["peer_sources"] = ["127.0.0.1"]
+    async with responder(tmp_path, pki_dir, link, admission) as b:
+        assert b.tunnel_port is not None
+        stop = asyncio.Event()
+        flood = asyncio.ensure_future(ds.hold_slots(b.tunnel_port, flood_sources, 1, stop))
+        try:
+            assert await ds.wait_for(lambda: adm(b).pending == 8, 5.0)
+            async with initiator(tmp_path, pki_dir, link, b.tunnel_port) as a:
+                up = await ds.wait_for(lambda: ds.tunnel_up(b) and ds.tunnel_up(a),
+                                       8.0 if reserved else 2.5)
+                assert adm(b).pending == 8  # the flood still holds every global slot
+        finally:
+            stop.set()
+            tally = await flood
+        assert tally["opened"] > 8
+        refused_peer = metric(b, "qkdgw_tunnel_refused_total", reason="pending_cap")
+        if reserved:
+            assert up, "the configured peer was locked out by the flood"
+        else:
+            assert not up and refused_peer > 0

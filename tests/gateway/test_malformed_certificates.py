@@ -196,3 +196,18 @@ async def test_relayed_malformed_certificate_is_counted_and_alerted(
     assert await sites.counter("site-a", "qkdgw_unexpected_errors_total") == 0
     assert not [e for e in sites.logs if e.get("exc_info") or "Traceback" in str(e)]
     await sites.recover()
+
+
+def test_non_positive_serial_is_refused_not_warned_about(pki_dir: Path) -> None:
+    """cryptography only warns about a serial number that is not positive (found by the
+    long fuzz run); RFC 5280 forbids it, and a peer must not be able to fill the log."""
+    import warnings
+
+    der = der_of(pki_dir, "site-b")
+    pos = der.find(b"\x02\x14")  # the 20-byte serial INTEGER
+    negative = der[:pos + 2] + b"\x80" + der[pos + 3:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(PeerCertificateError, match="serial number"):
+            parse_peer_certificate(negative)
+        assert parse_peer_certificate(der).serial_number > 0  # positive control

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -464,3 +465,123 @@ def test_cli_revoke_renew_crl(pki: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert main(["pki", "revoke", "--pki", str(pki), "--site", "site-a"]) == 2
     err = capsys.readouterr().err
     assert "CA key" in err and err.count("\n") == 1
+
+
+# --- the listening side never presents an expired or revoked own certificate (9.5) ---------
+
+
+def test_listener_with_expired_own_certificate_refuses_to_start(
+        site_config: Path, pki: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The command would point structlog at this test's captured stderr for good.
+    monkeypatch.setattr("gateway.runtime.configure_logging", lambda *a, **kw: None)
+    past = dt.datetime.now(UTC) - dt.timedelta(days=10)
+    install(pki, "site-b", *leaf(pki, "site-b", now=past, days=2))
+    assert main(["gateway", "--config", str(site_config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "[pki] cert" in err
+    assert "gateway.crt" in err and "expired" in err and "qkdgw pki renew" in err
+
+
+def test_listener_with_revoked_own_certificate_refuses_to_start(
+        site_config: Path, pki: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The command would point structlog at this test's captured stderr for good.
+    monkeypatch.setattr("gateway.runtime.configure_logging", lambda *a, **kw: None)
+    revoke(pki, site="site-b")
+    assert main(["gateway", "--config", str(site_config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "revoked" in err and "qkdgw pki renew" in err
+    renew(pki, "site-b")  # the fix it names; then the config loads
+    assert load_credentials(GatewayConfig.load(site_config)).chain[0].serial_number
+
+
+def test_responder_whose_certificate_expired_while_running_does_not_present_it(
+        pki: Path) -> None:
+    b = source(pki, "site-b")
+    cert = b.certificate
+    pb = side_params("site-b", "site-a", b)
+    ok = make_pair(pki, params_b=pb)  # positive control: presented while valid
+    assert ok.a.ready and presented(ok, cert, "b")
+    later = cert.not_valid_after_utc + dt.timedelta(seconds=1)
+    pair = make_pair(pki, params_b=pb, wallclock_b=lambda: later)
+    assert not pair.a.ready and not pair.b.ready
+    assert not presented(pair, cert, "b")
+    refused = [e for e in pair.events_b if isinstance(e, ev.OwnCertificateRefused)]
+    assert [e.kind for e in refused] == ["expired"]
+    assert str(b.files.cert) in refused[0].detail and "qkdgw pki renew" in refused[0].detail
+    term = terminated(pair.events_a)  # the initiator got an alert saying why
+    assert term is not None and term.by_peer and term.code == ErrorCode.BAD_CERTIFICATE
+    assert "own certificate is expired" in term.reason
+
+
+def test_new_crl_revoking_the_own_certificate_stops_its_presentation(pki: Path) -> None:
+    b = source(pki, "site-b")
+    old = b.certificate
+    assert presented(make_pair(pki, params_b=side_params("site-b", "site-a", b)), old, "b")
+    revoke(pki, site="site-b")
+    with structlog.testing.capture_logs() as logs:
+        # The set is installed (the new CRL is newer information than the old set), not
+        # rejected as before, when the old CRL kept the revoked certificate presentable.
+        assert b.maybe_reload() is True and b.reload_failures == 0
+    assert any(e["event"] == "credentials.OWN_CERTIFICATE_REVOKED" for e in logs)
+    problem = b.bootstrap_problem()
+    assert problem is not None and "revoked" in problem and "qkdgw pki renew" in problem
+    pair = make_pair(pki, params_b=side_params("site-b", "site-a", b))
+    assert not pair.a.ready and not presented(pair, old, "b")
+    assert [e.kind for e in pair.events_b if isinstance(e, ev.OwnCertificateRefused)] \
+        == ["revoked"]
+    # The fix the message names: a renewed certificate is presented without a restart.
+    _, new = renew(pki, "site-b")
+    assert b.maybe_reload() is True
+    after = make_pair(pki, params_b=side_params("site-b", "site-a", b))
+    assert after.a.ready and presented(after, new, "b")
+
+
+def test_positive_control_old_reload_rule_kept_presenting_a_revoked_certificate(
+        pki: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the fix a CRL revoking our own certificate was a rejected reload: the old
+    set (with the old CRL) stayed, and the revoked certificate was still presented."""
+    b = source(pki, "site-b")
+    old = b.certificate
+    load = CredentialSource._load
+
+    def old_rule(self: CredentialSource, stamps: Any, initial: bool = False) -> Any:
+        return load(self, stamps, initial=True)  # revoked own certificate: raise
+
+    monkeypatch.setattr(CredentialSource, "_load", old_rule)
+    revoke(pki, site="site-b")
+    assert b.maybe_reload() is False and b.reload_failures == 1
+    pair = make_pair(pki, params_b=side_params("site-b", "site-a", b))
+    assert pair.a.ready and presented(pair, old, "b")
+
+
+async def test_gateway_refuses_to_present_revoked_certificate_counted_and_logged(
+        pki: Path, tmp_path: Path) -> None:
+    """Through real gateways and KMEs: B's certificate is revoked while the tunnel runs;
+    the next connection gets a BAD_CERTIFICATE alert, B logs and counts the refusal."""
+    from mitm_relay import Sites
+
+    sites = Sites(pki, tmp_path)
+    try:
+        await sites.start(b={"crl_file": pki / CRL_FILE})
+        old = await sites.wait_tunnel()
+        assert sites.b.credential_source is not None
+        sites.b.credential_source.check_interval = 0.0
+        revoke(pki, site="site-b")
+        assert sites.relay is not None and sites.relay.live is not None
+        sites.relay.live.abort()
+        await sites.wait_for(lambda: bool(sites.log_events("tunnel.OWN_CERTIFICATE_REFUSED",
+                                                           kind="revoked")), 15,
+                             "B to refuse its revoked certificate")
+        assert await sites.counter("site-b", "qkdgw_own_certificate_refused_total",
+                                   kind="revoked") >= 1
+        assert sites.log_events("credentials.OWN_CERTIFICATE_REVOKED")
+        await sites.wait_for(lambda: any("own certificate is revoked" in e.get("reason", "")
+                                         for e in sites.log_events("tunnel.closed")), 10,
+                             "A to see the alert")
+        assert sites.tunnel_of("site-a") is None
+        renew(pki, "site-b")
+        await sites.wait_tunnel(not_=old, timeout=20)
+    finally:
+        await sites.close()

@@ -164,13 +164,16 @@ def make_pair(pki: Path, *, policy_a: HandshakePolicy | None = None,
               policy_b: HandshakePolicy | None = None,
               settings: ConnectionSettings | None = None, kme: FakeKmePair | None = None,
               params_a: HandshakeParams | None = None, params_b: HandshakeParams | None = None,
-              keylog_a: object = None, keylog_b: object = None, start: bool = True) -> Pair:
+              keylog_a: object = None, keylog_b: object = None, start: bool = True,
+              wallclock_a: object = None, wallclock_b: object = None) -> Pair:
     a = TunnelConnection(initiator=True,
                          params=params_a or params(pki, "site-a", "site-b", policy_a),
-                         settings=settings, keylog=keylog_a)  # type: ignore[arg-type]
+                         settings=settings, keylog=keylog_a,  # type: ignore[arg-type]
+                         wallclock=wallclock_a)  # type: ignore[arg-type]
     b = TunnelConnection(initiator=False,
                          params=params_b or params(pki, "site-b", "site-a", policy_b),
-                         settings=settings, keylog=keylog_b)  # type: ignore[arg-type]
+                         settings=settings, keylog=keylog_b,  # type: ignore[arg-type]
+                         wallclock=wallclock_b)  # type: ignore[arg-type]
     pair = Pair(a, b, kme or FakeKmePair())
     if start:
         a.start(0.0)
