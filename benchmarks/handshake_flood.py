@@ -148,9 +148,13 @@ async def _flood(port: int, duration: float, concurrency: int, linger: float,
     run = holder if style == "hold" else worker
     tasks = [asyncio.ensure_future(run(i)) for i in range(concurrency)]
     stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([stopper, asyncio.gather(*tasks)], return_when=asyncio.FIRST_COMPLETED)
-    for t in tasks:
-        t.cancel()
+    await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    if stopper.done():
+        for t in tasks:
+            t.cancel()
+    else:
+        await asyncio.wait(tasks)
+        stopper.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return tally
 

@@ -18,7 +18,7 @@ from uniform; hence, whatever the forger's computing power,
 The handshake refuses to tag or check a transcript longer than `MAX_MESSAGE_BYTES`
 (64 KiB: n = 4370), so the bound it relies on is at most `MAX_FORGERY_BOUND` < 2^-114.9.
 Real transcripts (measured, docs/protocol.md) are 20.7 KB for a PKI bootstrap with
-ML-DSA-65 and ML-KEM-768 (bound 2^-116.6), 28.1 KB with ML-DSA-87 and ML-KEM-1024
+ML-DSA-65 and ML-KEM-768 (bound 2^-116.5), 28.1 KB with ML-DSA-87 and ML-KEM-1024
 (2^-116.1), and under 4 KB for a PSK or chained handshake (2^-119).
 
 One 256-bit QKD key makes one tag: its first 16 bytes give r, its last 16 give s. A key

@@ -121,8 +121,10 @@ def test_stolen_psk_impersonates_the_other_side_only_with_kme_access(pki_dir: Pa
 
 
 def test_stolen_psk_with_degraded_policy_is_enough(pki_dir: Path, tmp_path: Path) -> None:
-    """Written down in docs/security.md: where both sites allow the ML-KEM-only mode, a
-    PSK thief without any KME gets a session. With the default policy it does not."""
+    """Written down in docs/security.md: where both sites allow the ML-KEM-only mode and
+    the victim's own KME has no key for it (or cannot be reached), a PSK thief without
+    any KME gets a session. With the default policy, or a victim KME holding keys, it
+    does not."""
     sa = Site(tmp_path / "a.sqlite", "site-b")
     sb = Site(tmp_path / "b.sqlite", "site-a")
     kme = FakeKmePair()
@@ -137,6 +139,16 @@ def test_stolen_psk_with_degraded_policy_is_enough(pki_dir: Path, tmp_path: Path
     victim = TunnelConnection(initiator=False, params=pb)
     run(attacker, victim, None, None, {})
     assert victim.ready and victim.session.mode == MODE_MLKEM_ONLY  # type: ignore[union-attr]
+    # ...but only because the victim's own KME is out of reach too. While the victim's
+    # KME holds keys (the QKD link is up), the same thief is refused: the victim decides
+    # about ML-KEM-only from its own KME, not from the initiator's claim.
+    attacker = TunnelConnection(initiator=True, params=params(
+        pki_dir, "site-a", "site-b", DEGRADED, psk_book=thief.store))
+    victim_with_kme = TunnelConnection(initiator=False, params=pb)
+    _, eb = run(attacker, victim_with_kme, None, kme, {})
+    assert not victim_with_kme.ready
+    term = [e for e in eb if isinstance(e, ev.ConnectionTerminated)]
+    assert term and term[0].code == ErrorCode.QKD_UNAVAILABLE and "holds keys" in term[0].reason
     # Default policy at the victim: the same thief is refused.
     victim_strict = TunnelConnection(initiator=False, params=params(
         pki_dir, "site-b", "site-a", psk_book=sb.store))
