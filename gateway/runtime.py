@@ -1132,6 +1132,7 @@ class Gateway:
                 bootstrap_psk_epoch=t.psk_epoch or None,
                 session_auth=sess.auth, its_mac=sess.its_mac,
                 mode=sess.mode, degraded=sess.mode != MODE_HYBRID, kem=sess.kem,
+                local_kme=sess.qkd_status, peer_kme=sess.peer_qkd_status,
                 qkd_keys_consumed=t.conn.stats.qkd_keys_consumed,
                 last_handshake=t.last_handshake.isoformat() if t.last_handshake else None,
                 next_rekey_in_s=None if next_rekey is None
@@ -1286,8 +1287,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"site {status['site_id']} ({status['role']}), up {status['uptime_s']} s")
     print(f"  peer {peer.get('site_id')}: tunnel {peer.get('tunnel')}")
     for key in ("auth_mode", "bootstrap_psk_epoch", "its_mac", "epoch", "mode", "degraded",
-                "kem", "last_handshake", "next_rekey_in_s", "qkd_keys_consumed",
-                "open_streams"):
+                "local_kme", "peer_kme", "kem", "last_handshake", "next_rekey_in_s",
+                "qkd_keys_consumed", "open_streams"):
         if key in peer:
             print(f"    {key:16} {peer[key]}")
     psk = peer.get("psk")
