@@ -63,7 +63,7 @@ class UnexpectedError(Event):
     connection closed with INTERNAL_ERROR and an alert; this says what to look at (a
     bug here, or input a parser lets through), without the input's bytes."""
 
-    where: str  # "receive", "qkd" or "timer"
+    where: str  # "receive" (peer bytes) or "handshake" (a KME answer, a timer, a start)
     exc_type: str
     message: str
     location: str  # file:line of the innermost frame

@@ -11,10 +11,10 @@ Initial handshake (auth = "pki"), I = initiator (the gateway that connected), R 
     I: enc_keys at I's KME -> key IDs; fresh ML-KEM key pair (ek, dk)
     I -> R  ClientHello   version, epoch, auth, PSK epoch slot, offered KEMs, KEM,
                           I's allowed modes, both identities, I's SAE ID, nonce_i, ek,
-                          QKD key size and key IDs, stream window
+                          QKD key size, key IDs and QKD status, stream window
     R: dec_keys at R's KME for exactly those key IDs; (ct, ss) = Encaps(ek)
-    R -> I  ServerHello   version, KEM, mode, R's allowed modes, R's identity, nonce_r, ct,
-                          stream window
+    R -> I  ServerHello   version, KEM, mode, QKD status, R's allowed modes, R's identity,
+                          nonce_r, ct, stream window
             Certificate        R's chain
             CertificateVerify  Sign_R("responder signature" ‖ TH)
             Finished           HMAC(responder confirm key, TH)
@@ -46,6 +46,11 @@ Optional one-time MAC mode (policy `its_mac`): two more QKD keys per handshake k
 Wegman–Carter MACs (gateway/otmac.py) over the whole transcript, carried in the two
 Finished messages, so the handshake's authentication also holds against an adversary
 with unbounded computing power, as long as the QKD keys are secret.
+
+ML-KEM-only ("mlkem-only") needs both policies to allow it and each side's own KME to
+have no key or be unreachable (the QKD statuses in the hellos, so in TH); a key ID the
+KME refuses, or that this gateway saw before, fails the handshake instead
+(docs/protocol.md, "Degraded mode").
 
 Application data flows only after the HandshakeDone record, that is after both
 Finished MACs have been checked: key confirmation in both directions.
