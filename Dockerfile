@@ -169,7 +169,7 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     install -d -o 10001 -g 10001 -m 0700 /var/lib/qkdgw; \
     qkdgw --help >/dev/null; \
     python3 -c "import importlib as i, importlib.util as u; [i.import_module(m) for m in \
-        ('numpy', 'scipy.fft', 'gateway.runtime', 'qkd.kme') if u.find_spec(m.split('.')[0])]"; \
+        ('numpy', 'scipy.fft', 'gateway.runtime', 'qkd.kme.service') if u.find_spec(m.split('.')[0])]"; \
     python3 -c "import pqc; print('pqc backends:', ', '.join(pqc.available_backends()))"; \
     if [ "$WITH_LIBOQS" = 1 ]; then python3 -c "$LIBOQS_SMOKE_TEST"; fi
 

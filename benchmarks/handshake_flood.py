@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Legitimate handshake latency while the tunnel listener is flooded with ClientHellos.
 
-Processes: KME-A and KME-B (the `gateway.testbed` KMEs on the ideal link, real HTTPS
+Processes: KME-A and KME-B (the `gateway.tools.testbed` KMEs on the ideal link, real HTTPS
 and SQLite), gateway B (a real `qkdgw gateway` process, the responder), a flood worker
 (this script with `--flood-worker`), and the legitimate initiator, which runs in this
 process: site A's `Gateway` objects with a real ETSI 014 client to KME-A, dialling one
@@ -75,9 +75,9 @@ async def _flood(port: int, duration: float, concurrency: int, linger: float,
                  sources: list[str], style: str) -> dict[str, int]:
     import signal
 
-    from gateway.handshake import ClientHello
-    from gateway.record import RecordLayer
-    from gateway.wire import PROTOCOL_VERSION
+    from gateway.tunnel.handshake import ClientHello
+    from gateway.tunnel.record import RecordLayer
+    from gateway.tunnel.wire import PROTOCOL_VERSION
     from pqc.kem import get_kem
 
     ek = get_kem("ML-KEM-768", "auto").from_seed(os.urandom(64)).encapsulation_key
@@ -228,8 +228,8 @@ def _summary(latencies: list[float | None]) -> dict[str, Any]:
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from gateway.log import configure_logging
-    from gateway.testbed import Testbed, TestbedOptions
+    from gateway.tools.testbed import Testbed, TestbedOptions
+    from qkd.common.log import configure_logging
 
     configure_logging("warning")  # the in-process initiator's lines would drown the table
 

@@ -8,7 +8,7 @@ through three paths:
   stunnel   sender -> stunnel client -> TLS 1.3 TLS_AES_256_GCM_SHA384 -> stunnel
             server -> sink (two stunnel processes)
   qkdgw     sender -> gateway A -> hybrid ML-KEM + QKD tunnel, AES-256-GCM records ->
-            gateway B -> sink (the `gateway.testbed` processes: KME-A, KME-B with the
+            gateway B -> sink (the `gateway.tools.testbed` processes: KME-A, KME-B with the
             ideal link, gateway A dialling, gateway B listening)
 
 each with 1 and with 4 parallel streams, and prints Gbit/s per case and the ratios
@@ -469,10 +469,10 @@ class Qkdgw(TunnelPath):
 
     def start(self) -> int:
         try:
-            from gateway.testbed import Testbed, TestbedOptions
+            from gateway.tools.testbed import Testbed, TestbedOptions
         except ImportError:  # run from a checkout without `pip install -e .`
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-            from gateway.testbed import Testbed, TestbedOptions
+            from gateway.tools.testbed import Testbed, TestbedOptions
 
         options = TestbedOptions()
         if self.stream_window:

@@ -14,25 +14,21 @@ import os
 import sys
 from collections.abc import Sequence
 
-from gateway.confload import ConfigError
+from qkd.common.errors import ConfigError, UserError
 
 # Subcommand -> module with register_cli(subparsers). Only the module of the command
 # being run is imported, so `qkdgw gateway` does not pay for the simulator's imports.
 _COMMANDS = {
     "pki": "gateway.pki",
-    "kme": "qkd.kme",
+    "kme": "qkd.kme.service",
     "gateway": "gateway.runtime",
     "status": "gateway.runtime",
-    "demo": "gateway.demo",
-    "rndl": "gateway.rndl",
+    "demo": "gateway.tools.demo",
+    "rndl": "gateway.tools.rndl",
     "qkd": "qkd.sim.cli",
     "eve": "qkd.link.eve",
-    "psk": "gateway.psk",
+    "psk": "gateway.tunnel.psk",
 }
-
-
-class UserError(Exception):
-    """An error the user can act on; printed as one line, exit code 2."""
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.admission import COOKIE_MODES, AdmissionSettings, peer_network
-from gateway.confload import ConfigError, HostPort, Section, load_toml
+from gateway.tunnel.admission import COOKIE_MODES, AdmissionSettings, peer_network
+from qkd.common.confload import ConfigError, HostPort, Section, load_toml
 
 KEMS = ("ML-KEM-768", "ML-KEM-1024")
 BACKENDS = ("auto", "openssl", "liboqs")

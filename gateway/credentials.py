@@ -38,8 +38,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry, Counter
 
-from gateway.handshake import Credentials, OwnCertificateProblem
-from gateway.log import get_logger
 from gateway.pki import (
     PeerCertificateError,
     PkiError,
@@ -52,6 +50,8 @@ from gateway.pki import (
     site_identity,
     verify_peer_certificate,
 )
+from gateway.tunnel.handshake import Credentials, OwnCertificateProblem
+from qkd.common.log import get_logger
 
 log = get_logger("qkdgw.credentials")
 

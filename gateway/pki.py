@@ -44,8 +44,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
-from gateway.cli import UserError
 from pqc import PqcError, algorithm_of_public_key, generate_private_key
+from qkd.common.errors import UserError
 
 # CLI spelling -> pqc.sig algorithm name.
 PKI_ALGORITHMS = {

@@ -29,8 +29,14 @@ from typing import Any, cast
 
 from aiohttp import web
 
-from gateway import events as ev
-from gateway.admission import (
+from gateway.config import GatewayConfig
+from gateway.credentials import CredentialFiles, CredentialSource, OwnCertificateExpired
+from gateway.metrics import GatewayMetrics
+from gateway.pki import (
+    PkiError,
+)
+from gateway.tunnel import events as ev
+from gateway.tunnel.admission import (
     CUT_COOKIE_RETRY,
     CUT_FIRST_RECORD,
     CUT_HANDSHAKE_BYTES,
@@ -44,11 +50,8 @@ from gateway.admission import (
     PendingHandshake,
     Refused,
 )
-from gateway.config import GatewayConfig
-from gateway.confload import ConfigError
-from gateway.connection import ConnectionSettings, TunnelConnection
-from gateway.credentials import CredentialFiles, CredentialSource, OwnCertificateExpired
-from gateway.handshake import (
+from gateway.tunnel.connection import ConnectionSettings, TunnelConnection
+from gateway.tunnel.handshake import (
     AUTH_PKI,
     MODE_HYBRID,
     MODE_MLKEM_ONLY,
@@ -60,16 +63,14 @@ from gateway.handshake import (
     HandshakePolicy,
     KeyLogEntry,
 )
-from gateway.log import configure_logging, get_logger
-from gateway.metrics import GatewayMetrics
-from gateway.pki import (
-    PkiError,
-)
-from gateway.psk import PskStore, PskStoreError
-from gateway.record import RecordLimits
-from gateway.streams import MuxSettings, StreamCode
-from gateway.wire import ErrorCode
-from qkd.etsi_client import EtsiClient, KmeError, KmeNoKey, KmeUnavailable
+from gateway.tunnel.psk import PskStore, PskStoreError
+from gateway.tunnel.record import RecordLimits
+from gateway.tunnel.streams import MuxSettings, StreamCode
+from gateway.tunnel.wire import ErrorCode
+from qkd.common.confload import ConfigError
+from qkd.common.errors import UserError
+from qkd.common.log import configure_logging, get_logger
+from qkd.etsi014.client import EtsiClient, KmeError, KmeNoKey, KmeUnavailable
 
 log = get_logger("qkdgw.gateway")
 
@@ -1271,7 +1272,6 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    from gateway.cli import UserError
 
     url = args.url.rstrip("/") + "/status"
     try:

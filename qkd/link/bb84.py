@@ -42,13 +42,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from gateway.confload import HostPort
-from gateway.log import get_logger
-from qkd.keystore import AsyncKeyStore, PoolError, ReservedKey
+from qkd.common.confload import HostPort
+from qkd.common.log import get_logger
+from qkd.common.storage_key import Sealer, SealError
+from qkd.kme.keystore import AsyncKeyStore, PoolError, ReservedKey
 from qkd.link import core as lc
 from qkd.link.wegman_carter import AuthKeys
 from qkd.sim.params import LinkParams
-from qkd.storage_key import Sealer, SealError
 
 log = get_logger("qkd.link")
 T = TypeVar("T")

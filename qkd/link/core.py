@@ -29,7 +29,7 @@ round abort cannot exhaust the key the link needs to restart.
 
 Each committed round first refills the pad streams (Alice names how much in COMMIT)
 and, the first time, replaces the bootstrap hash key and pads by link output.
-RESERVE / RESERVE_ACK carry key reservations between the KMEs (see qkd.kme).
+RESERVE / RESERVE_ACK carry key reservations between the KMEs (see qkd.kme.service).
 
 Heavy steps (Alice's pulse emission, Bob's measurement, each post-processing step)
 are *work items*: the core queues them (`take_work`), the adapter runs them off the

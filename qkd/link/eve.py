@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from gateway.confload import HostPort, parse_host_port
-from gateway.log import configure_logging, get_logger
+from qkd.common.confload import HostPort, parse_host_port
+from qkd.common.errors import UserError
+from qkd.common.log import configure_logging, get_logger
 from qkd.link.bb84 import read_frame, write_frame
 from qkd.link.quantum import ATTACKS, MAX_PULSES, FrameError, PulseFrame, attack
 
@@ -95,7 +96,7 @@ async def run_eve(listen: HostPort, forward: HostPort, mode: str, fraction: floa
     log.info("eve_started", listen=f"{listen.host}:{port}", forward=str(forward),
              attack=mode, fraction=fraction, start_after_s=start_after)
     if port_file is not None:
-        from qkd.kme import write_port_file
+        from qkd.kme.service import write_port_file
 
         write_port_file(port_file, port)
     stop = asyncio.Event()
@@ -111,7 +112,6 @@ async def run_eve(listen: HostPort, forward: HostPort, mode: str, fraction: floa
 
 
 def _handle(args: argparse.Namespace) -> int:
-    from gateway.cli import UserError
 
     try:
         listen = parse_host_port(args.listen)

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from qkd.common.errors import UserError
 from qkd.sim.cascade import VARIANTS, reconcile_frames
 from qkd.sim.params import EVE_MODES, LinkParams, ParamError
 from qkd.sim.session import run_session
@@ -31,7 +32,6 @@ _OPTION_OF_FIELD = {
 
 
 def _user_error(msg: str) -> Exception:
-    from gateway.cli import UserError
 
     return UserError(msg)
 

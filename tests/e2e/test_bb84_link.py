@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from e2e_support import app_exchange as _app_exchange
 
-from gateway.testbed import Testbed, TestbedError, TestbedOptions
+from gateway.tools.testbed import Testbed, TestbedError, TestbedOptions
 
 FAST = dict(link="bb84", distance_km=10.0, pulses=12_000_000, connect_wait=2.0)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from e2e_support import app_exchange
 
-from gateway.testbed import Testbed, TestbedOptions
+from gateway.tools.testbed import Testbed, TestbedOptions
 
 
 class ItsTestbed(Testbed):

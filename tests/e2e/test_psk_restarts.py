@@ -12,7 +12,7 @@ from pathlib import Path
 
 from e2e_support import app_exchange
 
-from gateway.testbed import Testbed, TestbedOptions
+from gateway.tools.testbed import Testbed, TestbedOptions
 
 
 def _kill(bed: Testbed, site: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.rndl import SCENARIOS, run_rndl
+from gateway.tools.rndl import SCENARIOS, run_rndl
 
 
 @pytest.fixture(scope="module")

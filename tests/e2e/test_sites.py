@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from e2e_support import app_exchange as _app_exchange
 
-from gateway.testbed import Testbed, TestbedError, TestbedOptions
+from gateway.tools.testbed import Testbed, TestbedError, TestbedOptions
 
 
 def _wait(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig
-from gateway.handshake import ClientHello
-from gateway.record import PLAINTEXT_HANDSHAKE, RecordLayer
 from gateway.runtime import Gateway
-from gateway.wire import PROTOCOL_VERSION
+from gateway.tunnel.handshake import ClientHello
+from gateway.tunnel.record import PLAINTEXT_HANDSHAKE, RecordLayer
+from gateway.tunnel.wire import PROTOCOL_VERSION
 from pqc.kem import get_kem
-from qkd.etsi014 import QkdKey
-from qkd.etsi_client import KmeRejected
+from qkd.etsi014.client import KmeRejected
+from qkd.etsi014.messages import QkdKey
 
 
 @dataclass
@@ -43,7 +43,7 @@ class FakeKmeLink:
 
 
 class FakeEtsiClient:
-    """The part of `qkd.etsi_client.EtsiClient` a gateway uses."""
+    """The part of `qkd.etsi014.client.EtsiClient` a gateway uses."""
 
     def __init__(self, link: FakeKmeLink) -> None:
         self.link = link
@@ -181,7 +181,7 @@ def hello_fields_for(responder: Gateway) -> dict[str, Any]:
     """What an attacker watching the wire puts in a ClientHello so that it passes every
     cheap check of this responder: the policy flags, and once the sites share a PSK,
     auth "psk" with the current PSK epoch (both are sent in the clear)."""
-    from gateway.handshake import FLAG_ITS_MAC, FLAG_PSK
+    from gateway.tunnel.handshake import FLAG_ITS_MAC, FLAG_PSK
 
     book = responder.params.psk_book
     flags = (FLAG_PSK if book is not None else 0) | (
@@ -240,7 +240,7 @@ async def hello_flood(port: int, sources: list[str], count: int, *,
                       hello_fields: Callable[[], dict[str, Any]] = dict) -> dict[str, int]:
     """`count` connections spread over `sources`, each sending one valid-looking
     ClientHello (and, if `echo_cookie`, resending it with the cookie it is given)."""
-    from gateway.handshake import MSG_HELLO_RETRY, decode_hello_retry
+    from gateway.tunnel.handshake import MSG_HELLO_RETRY, decode_hello_retry
 
     tally = {"refused": 0, "retry": 0, "closed": 0, "open": 0, "error": 0}
     sem = asyncio.Semaphore(concurrency)

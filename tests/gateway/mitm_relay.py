@@ -32,14 +32,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from gateway import handshake as hs_mod
 from gateway.config import GatewayConfig
-from gateway.confload import HostPort
-from gateway.handshake import ClientHello, Credentials, ServerHello
-from gateway.record import HEADER_LEN, PLAINTEXT_HANDSHAKE, PROTECTED, TAG_LEN
 from gateway.runtime import Gateway
-from qkd.kme import RunningKme, start_kme
-from qkd.kme_config import KmeConfig
+from gateway.tunnel import handshake as hs_mod
+from gateway.tunnel.handshake import ClientHello, Credentials, ServerHello
+from gateway.tunnel.record import HEADER_LEN, PLAINTEXT_HANDSHAKE, PROTECTED, TAG_LEN
+from qkd.common.confload import HostPort
+from qkd.kme.config import KmeConfig
+from qkd.kme.service import RunningKme, start_kme
 
 A2B = "a2b"  # initiator (site A) towards responder (site B)
 B2A = "b2a"
@@ -269,7 +269,7 @@ class ReplayOnSideConnection(Strategy):
         task.add_done_callback(self._tasks.discard)
 
     async def _replay_then_forward(self, conn: RelayedConnection, rec: WireRecord) -> None:
-        from gateway.record import RecordReader
+        from gateway.tunnel.record import RecordReader
 
         reader, writer = await asyncio.open_connection("127.0.0.1", conn.relay.target_port)
         writer.write(rec.raw)
@@ -497,7 +497,7 @@ def legacy_qkd_degrade(monkeypatch: Any) -> None:
     - a responder whose KME cannot deliver the named keys falls back to ML-KEM-only;
     - a responder agrees to ML-KEM-only without asking its own KME;
     - an initiator that obtained QKD keys still accepts ML-KEM-only."""
-    from gateway.connection import TunnelConnection
+    from gateway.tunnel.connection import TunnelConnection
 
     def rejected_as_unavailable(self: Any, handshake_id: int, reason: str,
                                 now: float) -> None:
@@ -534,7 +534,7 @@ class SinkConnection:
 
 class RecordingSink:
     """Site B's service: keeps every byte per connection and how the connection ended;
-    on a clean EOF answers with 8-byte length ‖ SHA-256, like `gateway.demo_sink`."""
+    on a clean EOF answers with 8-byte length ‖ SHA-256, like `gateway.tools.demo_sink`."""
 
     def __init__(self) -> None:
         self.connections: list[SinkConnection] = []
@@ -684,7 +684,7 @@ def gateway_config(pki: Path, workdir: Path, site: str, peer: str, *, kme_url: s
         psk_enabled=False,
     )
     with contextlib.suppress(ImportError):
-        from gateway.admission import COOKIE_OFF, AdmissionSettings
+        from gateway.tunnel.admission import COOKIE_OFF, AdmissionSettings
 
         values["admission"] = dataclasses.replace(
             AdmissionSettings(), cookie=COOKIE_OFF, rate=10_000.0, burst=100_000)

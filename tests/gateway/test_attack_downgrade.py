@@ -29,9 +29,9 @@ from mitm_relay import (
 from test_attack_handshake import _NeverSeen, assert_no_session, keylog_into, wait_failure
 from tunnel_harness import FakeKmePair, make_pair, serve_qkd
 
-from gateway import events as ev
-from gateway import handshake as hs_mod
-from gateway.handshake import (
+from gateway.tunnel import events as ev
+from gateway.tunnel import handshake as hs_mod
+from gateway.tunnel.handshake import (
     MODE_HYBRID,
     MODE_MLKEM_ONLY,
     QKD_NO_KEY,
@@ -41,9 +41,9 @@ from gateway.handshake import (
     KeyLogEntry,
     ServerHello,
 )
-from gateway.wire import ErrorCode
+from gateway.tunnel.wire import ErrorCode
 from pqc.kem import get_kem
-from qkd.etsi_client import KmeNoKey
+from qkd.etsi014.client import KmeNoKey
 
 CH, SH = hs_mod.MSG_CLIENT_HELLO, hs_mod.MSG_SERVER_HELLO
 DEGRADED = HandshakePolicy(allowed_modes=(MODE_HYBRID, MODE_MLKEM_ONLY))
@@ -221,7 +221,7 @@ def test_hello_without_key_ids_must_say_why(pki_dir: Path) -> None:
         pair = make_pair(pki_dir, start=False)
 
         def tamper(data: bytes, change: dict[str, Any] = change) -> bytes:
-            from gateway.record import HEADER_LEN
+            from gateway.tunnel.record import HEADER_LEN
 
             if data[0] != 0x16 or data[HEADER_LEN] != CH:
                 return data

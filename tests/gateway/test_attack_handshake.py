@@ -37,21 +37,21 @@ from mitm_relay import (
 from tunnel_harness import credentials, make_pair
 
 import gateway.pki as pki_mod
-from gateway import events as ev
-from gateway import handshake as hs_mod
-from gateway.connection import ConnectionSettings
-from gateway.handshake import (
+from gateway.tunnel import events as ev
+from gateway.tunnel import handshake as hs_mod
+from gateway.tunnel.connection import ConnectionSettings
+from gateway.tunnel.handshake import (
     MODE_HYBRID,
     MODE_MLKEM_ONLY,
     ClientHello,
     KeyLogEntry,
     ServerHello,
 )
-from gateway.record import HEADER_LEN, PLAINTEXT_HANDSHAKE, RecordReader
-from gateway.wire import ErrorCode
+from gateway.tunnel.record import HEADER_LEN, PLAINTEXT_HANDSHAKE, RecordReader
+from gateway.tunnel.wire import ErrorCode
 from pqc.kem import get_kem
-from qkd.etsi014 import QkdKey
-from qkd.etsi_client import EtsiClient
+from qkd.etsi014.client import EtsiClient
+from qkd.etsi014.messages import QkdKey
 
 CH, SH = hs_mod.MSG_CLIENT_HELLO, hs_mod.MSG_SERVER_HELLO
 

@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 from mitm_relay import Sites
 
-from qkd.etsi014 import QkdKey, build_key_container
-from qkd.etsi_client import EtsiClient, KmeError, KmeUnavailable
+from qkd.etsi014.client import EtsiClient, KmeError, KmeUnavailable
+from qkd.etsi014.messages import QkdKey, build_key_container
 
 
 class ByteRelay:

@@ -14,10 +14,10 @@ import pytest
 from test_psk import Site, connect
 from tunnel_harness import FakeKmePair, params, serve_qkd
 
-from gateway import events as ev
-from gateway.connection import TunnelConnection
-from gateway.handshake import AUTH_PSK, MODE_HYBRID, MODE_MLKEM_ONLY, HandshakePolicy
-from gateway.wire import ErrorCode
+from gateway.tunnel import events as ev
+from gateway.tunnel.connection import TunnelConnection
+from gateway.tunnel.handshake import AUTH_PSK, MODE_HYBRID, MODE_MLKEM_ONLY, HandshakePolicy
+from gateway.tunnel.wire import ErrorCode
 
 DEGRADED = HandshakePolicy(allowed_modes=(MODE_HYBRID, MODE_MLKEM_ONLY))
 
@@ -226,8 +226,8 @@ def test_psk_hello_without_the_psk_costs_no_kme_request(pki_dir: Path, tmp_path:
     before the responder asks its KME for anything."""
     from dataclasses import replace
 
-    from gateway.handshake import ClientHello, psk_binder
-    from gateway.record import RecordLayer, RecordReader
+    from gateway.tunnel.handshake import ClientHello, psk_binder
+    from gateway.tunnel.record import RecordLayer, RecordReader
 
     sa, sb, kme = _established(pki_dir, tmp_path)
     honest = connect(pki_dir, sa, sb, kme)

@@ -37,11 +37,11 @@ from mitm_relay import (
     frame,
 )
 
-import gateway.record as record_mod
 import gateway.runtime as runtime_mod
-from gateway.record import HEADER_LEN, MAX_PROTECTED_BODY, PROTECTED, TAG_LEN, RecordLimits
-from gateway.wire import ErrorCode
-from pqc.combiner import HybridKeySchedule
+import gateway.tunnel.record as record_mod
+from gateway.tunnel.key_schedule import HybridKeySchedule
+from gateway.tunnel.record import HEADER_LEN, MAX_PROTECTED_BODY, PROTECTED, TAG_LEN, RecordLimits
+from gateway.tunnel.wire import ErrorCode
 
 PART1 = bytes(range(256)) * 80  # 20 KiB: one record of its own
 PART2 = b"second part of the message " * 2600  # ~70 KiB: completes a stretched record

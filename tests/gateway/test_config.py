@@ -12,8 +12,8 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import GatewayConfig
-from gateway.confload import ConfigError
 from gateway.runtime import load_credentials
+from qkd.common.confload import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,12 +17,12 @@ from tunnel_harness import (
     traffic_secrets,
 )
 
-from gateway import events as ev
-from gateway.connection import ConnectionSettings
-from gateway.handshake import MODE_HYBRID, MODE_MLKEM_ONLY, HandshakePolicy
-from gateway.record import RecordLimits
-from gateway.streams import StreamCode
-from gateway.wire import ErrorCode
+from gateway.tunnel import events as ev
+from gateway.tunnel.connection import ConnectionSettings
+from gateway.tunnel.handshake import MODE_HYBRID, MODE_MLKEM_ONLY, HandshakePolicy
+from gateway.tunnel.record import RecordLimits
+from gateway.tunnel.streams import StreamCode
+from gateway.tunnel.wire import ErrorCode
 
 DEGRADED = HandshakePolicy(allowed_modes=(MODE_HYBRID, MODE_MLKEM_ONLY))
 
@@ -332,7 +332,7 @@ def test_keylog_gets_both_secrets(pki_dir: Path) -> None:
 
 
 def test_responder_closes_when_initiator_never_rekeys(pki_dir: Path) -> None:
-    from gateway.connection import TunnelConnection
+    from gateway.tunnel.connection import TunnelConnection
 
     a = TunnelConnection(initiator=True, params=params(pki_dir, "site-a", "site-b"),
                          settings=ConnectionSettings(rekey_interval=1000.0))

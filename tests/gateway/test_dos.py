@@ -22,7 +22,8 @@ import dos_support as ds
 import pytest
 import structlog
 
-from gateway.admission import (
+from gateway.runtime import Gateway
+from gateway.tunnel.admission import (
     COOKIE_LEN,
     Admission,
     AdmissionSettings,
@@ -32,10 +33,9 @@ from gateway.admission import (
     TokenBucketTable,
     source_key,
 )
-from gateway.confload import ConfigError
-from gateway.handshake import MSG_HELLO_RETRY, decode_hello_retry
-from gateway.runtime import Gateway
-from gateway.wire import ErrorCode
+from gateway.tunnel.handshake import MSG_HELLO_RETRY, decode_hello_retry
+from gateway.tunnel.wire import ErrorCode
+from qkd.common.confload import ConfigError
 
 DIGEST = bytes(range(48))
 OTHER_DIGEST = bytes(reversed(range(48)))
@@ -228,7 +228,7 @@ def test_documented_example_matches_the_defaults() -> None:
     import tomllib
 
     from gateway.config import _admission
-    from gateway.confload import Section
+    from qkd.common.confload import Section
 
     path = Path(__file__).resolve().parents[2] / "configs" / "site-b.toml"
     data = tomllib.loads(path.read_text())
@@ -376,7 +376,7 @@ async def test_psk_mode_flood(tmp_path: Path, pki_dir: Path, sources: list[str],
     no QKD key. Positive control: with the binder check disabled, the same flood reaches
     the KME."""
     if not binder_check:
-        import gateway.handshake as hs
+        import gateway.tunnel.handshake as hs
 
         monkeypatch.setattr(hs, "psk_binder", lambda _psk, hello: hello.psk_binder)
     link = ds.FakeKmeLink()

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tunnel_harness import make_pair
 
-from gateway import events as ev
-from gateway.handshake import (
+from gateway.tunnel import events as ev
+from gateway.tunnel.handshake import (
     ClientHello,
     ServerHello,
     decode_alert,
@@ -21,9 +21,9 @@ from gateway.handshake import (
     decode_certificate_verify,
     decode_finished,
 )
-from gateway.record import RecordReader
-from gateway.streams import MuxError, StreamMux
-from gateway.wire import DecodeError
+from gateway.tunnel.record import RecordReader
+from gateway.tunnel.streams import MuxError, StreamMux
+from gateway.tunnel.wire import DecodeError
 
 PARSERS = [ClientHello.decode, ServerHello.decode, decode_certificate,
            decode_certificate_verify, decode_finished, decode_alert]

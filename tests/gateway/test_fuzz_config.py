@@ -26,9 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import GatewayConfig
-from gateway.confload import ConfigError
 from gateway.runtime import load_credentials
-from qkd.kme_config import KmeConfig
+from qkd.common.confload import ConfigError
+from qkd.kme.config import KmeConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from tunnel_harness import FakeKmePair, make_pair, params, traffic_secrets
 
-from gateway import events as ev
-from gateway.handshake import HandshakePolicy
-from gateway.otmac import P127, check_one_time_tag, one_time_tag
-from gateway.wire import ErrorCode
+from gateway.tunnel import events as ev
+from gateway.tunnel.handshake import HandshakePolicy
+from gateway.tunnel.otmac import P127, check_one_time_tag, one_time_tag
+from gateway.tunnel.wire import ErrorCode
 
 ITS = HandshakePolicy(its_mac=True)
 
@@ -60,7 +60,7 @@ def test_its_handshake_completes_and_takes_two_more_qkd_keys(pki_dir: Path) -> N
 
 def test_wrong_one_time_tag_fails_the_handshake(pki_dir: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import gateway.handshake as hs
+    import gateway.tunnel.handshake as hs
 
     real = hs.encode_finished
     calls = {"n": 0}
@@ -96,7 +96,7 @@ def test_its_mode_needs_256_bit_keys() -> None:
 
 def _transcript_sizes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool, int]]:
     """(auth, initiator, bytes) of each transcript a one-time tag is made over."""
-    import gateway.handshake as hs
+    import gateway.tunnel.handshake as hs
 
     sizes: list[tuple[str, bool, int]] = []
     send_finished = hs.Handshake._send_finished
@@ -116,8 +116,8 @@ def test_forgery_bound_is_computed_for_the_real_transcripts(
     cap, 2^-114.9, is the figure docs/protocol.md states."""
     import math
 
-    from gateway import otmac
-    from gateway.connection import ConnectionSettings
+    from gateway.tunnel import otmac
+    from gateway.tunnel.connection import ConnectionSettings
 
     sizes = _transcript_sizes(monkeypatch)
     pair = make_pair(pki_dir, policy_a=ITS, policy_b=ITS,
@@ -139,7 +139,7 @@ def test_forgery_bound_is_computed_for_the_real_transcripts(
 
 
 def test_one_time_tag_refuses_messages_the_bound_does_not_cover() -> None:
-    from gateway.otmac import MAX_MESSAGE_BYTES, OneTimeMacError
+    from gateway.tunnel.otmac import MAX_MESSAGE_BYTES, OneTimeMacError
 
     key = os.urandom(32)
     at_cap = os.urandom(MAX_MESSAGE_BYTES)
@@ -187,7 +187,7 @@ def _padded_initiator(pki: Path, policy: HandshakePolicy) -> object:
 
 def test_transcript_beyond_the_bound_is_refused(pki_dir: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import gateway.handshake as hs
+    import gateway.tunnel.handshake as hs
 
     # Positive control: without the one-time MACs the big (valid) chain is fine.
     plain = make_pair(pki_dir, params_a=_padded_initiator(pki_dir, HandshakePolicy()),  # type: ignore[arg-type]
@@ -208,7 +208,7 @@ def test_transcript_beyond_the_bound_is_refused(pki_dir: Path,
             check(self, size)
 
     def unchecked_tag(key: bytes, message: bytes) -> bytes:
-        from gateway.otmac import _poly_hash
+        from gateway.tunnel.otmac import _poly_hash
 
         r = int.from_bytes(key[:16], "little") % P127
         pad = int.from_bytes(key[16:], "little") % P127

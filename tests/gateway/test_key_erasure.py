@@ -26,11 +26,11 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from tunnel_harness import Pair, make_pair
 
-import gateway.record as record_mod
-from gateway import events as ev
-from gateway.connection import ConnectionSettings, TunnelConnection
-from gateway.record import HEADER_LEN, PROTECTED, RecordLimits, RecordReader
-from pqc.combiner import next_traffic_secret, record_key_iv
+import gateway.tunnel.record as record_mod
+from gateway.tunnel import events as ev
+from gateway.tunnel.connection import ConnectionSettings, TunnelConnection
+from gateway.tunnel.key_schedule import next_traffic_secret, record_key_iv
+from gateway.tunnel.record import HEADER_LEN, PROTECTED, RecordLimits, RecordReader
 
 UPDATE_EVERY = 4
 _ATOMS = (str, int, float, bool, type(None), complex)

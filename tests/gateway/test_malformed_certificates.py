@@ -23,11 +23,11 @@ from mitm_relay import B2A, Sites, TamperHandshake
 from test_attack_handshake import wait_failure
 from tunnel_harness import Pair, credentials, make_pair, params
 
-from gateway import events as ev
-from gateway import handshake as hs_mod
-from gateway.handshake import Credentials
 from gateway.pki import PeerCertificateError, _describe, parse_peer_certificate
-from gateway.wire import ErrorCode
+from gateway.tunnel import events as ev
+from gateway.tunnel import handshake as hs_mod
+from gateway.tunnel.handshake import Credentials
+from gateway.tunnel.wire import ErrorCode
 
 CN_OID = bytes.fromhex("0603550403")
 

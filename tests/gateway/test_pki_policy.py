@@ -20,16 +20,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from tunnel_harness import Pair, make_pair, params
 
-from gateway import events as ev
 from gateway.cli import main
 from gateway.config import GatewayConfig
-from gateway.confload import ConfigError
 from gateway.credentials import (
     CredentialFiles,
     CredentialSource,
     OwnCertificateExpired,
 )
-from gateway.handshake import HandshakeParams, HandshakePolicy
 from gateway.pki import (
     CRL_FILE,
     SITE_URI_PREFIX,
@@ -49,8 +46,11 @@ from gateway.pki import (
     write_crl,
 )
 from gateway.runtime import Gateway, load_credentials
-from gateway.wire import ErrorCode
+from gateway.tunnel import events as ev
+from gateway.tunnel.handshake import HandshakeParams, HandshakePolicy
+from gateway.tunnel.wire import ErrorCode
 from pqc import generate_private_key
+from qkd.common.confload import ConfigError
 
 UTC = dt.UTC
 REPO = Path(__file__).resolve().parents[2]

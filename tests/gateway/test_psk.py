@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from tunnel_harness import FakeKmePair, params, serve_qkd
 
-from gateway import events as ev
-from gateway.connection import ConnectionSettings, TunnelConnection
-from gateway.handshake import AUTH_PKI, AUTH_PSK, PskKey
-from gateway.psk import PskStore
-from gateway.wire import ErrorCode
+from gateway.tunnel import events as ev
+from gateway.tunnel.connection import ConnectionSettings, TunnelConnection
+from gateway.tunnel.handshake import AUTH_PKI, AUTH_PSK, PskKey
+from gateway.tunnel.psk import PskStore
+from gateway.tunnel.wire import ErrorCode
 
 PSK_EVENTS = (ev.NextPskDerived, ev.PskConfirmed, ev.PskRejected)
 
@@ -139,7 +139,7 @@ def test_bootstrap_by_pki_then_psk_without_signatures(pki_dir: Path, sites: tupl
     assert first.completed("a").auth == first.completed("b").auth == AUTH_PKI  # type: ignore[union-attr]
     assert sa.store.status().current_epoch == sb.store.status().current_epoch == 1
     # From now on no signature is made or checked: break signing to prove it.
-    import gateway.handshake as hs_mod
+    import gateway.tunnel.handshake as hs_mod
 
     def no_signatures(*_a: object, **_k: object) -> bytes:
         raise AssertionError("a PSK handshake must not sign")
@@ -164,7 +164,7 @@ def test_bootstrap_by_pki_then_psk_without_signatures(pki_dir: Path, sites: tupl
 def test_psk_depends_on_the_session_qkd_key(pki_dir: Path, sites: tuple[Site, Site]) -> None:
     """The next PSK is a key-schedule output, so it mixes the session's QKD key: two
     sessions with everything else fixed but the QKD key give different PSKs."""
-    from pqc.combiner import HybridKeySchedule
+    from gateway.tunnel.key_schedule import HybridKeySchedule
 
     th = b"\x01" * 48
     ss = b"\x02" * 32
@@ -409,8 +409,8 @@ def test_psk_cli_shows_epochs_and_resets(tmp_path: Path, pki_dir: Path,
 def _forged_refusal(pki: Path, sa: Site, kme: FakeKmePair) -> ev.PskRejected | None:
     """An on-path attacker swallows the ClientHello and answers with a plaintext
     UNKNOWN_PSK alert of its own: no secret needed."""
-    from gateway.handshake import encode_alert
-    from gateway.record import RecordLayer
+    from gateway.tunnel.handshake import encode_alert
+    from gateway.tunnel.record import RecordLayer
 
     a = TunnelConnection(initiator=True, params=params(pki, "site-a", "site-b",
                                                        psk_book=sa.store))
@@ -453,7 +453,7 @@ def test_one_forged_refusal_does_not_downgrade_to_pki(pki_dir: Path, tmp_path: P
     """With re-bootstrap allowed, PKI is tried only after every PSK we hold was refused
     REBOOTSTRAP_AFTER rounds in a row; a single forged alert costs one reconnect.
     (A forger who keeps it up can force the re-bootstrap: docs/security.md.)"""
-    from gateway.psk import REBOOTSTRAP_AFTER
+    from gateway.tunnel.psk import REBOOTSTRAP_AFTER
 
     sa = Site(tmp_path / "a.sqlite", "site-b", rebootstrap=True)
     sb = Site(tmp_path / "b.sqlite", "site-a", rebootstrap=True)
@@ -484,7 +484,7 @@ def test_handshake_finishing_late_cannot_overwrite_a_newer_psk(pki_dir: Path,
                                                                sites: tuple[Site, Site]) -> None:
     """An attacker holds back the initiator's Finished of one connection while a later
     connection completes; released afterwards, it must not replace the newer PSK."""
-    from gateway.psk import StalePskUpdate
+    from gateway.tunnel.psk import StalePskUpdate
 
     sa, sb = sites
     kme = FakeKmePair()
@@ -531,7 +531,7 @@ def test_concurrent_handshakes_get_distinct_epochs(tmp_path: Path) -> None:
 def test_peek_does_not_count_an_attempt(pki_dir: Path, tmp_path: Path) -> None:
     """The runtime looks (peek) before it dials and offers once per connection: looking
     must not use up a round, or the PKI fallback would come early or never."""
-    from gateway.psk import REBOOTSTRAP_AFTER
+    from gateway.tunnel.psk import REBOOTSTRAP_AFTER
 
     sa = Site(tmp_path / "a.sqlite", "site-b", rebootstrap=True)
     sb = Site(tmp_path / "b.sqlite", "site-a", rebootstrap=True)

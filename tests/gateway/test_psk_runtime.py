@@ -8,9 +8,9 @@ from pathlib import Path
 import dos_support as ds
 import pytest
 
-from gateway import events as ev
-from gateway.psk import PskStoreError
 from gateway.runtime import Gateway
+from gateway.tunnel import events as ev
+from gateway.tunnel.psk import PskStoreError
 
 
 async def _pair(tmp_path: Path, pki: Path, link: ds.FakeKmeLink,

@@ -7,8 +7,9 @@ import os
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from gateway import events as ev
-from gateway.record import (
+from gateway.tunnel import events as ev
+from gateway.tunnel.key_schedule import next_traffic_secret, record_key_iv
+from gateway.tunnel.record import (
     HEADER_LEN,
     INNER_STREAM,
     MAX_PROTECTED_BODY,
@@ -17,9 +18,8 @@ from gateway.record import (
     RecordLayer,
     RecordReader,
 )
-from gateway.streams import FRAME_DATA, FRAME_HEADER, MuxError, StreamMux
-from gateway.wire import DecodeError, ErrorCode
-from pqc.combiner import next_traffic_secret, record_key_iv
+from gateway.tunnel.streams import FRAME_DATA, FRAME_HEADER, MuxError, StreamMux
+from gateway.tunnel.wire import DecodeError, ErrorCode
 
 SECRET = bytes(range(48))
 

@@ -11,10 +11,10 @@ import pytest
 from test_psk import Site, connect
 from tunnel_harness import FakeKmePair, params
 
-from gateway import events as ev
-from gateway.connection import TunnelConnection
-from gateway.handshake import AUTH_PSK, KeyLogEntry
-from gateway.rndl import Adversary, KeyLog
+from gateway.tools.rndl import Adversary, KeyLog
+from gateway.tunnel import events as ev
+from gateway.tunnel.connection import TunnelConnection
+from gateway.tunnel.handshake import AUTH_PSK, KeyLogEntry
 
 SECRET = b"PSK-mode session, recorded today: payroll batch 7731 " * 50
 

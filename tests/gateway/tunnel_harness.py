@@ -7,10 +7,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway import events as ev
-from gateway.connection import ConnectionSettings, TunnelConnection
-from gateway.handshake import Credentials, HandshakeParams, HandshakePolicy
 from gateway.pki import load_certificate, load_private_key
+from gateway.tunnel import events as ev
+from gateway.tunnel.connection import ConnectionSettings, TunnelConnection
+from gateway.tunnel.handshake import Credentials, HandshakeParams, HandshakePolicy
 
 
 def credentials(pki: Path, site: str, ca_pki: Path | None = None) -> Credentials:

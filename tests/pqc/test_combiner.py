@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from pqc.combiner import (
+from gateway.tunnel.key_schedule import (
     INITIAL_SALT,
     LABEL_CHAIN_KEY,
     HybridKeySchedule,

@@ -10,9 +10,9 @@ import pytest
 from _qkd_support import SITES, kme_toml
 
 from gateway.pki import init_pki
-from qkd.etsi_client import EtsiClient
-from qkd.kme import RunningKme, start_kme
-from qkd.kme_config import KmeConfig
+from qkd.etsi014.client import EtsiClient
+from qkd.kme.config import KmeConfig
+from qkd.kme.service import RunningKme, start_kme
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkd import etsi014
-from qkd.etsi014 import EtsiError, Limits, QkdKey, SchemaError
+from qkd.etsi014 import messages as etsi014
+from qkd.etsi014.messages import EtsiError, Limits, QkdKey, SchemaError
 
 LIMITS = Limits(key_size=256, min_key_size=64, max_key_size=1024, max_key_count=100,
                 max_key_per_request=10)

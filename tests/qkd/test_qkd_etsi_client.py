@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from qkd.etsi_client import (
+from qkd.etsi014.client import (
     EtsiClient,
     KmeError,
     KmeNoKey,

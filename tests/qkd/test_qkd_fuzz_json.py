@@ -37,11 +37,11 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qkd import etsi014
-from qkd.etsi014 import EtsiError, Limits
-from qkd.etsi_client import EtsiClient, KmeError, KmeNoKey, KmeProtocolError, KmeRejected
-from qkd.kme import RunningKme, start_kme
-from qkd.kme_config import KmeConfig
+from qkd.etsi014 import messages as etsi014
+from qkd.etsi014.client import EtsiClient, KmeError, KmeNoKey, KmeProtocolError, KmeRejected
+from qkd.etsi014.messages import EtsiError, Limits
+from qkd.kme.config import KmeConfig
+from qkd.kme.service import RunningKme, start_kme
 
 SHORT = settings(max_examples=100, deadline=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkd.ideal_link import (
+from qkd.link.ideal import (
     COUNTER_LIMIT,
     IdealLink,
     InvalidKeyId,

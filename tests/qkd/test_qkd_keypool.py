@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from qkd.keystore import KeyStore, PoolError, ReservedKey
-from qkd.storage_key import Sealer, SealError, StorageKeyError, load_or_create
+from qkd.common.storage_key import Sealer, SealError, StorageKeyError, load_or_create
+from qkd.kme.keystore import KeyStore, PoolError, ReservedKey
 
 T0 = 1_000_000.0
 

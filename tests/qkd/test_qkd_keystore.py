@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qkd.keystore import AlreadyDelivered, AsyncKeyStore, KeyStore, SlaveDelivery, StoreError
+from qkd.kme.keystore import AlreadyDelivered, AsyncKeyStore, KeyStore, SlaveDelivery, StoreError
 
 
 def mk(i: int) -> str:

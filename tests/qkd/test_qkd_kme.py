@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from qkd.etsi_client import EtsiClient, KmeNoKey, KmeRejected, KmeUnavailable
-from qkd.kme import RunningKme, start_kme
-from qkd.kme_config import KmeConfig
+from qkd.etsi014.client import EtsiClient, KmeNoKey, KmeRejected, KmeUnavailable
+from qkd.kme.config import KmeConfig
+from qkd.kme.service import RunningKme, start_kme
 
 API = "/api/v1/keys"
 

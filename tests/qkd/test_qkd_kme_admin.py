@@ -13,11 +13,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.confload import ConfigError
-from qkd import etsi014
-from qkd.etsi_client import EtsiClient
-from qkd.kme import RunningKme, start_kme
-from qkd.kme_config import KmeConfig
+from qkd.common.confload import ConfigError
+from qkd.etsi014 import messages as etsi014
+from qkd.etsi014.client import EtsiClient
+from qkd.kme.config import KmeConfig
+from qkd.kme.service import RunningKme, start_kme
 
 ADMIN = '[admin]\nlisten = "127.0.0.1:0"\n'
 

@@ -13,7 +13,7 @@ import pytest
 from _qkd_support import kme_toml
 
 from gateway.cli import main
-from qkd.etsi_client import EtsiClient
+from qkd.etsi014.client import EtsiClient
 
 
 async def test_kme_process_serves_and_stops_cleanly(tmp_path: Path, pki: Path) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.confload import ConfigError
 from gateway.pki import init_pki
-from qkd.kme_config import KmeConfig
+from qkd.common.confload import ConfigError
+from qkd.kme.config import KmeConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

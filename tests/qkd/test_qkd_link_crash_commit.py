@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from _qkd_support import KmeProcess, bb84_link, kme_toml, wait_until
 
-from qkd.etsi_client import EtsiClient
+from qkd.etsi014.client import EtsiClient
 from qkd.link.bb84 import CRASH_ENV
 
 

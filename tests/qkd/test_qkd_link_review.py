@@ -27,12 +27,12 @@ import numpy as np
 import pytest
 from test_qkd_link_core import PARAMS, PSK, connect, pair, pump
 
-from gateway.confload import HostPort
+from qkd.common.confload import HostPort
+from qkd.common.storage_key import Sealer
 from qkd.link import bb84
 from qkd.link import core as lc
 from qkd.link.bb84 import Bb84Link, Bb84Settings, LinkStateNotSaved, LinkUnavailable
 from qkd.link.wegman_carter import PAD_BYTES, AuthError
-from qkd.storage_key import Sealer
 
 FLOOR = lc.RESERVE_PAD_BYTES + lc.ROUND_PAD_BYTES
 

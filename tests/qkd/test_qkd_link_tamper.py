@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from _qkd_support import KmeProcess, bb84_link, kme_toml, wait_until
 
-from qkd.etsi_client import EtsiClient
+from qkd.etsi014.client import EtsiClient
 
 HERE = Path(__file__).parent
 ADMIN = '[admin]\nlisten = "127.0.0.1:0"\n'

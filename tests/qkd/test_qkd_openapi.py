@@ -25,7 +25,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-SPEC = resources.files("qkd").joinpath("etsi014_openapi.yaml")
+SPEC = resources.files("qkd.etsi014").joinpath("openapi.yaml")
 CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance,
           negative_data_rejection]
 
@@ -86,7 +86,7 @@ def test_kme_conforms_to_openapi_long(case: schemathesis.Case, kme_url: str,
 def test_spec_names_every_route_the_server_has() -> None:
     from types import SimpleNamespace
 
-    from qkd.kme import build_app
+    from qkd.kme.service import build_app
 
     async def handler(_request: object) -> None:  # never called
         return None

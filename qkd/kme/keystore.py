@@ -5,7 +5,7 @@ Two kinds of key source use it:
 - the *ideal link* derives keys from its secret, so for it the store only remembers
   *who got what* (`counters`, `deliveries` below);
 - a *real link* (the BB84 link between the KMEs) deposits key blocks into `pool`,
-  sealed under the KME's storage key (`qkd.storage_key`: AES-256-GCM, key ID as
+  sealed under the KME's storage key (`qkd.common.storage_key`: AES-256-GCM, key ID as
   associated data). A block is reserved for one (master, slave) pair, handed to this
   KME's SAE once, and then its material is overwritten (NULL, with SQLite's
   secure_delete zeroing the freed page bytes); the row stays as a tombstone so the
@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.private_db import open_private_db
-from qkd.storage_key import Sealer
+from qkd.common.private_db import open_private_db
+from qkd.common.storage_key import Sealer
 
 T = TypeVar("T")
 

@@ -69,13 +69,9 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from gateway import events as ev
-from gateway import otmac
-from gateway.otmac import check_one_time_tag, one_time_tag
-from gateway.wire import PROTOCOL_VERSION, DecodeError, ErrorCode, Reader, Writer
-from pqc import PqcError
-from pqc import sig as pqc_sig
-from pqc.combiner import (
+from gateway.tunnel import events as ev
+from gateway.tunnel import otmac
+from gateway.tunnel.key_schedule import (
     HASH_LEN,
     HybridKeySchedule,
     SessionKeys,
@@ -83,6 +79,10 @@ from pqc.combiner import (
     finished_mac,
     transcript_hasher,
 )
+from gateway.tunnel.otmac import check_one_time_tag, one_time_tag
+from gateway.tunnel.wire import PROTOCOL_VERSION, DecodeError, ErrorCode, Reader, Writer
+from pqc import PqcError
+from pqc import sig as pqc_sig
 from pqc.kem import get_kem
 
 AUTH_PKI = "pki"

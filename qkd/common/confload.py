@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qkd.common.errors import ConfigError
+
 _MISSING = object()
 
 # Section has methods named str/int/float/bool/path; inside the class body those names
@@ -26,10 +28,6 @@ _Str = str
 _Int = int
 _Float = float
 _Bool = bool
-
-
-class ConfigError(Exception):
-    """A config value is missing or wrong; the message names the field and the fix."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from qkd.kme import KmeService
+    from qkd.kme.service import KmeService
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

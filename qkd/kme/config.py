@@ -12,9 +12,9 @@ import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.confload import ConfigError, HostPort, Section, load_toml
-from qkd.etsi014 import HKDF_MAX_BITS, Limits, is_valid_id
-from qkd.ideal_link import load_link_secret
+from qkd.common.confload import ConfigError, HostPort, Section, load_toml
+from qkd.etsi014.messages import HKDF_MAX_BITS, Limits, is_valid_id
+from qkd.link.ideal import load_link_secret
 from qkd.sim.params import LinkParams, ParamError
 
 LINK_TYPES = ("ideal", "bb84")

@@ -33,8 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA384
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from gateway.wire import DecodeError, ErrorCode
-from pqc.combiner import (
+from gateway.tunnel.key_schedule import (
     AES_KEY_LEN,
     GCM_IV_LEN,
     HASH_LEN,
@@ -42,6 +41,7 @@ from pqc.combiner import (
     LABEL_RECORD_IV,
     LABEL_RECORD_KEY,
 )
+from gateway.tunnel.wire import DecodeError, ErrorCode
 
 PLAINTEXT_HANDSHAKE = 0x16
 PROTECTED = 0x17
@@ -95,7 +95,7 @@ def wipe(buf: bytearray) -> None:
 
 
 def _expand_into(secret: bytearray, label: bytes, out: bytearray) -> None:
-    """pqc.combiner.expand_label(secret, label, b"", len(out)), written into `out`."""
+    """`key_schedule.expand_label(secret, label, b"", len(out))`, written into `out`."""
     info = len(label).to_bytes(2, "big") + label
     HKDFExpand(SHA384(), len(out), info).derive_into(secret, out)
 

@@ -15,7 +15,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
-from qkd.storage_key import private_dir
+from qkd.common.storage_key import private_dir
 
 
 def open_private_db(path: Path, setup: Callable[[sqlite3.Connection], None]

@@ -42,7 +42,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-from qkd.etsi014 import HKDF_MAX_BITS
+from qkd.etsi014.messages import HKDF_MAX_BITS
 
 LINK_SECRET_MIN_BYTES = 32
 COUNTER_BITS = 40

@@ -1,6 +1,6 @@
 """The KME process: an ETSI GS QKD 014 server over HTTPS with client certificates.
 
-Request rules live in `qkd.etsi014` (sans-I/O); this module only does HTTP, TLS, the
+Request rules live in `qkd.etsi014.messages` (sans-I/O); this module only does HTTP, TLS, the
 caller's identity, the key pool and the store:
 
 - The caller's SAE ID is the CN of its TLS client certificate. TLS requires a
@@ -9,7 +9,7 @@ caller's identity, the key pool and the store:
 - enc_keys / status: caller is a local [[sae]], the path's slave a [peer] SAE.
 - dec_keys: caller is a local [[sae]], the path's master a [peer] SAE, and every key ID
   must have been made by the link for exactly (master, caller).
-- A delivery is committed to SQLite (`qkd.keystore`) before its answer is written.
+- A delivery is committed to SQLite (`qkd.kme.keystore`) before its answer is written.
 
 Key bytes exist only inside the JSON answer: they are never logged or put in errors.
 """
@@ -34,10 +34,11 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.cli import UserError
-from gateway.log import configure_logging, get_logger
-from qkd import etsi014
-from qkd.etsi014 import (
+from qkd.common.errors import UserError
+from qkd.common.log import configure_logging, get_logger
+from qkd.common.storage_key import Sealer, StorageKeyError, load_or_create
+from qkd.etsi014 import messages as etsi014
+from qkd.etsi014.messages import (
     BAD_REQUEST,
     NO_KEY_MESSAGE,
     SERVER_ERROR,
@@ -45,14 +46,13 @@ from qkd.etsi014 import (
     EtsiError,
     QkdKey,
 )
-from qkd.ideal_link import COUNTER_LIMIT, IdealLink, InvalidKeyId, TokenBucket
-from qkd.keystore import AlreadyDelivered, AsyncKeyStore, PoolError, SlaveDelivery, StoreError
-from qkd.kme_config import KmeConfig
+from qkd.kme.config import KmeConfig
+from qkd.kme.keystore import AlreadyDelivered, AsyncKeyStore, PoolError, SlaveDelivery, StoreError
 from qkd.link.bb84 import Bb84Link, Bb84Settings, LinkUnavailable
 from qkd.link.core import LinkProtocolError
-from qkd.storage_key import Sealer, StorageKeyError, load_or_create
+from qkd.link.ideal import COUNTER_LIMIT, IdealLink, InvalidKeyId, TokenBucket
 
-log = get_logger("qkd.kme")
+log = get_logger("qkd.kme.service")
 
 # Largest request body we read: max_key_per_request key IDs of ~60 bytes each fit
 # many times over; anything bigger is not an ETSI 014 request.
@@ -488,7 +488,7 @@ async def start_kme(config: KmeConfig, *,
 
 
 async def _start_admin(running: RunningKme) -> None:
-    from qkd.kme_admin import build_admin_app
+    from qkd.kme.admin import build_admin_app
 
     addr = running.config.admin_listen
     assert addr is not None

@@ -319,7 +319,7 @@ format = "json"
     def start_sink(self) -> int:
         port_file = self.run / "sink.port"
         port_file.unlink(missing_ok=True)
-        proc = self._spawn("sink-site-b", ["-m", "gateway.demo_sink", "--port-file",
+        proc = self._spawn("sink-site-b", ["-m", "gateway.tools.demo_sink", "--port-file",
                                            str(port_file)])
         self.ports["sink"] = int(self._wait_file(proc, port_file))
         return self.ports["sink"]

@@ -2,7 +2,7 @@
 
 Both ends of the REST key-delivery API live here as pure functions over bytes, dicts
 and strings: the KME side parses and validates requests and builds answers, the SAE
-side validates answers. No sockets, no aiohttp: `qkd.kme` and `qkd.etsi_client` only
+side validates answers. No sockets, no aiohttp: `qkd.kme.service` and `qkd.etsi014.client` only
 move bytes to and from these functions, so every rule can be tested directly.
 
 Objects (spec clause 6): Status, Key request, Key container, Key IDs, Error. Sizes are

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
-from gateway import events as ev
-from gateway.handshake import (
+from gateway.tunnel import events as ev
+from gateway.tunnel.handshake import (
     AUTH_CHAIN,
     AUTH_PKI,
     AUTH_PSK,
@@ -48,7 +48,7 @@ from gateway.handshake import (
     encode_hello_retry,
     message_type,
 )
-from gateway.record import (
+from gateway.tunnel.record import (
     INNER_CLOSE,
     INNER_HANDSHAKE,
     INNER_STREAM,
@@ -59,14 +59,14 @@ from gateway.record import (
     RecordLimits,
     RecordReader,
 )
-from gateway.streams import (
+from gateway.tunnel.streams import (
     FRAME_HEADER_LEN,
     MuxError,
     MuxSettings,
     StreamCode,
     StreamMux,
 )
-from gateway.wire import DecodeError, ErrorCode
+from gateway.tunnel.wire import DecodeError, ErrorCode
 
 MAX_STREAM_CHUNK = MAX_PAYLOAD - FRAME_HEADER_LEN
 

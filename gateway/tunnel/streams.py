@@ -26,8 +26,8 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from gateway import events as ev
-from gateway.wire import ErrorCode
+from gateway.tunnel import events as ev
+from gateway.tunnel.wire import ErrorCode
 
 FRAME_OPEN = 1
 FRAME_DATA = 2

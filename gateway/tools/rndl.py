@@ -34,7 +34,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from gateway.handshake import (
+from gateway.tools.testbed import Testbed, TestbedError, TestbedOptions
+from gateway.tunnel.handshake import (
     AUTH_PSK,
     MSG_CERTIFICATE,
     MSG_CERTIFICATE_VERIFY,
@@ -48,7 +49,8 @@ from gateway.handshake import (
     decode_finished,
     message_type,
 )
-from gateway.record import (
+from gateway.tunnel.key_schedule import HybridKeySchedule, finished_mac, transcript_hasher
+from gateway.tunnel.record import (
     FLAG_KEY_PHASE,
     INNER_HANDSHAKE,
     INNER_STREAM,
@@ -58,10 +60,8 @@ from gateway.record import (
     RecordLimits,
     RecordReader,
 )
-from gateway.streams import FRAME_DATA, FRAME_HEADER, FRAME_HEADER_LEN
-from gateway.testbed import Testbed, TestbedError, TestbedOptions
-from gateway.wire import DecodeError
-from pqc.combiner import HybridKeySchedule, finished_mac, transcript_hasher
+from gateway.tunnel.streams import FRAME_DATA, FRAME_HEADER, FRAME_HEADER_LEN
+from gateway.tunnel.wire import DecodeError
 
 SECRETS = ("mlkem", "qkd", "signing")
 

@@ -1,7 +1,7 @@
 """`qkdgw demo`: the two sites on loopback, traffic on many streams, every byte checked.
 
 KME-A, KME-B, gateway A, gateway B and a sink service at site B run as separate
-processes (see `gateway.testbed`). This process plays site A's applications: it opens
+processes (see `gateway.tools.testbed`). This process plays site A's applications: it opens
 `--streams` connections to gateway A's local listener at once, pushes `--stream-mb` of
 data on each, and checks the byte count and SHA-256 the sink answers with. With
 `--duration` it keeps doing rounds of that until the time is up, with the re-handshake
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.testbed import Testbed, TestbedError, TestbedOptions
+from gateway.tools.testbed import Testbed, TestbedError, TestbedOptions
+from qkd.common.errors import UserError
 
 CHUNK = 256 * 1024
 # The pool of the late-eavesdropper demo: small, so that it visibly runs dry.
@@ -280,12 +281,10 @@ def _eve_delay(value: str) -> float | None:
     try:
         delay = float(value)
     except ValueError:
-        from gateway.cli import UserError
 
         raise UserError(f"--eve-after {value!r}: give 'auto' or a number of seconds "
                         "(0: attack from the first pulse)") from None
     if not delay >= 0.0:
-        from gateway.cli import UserError
 
         raise UserError("--eve-after must be >= 0 seconds (or 'auto')")
     return delay
@@ -502,7 +501,6 @@ qkdgw demo: {verdict}
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.cli import UserError
 
     if args.streams < 1 or args.stream_mb <= 0:
         raise UserError("--streams must be at least 1 and --stream-mb above 0")

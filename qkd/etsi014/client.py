@@ -1,7 +1,7 @@
 """ETSI GS QKD 014 client used by gateways (the SAE side), over HTTPS with a client cert.
 
 Security-critical: whatever a KME answers decides which key the tunnel mixes in, so
-every answer is validated strictly by `qkd.etsi014` (exact count, exactly the asked-for
+every answer is validated strictly by `qkd.etsi014.messages` (exact count, exactly the asked-for
 key IDs, no duplicates, exact key length, canonical UUIDs, strict base64 and JSON) and
 anything else raises `KmeProtocolError`. This client also remembers the key IDs it was
 recently given and refuses a KME that hands one out again.
@@ -21,9 +21,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from gateway.log import get_logger
-from qkd import etsi014
-from qkd.etsi014 import QkdKey, SchemaError
+from qkd.common.log import get_logger
+from qkd.etsi014 import messages as etsi014
+from qkd.etsi014.messages import QkdKey, SchemaError
 
 __all__ = [
     "EtsiClient",
@@ -35,7 +35,7 @@ __all__ = [
     "QkdKey",
 ]
 
-log = get_logger("qkd.etsi_client")
+log = get_logger("qkd.etsi014.client")
 
 # Upper bound on an answer we read: far above any sane Key container, low enough that
 # a broken or hostile KME cannot make a gateway buffer without limit.

@@ -44,11 +44,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import events as ev
-from gateway.handshake import PskKey
-from gateway.log import get_logger
-from gateway.private_db import open_private_db
-from qkd.storage_key import private_dir
+from gateway.tunnel import events as ev
+from gateway.tunnel.handshake import PskKey
+from qkd.common.errors import UserError
+from qkd.common.log import get_logger
+from qkd.common.private_db import open_private_db
+from qkd.common.storage_key import private_dir
 
 log = get_logger("qkdgw.psk")
 
@@ -372,14 +373,12 @@ def _open_for(config_path: str, *, lock: bool = True) -> PskStore:
 
     config = GatewayConfig.load(config_path)
     if not config.psk_enabled:
-        from gateway.cli import UserError
 
         raise UserError(f"{config_path}: [auth] psk is off, so this site keeps no PSK state")
     try:
         return PskStore(config.state_dir / "psk.sqlite", config.peer_site_id,
                         pki_rebootstrap=config.pki_rebootstrap, lock=lock)
     except PskStoreError as exc:
-        from gateway.cli import UserError
 
         raise UserError(f"{exc} (fix: check [gateway] state_dir in {config_path})") from None
 
@@ -396,7 +395,6 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_reset(args: argparse.Namespace) -> int:
-    from gateway.cli import UserError
 
     if not args.yes:
         raise UserError("this forgets every PSK shared with the peer, so the next tunnel "
