@@ -27,7 +27,7 @@ _COMMANDS = {
     "rndl": "gateway.tools.rndl",
     "qkd": "qkd.sim.cli",
     "eve": "qkd.link.eve",
-    "psk": "gateway.tunnel.psk",
+    "psk": "gateway.runtime.psk_store",
 }
 
 

@@ -22,11 +22,6 @@ from tunnel_harness import Pair, make_pair, params
 
 from gateway.cli import main
 from gateway.config import GatewayConfig
-from gateway.credentials import (
-    CredentialFiles,
-    CredentialSource,
-    OwnCertificateExpired,
-)
 from gateway.pki import (
     CRL_FILE,
     SITE_URI_PREFIX,
@@ -46,6 +41,11 @@ from gateway.pki import (
     write_crl,
 )
 from gateway.runtime import Gateway, load_credentials
+from gateway.runtime.credentials import (
+    CredentialFiles,
+    CredentialSource,
+    OwnCertificateExpired,
+)
 from gateway.tunnel import events as ev
 from gateway.tunnel.handshake import HandshakeParams, HandshakePolicy
 from gateway.tunnel.wire import ErrorCode

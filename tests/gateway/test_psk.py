@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from tunnel_harness import FakeKmePair, params, serve_qkd
 
+from gateway.runtime.psk_store import PskStore
 from gateway.tunnel import events as ev
 from gateway.tunnel.connection import ConnectionSettings, TunnelConnection
 from gateway.tunnel.handshake import AUTH_PKI, AUTH_PSK, PskKey
-from gateway.tunnel.psk import PskStore
 from gateway.tunnel.wire import ErrorCode
 
 PSK_EVENTS = (ev.NextPskDerived, ev.PskConfirmed, ev.PskRejected)
@@ -453,7 +453,7 @@ def test_one_forged_refusal_does_not_downgrade_to_pki(pki_dir: Path, tmp_path: P
     """With re-bootstrap allowed, PKI is tried only after every PSK we hold was refused
     REBOOTSTRAP_AFTER rounds in a row; a single forged alert costs one reconnect.
     (A forger who keeps it up can force the re-bootstrap: docs/security.md.)"""
-    from gateway.tunnel.psk import REBOOTSTRAP_AFTER
+    from gateway.runtime.psk_store import REBOOTSTRAP_AFTER
 
     sa = Site(tmp_path / "a.sqlite", "site-b", rebootstrap=True)
     sb = Site(tmp_path / "b.sqlite", "site-a", rebootstrap=True)
@@ -484,7 +484,7 @@ def test_handshake_finishing_late_cannot_overwrite_a_newer_psk(pki_dir: Path,
                                                                sites: tuple[Site, Site]) -> None:
     """An attacker holds back the initiator's Finished of one connection while a later
     connection completes; released afterwards, it must not replace the newer PSK."""
-    from gateway.tunnel.psk import StalePskUpdate
+    from gateway.runtime.psk_store import StalePskUpdate
 
     sa, sb = sites
     kme = FakeKmePair()
@@ -531,7 +531,7 @@ def test_concurrent_handshakes_get_distinct_epochs(tmp_path: Path) -> None:
 def test_peek_does_not_count_an_attempt(pki_dir: Path, tmp_path: Path) -> None:
     """The runtime looks (peek) before it dials and offers once per connection: looking
     must not use up a round, or the PKI fallback would come early or never."""
-    from gateway.tunnel.psk import REBOOTSTRAP_AFTER
+    from gateway.runtime.psk_store import REBOOTSTRAP_AFTER
 
     sa = Site(tmp_path / "a.sqlite", "site-b", rebootstrap=True)
     sb = Site(tmp_path / "b.sqlite", "site-a", rebootstrap=True)

@@ -9,8 +9,8 @@ import dos_support as ds
 import pytest
 
 from gateway.runtime import Gateway
+from gateway.runtime.psk_store import PskStoreError
 from gateway.tunnel import events as ev
-from gateway.tunnel.psk import PskStoreError
 
 
 async def _pair(tmp_path: Path, pki: Path, link: ds.FakeKmeLink,

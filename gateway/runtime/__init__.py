@@ -30,11 +30,12 @@ from typing import Any, cast
 from aiohttp import web
 
 from gateway.config import GatewayConfig
-from gateway.credentials import CredentialFiles, CredentialSource, OwnCertificateExpired
 from gateway.metrics import GatewayMetrics
 from gateway.pki import (
     PkiError,
 )
+from gateway.runtime.credentials import CredentialFiles, CredentialSource, OwnCertificateExpired
+from gateway.runtime.psk_store import PskStore, PskStoreError
 from gateway.tunnel import events as ev
 from gateway.tunnel.admission import (
     CUT_COOKIE_RETRY,
@@ -63,7 +64,6 @@ from gateway.tunnel.handshake import (
     HandshakePolicy,
     KeyLogEntry,
 )
-from gateway.tunnel.psk import PskStore, PskStoreError
 from gateway.tunnel.record import RecordLimits
 from gateway.tunnel.streams import MuxSettings, StreamCode
 from gateway.tunnel.wire import ErrorCode
