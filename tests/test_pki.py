@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import gateway.pki as pki
+import gateway.pki.authority as pki_authority
 from gateway.cli import main
 from gateway.pki import (
     PeerCertificateError,
@@ -115,7 +116,7 @@ def _reason(cert: x509.Certificate, ca: x509.Certificate, identity: str = "site-
 
 def test_init_writes_exactly_the_layout(pki_dir: Path) -> None:
     written = sorted(str(p.relative_to(pki_dir)) for p in pki_dir.rglob("*") if p.is_file())
-    assert written == sorted(pki._layout(SITES))
+    assert written == sorted(pki_authority._layout(SITES))
     assert stat.S_IMODE(pki_dir.stat().st_mode) == 0o700
     for site in SITES:
         assert stat.S_IMODE((pki_dir / site).stat().st_mode) == 0o700
@@ -255,7 +256,7 @@ def test_init_failure_leaves_no_partial_pki(tmp_path: Path,
     out = tmp_path / "pki"
     init_pki(out, SITES)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    real_write = pki._write_new
+    real_write = pki_authority._write_new
     calls = 0
 
     def failing_write(path: Path, data: bytes, mode: int) -> None:
@@ -265,7 +266,7 @@ def test_init_failure_leaves_no_partial_pki(tmp_path: Path,
             raise OSError(28, "No space left on device", str(path))
         real_write(path, data, mode)
 
-    monkeypatch.setattr(pki, "_write_new", failing_write)
+    monkeypatch.setattr(pki_authority, "_write_new", failing_write)
     with pytest.raises(PkiError, match="No space left on device"):
         init_pki(out, SITES, force=True)
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

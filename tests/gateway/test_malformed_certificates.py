@@ -23,7 +23,8 @@ from mitm_relay import B2A, Sites, TamperHandshake
 from test_attack_handshake import wait_failure
 from tunnel_harness import Pair, credentials, make_pair, params
 
-from gateway.pki import PeerCertificateError, _describe, parse_peer_certificate
+from gateway.pki import PeerCertificateError, parse_peer_certificate
+from gateway.pki.verify import _describe
 from gateway.tunnel import events as ev
 from gateway.tunnel import handshake as hs_mod
 from gateway.tunnel.handshake import Credentials

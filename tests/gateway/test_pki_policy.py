@@ -28,7 +28,6 @@ from gateway.pki import (
     CrlError,
     PkiError,
     RevocationList,
-    _make_leaf,
     issue_crl,
     load_certificate,
     load_crl,
@@ -40,6 +39,7 @@ from gateway.pki import (
     verify_crl,
     write_crl,
 )
+from gateway.pki.authority import _make_leaf
 from gateway.runtime import Gateway, load_credentials
 from gateway.runtime.credentials import (
     CredentialFiles,
