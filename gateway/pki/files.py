@@ -16,6 +16,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from gateway.errors import GatewayError
+
 # CLI spelling -> pqc.sig algorithm name.
 PKI_ALGORITHMS = {
     "ml-dsa-65": "ML-DSA-65",
@@ -48,7 +50,7 @@ REASONS = ("untrusted", "expired", "not_yet_valid", "wrong_identity", "bad_usage
            "malformed")
 
 
-class PkiError(Exception):
+class PkiError(GatewayError):
     """A PKI file or certificate problem; the message names the file, the problem and the fix."""
 
 

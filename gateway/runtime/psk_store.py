@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import GatewayError
 from gateway.tunnel import events as ev
 from gateway.tunnel.handshake import PskKey
 from qkd.common.errors import UserError
@@ -60,7 +61,7 @@ SLOTS = ("current", "previous", "pending")
 REBOOTSTRAP_AFTER = 2  # rounds of "every PSK refused" before a PKI fallback (if allowed)
 
 
-class PskStoreError(Exception):
+class PskStoreError(GatewayError):
     """The PSK state could not be read or written."""
 
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import GatewayError
 from gateway.pki import init_pki
 
 
-class TestbedError(Exception):
+class TestbedError(GatewayError):
     """A testbed process failed to start; the message carries the end of its log."""
 
     __test__ = False  # not a pytest test class, despite the name

@@ -69,6 +69,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
+from gateway.errors import GatewayError
 from gateway.tunnel import events as ev
 from gateway.tunnel import otmac
 from gateway.tunnel.key_schedule import (
@@ -135,7 +136,7 @@ NONCE_LEN = 32
 MAX_QKD_KEYS = 8
 
 
-class HandshakeError(Exception):
+class HandshakeError(GatewayError):
     """The handshake failed; `code` goes into the alert, `reason` into logs."""
 
     def __init__(self, code: ErrorCode, reason: str) -> None:

@@ -30,6 +30,8 @@ from __future__ import annotations
 import hmac
 import math
 
+from gateway.errors import GatewayError
+
 P127 = (1 << 127) - 1
 KEY_BYTES = 32
 TAG_BYTES = 16
@@ -38,7 +40,7 @@ _CHUNK = 15
 MAX_MESSAGE_BYTES = 1 << 16
 
 
-class OneTimeMacError(ValueError):
+class OneTimeMacError(GatewayError, ValueError):
     """A key of the wrong size, or a message longer than the bound covers."""
 
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA384
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from gateway.errors import GatewayError
 from gateway.tunnel.key_schedule import (
     AES_KEY_LEN,
     GCM_IV_LEN,
@@ -64,7 +65,7 @@ LATE_PLAINTEXT = 0x100
 FLAG_KEY_PHASE = 0x01
 
 
-class RecordError(Exception):
+class RecordError(GatewayError):
     """Fatal record-layer failure; `code` goes into the close alert if one can be sent."""
 
     def __init__(self, code: ErrorCode, reason: str) -> None:

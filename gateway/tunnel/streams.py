@@ -26,6 +26,7 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from gateway.errors import GatewayError
 from gateway.tunnel import events as ev
 from gateway.tunnel.wire import ErrorCode
 
@@ -49,7 +50,7 @@ class StreamCode(IntEnum):
     APP_ERROR = 6
 
 
-class MuxError(Exception):
+class MuxError(GatewayError):
     """The peer broke the stream protocol; fatal for the tunnel."""
 
     def __init__(self, code: ErrorCode, reason: str) -> None:

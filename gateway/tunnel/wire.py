@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 from enum import IntEnum
 
+from gateway.errors import GatewayError
+
 PROTOCOL_VERSION = "qkdgw/1"
 
 
@@ -35,7 +37,7 @@ class ErrorCode(IntEnum):
     QKD_KEY_REJECTED = 16  # a named QKD key ID was replayed, unknown or already delivered
 
 
-class DecodeError(ValueError):
+class DecodeError(GatewayError, ValueError):
     """A peer's bytes do not parse; the message says which field."""
 
 

@@ -19,3 +19,7 @@ class UserError(QkdgwError):
 
 class ConfigError(UserError):
     """A config value is missing or wrong; the message names the field and the fix."""
+
+
+class QkdError(QkdgwError):
+    """Root of the errors raised by the `qkd` package (KME, ETSI 014, link, simulator)."""

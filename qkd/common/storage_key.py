@@ -18,16 +18,18 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from qkd.common.errors import QkdError
+
 STORAGE_KEY_BYTES = 32
 _NONCE = 12
 _AAD_LABEL = b"qkdgw kme key block v1\x00"
 
 
-class StorageKeyError(Exception):
+class StorageKeyError(QkdError):
     """The storage key file is missing, malformed or readable by others."""
 
 
-class SealError(Exception):
+class SealError(QkdError):
     """A sealed block does not open: wrong storage key, edited bytes or wrong key ID."""
 
 

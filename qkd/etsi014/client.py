@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from qkd.common.errors import QkdError
 from qkd.common.log import get_logger
 from qkd.etsi014 import messages as etsi014
 from qkd.etsi014.messages import QkdKey, SchemaError
@@ -44,7 +45,7 @@ _MAX_ANSWER = 16 * 1024 * 1024
 _SEEN_LIMIT = 65536
 
 
-class KmeError(Exception):
+class KmeError(QkdError):
     """Base of every KME failure; the message names the KME URL."""
 
 

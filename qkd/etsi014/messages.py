@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from qkd.common.errors import QkdError
+
 API_PREFIX = "/api/v1/keys"
 
 # The spec defines 400 (bad request format), 401 (unauthorized) and 503 (server
@@ -62,7 +64,7 @@ STATUS_FIELDS_INT = (
 HKDF_MAX_BITS = 255 * 32 * 8
 
 
-class EtsiError(Exception):
+class EtsiError(QkdError):
     """A request the KME must refuse; carries the HTTP status and the ETSI Error body.
 
     Messages name the offending parameter and never contain key material."""
@@ -78,7 +80,7 @@ class EtsiError(Exception):
         return build_error(self.message, self.details)
 
 
-class SchemaError(ValueError):
+class SchemaError(QkdError, ValueError):
     """An answer from a KME violates the spec or does not match the request."""
 
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from qkd.common.errors import QkdError
 from qkd.common.private_db import open_private_db
 from qkd.common.storage_key import Sealer
 
@@ -92,11 +93,11 @@ CREATE INDEX IF NOT EXISTS pool_key ON pool(key_id);
 """
 
 
-class StoreError(Exception):
+class StoreError(QkdError):
     """The store cannot be used (wrong owner, newer schema, exhausted counter space)."""
 
 
-class PoolError(Exception):
+class PoolError(QkdError):
     """A pool request cannot be served; `reason` says why, no key material inside."""
 
     def __init__(self, reason: str, key_ids: Sequence[str] = ()) -> None:
@@ -114,7 +115,7 @@ class ReservedKey:
     size_bits: int
 
 
-class AlreadyDelivered(Exception):
+class AlreadyDelivered(QkdError):
     """Some key IDs were delivered before; nothing of the request was recorded."""
 
     def __init__(self, key_ids: Sequence[str]) -> None:

@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from qkd.common.confload import HostPort
+from qkd.common.errors import QkdError
 from qkd.common.log import get_logger
 from qkd.common.storage_key import Sealer, SealError
 from qkd.kme.keystore import AsyncKeyStore, PoolError, ReservedKey
@@ -89,7 +90,7 @@ class ReservationStats:
     latencies: list[float] = field(default_factory=list)  # seconds, newest last
 
 
-class LinkUnavailable(Exception):
+class LinkUnavailable(QkdError):
     """The peer KME cannot confirm a reservation now; `reason` is safe to show."""
 
 

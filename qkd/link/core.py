@@ -71,6 +71,7 @@ from typing import Any
 
 import numpy as np
 
+from qkd.common.errors import QkdError
 from qkd.link.quantum import FrameError, PulseFrame, SlotRecord, emit, measure
 from qkd.link.wegman_carter import (
     HASH_KEY_BYTES,
@@ -110,7 +111,7 @@ ROUND_NEED_BYTES = 2 * PAD_BYTES
 _ALT = struct.Struct("<BQ16s")
 
 
-class LinkProtocolError(Exception):
+class LinkProtocolError(QkdError):
     """The peer broke the link protocol (not a tag failure); the adapter drops the
     connection. Never carries key bytes."""
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from qkd.common.errors import QkdError
 from qkd.etsi014.messages import HKDF_MAX_BITS
 
 LINK_SECRET_MIN_BYTES = 32
@@ -53,7 +54,7 @@ _CT_BITS = COUNTER_BITS + _SIZE_BITS_FIELD  # 56 bits: 7 bytes
 _SALT = b"qkdgw ideal-link v1"
 
 
-class InvalidKeyId(ValueError):
+class InvalidKeyId(QkdError, ValueError):
     """The key ID was not made by this link for this master/slave pair."""
 
 

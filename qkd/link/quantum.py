@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qkd.common.errors import QkdError
 from qkd.sim.channel import AliceRecord, BobRecord
 from qkd.sim.params import LinkParams
 
@@ -43,7 +44,7 @@ ATTACKS = ("intercept-resend", "pns", "noise")
 MAX_PULSES = 1 << 31
 
 
-class FrameError(ValueError):
+class FrameError(QkdError, ValueError):
     """A pulse frame is malformed (Bob then treats the round as lost)."""
 
 

@@ -33,6 +33,8 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from qkd.common.errors import QkdError
+
 P127 = (1 << 127) - 1
 NH_WORDS = 256  # 1 KiB blocks
 NH_ITER = 4
@@ -42,7 +44,7 @@ PAD_BYTES = 16
 TAG_BYTES = 16
 
 
-class AuthError(Exception):
+class AuthError(QkdError):
     """A tag did not verify, or no authentication key is left. Never holds key bytes."""
 
 

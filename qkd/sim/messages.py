@@ -17,8 +17,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from qkd.common.errors import QkdError
 
-class MessageError(ValueError):
+
+class MessageError(QkdError, ValueError):
     """A message could not be decoded (truncated, wrong type, inconsistent lengths)."""
 
 

@@ -11,10 +11,12 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from qkd.common.errors import QkdError
+
 EVE_MODES = ("none", "intercept-resend", "pns", "beam-splitting", "noise")
 
 
-class ParamError(ValueError):
+class ParamError(QkdError, ValueError):
     """A parameter is out of range; the message names the field and the fix."""
 
     def __init__(self, field_name: str, message: str) -> None:

@@ -41,6 +41,8 @@ import math
 import numpy as np
 import scipy.fft as _sfft
 
+from qkd.common.errors import QkdError
+
 # Above this many output bits the FFT path is used; below it, bit-sliced dense products.
 _DENSE_MAX_ROWS = 64
 # Largest error bound accepted for one transform (exact outputs are integers).
@@ -52,7 +54,7 @@ _U = 2.0**-53  # unit roundoff of float64
 _POPCOUNT = np.array([bin(i).count("1") & 1 for i in range(256)], np.uint8)
 
 
-class PrecisionError(ArithmeticError):
+class PrecisionError(QkdError, ArithmeticError):
     """The FFT rounding residual was too large to trust the parity (never seen in practice)."""
 
 
