@@ -62,6 +62,7 @@ from gateway.handshake import (
 )
 from gateway.log import configure_logging, get_logger
 from gateway.metrics import GatewayMetrics
+from gateway.ops import GatewayOps, budget_lines
 from gateway.pki import (
     PkiError,
 )
@@ -944,6 +945,7 @@ class Gateway:
         self._admission_log = LogThrottle(1.0)
         self.totals = {"handshakes": 0, "rekeys": 0, "key_updates": 0,
                        "qkd_keys_consumed": 0, "degraded_handshakes": 0}
+        self.ops = GatewayOps(self)  # key budget, status page, probes (gateway/ops.py)
 
     def new_connection(self, initiator: bool, now: float,
                        cookie_gate: CookieGate | None = None) -> TunnelConnection:
@@ -1159,6 +1161,7 @@ class Gateway:
             "peer": peer,
             **totals,
             "tunnel_connects": self.tunnel_connects,
+            "budget": self.ops.status(),
         }
 
     async def _start_admin(self) -> None:
@@ -1175,6 +1178,7 @@ class Gateway:
 
         app.router.add_get("/status", status)
         app.router.add_get("/metrics", metrics)
+        self.ops.add_routes(app)
         self._admin_runner = web.AppRunner(app, access_log=None)
         await self._admin_runner.setup()
         site = web.TCPSite(self._admin_runner, cfg.admin_listen.host, cfg.admin_listen.port)
@@ -1183,6 +1187,7 @@ class Gateway:
         assert server is not None
         self.admin_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         log.info("gateway.admin_listening", address=f"{cfg.admin_listen.host}:{self.admin_port}")
+        self.ops.start()
 
     async def close(self) -> None:
         self._stopping = True
@@ -1195,6 +1200,7 @@ class Gateway:
         for s in self._servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()
+        await self.ops.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         await self.kme.close()
@@ -1303,6 +1309,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for key in ("handshakes", "rekeys", "key_updates", "qkd_keys_consumed",
                 "degraded_handshakes"):
         print(f"  {key:20} {status.get(key)}")
+    for line in budget_lines(status):
+        print(line)
     return 0
 
 
