@@ -35,6 +35,7 @@ from gateway.pki import (
     PkiError,
 )
 from gateway.runtime.credentials import CredentialFiles, CredentialSource, OwnCertificateExpired
+from gateway.runtime.ops import GatewayOps, budget_lines
 from gateway.runtime.psk_store import PskStore, PskStoreError
 from gateway.tunnel import events as ev
 from gateway.tunnel.admission import (
@@ -945,6 +946,7 @@ class Gateway:
         self._admission_log = LogThrottle(1.0)
         self.totals = {"handshakes": 0, "rekeys": 0, "key_updates": 0,
                        "qkd_keys_consumed": 0, "degraded_handshakes": 0}
+        self.ops = GatewayOps(self)  # key budget, status page, probes (gateway/runtime/ops.py)
 
     def new_connection(self, initiator: bool, now: float,
                        cookie_gate: CookieGate | None = None) -> TunnelConnection:
@@ -1160,6 +1162,7 @@ class Gateway:
             "peer": peer,
             **totals,
             "tunnel_connects": self.tunnel_connects,
+            "budget": self.ops.status(),
         }
 
     async def _start_admin(self) -> None:
@@ -1176,6 +1179,7 @@ class Gateway:
 
         app.router.add_get("/status", status)
         app.router.add_get("/metrics", metrics)
+        self.ops.add_routes(app)
         self._admin_runner = web.AppRunner(app, access_log=None)
         await self._admin_runner.setup()
         site = web.TCPSite(self._admin_runner, cfg.admin_listen.host, cfg.admin_listen.port)
@@ -1184,6 +1188,7 @@ class Gateway:
         assert server is not None
         self.admin_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
         log.info("gateway.admin_listening", address=f"{cfg.admin_listen.host}:{self.admin_port}")
+        self.ops.start()
 
     async def close(self) -> None:
         self._stopping = True
@@ -1196,6 +1201,7 @@ class Gateway:
         for s in self._servers:
             with contextlib.suppress(Exception):
                 await s.wait_closed()
+        await self.ops.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         await self.kme.close()
@@ -1303,6 +1309,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for key in ("handshakes", "rekeys", "key_updates", "qkd_keys_consumed",
                 "degraded_handshakes"):
         print(f"  {key:20} {status.get(key)}")
+    for line in budget_lines(status):
+        print(line)
     return 0
 
 

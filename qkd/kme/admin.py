@@ -9,6 +9,7 @@ loopback (or a management network): it has no authentication.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -18,10 +19,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from qkd.kme.budget import KmeBudget
+
 if TYPE_CHECKING:
     from qkd.kme.service import KmeService
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BUDGET = web.AppKey("budget", KmeBudget)
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -31,7 +35,8 @@ def _quantile(values: list[float], q: float) -> float | None:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-async def snapshot(service: KmeService, started: float) -> dict[str, Any]:
+async def snapshot(service: KmeService, started: float,
+                   budget: KmeBudget | None = None) -> dict[str, Any]:
     """Everything /status shows; /metrics renders the same numbers."""
     cfg = service.config
     now = time.time()
@@ -51,6 +56,8 @@ async def snapshot(service: KmeService, started: float) -> dict[str, Any]:
         # The ideal link has no pool, only its token bucket of derivable keys.
         out["pool"] = {"free": service.ideal_level()}
         out["link"] = {"link_type": "ideal", "key_rate": cfg.link.key_rate}
+    if budget is not None:
+        out["budget"] = budget.snapshot()
     return out
 
 
@@ -72,6 +79,8 @@ class _KmeCollector(Collector):
         yield pool
         yield GaugeMetricFamily("qkdgw_kme_pool_max_blocks", "max_key_count",
                                 value=s["max_key_count"])
+        if "budget" in s:
+            yield from _budget_metrics(s["budget"])
         link = s["link"]
         if link.get("link_type") != "bb84":
             return
@@ -140,24 +149,82 @@ class _KmeCollector(Collector):
         yield lat
 
 
-def build_admin_app(service: KmeService) -> web.Application:
+def _tte(value: Any) -> float:
+    return math.inf if value == "inf" else float(value)
+
+
+def _budget_metrics(b: dict[str, Any]) -> Iterator[Metric]:
+    """Per-peer key budget (qkd/kme/budget.py); a figure not known yet is left out, so
+    an alert never sees a 0 "seconds to exhaustion" that only means "no data"."""
+    peer = [b["peer"]]
+
+    def gauge(name: str, doc: str, value: Any) -> Metric | None:
+        if value is None:
+            return None
+        g = GaugeMetricFamily(name, doc, labels=["peer"])
+        g.add_metric(peer, float(value))
+        return g
+
+    pool = b.get("pool", {})
+    pad = b.get("auth_pad", {})
+    tte = pool.get("seconds_to_empty")
+    pad_tte = pad.get("seconds_to_empty")
+    for m in (
+        gauge("qkdgw_kme_pool_keys", "Free keys in the pool shared with this peer",
+              pool.get("level")),
+        gauge("qkdgw_kme_key_production_rate", "Keys per second the link adds to the "
+              "pool (EWMA)", pool.get("production_rate")),
+        gauge("qkdgw_kme_key_consumption_rate", "Keys per second handed to SAEs (EWMA)",
+              pool.get("consumption_rate")),
+        gauge("qkdgw_kme_pool_net_rate", "Net change of the pool in keys per second "
+              "(EWMA; negative: falling)", pool.get("net_rate")),
+        gauge("qkdgw_kme_pool_exhaustion_seconds", "Forecast seconds until the pool is "
+              "empty at the smoothed net rate (+Inf while steady or growing)",
+              None if tte is None else _tte(tte)),
+        gauge("qkdgw_kme_link_auth_pad_reserve_bytes", "One-time authentication pad bytes "
+              "left (the smaller direction)", pad.get("level")),
+        gauge("qkdgw_kme_link_auth_pad_exhaustion_seconds", "Forecast seconds until the "
+              "authentication pad runs out (+Inf while steady or refilled)",
+              None if pad_tte is None else _tte(pad_tte)),
+        gauge("qkdgw_kme_link_last_round_age_seconds", "Seconds since the link last "
+              "committed a round (to within the sampling interval)",
+              b.get("last_round_age_s")),
+        gauge("qkdgw_kme_link_qber_abort_threshold", "QBER above which a round aborts",
+              b.get("qber_abort_threshold")),
+    ):
+        if m is not None:
+            yield m
+
+
+def build_admin_app(service: KmeService, budget: KmeBudget | None = None
+                    ) -> web.Application:
     started = time.monotonic()
     registry = CollectorRegistry()
     collector = _KmeCollector()
     registry.register(collector)
+    budget = budget if budget is not None else KmeBudget(service)
 
     async def status(_request: web.Request) -> web.Response:
-        return web.json_response(await snapshot(service, started))
+        return web.json_response(await snapshot(service, started, budget))
 
     async def metrics(_request: web.Request) -> web.Response:
-        collector.snap = await snapshot(service, started)
+        collector.snap = await snapshot(service, started, budget)
         return web.Response(body=generate_latest(registry),
                             headers={"Content-Type": CONTENT_TYPE})
 
+    async def on_startup(_app: web.Application) -> None:
+        budget.start()
+
+    async def on_cleanup(_app: web.Application) -> None:
+        await budget.stop()
+
     app = web.Application()
+    app[BUDGET] = budget
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
     app.router.add_get("/status", status)
     app.router.add_get("/metrics", metrics)
     return app
 
 
-__all__ = ["build_admin_app", "snapshot"]
+__all__ = ["BUDGET", "build_admin_app", "snapshot"]
