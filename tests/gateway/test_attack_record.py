@@ -37,8 +37,8 @@ from mitm_relay import (
     frame,
 )
 
-import gateway.runtime as runtime_mod
 import gateway.tunnel.record as record_mod
+from gateway.runtime.app_stream import AppStream
 from gateway.tunnel.key_schedule import HybridKeySchedule
 from gateway.tunnel.record import HEADER_LEN, MAX_PROTECTED_BODY, PROTECTED, TAG_LEN, RecordLimits
 from gateway.tunnel.wire import ErrorCode
@@ -327,7 +327,7 @@ async def test_positive_control_truncation_ended_cleanly_is_taken_as_complete(
         if self.transport is not None and self.transport.can_write_eof():
             self.transport.write_eof()
 
-    monkeypatch.setattr(runtime_mod.AppStream, "reset", graceful_reset)
+    monkeypatch.setattr(AppStream, "reset", graceful_reset)
     await sites.start()
     await sites.wait_tunnel()
     _, sink_conn = await attack_live(sites, Truncate(match=big_a2b))

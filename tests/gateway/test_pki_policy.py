@@ -474,7 +474,7 @@ def test_listener_with_expired_own_certificate_refuses_to_start(
         site_config: Path, pki: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     # The command would point structlog at this test's captured stderr for good.
-    monkeypatch.setattr("gateway.runtime.configure_logging", lambda *a, **kw: None)
+    monkeypatch.setattr("gateway.runtime.startup.configure_logging", lambda *a, **kw: None)
     past = dt.datetime.now(UTC) - dt.timedelta(days=10)
     install(pki, "site-b", *leaf(pki, "site-b", now=past, days=2))
     assert main(["gateway", "--config", str(site_config)]) == 2
@@ -487,7 +487,7 @@ def test_listener_with_revoked_own_certificate_refuses_to_start(
         site_config: Path, pki: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     # The command would point structlog at this test's captured stderr for good.
-    monkeypatch.setattr("gateway.runtime.configure_logging", lambda *a, **kw: None)
+    monkeypatch.setattr("gateway.runtime.startup.configure_logging", lambda *a, **kw: None)
     revoke(pki, site="site-b")
     assert main(["gateway", "--config", str(site_config)]) == 2
     err = capsys.readouterr().err
