@@ -62,6 +62,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import secrets
 import struct
 import uuid
 from collections import deque
@@ -72,7 +73,8 @@ from typing import Any
 import numpy as np
 
 from qkd.common.errors import QkdError
-from qkd.link.quantum import FrameError, PulseFrame, SlotRecord, emit, measure
+from qkd.link.csprng import SecretRng
+from qkd.link.quantum import FrameError, PulseFrame, Random, SlotRecord, emit, measure
 from qkd.link.wegman_carter import (
     HASH_KEY_BYTES,
     PAD_BYTES,
@@ -110,10 +112,68 @@ LOW_PAD_BYTES = 32 * PAD_BYTES
 ROUND_NEED_BYTES = 2 * PAD_BYTES
 _ALT = struct.Struct("<BQ16s")
 
+# Test hook, never set in service: True brings back the old behaviour, where every
+# secret of a round (bits, bases, intensities, seeds, nonces) came from the numpy
+# generator the core was given, so identical seeds gave identical keys. Only the
+# positive control of tests/qkd/test_qkd_link_secrets.py sets it.
+_TEST_SEEDED_SECRETS = False
+
+
+def _secret_source(rng: np.random.Generator) -> Random:
+    """Where a round's secret draws come from: the OS (SecretRng), not `rng`."""
+    return rng if _TEST_SEEDED_SECRETS else SecretRng()
+
+
+def _round_nonce(rng: np.random.Generator) -> bytes:
+    return rng.bytes(16) if _TEST_SEEDED_SECRETS else secrets.token_bytes(16)
+
 
 class LinkProtocolError(QkdError):
     """The peer broke the link protocol (not a tag failure); the adapter drops the
     connection. Never carries key bytes."""
+
+
+# Control-frame fields are checked strictly even though the frame is authenticated: a
+# misbehaving (or buggy) peer's bad frame must end as the peer's protocol error, never
+# as an OverflowError, an assert or a float where an integer belongs.
+_U63 = (1 << 63) - 1
+
+
+def _int(msg: dict[str, Any], name: str, lo: int = 0, hi: int = _U63) -> int:
+    v = msg.get(name)
+    if type(v) is not int or not lo <= v <= hi:
+        raise LinkProtocolError(f"control frame field {name!r} is not an integer in "
+                                f"[{lo}, {hi}]")
+    return v
+
+
+def _bool(msg: dict[str, Any], name: str) -> bool:
+    v = msg.get(name)
+    if type(v) is not bool:
+        raise LinkProtocolError(f"control frame field {name!r} is not a boolean")
+    return v
+
+
+def _str(msg: dict[str, Any], name: str, limit: int = 1024) -> str:
+    v = msg.get(name)
+    if type(v) is not str or len(v) > limit:
+        raise LinkProtocolError(f"control frame field {name!r} is not a string of at "
+                                f"most {limit} characters")
+    return v
+
+
+def _reserve_keys(msg: dict[str, Any]) -> list[tuple[str, list[str], int]]:
+    keys = msg.get("keys")
+    out: list[tuple[str, list[str], int]] = []
+    if type(keys) is not list or len(keys) > 4096:
+        raise LinkProtocolError("RESERVE field 'keys' is not a list")
+    for k in keys:
+        if not (type(k) is list and len(k) == 3 and type(k[0]) is str
+                and type(k[1]) is list and all(type(b) is str for b in k[1])
+                and type(k[2]) is int and 0 < k[2] <= 1 << 20):
+            raise LinkProtocolError("RESERVE field 'keys' holds a malformed entry")
+        out.append((k[0], list(k[1]), k[2]))
+    return out
 
 
 # ------------------------------------------------------------------------ events
@@ -503,7 +563,8 @@ class LinkCore:
                    RESERVE_ACK: self._on_reserve_ack, ABORT: self._on_abort}[kind]
         try:
             handler(msg, now)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+            # A backstop: the handlers check their fields first (see `_int`).
             raise LinkProtocolError(f"bad {_NAMES[kind]} ({type(exc).__name__})") from None
         except AuthError as exc:
             # Out of pads for the answer (TRANSCRIPT, COMMIT, COMMIT_ACK): the round
@@ -599,10 +660,14 @@ class LinkCore:
     def prepare_round(self, number: int) -> PreparedRound:
         """The heavy half of starting a round (pulse emission); touches no core state
         but its own generator, so the adapter runs it off the lock."""
+        # `rng` is the physics (photon numbers); bits, bases, intensities and the
+        # post-processing seeds come from the OS.
         rng = np.random.default_rng(self._prep_rng.integers(1 << 63))
-        record, frame = emit(self.params, number & 0xFFFFFFFF, rng)
+        secret = _secret_source(rng)
+        record, frame = emit(self.params, number & 0xFFFFFFFF, rng, secret)
         return PreparedRound(number, record, frame.encode(),
-                             AliceProtocol(record, self.post, rng), rng)
+                             AliceProtocol(record, self.post, secret),  # type: ignore[arg-type]
+                             rng)
 
     def start_round(self, now: float, prepared: PreparedRound | None = None, *,
                     room: int | None = None) -> None:
@@ -625,7 +690,7 @@ class LinkCore:
         elif prepared.number != number:
             raise ValueError("prepared round is stale")
         self._last_round = number
-        nonce = self._rng.bytes(16)
+        nonce = _round_nonce(self._rng)
         params = self.params
         self._round = _Round(number, nonce, params.pulses, started=now, rng=prepared.rng,
                              room=room)
@@ -695,8 +760,9 @@ class LinkCore:
         return True
 
     def _on_reserve(self, msg: dict[str, Any], now: float) -> None:
-        keys = [(str(k), [str(b) for b in bids], int(size)) for k, bids, size in msg["keys"]]
-        request = int(msg["request"])
+        keys = _reserve_keys(msg)
+        request = _int(msg, "request")
+        master, slave = _str(msg, "master"), _str(msg, "slave")
         if request in self._owed_answers:
             return
         if not self._reservation_room(1 + len(self._owed_answers), 0):
@@ -705,14 +771,13 @@ class LinkCore:
             self.stats.reservations_lapsed += 1
             return
         self._owed_answers.add(request)
-        self._events.append(ReservationRequested(request, str(msg["master"]),
-                                                 str(msg["slave"]), keys))
+        self._events.append(ReservationRequested(request, master, slave, keys))
 
     def _on_reserve_ack(self, msg: dict[str, Any], now: float) -> None:
-        request = int(msg["request"])
+        request = _int(msg, "request")
+        ok, reason = _bool(msg, "ok"), _str(msg, "reason")
         self._awaiting_acks.discard(request)
-        self._events.append(ReservationAnswered(request, bool(msg["ok"]),
-                                                str(msg["reason"])))
+        self._events.append(ReservationAnswered(request, ok, reason))
 
     # ---------------------------------------------------------------- handlers
 
@@ -746,10 +811,17 @@ class LinkCore:
         if self._round is not None:
             self._abort_local("peer started a new round before this one ended",
                               notify=False)
-        pulses = int(msg["pulses"])
+        pulses = _int(msg, "pulses")
         if pulses != self.params.pulses:
             raise LinkProtocolError("ROUND_START pulse count differs from [link] pulses")
-        number = int(msg["round"])
+        number = _int(msg, "round", 1)
+        nonce_hex = _str(msg, "nonce", 64)
+        try:
+            nonce = bytes.fromhex(nonce_hex)
+        except ValueError:
+            raise LinkProtocolError("ROUND_START nonce is not hex") from None
+        if len(nonce) != 16:
+            raise LinkProtocolError("ROUND_START nonce is not 16 bytes")
         refusal = ""
         if self._pending_deposit is not None:
             # Committing another round now would replace the unstored one in the
@@ -764,7 +836,7 @@ class LinkCore:
                                 for_round=False)
             self._count_abort(number, refusal)
             return
-        self._round = _Round(int(msg["round"]), bytes.fromhex(msg["nonce"]), pulses,
+        self._round = _Round(number, nonce, pulses,
                              started=now,
                              rng=np.random.default_rng(self._rng.integers(1 << 63)))
         self.stats.rounds_started += 1
@@ -787,7 +859,9 @@ class LinkCore:
             frame = PulseFrame.decode(data)
             if frame.pulses != pulses:
                 raise FrameError("pulse frame size differs from ROUND_START")
-            return BobProtocol(measure(frame, params, rng), post, rng)
+            secret = _secret_source(rng)
+            return BobProtocol(measure(frame, params, rng, secret), post,
+                               secret)  # type: ignore[arg-type]
 
         self._work.append(Work("measure", rnd, step))
 
@@ -831,9 +905,11 @@ class LinkCore:
 
     def _on_transcript(self, msg: dict[str, Any], now: float) -> None:
         rnd = self._round
-        if self.role != "alice" or rnd is None or int(msg["round"]) != rnd.number:
+        number = _int(msg, "round")
+        aborted, key_bits = _bool(msg, "aborted"), _int(msg, "key_bits")
+        if self.role != "alice" or rnd is None or number != rnd.number:
             return
-        rnd.peer_outcome = msg
+        rnd.peer_outcome = {"round": number, "aborted": aborted, "key_bits": key_bits}
         if (rnd.proto is not None and rnd.proto.done and not rnd.closing
                 and not rnd.busy and not self._work_pending_for(rnd)):
             self._alice_close()
@@ -879,11 +955,17 @@ class LinkCore:
 
     def _on_commit(self, msg: dict[str, Any], now: float) -> None:
         rnd = self._round
-        if self.role != "bob" or rnd is None or int(msg["round"]) != rnd.number:
+        number = _int(msg, "round")
+        key_bits = _int(msg, "key_bits")
+        rekey, refill, blocks = _bool(msg, "rekey"), _int(msg, "refill"), _int(msg, "blocks")
+        if self.role != "bob" or rnd is None or number != rnd.number:
             return
-        assert rnd.proto is not None
+        if rnd.proto is None or not rnd.proto.done or not rnd.closing:
+            # Alice may only close a round Bob has measured and sent TRANSCRIPT for.
+            raise LinkProtocolError("COMMIT before this side finished the round")
+        if refill % PAD_BYTES:
+            raise LinkProtocolError("COMMIT refill is not a whole number of pads")
         res = rnd.proto.result
-        key_bits = int(msg["key_bits"])
         if key_bits == 0:
             self._send_ctrl(COMMIT_ACK, {"round": rnd.number}, for_round=False)
             self._round = None
@@ -895,8 +977,8 @@ class LinkCore:
             return
         material = np.packbits(res.final_key[: key_bits - key_bits % 8]).tobytes()
         pend = {"round": rnd.number, "nonce": rnd.nonce, "material": material,
-                "rekey": bool(msg["rekey"]), "refill": int(msg["refill"]),
-                "blocks": int(msg["blocks"]), "pulses": rnd.pulses, "qber": res.qber_x}
+                "rekey": rekey, "refill": refill,
+                "blocks": blocks, "pulses": rnd.pulses, "qber": res.qber_x}
         # Bob's commit point: the ACK is tagged under the old pads, then the round's
         # pads are installed; the adapter persists all of it before the ACK leaves.
         self._send_ctrl(COMMIT_ACK, {"round": rnd.number}, for_round=False)
@@ -905,7 +987,8 @@ class LinkCore:
 
     def _on_commit_ack(self, msg: dict[str, Any], now: float) -> None:
         pend = self._pending_commit
-        if self.role != "alice" or pend is None or int(msg["round"]) != pend["round"]:
+        number = _int(msg, "round")
+        if self.role != "alice" or pend is None or number != pend["round"]:
             return
         self._pending_commit = None
         self._alice_commit(pend)
@@ -951,13 +1034,16 @@ class LinkCore:
 
     def _on_abort(self, msg: dict[str, Any], now: float) -> None:
         rnd = self._round
-        if rnd is None or int(msg["round"]) != rnd.number:
+        number = _int(msg, "round", -_U63)
+        reason = _str(msg, "reason", 400)
+        busy = msg.get("busy") is True
+        if rnd is None or number != rnd.number:
             return
         if rnd.pending is not None:
             self._pending_commit = None
-        if msg.get("busy") is True:
+        if busy:
             self.peer_busy_aborts += 1
-        self._abort_local(f"peer aborted: {msg['reason']}", notify=False)
+        self._abort_local(f"peer aborted: {reason}", notify=False)
 
     # ----------------------------------------------------------------- helpers
 
@@ -1048,7 +1134,8 @@ def _hello_fields(body: bytes) -> dict[str, Any]:
         raise LinkProtocolError("HELLO body is not JSON") from None
     if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
             and isinstance(msg.get("params"), str)
-            and all(type(msg.get(k)) is int for k in ("watermark_in", "committed"))):
+            and all(type(msg.get(k)) is int and 0 <= msg[k] <= _U63
+                    for k in ("watermark_in", "committed"))):
         raise LinkProtocolError("bad HELLO (fields missing or of the wrong type)")
     return msg
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qkd.common.errors import QkdError
+from qkd.link.csprng import SecretRng
 from qkd.sim.channel import AliceRecord, BobRecord
 from qkd.sim.params import LinkParams
 
@@ -42,6 +43,8 @@ VERSION = 1
 _HDR = struct.Struct("<4sBIQQ")
 ATTACKS = ("intercept-resend", "pns", "noise")
 MAX_PULSES = 1 << 31
+# What the secret draws come from: a KME's SecretRng, or a numpy generator (research).
+Random = np.random.Generator | SecretRng
 
 
 class FrameError(QkdError, ValueError):
@@ -90,18 +93,21 @@ def _photons(state: np.ndarray) -> np.ndarray:
     return (state & 0x1F).astype(np.int64)
 
 
-def emit(params: LinkParams, round_no: int, rng: np.random.Generator
-         ) -> tuple[SlotRecord, PulseFrame]:
-    """Alice's source for one round of `params.pulses` slots."""
+def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
+         secret: Random | None = None) -> tuple[SlotRecord, PulseFrame]:
+    """Alice's source for one round of `params.pulses` slots. `secret` draws what the
+    key depends on (intensity class, basis, bit; a KME passes `SecretRng`), `rng` the
+    photon numbers; without `secret`, `rng` draws everything (research runs)."""
+    sec = rng if secret is None else secret
     n = params.pulses
     if n > MAX_PULSES:
         raise ValueError(f"at most {MAX_PULSES} pulses per round")
     cum = np.cumsum(params.intensity_probs)
     # Inverse-CDF on one uniform per slot: same distribution as rng.choice, ~5x faster.
-    intensity = np.minimum(np.searchsorted(cum / cum[-1], rng.random(n), side="right"),
+    intensity = np.minimum(np.searchsorted(cum / cum[-1], sec.random(n), side="right"),
                            2).astype(np.uint8)
-    basis = (rng.random(n) >= params.basis_bias).astype(np.uint8)
-    bit = rng.integers(0, 2, n, dtype=np.uint8)
+    basis = (sec.random(n) >= params.basis_bias).astype(np.uint8)
+    bit = sec.integers(0, 2, n, dtype=np.uint8)
     means = np.array(params.intensities)[intensity]
     photons = rng.poisson(means)
     sent = np.flatnonzero(photons > 0)
@@ -147,8 +153,12 @@ def attack(frame: PulseFrame, mode: str, fraction: float, rng: np.random.Generat
     return PulseFrame(frame.round, frame.pulses, frame.slots[keep], st[keep])
 
 
-def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator) -> BobRecord:
-    """Bob's receiver: fibre and detector loss, basis choice, misalignment, dark clicks."""
+def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
+            secret: Random | None = None) -> BobRecord:
+    """Bob's receiver: fibre and detector loss, basis choice, misalignment, dark clicks.
+    `secret` draws Bob's bases and the bits of double and dark clicks, `rng` the
+    physics (as in `emit`)."""
+    sec = rng if secret is None else secret
     st = frame.state
     size = st.size
     photons = _photons(st)
@@ -156,7 +166,7 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator) -> 
     s_bit = (st >> 6) & 1
     bypass = (st >> 7).astype(bool)
     eta = np.where(bypass, params.detector_efficiency, params.eta_sys)
-    b_basis = (rng.random(size) >= params.basis_bias).astype(np.uint8)
+    b_basis = (sec.random(size) >= params.basis_bias).astype(np.uint8)
     m = rng.binomial(photons, eta)
     c = np.where(b_basis == s_basis, 1.0 - params.misalignment, 0.5)
     jc = rng.binomial(m, c)
@@ -166,7 +176,7 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator) -> 
     clicked = click_c | click_w
     bits = np.where(click_c, s_bit, 1 - s_bit).astype(np.uint8)
     both = click_c & click_w
-    bits[both] = rng.integers(0, 2, int(both.sum()), dtype=np.uint8)
+    bits[both] = sec.integers(0, 2, int(both.sum()), dtype=np.uint8)
     slots = frame.slots[clicked]
     basis = b_basis[clicked]
     bits = bits[clicked]
@@ -178,9 +188,9 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator) -> 
         cand = np.unique(rng.integers(0, frame.pulses, n_dark, dtype=np.int64))
         cand = cand[~np.isin(cand, frame.slots, assume_unique=True)]
         slots = np.concatenate([slots, cand])
-        basis = np.concatenate([basis, (rng.random(cand.size) >= params.basis_bias
+        basis = np.concatenate([basis, (sec.random(cand.size) >= params.basis_bias
                                         ).astype(np.uint8)])
-        bits = np.concatenate([bits, rng.integers(0, 2, cand.size, dtype=np.uint8)])
+        bits = np.concatenate([bits, sec.integers(0, 2, cand.size, dtype=np.uint8)])
         order = np.argsort(slots, kind="stable")
         slots, basis, bits = slots[order], basis[order], bits[order]
     return BobRecord(slots.astype(np.int64), basis, bits)
