@@ -104,7 +104,12 @@ def _name(sec: Section, key: str, example: str) -> str:
 
 def _existing_file(sec: Section, key: str, what: str) -> Path:
     p: Path = sec.path(key, fix=f"point it at {what}")
-    if not p.is_file():
+    try:
+        is_file = p.is_file()
+    except OSError as exc:  # is_file() only swallows "not found"-like errors
+        raise sec.error(key, f"cannot look at {str(p)[:60]!r} ({exc.strerror})",
+                        f"point it at {what}") from None
+    if not is_file:
         raise sec.error(key, f"file {str(p)!r} does not exist or is not a file",
                         f"point it at {what} (run `qkdgw pki init` to create one)")
     return p
