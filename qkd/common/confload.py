@@ -245,7 +245,9 @@ class Section:
         return value
 
     def float(self, key: _Str, default: Any = _MISSING, *, fix: _Str = "set it to a number",
-              min: _Float | None = None, max: _Float | None = None) -> Any:
+              min: _Float | None = None, max: _Float | None = None,
+              allow_inf: _Bool = False) -> Any:
+        """A number; inf only where the field documents a meaning for it (`allow_inf`)."""
         value = self._get(key, default, fix)
         if value is default and default is not _MISSING:
             return value
@@ -258,7 +260,7 @@ class Section:
                              fix) from None
         if value != value:  # NaN passes every comparison below
             raise self.error(key, "nan is not a number", fix)
-        if math.isinf(value):  # also 400 nines written as a float: TOML reads inf
+        if math.isinf(value) and not allow_inf:  # also 400 nines as a float: TOML reads inf
             raise self.error(key, f"{value} is not a finite number", fix)
         if min is not None and value < min:
             raise self.error(key, f"{value} is below the minimum {min}", f"use a value >= {min}")
