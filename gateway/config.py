@@ -76,6 +76,14 @@ class GatewayConfig:
     crl_grace: float = 0.0
     # [policy] accept_kems: further KEMs a peer may choose, after `kem` in preference.
     accept_kems: tuple[str, ...] = ()
+    # [kme] id / tls_min_version: the local KME's own name, pinned against its TLS
+    # certificate (None: "kme-<site_id>"), and the lowest TLS version spoken to it.
+    kme_id: str | None = None
+    kme_min_tls: str = "1.3"
+
+    @property
+    def kme_name(self) -> str:
+        return self.kme_id or f"kme-{self.site_id}"
 
     @property
     def kems(self) -> tuple[str, ...]:
@@ -104,7 +112,12 @@ def _name(sec: Section, key: str, example: str) -> str:
 
 def _existing_file(sec: Section, key: str, what: str) -> Path:
     p: Path = sec.path(key, fix=f"point it at {what}")
-    if not p.is_file():
+    try:
+        is_file = p.is_file()
+    except OSError as exc:  # is_file() only swallows "not found"-like errors
+        raise sec.error(key, f"cannot look at {str(p)[:60]!r} ({exc.strerror})",
+                        f"point it at {what}") from None
+    if not is_file:
         raise sec.error(key, f"file {str(p)!r} does not exist or is not a file",
                         f"point it at {what} (run `qkdgw pki init` to create one)")
     return p
@@ -225,6 +238,9 @@ def _parse(root: Section) -> GatewayConfig:
     kme_cert = _existing_file(kme, "cert", "this site's sae-client.crt")
     kme_key = _existing_file(kme, "key", "this site's sae-client.key")
     kme_timeout = kme.float("timeout_s", 5.0, min=0.1, max=120.0)
+    kme_id = (_name(kme, "id", f"kme-{site_id}") if kme.has("id") else f"kme-{site_id}")
+    kme_min_tls = kme.str("tls_min_version", "1.3", choices=("1.3", "1.2"),
+                          fix='"1.3" (default), or "1.2" for a KME without TLS 1.3')
     kme.finish()
 
     pol = root.section("policy", required=False)
@@ -290,6 +306,7 @@ def _parse(root: Section) -> GatewayConfig:
         reconnect_max=reconnect_max, peer_site_id=peer_site, peer_sae_id=peer_sae,
         ca_file=ca_file, cert_file=cert_file, key_file=key_file, kme_url=url.rstrip("/"),
         kme_ca=kme_ca, kme_cert=kme_cert, kme_key=kme_key, kme_timeout=kme_timeout,
+        kme_id=kme_id, kme_min_tls=kme_min_tls,
         kem=kem, allow_degraded=allow_degraded, qkd_key_bits=qkd_key_bits,
         pqc_backend=backend, listeners=tuple(listeners), services=tuple(services),
         log_level=level, log_format=fmt, keylog_file=keylog, admin_listen=admin_listen,

@@ -139,7 +139,8 @@ class Gateway:
             mux=MuxSettings(recv_window=config.stream_window, max_streams=config.max_streams),
         )
         self.kme = EtsiClient(config.kme_url, ca_file=config.kme_ca, cert_file=config.kme_cert,
-                              key_file=config.kme_key, timeout=config.kme_timeout)
+                              key_file=config.kme_key, timeout=config.kme_timeout,
+                              kme_id=config.kme_name, min_tls=config.kme_min_tls)
         self.keylog: KeyLogWriter | None = None
         self.used_key_ids = RecentKeyIds()
         self.tunnel: TunnelSession | None = None
@@ -377,6 +378,7 @@ class Gateway:
             **totals,
             "tunnel_connects": self.tunnel_connects,
             "budget": self.ops.status(),
+            "kme_tls": self.kme.tls_info(),
         }
 
     async def _start_admin(self) -> None:

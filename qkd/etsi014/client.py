@@ -8,6 +8,14 @@ recently given and refuses a KME that hands one out again.
 
 Errors name the KME URL and what went wrong; they never contain key bytes, and no
 answer body is ever echoed (it might hold keys).
+
+The KME is authenticated as *this site's* KME, not as any server the TLS CA signed:
+with `kme_id` set, the TLS handshake itself fails unless the server certificate names
+that KME (its subject commonName or a DNS subjectAltName), so a KME of another site
+under the same CA is refused before a request is sent. TLS 1.3 is the minimum unless
+the caller allows 1.2. Hybrid key exchange (X25519MLKEM768) is used when the linked
+OpenSSL offers it (3.5 and later put it first in their default groups); Python's ssl
+can neither set nor report groups before 3.13, so `tls_info()` says what is known.
 """
 
 from __future__ import annotations
@@ -43,6 +51,47 @@ log = get_logger("qkd.etsi014.client")
 _MAX_ANSWER = 16 * 1024 * 1024
 # How many delivered key IDs to remember for replay detection (~10 MB at the limit).
 _SEEN_LIMIT = 65536
+HYBRID_GROUP = "X25519MLKEM768"
+TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def hybrid_group_offered() -> bool:
+    """Whether the linked OpenSSL offers the hybrid ML-KEM group by default (3.5+)."""
+    return ssl.OPENSSL_VERSION_INFO[:2] >= (3, 5)
+
+
+def certificate_names(cert: dict[str, Any]) -> list[str]:
+    """The names a peer certificate (as `getpeercert()` gives it) can be pinned on:
+    subject commonNames and DNS subjectAltNames."""
+    names = [value for rdn in cert.get("subject", ()) for key, value in rdn
+             if key == "commonName"]
+    names += [value for kind, value in cert.get("subjectAltName", ()) if kind == "DNS"]
+    return names
+
+
+def _checked_sslobject(kme_id: str | None, sink: dict[str, Any]) -> type[ssl.SSLObject]:
+    """An SSLObject class that, once the handshake with the KME is done, refuses it
+    unless the verified server certificate names `kme_id` (None: no pinning), and
+    notes what was negotiated in `sink` (for /status)."""
+
+    class CheckedSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()  # raises SSLWantReadError until the handshake is done
+            names = certificate_names(self.getpeercert() or {})
+            if kme_id is not None and kme_id not in names:
+                shown = ", ".join(_clean(n, 64) for n in names[:4]) or "no name"
+                raise ssl.SSLCertVerificationError(
+                    f"server certificate is for {shown}, not this site's KME {kme_id!r} "
+                    "(fix: point [kme] url at this site's KME, or set [kme] id to the "
+                    "name in its certificate)")
+            cipher = self.cipher()
+            group = getattr(self, "group", None)  # newer Pythons: the negotiated group
+            sink.clear()
+            sink.update(version=self.version(), cipher=cipher[0] if cipher else None,
+                        peer=names[0] if names else None,
+                        group=group() if callable(group) else None)
+
+    return CheckedSSLObject
 
 
 class KmeError(QkdError):
@@ -80,7 +129,11 @@ class EtsiClient:
     """One KME, one client identity. Use `async with` or call `close()`."""
 
     def __init__(self, base_url: str, *, ca_file: Path, cert_file: Path, key_file: Path,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, kme_id: str | None = None,
+                 min_tls: str = "1.3") -> None:
+        """`kme_id`: the KME's own name its certificate must carry (None switches the
+        pinning off: any certificate from the CA is accepted). `min_tls`: "1.3" or
+        "1.2"."""
         parts = urlsplit(base_url)
         if parts.scheme != "https" or not parts.hostname or parts.query or parts.fragment:
             raise ValueError(f"KME URL must be https://host[:port][/prefix], got {base_url!r}")
@@ -88,7 +141,13 @@ class EtsiClient:
             raise ValueError("timeout must be positive")
         self.base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        if min_tls not in TLS_VERSIONS:
+            raise ValueError(f"min_tls must be one of {', '.join(TLS_VERSIONS)}")
+        self.kme_id = kme_id
+        self._min_tls = TLS_VERSIONS[min_tls]
         self._ssl = self._ssl_context(ca_file, cert_file, key_file)
+        self._tls: dict[str, Any] = {}
+        self._ssl.sslobject_class = _checked_sslobject(kme_id, self._tls)
         self._session: aiohttp.ClientSession | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()
 
@@ -102,7 +161,7 @@ class EtsiClient:
         except (OSError, ssl.SSLError) as exc:
             raise KmeError(f"KME {self.base_url}: cannot load CA file {str(ca_file)!r} "
                            f"({exc})") from None
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.minimum_version = self._min_tls
         try:
             ctx.load_cert_chain(str(cert_file), str(key_file))
         except (OSError, ssl.SSLError) as exc:
@@ -121,6 +180,26 @@ class EtsiClient:
                 timeout=self._timeout,
             )
         return self._session
+
+    def tls_info(self) -> dict[str, Any]:
+        """What the last connection to the KME negotiated, for /status (no secrets)."""
+        group = self._tls.get("group")
+        return {
+            "kme_id": self.kme_id, "pinned": self.kme_id is not None,
+            "min_version": "1.3" if self._min_tls == ssl.TLSVersion.TLSv1_3 else "1.2",
+            "version": self._tls.get("version"), "cipher": self._tls.get("cipher"),
+            "peer": self._tls.get("peer"),
+            "group": group,
+            "hybrid_group": (group == HYBRID_GROUP) if group else None,
+            "openssl": ssl.OPENSSL_VERSION,
+            "hybrid_group_offered": hybrid_group_offered(),
+            "note": (None if group else
+                     "Python's ssl does not report the key-exchange group; "
+                     + (f"{HYBRID_GROUP} is offered first by this OpenSSL"
+                        if hybrid_group_offered() else
+                        "this OpenSSL offers no ML-KEM group, so the exchange is classical "
+                        "(ECDHE)")),
+        }
 
     async def close(self) -> None:
         if self._session is not None:

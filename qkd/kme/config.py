@@ -160,7 +160,7 @@ class KmeConfig:
                                  "use the link-secret.key written by `qkdgw pki init` "
                                  "(64 hex digits)") from None
         if link_type == "ideal":
-            key_rate = link_sec.float("key_rate", 100.0, min=0.0,
+            key_rate = link_sec.float("key_rate", 100.0, min=0.0, allow_inf=True,
                                       fix="keys per second the simulated link produces; "
                                           "0 = none, inf = unlimited")
             link = LinkConfig(link_type, secret_file, key_rate, secret)

@@ -10,6 +10,8 @@ Two kinds of key source use it:
   KME's SAE once, and then its material is overwritten (NULL, with SQLite's
   secure_delete zeroing the freed page bytes); the row stays as a tombstone so the
   key ID can never be served again. Blocks past their lifetime are erased the same way.
+  The WAL is checkpointed with TRUNCATE before `take()` returns, so the answer leaves
+  only once the sealed block is in neither the main file nor the WAL.
 
 What makes "delivered to its master SAE once and to its slave SAE once, never again,
 also across restarts" hold for the ideal link:
@@ -136,6 +138,7 @@ class KeyStore:
     def __init__(self, path: Path, kme_id: str, sealer: Sealer | None = None) -> None:
         self.path = path
         self._sealer = sealer
+        self._erase_wal = True
 
         def setup(db: sqlite3.Connection) -> None:
             self._db = db
@@ -361,7 +364,26 @@ class KeyStore:
                 out.append((kid, material[: rows[0][5] // 8]))
             db.executemany("UPDATE pool SET state='delivered', material=NULL WHERE key_id=?",
                            [(kid,) for kid in key_ids])
+        # The answer carrying `out` leaves only after the sealed material is gone from
+        # the WAL too: secure_delete zeroed it in the new page images, the checkpoint
+        # writes those into the main file and TRUNCATE drops the WAL frames that still
+        # held the old pages.
+        if not self._erase_from_wal():
+            # Another connection holds the WAL open: the old pages may still be in it.
+            # Fail closed: the keys are recorded as delivered (never served again), but
+            # this answer is not sent while their sealed material may linger.
+            raise StoreError("could not checkpoint the key store's WAL to erase "
+                             "delivered key material; no other process may open the "
+                             "database while the KME runs")
         return out
+
+    def _erase_from_wal(self) -> bool:
+        """Checkpoint the WAL into the main file and truncate it; False if another
+        connection kept it from completing."""
+        if not self._erase_wal:  # test-only hook: the control that finds the blob
+            return True
+        busy, _, _ = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
 
     def purge_expired(self, now: float) -> int:
         """Erase every block past its lifetime (free or reserved); returns the count."""
@@ -371,8 +393,9 @@ class KeyStore:
                              "WHERE state IN ('free', 'reserved') AND expires <= ?", (now,))
             count = cur.rowcount
         if count:
-            # Push the erased pages out of the WAL into the (zeroed) main file.
-            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            # Push the erased pages out of the WAL into the (zeroed) main file; if a
+            # reader blocks it, the next take() or purge completes it.
+            self._erase_from_wal()
         return count
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes.util
 import gc
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -55,21 +56,59 @@ def fake_liboqs(fresh_probe: None, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     return prefix
 
 
-def test_import_and_auto_never_import_oqs() -> None:
-    # A clean interpreter: importing pqc, probing and using `auto` must not import oqs
-    # (which would try to download and build liboqs when the library is absent).
-    code = (
-        "import sys, pqc\n"
-        "pqc.available_backends(); pqc.liboqs_available()\n"
-        "k = pqc.get_kem('ML-KEM-768', 'auto'); dk = k.generate()\n"
-        "ct, ss = k.encapsulate(dk.encapsulation_key); assert dk.decapsulate(ct) == ss\n"
-        "pqc.get_mldsa('ML-DSA-65', 'auto')\n"
-        "try:\n    pqc.get_kem(backend='liboqs')\nexcept pqc.PqcError:\n    pass\n"
-        "print('oqs' in sys.modules, k.backend)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=PROJECT_ROOT, timeout=60)
-    assert out.stdout.split() == ["False", "openssl"]
+# Run in a clean interpreter: import pqc, probe, use `auto`, and record whether `oqs` was
+# imported *before* anything asks for liboqs explicitly. The answer goes to a file, not
+# stdout: the real liboqs-python prints to stdout when imported (version warnings), and
+# where liboqs is installed the explicit request below does import it.
+_NEVER_IMPORT_CODE = """
+import json, sys, pqc
+pqc.available_backends(); pqc.liboqs_available()
+k = pqc.get_kem('ML-KEM-768', 'auto'); dk = k.generate()
+ct, ss = k.encapsulate(dk.encapsulation_key); assert dk.decapsulate(ct) == ss
+pqc.get_mldsa('ML-DSA-65', 'auto')
+after_auto = 'oqs' in sys.modules
+try:
+    pqc.get_kem(backend='liboqs')
+except pqc.PqcError:
+    pass
+result = {'after_auto': after_auto, 'backend': k.backend,
+          'after_explicit': 'oqs' in sys.modules}
+open(sys.argv[1], 'w').write(json.dumps(result))
+"""
+
+
+def _never_import(tmp_path: Path, env: dict[str, str] | None = None
+                  ) -> tuple[dict[str, object], str]:
+    out_file = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-c", _NEVER_IMPORT_CODE, str(out_file)],
+                          capture_output=True, text=True, check=True, cwd=PROJECT_ROOT,
+                          timeout=60, env=env)
+    return json.loads(out_file.read_text()), proc.stdout
+
+
+def test_import_and_auto_never_import_oqs(tmp_path: Path) -> None:
+    # This machine as it is (with or without liboqs and liboqs-python).
+    result, _ = _never_import(tmp_path)
+    assert result["after_auto"] is False and result["backend"] == "openssl"
+
+
+def test_auto_never_imports_a_noisy_installed_oqs(tmp_path: Path) -> None:
+    # A machine where liboqs is "installed" (a prefix with liboqs.so) and `oqs` prints to
+    # stdout on import, as the real module does. The control: the explicit liboqs request
+    # does import it, and its print lands on stdout, so the check would see an import.
+    prefix = _fake_install(tmp_path / "prefix")
+    noisy = tmp_path / "noisy" / "oqs"
+    noisy.mkdir(parents=True)
+    fake = (FAKE_OQS_DIR / "oqs" / "__init__.py").read_text()
+    future = "from __future__ import annotations\n"
+    assert future in fake
+    (noisy / "__init__.py").write_text(fake.replace(
+        future, future + 'print("liboqs-python faulty: liboqs version mismatch")\n', 1))
+    env = dict(os.environ, OQS_INSTALL_PATH=str(prefix),
+               PYTHONPATH=os.pathsep.join([str(noisy.parent), str(PROJECT_ROOT)]))
+    result, stdout = _never_import(tmp_path, env)
+    assert result["after_auto"] is False and result["backend"] == "openssl"
+    assert result["after_explicit"] is True and "liboqs-python faulty" in stdout
 
 
 def test_auto_resolves_to_openssl(fake_liboqs: Path) -> None:

@@ -7,6 +7,14 @@ Phase 2 storms KME-B with dec_keys for every key phase 1 answered, killing it to
 "Answered" means the client read a 200 with the key; a delivery the store committed
 but whose answer died with the process is lost, which is the safe direction, and may
 only happen to requests that were in flight at a kill.
+
+The bookkeeping: a dec_keys batch whose answer never arrived (the connection died with
+the KME) is re-queued for after the restart, and its key IDs are remembered as *in
+flight at a kill*. The KME commits a delivery before its answer leaves, so such a batch
+may already be recorded: the retry then gets "already delivered" and the key is lost
+once, never delivered twice. Every other answered key must reach the slave exactly
+once. `_account` turns this into a list of vanished key IDs; the control drops one
+recorded delivery from the client's record and must see exactly that key vanish.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import asyncio
 import base64
 import json
 import random
+import sqlite3
 import ssl
 from pathlib import Path
 from typing import Any
@@ -61,11 +70,10 @@ async def _enc_worker(url: str, ctx: ssl.SSLContext, master: str, storm: Storm,
 
 
 async def _dec_worker(url: str, ctx: ssl.SSLContext, queue: list[list[str]], storm: Storm,
-                      stop: asyncio.Event, pending: set[str]) -> None:
+                      stop: asyncio.Event) -> None:
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
         while not stop.is_set() and queue:
             batch = queue.pop()
-            pending.update(batch)
             try:
                 async with s.post(f"{url}{API}/site-a-gw/dec_keys",
                                   json={"key_IDs": [{"key_ID": k} for k in batch]},
@@ -78,11 +86,33 @@ async def _dec_worker(url: str, ctx: ssl.SSLContext, queue: list[list[str]], sto
                     else:
                         storm.errors += 1
             except (aiohttp.ClientError, OSError, TimeoutError):
+                # The answer is lost; the KME may have committed the delivery before
+                # it died. Remember the batch as in flight at a kill, retry it later.
                 storm.errors += 1
-                queue.insert(0, batch)  # retried after the restart
+                storm.in_flight_at_kill.update(batch)
+                queue.insert(0, batch)
                 await asyncio.sleep(0.02)
-            finally:
-                pending.difference_update(batch)
+
+
+async def _account(wanted: dict[str, bytes], delivered: list[tuple[str, bytes]],
+                   in_flight_at_kill: set[str], fetch: Any,
+                   redeemed: list[tuple[str, bytes]]) -> list[str]:
+    """Ask the KME for every answered key the record says the slave has not got yet.
+    A 200 must carry the master's bytes (appended to `redeemed`); "already delivered"
+    is fine only for a key in flight at a kill. Returns the key IDs that vanished."""
+    got = {kid for kid, _ in delivered}
+    vanished = []
+    for kid in [k for k in wanted if k not in got]:
+        status, body = await fetch(kid)
+        if status == 200:
+            key = base64.b64decode(body["keys"][0]["key"])
+            assert key == wanted[kid], "the slave got other bytes than the master"
+            redeemed.append((kid, key))
+        else:
+            assert status == 400 and "already delivered" in body["message"], body
+            if kid not in in_flight_at_kill:
+                vanished.append(kid)
+    return vanished
 
 
 async def _storm_with_kills(start: Any, run: Any, kills: int) -> None:
@@ -121,12 +151,10 @@ async def run_crash_test(pki: Path, work: Path, kills: int) -> None:
     ordered = list(wanted)
     random.shuffle(ordered)
     queue = [ordered[i:i + 5] for i in range(0, len(ordered), 5)]
-    pending: set[str] = set()
 
     async def dec_run(url: str, stop: asyncio.Event) -> None:
-        await asyncio.gather(*(_dec_worker(url, _ctx(pki, "site-b"), queue, storm, stop,
-                                           pending) for _ in range(4)))
-        storm.in_flight_at_kill.update(pending)
+        await asyncio.gather(*(_dec_worker(url, _ctx(pki, "site-b"), queue, storm, stop)
+                               for _ in range(4)))
 
     await _storm_with_kills(lambda: KmeProcess(configs["b"], work, "kme-b"), dec_run, kills)
 
@@ -141,26 +169,42 @@ async def run_crash_test(pki: Path, work: Path, kills: int) -> None:
     try:
         async with aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=_ctx(pki, "site-b"))) as s:
-            for kid in [k for k in wanted if k not in set(got)]:
+            async def fetch(kid: str) -> tuple[int, dict[str, Any]]:
                 async with s.get(f"{proc.url}{API}/site-a-gw/dec_keys",
                                  params={"key_ID": kid}) as r:
-                    body = json.loads(await r.read())
-                if r.status == 200:
-                    assert base64.b64decode(body["keys"][0]["key"]) == wanted[kid]
-                else:
-                    assert r.status == 400 and "already delivered" in body["message"]
-                    assert kid in storm.in_flight_at_kill, \
-                        "an answered key vanished without being in flight at a kill"
+                    return r.status, json.loads(await r.read())
+
+            redeemed: list[tuple[str, bytes]] = []
+            vanished = await _account(wanted, storm.dec_answered, storm.in_flight_at_kill,
+                                      fetch, redeemed)
+            assert vanished == [], \
+                f"{len(vanished)} answered key(s) vanished without being in flight at a kill"
             for kid in got[:20]:
-                async with s.get(f"{proc.url}{API}/site-a-gw/dec_keys",
-                                 params={"key_ID": kid}) as r:
-                    assert r.status == 400, "a redeemed key was delivered again"
+                status, _ = await fetch(kid)
+                assert status == 400, "a redeemed key was delivered again"
+
+            # Control: a delivery the slave really got, dropped from the record (as a
+            # lost delivery would look), must be reported as vanished, and only it.
+            delivered = storm.dec_answered + redeemed
+            clean = [kid for kid, _ in delivered if kid not in storm.in_flight_at_kill]
+            assert clean, "no delivery outside the kills to drop for the control"
+            dropped = clean[len(clean) // 2]
+            doctored = [(kid, key) for kid, key in delivered if kid != dropped]
+            assert await _account(wanted, doctored, storm.in_flight_at_kill, fetch,
+                                  []) == [dropped], "the control did not trip"
     finally:
         proc.stop()
 
-    # Every key KME-A answered is on its disk as delivered to its master.
-    import sqlite3
+    # The keys lost at a kill are lost in the safe direction: KME-B recorded them as
+    # delivered to the slave (committed before the answer left), never handed out again.
+    lost = set(wanted) - {kid for kid, _ in storm.dec_answered + redeemed}
+    db_b = sqlite3.connect(work / "kme-b.sqlite3")
+    on_disk_b = {row[0] for row in db_b.execute(
+        "SELECT key_id FROM deliveries WHERE role='slave'")}
+    assert lost <= on_disk_b, "a key lost at a kill is not recorded as delivered"
+    assert lost <= storm.in_flight_at_kill
 
+    # Every key KME-A answered is on its disk as delivered to its master.
     db = sqlite3.connect(work / "kme-a.sqlite3")
     on_disk = {row[0] for row in db.execute(
         "SELECT key_id FROM deliveries WHERE role='master'")}
