@@ -42,6 +42,11 @@ class BudgetFigures:
     # is steady or growing; 0.0 when it is already empty; None before two samples.
     seconds_to_empty: float | None
     samples: int
+    # Seconds of samples the estimate rests on; below one time constant the rates still
+    # carry the noise of the first few samples (one key taken in the first second reads
+    # as "falling 1/s"), and the words say so.
+    window_s: float = 0.0
+    settled: bool = False
 
     @property
     def trend(self) -> str:
@@ -65,6 +70,8 @@ class BudgetFigures:
             "seconds_to_empty": "inf" if tte == INF else _round(tte),
             "trend": self.trend,
             "samples": self.samples,
+            "window_s": round(self.window_s, 1),
+            "settled": self.settled,
         }
 
 
@@ -121,11 +128,16 @@ class BudgetForecaster:
         self._cons = _Ewma(tau)
         self._samples = 0
         self._level = 0.0
+        self._first: float | None = None
+        self._latest: float | None = None
 
     def observe(self, t: float, level: float, *, produced: float | None = None,
                 consumed: float | None = None) -> BudgetFigures:
         self._samples += 1
         self._level = float(level)
+        if self._first is None or t < self._first:
+            self._first = t
+        self._latest = t
         self._net.update(t, float(level))
         if produced is not None:
             self._prod.update(t, float(produced), monotone=True)
@@ -145,10 +157,13 @@ class BudgetForecaster:
                 prod = max(0.0, net + cons)
             elif cons is None and prod is not None:
                 cons = max(0.0, prod - net)
+        window = 0.0 if self._first is None or self._latest is None else max(
+            0.0, self._latest - self._first)
         return BudgetFigures(level=self._level, net_rate=net, production_rate=prod,
                              consumption_rate=cons,
                              seconds_to_empty=seconds_to_empty(self._level, net),
-                             samples=self._samples)
+                             samples=self._samples, window_s=window,
+                             settled=window >= self.tau)
 
 
 def seconds_to_empty(level: float, net_rate: float | None) -> float | None:
@@ -198,8 +213,11 @@ def describe(fig: BudgetFigures, unit: str = "keys", what: str = "pool") -> str:
     if trend == "rising":
         return f"{head}, rising {format_rate(fig.net_rate)}/s"
     assert fig.seconds_to_empty is not None
-    return (f"{head}, falling {format_rate(fig.net_rate)}/s, dry in "
+    text = (f"{head}, falling {format_rate(fig.net_rate)}/s, dry in "
             f"{format_duration(fig.seconds_to_empty)}")
+    if not fig.settled:
+        text += f" (estimate from {fig.window_s:.0f} s of data)"
+    return text
 
 
 __all__ = ["INF", "BudgetFigures", "BudgetForecaster", "describe", "format_duration",

@@ -196,6 +196,21 @@ def _budget_metrics(b: dict[str, Any]) -> Iterator[Metric]:
             yield m
 
 
+async def ready(service: KmeService) -> tuple[bool, str]:
+    """Readiness: the KME can serve keys now (a key in the pool), or is about to (the
+    BB84 link is connected and making them; the ideal link produces at a positive rate)."""
+    if service.bb84 is not None:
+        free = await service.store.free_blocks(time.time())
+        if free > 0:
+            return True, f"{free} keys in the pool"
+        if service.bb84.status()["connected"]:
+            return True, "pool empty, link connected"
+        return False, "pool empty and the link is not connected"
+    if service.ideal_level() > 0 or service.config.link.key_rate > 0:
+        return True, "ideal link producing"
+    return False, "ideal link with key_rate 0 and an empty bucket"
+
+
 def build_admin_app(service: KmeService, budget: KmeBudget | None = None
                     ) -> web.Application:
     started = time.monotonic()
@@ -218,8 +233,17 @@ def build_admin_app(service: KmeService, budget: KmeBudget | None = None
     async def on_cleanup(_app: web.Application) -> None:
         await budget.stop()
 
+    async def readyz(_request: web.Request) -> web.Response:
+        ok, why = await ready(service)
+        return web.json_response({"ready": ok, "reason": why}, status=200 if ok else 503)
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"alive": True})
+
     app = web.Application()
     app[BUDGET] = budget
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/healthz", healthz)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     app.router.add_get("/status", status)
@@ -227,4 +251,4 @@ def build_admin_app(service: KmeService, budget: KmeBudget | None = None
     return app
 
 
-__all__ = ["BUDGET", "build_admin_app", "snapshot"]
+__all__ = ["BUDGET", "build_admin_app", "ready", "snapshot"]

@@ -151,3 +151,16 @@ def test_seconds_to_empty_is_level_over_drain(level: float, rate: float) -> None
         assert tte == pytest.approx(level / -rate)
     elif level > 0:
         assert tte == INF
+
+
+def test_early_estimate_says_it_is_early() -> None:
+    """One key taken in the first second reads as falling 1/s: true of the data, so it
+    is shown, but marked as resting on a second of data until one time constant."""
+    f = BudgetForecaster(tau=30)
+    f.observe(0.0, 94)
+    fig = f.observe(1.0, 93)
+    assert not fig.settled and fig.window_s == 1.0
+    assert describe(fig) == "pool 93 keys, falling 1/s, dry in ~2 min (estimate from 1 s of data)"
+    for t in range(2, 32):
+        fig = f.observe(float(t), 93)
+    assert fig.settled and "estimate from" not in describe(fig)

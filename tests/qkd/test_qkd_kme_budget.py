@@ -96,3 +96,20 @@ async def test_sampler_runs_with_the_admin_endpoint(make_config: Callable[..., K
     finally:
         await kme.close()
     assert budget._task is None
+
+
+async def test_readyz_and_healthz(make_config: Callable[..., KmeConfig]) -> None:
+    """Ready = serving keys (or producing them); a KME whose ideal link makes no key and
+    has none is alive but not ready."""
+    for rate, ready in (("inf", True), ("0", False)):
+        kme: RunningKme = await start_kme(make_config("a", extra=ADMIN, key_rate=rate))
+        try:
+            assert kme.admin_port
+            async with aiohttp.ClientSession() as s:
+                async with s.get(f"http://127.0.0.1:{kme.admin_port}/readyz") as r:
+                    assert r.status == (200 if ready else 503)
+                    assert (await r.json())["ready"] is ready
+                async with s.get(f"http://127.0.0.1:{kme.admin_port}/healthz") as r:
+                    assert r.status == 200 and (await r.json())["alive"] is True
+        finally:
+            await kme.close()
