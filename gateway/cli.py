@@ -27,6 +27,7 @@ _COMMANDS = {
     "rndl": "gateway.rndl",
     "qkd": "qkd.sim.cli",
     "eve": "qkd.link.eve",
+    "link-reset": "qkd.link.reset",
     "psk": "gateway.psk",
 }
 
