@@ -27,6 +27,7 @@ _COMMANDS = {
     "rndl": "gateway.tools.rndl",
     "qkd": "qkd.sim.cli",
     "eve": "qkd.link.eve",
+    "link-reset": "qkd.link.reset",
     "psk": "gateway.runtime.psk_store",
 }
 

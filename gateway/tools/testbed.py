@@ -269,6 +269,7 @@ format = "json"
         proc = self._spawn("eve", ["-m", "gateway.cli", "eve", "--listen", "127.0.0.1:0",
                                    "--forward", f"127.0.0.1:{self.ports['link-quantum']}",
                                    "--attack", str(o.eve), "--fraction", str(o.eve_fraction),
+                                   "--link-secret", str(self.pki / "link-secret.key"),
                                    "--start-after", str(o.eve_after or 0.0),
                                    "--port-file", str(port_file), "--log-format", "json"])
         self.ports["eve"] = int(self._wait_file(proc, port_file))

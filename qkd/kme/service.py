@@ -438,8 +438,11 @@ async def start_kme(config: KmeConfig, *,
                                 quantum_listen=lcfg.quantum_listen,
                                 round_timeout_s=lcfg.round_timeout_s)
         assert lcfg.state_file is not None
+        # Any block ever stored (free, reserved, delivered, expired) is key history:
+        # a missing link state file over it is refused, not re-bootstrapped.
+        history = sum((await store.pool_counts(0.0)).values())  # expired ones too
         try:
-            bb84 = Bb84Link(settings, store, sealer, lcfg.state_file,
+            bb84 = Bb84Link(settings, store, sealer, lcfg.state_file, key_history=history,
                             key_size_bits=config.limits.key_size,
                             lifetime_s=config.key_lifetime_s,
                             max_key_count=config.limits.max_key_count,

@@ -48,6 +48,8 @@ from qkd.common.log import get_logger
 from qkd.common.storage_key import Sealer, SealError
 from qkd.kme.keystore import AsyncKeyStore, PoolError, ReservedKey
 from qkd.link import core as lc
+from qkd.link import quantum
+from qkd.link import reset as link_reset
 from qkd.link.wegman_carter import AuthKeys
 from qkd.sim.params import LinkParams
 
@@ -70,6 +72,13 @@ BUSY_BACKOFF_MAX_S = 30.0
 # Test hook: "point:round" makes the KME SIGKILL itself at that point of that round
 # (points: alice-commit-sent, alice-before-ack, bob-before-ack). Never set in service.
 CRASH_ENV = "QKDGW_TEST_LINK_CRASH"
+# What the emulated link protects, said wherever it starts or reports status.
+QUANTUM_SECURITY = "none (emulated link: keys as secret as the link secret and AES)"
+QUANTUM_SECURITY_NOTE = (
+    "EMULATED BB84 LINK: the quantum channel is a TCP connection sealed with AES-256-GCM "
+    "under keys from the link secret. Its keys are only as secret as the link secret and "
+    "AES (no quantum security), like the ideal link's; anyone with the link secret file "
+    "can read the pulses. A real QKD device replaces this channel by the fibre.")
 
 
 def _crash_point() -> tuple[str, int] | None:
@@ -105,6 +114,7 @@ class LinkHealth:
     connections_refused: int = 0  # Bob: no valid HELLO from a new connection
     loop_errors: int = 0  # unexpected errors a task loop survived
     reservations_released: int = 0  # recorded for the peer, then its answer lapsed
+    quantum_frames_rejected: int = 0  # Bob: not a sealed pulse frame
 
 
 @dataclass(frozen=True)
@@ -138,8 +148,11 @@ def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
 class Bb84Link:
     def __init__(self, settings: Bb84Settings, store: AsyncKeyStore, sealer: Sealer,
                  state_path: Path, *, key_size_bits: int, lifetime_s: float,
-                 max_key_count: int, local_saes: Sequence[str], peer_saes: Sequence[str]
-                 ) -> None:
+                 max_key_count: int, local_saes: Sequence[str], peer_saes: Sequence[str],
+                 key_history: int = 0) -> None:
+        """`key_history`: blocks the key store has ever held (any state); with a
+        missing state file and history, the KME refuses to bootstrap (see
+        qkd.link.reset)."""
         self.s = settings
         self.store = store
         self._sealer = sealer
@@ -148,9 +161,10 @@ class Bb84Link:
         self._max = max_key_count
         self._local = frozenset(local_saes)
         self._peers = frozenset(peer_saes)
-        auth, saved = self._load_state(settings)
+        auth, saved = self._load_state(settings, key_history)
         self.core = lc.LinkCore(settings.role, auth, settings.params, key_size_bits,
-                                np.random.default_rng(), committed=int(saved["committed"]),
+                                np.random.default_rng(), link_secret=settings.bootstrap_key,
+                                committed=int(saved["committed"]),
                                 saved=saved, round_timeout_s=settings.round_timeout_s)
         self._lock = asyncio.Lock()
         self._writer: asyncio.StreamWriter | None = None
@@ -173,11 +187,27 @@ class Bb84Link:
 
     # ----------------------------------------------------------- state at rest
 
-    def _load_state(self, s: Bb84Settings) -> tuple[AuthKeys, dict[str, Any]]:
+    def _load_state(self, s: Bb84Settings, key_history: int
+                    ) -> tuple[AuthKeys, dict[str, Any]]:
         try:
             sealed = self._state_path.read_bytes()
         except FileNotFoundError:
-            return lc.bootstrap_auth(s.role, s.bootstrap_key), {"committed": 0}
+            path = str(self._state_path)
+            if key_history and not link_reset.reset_allowed(self._state_path,
+                                                            s.bootstrap_key):
+                raise lc.LinkProtocolError(
+                    f"link state file {path!r} is missing but the key store holds "
+                    f"{key_history} blocks from an earlier bootstrap; this KME will not "
+                    "bootstrap again silently (fix: restore the state file, or reset the "
+                    "pair: stop both KMEs, `qkdgw link-reset --config FILE --new-secret` "
+                    "on one, copy the new link secret, `qkdgw link-reset --config FILE` "
+                    "on the other)") from None
+            try:
+                link_reset.record_bootstrap(self._state_path, s.bootstrap_key)
+            except (OSError, ValueError) as exc:
+                raise lc.LinkProtocolError(f"cannot record the bootstrap next to {path!r} "
+                                           f"({exc})") from None
+            return lc.unbootstrapped_auth(s.role), {"committed": 0}
         try:
             state = json.loads(self._sealer.open(_STATE_ID, sealed))
         except (SealError, ValueError):
@@ -465,6 +495,8 @@ class Bb84Link:
             self._tasks.append(asyncio.create_task(self._drive_loop()))
         self._tasks.append(asyncio.create_task(self._timeout_loop()))
         self._tasks.append(asyncio.create_task(self._work_loop()))
+        log.warning("link_quantum_security", quantum_security=QUANTUM_SECURITY,
+                    message=QUANTUM_SECURITY_NOTE)
         log.info("link_started", role=self.s.role, auth_mode=self.core.auth.mode,
                  distance_km=self.s.params.distance_km, pulses=self.s.params.pulses,
                  committed=self.core.committed,
@@ -566,13 +598,17 @@ class Bb84Link:
 
     async def _on_quantum(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
-        limit = 64 + 5 * self.s.params.pulses
+        limit = 64 + quantum.SEAL_OVERHEAD + 5 * self.s.params.pulses
         try:
             while True:
                 data = await read_frame(reader, limit)
                 await self._call(self.core.receive_pulses, data, time.monotonic())
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             log.info("link_quantum_closed", reason=type(exc).__name__)
+        except lc.LinkProtocolError as exc:
+            # Not a sealed frame: nobody without the link secret gets one in.
+            self.health.quantum_frames_rejected += 1
+            log.warning("link_quantum_frame_rejected", error=str(exc))
         finally:
             writer.close()
 
@@ -698,6 +734,7 @@ class Bb84Link:
         r = self.reservations
         return {
             "link_type": "bb84", "role": self.s.role,
+            "quantum_security": QUANTUM_SECURITY,
             "connected": self._writer is not None and self.core.peer_ready,
             "distance_km": p.distance_km, "pulses_per_round": p.pulses,
             "rounds_started": st.rounds_started, "rounds_committed": st.rounds_committed,
@@ -719,6 +756,7 @@ class Bb84Link:
             "reservations_lapsed": st.reservations_lapsed,
             "state_save_failures": self.health.state_save_failures,
             "connections_refused": self.health.connections_refused,
+            "quantum_frames_rejected": self.health.quantum_frames_rejected,
             "loop_errors": self.health.loop_errors,
         }
 

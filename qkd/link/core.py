@@ -61,6 +61,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import json
 import secrets
 import struct
@@ -73,8 +74,19 @@ from typing import Any
 import numpy as np
 
 from qkd.common.errors import QkdError
+from qkd.link import quantum
 from qkd.link.csprng import SecretRng
-from qkd.link.quantum import FrameError, PulseFrame, Random, SlotRecord, emit, measure
+from qkd.link.quantum import (
+    FrameError,
+    PulseFrame,
+    Random,
+    SealError,
+    SlotRecord,
+    emit,
+    measure,
+    seal,
+    unseal,
+)
 from qkd.link.wegman_carter import (
     HASH_KEY_BYTES,
     PAD_BYTES,
@@ -88,9 +100,20 @@ from qkd.sim.params import LinkParams
 from qkd.sim.protocol import AliceProtocol, BobProtocol, PostParams
 
 HELLO, ROUND_START, PP, TRANSCRIPT, COMMIT, COMMIT_ACK, RESERVE, RESERVE_ACK, ABORT = range(1, 10)
+BOOT, BOOT_ACK = 10, 11
 _NAMES = {HELLO: "HELLO", ROUND_START: "ROUND_START", PP: "PP", TRANSCRIPT: "TRANSCRIPT",
           COMMIT: "COMMIT", COMMIT_ACK: "COMMIT_ACK", RESERVE: "RESERVE",
           RESERVE_ACK: "RESERVE_ACK", ABORT: "ABORT"}
+# Bootstrap nonce exchange (first start of a pair, or after `qkdgw link-reset`):
+#   BOOT      type u8 | nonce_a 16 | HMAC-SHA256(K, "a" | nonce_a)
+#   BOOT_ACK  type u8 | nonce_a 16 | nonce_b 16 | HMAC-SHA256(K, "b" | nonce_a | nonce_b)
+# K = HKDF(link secret, "boot mac"). The bootstrap hash key and pads are then derived
+# from the link secret *and* both nonces, so no two bootstraps share a pad (a frame
+# recorded under one never verifies under another). Alice's fresh nonce in the ACK's
+# MAC makes an old ACK useless to a replayer; Bob's makes the keys fresh for him.
+_BOOT = struct.Struct("<B16s32s")
+_BOOT_ACK = struct.Struct("<B16s16s32s")
+UNBOOTSTRAPPED = "unbootstrapped"
 _LABEL = b"qkdgw link v1\x00"
 _CTRL = struct.Struct("<BQ16s")
 # Pads per direction a refill tops the streams up to; the first committed round also
@@ -246,9 +269,10 @@ class PreparedRound:
 
     number: int
     record: SlotRecord = field(repr=False)
-    frame: bytes = field(repr=False)
+    frame: bytes = field(repr=False)  # sealed for the wire
     proto: AliceProtocol = field(repr=False)
     rng: np.random.Generator = field(repr=False)
+    nonce: bytes = field(default=b"", repr=False)  # the round's ROUND_START nonce
 
 
 @dataclass(frozen=True)
@@ -341,9 +365,12 @@ class LinkCore:
     """One side ("alice" drives rounds and emits pulses, "bob" measures)."""
 
     def __init__(self, role: str, auth: AuthKeys, params: LinkParams, key_size_bits: int,
-                 rng: np.random.Generator, *, committed: int = 0,
+                 rng: np.random.Generator, *, link_secret: bytes, committed: int = 0,
                  saved: dict[str, Any] | None = None,
                  round_timeout_s: float | None = None) -> None:
+        """`auth` from `bootstrap_auth` (tests), from the persisted state, or
+        `unbootstrapped_auth(role)`: then the first connection runs the bootstrap nonce
+        exchange (BOOT / BOOT_ACK) before any HELLO."""
         if role not in ("alice", "bob"):
             raise ValueError("role must be 'alice' or 'bob'")
         if key_size_bits % 8:
@@ -356,6 +383,8 @@ class LinkCore:
             self.post = dataclasses.replace(self.post, timeout_s=round_timeout_s)
         self.block_bytes = key_size_bits // 8
         self.fingerprint = params_fingerprint(params, key_size_bits)
+        # Keys the quantum channel's AEAD per round (qkd.link.quantum.seal).
+        self._link_secret = bytes(link_secret)
         self._rng = rng
         # Only prepare_round draws from this one: it runs off the lock, in parallel
         # with calls that use self._rng.
@@ -381,6 +410,7 @@ class LinkCore:
         self._owed_answers: set[int] = set()
         # Alice: rounds Bob refused in a row because his last deposit is not stored.
         self.peer_busy_aborts = 0
+        self._boot_nonce: bytes | None = None  # Alice: her BOOT nonce in flight
         if saved:
             self._pending_commit = _load_pending(saved.get("pending_commit"))
             self._pending_deposit = _load_pending(saved.get("pending_deposit"))
@@ -432,7 +462,10 @@ class LinkCore:
             return  # the round was aborted while the step ran: drop its result
         if work.error is not None:
             what = "quantum channel" if work.kind == "measure" else "post-processing"
-            self._abort_local(f"{what}: {work.error}")
+            sealed = isinstance(work.error, SealError)
+            if sealed:
+                self.stats.auth_failures += 1
+            self._abort_local(f"{what}: {work.error}", auth=sealed)
             return
         if work.kind == "measure":
             rnd.proto = work.result
@@ -469,7 +502,13 @@ class LinkCore:
         sends HELLO; Bob waits for hers (`receive_frame` or `accept_hello`)."""
         self._reset_connection()
         if self.role == "alice":
-            self._send_hello()
+            if self.auth.mode == UNBOOTSTRAPPED:
+                self._boot_nonce = secrets.token_bytes(16)
+                self._out.append(_BOOT.pack(BOOT, self._boot_nonce,
+                                            _boot_mac(self._link_secret, b"a",
+                                                      self._boot_nonce)))
+            else:
+                self._send_hello()
 
     def _reset_connection(self) -> None:
         if self._round is not None and self._round.pending is None:
@@ -489,6 +528,8 @@ class LinkCore:
         if self.role != "bob":
             raise ValueError("only Bob accepts connections")
         self._now = now
+        if data and data[0] == BOOT:
+            return self._on_boot(data)
         if not data or data[0] != HELLO:
             return False
         try:
@@ -535,6 +576,12 @@ class LinkCore:
         if kind == PP:
             self._on_pp(data[1:], now)
             return
+        if kind == BOOT_ACK:
+            self._on_boot_ack(data)
+            return
+        if self.auth.mode == UNBOOTSTRAPPED:
+            raise LinkProtocolError(f"{_NAMES.get(kind, kind)} before the bootstrap "
+                                    "nonce exchange")
         frame = _parse_ctrl(data)
         if kind == HELLO:
             self._receive_hello(frame, _hello_fields(frame.body), now, new_connection=False)
@@ -570,6 +617,53 @@ class LinkCore:
             # Out of pads for the answer (TRANSCRIPT, COMMIT, COMMIT_ACK): the round
             # ends here, cleanly, instead of the error killing the adapter's reader.
             self._abort_local(f"cannot sign {_NAMES[kind]}'s answer ({exc})")
+
+    @property
+    def can_bootstrap(self) -> bool:
+        """Bob: no key of the current bootstrap has authenticated anything yet (a lost
+        BOOT_ACK lets Alice start over; once her HELLO verified, never again)."""
+        a = self.auth
+        return (a.mode == UNBOOTSTRAPPED or (a.mode == "bootstrap" and a.used == 0
+                                             and a.watermark_in == 0)) \
+            and self.committed == 0 and self._pending_deposit is None
+
+    def _on_boot(self, data: bytes) -> bool:
+        """Bob: Alice's BOOT on a new connection. True: BOOT_ACK queued, the connection
+        is the current one (Alice's HELLO under the new keys follows on it)."""
+        if self.role != "bob" or len(data) != _BOOT.size:
+            return False
+        _, nonce_a, mac = _BOOT.unpack(data)
+        if not hmac.compare_digest(mac, _boot_mac(self._link_secret, b"a", nonce_a)):
+            self.stats.auth_failures += 1
+            return False
+        if not self.can_bootstrap:
+            raise LinkProtocolError(
+                "the peer KME asks to bootstrap the link again, but this KME holds link "
+                "state from an earlier bootstrap; if the peer lost its state, reset the "
+                "pair: stop both KMEs, run `qkdgw link-reset --config FILE --new-secret` "
+                "on one and copy its new link secret to the other before "
+                "`qkdgw link-reset --config FILE` there")
+        self._reset_connection()
+        nonce_b = secrets.token_bytes(16)
+        self.auth = bootstrap_auth("bob", self._link_secret, nonce_a + nonce_b)
+        self.auth_dirty = True
+        self._out.append(_BOOT_ACK.pack(BOOT_ACK, nonce_a, nonce_b, _boot_mac(
+            self._link_secret, b"b", nonce_a + nonce_b)))
+        return True
+
+    def _on_boot_ack(self, data: bytes) -> None:
+        if self.role != "alice" or self._boot_nonce is None or len(data) != _BOOT_ACK.size:
+            raise LinkProtocolError("unexpected BOOT_ACK")
+        _, nonce_a, nonce_b, mac = _BOOT_ACK.unpack(data)
+        if nonce_a != self._boot_nonce or not hmac.compare_digest(
+                mac, _boot_mac(self._link_secret, b"b", nonce_a + nonce_b)):
+            self.stats.auth_failures += 1
+            raise LinkProtocolError("BOOT_ACK failed authentication (or answers another "
+                                    "BOOT)")
+        self._boot_nonce = None
+        self.auth = bootstrap_auth("alice", self._link_secret, nonce_a + nonce_b)
+        self.auth_dirty = True
+        self._send_hello()
 
     def _auth_failed(self, kind: int, exc: AuthError) -> None:
         self.auth_dirty = True
@@ -631,8 +725,13 @@ class LinkCore:
         """Bob: a pulse frame from the quantum channel (maybe rewritten by Eve)."""
         if self.role != "bob":
             raise LinkProtocolError("Alice does not receive pulses")
-        # The round number sits in the header (magic 4, version 1, round u32); a
-        # malformed frame is kept under whatever it claims and fails decoding later.
+        # The round number sits in the header (magic 4, version 1, round u32); the
+        # frame is authenticated once the round's nonce is known (the measure step).
+        if not quantum._TEST_PLAINTEXT:
+            try:
+                quantum.sealed_header(data)
+            except FrameError as exc:
+                raise LinkProtocolError(f"quantum channel: {exc}") from None
         number = struct.unpack_from("<I", data, 5)[0] if len(data) >= 9 else -1
         self._pulse_frames[number] = data
         # Keep only the newest few: an old frame whose round was aborted is useless.
@@ -665,9 +764,11 @@ class LinkCore:
         rng = np.random.default_rng(self._prep_rng.integers(1 << 63))
         secret = _secret_source(rng)
         record, frame = emit(self.params, number & 0xFFFFFFFF, rng, secret)
-        return PreparedRound(number, record, frame.encode(),
+        nonce = _round_nonce(rng)
+        wire = seal(self._link_secret, nonce, number, frame.encode())
+        return PreparedRound(number, record, wire,
                              AliceProtocol(record, self.post, secret),  # type: ignore[arg-type]
-                             rng)
+                             rng, nonce)
 
     def start_round(self, now: float, prepared: PreparedRound | None = None, *,
                     room: int | None = None) -> None:
@@ -690,7 +791,7 @@ class LinkCore:
         elif prepared.number != number:
             raise ValueError("prepared round is stale")
         self._last_round = number
-        nonce = _round_nonce(self._rng)
+        nonce = prepared.nonce
         params = self.params
         self._round = _Round(number, nonce, params.pulses, started=now, rng=prepared.rng,
                              room=room)
@@ -852,11 +953,13 @@ class LinkCore:
             return
         rnd.measuring = True
         params, post, rng, pulses = self.params, self.post, rnd.rng, rnd.pulses
-        assert rng is not None
+        link_secret, number, nonce = self._link_secret, rnd.number, rnd.nonce
+        if rng is None:
+            raise ValueError("round without a generator")  # cannot happen: set at start
 
         def step() -> BobProtocol:
-            # Decoding tens of MB is part of the heavy step: off the lock too.
-            frame = PulseFrame.decode(data)
+            # Opening and decoding tens of MB is part of the heavy step: off the lock.
+            frame = PulseFrame.decode(unseal(link_secret, data, number, nonce))
             if frame.pulses != pulses:
                 raise FrameError("pulse frame size differs from ROUND_START")
             secret = _secret_source(rng)
@@ -1167,14 +1270,37 @@ def _load_pending(saved: Any) -> dict[str, Any] | None:
     return pend
 
 
-def bootstrap_auth(role: str, psk: bytes) -> AuthKeys:
-    """Fresh authentication keys from the pre-shared bootstrap key (first start only)."""
+def _boot_mac(psk: bytes, who: bytes, data: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+    key = HKDFExpand(hashes.SHA256(), 32, b"qkdgw link boot mac v1").derive(psk)
+    return hmac.new(key, b"qkdgw link boot v1\x00" + who + data, "sha256").digest()
+
+
+def bootstrap_auth(role: str, psk: bytes, session: bytes = b"") -> AuthKeys:
+    """Bootstrap authentication keys from the pre-shared link secret and `session`,
+    the two nonces of the BOOT exchange (nonce_a | nonce_b). Without `session` every
+    bootstrap under one secret gets the same pads: only tests use that (in-memory
+    pairs, and the positive control of the pad-reuse test)."""
     from qkd.link.wegman_carter import bootstrap_material
 
-    keys = AuthKeys(role, HashKey(bootstrap_material(psk, b"hash key", HASH_KEY_BYTES)),
+    if session and len(session) != 32:
+        raise ValueError("bootstrap session must be both 16-byte nonces")
+    # The nonces go into the HKDF info through the label, so each session has its own
+    # key stream; with no session the labels (and the keys) are the old ones.
+    keys = AuthKeys(role, HashKey(bootstrap_material(psk, b"hash key" + session,
+                                                     HASH_KEY_BYTES)),
                     reserve=RESERVE_PAD_BYTES, mode="bootstrap")
-    keys.refill(bootstrap_material(psk, b"pads", 2 * BOOTSTRAP_PAD_BYTES))
+    keys.refill(bootstrap_material(psk, b"pads" + session, 2 * BOOTSTRAP_PAD_BYTES))
     return keys
 
 
-__all__ = ["LinkCore", "bootstrap_auth", "make_tag"]
+def unbootstrapped_auth(role: str) -> AuthKeys:
+    """Placeholder keys of a KME that has not run the bootstrap exchange: no pads, so
+    it signs nothing until BOOT / BOOT_ACK installs the real ones."""
+    return AuthKeys(role, HashKey(bytes(HASH_KEY_BYTES)), reserve=RESERVE_PAD_BYTES,
+                    mode=UNBOOTSTRAPPED)
+
+
+__all__ = ["LinkCore", "bootstrap_auth", "make_tag", "unbootstrapped_auth"]

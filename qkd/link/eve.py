@@ -6,6 +6,11 @@ splitting or depolarising noise on a fraction of the pulses). The KMEs only see 
 effect in their own statistics (QBER, decoy estimates). The classical channel is not
 touched: it is authenticated, and tampering with it is a different test.
 
+The emulated quantum channel is sealed (AES-256-GCM under keys from the link secret,
+see `qkd.link.quantum`), so a network observer learns nothing from it. Eve plays the
+physical eavesdropper a real fibre would allow only because she is handed the link
+secret (`--link-secret`): she opens each frame, attacks it and seals it again.
+
 With `--start-after S` she forwards the frames untouched for S seconds and attacks
 from then on; SIGUSR1 starts the attack at once (`qkdgw demo --eve` uses it to strike
 only once the tunnel has run on link key for a while).
@@ -27,7 +32,17 @@ from qkd.common.confload import HostPort, parse_host_port
 from qkd.common.errors import UserError
 from qkd.common.log import configure_logging, get_logger
 from qkd.link.bb84 import read_frame, write_frame
-from qkd.link.quantum import ATTACKS, MAX_PULSES, FrameError, PulseFrame, attack
+from qkd.link.quantum import (
+    ATTACKS,
+    MAX_PULSES,
+    SEAL_OVERHEAD,
+    FrameError,
+    PulseFrame,
+    attack,
+    seal,
+    sealed_header,
+    unseal,
+)
 
 log = get_logger("qkd.eve")
 
@@ -50,7 +65,7 @@ class Trigger:
 
 async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  forward: HostPort, mode: str, fraction: float,
-                 rng: np.random.Generator, trigger: Trigger) -> None:
+                 rng: np.random.Generator, trigger: Trigger, link_secret: bytes) -> None:
     try:
         up_r, up_w = await asyncio.open_connection(forward.host, forward.port)
     except OSError as exc:
@@ -59,9 +74,10 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
         return
     try:
         while True:
-            data = await read_frame(reader, 64 + 5 * MAX_PULSES)
+            data = await read_frame(reader, 64 + SEAL_OVERHEAD + 5 * MAX_PULSES)
             try:
-                frame = PulseFrame.decode(data)
+                rnd, nonce, counter = sealed_header(data)
+                frame = PulseFrame.decode(unseal(link_secret, data))
             except FrameError:
                 write_frame(up_w, data)  # not ours to understand: pass it on
             else:
@@ -71,7 +87,8 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     await up_w.drain()
                     continue
                 tapped = await asyncio.to_thread(attack, frame, mode, fraction, rng)
-                write_frame(up_w, tapped.encode())
+                # A new counter: never two plaintexts under one GCM nonce.
+                write_frame(up_w, seal(link_secret, nonce, rnd, tapped.encode(), counter + 1))
                 log.info("eve_frame", round=frame.round, pulses=frame.pulses,
                          sent=int(frame.slots.size), forwarded=int(tapped.slots.size),
                          attack=mode, fraction=fraction)
@@ -85,12 +102,12 @@ async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
 
 
 async def run_eve(listen: HostPort, forward: HostPort, mode: str, fraction: float,
-                  port_file: Path | None = None, seed: int | None = None,
-                  start_after: float = 0.0) -> None:
+                  link_secret: bytes, port_file: Path | None = None,
+                  seed: int | None = None, start_after: float = 0.0) -> None:
     rng = np.random.default_rng(seed)
     trigger = Trigger(start_after)
     server = await asyncio.start_server(
-        lambda r, w: _relay(r, w, forward, mode, fraction, rng, trigger),
+        lambda r, w: _relay(r, w, forward, mode, fraction, rng, trigger, link_secret),
         listen.host, listen.port)
     port = server.sockets[0].getsockname()[1]
     log.info("eve_started", listen=f"{listen.host}:{port}", forward=str(forward),
@@ -123,10 +140,17 @@ def _handle(args: argparse.Namespace) -> int:
     if not args.start_after >= 0.0:
         raise UserError("--start-after must be a number of seconds >= 0 (inf: only on "
                         "SIGUSR1)")
+    from qkd.link.ideal import load_link_secret
+
+    try:
+        link_secret = load_link_secret(args.link_secret)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--link-secret {args.link_secret}: {exc} (fix: pass the "
+                        "link-secret.key both KMEs' [link] secret_file name)") from None
     configure_logging(args.log_level, args.log_format, process="eve")
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_eve(listen, forward, args.attack, args.fraction, args.port_file,
-                            args.seed, args.start_after))
+        asyncio.run(run_eve(listen, forward, args.attack, args.fraction, link_secret,
+                            args.port_file, args.seed, args.start_after))
     return 0
 
 
@@ -139,6 +163,9 @@ def register_cli(subparsers: Any) -> None:
     p.add_argument("--forward", required=True, metavar="HOST:PORT",
                    help="Bob's KME quantum_listen address")
     p.add_argument("--attack", required=True, choices=ATTACKS)
+    p.add_argument("--link-secret", required=True, type=Path, metavar="FILE",
+                   help="the KMEs' link secret ([link] secret_file): the quantum channel "
+                        "is sealed under it, so eve needs it to play the eavesdropper")
     p.add_argument("--fraction", type=float, default=1.0,
                    help="fraction of the pulses attacked (default 1)")
     p.add_argument("--start-after", type=float, default=0.0, metavar="S",

@@ -24,6 +24,22 @@ clicks cover every slot of the round.
 Frame (little-endian): b"QKDQ" | version u8 | round u32 | pulses u64 | count u64 |
 slot deltas u32[count] | state u8[count], state = photons (5 bits, capped at 31) |
 basis << 5 | bit << 6 | bypass << 7.
+
+On the wire between two KMEs that frame is *sealed* (`seal` / `unseal`): the pulses'
+states are what a real fibre would never show to an observer, and in this emulation they
+travel over TCP, so they are encrypted and authenticated with AES-256-GCM:
+
+    b"QKDS" | version u8 | round u32 | round nonce 16 | counter u64 | ciphertext+tag
+    key   = HKDF-SHA256(link secret, salt = round nonce,
+                        info = "qkdgw quantum channel v1" | direction | round u64)
+    nonce = direction (4 bytes) | counter u64;  AAD = the header
+
+The round nonce is Alice's fresh ROUND_START nonce (Bob checks the two agree), so every
+round and direction has its own key. Whoever holds the link secret can read and rewrite
+pulses (that is how `qkdgw eve` plays the eavesdropper on purpose); nobody else learns
+anything from the connection or gets a frame accepted. The emulated link's keys are
+therefore only as secret as the link secret and AES, like the ideal link's; a real QKD
+device replaces all of this by the fibre, where the physics does the protecting.
 """
 
 from __future__ import annotations
@@ -32,6 +48,10 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from qkd.common.errors import QkdError
 from qkd.link.csprng import SecretRng
@@ -49,6 +69,71 @@ Random = np.random.Generator | SecretRng
 
 class FrameError(QkdError, ValueError):
     """A pulse frame is malformed (Bob then treats the round as lost)."""
+
+
+class SealError(FrameError):
+    """A sealed pulse frame did not authenticate (forged, altered, replayed from another
+    round or sealed under another link secret)."""
+
+
+SEALED_MAGIC = b"QKDS"
+SEAL_VERSION = 1
+_SEAL_HDR = struct.Struct("<4sBI16sQ")
+SEAL_OVERHEAD = _SEAL_HDR.size + 16
+A2B = b"a2b\x00"
+# Test hook, never set in service: True sends pulse frames in clear, as the old code
+# did (the positive control of tests/qkd/test_qkd_link_tap.py: a tap then rebuilds
+# every key). Both ends of a link read it, so it only works inside one process.
+_TEST_PLAINTEXT = False
+
+
+def channel_key(link_secret: bytes, nonce: bytes, round_no: int,
+                direction: bytes = A2B) -> bytes:
+    """The AES-256-GCM key of one round and direction of the quantum channel."""
+    if len(link_secret) < 16 or len(nonce) != 16:
+        raise ValueError("quantum channel key needs the link secret and a 16-byte nonce")
+    info = b"qkdgw quantum channel v1\x00" + direction + struct.pack("<Q", round_no)
+    return HKDF(hashes.SHA256(), 32, nonce, info).derive(link_secret)
+
+
+def seal(link_secret: bytes, nonce: bytes, round_no: int, frame: bytes,
+         counter: int = 0, direction: bytes = A2B) -> bytes:
+    """Encrypt and authenticate an encoded pulse frame for the wire."""
+    if _TEST_PLAINTEXT:
+        return frame
+    hdr = _SEAL_HDR.pack(SEALED_MAGIC, SEAL_VERSION, round_no & 0xFFFFFFFF, nonce, counter)
+    aead = AESGCM(channel_key(link_secret, nonce, round_no & 0xFFFFFFFF, direction))
+    return hdr + aead.encrypt(direction + struct.pack("<Q", counter), frame, hdr)
+
+
+def sealed_header(data: bytes) -> tuple[int, bytes, int]:
+    """(round, nonce, counter) of a sealed frame; FrameError if it is not one."""
+    if len(data) < SEAL_OVERHEAD:
+        raise FrameError("sealed pulse frame truncated")
+    magic, version, rnd, nonce, counter = _SEAL_HDR.unpack_from(data)
+    if magic != SEALED_MAGIC or version != SEAL_VERSION:
+        raise FrameError("not a sealed pulse frame of this version")
+    return rnd, nonce, counter
+
+
+def unseal(link_secret: bytes, data: bytes, round_no: int | None = None,
+           nonce: bytes | None = None, direction: bytes = A2B) -> bytes:
+    """The encoded pulse frame inside `data`. With `round_no`/`nonce`, the frame must
+    belong to that round (Bob passes the ROUND_START values). SealError if it does not
+    authenticate; nothing of the plaintext is used before it does."""
+    if _TEST_PLAINTEXT:
+        return data
+    rnd, got_nonce, counter = sealed_header(data)
+    if (round_no is not None and rnd != round_no & 0xFFFFFFFF) or (
+            nonce is not None and got_nonce != nonce):
+        raise SealError("sealed pulse frame belongs to another round")
+    hdr = data[:_SEAL_HDR.size]
+    aead = AESGCM(channel_key(link_secret, got_nonce, rnd, direction))
+    try:
+        return aead.decrypt(direction + struct.pack("<Q", counter), data[_SEAL_HDR.size:],
+                            hdr)
+    except InvalidTag:
+        raise SealError("sealed pulse frame failed authentication") from None
 
 
 class SlotRecord(AliceRecord):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from test_qkd_link_core import PARAMS, connect, pair
+from test_qkd_link_core import PARAMS, PSK, connect, pair
 from test_qkd_link_core import pump as core_pump
 
 from qkd.link import core as lc
@@ -39,7 +39,8 @@ def snapshot(core: lc.LinkCore) -> Snapshot:
 def restore(role: str, snap: Snapshot, seed: int) -> lc.LinkCore:
     auth, saved = snap
     return lc.LinkCore(role, AuthKeys.import_state(auth), PARAMS, 256,
-                       np.random.default_rng(seed), committed=int(saved["committed"]),  # type: ignore[call-overload]
+                       np.random.default_rng(seed), link_secret=PSK,
+                       committed=int(saved["committed"]),  # type: ignore[call-overload]
                        saved=saved)
 
 

@@ -208,7 +208,7 @@ def test_bob_signs_no_hello_before_alices_verifies_and_keeps_the_live_round() ->
     # A new connection with nothing, garbage, or a forged HELLO: nothing signed,
     # nothing changed.
     other = lc.LinkCore("alice", lc.bootstrap_auth("alice", PSK), PARAMS, 256,
-                     np.random.default_rng(5))
+                     np.random.default_rng(5), link_secret=PSK)
     other.connection_made()
     stranger_hello = other.frames_to_send()[0]  # a HELLO at an offset Bob has already seen
     for data in (b"", b"\x01", b"\x02" + bytes(40), _forge(stranger_hello), stranger_hello):
@@ -259,8 +259,14 @@ def _offsets(buf: bytes) -> list[int]:
 
 def _alice_link(d: Path, sealer: Sealer, state: str = "state") -> Bb84Link:
     s = Bb84Settings(role="alice", params=PARAMS, bootstrap_key=PSK)
-    return Bb84Link(s, None, sealer, d / state, key_size_bits=256,  # type: ignore[arg-type]
+    fresh = not (d / state).exists()
+    link = Bb84Link(s, None, sealer, d / state, key_size_bits=256,  # type: ignore[arg-type]
                     lifetime_s=3600, max_key_count=10, local_saes=["a"], peer_saes=["b"])
+    if fresh:
+        # As if the BOOT / BOOT_ACK exchange had run (no peer in these tests).
+        link.core.auth = lc.bootstrap_auth("alice", PSK, os.urandom(32))
+        link.core.auth_dirty = True
+    return link
 
 
 def _next_offset_after_restart(d: Path, sealer: Sealer, state: str) -> int:
