@@ -272,7 +272,7 @@ class CascadeAlice:
         of, op, ids = msg.opens_frame, msg.opens_pass, msg.nodes
         npass = len(lay.passes)
         if of.size:
-            if of.max() >= lay.frames or op.max() >= npass:
+            if min(of.min(), op.min()) < 0 or of.max() >= lay.frames or op.max() >= npass:
                 raise m.MessageError("pass opening for a frame or pass outside the layout")
             if self._opened[of, op].any() or np.unique(of * npass + op).size != of.size:
                 raise m.MessageError("pass opened twice")
@@ -289,7 +289,7 @@ class CascadeAlice:
         else:
             top = np.zeros(0, np.uint8)
         if ids.size:
-            if ids[-1] >= lay.total_ids:
+            if ids[0] < 0 or ids[-1] >= lay.total_ids or (np.diff(ids) <= 0).any():
                 raise m.MessageError("parity query for a node outside the layout")
             s = np.searchsorted(lay.seg_id, ids, side="right") - 1
             f, c = np.divmod(ids - lay.seg_id[s], lay.seg_w[s])
