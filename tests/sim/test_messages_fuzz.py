@@ -3,7 +3,12 @@ byte for byte, and anything else ends in MessageError (never another exception).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,3 +57,18 @@ def test_random_bodies_canonical(t: int, body: bytes) -> None:
 def test_samples_round_trip() -> None:
     for s in _SAMPLES:
         assert m.decode(s).encode() == s
+
+
+@pytest.mark.slow
+def test_atheris_decoders(tmp_path: Path) -> None:
+    pytest.importorskip("atheris")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, s in enumerate(_SAMPLES):
+        (corpus / f"seed{i}").write_bytes(s)
+    target = Path(__file__).with_name("fuzz_messages_atheris.py")
+    proc = subprocess.run([sys.executable, str(target), "-runs=300000", "-max_len=256",
+                           str(corpus)], capture_output=True, text=True, timeout=1800,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "Done 300000 runs" in proc.stderr
