@@ -390,10 +390,11 @@ class CascadeBob:
 
     def _learn(self, idx: np.ndarray, bit: np.ndarray, f: np.ndarray,
                values: np.ndarray) -> None:
-        """Record Alice's parities of previously unknown nodes."""
+        """Record Alice's parities of previously unknown nodes (asked or inferred)."""
         one = values.astype(bool)
         np.bitwise_or.at(self._ap, idx[one], bit[one])
         np.bitwise_or.at(self._kn, idx, bit)
+        np.bitwise_or.at(self._dk, idx, bit)
         if not self.reuse:
             self._learned.append((idx, bit, f))
 
@@ -411,12 +412,19 @@ class CascadeBob:
         self._bp = bp2.reshape(-1)
         self._ap = np.zeros(bp2.size, np.uint64)
         self._kn = np.zeros(bp2.size, np.uint64)
+        # Disclosed (or inferred) sub-block parities, never forgotten: the original
+        # variant drops sub-blocks from the cascade (`_kn`) after a batch, but a later
+        # search through the same sub-block reuses Alice's parity instead of asking it
+        # again. Asking twice reveals nothing new, and the leak is the number of
+        # distinct parities disclosed, so re-asking only inflated the count (issue 15).
+        self._dk = np.zeros(bp2.size, np.uint64)
         self._built = np.zeros(npass, bool)
         self._seg_built = np.zeros(lay.seg_p.size, bool)
         pad = lay.padding_rows()
         if pad.size:
             # padding: parity 0 on both sides, known to both
             self._kn.reshape(-1, w)[pad] = _ALL
+            self._dk.reshape(-1, w)[pad] = _ALL
         self._learned: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         # Per frame: the pass it is in, whether it must open it next, whether it is done.
         self._fpass = np.zeros(nf, np.int64)
@@ -472,6 +480,7 @@ class CascadeBob:
                 one = reply.bits[:ntop].astype(bool)
                 np.bitwise_or.at(self._ap, idx[one], bit[one])
                 np.bitwise_or.at(self._kn, idx, bit)
+                np.bitwise_or.at(self._dk, idx, bit)
                 self.leak_per_frame[of] += cnt
                 odd = ((self._ap[idx] ^ self._bp[idx]) & bit) != 0
                 self._start_batches(of, rows[odd], tf[odd])
@@ -494,7 +503,8 @@ class CascadeBob:
         """Walk open searches down while the left child's parity is already known;
         searches that reach a leaf move to the finished list."""
         lay, w = self.layout, self._w
-        ap, bp, kn, rb = self._ap, self._bp, self._kn, self.layout.rowbase_flat
+        # Descent uses every parity Alice ever disclosed (`_dk` holds all of `_kn`).
+        ap, bp, kn, rb = self._ap, self._bp, self._dk, self.layout.rowbase_flat
         p, d, f, c = self._sp, self._sd, self._sf, self._sc
         if p.size == 0:
             return
@@ -555,13 +565,14 @@ class CascadeBob:
         rows, idx, bits = rows[opened], idx[opened], bits[opened]
         rf = np.broadcast_to(ff, opened.shape)[opened]
         if not self.reuse and self._learned:
-            # The original protocol forgets sub-block parities after each search.
+            # The original protocol traces cascading errors through top-level blocks
+            # only: sub-blocks leave the cascade after each batch (their parities stay
+            # in `_dk`, Alice's values in `_ap`, for later searches).
             li = np.concatenate([x[0] for x in self._learned])
             lb = np.concatenate([x[1] for x in self._learned])
             lf = np.concatenate([x[2] for x in self._learned])
             gone = is_ended[lf]
             np.bitwise_and.at(self._kn, li[gone], ~lb[gone])
-            np.bitwise_and.at(self._ap, li[gone], ~lb[gone])
             self._learned = [(li[~gone], lb[~gone], lf[~gone])]
         # Candidates: the frame's waiting odd blocks and every node the flips touched.
         mine = is_ended[self._rf]

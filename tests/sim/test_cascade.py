@@ -139,11 +139,16 @@ def _reference_cascade(a: np.ndarray, b: np.ndarray, lay: _Layout) -> tuple[np.n
         leaves = ps.gather[c << d : (c + 1) << d]
         return int(np.append(bits, 0)[leaves].sum() % 2)
 
+    # known: parities in the cascade (top-level blocks; every learnt one when reusing);
+    # disclosed: every parity Alice revealed or that followed from revealed ones. The
+    # leak is the number of distinct parities Alice revealed: a search through a
+    # sub-block disclosed before uses it, it never asks again.
     known: dict[tuple[int, int, int], int] = {}
+    disclosed: dict[tuple[int, int, int], int] = {}
     leak = 0
     for p, ps in enumerate(passes):
         for blk in range(ps.nb):
-            known[(p, ps.D, blk)] = par(a, p, ps.D, blk)
+            known[(p, ps.D, blk)] = disclosed[(p, ps.D, blk)] = par(a, p, ps.D, blk)
             leak += 1
         odd = [(p, ps.D, blk) for blk in range(ps.nb)
                if known[(p, ps.D, blk)] != par(b, p, ps.D, blk)]
@@ -159,17 +164,18 @@ def _reference_cascade(a: np.ndarray, b: np.ndarray, lay: _Layout) -> tuple[np.n
                     for s in searches:
                         q, d, c = s
                         left, right = (q, d - 1, 2 * c), (q, d - 1, 2 * c + 1)
-                        if d == 0 or left not in known:
+                        if d == 0 or left not in disclosed:
                             continue
-                        go_left = known[left] != par(b, *left)
-                        if not go_left and right not in known:
-                            known[right] = known[(q, d, c)] ^ known[left]
+                        go_left = disclosed[left] != par(b, *left)
+                        if not go_left and right not in disclosed:
+                            disclosed[right] = disclosed[(q, d, c)] ^ disclosed[left]
+                            known[right] = disclosed[right]
                             learned.append(right)
                         s[1], s[2] = d - 1, 2 * c + (0 if go_left else 1)
                         moved = True
                 asks = sorted({(s[0], s[1] - 1, 2 * s[2]) for s in searches if s[1] > 0})
                 for x in asks:
-                    known[x] = par(a, *x)
+                    known[x] = disclosed[x] = par(a, *x)
                     learned.append(x)
                     leak += 1
             flips = sorted({int(passes[q].gather[c]) for q, _d, c in searches})
