@@ -110,7 +110,14 @@ class _Layout:
             order = np.arange(n) if p == 0 else rng.permutation(n)
             pos = np.empty(n, np.int64)
             pos[order] = np.arange(n)
-            leaf_of_orig = (pos // k) * big_k + pos % k
+            # Real bits sit in the slot by balanced halving (ceil(k/2) left, floor(k/2)
+            # right, recursively), so the tree's bisection is the protocol's BINARY on
+            # the real block; a prefix layout split 73 bits as 64 | 9 and asked more.
+            real_last = n - (nb - 1) * k
+            tab, tab_last = _balanced_leaves(k, d_p), _balanced_leaves(real_last, d_p)
+            blk, off = pos // k, pos % k
+            in_last = tab_last[np.minimum(off, real_last - 1)]
+            leaf_of_orig = blk * big_k + np.where(blk == nb - 1, in_last, tab[off])
             gather = np.full(width0, n, np.intp)
             gather[leaf_of_orig] = np.arange(n)
             self.passes.append(_Pass(k, big_k, d_p, nb, width0, leaf_of_orig, gather))
@@ -177,15 +184,12 @@ class _Layout:
         """Rows of nodes that cover padding only (the same in every frame)."""
         out = []
         for p, ps in enumerate(self.passes):
-            real_last = self.n - (ps.nb - 1) * ps.k
-            if ps.k == ps.K and real_last == ps.k:
-                continue
+            real = np.zeros(ps.width0, np.int64)
+            real[ps.leaf_of_orig] = 1
             for d in range(ps.D + 1):
-                start = np.arange(ps.width0 >> d, dtype=np.int64) << d
-                blk = start >> ps.D
-                in_blk = start & (ps.K - 1)
-                real = np.where(blk == ps.nb - 1, real_last, ps.k)
-                out.append(self.rowbase[p, d] + np.flatnonzero(in_blk >= real))
+                if d:
+                    real = real[0::2] + real[1::2]
+                out.append(self.rowbase[p, d] + np.flatnonzero(real == 0))
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     # bit-sliced data -----------------------------------------------------------------
@@ -215,6 +219,21 @@ class _Layout:
         b = self.pre_base[p]
         out[b] = 0
         np.bitwise_xor.accumulate(pk[ps.gather], axis=0, out=out[b + 1 : b + 1 + ps.width0])
+
+
+def _balanced_leaves(k: int, depth: int) -> np.ndarray:
+    """Leaf index (in a 2^depth slot) of each of k real positions, halving as BINARY
+    does: the first ceil(size/2) positions of every node go to its left child."""
+    i = np.arange(k, dtype=np.int64)
+    size = np.full(k, k, np.int64)
+    leaf = np.zeros(k, np.int64)
+    for lvl in range(depth - 1, -1, -1):
+        h = (size + 1) // 2
+        right = i >= h
+        leaf += right.astype(np.int64) << lvl
+        i = np.where(right, i - h, i)
+        size = np.where(right, size - h, h)
+    return leaf
 
 
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
@@ -513,6 +532,15 @@ class CascadeBob:
         while True:
             li = (rb[pb + d] + 2 * c) * w + fw
             known = (kn[li] & bit) != 0
+            # A left child whose right sibling is known (padding only) has the parent's
+            # parity xor the sibling's: free, never asked.
+            free_l = ~known & ((kn[li + w] & bit) != 0)
+            if free_l.any():
+                k = np.flatnonzero(free_l)
+                ci = (rb[pb[k] + d[k] + 1] + c[k]) * w + fw[k]
+                bk = bit[k]
+                self._learn(li[k], bk, f[k], (ap[ci] ^ ap[li[k] + w]) & bk)
+                known = known | free_l
             if not known.any():
                 break
             # The left child is odd: the error is there; even: it is in the right one.

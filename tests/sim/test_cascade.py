@@ -145,6 +145,9 @@ def _reference_cascade(a: np.ndarray, b: np.ndarray, lay: _Layout) -> tuple[np.n
     # sub-block disclosed before uses it, it never asks again.
     known: dict[tuple[int, int, int], int] = {}
     disclosed: dict[tuple[int, int, int], int] = {}
+    for row in lay.padding_rows():  # padding only: parity 0, known to both for free
+        pp, dd, cc = (int(v[0]) for v in lay.decode_rows(np.array([row])))
+        disclosed[(pp, dd, cc)] = 0
     leak = 0
     for p, ps in enumerate(passes):
         for blk in range(ps.nb):
@@ -164,6 +167,11 @@ def _reference_cascade(a: np.ndarray, b: np.ndarray, lay: _Layout) -> tuple[np.n
                     for s in searches:
                         q, d, c = s
                         left, right = (q, d - 1, 2 * c), (q, d - 1, 2 * c + 1)
+                        if d > 0 and left not in disclosed and right in disclosed:
+                            # right sibling known (padding only): left = parent ^ right
+                            disclosed[left] = disclosed[(q, d, c)] ^ disclosed[right]
+                            known[left] = disclosed[left]
+                            learned.append(left)
                         if d == 0 or left not in disclosed:
                             continue
                         go_left = disclosed[left] != par(b, *left)
