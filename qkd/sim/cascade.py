@@ -110,7 +110,14 @@ class _Layout:
             order = np.arange(n) if p == 0 else rng.permutation(n)
             pos = np.empty(n, np.int64)
             pos[order] = np.arange(n)
-            leaf_of_orig = (pos // k) * big_k + pos % k
+            # Real bits sit in the slot by balanced halving (ceil(k/2) left, floor(k/2)
+            # right, recursively), so the tree's bisection is the protocol's BINARY on
+            # the real block; a prefix layout split 73 bits as 64 | 9 and asked more.
+            real_last = n - (nb - 1) * k
+            tab, tab_last = _balanced_leaves(k, d_p), _balanced_leaves(real_last, d_p)
+            blk, off = pos // k, pos % k
+            in_last = tab_last[np.minimum(off, real_last - 1)]
+            leaf_of_orig = blk * big_k + np.where(blk == nb - 1, in_last, tab[off])
             gather = np.full(width0, n, np.intp)
             gather[leaf_of_orig] = np.arange(n)
             self.passes.append(_Pass(k, big_k, d_p, nb, width0, leaf_of_orig, gather))
@@ -177,15 +184,12 @@ class _Layout:
         """Rows of nodes that cover padding only (the same in every frame)."""
         out = []
         for p, ps in enumerate(self.passes):
-            real_last = self.n - (ps.nb - 1) * ps.k
-            if ps.k == ps.K and real_last == ps.k:
-                continue
+            real = np.zeros(ps.width0, np.int64)
+            real[ps.leaf_of_orig] = 1
             for d in range(ps.D + 1):
-                start = np.arange(ps.width0 >> d, dtype=np.int64) << d
-                blk = start >> ps.D
-                in_blk = start & (ps.K - 1)
-                real = np.where(blk == ps.nb - 1, real_last, ps.k)
-                out.append(self.rowbase[p, d] + np.flatnonzero(in_blk >= real))
+                if d:
+                    real = real[0::2] + real[1::2]
+                out.append(self.rowbase[p, d] + np.flatnonzero(real == 0))
         return np.concatenate(out) if out else np.zeros(0, np.int64)
 
     # bit-sliced data -----------------------------------------------------------------
@@ -215,6 +219,21 @@ class _Layout:
         b = self.pre_base[p]
         out[b] = 0
         np.bitwise_xor.accumulate(pk[ps.gather], axis=0, out=out[b + 1 : b + 1 + ps.width0])
+
+
+def _balanced_leaves(k: int, depth: int) -> np.ndarray:
+    """Leaf index (in a 2^depth slot) of each of k real positions, halving as BINARY
+    does: the first ceil(size/2) positions of every node go to its left child."""
+    i = np.arange(k, dtype=np.int64)
+    size = np.full(k, k, np.int64)
+    leaf = np.zeros(k, np.int64)
+    for lvl in range(depth - 1, -1, -1):
+        h = (size + 1) // 2
+        right = i >= h
+        leaf += right.astype(np.int64) << lvl
+        i = np.where(right, i - h, i)
+        size = np.where(right, size - h, h)
+    return leaf
 
 
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
@@ -272,7 +291,7 @@ class CascadeAlice:
         of, op, ids = msg.opens_frame, msg.opens_pass, msg.nodes
         npass = len(lay.passes)
         if of.size:
-            if of.max() >= lay.frames or op.max() >= npass:
+            if min(of.min(), op.min()) < 0 or of.max() >= lay.frames or op.max() >= npass:
                 raise m.MessageError("pass opening for a frame or pass outside the layout")
             if self._opened[of, op].any() or np.unique(of * npass + op).size != of.size:
                 raise m.MessageError("pass opened twice")
@@ -289,7 +308,7 @@ class CascadeAlice:
         else:
             top = np.zeros(0, np.uint8)
         if ids.size:
-            if ids[-1] >= lay.total_ids:
+            if ids[0] < 0 or ids[-1] >= lay.total_ids or (np.diff(ids) <= 0).any():
                 raise m.MessageError("parity query for a node outside the layout")
             s = np.searchsorted(lay.seg_id, ids, side="right") - 1
             f, c = np.divmod(ids - lay.seg_id[s], lay.seg_w[s])
@@ -390,10 +409,11 @@ class CascadeBob:
 
     def _learn(self, idx: np.ndarray, bit: np.ndarray, f: np.ndarray,
                values: np.ndarray) -> None:
-        """Record Alice's parities of previously unknown nodes."""
+        """Record Alice's parities of previously unknown nodes (asked or inferred)."""
         one = values.astype(bool)
         np.bitwise_or.at(self._ap, idx[one], bit[one])
         np.bitwise_or.at(self._kn, idx, bit)
+        np.bitwise_or.at(self._dk, idx, bit)
         if not self.reuse:
             self._learned.append((idx, bit, f))
 
@@ -411,12 +431,19 @@ class CascadeBob:
         self._bp = bp2.reshape(-1)
         self._ap = np.zeros(bp2.size, np.uint64)
         self._kn = np.zeros(bp2.size, np.uint64)
+        # Disclosed (or inferred) sub-block parities, never forgotten: the original
+        # variant drops sub-blocks from the cascade (`_kn`) after a batch, but a later
+        # search through the same sub-block reuses Alice's parity instead of asking it
+        # again. Asking twice reveals nothing new, and the leak is the number of
+        # distinct parities disclosed, so re-asking only inflated the count (issue 15).
+        self._dk = np.zeros(bp2.size, np.uint64)
         self._built = np.zeros(npass, bool)
         self._seg_built = np.zeros(lay.seg_p.size, bool)
         pad = lay.padding_rows()
         if pad.size:
             # padding: parity 0 on both sides, known to both
             self._kn.reshape(-1, w)[pad] = _ALL
+            self._dk.reshape(-1, w)[pad] = _ALL
         self._learned: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         # Per frame: the pass it is in, whether it must open it next, whether it is done.
         self._fpass = np.zeros(nf, np.int64)
@@ -472,6 +499,7 @@ class CascadeBob:
                 one = reply.bits[:ntop].astype(bool)
                 np.bitwise_or.at(self._ap, idx[one], bit[one])
                 np.bitwise_or.at(self._kn, idx, bit)
+                np.bitwise_or.at(self._dk, idx, bit)
                 self.leak_per_frame[of] += cnt
                 odd = ((self._ap[idx] ^ self._bp[idx]) & bit) != 0
                 self._start_batches(of, rows[odd], tf[odd])
@@ -494,7 +522,8 @@ class CascadeBob:
         """Walk open searches down while the left child's parity is already known;
         searches that reach a leaf move to the finished list."""
         lay, w = self.layout, self._w
-        ap, bp, kn, rb = self._ap, self._bp, self._kn, self.layout.rowbase_flat
+        # Descent uses every parity Alice ever disclosed (`_dk` holds all of `_kn`).
+        ap, bp, kn, rb = self._ap, self._bp, self._dk, self.layout.rowbase_flat
         p, d, f, c = self._sp, self._sd, self._sf, self._sc
         if p.size == 0:
             return
@@ -503,6 +532,15 @@ class CascadeBob:
         while True:
             li = (rb[pb + d] + 2 * c) * w + fw
             known = (kn[li] & bit) != 0
+            # A left child whose right sibling is known (padding only) has the parent's
+            # parity xor the sibling's: free, never asked.
+            free_l = ~known & ((kn[li + w] & bit) != 0)
+            if free_l.any():
+                k = np.flatnonzero(free_l)
+                ci = (rb[pb[k] + d[k] + 1] + c[k]) * w + fw[k]
+                bk = bit[k]
+                self._learn(li[k], bk, f[k], (ap[ci] ^ ap[li[k] + w]) & bk)
+                known = known | free_l
             if not known.any():
                 break
             # The left child is odd: the error is there; even: it is in the right one.
@@ -555,13 +593,14 @@ class CascadeBob:
         rows, idx, bits = rows[opened], idx[opened], bits[opened]
         rf = np.broadcast_to(ff, opened.shape)[opened]
         if not self.reuse and self._learned:
-            # The original protocol forgets sub-block parities after each search.
+            # The original protocol traces cascading errors through top-level blocks
+            # only: sub-blocks leave the cascade after each batch (their parities stay
+            # in `_dk`, Alice's values in `_ap`, for later searches).
             li = np.concatenate([x[0] for x in self._learned])
             lb = np.concatenate([x[1] for x in self._learned])
             lf = np.concatenate([x[2] for x in self._learned])
             gone = is_ended[lf]
             np.bitwise_and.at(self._kn, li[gone], ~lb[gone])
-            np.bitwise_and.at(self._ap, li[gone], ~lb[gone])
             self._learned = [(li[~gone], lb[~gone], lf[~gone])]
         # Candidates: the frame's waiting odd blocks and every node the flips touched.
         mine = is_ended[self._rf]

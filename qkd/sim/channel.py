@@ -142,7 +142,9 @@ def _effective(params: LinkParams, n: np.ndarray, e: np.ndarray) -> tuple[np.nda
 
 def click_probability(params: LinkParams, n_eff: np.ndarray, eta: np.ndarray) -> np.ndarray:
     y0 = params.dark_count_prob
-    no_photon = np.exp(n_eff * np.log1p(-np.minimum(eta, 1.0 - 1e-300)))
+    # (1 - eta)**n directly: a log1p clamp at 1 - 1e-300 is 1.0 in floating point, so
+    # eta = 1 (lossless line, ideal detector) gave log(0) * 0 = nan; 0.0**0 is 1.
+    no_photon = np.power(1.0 - np.minimum(eta, 1.0), n_eff)
     return 1.0 - (1.0 - y0) * no_photon
 
 

@@ -49,23 +49,35 @@ class _Reader:
     def unpack(self, fmt: str) -> tuple:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))
 
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
     def bits(self) -> np.ndarray:
         (nbits,) = self.unpack("!Q")
-        raw = self.take((nbits + 7) // 8)
-        return np.unpackbits(np.frombuffer(raw, np.uint8), count=nbits)
+        if nbits > 8 * self.remaining():  # before any arithmetic on a peer's count
+            raise MessageError("message truncated")
+        raw = np.frombuffer(self.take((nbits + 7) // 8), np.uint8)
+        if nbits % 8 and int(raw[-1]) & ((1 << (8 - nbits % 8)) - 1):
+            raise MessageError("non-zero padding bits")
+        return np.unpackbits(raw, count=nbits)
 
     def array(self, dtype: str) -> np.ndarray:
         (count,) = self.unpack("!Q")
         dt = np.dtype(dtype).newbyteorder("<")
+        if count > self.remaining() // dt.itemsize:
+            raise MessageError("message truncated")
         raw = self.take(count * dt.itemsize)
         return np.frombuffer(raw, dt).astype(np.dtype(dtype).newbyteorder("="))
 
     def varints(self, count: int) -> np.ndarray:
-        """`count` unsigned LEB128 varints (7 bits per byte, high bit = more follows)."""
+        """`count` canonical unsigned LEB128 varints below 2^63 (at most 9 bytes, no
+        redundant trailing zero byte), so every value fits an int64."""
         if count == 0:
             return np.zeros(0, np.uint64)
+        if count > self.remaining():
+            raise MessageError("message truncated")
         rest = np.frombuffer(self.data[self.pos :], np.uint8)
-        if rest.size >= count and rest[:count].max() < 0x80:  # all single-byte
+        if rest[:count].max() < 0x80:  # all single-byte
             self.pos += count
             return rest[:count].astype(np.uint64)
         ends = np.flatnonzero(rest < 0x80)[:count]
@@ -76,8 +88,10 @@ class _Reader:
         starts[0] = 0
         starts[1:] = ends[:-1] + 1
         lens = ends - starts + 1
-        if int(lens.max()) > 10 or ((lens == 10).any() and rest[ends[lens == 10]].max() > 1):
-            raise MessageError("varint above 2^64")
+        if int(lens.max()) > _VARINT_MAX_BYTES:
+            raise MessageError("varint at or above 2^63")
+        if ((lens > 1) & (rest[ends] == 0)).any():
+            raise MessageError("over-long varint")
         shift = (np.arange(used) - np.repeat(starts, lens)) * 7
         vals = np.bitwise_or.reduceat(
             (rest[:used] & 0x7F).astype(np.uint64) << shift.astype(np.uint64), starts)
@@ -86,14 +100,14 @@ class _Reader:
 
     def varint(self) -> int:
         v = 0
-        for shift in range(0, 70, 7):
+        for i in range(_VARINT_MAX_BYTES):
             (b,) = self.take(1)
-            if shift == 63 and b > 1:
-                raise MessageError("varint above 2^64")
-            v |= (b & 0x7F) << shift
+            v |= (b & 0x7F) << (7 * i)
             if b < 0x80:
+                if b == 0 and i > 0:
+                    raise MessageError("over-long varint")
                 return v
-        raise MessageError("varint above 2^64")
+        raise MessageError("varint at or above 2^63")
 
     def end(self) -> None:
         if self.pos != len(self.data):
@@ -108,6 +122,20 @@ def _bits(b: np.ndarray) -> bytes:
 def _array(a: np.ndarray, dtype: str) -> bytes:
     a = np.asarray(a).astype(np.dtype(dtype).newbyteorder("<"))
     return struct.pack("!Q", a.size) + a.tobytes()
+
+
+_VARINT_MAX_BYTES = 9  # 63 bits: every decoded value fits an int64
+# Ids, frames, passes and slots stay below 2^62, so a sum of two never wraps an int64.
+_ID_LIMIT = 1 << 62
+
+
+def _running_ids(first_plus: np.ndarray) -> np.ndarray:
+    """Cumulative sum of positive steps (each in [1, 2^62]) minus one, rejecting any sum
+    at or above 2^62: a uint64 cumsum that wraps shows up as a decrease."""
+    cs = np.cumsum(first_plus.astype(np.uint64))
+    if cs.size and ((cs[1:] <= cs[:-1]).any() or int(cs[-1]) > _ID_LIMIT):
+        raise MessageError("id out of range")
+    return cs.astype(np.int64) - 1
 
 
 _VARINT_LIMITS = np.left_shift(np.uint64(1), np.arange(7, 64, 7, dtype=np.uint64))
@@ -232,6 +260,8 @@ class ParityQuery(Message):
             raise ValueError("opens_frame and opens_pass differ in length")
         if (nodes.size and nodes[0] < 0) or (of.size and min(of.min(), op.min()) < 0):
             raise ValueError("negative node, frame or pass")
+        if max(nodes[-1:].max(initial=0), of.max(initial=0), op.max(initial=0)) >= _ID_LIMIT:
+            raise ValueError("node, frame or pass at or above 2^62")
         gaps = np.diff(nodes, prepend=-1) - 1
         if gaps.size and gaps.min() < 0:
             raise ValueError("node ids must be strictly increasing")
@@ -240,23 +270,16 @@ class ParityQuery(Message):
 
     @classmethod
     def parse(cls, r: _Reader) -> ParityQuery:
-        n_open = r.varint()
-        if n_open > len(r.data):
-            raise MessageError("message truncated")
-        of = r.varints(n_open).astype(np.int64)
-        op = r.varints(n_open).astype(np.int64)
-        n_nodes = r.varint()
-        if n_nodes > len(r.data):
-            raise MessageError("message truncated")
-        gaps = r.varints(n_nodes)
-        if gaps.size and int(gaps.max()) >= 1 << 62:
-            raise MessageError("node id out of range")
-        nodes = np.cumsum(gaps.astype(np.int64) + 1) - 1
-        if nodes.size and int(nodes[-1]) >= 1 << 62:
-            raise MessageError("node id out of range")
-        if of.size and (int(of.max()) >= 1 << 62 or int(op.max()) >= 1 << 62):
+        # Every bound is checked on the unsigned values before a cast or a sum.
+        of = r.varints(r.varint())
+        op = r.varints(of.size)
+        if of.size and (int(of.max()) >= _ID_LIMIT or int(op.max()) >= _ID_LIMIT):
             raise MessageError("frame or pass out of range")
-        return cls(nodes, of, op)
+        gaps = r.varints(r.varint())
+        if gaps.size and int(gaps.max()) >= _ID_LIMIT:
+            raise MessageError("node id out of range")
+        nodes = _running_ids(gaps + np.uint64(1))
+        return cls(nodes, of.astype(np.int64), op.astype(np.int64))
 
 
 @_register
@@ -307,12 +330,23 @@ class Detections(Message):
     bases: np.ndarray
 
     def body(self) -> bytes:
-        deltas = np.diff(self.slots, prepend=0)
+        slots = np.asarray(self.slots, np.int64)
+        deltas = np.diff(slots, prepend=0)
+        if slots.size and (slots[0] < 0 or slots[-1] >= _ID_LIMIT or deltas[1:].min(initial=1) < 1):
+            raise ValueError("slots must be strictly increasing in [0, 2^62)")
         return _array(deltas, "u8") + _bits(self.bases)
 
     @classmethod
     def parse(cls, r: _Reader) -> Detections:
-        slots = np.cumsum(r.array("u8").astype(np.int64))
+        deltas = r.array("u8")
+        if deltas.size and (int(deltas.max()) >= _ID_LIMIT or int(deltas[1:].min(initial=1)) == 0):
+            raise MessageError("slot out of range or not strictly increasing")
+        # first slot, then steps of at least one: slot = running sum of (delta) =
+        # running sum of (delta + [1, 0, 0, ...]) - 1
+        steps = deltas.copy()
+        if steps.size:
+            steps[0] += np.uint64(1)
+        slots = _running_ids(steps)
         bases = r.bits()
         if bases.size != slots.size:
             raise MessageError("basis count differs from slot count")
@@ -339,6 +373,8 @@ class SiftReply(Message):
         lo = r.bits()
         if not b.size == hi.size == lo.size:
             raise MessageError("inconsistent sift reply lengths")
+        if (hi & lo).any():
+            raise MessageError("intensity class 3 does not exist")
         return cls(b, (hi << 1) | lo)
 
 
@@ -411,7 +447,9 @@ class VerifyResult(Message):
     @classmethod
     def parse(cls, r: _Reader) -> VerifyResult:
         (v,) = r.unpack("!B")
-        return cls(bool(v))
+        if v > 1:
+            raise MessageError("verify result byte is neither 0 nor 1")
+        return cls(v == 1)
 
 
 @_register

@@ -163,3 +163,23 @@ def test_validation_names_the_field() -> None:
         LinkParams(p_mu=0.6, p_nu=0.4).validate()
     with pytest.raises(ParamError, match="eve"):
         LinkParams(eve="laser").validate()
+
+
+@pytest.mark.parametrize("sampler", ["full", "detected"])
+def test_ideal_detector_at_distance_zero(sampler: str) -> None:
+    # eta_sys = 1 exactly: the old log1p clamp (1 - 1e-300 == 1.0) took log(0) and the
+    # sifted QBER came out near 0.5 (or the sampler raised on NaN probabilities).
+    p = LinkParams(distance_km=0, detector_efficiency=1.0, pulses=2 * 10**5)
+    assert p.eta_sys == 1.0
+    rec = simulate_link(p, np.random.default_rng(5), sampler)
+    idx, match, err = _sift(rec)
+    det = np.bincount(rec.alice.intensity[idx], minlength=3)
+    errs = np.bincount(rec.alice.intensity[idx], weights=err & match, minlength=3)
+    sifted = np.bincount(rec.alice.intensity[idx], weights=match, minlength=3)
+    sent = rec.alice.sent_per_intensity
+    for k, mu in enumerate(p.intensities):
+        if sifted[k] < 100:
+            continue
+        gain, qber = gain_error_model(1.0, mu, p.dark_count_prob, p.misalignment)
+        assert _within(det[k] / sent[k], gain, sent[k])
+        assert _within(errs[k] / sifted[k], qber, sifted[k])

@@ -94,3 +94,78 @@ def test_parity_query_malformed() -> None:
     # a count larger than the message cannot allocate anything
     with pytest.raises(m.MessageError):
         m.decode(bytes([m.ParityQuery.TYPE, 0]) + b"\xff\xff\xff\xff\x0f")
+
+
+# --- issue 16.3: peer input the decoders must refuse -------------------------------------
+
+@pytest.mark.parametrize("hexmsg", [
+    # ParityQuery: gaps of 2^62-1 whose running sum wrapped to negative, unsorted node ids
+    "060004ffffffffffffffff3fffffffffffffffff3fffffffffffffffff3f00",
+    # ParityQuery opening frame -1 (a 64-bit varint cast to int64)
+    "060202ffffffffffffffffff01020000",
+    # VerifyResult 0x41 read as true
+    "0f41",
+    # over-long varints (0 written as 0x80 0x00; 1 as 0x81 0x00)
+    "06808000",
+    "0600028100",
+    # a 10-byte varint (>= 2^63)
+    "060001ffffffffffffffffff7f",
+])
+def test_issue16_reproducers_rejected(hexmsg: str) -> None:
+    with pytest.raises(m.MessageError):
+        m.decode(bytes.fromhex(hexmsg))
+
+
+def test_detections_deltas_at_or_above_2_63_rejected() -> None:
+    good = m.Detections(np.array([3, 7]), np.array([0, 1], np.uint8)).encode()
+    assert isinstance(m.decode(good), m.Detections)  # positive control
+    body = bytearray(good)
+    # the second delta (little-endian u64 at offset 1 + 8 + 8) set to 2^63 + 1
+    body[17:25] = (2**63 + 1).to_bytes(8, "little")
+    with pytest.raises(m.MessageError):
+        m.decode(bytes(body))
+    body[17:25] = (0).to_bytes(8, "little")  # a repeated slot
+    with pytest.raises(m.MessageError):
+        m.decode(bytes(body))
+    big = [2**61, 2**61, 2**61]  # each delta in range, the sum past 2^62
+    raw = bytes([10]) + (3).to_bytes(8, "big") + b"".join(d.to_bytes(8, "little") for d in big)
+    raw += (3).to_bytes(8, "big") + b"\x00"
+    with pytest.raises(m.MessageError):
+        m.decode(raw)
+
+
+def test_padding_bits_must_be_zero() -> None:
+    good = m.ParityReply(np.array([1, 0, 1], np.uint8)).encode()
+    assert m.decode(good).bits.tolist() == [1, 0, 1]  # type: ignore[attr-defined]
+    bad = good[:-1] + bytes([good[-1] | 0x01])
+    with pytest.raises(m.MessageError):
+        m.decode(bad)
+
+
+def test_bit_count_beyond_message_rejected_before_allocation() -> None:
+    with pytest.raises(m.MessageError):
+        m.decode(bytes([4]) + (2**64 - 1).to_bytes(8, "big"))
+    with pytest.raises(m.MessageError):
+        m.decode(bytes([10]) + (2**61).to_bytes(8, "big"))
+
+
+def test_sift_reply_intensity_3_rejected() -> None:
+    ok = m.SiftReply(np.array([1], np.uint8), np.array([2], np.uint8)).encode()
+    assert isinstance(m.decode(ok), m.SiftReply)
+    hi_lo = bytes([11]) + b"".join((1).to_bytes(8, "big") + b"\x80" for _ in range(3))
+    with pytest.raises(m.MessageError):
+        m.decode(hi_lo)
+
+
+def test_link_counts_bad_query_as_peer_fault() -> None:
+    # The link's Work.run counts ValueError (MessageError) as the peer's fault and any
+    # other exception as an internal error; before the fix these queries decoded and
+    # CascadeAlice raised IndexError (internal error).
+    from qkd.link.core import Work
+
+    for hexmsg in ("060202ffffffffffffffffff01020000",
+                   "060004ffffffffffffffff3fffffffffffffffff3fffffffffffffffff3f00"):
+        w = Work("pp", None, lambda h=hexmsg: m.decode(bytes.fromhex(h))).run()  # type: ignore[arg-type]
+        assert isinstance(w.error, m.MessageError)
+    w = Work("pp", None, lambda: [][1]).run()  # type: ignore[arg-type]
+    assert isinstance(w.error, RuntimeError)  # control: a bug stays an internal error
