@@ -675,7 +675,8 @@ def gateway_config(pki: Path, workdir: Path, site: str, peer: str, *, kme_url: s
         peer_sae_id=f"{peer}-gw", ca_file=pki / "ca.crt", cert_file=pki / site / "gateway.crt",
         key_file=pki / site / "gateway.key", kme_url=kme_url, kme_ca=pki / "tls-ca.crt",
         kme_cert=pki / kme_site / "sae-client.crt", kme_key=pki / kme_site / "sae-client.key",
-        kme_timeout=5.0, kme_id=f"kme-{kme_site}", kem="ML-KEM-768", allow_degraded=False, qkd_key_bits=256,
+        kme_timeout=5.0, kme_id=f"kme-{kme_site}", kem="ML-KEM-768", allow_degraded=False,
+        qkd_key_bits=256,
         pqc_backend="auto",
         listeners=tuple(ListenerConfig(HostPort("127.0.0.1", 0), s) for s in listeners),
         services=tuple(ServiceConfig(n, HostPort("127.0.0.1", p))
