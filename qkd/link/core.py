@@ -138,7 +138,7 @@ _ALT = struct.Struct("<BQ16s")
 # Test hook, never set in service: True brings back the old behaviour, where every
 # secret of a round (bits, bases, intensities, seeds, nonces) came from the numpy
 # generator the core was given, so identical seeds gave identical keys. Only the
-# positive control of tests/qkd/test_qkd_link_secrets.py sets it.
+# positive control of tests/qkd/link/test_secrets.py sets it.
 _TEST_SEEDED_SECRETS = False
 
 

@@ -82,7 +82,7 @@ _SEAL_HDR = struct.Struct("<4sBI16sQ")
 SEAL_OVERHEAD = _SEAL_HDR.size + 16
 A2B = b"a2b\x00"
 # Test hook, never set in service: True sends pulse frames in clear, as the old code
-# did (the positive control of tests/qkd/test_qkd_link_tap.py: a tap then rebuilds
+# did (the positive control of tests/qkd/link/test_tap.py: a tap then rebuilds
 # every key). Both ends of a link read it, so it only works inside one process.
 _TEST_PLAINTEXT = False
 

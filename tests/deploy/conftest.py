@@ -7,9 +7,9 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from _deploy_support import FAST, LiveSites, OpsTestbed, wait_for
 
 from gateway.tools.testbed import TestbedOptions
+from tests.support.ops_testbed import FAST, LiveSites, OpsTestbed, wait_for
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
-from _deploy_support import ROOT, LiveSites, metric_names_in
+
+from tests.support.ops_testbed import ROOT, LiveSites, metric_names_in
 
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARDS = sorted(GRAFANA.glob("*.json"))

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
-from _deploy_support import ROOT
+
+from tests.support.ops_testbed import ROOT
 
 kv = pytest.importorskip("kubernetes_validate")
 K8S = ROOT / "deploy" / "k8s"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _deploy_support import ROOT, LiveSites, metric_names_in
+
+from tests.support.ops_testbed import ROOT, LiveSites, metric_names_in
 
 PROM = ROOT / "deploy" / "prometheus"
 promtool = shutil.which("promtool")

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 import yaml
-from _deploy_support import FAST, ROOT, OpsTestbed
 
 from gateway.tools.testbed import TestbedOptions
+from tests.support.ops_testbed import FAST, ROOT, OpsTestbed
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = [pytest.mark.slow,

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _deploy_support import ROOT, LiveSites
 
 from qkd.common.budget import format_duration
+from tests.support.ops_testbed import ROOT, LiveSites
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed "

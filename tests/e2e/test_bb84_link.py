@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_support import app_exchange as _app_exchange
 
 from gateway.tools.testbed import Testbed, TestbedError, TestbedOptions
+from tests.support.app_traffic import app_exchange as _app_exchange
 
 FAST = dict(link="bb84", distance_km=10.0, pulses=12_000_000, connect_wait=2.0)
 

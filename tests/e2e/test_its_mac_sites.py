@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from e2e_support import app_exchange
-
 from gateway.tools.testbed import Testbed, TestbedOptions
+from tests.support.app_traffic import app_exchange
 
 
 class ItsTestbed(Testbed):

@@ -10,9 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from e2e_support import app_exchange
-
 from gateway.tools.testbed import Testbed, TestbedOptions
+from tests.support.app_traffic import app_exchange
 
 
 def _kill(bed: Testbed, site: str) -> None:

@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_support import app_exchange as _app_exchange
 
 from gateway.tools.testbed import Testbed, TestbedError, TestbedOptions
+from tests.support.app_traffic import app_exchange as _app_exchange
 
 
 def _wait(predicate, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]

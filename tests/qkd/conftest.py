@@ -1,5 +1,5 @@
 """Fixtures: a real PKI from `gateway.pki.init_pki` and KMEs running on loopback TLS
-(topology in _qkd_support.py)."""
+(topology in tests/support/kme_processes.py)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-from _qkd_support import SITES, kme_toml
 
 from gateway.pki import init_pki
 from qkd.etsi014.client import EtsiClient
 from qkd.kme.config import KmeConfig
 from qkd.kme.service import RunningKme, start_kme
+from tests.support.kme_processes import SITES, kme_toml
 
 
 @pytest.fixture(scope="session")
