@@ -44,7 +44,9 @@ def _flip_pp(direction: str, index: int) -> Tamper:
         if seen[0] != index:
             return frame
         bad = bytearray(frame)
-        bad[-1] ^= 0x01  # a single bit, late in the frame: the protocol may not notice
+        # A single data bit, late in the frame: the protocol may not notice. (The top
+        # bit of the last byte: the low bits may be padding, which the decoders refuse.)
+        bad[-1] ^= 0x80
         return bytes(bad)
     return tamper
 
