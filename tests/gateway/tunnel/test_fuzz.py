@@ -23,6 +23,7 @@ from gateway.tunnel.handshake import (
 from gateway.tunnel.record import RecordReader
 from gateway.tunnel.streams import MuxError, StreamMux
 from gateway.tunnel.wire import DecodeError
+from tests.support.bad_certificates import der_of, pair_with_bad_cert
 from tests.support.tunnel_harness import make_pair
 
 PARSERS = [ClientHello.decode, ServerHello.decode, decode_certificate,
@@ -134,7 +135,6 @@ def _apply(der: bytes, mutation: tuple[str, int, bytes, int]) -> bytes:
 
 def _check_mutated_certificate(pki_dir: Path, sender: str,
                                mutation: tuple[str, int, bytes, int]) -> None:
-    from test_malformed_certificates import der_of, pair_with_bad_cert
 
     der = der_of(pki_dir, "site-a" if sender == "initiator" else "site-b")
     mutated = _apply(der, mutation)

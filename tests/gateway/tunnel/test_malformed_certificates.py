@@ -11,89 +11,29 @@ The fuzz targets over mutated certificates inside real flights are in test_fuzz.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from gateway.pki import PeerCertificateError, parse_peer_certificate
 from gateway.pki.verify import _describe
 from gateway.tunnel import events as ev
 from gateway.tunnel import handshake as hs_mod
-from gateway.tunnel.handshake import Credentials
 from gateway.tunnel.wire import ErrorCode
+from tests.support.bad_certificates import (
+    MUTATIONS,
+    RAW_ERRORS,
+    der_of,
+    ends,
+    mutate,
+    pair_with_bad_cert,
+)
 from tests.support.handshake_attacks import wait_failure
 from tests.support.mitm_relay import B2A, Sites, TamperHandshake
-from tests.support.tunnel_harness import Pair, credentials, make_pair, params
-
-CN_OID = bytes.fromhex("0603550403")
-
-
-def _cn_tag_positions(der: bytes) -> list[int]:
-    """Offsets of the UTF8String tag (0x0c) after each commonName OID: issuer, subject."""
-    out, start = [], 0
-    while (i := der.find(CN_OID + b"\x0c", start)) >= 0:
-        out.append(i + len(CN_OID))
-        start = i + 1
-    return out
-
-
-def mutate(der: bytes, which: str) -> bytes:
-    if which in ("issuer", "subject"):
-        pos = _cn_tag_positions(der)[0 if which == "issuer" else 1]
-        assert der[pos] == 0x0C
-        return der[:pos] + b"\x41" + der[pos + 1:]
-    assert which == "version"
-    pos = der.find(bytes.fromhex("a003020102"))
-    assert pos > 0
-    return der[:pos + 4] + b"\x66" + der[pos + 5:]
-
-
-MUTATIONS = ["issuer", "subject", "version"]
-# What cryptography raised out of the gateway before the fix, for each mutation.
-RAW_ERRORS: dict[str, type[Exception] | tuple[type[Exception], ...]] = {
-    "issuer": ValueError, "subject": ValueError, "version": x509.InvalidVersion}
-
-
-@dataclasses.dataclass(frozen=True)
-class WireChain(Credentials):
-    """Credentials whose Certificate message carries `wire` instead of the real chain
-    (the signature is still made with the real key: the receiver never gets that far)."""
-
-    wire: tuple[bytes, ...] = ()
-
-    @property
-    def chain_der(self) -> tuple[bytes, ...]:
-        return self.wire
-
-
-def with_wire_chain(creds: Credentials, wire: tuple[bytes, ...]) -> WireChain:
-    return WireChain(creds.private_key, creds.chain, creds.trust_anchor, creds.crl_check,
-                     creds.own_check, wire)
-
-
-def der_of(pki: Path, site: str) -> bytes:
-    return credentials(pki, site).chain[0].public_bytes(Encoding.DER)
-
-
-def pair_with_bad_cert(pki: Path, sender: str, wire: tuple[bytes, ...]) -> Pair:
-    pa, pb = params(pki, "site-a", "site-b"), params(pki, "site-b", "site-a")
-    if sender == "initiator":
-        pa = dataclasses.replace(pa, credentials=with_wire_chain(pa.credentials, wire))
-    else:
-        pb = dataclasses.replace(pb, credentials=with_wire_chain(pb.credentials, wire))
-    return make_pair(pki, params_a=pa, params_b=pb)
-
-
-def ends(pair: Pair) -> tuple[ev.ConnectionTerminated | None, ev.ConnectionTerminated | None]:
-    def last(events: list[ev.Event]) -> ev.ConnectionTerminated | None:
-        found = [e for e in events if isinstance(e, ev.ConnectionTerminated)]
-        return found[-1] if found else None
-    return last(pair.events_a), last(pair.events_b)
+from tests.support.tunnel_harness import make_pair
 
 
 @pytest.mark.parametrize("which", MUTATIONS)
