@@ -17,10 +17,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from qkd.sim.params import LinkParams
 
-
-def _h2(x: float) -> float:
+def h2(x: float) -> float:
+    """Binary entropy in bits (0 at the end points); the one definition in the project."""
     if x <= 0.0 or x >= 1.0:
         return 0.0
     return -x * math.log2(x) - (1.0 - x) * math.log2(1.0 - x)
@@ -101,35 +100,5 @@ def decoy_bounds(
 
 def key_length(est: DecoyEstimate, leak_ec: float, eps_sec: float, eps_cor: float) -> float:
     """Lim et al. 2014 eq. (1), before flooring (may be negative)."""
-    return (est.s_z0 + est.s_z1 * (1.0 - _h2(est.phase_error)) - leak_ec
+    return (est.s_z0 + est.s_z1 * (1.0 - h2(est.phase_error)) - leak_ec
             - 6.0 * math.log2(21.0 / eps_sec) - math.log2(2.0 / eps_cor))
-
-
-def expected_counts(params: LinkParams) -> dict[str, np.ndarray]:
-    """Expected detection and error counts per intensity for `params.pulses` pulses."""
-    from qkd.sim.theory import expected_observables
-
-    obs = expected_observables(params)
-    q = np.asarray(obs["gain"])
-    e = np.asarray(obs["qber"])
-    p = np.asarray(params.intensity_probs)
-    pz = params.basis_bias
-    px = 1.0 - pz
-    n = params.pulses
-    return {
-        "n_z": n * p * pz * pz * q,
-        "n_x": n * p * px * px * q,
-        "m_z": n * p * pz * pz * q * e,
-        "m_x": n * p * px * px * q * e,
-    }
-
-
-def expected_finite_key_rate(params: LinkParams, f: float) -> float:
-    """Lim et al. 2014 key length per pulse for the expected counts (EC cost f n h(E))."""
-    c = expected_counts(params)
-    est = decoy_bounds(c["n_z"], c["n_x"], c["m_x"], params.intensities,
-                       params.intensity_probs, params.eps_sec)
-    nz = float(np.sum(c["n_z"]))
-    ez = float(np.sum(c["m_z"]) / nz) if nz > 0 else 0.5
-    ell = key_length(est, f * nz * _h2(ez), params.eps_sec, params.eps_cor)
-    return max(ell, 0.0) / params.pulses

@@ -20,15 +20,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from qkd.sim.estimation import decoy_bounds, h2, key_length
 from qkd.sim.params import LinkParams
-
-
-def h2(x: float) -> float:
-    """Binary entropy in bits (0 at the end points)."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0
-    return -x * math.log2(x) - (1.0 - x) * math.log2(1.0 - x)
-
 
 # --- the channel models -------------------------------------------------------------
 
@@ -142,8 +135,6 @@ def theory_rates(params: LinkParams, f: float | None = None) -> TheoryRates:
     so GLLP is applied to that mixed source: Q = sum_k p_k Q_k, Q1 = tau1 Y1,
     Q0 = tau0 Y0, q = p_Z^2. With p_mu = 1 this is exactly Lo-Ma-Chen's formula.
     """
-    from qkd.sim.estimation import expected_finite_key_rate
-
     f = params.ec_efficiency if f is None else f
     obs = expected_observables(params)
     q_k = np.asarray(obs["gain"])
@@ -169,3 +160,31 @@ def theory_rates(params: LinkParams, f: float | None = None) -> TheoryRates:
         plob=plob_bound(params.channel_transmittance),
         finite_key_expected=expected_finite_key_rate(params, f),
     )
+
+
+def expected_counts(params: LinkParams) -> dict[str, np.ndarray]:
+    """Expected detection and error counts per intensity for `params.pulses` pulses."""
+    obs = expected_observables(params)
+    q = np.asarray(obs["gain"])
+    e = np.asarray(obs["qber"])
+    p = np.asarray(params.intensity_probs)
+    pz = params.basis_bias
+    px = 1.0 - pz
+    n = params.pulses
+    return {
+        "n_z": n * p * pz * pz * q,
+        "n_x": n * p * px * px * q,
+        "m_z": n * p * pz * pz * q * e,
+        "m_x": n * p * px * px * q * e,
+    }
+
+
+def expected_finite_key_rate(params: LinkParams, f: float) -> float:
+    """Lim et al. 2014 key length per pulse for the expected counts (EC cost f n h(E))."""
+    c = expected_counts(params)
+    est = decoy_bounds(c["n_z"], c["n_x"], c["m_x"], params.intensities,
+                       params.intensity_probs, params.eps_sec)
+    nz = float(np.sum(c["n_z"]))
+    ez = float(np.sum(c["m_z"]) / nz) if nz > 0 else 0.5
+    ell = key_length(est, f * nz * h2(ez), params.eps_sec, params.eps_cor)
+    return max(ell, 0.0) / params.pulses
