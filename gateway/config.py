@@ -71,7 +71,7 @@ class GatewayConfig:
     pki_rebootstrap: bool = False
     its_mac: bool = False
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
-    # [pki] crl / crl_grace_s: revocation list checked at bootstrap (gateway/credentials.py).
+    # [pki] crl / crl_grace_s: revocation list checked at bootstrap (runtime/credentials.py).
     crl_file: Path | None = None
     crl_grace: float = 0.0
     # [policy] accept_kems: further KEMs a peer may choose, after `kem` in preference.
@@ -125,7 +125,7 @@ def _existing_file(sec: Section, key: str, what: str) -> Path:
 
 def _admission(sec: Section, handshake_timeout: float) -> AdmissionSettings:
     """[tunnel.admission]: what the listening side does before any expensive handshake
-    work (gateway/admission.py). Only the side with [tunnel] listen uses it."""
+    work (gateway/tunnel/admission.py). Only the side with [tunnel] listen uses it."""
     cookie = sec.str("cookie", "under-load", choices=COOKIE_MODES)
     lifetime = sec.float("cookie_lifetime_s", 10.0, min=1.0, max=300.0)
     rotation = sec.float("cookie_secret_rotation_s", 60.0, min=1.0, max=86400.0)

@@ -51,7 +51,7 @@ class GatewayMetrics:
                                     registry=r)
         self.psk_store_failures = Counter("qkdgw_psk_store_failures",
                                           "PSK state writes that failed", registry=r)
-        # Admission control on the tunnel listener (gateway/admission.py).
+        # Admission control on the tunnel listener (gateway/tunnel/admission.py).
         self.tunnel_refused = Counter(
             "qkdgw_tunnel_refused", "Tunnel connections refused or cut before a confirmed "
             "handshake (rate_limited, pending_cap, source_pending_cap, first_record_timeout, "

@@ -63,7 +63,7 @@ def load_credentials(config: GatewayConfig) -> Credentials:
 
 def credential_source(config: GatewayConfig, registry: Any = None) -> CredentialSource:
     """This gateway's credentials from [pki], re-read when the files change
-    (gateway/credentials.py); a set that is invalid at start is a ConfigError."""
+    (gateway/runtime/credentials.py); a set that is invalid at start is a ConfigError."""
     files = CredentialFiles(key=config.key_file, cert=config.cert_file, ca=config.ca_file,
                             crl=config.crl_file)
     try:
@@ -155,7 +155,7 @@ class Gateway:
         self.admin_port: int | None = None
         self.tunnel_port: int | None = None
         self.listener_ports: dict[str, int] = {}
-        # Only the listening side admits connections; see gateway/admission.py.
+        # Only the listening side admits connections; see gateway/tunnel/admission.py.
         self.admission: Admission | None = (
             Admission(config.admission) if config.tunnel_listen is not None else None)
         self._admission_log = LogThrottle(1.0)

@@ -72,7 +72,7 @@ class TunnelSession(asyncio.Protocol):
         # labels() takes a lock per call: resolve the per-record counters once.
         self._bytes_in = gateway.metrics.tunnel_bytes.labels("in")
         self._bytes_out = gateway.metrics.tunnel_bytes.labels("out")
-        # Responder admission (gateway/admission.py): the pending-handshake slot this
+        # Responder admission (gateway/tunnel/admission.py): the pending-handshake slot this
         # connection holds, the deadline for its first complete record, and the bytes
         # it sent before its handshake was confirmed.
         self._ticket: PendingHandshake | None = None

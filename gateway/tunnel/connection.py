@@ -72,7 +72,7 @@ MAX_STREAM_CHUNK = MAX_PAYLOAD - FRAME_HEADER_LEN
 
 
 class CookieGate(Protocol):
-    """Admission control for a responder (gateway/admission.py): when it asks for a
+    """Admission control for a responder (gateway/tunnel/admission.py): when it asks for a
     cookie, a ClientHello without a valid one gets a stateless HelloRetryRequest and
     costs no KME request, no encapsulation and no signature."""
 

@@ -35,7 +35,7 @@ After the first PKI session (auth = "psk"): every confirmed session derives the 
 authentication PSK, numbered by the responder (ServerHello `next_psk_epoch`). A new
 tunnel's ClientHello names the PSK epoch it authenticates with; the PSK is the HKDF salt,
 and the two Finished MACs replace the signatures, so only holders of that PSK *and* of the
-session's QKD key and ML-KEM secret complete it. gateway/psk.py keeps the epochs and
+session's QKD key and ML-KEM secret complete it. gateway/runtime/psk_store.py keeps the epochs and
 explains why no interruption leaves the two sides apart for good.
 
 A responder under load answers a ClientHello without a valid cookie with a plaintext
@@ -43,7 +43,7 @@ HelloRetryRequest (cookie) and keeps no state (TunnelConnection's `cookie_gate`)
 initiator sends the same hello again with the cookie, and the transcript starts over.
 
 Optional one-time MAC mode (policy `its_mac`): two more QKD keys per handshake key
-Wegman–Carter MACs (gateway/otmac.py) over the whole transcript, carried in the two
+Wegman–Carter MACs (gateway/tunnel/otmac.py) over the whole transcript, carried in the two
 Finished messages, so the handshake's authentication also holds against an adversary
 with unbounded computing power, as long as the QKD keys are secret.
 
@@ -361,7 +361,7 @@ class Credentials:
     trust_anchor: x509.Certificate
     crl_check: Callable[[x509.Certificate], str | None] | None = None
     # Whether our own chain may be presented at `now` (validity, and revocation by the
-    # loaded CRL); gateway/credentials.py supplies one whose messages name the files.
+    # loaded CRL); gateway/runtime/credentials.py supplies one whose messages name the files.
     own_check: Callable[[datetime], OwnCertificateProblem | None] | None = None
 
     @property
@@ -386,7 +386,7 @@ class HandshakePolicy:
     qkd_keys_per_handshake: int = 1
     pqc_backend: str = "auto"
     # Information-theoretic mode: two more QKD keys per handshake key one-time MACs over
-    # the whole transcript, one per direction (gateway/otmac.py).
+    # the whole transcript, one per direction (gateway/tunnel/otmac.py).
     its_mac: bool = False
 
     def __post_init__(self) -> None:
@@ -422,7 +422,7 @@ class PskKey:
 class PskBook(Protocol):
     """This side's PSK state for its one peer, as the handshake reads it. The reads are
     answered from memory; the writes arrive as `NextPskDerived` / `PskConfirmed` events
-    (gateway/psk.py keeps them in SQLite)."""
+    (gateway/runtime/psk_store.py keeps them in SQLite)."""
 
     def offer(self) -> PskKey | None:
         """Initiator: the PSK to authenticate with next; None means bootstrap by PKI."""

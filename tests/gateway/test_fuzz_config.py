@@ -1,5 +1,5 @@
 """Property-based fuzzing of the config loaders: the gateway's (gateway/config.py) and
-the KME's (qkd/kme_config.py), both built on gateway/confload.py.
+the KME's (qkd/kme/config.py), both built on qkd/common/confload.py.
 
 Documents are the shipped example configs with random edits (values of every TOML
 type, boundary numbers, NaN and infinities, odd strings and paths, missing and extra
@@ -350,7 +350,7 @@ def test_config_mutations_long_run(workdir: Path, gateway_doc: dict[str, Any],
     check(loader, workdir / "configs" / "fuzz-long.toml", dump(doc))
 
 
-# --- bugs the fuzzer found in gateway/confload.py, now fixed: kept as regressions ---------
+# --- bugs the fuzzer found in qkd/common/confload.py, now fixed: kept as regressions ---------
 
 
 def test_nul_in_a_kme_path_is_a_config_error(workdir: Path,

@@ -1,5 +1,5 @@
 """Certificate policy at bootstrap: revocation lists, expiry, the expected peer identity,
-and credentials that follow their files without a restart (gateway/credentials.py).
+and credentials that follow their files without a restart (gateway/runtime/credentials.py).
 
 Every refusal has a positive control: the same peer is accepted before it is revoked,
 with a fresh certificate, with a current CRL, or with the right expected identity."""

@@ -1,5 +1,5 @@
 """Denial of service on the tunnel listener: cookies, per-source rates, pending caps,
-slow senders (gateway/admission.py and its wiring in gateway/runtime.py).
+slow senders (gateway/tunnel/admission.py and its wiring in gateway/runtime/).
 
 The unit tests drive `Admission` with a fake clock. The attack tests run a real
 responder gateway and a real initiator gateway in this process over loopback TCP; the
