@@ -18,6 +18,7 @@ every open stream is reset, never quietly ended.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 import struct
 import traceback
@@ -69,6 +70,14 @@ from gateway.tunnel.streams import (
 from gateway.tunnel.wire import DecodeError, ErrorCode
 
 MAX_STREAM_CHUNK = MAX_PAYLOAD - FRAME_HEADER_LEN
+
+
+class ConnectionState(enum.Enum):
+    """Where a tunnel connection is; the only state the connection keeps besides its parts."""
+
+    HANDSHAKING = "handshaking"  # no session yet: the first handshake is under way
+    ESTABLISHED = "established"  # a session carries streams (rekeys happen inside it)
+    CLOSED = "closed"  # terminated; every call is ignored from here on
 
 
 class CookieGate(Protocol):
@@ -140,8 +149,7 @@ class TunnelConnection:
         self._session_expires: float | None = None
         self._result: HandshakeResult | None = None
         self._epoch = -1
-        self._ready = False
-        self._closed = False
+        self._state = ConnectionState.HANDSHAKING
         self._installed_handshake = 0
         self._schedule_after_handshake = False
         self._cookie_gate = cookie_gate
@@ -154,17 +162,21 @@ class TunnelConnection:
     def __repr__(self) -> str:
         role = "initiator" if self.initiator else "responder"
         return (f"TunnelConnection({role}, peer={self.params.peer_identity!r}, "
-                f"epoch={self._epoch}, ready={self._ready}, closed={self._closed})")
+                f"epoch={self._epoch}, state={self._state.value})")
 
     # -- properties -------------------------------------------------------------------
 
     @property
+    def state(self) -> ConnectionState:
+        return self._state
+
+    @property
     def ready(self) -> bool:
-        return self._ready and not self._closed
+        return self._state is ConnectionState.ESTABLISHED
 
     @property
     def closed(self) -> bool:
-        return self._closed
+        return self._state is ConnectionState.CLOSED
 
     @property
     def epoch(self) -> int:
@@ -207,11 +219,11 @@ class TunnelConnection:
                          keylog=self._keylog, psk=psk)
 
     def receive_data(self, data: bytes, now: float) -> None:
-        if self._closed:
+        if self.closed:
             return
         try:
             self._reader.feed(data)
-            while not self._closed:
+            while not self.closed:
                 record = self._reader.next_record()
                 if record is None:
                     break
@@ -243,7 +255,7 @@ class TunnelConnection:
     def connection_lost(self, now: float) -> None:
         """The transport ended (EOF or error). Without an authenticated close first,
         that is a truncation: streams are reset, not ended."""
-        if self._closed:
+        if self.closed:
             return
         if self._reader.buffered:
             reason = "transport closed in the middle of a record"
@@ -252,14 +264,14 @@ class TunnelConnection:
         self._terminate(ErrorCode.TRUNCATED, reason, clean=False, by_peer=True)
 
     def get_timer(self) -> float | None:
-        if self._closed:
+        if self.closed:
             return None
         times = [t for t in (self._handshake_deadline, self._rekey_at, self._session_expires)
                  if t is not None]
         return min(times) if times else None
 
     def handle_timer(self, now: float) -> None:
-        if self._closed:
+        if self.closed:
             return
         if self._handshake_deadline is not None and now >= self._handshake_deadline:
             self._fatal(ErrorCode.TIMEOUT, "handshake did not complete in time")
@@ -290,7 +302,7 @@ class TunnelConnection:
     def supply_qkd_keys(self, handshake_id: int, keys: Sequence[tuple[str, bytes]],
                         now: float) -> None:
         hs = self._handshake
-        if self._closed or hs is None or hs.handshake_id != handshake_id:
+        if self.closed or hs is None or hs.handshake_id != handshake_id:
             return
         self._run(lambda: hs.supply_qkd_keys(keys))
         self._after_activity(now)
@@ -300,7 +312,7 @@ class TunnelConnection:
         """This side's own KME has no key ("no-key") or cannot be reached
         ("unreachable"); only the initiator may then go on without QKD."""
         hs = self._handshake
-        if self._closed or hs is None or hs.handshake_id != handshake_id:
+        if self.closed or hs is None or hs.handshake_id != handshake_id:
             return
         self._run(lambda: hs.qkd_keys_unavailable(reason, status))
         self._after_activity(now)
@@ -309,7 +321,7 @@ class TunnelConnection:
         """The KME refused (unknown, replayed or delivered key ID; a request it will not
         serve), or the gateway's key-ID memory saw the ID before: a hard failure."""
         hs = self._handshake
-        if self._closed or hs is None or hs.handshake_id != handshake_id:
+        if self.closed or hs is None or hs.handshake_id != handshake_id:
             return
         self._run(lambda: hs.qkd_keys_rejected(reason))
         self._after_activity(now)
@@ -318,7 +330,7 @@ class TunnelConnection:
         """Answer to QkdStatusToCheck: "ok" (this side's KME has keys for the peer),
         "no-key" or "unreachable"."""
         hs = self._handshake
-        if self._closed or hs is None or hs.handshake_id != handshake_id:
+        if self.closed or hs is None or hs.handshake_id != handshake_id:
             return
         self._run(lambda: hs.local_qkd_status(status))
         self._after_activity(now)
@@ -334,7 +346,7 @@ class TunnelConnection:
         return self._require_mux().open_stream(service)
 
     def send_window(self, stream_id: int) -> int:
-        return 0 if self._mux is None or self._closed else self._mux.send_window(stream_id)
+        return 0 if self._mux is None or self.closed else self._mux.send_window(stream_id)
 
     def send_stream_data(self, stream_id: int, data: bytes) -> None:
         mux = self._require_mux()
@@ -342,20 +354,20 @@ class TunnelConnection:
             mux.send_data(stream_id, data[off : off + MAX_STREAM_CHUNK])
 
     def end_stream(self, stream_id: int) -> None:
-        if self._mux is not None and not self._closed:
+        if self._mux is not None and not self.closed:
             self._mux.send_fin(stream_id)
 
     def reset_stream(self, stream_id: int, code: StreamCode, reason: str = "") -> None:
-        if self._mux is not None and not self._closed:
+        if self._mux is not None and not self.closed:
             self._mux.reset_stream(stream_id, code, reason)
 
     def stream_data_consumed(self, stream_id: int, n: int) -> None:
-        if self._mux is not None and not self._closed:
+        if self._mux is not None and not self.closed:
             self._mux.data_consumed(stream_id, n)
 
     def close(self, code: ErrorCode = ErrorCode.NO_ERROR, reason: str = "") -> None:
         """Authenticated close: the peer can tell it from a cut connection."""
-        if self._closed:
+        if self.closed:
             return
         if self._records.send_ready:
             self._flush_frames()
@@ -389,7 +401,7 @@ class TunnelConnection:
                                   "plaintext record received after keys were established")
             self._on_alert(bytes(payload), late=True)
         elif inner == INNER_STREAM:
-            if self._mux is None or not self._ready:
+            if self._mux is None or self._state is ConnectionState.HANDSHAKING:
                 raise RecordError(ErrorCode.PROTOCOL_ERROR, "stream data before the handshake")
             self._mux.receive_payload(payload)
             self._events.extend(self._mux.events)
@@ -409,12 +421,13 @@ class TunnelConnection:
                 raise RecordError(ErrorCode.PROTOCOL_ERROR, "alert inside the tunnel")
             self._on_alert(msg)
             return
-        if (mtype == MSG_CLIENT_HELLO and not self.initiator and not self._ready
+        if (mtype == MSG_CLIENT_HELLO and not self.initiator
+                and self._state is ConnectionState.HANDSHAKING
                 and self._cookie_gate is not None and not self._admit(msg, now)):
             return
         hs = self._handshake
         if hs is None:
-            if not self.initiator and self._ready and mtype == MSG_CLIENT_HELLO:
+            if not self.initiator and self.ready and mtype == MSG_CLIENT_HELLO:
                 assert self._result is not None
                 hs = self._handshake = self._new_handshake(
                     self._epoch + 1, AUTH_CHAIN, self._result.keys.chain_key)
@@ -514,8 +527,8 @@ class TunnelConnection:
             mode=result.mode, kem=result.kem, qkd_key_ids=result.qkd_key_ids, rekey=rekey,
             psk_epoch=result.psk_epoch, its_mac=result.its_mac,
             qkd_status=result.qkd_status, peer_qkd_status=result.peer_qkd_status))
-        if not self._ready:
-            self._ready = True
+        if self._state is ConnectionState.HANDSHAKING:
+            self._state = ConnectionState.ESTABLISHED
             self._mux = StreamMux(self.initiator, self.settings.mux, result.peer_stream_window)
             self._events.append(ev.TunnelReady())
         self._schedule_after_handshake = True
@@ -538,7 +551,7 @@ class TunnelConnection:
         self._after_activity(now)
 
     def _flush_frames(self) -> None:
-        if self._mux is None or self._closed:
+        if self._mux is None or self.closed:
             return
         frames = self._mux.frames_to_send()
         if not frames:
@@ -568,7 +581,7 @@ class TunnelConnection:
             self._events.append(ev.KeyUpdated("send", self._records.send_generation))
 
     def _fatal(self, code: ErrorCode, reason: str) -> None:
-        if self._closed:
+        if self.closed:
             return
         hs = self._handshake
         if hs is not None:
@@ -588,7 +601,7 @@ class TunnelConnection:
         self._terminate(code, reason, clean=False, by_peer=False)
 
     def _terminate(self, code: int, reason: str, *, clean: bool, by_peer: bool) -> None:
-        self._closed = True
+        self._state = ConnectionState.CLOSED
         self._handshake = None
         self._records.erase()
         if self._mux is not None:
