@@ -140,6 +140,24 @@ def _labels(component: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "qkd-gateway", "app.kubernetes.io/component": component}
 
 
+def _product_container(command: str, ports: list[dict[str, Any]], admin: int,
+                       memory: str, memory_limit: str) -> dict[str, Any]:
+    """The KME or gateway container: `qkdgw <command> --config configs/<command>.toml`."""
+    return {
+        "name": command, "image": IMAGE, "imagePullPolicy": "IfNotPresent",
+        "args": [command, "--config", f"{HOME}/configs/{command}.toml"],
+        "ports": ports,
+        "securityContext": HARDENED,
+        "volumeMounts": [
+            {"name": "config", "mountPath": f"{HOME}/configs", "readOnly": True},
+            {"name": "pki", "mountPath": f"{HOME}/pki", "readOnly": True},
+            {"name": "state", "mountPath": f"{HOME}/state"}],
+        "resources": {"requests": {"cpu": "250m", "memory": memory},
+                      "limits": {"cpu": "2", "memory": memory_limit}},
+        **_probes(admin),
+    }
+
+
 def _probes(port: int) -> dict[str, Any]:
     return {
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": port},
@@ -216,20 +234,8 @@ def manifests(site: str) -> list[dict[str, Any]]:
                     "automountServiceAccountToken": False,
                     "securityContext": _pod_security(),
                     "initContainers": [_init_pki("kme-pki")],
-                    "containers": [{
-                        "name": "kme", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
-                        "args": ["kme", "--config", f"{HOME}/configs/kme.toml"],
-                        "ports": kme_ports,
-                        "securityContext": HARDENED,
-                        "volumeMounts": [
-                            {"name": "config", "mountPath": f"{HOME}/configs",
-                             "readOnly": True},
-                            {"name": "pki", "mountPath": f"{HOME}/pki", "readOnly": True},
-                            {"name": "state", "mountPath": f"{HOME}/state"}],
-                        "resources": {"requests": {"cpu": "250m", "memory": "256Mi"},
-                                      "limits": {"cpu": "2", "memory": "1Gi"}},
-                        **_probes(s["kme_admin"]),
-                    }],
+                    "containers": [
+                        _product_container("kme", kme_ports, s["kme_admin"], "256Mi", "1Gi")],
                     "volumes": [
                         {"name": "config", "configMap": {"name": "kme-config"}},
                         {"name": "kme-pki", "secret": {
@@ -283,20 +289,9 @@ def manifests(site: str) -> list[dict[str, Any]]:
                     "automountServiceAccountToken": False,
                     "securityContext": _pod_security(),
                     "initContainers": [_init_pki("gateway-pki")],
-                    "containers": [_example_app(site), {
-                        "name": "gateway", "image": IMAGE, "imagePullPolicy": "IfNotPresent",
-                        "args": ["gateway", "--config", f"{HOME}/configs/gateway.toml"],
-                        "ports": gw_ports,
-                        "securityContext": HARDENED,
-                        "volumeMounts": [
-                            {"name": "config", "mountPath": f"{HOME}/configs",
-                             "readOnly": True},
-                            {"name": "pki", "mountPath": f"{HOME}/pki", "readOnly": True},
-                            {"name": "state", "mountPath": f"{HOME}/state"}],
-                        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"},
-                                      "limits": {"cpu": "2", "memory": "512Mi"}},
-                        **_probes(s["gw_admin"]),
-                    }],
+                    "containers": [
+                        _example_app(site),
+                        _product_container("gateway", gw_ports, s["gw_admin"], "128Mi", "512Mi")],
                     "volumes": [
                         {"name": "config", "configMap": {"name": "gateway-config"}},
                         {"name": "gateway-pki", "secret": {
