@@ -49,6 +49,9 @@ VARIANTS = ("original", "yanetal", "option7", "option8")
 _MIN_QBER = 1e-5
 _BIT = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))  # _BIT[i] = 1 << i
 _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
+# Test-only: skip the consistency checks on Alice's replies, to show that without them
+# a hostile reply keeps Bob busy forever (the positive control of the hang test).
+_TEST_TRUST_PARITIES = False
 
 
 def block_sizes(variant: str, qber: float, n: int) -> list[int]:
@@ -376,6 +379,14 @@ class CascadeBob:
         self.leak_per_frame = np.zeros(f, np.int64)
         self.round_trips = 0
         self.done = False
+        # Once Alice's replies have been refused, the protocol is over: a later reply
+        # must not be read as the end of a finished run (that would report done).
+        self._failed = False
+        # Bits already corrected, per frame. An honest Alice's parities make a search
+        # end only on a bit in error, which the flip then makes right; a second flip of
+        # the same bit means her answers contradict each other, and letting it happen
+        # lets a hostile peer keep Bob flipping forever.
+        self._flipped = np.zeros((f, n), bool)
         self._out: deque[bytes] = deque()
         self._gen = self._run()
         self._emit(next(self._gen))
@@ -393,6 +404,8 @@ class CascadeBob:
             raise m.MessageError(f"unexpected {type(msg).__name__} during Cascade")
         if self.done:
             raise m.MessageError("parity reply after Cascade finished")
+        if self._failed:
+            raise m.MessageError("parity reply after Cascade was aborted")
         self.revealed_bits += msg.revealed_bits()
         self.round_trips += 1
         try:
@@ -400,6 +413,9 @@ class CascadeBob:
         except StopIteration:
             self.done = True
             self._out.append(m.CascadeDone(self.revealed_bits).encode())
+        except BaseException:
+            self._failed = True
+            raise
 
     def _emit(self, msg: m.Message) -> None:
         self._out.append(msg.encode())
@@ -479,6 +495,11 @@ class CascadeBob:
             first[1:] = ids[1:] != ids[:-1]
             ask = ids[first]
             order = order[first]
+            if not (ask.size or of.size):
+                # Every frame waits on something, yet nothing is left to ask: only
+                # replies that contradict each other get here.
+                raise m.MessageError("Cascade made no progress: Alice's parities are "
+                                     "inconsistent")
             reply = yield m.ParityQuery(ask, of, op)
             cnt = lay.nb[op]
             ntop = int(cnt.sum())
@@ -574,10 +595,17 @@ class CascadeBob:
         p, f, c = self._lp[sel], self._lf[sel], self._lc[sel]
         keep = ~sel
         self._lp, self._lf, self._lc = self._lp[keep], self._lf[keep], self._lc[keep]
+        if not _TEST_TRUST_PARITIES:
+            self._check_leaves(p, f, c)
         # Flip each distinct (frame, position) once.
         pos = lay.orig_cat[lay.orig_off[p] + c]
         key = _sorted_unique(f * lay.n + pos)
         ff, jj = key // lay.n, key % lay.n
+        if not _TEST_TRUST_PARITIES:
+            if self._flipped[ff, jj].any():
+                raise m.MessageError("Alice's parities contradict each other: a bit "
+                                     "already corrected was found in error again")
+            self._flipped[ff, jj] = True
         self.bits[ff, jj] ^= 1
         fbit = _BIT[ff & 63]
         np.bitwise_xor.at(self._pk.reshape(-1), jj * w + (ff >> 6), fbit)
@@ -612,6 +640,23 @@ class CascadeBob:
         cb = np.concatenate((_BIT[wf & 63], bits))
         odd = ((self._kn[ci] & cb) != 0) & (((self._ap[ci] ^ self._bp[ci]) & cb) != 0)
         self._start_batches(ended, cr[odd], cf[odd])
+
+    def _check_leaves(self, p: np.ndarray, f: np.ndarray, c: np.ndarray) -> None:
+        """Refuse a batch whose searches end on a bit that is not in error.
+
+        With honest parities an odd block's search only descends into odd children, so
+        it ends on a leaf whose parity Alice disclosed (or it was inferred) and differs
+        from Bob's. Anything else (a padding leaf, equal parities) means her replies are
+        inconsistent; flipping anyway would corrupt the frame or never terminate."""
+        lay, w = self.layout, self._w
+        li = (lay.rowbase[p, 0] + c) * w + (f >> 6)
+        bit = _BIT[f & 63]
+        known = (self._dk[li] & bit) != 0
+        odd = ((self._ap[li] ^ self._bp[li]) & bit) != 0
+        real = lay.orig_cat[lay.orig_off[p] + c] >= 0
+        if not (known & odd & real).all():
+            raise m.MessageError("Alice's parities contradict each other: a binary "
+                                 "search ended on a bit that is not in error")
 
     def _start_batches(self, frames: np.ndarray, rows: np.ndarray, f: np.ndarray) -> None:
         """Start a batch in each of `frames` from its odd known nodes (rows, f): search
