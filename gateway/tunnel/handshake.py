@@ -70,6 +70,8 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from gateway.errors import GatewayError
+from gateway.pki.files import PeerCertificateError
+from gateway.pki.verify import parse_peer_certificate, verify_peer_certificate
 from gateway.tunnel import events as ev
 from gateway.tunnel import otmac
 from gateway.tunnel.key_schedule import (
@@ -84,7 +86,7 @@ from gateway.tunnel.otmac import check_one_time_tag, one_time_tag
 from gateway.tunnel.wire import PROTOCOL_VERSION, DecodeError, ErrorCode, Reader, Writer
 from pqc import PqcError
 from pqc import sig as pqc_sig
-from pqc.kem import get_kem
+from pqc.factory import get_kem
 
 AUTH_PKI = "pki"
 AUTH_PSK = "psk"
@@ -984,12 +986,6 @@ class Handshake:
         self._send(encode_certificate_verify(algorithm, signature))
 
     def _on_certificate(self, msg: bytes) -> None:
-        from gateway.pki import (
-            PeerCertificateError,
-            parse_peer_certificate,
-            verify_peer_certificate,
-        )
-
         chain_der = decode_certificate(msg)
         creds = self.params.credentials
         assert creds is not None

@@ -24,7 +24,7 @@ from gateway.runtime import Gateway
 from gateway.tunnel.handshake import ClientHello
 from gateway.tunnel.record import PLAINTEXT_HANDSHAKE, RecordLayer
 from gateway.tunnel.wire import PROTOCOL_VERSION
-from pqc.kem import get_kem
+from pqc.factory import get_kem
 from qkd.etsi014.client import KmeRejected
 from qkd.etsi014.messages import QkdKey
 
