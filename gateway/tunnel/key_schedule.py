@@ -21,6 +21,9 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.hashes import SHA384
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
+
 from gateway.tunnel.constants import (
     AES_KEY_LEN,
     GCM_IV_LEN,
@@ -46,20 +49,11 @@ def _u16(n: int) -> bytes:
 
 
 def hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
-    return hmac.new(salt, ikm, HASH_NAME).digest()
+    return HKDF.extract(SHA384(), salt, ikm)
 
 
 def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
-    if length > 255 * HASH_LEN:
-        raise ValueError("HKDF-Expand output too long")
-    out = b""
-    block = b""
-    counter = 1
-    while len(out) < length:
-        block = hmac.new(prk, block + info + bytes([counter]), HASH_NAME).digest()
-        out += block
-        counter += 1
-    return out[:length]
+    return HKDFExpand(SHA384(), length, info).derive(prk)
 
 
 def expand_label(prk: bytes, label: bytes, context: bytes, length: int) -> bytes:
