@@ -47,19 +47,7 @@ from gateway.pki.files import (
 )
 from gateway.pki.verify import site_identity
 from pqc import algorithm_of_public_key, generate_private_key
-
-
-def _replace_file(path: Path, data: bytes, mode: int) -> None:
-    """Write `path` so a reader sees the old content or the new one, never a mix."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        _write_new(tmp, data, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+from qkd.common.files import fsync_dir, write_atomic, write_new
 
 
 def _load_ca(pki_dir: Path) -> tuple[x509.Certificate, Any]:
@@ -115,7 +103,7 @@ def write_crl(pki_dir: Path, add_serials: Sequence[int] = (),
             listed.add(serial)
     crl = issue_crl(ca_cert, ca_key, entries, number + 1, days, now)
     try:
-        _replace_file(pki_dir / CRL_FILE, _pem_crl(crl), 0o644)
+        write_atomic(pki_dir / CRL_FILE, _pem_crl(crl), 0o644)
     except OSError as exc:
         raise PkiError(f"{pki_dir / CRL_FILE}: cannot write the revocation list "
                        f"({exc.strerror}) (fix: check the directory's permissions and free "
@@ -179,8 +167,8 @@ def renew(pki_dir: Path, site: str, days: int = 365,
     new = _make_leaf(site, key, ca_cert, ca_key, days, usages,
                      [x509.UniformResourceIdentifier(f"{SITE_URI_PREFIX}{site}")])
     try:
-        _replace_file(paths.gateway_key, _pem_key(key), 0o600)
-        _replace_file(paths.gateway_cert, _pem_cert(new), 0o644)
+        write_atomic(paths.gateway_key, _pem_key(key), 0o600)
+        write_atomic(paths.gateway_cert, _pem_cert(new), 0o644)
     except OSError as exc:
         raise PkiError(f"{exc.filename or paths.directory}: cannot write the renewed "
                        f"certificate ({exc.strerror}) (fix: check permissions and free space)"
@@ -377,27 +365,6 @@ def _generate(sites: Sequence[str], algorithm: str, days: int,
     return files
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform/filesystem allows it
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    # O_EXCL + the final mode from the start: a key file is never readable by others,
-    # not even between open and chmod.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # the umask may have removed bits from certificates
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _make_private_dir(path: Path) -> None:
     path.mkdir(mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
@@ -413,15 +380,15 @@ def _install(out: Path, files: dict[str, tuple[bytes, int]], sites: Sequence[str
         for site in sites:
             (staging / site).mkdir(mode=0o700)
         for relative, (data, mode) in files.items():
-            _write_new(staging / relative, data, mode)
+            write_new(staging / relative, data, mode)
         # Everything is on disk; now the quick part: one rename per file.
         for site in sites:
             _make_private_dir(out / site)
         for relative in files:
             os.replace(staging / relative, out / relative)
         for site in sites:
-            _fsync_dir(out / site)
-        _fsync_dir(out)
+            fsync_dir(out / site)
+        fsync_dir(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if created_out:

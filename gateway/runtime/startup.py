@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from pathlib import Path
@@ -15,6 +16,7 @@ from gateway.runtime.gateway import Gateway, load_credentials
 from gateway.runtime.ops import budget_lines
 from gateway.runtime.session import TunnelSession
 from qkd.common.errors import UserError
+from qkd.common.files import write_atomic
 from qkd.common.log import configure_logging
 
 
@@ -54,11 +56,7 @@ async def serve(config: GatewayConfig, ready_file: Path | None = None) -> None:
     if ready_file is not None:
         ports = {"admin": gateway.admin_port, "tunnel": gateway.tunnel_port,
                  "listeners": gateway.listener_ports, "pid": os.getpid()}
-        tmp = ready_file.with_suffix(".tmp")
-        import json
-
-        tmp.write_text(json.dumps(ports))
-        tmp.replace(ready_file)
+        write_atomic(ready_file, json.dumps(ports), 0o644)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -77,7 +75,6 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    import json
     import urllib.error
     import urllib.request
 

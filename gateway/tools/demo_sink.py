@@ -11,9 +11,10 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import os
 import signal
 from pathlib import Path
+
+from qkd.common.files import write_atomic
 
 
 class SinkProtocol(asyncio.Protocol):
@@ -41,9 +42,7 @@ async def serve(host: str, port: int, port_file: Path | None) -> None:
     server = await loop.create_server(SinkProtocol, host, port)
     bound = server.sockets[0].getsockname()[1]
     if port_file is not None:
-        tmp = port_file.with_name(port_file.name + ".tmp")
-        tmp.write_text(f"{bound}\n")
-        os.replace(tmp, port_file)
+        write_atomic(port_file, f"{bound}\n", 0o644)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)

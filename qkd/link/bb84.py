@@ -44,6 +44,7 @@ import numpy as np
 
 from qkd.common.confload import HostPort
 from qkd.common.errors import QkdError
+from qkd.common.files import write_atomic
 from qkd.common.log import get_logger
 from qkd.common.storage_key import Sealer, SealError
 from qkd.kme.keystore import AsyncKeyStore, PoolError, ReservedKey
@@ -221,20 +222,7 @@ class Bb84Link:
 
     def _save_state(self, state: dict[str, Any]) -> None:
         data = self._sealer.seal(_STATE_ID, json.dumps(state).encode())
-        tmp = self._state_path.with_name(self._state_path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self._state_path)
-        # The rename itself must survive a power cut too.
-        dfd = os.open(self._state_path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(self._state_path, data)
 
     # ---------------------------------------------------------- core plumbing
 

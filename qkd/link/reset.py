@@ -30,6 +30,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from qkd.common.files import write_atomic
+
 _FP_LABEL = b"qkdgw link secret fingerprint v1"
 
 
@@ -56,24 +58,13 @@ def used_secrets(state_file: Path) -> list[str]:
     return [str(x) for x in data] if isinstance(data, list) else []
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, text.encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def record_bootstrap(state_file: Path, secret: bytes) -> None:
     """Called before a bootstrap starts: the secret joins the ledger, the marker that
     allowed it (if any) is spent."""
     fps = used_secrets(state_file)
     fp = fingerprint(secret)
     if fp not in fps:
-        _write_atomic(ledger_path(state_file), json.dumps([*fps, fp]) + "\n")
+        write_atomic(ledger_path(state_file), json.dumps([*fps, fp]) + "\n")
     marker_path(state_file).unlink(missing_ok=True)
 
 
@@ -91,15 +82,17 @@ def reset_link(state_file: Path, secret_file: Path, secret: bytes, *,
     ValueError (field and fix in the message) when the secret was used before."""
     if new_secret:
         secret = os.urandom(32)
-        _write_atomic(secret_file, secret.hex() + "\n")
+        write_atomic(secret_file, secret.hex() + "\n")
     if fingerprint(secret) in used_secrets(state_file):
         raise ValueError(
             "[link] secret_file: this KME has already bootstrapped with this link secret "
             "(fix: run with --new-secret on one KME and copy the new secret file to the "
             "other, then reset the other without --new-secret)")
     state_file.unlink(missing_ok=True)
-    state_file.with_name(state_file.name + ".tmp").unlink(missing_ok=True)
-    _write_atomic(marker_path(state_file), fingerprint(secret) + "\n")
+    # A state write a crash interrupted leaves a temp file holding (sealed) old state.
+    for stale in state_file.parent.glob(f".{state_file.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    write_atomic(marker_path(state_file), fingerprint(secret) + "\n")
     return secret
 
 

@@ -256,7 +256,7 @@ def test_init_failure_leaves_no_partial_pki(tmp_path: Path,
     out = tmp_path / "pki"
     init_pki(out, SITES)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    real_write = pki_authority._write_new
+    real_write = pki_authority.write_new
     calls = 0
 
     def failing_write(path: Path, data: bytes, mode: int) -> None:
@@ -266,7 +266,7 @@ def test_init_failure_leaves_no_partial_pki(tmp_path: Path,
             raise OSError(28, "No space left on device", str(path))
         real_write(path, data, mode)
 
-    monkeypatch.setattr(pki_authority, "_write_new", failing_write)
+    monkeypatch.setattr(pki_authority, "write_new", failing_write)
     with pytest.raises(PkiError, match="No space left on device"):
         init_pki(out, SITES, force=True)
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
