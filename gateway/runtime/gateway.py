@@ -9,7 +9,6 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, cast
 
@@ -44,6 +43,7 @@ from gateway.tunnel.handshake import (
 )
 from gateway.tunnel.record import RecordLimits
 from gateway.tunnel.streams import MuxSettings
+from qkd.common.bounded import BoundedSet
 from qkd.common.confload import ConfigError
 from qkd.common.log import get_logger
 from qkd.etsi014.client import EtsiClient
@@ -79,25 +79,9 @@ def credential_source(config: GatewayConfig, registry: Any = None) -> Credential
         raise ConfigError(f"{config.source}: [pki] {name}: {text}") from None
 
 
-class RecentKeyIds:
-    """The last `limit` QKD key IDs named to this gateway: a cheap replay check in front
-    of the KME's durable once-only delivery. Bounded, since flood hellos name random IDs."""
-
-    def __init__(self, limit: int = 65536) -> None:
-        self.limit = limit
-        self._ids: dict[str, None] = {}
-
-    def __contains__(self, key_id: object) -> bool:
-        return key_id in self._ids
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def update(self, key_ids: Sequence[str]) -> None:
-        for key_id in key_ids:
-            self._ids[key_id] = None
-        while len(self._ids) > self.limit:
-            del self._ids[next(iter(self._ids))]
+# The last QKD key IDs named to this gateway: a cheap replay check in front of the KME's
+# durable once-only delivery.
+RecentKeyIds = BoundedSet
 
 
 class Gateway:

@@ -21,7 +21,6 @@ can neither set nor report groups before 3.13, so `tls_info()` says what is know
 from __future__ import annotations
 
 import ssl
-from collections import OrderedDict
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -29,6 +28,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from qkd.common.bounded import BoundedSet
 from qkd.common.errors import QkdError
 from qkd.common.log import get_logger
 from qkd.etsi014 import messages as etsi014
@@ -149,7 +149,7 @@ class EtsiClient:
         self._tls: dict[str, Any] = {}
         self._ssl.sslobject_class = _checked_sslobject(kme_id, self._tls)
         self._session: aiohttp.ClientSession | None = None
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen = BoundedSet(_SEEN_LIMIT)
 
     def __repr__(self) -> str:
         return f"EtsiClient({self.base_url!r})"
@@ -281,10 +281,7 @@ class EtsiClient:
             if k.key_id in self._seen:
                 raise KmeProtocolError(f"KME {self.base_url}: delivered key ID {k.key_id} "
                                        "again; a key must be delivered once")
-        for k in keys:
-            self._seen[k.key_id] = None
-            if len(self._seen) > _SEEN_LIMIT:
-                self._seen.popitem(last=False)
+        self._seen.update(k.key_id for k in keys)
 
     # ----------------------------------------------------------------- ETSI 014
 
