@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import socket
 import uuid
@@ -18,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from gateway.config import GatewayConfig
 from gateway.runtime import Gateway
@@ -71,58 +72,31 @@ class FakeEtsiClient:
         return None
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return json.dumps([str(v) for v in value])
-    return json.dumps(str(value))
-
-
 def write_config(workdir: Path, pki: Path, site: str, peer: str, *,
                  listen: bool = False, connect_port: int | None = None,
                  admission: dict[str, Any] | None = None,
                  handshake_timeout: float = 15.0, psk: bool = True) -> GatewayConfig:
     workdir.mkdir(parents=True, exist_ok=True)
-    tunnel = ('listen = "127.0.0.1:0"' if listen
-              else f'connect = "127.0.0.1:{connect_port}"')
-    adm = "".join(f"{k} = {_toml(v)}\n" for k, v in (admission or {}).items())
-    text = f"""
-[gateway]
-site_id = "{site}"
-sae_id = "{site}-gw"
-state_dir = {_toml(workdir / "state" / site)}
-
-[tunnel]
-{tunnel}
-handshake_timeout_s = {handshake_timeout}
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-
-[tunnel.admission]
-{adm}
-[peer]
-site_id = "{peer}"
-sae_id = "{peer}-gw"
-
-[pki]
-ca = {_toml(pki / "ca.crt")}
-cert = {_toml(pki / site / "gateway.crt")}
-key = {_toml(pki / site / "gateway.key")}
-
-[kme]
-url = "https://127.0.0.1:1"
-ca = {_toml(pki / "tls-ca.crt")}
-cert = {_toml(pki / site / "sae-client.crt")}
-key = {_toml(pki / site / "sae-client.key")}
-
-[auth]
-psk = {_toml(psk)}
-"""
+    tunnel: dict[str, Any] = ({"listen": "127.0.0.1:0"} if listen
+                              else {"connect": f"127.0.0.1:{connect_port}"})
+    tunnel |= {"handshake_timeout_s": handshake_timeout, "reconnect_min_s": 0.1,
+               "reconnect_max_s": 0.5,
+               "admission": {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in (admission or {}).items()}}
+    doc = {
+        "gateway": {"site_id": site, "sae_id": f"{site}-gw",
+                    "state_dir": str(workdir / "state" / site)},
+        "tunnel": tunnel,
+        "peer": {"site_id": peer, "sae_id": f"{peer}-gw"},
+        "pki": {"ca": str(pki / "ca.crt"), "cert": str(pki / site / "gateway.crt"),
+                "key": str(pki / site / "gateway.key")},
+        "kme": {"url": "https://127.0.0.1:1", "ca": str(pki / "tls-ca.crt"),
+                "cert": str(pki / site / "sae-client.crt"),
+                "key": str(pki / site / "sae-client.key")},
+        "auth": {"psk": psk},
+    }
     path = workdir / f"{site}.toml"
-    path.write_text(text)
+    path.write_text(tomli_w.dumps(doc))
     return GatewayConfig.load(path)
 
 
