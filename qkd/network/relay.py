@@ -268,6 +268,9 @@ class InMemoryLinkKeys:
             ka._hash[b] = kb._hash[a] = hk
         return out
 
+    def neighbours(self) -> list[str]:
+        return sorted(self._out)
+
     def material(self, neighbour: str) -> tuple[bytes, bytes]:
         """(outgoing, incoming) stream bytes: what a compromised node holds."""
         return self._out[neighbour].data, self._in[neighbour].data

@@ -143,3 +143,19 @@ def test_start_refuses_paths_that_share_a_node() -> None:
     with pytest.raises(NetworkError) as exc:
         net.nodes["A"].start_relay("m", "s", [("A", "B", "C"), ("A", "B", "C")], KEY, 0.0)
     assert exc.value.code is NetErrorCode.PATH
+
+
+def test_link_down_reroutes_and_the_relay_uses_the_new_path() -> None:
+    from qkd.network.topology import LinkReport, LinkStateAd, LinkStateDb
+
+    pairs = ring("ABCDE")
+    db = LinkStateDb(Topology.from_config({"nodes": list("ABCDE"), "links": [
+        {"a": a, "b": b, "pool_bits": 10**6} for a, b in pairs]}))
+    assert db.watch("A", "C", 1) == (("A", "B", "C"),)
+    events = db.receive(LinkStateAd("B", 1, (LinkReport("A", True, 10**6),
+                                             LinkReport("C", False, 10**6))).encode())
+    (paths,) = [e.paths for e in events]  # type: ignore[union-attr]
+    assert paths == (("A", "E", "D", "C"),)
+    net = Net(pairs)
+    key_id = relay_ok(net, "A", list(paths))
+    assert not any("B" in (s, d) for s, d, _ in net.wire) and key_id
