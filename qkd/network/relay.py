@@ -421,7 +421,8 @@ class RelayNode:
         self._keys = keys
         self._rng = rng  # the OS CSPRNG; tests inject scripted bytes
         self._relays: dict[bytes, _Relay] = {}
-        self._seen: set[tuple[int, bytes, int, int]] = set()
+        # Message ids seen, per key id, so a finished relay's ids go in one step.
+        self._seen: dict[bytes, set[tuple[int, int, int]]] = {}
         self._out: list[tuple[str, bytes]] = []
         self._events: list[Event] = []
         self.stats: dict[str, int] = {"started": 0, "delivered": 0, "assembled": 0,
@@ -516,8 +517,8 @@ class RelayNode:
             self._fail_or_reject(msg, neighbour, NetErrorCode.HOP,
                                  "hop counter does not match the link the frame came on")
             return
-        mid = (int(_kind(msg)), msg.key_id, msg.share_index, pos)
-        if mid in self._seen:
+        mid = (int(_kind(msg)), msg.share_index, pos)
+        if mid in self._seen.get(msg.key_id, ()):
             self._fail_or_reject(msg, neighbour, NetErrorCode.REPLAY, "message seen before")
             return
         n = PAD_BYTES + (msg.key_bytes if isinstance(msg, Share) else 0)
@@ -532,7 +533,7 @@ class RelayNode:
             self._fail_or_reject(msg, neighbour, NetErrorCode.AUTH, "tag did not verify")
             return
         self._keys.consume(neighbour, off, n)
-        self._seen.add(mid)
+        self._seen.setdefault(msg.key_id, set()).add(mid)
         r = self._relays.get(msg.key_id)
         if r is not None and (r.master, r.slave, r.count, r.key_bytes) != (
                 msg.master_sae, msg.slave_sae, msg.share_count, msg.key_bytes):
@@ -699,4 +700,4 @@ class RelayNode:
                     self._fail(r, NetErrorCode.TIMEOUT, "relay did not finish in time")
             elif (r.done or r.ended) and r.expires and now >= r.expires:
                 del self._relays[key_id]
-                self._seen = {m for m in self._seen if m[1] != key_id}
+                self._seen.pop(key_id, None)
