@@ -76,29 +76,46 @@ _BACKWARD = (Kind.ACK, Kind.ABORT_BACK)
 class Share:
     """One XOR share on one hop. Wire size: C + 2 + key_bytes + 16 (tag)."""
 
-    key_id: bytes  # 16 bytes naming the relayed key (a UUID)
-    share_index: int  # which share, 0 .. share_count-1; also which path
-    share_count: int  # k: shares, and node-disjoint paths, of this key
-    hop: int  # the receiver's position in `path`
-    key_bytes: int  # the key's (and every share's) length in bytes
-    master_sae: str  # the SAE the key is for at the source
-    slave_sae: str  # the SAE the key is for at the destination
-    path: Path  # source KME first, destination KME last
-    ciphertext: bytes = field(repr=False)  # share XOR this hop's one-time pad
+    key_id: bytes
+    """16 bytes naming the relayed key (a UUID)."""
+    share_index: int
+    """Which share, 0 .. share_count-1; also which path."""
+    share_count: int
+    """k: shares, and node-disjoint paths, of this key."""
+    hop: int
+    """The receiver's position in `path`."""
+    key_bytes: int
+    """The key's (and every share's) length in bytes."""
+    master_sae: str
+    """The SAE the key is for at the source."""
+    slave_sae: str
+    """The SAE the key is for at the destination."""
+    path: Path
+    """Source KME first, destination KME last."""
+    ciphertext: bytes = field(repr=False)
+    """Share XOR this hop's one-time pad."""
 
 
 @dataclass(frozen=True)
 class Ack:
     """The destination stored the key; one per path. Wire size: C + 2 + 16 (tag)."""
 
-    key_id: bytes  # as in Share
-    share_index: int  # the path this ACK travels back on
-    share_count: int  # k
-    hop: int  # the receiver's position in `path` (counts down)
-    key_bytes: int  # the key's length in bytes
-    master_sae: str  # as in Share
-    slave_sae: str  # as in Share
-    path: Path  # the share's path, unchanged
+    key_id: bytes
+    """As in Share."""
+    share_index: int
+    """The path this ACK travels back on."""
+    share_count: int
+    """k, the number of shares and paths."""
+    hop: int
+    """The receiver's position in `path` (counts down)."""
+    key_bytes: int
+    """The key's length in bytes."""
+    master_sae: str
+    """As in Share."""
+    slave_sae: str
+    """As in Share."""
+    path: Path
+    """The share's path, unchanged."""
 
 
 @dataclass(frozen=True)
@@ -106,16 +123,26 @@ class Abort:
     """The relay has ended at some node; travels on in `kind`'s direction.
     Wire size: C + 2 + 1 (the code) + 16 (tag)."""
 
-    key_id: bytes  # as in Share
-    share_index: int  # the path this ABORT travels on
-    share_count: int  # k
-    hop: int  # the receiver's position in `path`
-    key_bytes: int  # the key's length in bytes
-    master_sae: str  # as in Share
-    slave_sae: str  # as in Share
-    path: Path  # the share's path
-    code: NetErrorCode  # why the relay ended (no detail: it crosses nodes)
-    forward: bool  # True towards the destination, False towards the source
+    key_id: bytes
+    """As in Share."""
+    share_index: int
+    """The path this ABORT travels on."""
+    share_count: int
+    """k, the number of shares and paths."""
+    hop: int
+    """The receiver's position in `path`."""
+    key_bytes: int
+    """The key's length in bytes."""
+    master_sae: str
+    """As in Share."""
+    slave_sae: str
+    """As in Share."""
+    path: Path
+    """The share's path."""
+    code: NetErrorCode
+    """Why the relay ended (no detail: it crosses nodes)."""
+    forward: bool
+    """True towards the destination, False towards the source."""
 
 
 Message = Share | Ack | Abort
@@ -314,8 +341,10 @@ class InMemoryLinkKeys:
 class ShareStored:
     """The destination holds one more share of a key (no bytes in the event)."""
 
-    key_id: str  # the relayed key's id (UUID text)
-    share_index: int  # which share arrived
+    key_id: str
+    """The relayed key's id (UUID text)."""
+    share_index: int
+    """Which share arrived."""
 
 
 @dataclass(frozen=True)
@@ -323,33 +352,48 @@ class KeyAssembled:
     """The destination has every share: store the key, then call `key_stored`; only
     then do the ACKs leave, so the source never releases a key not stored here."""
 
-    key_id: str  # the relayed key's id (UUID text)
-    master_sae: str  # the SAE at the source the key is for
-    slave_sae: str  # the SAE at this KME the key is for
-    source: str  # the source KME
-    key: bytes = field(repr=False)  # the key; never logged
+    key_id: str
+    """The relayed key's id (UUID text)."""
+    master_sae: str
+    """The SAE at the source the key is for."""
+    slave_sae: str
+    """The SAE at this KME the key is for."""
+    source: str
+    """The source KME."""
+    key: bytes = field(repr=False)
+    """The key; never logged."""
 
 
 @dataclass(frozen=True)
 class KeyDeliverable:
     """Every share was acknowledged: the source may hand the key to the master SAE."""
 
-    key_id: str  # the relayed key's id (UUID text)
-    master_sae: str  # the SAE at this KME the key is for
-    slave_sae: str  # the SAE at the destination
-    destination: str  # the destination KME
-    link_key_bits: int  # link-key bits the relay used over all hops and shares
-    key: bytes = field(repr=False)  # the key; never logged
+    key_id: str
+    """The relayed key's id (UUID text)."""
+    master_sae: str
+    """The SAE at this KME the key is for."""
+    slave_sae: str
+    """The SAE at the destination."""
+    destination: str
+    """The destination KME."""
+    link_key_bits: int
+    """Link-key bits the relay used over all hops and shares."""
+    key: bytes = field(repr=False)
+    """The key; never logged."""
 
 
 @dataclass(frozen=True)
 class RelayFailed:
     """The relay ended at this node without a key (the key, if held, is erased)."""
 
-    key_id: str  # the relayed key's id (UUID text)
-    role: str  # "source", "transit" or "destination": this node's part
-    code: NetErrorCode  # why
-    reason: str  # for people; no key bytes
+    key_id: str
+    """The relayed key's id (UUID text)."""
+    role: str
+    """"source", "transit" or "destination": this node's part."""
+    code: NetErrorCode
+    """Why."""
+    reason: str
+    """For people; no key bytes."""
 
 
 @dataclass(frozen=True)
@@ -357,16 +401,20 @@ class KeyDiscarded:
     """The destination had assembled (and maybe stored) the key, then the relay was
     aborted: delete it from the store."""
 
-    key_id: str  # the relayed key's id (UUID text)
+    key_id: str
+    """The relayed key's id (UUID text)."""
 
 
 @dataclass(frozen=True)
 class FrameRejected:
     """A frame this node could not attribute to a relay it takes part in; dropped."""
 
-    neighbour: str  # the link it came in on
-    code: NetErrorCode  # why
-    reason: str  # for people; no key bytes
+    neighbour: str
+    """The link it came in on."""
+    code: NetErrorCode
+    """Why."""
+    reason: str
+    """For people; no key bytes."""
 
 
 Event = ShareStored | KeyAssembled | KeyDeliverable | RelayFailed | KeyDiscarded | FrameRejected
@@ -390,8 +438,10 @@ class _Relay:
     shares: dict[int, bytes] = field(default_factory=dict, repr=False)
     key: bytes = field(default=b"", repr=False)
     acked: set[int] = field(default_factory=set)
-    done: bool = False  # this node's part succeeded: late duplicates are ignored
-    ended: bool = False  # failed or aborted here
+    done: bool = False
+    """This node's part succeeded: late duplicates are ignored."""
+    ended: bool = False
+    """Failed or aborted here."""
     assembled: bool = False
     expires: float = 0.0
 
@@ -475,8 +525,14 @@ class RelayNode:
                          ciphertext=bytes(key_bytes)))
         self._relays[key_id] = relay
         self.stats["started"] += 1
-        for i, p in enumerate(paths):
-            self._send_share(relay, i, p, 1, shares[i])
+        try:
+            for i, p in enumerate(paths):
+                self._send_share(relay, i, p, 1, shares[i])
+        except NetworkError as exc:
+            # A first hop without key: end at once (aborting the shares already sent)
+            # rather than leave them to time out.
+            self._fail(relay, exc.code, exc.reason)
+            raise
         return _uuid(key_id)
 
     def _send_share(self, r: _Relay, index: int, path: Path, hop: int, share: bytes) -> None:
@@ -586,7 +642,10 @@ class RelayNode:
                 return
         r.paths[msg.share_index] = msg.path
         if r.role == "transit":
-            self._send_share(r, msg.share_index, msg.path, msg.hop + 1, share)
+            try:
+                self._send_share(r, msg.share_index, msg.path, msg.hop + 1, share)
+            except NetworkError as exc:  # the next hop's link key ran dry
+                self._fail(r, exc.code, exc.reason)
             return
         r.shares[msg.share_index] = share
         self._events.append(ShareStored(_uuid(r.key_id), msg.share_index))

@@ -66,10 +66,14 @@ def _link_key(a: str, b: str) -> tuple[str, str]:
 class Link:
     """A QKD link between two KMEs. `a` < `b`, so each link has one spelling."""
 
-    a: str  # one end's node name (the smaller)
-    b: str  # the other end's node name
-    up: bool  # False while the link is down (no key flows, no relay over it)
-    pool_bits: int  # bits of link key left in the pool, as last reported
+    a: str
+    """One end's node name (the smaller)."""
+    b: str
+    """The other end's node name."""
+    up: bool
+    """False while the link is down (no key flows, no relay over it)."""
+    pool_bits: int
+    """Bits of link key left in the pool, as last reported."""
 
     def other(self, node: str) -> str:
         return self.b if node == self.a else self.a
@@ -319,9 +323,12 @@ def disjoint_paths(topo: Topology, src: str, dst: str, k: int, *,
 class LinkReport:
     """One link as its end node sees it, inside a LinkStateAd."""
 
-    neighbour: str  # the node at the link's other end
-    up: bool  # whether the link runs (key flows) now
-    pool_bits: int  # bits of link key in the reporting node's pool for this link
+    neighbour: str
+    """The node at the link's other end."""
+    up: bool
+    """Whether the link runs (key flows) now."""
+    pool_bits: int
+    """Bits of link key in the reporting node's pool for this link."""
 
 
 # Wire (big-endian):
@@ -337,9 +344,12 @@ _LSA_TYPE = 0x4C
 class LinkStateAd:
     """A node's advertisement of its links' state and pool levels."""
 
-    origin: str  # the node whose links these are
-    seq: int  # increases with every advert of `origin`; older or equal ones are stale
-    links: tuple[LinkReport, ...]  # sorted by neighbour, one per neighbour
+    origin: str
+    """The node whose links these are."""
+    seq: int
+    """Increases with every advert of `origin`; older or equal ones are stale."""
+    links: tuple[LinkReport, ...]
+    """Sorted by neighbour, one per neighbour."""
 
     def encode(self) -> bytes:
         _check_lsa(self)
@@ -451,10 +461,14 @@ class Reader:
 class RoutesChanged:
     """The paths for a watched (src, dst, k) changed; relays should use these now."""
 
-    src: str  # source node of the watched pair
-    dst: str  # destination node
-    k: int  # node-disjoint paths asked for
-    paths: tuple[Path, ...]  # the new paths, best first
+    src: str
+    """Source node of the watched pair."""
+    dst: str
+    """Destination node."""
+    k: int
+    """Node-disjoint paths asked for."""
+    paths: tuple[Path, ...]
+    """The new paths, best first."""
 
 
 @dataclass(frozen=True)
@@ -462,10 +476,14 @@ class RoutesUnavailable:
     """A watched (src, dst, k) has fewer than k disjoint paths now: relays must stop
     (fail closed) until a RoutesChanged brings paths back."""
 
-    src: str  # source node of the watched pair
-    dst: str  # destination node
-    k: int  # node-disjoint paths asked for
-    reason: str  # why, from the NetworkError (no key bytes)
+    src: str
+    """Source node of the watched pair."""
+    dst: str
+    """Destination node."""
+    k: int
+    """Node-disjoint paths asked for."""
+    reason: str
+    """Why, from the NetworkError (no key bytes)."""
 
 
 RouteEvent = RoutesChanged | RoutesUnavailable

@@ -159,3 +159,15 @@ def test_link_down_reroutes_and_the_relay_uses_the_new_path() -> None:
     net = Net(pairs)
     key_id = relay_ok(net, "A", list(paths))
     assert not any("B" in (s, d) for s, d, _ in net.wire) and key_id
+
+
+def test_next_hop_out_of_link_key_fails_the_relay_without_raising() -> None:
+    net = Net(line("ABC"))
+    # Drain B's key towards C so the share cannot go on.
+    left = len(net.keys["B"].material("C")[0])
+    net.keys["B"].take("C", left - 8)
+    key_id = net.nodes["A"].start_relay("m", "s", [("A", "B", "C")], KEY, 0.0)
+    net.pump(0.0)
+    assert any(isinstance(e, RelayFailed) and e.code is NetErrorCode.LINK_KEY
+               for e in net.events["B"])
+    assert_no_key(net, key_id, "A", "C")
