@@ -136,7 +136,7 @@ class Topology:
         ends = []
         for end in ("a", "b"):
             name = raw.get(end)
-            if name not in nodes:
+            if type(name) is not str or name not in nodes:
                 raise _config_error(f"{where}.{end}", f"{str(name)[:70]!r} is not a listed node",
                                     "name a node from 'nodes'")
             ends.append(name)

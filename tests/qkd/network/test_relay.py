@@ -44,9 +44,10 @@ def test_single_path_line(hops: int) -> None:
     assert "key=" not in repr(ev) and ev.key.hex() not in repr(net.events)
 
 
-def test_two_shares_over_a_ring() -> None:
-    pairs = ring("ABCDE")
-    topo = Topology.from_config({"nodes": list("ABCDE"), "links": [
+@pytest.mark.parametrize("names", ["ABCD", "ABCDE"])
+def test_two_shares_over_a_ring(names: str) -> None:
+    pairs = ring(names)
+    topo = Topology.from_config({"nodes": list(names), "links": [
         {"a": a, "b": b, "pool_bits": 10**6} for a, b in pairs]})
     paths = disjoint_paths(topo, "A", "C", 2)
     net = Net(pairs)

@@ -194,3 +194,17 @@ def test_a_resent_share_under_fresh_link_key_is_a_replay() -> None:
     assert any(isinstance(e, RelayFailed) and e.code is NetErrorCode.REPLAY
                for e in net.events["B"])
     assert key_id not in net.delivered["A"] and key_id not in net.stored["C"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(VALID), st.integers(0, 10**6), st.integers(0, 255),
+       st.sampled_from(["A", "B", "E", "X"]))
+def test_receive_data_never_raises(frame: bytes, pos: int, byte: int, neighbour: str) -> None:
+    """Whatever a neighbour sends, the core reports it as an event, never an exception."""
+    net = Net(ring("ABCDE"))
+    net.nodes["A"].start_relay("sae-m", "sae-s", RING_PATHS, KEY, 0.0)
+    i = pos % len(frame)
+    for target in ("B", "C", "A"):
+        net.nodes[target].receive_data(neighbour, frame[:i] + bytes([byte]) + frame[i + 1:],
+                                       0.0)
+        net.nodes[target].receive_data(neighbour, frame, 0.0)

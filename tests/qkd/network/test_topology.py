@@ -134,3 +134,23 @@ def test_lsa_decoder_fuzz_from_valid_encodings(reports: list[tuple[str, bool, in
     for i in range(len(raw)):
         with contextlib.suppress(NetworkError):
             LinkStateAd.decode(raw[:i] + bytes([raw[i] ^ 0xFF]) + raw[i + 1:])
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4)
+                     | st.dictionaries(st.sampled_from(["a", "b", "state", "pool_bits", "x"]),
+                                       inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(["nodes", "links", "x"]), _json, max_size=3))
+def test_config_parser_raises_only_the_layer_error(cfg: dict[str, Any]) -> None:
+    with contextlib.suppress(NetworkError):
+        Topology.from_config(cfg)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_json, max_size=4))
+def test_config_parser_on_bad_links_raises_only_the_layer_error(links: list[Any]) -> None:
+    with contextlib.suppress(NetworkError):
+        Topology.from_config({"nodes": ["A", "B"], "links": links})
