@@ -75,6 +75,7 @@ def test_ties_prefer_the_fuller_pool() -> None:
     ({"nodes": ["bad name"]}, "nodes[0]"),
     ({"nodes": ["A", "B"], "links": [{"a": "A", "b": "X"}]}, "links[0].b"),
     ({"nodes": ["A", "B"], "links": [{"a": "A", "b": "A"}]}, "links[0].b"),
+    ({"nodes": ["A", "B"], "links": [{"a": ["A"], "b": "B"}]}, "links[0].a"),
     ({"nodes": ["A", "B"], "links": [{"a": "A", "b": "B", "state": "sideways"}]},
      "links[0].state"),
     ({"nodes": ["A", "B"], "links": [{"a": "A", "b": "B", "pool_bits": -1}]},
