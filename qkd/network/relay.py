@@ -444,6 +444,8 @@ class _Relay:
     """Failed or aborted here."""
     assembled: bool = False
     expires: float = 0.0
+    spent: dict[tuple[int, str], int] = field(default_factory=dict)
+    """Link-key bits this node sent under, per (share index, next node)."""
 
 
 def relay_cost_bits(paths: list[Path] | tuple[Path, ...], key_bytes: int) -> int:
@@ -490,6 +492,12 @@ class RelayNode:
 
     def next_event(self) -> Event | None:
         return self._events.pop(0) if self._events else None
+
+    def link_key_use(self, key_id: str) -> dict[tuple[int, str], int]:
+        """Link-key bits this node spent on one relay, per (share index, next node),
+        while it still remembers the relay (SEEN_TTL_S after its end)."""
+        r = self._relays.get(uuid.UUID(key_id).bytes)
+        return dict(r.spent) if r else {}
 
     def get_timer(self) -> float | None:
         live = [r.deadline for r in self._relays.values() if not (r.done or r.ended)]
@@ -538,6 +546,7 @@ class RelayNode:
     def _send_share(self, r: _Relay, index: int, path: Path, hop: int, share: bytes) -> None:
         to = path[hop]
         off, material = self._keys.take(to, PAD_BYTES + r.key_bytes)
+        r.spent[(index, to)] = r.spent.get((index, to), 0) + 8 * len(material)
         msg = Share(r.key_id, index, r.count, hop, r.key_bytes, r.master, r.slave, path,
                     ciphertext=_xor(share, material[PAD_BYTES:]))
         self._emit(to, msg, off, material[:PAD_BYTES])
@@ -547,6 +556,8 @@ class RelayNode:
             off, pad = self._keys.take(to, PAD_BYTES)
         except NetworkError:
             return  # no key for the ACK/ABORT: the other side times out
+        key = (msg.share_index, to)
+        r.spent[key] = r.spent.get(key, 0) + 8 * len(pad)
         self._emit(to, msg, off, pad)
 
     def _emit(self, to: str, msg: Message, off: int, pad: bytes) -> None:

@@ -55,6 +55,14 @@ def test_two_shares_over_a_ring(names: str) -> None:
     k2 = relay_ok(net, "A", paths)
     assert net.delivered["A"][k1] != net.delivered["A"][k2]
     assert net.bits_taken() == 2 * relay_cost_bits(paths, KEY)
+    # Per hop per share: each hop's sender spent the share + pad forward, and the
+    # receiver spent a pad for the ACK back, on that share's path alone.
+    for i, p in enumerate(paths):
+        for a, b in itertools.pairwise(p):
+            assert net.nodes[a].link_key_use(k1)[(i, b)] == 8 * (KEY + 16)
+            assert net.nodes[b].link_key_use(k1)[(i, a)] == 8 * 16
+    assert sum(sum(n.link_key_use(k1).values()) for n in net.nodes.values()) == \
+        relay_cost_bits(paths, KEY)
 
 
 RING_PATHS = [("A", "B", "C"), ("A", "E", "D", "C")]
