@@ -500,8 +500,11 @@ class RelayNode:
         return dict(r.spent) if r else {}
 
     def get_timer(self) -> float | None:
-        live = [r.deadline for r in self._relays.values() if not (r.done or r.ended)]
-        return min(live) if live else None
+        """When to call handle_timer next: a live relay's deadline, or when a finished
+        one may be forgotten (so its key ids and state do not pile up)."""
+        due = [r.expires if (r.done or r.ended) else r.deadline
+               for r in self._relays.values()]
+        return min(due) if due else None
 
     # ----------------------------------------------------------------- source
 

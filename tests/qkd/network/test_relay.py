@@ -180,3 +180,13 @@ def test_next_hop_out_of_link_key_fails_the_relay_without_raising() -> None:
     assert any(isinstance(e, RelayFailed) and e.code is NetErrorCode.LINK_KEY
                for e in net.events["B"])
     assert_no_key(net, key_id, "A", "C")
+
+
+def test_finished_relays_are_forgotten_when_the_timer_says() -> None:
+    net = Net(line("ABC"))
+    relay_ok(net, "A", [("A", "B", "C")])
+    for node in net.nodes.values():
+        when = node.get_timer()
+        assert when is not None  # a finished relay is still due to be forgotten
+        node.handle_timer(when)
+        assert node.get_timer() is None and "relays=0" in repr(node)
