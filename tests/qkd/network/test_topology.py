@@ -143,14 +143,14 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_siz
                                        inner, max_size=4), max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.dictionaries(st.sampled_from(["nodes", "links", "x"]), _json, max_size=3))
 def test_config_parser_raises_only_the_layer_error(cfg: dict[str, Any]) -> None:
     with contextlib.suppress(NetworkError):
         Topology.from_config(cfg)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(_json, max_size=4))
 def test_config_parser_on_bad_links_raises_only_the_layer_error(links: list[Any]) -> None:
     with contextlib.suppress(NetworkError):
