@@ -267,7 +267,7 @@ def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
         slots.append(idx + lo)
     sent_per = np.bincount(intensity, minlength=3).astype(np.int64)
     record = SlotRecord(sent_per, np.zeros(0, np.int64), intensity, basis, bit)
-    sent = np.concatenate(slots).astype(np.int64) if slots else np.zeros(0, np.int64)
+    sent = np.concatenate(slots).astype(np.int64, copy=False) if slots else np.zeros(0, np.int64)
     state = np.concatenate(states).astype(np.uint8) if states else np.zeros(0, np.uint8)
     return record, PulseFrame(round_no, n, sent, state)
 
