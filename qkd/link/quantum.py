@@ -154,9 +154,18 @@ class PulseFrame:
     state: np.ndarray  # uint8, see module note
 
     def encode(self) -> bytes:
-        deltas = np.diff(self.slots, prepend=0).astype("<u4")
-        return (_HDR.pack(MAGIC, VERSION, self.round, self.pulses, self.slots.size)
-                + deltas.tobytes() + self.state.astype(np.uint8).tobytes())
+        # Written into one buffer: a frame is tens of MB, and the diff, the casts and
+        # the byte concatenation each copied all of it.
+        count = self.slots.size
+        out = np.empty(_HDR.size + 5 * count, np.uint8)
+        out[: _HDR.size] = np.frombuffer(
+            _HDR.pack(MAGIC, VERSION, self.round, self.pulses, count), np.uint8)
+        deltas = out[_HDR.size : _HDR.size + 4 * count].view("<u4")
+        if count:
+            deltas[0] = self.slots[0]
+            np.subtract(self.slots[1:], self.slots[:-1], out=deltas[1:], casting="unsafe")
+        out[_HDR.size + 4 * count :] = self.state
+        return out.tobytes()
 
     @classmethod
     def decode(cls, data: bytes) -> PulseFrame:

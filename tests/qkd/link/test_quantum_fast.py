@@ -141,3 +141,21 @@ def test_measure_dark_clicks_in_pulse_slots_and_empty_slots() -> None:
     assert abs(empty_f - empty_r) <= 5 * math.sqrt(2 * empty_r) + 2
     assert _close(int(rec.bit.sum()), rec.bit.size, 0.5)
     assert _close(int(rec.basis.sum()), rec.basis.size, 1 - params.basis_bias)
+
+
+def _encode_plain(frame: q.PulseFrame) -> bytes:
+    """The frame layout of the module docstring, written out byte by byte."""
+    deltas = np.diff(frame.slots, prepend=0).astype("<u4")
+    return (q._HDR.pack(q.MAGIC, q.VERSION, frame.round, frame.pulses, frame.slots.size)
+            + deltas.tobytes() + frame.state.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 1000, 300_000])
+def test_frame_encoding_is_the_documented_layout(count: int) -> None:
+    _, frame = q.emit(PARAMS.with_(pulses=1_000_000), 9, np.random.default_rng(count))
+    frame = q.PulseFrame(frame.round, frame.pulses, frame.slots[:count], frame.state[:count])
+    data = frame.encode()
+    assert data == _encode_plain(frame)
+    back = q.PulseFrame.decode(data)
+    assert np.array_equal(back.slots, frame.slots)
+    assert np.array_equal(back.state, frame.state)
