@@ -80,7 +80,9 @@ class SecretRng:
         if not 0 < span <= _U64_MAX:
             raise ValueError("integers: need low < high and a range of at most 2^64")
         n = 1 if size is None else math.prod(np.atleast_1d(size))
-        if span == 2:
+        if span == _U64_MAX and not low:
+            vals = self._u64(n)  # the keystream words as they are: no mask, no copy
+        elif span == 2:
             bits = np.unpackbits(self._stream(-(-n // 8)))[:n]
             vals = bits.astype(np.int64) + low if low else bits
         elif span & (span - 1) == 0:
@@ -101,7 +103,7 @@ class SecretRng:
             vals = vals.astype(object) + low if low else vals
         if size is None:
             return int(vals[0])
-        return np.asarray(vals).astype(dtype).reshape(size)
+        return np.asarray(vals).astype(dtype, copy=False).reshape(size)
 
 
 __all__ = ["SecretRng"]

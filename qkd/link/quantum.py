@@ -44,6 +44,7 @@ device replaces all of this by the fibre, where the physics does the protecting.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 
@@ -153,9 +154,18 @@ class PulseFrame:
     state: np.ndarray  # uint8, see module note
 
     def encode(self) -> bytes:
-        deltas = np.diff(self.slots, prepend=0).astype("<u4")
-        return (_HDR.pack(MAGIC, VERSION, self.round, self.pulses, self.slots.size)
-                + deltas.tobytes() + self.state.astype(np.uint8).tobytes())
+        # Written into one buffer: a frame is tens of MB, and the diff, the casts and
+        # the byte concatenation each copied all of it.
+        count = self.slots.size
+        out = np.empty(_HDR.size + 5 * count, np.uint8)
+        out[: _HDR.size] = np.frombuffer(
+            _HDR.pack(MAGIC, VERSION, self.round, self.pulses, count), np.uint8)
+        deltas = out[_HDR.size : _HDR.size + 4 * count].view("<u4")
+        if count:
+            deltas[0] = self.slots[0]
+            np.subtract(self.slots[1:], self.slots[:-1], out=deltas[1:], casting="unsafe")
+        out[_HDR.size + 4 * count :] = self.state
+        return out.tobytes()
 
     @classmethod
     def decode(cls, data: bytes) -> PulseFrame:
@@ -178,9 +188,105 @@ def _photons(state: np.ndarray) -> np.ndarray:
     return (state & 0x1F).astype(np.int64)
 
 
+# Slots per chunk of the fast paths: temporaries stay cache-sized instead of a few
+# hundred MB of fresh pages per array (page faults cost as much as the arithmetic).
+_CHUNK = 1 << 20
+_MASK31 = np.uint32(0x7FFFFFFF)
+
+
+def _words(src: Random, n: int) -> np.ndarray:
+    """n uniform 64-bit words: a numpy generator's raw output, or SecretRng keystream."""
+    if isinstance(src, np.random.Generator):
+        return src.bit_generator.random_raw(n)  # type: ignore[no-any-return]
+    return np.asarray(src.integers(0, 1 << 64, n, dtype=np.uint64))
+
+
+def _below(p: float, bits: int) -> int:
+    """Threshold t with P(u < t) = p (to 2^-bits) for u uniform on [0, 2^bits)."""
+    return min(max(round(p * 2.0**bits), 0), (1 << bits) - 1)
+
+
+def _poisson_tails(mu: float, kmax: int = 31) -> list[int]:
+    """t[k] = P(N > k) * 2^64 for N ~ Poisson(mu), k = 0 .. kmax-1 (u < t[k] <=> N > k:
+    the inverse CDF on a 64-bit uniform). Tails are summed from the small end, so
+    they keep their relative precision where 1 - CDF would cancel."""
+    if mu <= 0.0:
+        return [0] * kmax
+    terms = 400
+    pmf = [math.exp(-mu + j * math.log(mu) - math.lgamma(j + 1)) for j in range(terms)]
+    tails = []
+    for k in range(kmax):
+        tail = -math.expm1(-mu) if k == 0 else math.fsum(pmf[k + 1 :])
+        tails.append(_below(tail, 64))
+    return tails
+
+
 def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
          secret: Random | None = None) -> tuple[SlotRecord, PulseFrame]:
     """Alice's source for one round of `params.pulses` slots. `secret` draws what the
+    key depends on (intensity class, basis, bit; a KME passes `SecretRng`), `rng` the
+    photon numbers; without `secret`, `rng` draws everything (research runs).
+
+    Same distribution as `emit_reference`, drawn cheaper: one secret 64-bit word per
+    slot gives the intensity class (low 32 bits against the cumulative probabilities),
+    the basis (31 bits) and the bit (top bit), independent because they are disjoint
+    bits of a uniform word; one raw 64-bit physics word per slot gives the photon
+    number by the Poisson inverse CDF, walked only for the slots that have a photon.
+    Class and basis probabilities are thus exact to 2^-32 and 2^-31 (the reference's
+    floats: 2^-53), photon numbers to 2^-64. Every slot with a photon is in the
+    frame, as before, so Eve sees the same pulses.
+    """
+    sec = rng if secret is None else secret
+    n = params.pulses
+    if n > MAX_PULSES:
+        raise ValueError(f"at most {MAX_PULSES} pulses per round")
+    probs = np.asarray(params.intensity_probs, float)
+    cum = np.cumsum(probs) / probs.sum()
+    t_int = [np.uint32(_below(float(c), 32)) for c in cum[:2]]
+    t_basis = np.uint32(_below(params.basis_bias, 31))
+    tails = np.array([_poisson_tails(mu) for mu in params.intensities],
+                     np.uint64).T.copy()  # tails[k, class]
+    intensity = np.empty(n, np.uint8)
+    basis = np.empty(n, np.uint8)
+    bit = np.empty(n, np.uint8)
+    slots: list[np.ndarray] = []
+    states: list[np.ndarray] = []
+    for lo in range(0, n, _CHUNK):
+        c = min(_CHUNK, n - lo)
+        half = _words(sec, c).view(np.uint32).reshape(c, 2)  # little-endian: lo, hi
+        low, high = half[:, 0], half[:, 1]
+        cls = intensity[lo : lo + c]
+        np.greater_equal(low, t_int[0], out=cls, casting="unsafe")
+        cls += low >= t_int[1]
+        bas = basis[lo : lo + c]
+        np.greater_equal(high & _MASK31, t_basis, out=bas, casting="unsafe")
+        bt = bit[lo : lo + c]
+        np.right_shift(high, 31, out=bt, casting="unsafe")
+        r = _words(rng, c)
+        idx = np.flatnonzero(r < tails[0][cls])
+        rs, rc = r[idx], cls[idx]
+        photons = np.ones(idx.size, np.uint8)
+        live = np.arange(idx.size)
+        for k in range(1, tails.shape[0]):  # photons > k; capped at 31 like the frame
+            live = live[rs[live] < tails[k][rc[live]]]
+            if not live.size:
+                break
+            photons[live] += 1
+        states.append(photons | (bas[idx] << 5) | (bt[idx] << 6))
+        slots.append(idx + lo)
+    sent_per = np.bincount(intensity, minlength=3).astype(np.int64)
+    record = SlotRecord(sent_per, np.zeros(0, np.int64), intensity, basis, bit)
+    sent = np.concatenate(slots).astype(np.int64, copy=False) if slots else np.zeros(0, np.int64)
+    state = np.concatenate(states).astype(np.uint8) if states else np.zeros(0, np.uint8)
+    return record, PulseFrame(round_no, n, sent, state)
+
+
+def emit_reference(params: LinkParams, round_no: int, rng: np.random.Generator,
+         secret: Random | None = None) -> tuple[SlotRecord, PulseFrame]:
+    """The plain per-slot form of `emit` (one float per draw, `rng.poisson` on an
+    array of means): the statistical reference the tests hold `emit` to.
+
+    Alice's source for one round of `params.pulses` slots. `secret` draws what the
     key depends on (intensity class, basis, bit; a KME passes `SecretRng`), `rng` the
     photon numbers; without `secret`, `rng` draws everything (research runs)."""
     sec = rng if secret is None else secret
@@ -241,6 +347,99 @@ def attack(frame: PulseFrame, mode: str, fraction: float, rng: np.random.Generat
 def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
             secret: Random | None = None) -> BobRecord:
     """Bob's receiver: fibre and detector loss, basis choice, misalignment, dark clicks.
+    `secret` draws Bob's bases and the bits of double and dark clicks, `rng` the
+    physics (as in `emit`).
+
+    Same distribution as `measure_reference`, drawn cheaper: Bob's basis from 32
+    secret bits per pulse; a single-photon pulse (most of them) is resolved by one raw
+    64-bit physics word against the probabilities of "right detector" (eta c) and
+    "either detector" (eta), which is what the two binomials give for one photon;
+    multi-photon pulses keep the binomials. Dark clicks in the pulses' slots are
+    i.i.d. Bernoulli(d) per detector, drawn as a Binomial(size, d) count on a uniform
+    subset of that size instead of one uniform per pulse and detector.
+    """
+    sec = rng if secret is None else secret
+    st = frame.state
+    size = st.size
+    d = params.dark_per_detector
+    t_basis = np.uint32(_below(params.basis_bias, 32))
+    # Thresholds per (bypass, bases match): P(right detector), P(any detector).
+    right = np.empty(4, np.uint64)
+    anyd = np.empty(4, np.uint64)
+    for bp in (0, 1):
+        eta = params.detector_efficiency if bp else params.eta_sys
+        for match in (0, 1):
+            c = 1.0 - params.misalignment if match else 0.5
+            right[2 * bp + match] = _below(eta * c, 64)
+            anyd[2 * bp + match] = _below(eta, 64)
+    dark = []
+    for _ in range(2):  # right-detector, wrong-detector dark clicks among the pulses
+        k = int(rng.binomial(size, d)) if size else 0
+        dark.append(np.sort(rng.choice(size, k, replace=False)) if k else
+                    np.zeros(0, np.int64))
+    out_slots: list[np.ndarray] = []
+    out_basis: list[np.ndarray] = []
+    out_bits: list[np.ndarray] = []
+    for lo in range(0, size, _CHUNK):
+        c = min(_CHUNK, size - lo)
+        s = st[lo : lo + c]
+        photons = s & 0x1F
+        s_basis = (s >> 5) & 1
+        s_bit = (s >> 6) & 1
+        bypass = s >> 7
+        b_basis = (_words(sec, -(-c // 2)).view(np.uint32)[:c] >= t_basis).astype(np.uint8)
+        combo = (bypass << 1) | (b_basis == s_basis)
+        r = _words(rng, c)
+        click_c = r < right[combo]
+        click_w = (r < anyd[combo]) & ~click_c
+        multi = np.flatnonzero(photons > 1)
+        if multi.size:
+            eta = np.where(bypass[multi] != 0, params.detector_efficiency, params.eta_sys)
+            m = rng.binomial(photons[multi], eta)
+            cm = np.where(combo[multi] & 1, 1.0 - params.misalignment, 0.5)
+            jc = rng.binomial(m, cm)
+            click_c[multi] = jc > 0
+            click_w[multi] = m - jc > 0
+        for det, clicks in zip(dark, (click_c, click_w), strict=True):
+            a, b = np.searchsorted(det, (lo, lo + c))
+            clicks[det[a:b] - lo] = True
+        clicked = click_c | click_w
+        bits = np.where(click_c, s_bit, 1 - s_bit).astype(np.uint8)
+        both = click_c & click_w
+        nb = int(np.count_nonzero(both))
+        if nb:
+            bits[both] = sec.integers(0, 2, nb, dtype=np.uint8)
+        out_slots.append(frame.slots[lo : lo + c][clicked])
+        out_basis.append(b_basis[clicked])
+        out_bits.append(bits[clicked])
+    slots = np.concatenate(out_slots) if out_slots else np.zeros(0, np.int64)
+    basis = np.concatenate(out_basis) if out_basis else np.zeros(0, np.uint8)
+    bits = np.concatenate(out_bits) if out_bits else np.zeros(0, np.uint8)
+    # Dark clicks in the slots no photon reached: a click in either detector with
+    # probability Y0, a random bit (a dark click knows nothing of the state).
+    empty = frame.pulses - size
+    n_dark = int(rng.binomial(empty, params.dark_count_prob)) if empty > 0 else 0
+    if n_dark:
+        cand = np.unique(rng.integers(0, frame.pulses, n_dark, dtype=np.int64))
+        # frame.slots is sorted: a binary search per candidate, where np.isin would
+        # sort all the pulses' slots for a handful of dark clicks.
+        pos = np.minimum(np.searchsorted(frame.slots, cand), max(size - 1, 0))
+        cand = cand[frame.slots[pos] != cand] if size else cand
+        slots = np.concatenate([slots, cand])
+        basis = np.concatenate([basis, (sec.random(cand.size) >= params.basis_bias
+                                        ).astype(np.uint8)])
+        bits = np.concatenate([bits, sec.integers(0, 2, cand.size, dtype=np.uint8)])
+        order = np.argsort(slots, kind="stable")
+        slots, basis, bits = slots[order], basis[order], bits[order]
+    return BobRecord(slots.astype(np.int64), basis, bits)
+
+
+def measure_reference(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
+            secret: Random | None = None) -> BobRecord:
+    """The plain per-pulse form of `measure` (binomials and uniforms for every pulse):
+    the statistical reference the tests hold `measure` to.
+
+    Bob's receiver: fibre and detector loss, basis choice, misalignment, dark clicks.
     `secret` draws Bob's bases and the bits of double and dark clicks, `rng` the
     physics (as in `emit`)."""
     sec = rng if secret is None else secret

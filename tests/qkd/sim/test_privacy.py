@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qkd.sim import privacy
 from qkd.sim.privacy import (
@@ -172,3 +174,23 @@ def test_universal_collision_rate() -> None:
         s = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
         hits += np.array_equal(toeplitz_hash(x, s, m), toeplitz_hash(y, s, m))
     assert abs(hits - 250) <= 5 * 15.3
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 300), m=st.integers(1, 64), seed=st.integers(0, 2**32 - 1))
+def test_row_path_equals_dense(n: int, m: int, seed: int) -> None:
+    # The few-row path (verification tags) reads each row as a byte slice of the
+    # reversed seed packed at 8 bit offsets: every offset and tail length occurs here.
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 2, n, dtype=np.uint8)
+    s = rng.integers(0, 2, n + m - 1, dtype=np.uint8)
+    assert np.array_equal(privacy._toeplitz_rows(x, s, m), toeplitz_dense(x, s, m))
+
+
+def test_row_path_equals_dense_at_tag_size() -> None:
+    rng = np.random.default_rng(50)
+    for n in (8, 1_000_001, 2**20):
+        x = rng.integers(0, 2, n, dtype=np.uint8)
+        s = rng.integers(0, 2, n + 50 - 1, dtype=np.uint8)
+        want = toeplitz_fft(x, s, 50)
+        assert np.array_equal(privacy._toeplitz_rows(x, s, 50), want), n

@@ -1,0 +1,208 @@
+"""Where the time of an emulated BB84 link round goes, stage by stage.
+
+Two `qkd.link.core.LinkCore`s back to back in one process, as in `link_round.py`, with
+the stage functions wrapped by timers at run time (production code is not changed):
+each stage's *exclusive* wall and CPU time is summed over both sides, so nested calls
+(the privacy amplification inside Alice's verify handler, message decoding inside a
+handler) are counted once, in the innermost stage. Whatever no wrapper covers (the
+cores' frame handling, the pump loop) is "other".
+
+Stages:
+  emission            Alice's source (`quantum.emit`)
+  qc framing+seal     pulse-frame encode/decode and AES-GCM seal/unseal of the quantum
+                      channel (the in-process transfer itself is a list append)
+  measurement         Bob's receiver (`quantum.measure`)
+  sifting             Detections / SiftReply / TestBits handling (both sides)
+  estimation          decoy-state bounds and the finite-key length check
+  cascade             reconciliation (both sides' Cascade state machines)
+  verification        the Toeplitz verification hash (both sides)
+  privacy amp.        Toeplitz privacy amplification (both sides) and Alice's seed
+  pp codec            encoding and decoding of post-processing messages
+  commit+tags         TRANSCRIPT / COMMIT / COMMIT_ACK, the Wegman-Carter tags over
+                      the round's transcript, pads, deposit
+  other               everything not wrapped (core dispatch, transcript buffers, pump)
+
+Run from the repo root: python benchmarks/link_stages.py [--rounds 1] [--pulses 4e7]
+  [--profile N]   also print the N most expensive functions (cProfile, tottime)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import inspect
+import os
+import pstats
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from qkd.link import core as lc
+from qkd.link import quantum
+from qkd.sim import messages, protocol
+from qkd.sim.cascade import CascadeAlice, CascadeBob
+from qkd.sim.params import LinkParams
+
+_STAGES = ["emission", "qc framing+seal", "measurement", "sifting", "estimation",
+           "cascade", "verification", "privacy amp.", "pp codec", "commit+tags"]
+_wall: dict[str, float] = dict.fromkeys(_STAGES, 0.0)
+_cpu: dict[str, float] = dict.fromkeys(_STAGES, 0.0)
+# One frame per running stage: [name, wall at entry, cpu at entry, child wall, child cpu]
+_stack: list[list[Any]] = []
+
+
+def _timed(stage: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        frame = [stage, time.perf_counter(), time.process_time(), 0.0, 0.0]
+        _stack.append(frame)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _stack.pop()
+            w = time.perf_counter() - frame[1]
+            c = time.process_time() - frame[2]
+            # Exclusive time: a nested stage already booked its share.
+            _wall[stage] += w - frame[3]
+            _cpu[stage] += c - frame[4]
+            if _stack:
+                _stack[-1][3] += w
+                _stack[-1][4] += c
+    return wrapper
+
+
+def _wrap(owner: Any, name: str, stage: str) -> None:
+    """Replace owner.name by a timed wrapper; skip names an older checkout lacks."""
+    fn = inspect.getattr_static(owner, name, None)
+    if fn is None:
+        return
+    if isinstance(fn, classmethod):
+        setattr(owner, name, classmethod(_timed(stage, fn.__func__)))
+    elif isinstance(fn, staticmethod):
+        setattr(owner, name, staticmethod(_timed(stage, fn.__func__)))
+    else:
+        setattr(owner, name, _timed(stage, fn))
+
+
+def instrument() -> None:
+    # core.py imports these by name, so its own references are the ones to wrap.
+    for mod in (quantum, lc):
+        _wrap(mod, "emit", "emission")
+        _wrap(mod, "measure", "measurement")
+        _wrap(mod, "seal", "qc framing+seal")
+        _wrap(mod, "unseal", "qc framing+seal")
+    _wrap(quantum, "sealed_header", "qc framing+seal")
+    _wrap(quantum.PulseFrame, "encode", "qc framing+seal")
+    _wrap(quantum.PulseFrame, "decode", "qc framing+seal")
+    A, B = protocol.AliceProtocol, protocol.BobProtocol
+    _wrap(A, "_on_detections", "sifting")
+    _wrap(B, "_on_sift", "sifting")
+    _wrap(B, "__init__", "sifting")  # sends Detections
+    _wrap(A, "_on_test_bits", "estimation")
+    _wrap(B, "_on_estimate", "estimation")
+    _wrap(B, "_start_group", "cascade")
+    for cls in (CascadeAlice, CascadeBob):
+        _wrap(cls, "__init__", "cascade")
+        _wrap(cls, "receive_message", "cascade")
+        _wrap(cls, "messages_to_send", "cascade")
+    _wrap(A, "_after_cascade", "verification")
+    _wrap(B, "_on_verify_hash", "verification")
+    _wrap(protocol, "toeplitz_hash", "verification")
+    _wrap(A, "_on_verify", "privacy amp.")
+    _wrap(B, "_on_pa", "privacy amp.")
+    _wrap(protocol, "privacy_amplification", "privacy amp.")
+    _wrap(messages, "decode", "pp codec")
+    for name in dir(messages):
+        cls = getattr(messages, name)
+        if isinstance(cls, type) and "encode" in vars(cls):
+            _wrap(cls, "encode", "pp codec")
+    for name in ("_on_transcript", "_alice_close", "_on_commit", "_on_commit_ack",
+                 "_commit", "deposit_done", "_send_ctrl"):
+        _wrap(lc.LinkCore, name, "commit+tags")
+
+
+def make_pair(params: LinkParams, psk: bytes) -> tuple[lc.LinkCore, lc.LinkCore]:
+    extra: dict[str, object] = {}
+    if "link_secret" in inspect.signature(lc.LinkCore).parameters:
+        extra["link_secret"] = psk
+    cores = []
+    for role, seed in (("alice", 1), ("bob", 2)):
+        cores.append(lc.LinkCore(role, lc.bootstrap_auth(role, psk), params, 256,
+                                 np.random.default_rng(seed), **extra))  # type: ignore[arg-type]
+    return cores[0], cores[1]
+
+
+def pump(a: lc.LinkCore, b: lc.LinkCore) -> int:
+    bits = 0
+    while True:
+        moved = False
+        for src, dst in ((a, b), (b, a)):
+            for f in src.frames_to_send():
+                moved = True
+                dst.receive_frame(f, 0.0)
+        for q in a.quantum_to_send():
+            moved = True
+            b.receive_pulses(q, 0.0)
+        for core in (a, b):
+            while (w := core.take_work()) is not None:
+                moved = True
+                core.work_done(w.run(), 0.0)
+            while (ev := core.next_event()) is not None:
+                moved = True
+                if isinstance(ev, lc.DepositRequested):
+                    core.deposit_done(ev.round)
+                if isinstance(ev, lc.RoundCommitted) and core is a:
+                    bits += len(ev.blocks) * len(ev.blocks[0][1]) * 8 if ev.blocks else 0
+        if not moved:
+            return bits
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--pulses", type=float, default=4e7)
+    ap.add_argument("--distance", type=float, default=10.0)
+    ap.add_argument("--profile", type=int, default=0, metavar="N")
+    args = ap.parse_args()
+    params = LinkParams(distance_km=args.distance, detector_efficiency=0.8,
+                        misalignment=0.01, dark_count_prob=1e-7, pulses=int(args.pulses))
+    a, b = make_pair(params, os.urandom(32))
+    a.connection_made()
+    b.connection_made()
+    pump(a, b)
+    instrument()
+    prof = cProfile.Profile() if args.profile else None
+    bits = 0
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    if prof:
+        prof.enable()
+    for _ in range(args.rounds):
+        prepared = a.prepare_round(a.next_round_number())
+        a.start_round(0.0, prepared)
+        bits += pump(a, b)
+    if prof:
+        prof.disable()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    r = args.rounds
+    print(f"pulses/round {params.pulses:.3g}  distance {params.distance_km:g} km  "
+          f"rounds {r}  committed {a.stats.rounds_committed}  "
+          f"final key bits/round {a.stats.key_bits / r:,.0f}")
+    print(f"{'stage':<17} {'wall s/round':>12} {'cpu s/round':>11} {'share':>6}")
+    rows = [*_STAGES, "other"]
+    _wall["other"] = wall - sum(_wall[s] for s in _STAGES)
+    _cpu["other"] = cpu - sum(_cpu[s] for s in _STAGES)
+    for s in rows:
+        print(f"{s:<17} {_wall[s] / r:12.3f} {_cpu[s] / r:11.3f} {_wall[s] / wall:6.1%}")
+    print(f"{'total':<17} {wall / r:12.3f} {cpu / r:11.3f}")
+    print(f"secret key rate: {a.stats.key_bits / wall:,.0f} bit/s of wall time "
+          f"({a.stats.key_bits / cpu:,.0f} per CPU second); deposited in blocks "
+          f"{bits / wall:,.0f} bit/s")
+    if prof:
+        pstats.Stats(prof).sort_stats("tottime").print_stats(args.profile)
+
+
+if __name__ == "__main__":
+    main()

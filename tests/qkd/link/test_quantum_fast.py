@@ -1,0 +1,161 @@
+"""The chunked `emit` / `measure` draw from the same distributions as the plain
+per-slot reference forms (`emit_reference`, `measure_reference`) and the physics.
+
+Seeded outputs differ between the two (the draws are made differently), so these are
+statistical checks at 5 sigma, with parameters chosen so that each mix-up they guard
+against (a swapped bit field, a wrong threshold, a lost dark click) moves a count by
+far more than that."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from qkd.link import quantum as q
+from qkd.link.csprng import SecretRng
+from qkd.sim.params import LinkParams
+
+PARAMS = LinkParams(distance_km=10.0, detector_efficiency=0.8, misalignment=0.03,
+                    dark_count_prob=1e-7, pulses=3_000_000, mu=0.9, nu=0.2,
+                    p_mu=0.6, p_nu=0.25, basis_bias=0.3)
+
+
+def _close(k: int, n: int, p: float) -> bool:
+    return abs(k - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1
+
+
+def test_poisson_tails_are_the_survival_function() -> None:
+    for mu in (0.0, 1e-4, 0.1, 0.5, 0.9, 3.0):
+        tails = q._poisson_tails(mu)
+        for k, t in enumerate(tails):
+            want = 0.0 if mu == 0 else float(stats.poisson.sf(k, mu))
+            assert t / 2.0**64 == pytest.approx(want, rel=1e-9, abs=2.0**-64)
+
+
+@pytest.mark.parametrize("secret", [False, True])
+def test_emit_draws_classes_bases_bits_and_photons_as_specified(secret: bool) -> None:
+    rng = np.random.default_rng(11)
+    rec, frame = q.emit(PARAMS, 3, rng, SecretRng() if secret else None)
+    n = PARAMS.pulses
+    assert rec.intensity.size == rec.basis.size == rec.bit.size == n
+    for k, p in enumerate(PARAMS.intensity_probs):
+        assert _close(int(np.count_nonzero(rec.intensity == k)), n, p)
+    assert list(rec.sent_per_intensity) == list(np.bincount(rec.intensity, minlength=3))
+    # basis 1 (X) with probability 1 - basis_bias, independent of the class.
+    for k in range(3):
+        sel = rec.intensity == k
+        assert _close(int(np.count_nonzero(rec.basis[sel])), int(sel.sum()),
+                      1 - PARAMS.basis_bias)
+    assert _close(int(np.count_nonzero(rec.bit)), n, 0.5)
+    both = np.count_nonzero((rec.bit == 1) & (rec.basis == 1))
+    assert _close(int(both), n, 0.5 * (1 - PARAMS.basis_bias))
+    # The frame: every slot with a photon, in order, with that slot's basis and bit.
+    assert np.all(np.diff(frame.slots) > 0)
+    photons = frame.state & 0x1F
+    assert np.all(photons >= 1)
+    assert np.array_equal((frame.state >> 5) & 1, rec.basis[frame.slots])
+    assert np.array_equal((frame.state >> 6) & 1, rec.bit[frame.slots])
+    assert np.all(frame.state >> 7 == 0)
+    cls = rec.intensity[frame.slots]
+    for k, mu in enumerate(PARAMS.intensities):
+        nk = int(rec.sent_per_intensity[k])
+        counts = np.bincount(photons[cls == k], minlength=8)
+        for j in range(1, 6):
+            assert _close(int(counts[j]), nk, float(stats.poisson.pmf(j, mu))), (k, j)
+        if mu == 0:
+            assert counts.sum() == 0
+
+
+def test_emit_is_reproducible_from_a_seed() -> None:
+    a = q.emit(PARAMS, 1, np.random.default_rng(5))
+    b = q.emit(PARAMS, 1, np.random.default_rng(5))
+    assert np.array_equal(a[1].slots, b[1].slots)
+    assert np.array_equal(a[1].state, b[1].state)
+    assert np.array_equal(a[0].bit, b[0].bit)
+
+
+def _categories(rec_a: q.SlotRecord, frame: q.PulseFrame, rec_b: object
+                ) -> dict[tuple[int, int, int], tuple[int, int, int]]:
+    """(photons capped at 3, bypass, bases match) -> (pulses, clicks, wrong bits)."""
+    slots = frame.slots
+    clicked = np.isin(slots, rec_b.slots)  # type: ignore[attr-defined]
+    bob_basis = np.full(slots.size, 255, np.uint8)
+    bob_bit = np.full(slots.size, 255, np.uint8)
+    pos = np.searchsorted(slots, rec_b.slots)  # type: ignore[attr-defined]
+    inside = (pos < slots.size) & (slots[np.minimum(pos, slots.size - 1)]
+                                   == rec_b.slots)  # type: ignore[attr-defined]
+    bob_basis[pos[inside]] = rec_b.basis[inside]  # type: ignore[attr-defined]
+    bob_bit[pos[inside]] = rec_b.bit[inside]  # type: ignore[attr-defined]
+    ph = np.minimum(frame.state & 0x1F, 3)
+    bp = frame.state >> 7
+    s_basis = (frame.state >> 5) & 1
+    s_bit = (frame.state >> 6) & 1
+    out = {}
+    for p in (1, 2, 3):
+        for b in (0, 1):
+            for match in (0, 1):
+                sel = (ph == p) & (bp == b) & ((bob_basis == s_basis) == bool(match))
+                sel &= clicked
+                wrong = int(np.count_nonzero(bob_bit[sel] != s_bit[sel]))
+                total = int(np.count_nonzero((ph == p) & (bp == b)))
+                out[(p, b, match)] = (total, int(sel.sum()), wrong)
+    return out
+
+
+@pytest.mark.parametrize("eve", [None, "pns"])
+def test_measure_matches_the_reference_per_pulse_category(eve: str | None) -> None:
+    params = PARAMS.with_(pulses=4_000_000)
+    rec_a, frame = q.emit(params, 1, np.random.default_rng(2))
+    if eve:
+        frame = q.attack(frame, eve, 0.5, np.random.default_rng(3))
+    fast = q.measure(frame, params, np.random.default_rng(4), SecretRng())
+    ref = q.measure_reference(frame, params, np.random.default_rng(5), SecretRng())
+    for rec in (fast, ref):
+        assert np.all(np.diff(rec.slots) > 0)
+    cf, cr = _categories(rec_a, frame, fast), _categories(rec_a, frame, ref)
+    for key, (total, clicks_r, wrong_r) in cr.items():
+        _, clicks_f, wrong_f = cf[key]
+        if total == 0:
+            continue
+        # Two independent samples of the same binomial: their difference within 5 sigma.
+        for kf, kr, n in ((clicks_f, clicks_r, total), (wrong_f, wrong_r, max(clicks_r, 1))):
+            p = (kf + kr) / (2 * n)
+            assert abs(kf - kr) <= 5 * math.sqrt(2 * n * p * (1 - p)) + 2, (key, kf, kr)
+
+
+def test_measure_dark_clicks_in_pulse_slots_and_empty_slots() -> None:
+    # Nothing reaches Bob (3000 km), so every click is a dark click: in the pulses'
+    # slots (the sparse per-detector draw, against Y0) and in the empty slots (the
+    # same code as the reference, which it is compared with).
+    params = PARAMS.with_(distance_km=3000.0, dark_count_prob=0.02, pulses=1_000_000)
+    _, frame = q.emit(params, 1, np.random.default_rng(6))
+    rec = q.measure(frame, params, np.random.default_rng(7), SecretRng())
+    ref = q.measure_reference(frame, params, np.random.default_rng(8), SecretRng())
+    in_frame = np.isin(rec.slots, frame.slots)
+    assert _close(int(in_frame.sum()), frame.slots.size, params.dark_count_prob)
+    empty_f = int((~in_frame).sum())
+    empty_r = int((~np.isin(ref.slots, frame.slots)).sum())
+    assert abs(empty_f - empty_r) <= 5 * math.sqrt(2 * empty_r) + 2
+    assert _close(int(rec.bit.sum()), rec.bit.size, 0.5)
+    assert _close(int(rec.basis.sum()), rec.basis.size, 1 - params.basis_bias)
+
+
+def _encode_plain(frame: q.PulseFrame) -> bytes:
+    """The frame layout of the module docstring, written out byte by byte."""
+    deltas = np.diff(frame.slots, prepend=0).astype("<u4")
+    return (q._HDR.pack(q.MAGIC, q.VERSION, frame.round, frame.pulses, frame.slots.size)
+            + deltas.tobytes() + frame.state.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 1000, 300_000])
+def test_frame_encoding_is_the_documented_layout(count: int) -> None:
+    _, frame = q.emit(PARAMS.with_(pulses=1_000_000), 9, np.random.default_rng(count))
+    frame = q.PulseFrame(frame.round, frame.pulses, frame.slots[:count], frame.state[:count])
+    data = frame.encode()
+    assert data == _encode_plain(frame)
+    back = q.PulseFrame.decode(data)
+    assert np.array_equal(back.slots, frame.slots)
+    assert np.array_equal(back.state, frame.state)
