@@ -64,7 +64,9 @@ log = get_logger("qkd.kme.service")
 
 # Test hook: False brings back one RESERVE round trip per enc_keys request and no
 # standing slice (the behaviour before issue 17); only the positive control sets it.
-_BATCH_RESERVATIONS = True
+# Set through the environment so the control can run it in a real KME process.
+PER_KEY_ENV = "QKDGW_TEST_PER_KEY_RESERVATIONS"
+_BATCH_RESERVATIONS = os.environ.get(PER_KEY_ENV) != "1"
 # Default-size keys per (master, slave) pair kept reserved at both KMEs ahead of the
 # requests, so most enc_keys answers need no round trip to the peer; refilled in the
 # background (one RESERVE) once half is used.
