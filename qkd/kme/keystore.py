@@ -32,7 +32,9 @@ the disk does not yet know about. A crash between commit and answer loses those 
 
 `KeyStore` is synchronous and must be used from one thread; `AsyncKeyStore` runs it on
 a single dedicated worker thread, which both keeps the event loop free and serialises
-all writers.
+all writers. Its `take` is a group commit: the takes waiting when the thread gets to
+them share one transaction and one WAL checkpoint (each request still all or none,
+through a savepoint of its own), so concurrent requests share the fsyncs.
 """
 
 from __future__ import annotations
