@@ -75,10 +75,10 @@ async def _flood(port: int, duration: float, concurrency: int, linger: float,
                  sources: list[str], style: str) -> dict[str, int]:
     import signal
 
+    from gateway.tunnel.constants import PROTOCOL_VERSION
     from gateway.tunnel.handshake import ClientHello
     from gateway.tunnel.record import RecordLayer
-    from gateway.tunnel.wire import PROTOCOL_VERSION
-    from pqc.kem import get_kem
+    from pqc.factory import get_kem
 
     ek = get_kem("ML-KEM-768", "auto").from_seed(os.urandom(64)).encapsulation_key
     tally = {"sent": 0, "refused": 0, "answered": 0, "silent": 0, "reset_at_connect": 0,

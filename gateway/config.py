@@ -80,6 +80,8 @@ class GatewayConfig:
     # certificate (None: "kme-<site_id>"), and the lowest TLS version spoken to it.
     kme_id: str | None = None
     kme_min_tls: str = "1.3"
+    # [kme] api: how keys are fetched, "etsi014" (ETSI GS QKD 014) or "skip" (Cisco SKIP).
+    kme_api: str = "etsi014"
 
     @property
     def kme_name(self) -> str:
@@ -241,6 +243,8 @@ def _parse(root: Section) -> GatewayConfig:
     kme_id = (_name(kme, "id", f"kme-{site_id}") if kme.has("id") else f"kme-{site_id}")
     kme_min_tls = kme.str("tls_min_version", "1.3", choices=("1.3", "1.2"),
                           fix='"1.3" (default), or "1.2" for a KME without TLS 1.3')
+    kme_api = kme.str("api", "etsi014", choices=("etsi014", "skip"),
+                      fix='"etsi014" (default), or "skip" for a Cisco SKIP key provider')
     kme.finish()
 
     pol = root.section("policy", required=False)
@@ -306,7 +310,7 @@ def _parse(root: Section) -> GatewayConfig:
         reconnect_max=reconnect_max, peer_site_id=peer_site, peer_sae_id=peer_sae,
         ca_file=ca_file, cert_file=cert_file, key_file=key_file, kme_url=url.rstrip("/"),
         kme_ca=kme_ca, kme_cert=kme_cert, kme_key=kme_key, kme_timeout=kme_timeout,
-        kme_id=kme_id, kme_min_tls=kme_min_tls,
+        kme_id=kme_id, kme_min_tls=kme_min_tls, kme_api=kme_api,
         kem=kem, allow_degraded=allow_degraded, qkd_key_bits=qkd_key_bits,
         pqc_backend=backend, listeners=tuple(listeners), services=tuple(services),
         log_level=level, log_format=fmt, keylog_file=keylog, admin_listen=admin_listen,

@@ -12,7 +12,8 @@ from pqc.backend import (
     liboqs_available,
     resolve_backend,
 )
-from pqc.kem import KEM_ALGORITHMS, Kem, KemDecapsulationKey, get_kem
+from pqc.factory import get_kem, get_mldsa
+from pqc.kem import KEM_ALGORITHMS, Kem, KemDecapsulationKey
 from pqc.sig import (
     MLDSA_ALGORITHMS,
     SIG_ALGORITHMS,
@@ -21,7 +22,6 @@ from pqc.sig import (
     algorithm_of_private_key,
     algorithm_of_public_key,
     generate_private_key,
-    get_mldsa,
     sign,
     verify,
 )

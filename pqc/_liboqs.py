@@ -1,8 +1,8 @@
 """The optional liboqs backend (liboqs-python >= 0.14).
 
-Imported only by `get_kem` / `get_mldsa` after `resolve_backend("liboqs")` succeeded,
-and `oqs` itself only through `pqc.backend.import_oqs`, so the module can be imported
-(for type checks, tests) on machines without liboqs.
+Imported by `pqc.factory`; `oqs` itself only when a primitive is built, through
+`pqc.backend.import_oqs`, so the module imports (for type checks, tests) on machines
+without liboqs.
 
 liboqs-python copies inputs with `ctypes.create_string_buffer(data, size)`, which
 silently zero-pads short inputs and raises on long ones; the generic layer in

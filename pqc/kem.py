@@ -1,6 +1,6 @@
 """ML-KEM (FIPS 203) behind one small interface, over the `openssl` or `liboqs` backend.
 
-    kem = get_kem("ML-KEM-768")
+    kem = get_kem("ML-KEM-768")                         # pqc.get_kem
     dk = kem.generate()                                  # responder / key owner
     ct, ss = kem.encapsulate(dk.encapsulation_key)       # peer
     assert dk.decapsulate(ct) == ss
@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import mlkem
 
-from pqc.backend import PqcError, resolve_backend
+from pqc.backend import PqcError
 
 KEM_ALGORITHMS = ("ML-KEM-768", "ML-KEM-1024")
 
@@ -196,15 +196,3 @@ class _OpenSSLKem(Kem):
                            "of range)") from None
         shared_secret, ciphertext = public_key.encapsulate()
         return bytes(ciphertext), bytes(shared_secret)
-
-
-def get_kem(name: str = "ML-KEM-768", backend: str = "auto") -> Kem:
-    """The KEM `name` (one of KEM_ALGORITHMS) on `backend` (`auto|openssl|liboqs`)."""
-    if name not in PARAMS:
-        raise PqcError(f"unknown KEM {name!r}; use one of {', '.join(KEM_ALGORITHMS)}")
-    concrete = resolve_backend(backend)
-    if concrete == "liboqs":
-        from pqc._liboqs import LiboqsKem
-
-        return LiboqsKem(name)
-    return _OpenSSLKem(name)

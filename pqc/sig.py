@@ -6,8 +6,8 @@ Two layers:
 * `sign` / `verify` / `algorithm_of_public_key` work on `cryptography` key objects,
   i.e. the keys that come out of X.509 certificates and PKCS#8 files. ML-DSA is used
   in its pure form with an empty context; ECDSA P-256 with SHA-256.
-* `get_mldsa(name, backend)` is raw-bytes ML-DSA on either backend (`openssl` or
-  `liboqs`), used for known-answer tests and cross-backend checks.
+* `pqc.get_mldsa(name, backend)` (in `pqc.factory`) is raw-bytes ML-DSA on either
+  backend (`openssl` or `liboqs`), used for known-answer tests and cross-backend checks.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa
 
-from pqc.backend import PqcError, resolve_backend
+from pqc.backend import PqcError
 
 SIG_ALGORITHMS = ("ML-DSA-44", "ML-DSA-65", "ML-DSA-87", "Ed25519", "ECDSA-P256")
 MLDSA_ALGORITHMS = ("ML-DSA-44", "ML-DSA-65", "ML-DSA-87")
@@ -250,16 +250,3 @@ class _OpenSSLMlDsa(MlDsa):
         except InvalidSignature:
             return False
         return True
-
-
-def get_mldsa(name: str = "ML-DSA-65", backend: str = "auto") -> MlDsa:
-    """Raw-bytes ML-DSA `name` (one of MLDSA_ALGORITHMS) on `backend`."""
-    if name not in MLDSA_PARAMS:
-        raise PqcError(f"unknown ML-DSA parameter set {name!r}; "
-                       f"use one of {', '.join(MLDSA_ALGORITHMS)}")
-    concrete = resolve_backend(backend)
-    if concrete == "liboqs":
-        from pqc._liboqs import LiboqsMlDsa
-
-        return LiboqsMlDsa(name)
-    return _OpenSSLMlDsa(name)

@@ -47,6 +47,7 @@ from gateway.tunnel.streams import MuxSettings
 from qkd.common.confload import ConfigError
 from qkd.common.log import get_logger
 from qkd.etsi014.client import EtsiClient
+from qkd.skip.client import SkipClient
 
 log = get_logger("qkdgw.gateway")
 
@@ -138,9 +139,10 @@ class Gateway:
                                        update_after_bytes=config.key_update_bytes),
             mux=MuxSettings(recv_window=config.stream_window, max_streams=config.max_streams),
         )
-        self.kme = EtsiClient(config.kme_url, ca_file=config.kme_ca, cert_file=config.kme_cert,
-                              key_file=config.kme_key, timeout=config.kme_timeout,
-                              kme_id=config.kme_name, min_tls=config.kme_min_tls)
+        client = SkipClient if config.kme_api == "skip" else EtsiClient
+        self.kme = client(config.kme_url, ca_file=config.kme_ca, cert_file=config.kme_cert,
+                          key_file=config.kme_key, timeout=config.kme_timeout,
+                          kme_id=config.kme_name, min_tls=config.kme_min_tls)
         self.keylog: KeyLogWriter | None = None
         self.used_key_ids = RecentKeyIds()
         self.tunnel: TunnelSession | None = None

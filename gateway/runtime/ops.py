@@ -97,8 +97,11 @@ class GatewayOps(Collector):
         self.last_error = None
         self._last_ok = now
         level = status["stored_key_count"]
-        self.figures = self.pool.observe(now, level, consumed=self.consumed_total())
-        self.history.append((round(time.time(), 1), float(level)))
+        if level is not None:
+            # None: the key API reports no pool level (SKIP), so there is nothing to
+            # forecast from; /status then shows no pool rather than a made-up one.
+            self.figures = self.pool.observe(now, level, consumed=self.consumed_total())
+            self.history.append((round(time.time(), 1), float(level)))
         ext = status.get("status_extension")
         link = ext.get("qkd_link") if isinstance(ext, dict) else None
         self.link = link if isinstance(link, dict) else None

@@ -467,7 +467,10 @@ class TunnelSession(asyncio.Protocol):
                 return
         else:
             per_key = max(1, -(-event.size_bits // max(1, int(status["key_size"]))))
-            enough = int(status["stored_key_count"]) >= event.number * per_key
+            stored = status["stored_key_count"]
+            # SKIP reports no pool level: without one, never agree that QKD is out of
+            # key (that would let the peer talk this side into ML-KEM only).
+            enough = stored is None or int(stored) >= event.number * per_key
             answer = QKD_OK if enough else QKD_NO_KEY
         self.conn.local_qkd_status(event.handshake_id, answer, self.loop.time())
         self.process()

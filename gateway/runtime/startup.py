@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.runtime.gateway import Gateway, load_credentials
@@ -91,6 +92,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    if "kme_id" in status:
+        for line in kme_status_lines(status):
+            print(line)
+        return 0
     peer = status.get("peer", {})
     print(f"site {status['site_id']} ({status['role']}), up {status['uptime_s']} s")
     print(f"  peer {peer.get('site_id')}: tunnel {peer.get('tunnel')}")
@@ -116,14 +121,42 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def kme_status_lines(status: dict[str, Any]) -> list[str]:
+    """`qkdgw status --url <KME admin>`: the KME's /status in the same words."""
+    lines = [f"KME {status.get('kme_id')} (peer {status.get('peer_kme_id')}, "
+             f"{status.get('link_type')} link), up {status.get('uptime_s')} s"]
+    pool = status.get("pool")
+    if isinstance(pool, dict):
+        lines.append("  pool                 " + ", ".join(f"{k} {v}" for k, v in pool.items()))
+    b = status.get("budget")
+    b = b if isinstance(b, dict) else {}
+    for key, label in (("pool", "key budget"), ("auth_pad", "auth pad budget")):
+        fig = b.get(key)
+        lines.append(f"  {label:20} "
+                     + (str(fig.get("words")) if isinstance(fig, dict) else "not known yet"))
+    link = status.get("link")
+    if isinstance(link, dict) and status.get("link_type") != "ideal":
+        qber = link.get("last_qber")
+        lines.append(f"  qkd link             {'up' if link.get('connected') else 'DOWN'}, "
+                     f"QBER {'-' if qber is None else f'{qber:.2%}'} (abort at "
+                     f"{b.get('qber_abort_threshold')}), key rate "
+                     f"{link.get('secret_key_rate_bps')} bit/s, rounds "
+                     f"{link.get('rounds_committed')} committed / "
+                     f"{link.get('rounds_aborted')} aborted")
+        age = b.get("last_round_age_s")
+        lines.append(f"  last round           {'never' if age is None else f'{age:.0f} s ago'}")
+    return lines
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("gateway", help="run a site gateway (the tunnel endpoint)")
     p.add_argument("--config", required=True, help="gateway config file (see configs/site-a.toml)")
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
     p.set_defaults(handler=_cmd_gateway)
-    s = sub.add_parser("status", help="show a running gateway's tunnel status")
+    s = sub.add_parser("status", help="show a running gateway's (or KME's) status")
     s.add_argument("--url", default="http://127.0.0.1:9101",
-                   help="the gateway's [admin] address (default http://127.0.0.1:9101)")
+                   help="the [admin] address of a gateway (default http://127.0.0.1:9101) "
+                        "or of a KME")
     s.add_argument("--json", action="store_true", help="print the raw JSON")
     s.set_defaults(handler=_cmd_status)
 

@@ -59,6 +59,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.tunnel.constants import COOKIE_CLOCK_SLACK_MS as _CLOCK_SLACK_MS
+from gateway.tunnel.constants import COOKIE_LABEL, COOKIE_MAC_LEN
+
 COOKIE_OFF = "off"
 COOKIE_UNDER_LOAD = "under-load"
 COOKIE_ALWAYS = "always"
@@ -73,13 +76,8 @@ CUT_FIRST_RECORD = "first_record_timeout"
 CUT_COOKIE_RETRY = "cookie_retry_timeout"
 CUT_HANDSHAKE_BYTES = "handshake_bytes"
 
-COOKIE_LABEL = b"qkdgw/1 cookie\x00"
 _COOKIE_HEAD = struct.Struct(">BQ")
-COOKIE_MAC_LEN = 32
 COOKIE_LEN = _COOKIE_HEAD.size + COOKIE_MAC_LEN
-HELLO_DIGEST_LEN = 48  # SHA-384
-# A cookie stamped this far in the future was not made by this clock.
-_CLOCK_SLACK_MS = 1000
 
 
 class CookieGate(Protocol):

@@ -70,8 +70,39 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from gateway.errors import GatewayError
+from gateway.pki.files import PeerCertificateError
+from gateway.pki.verify import parse_peer_certificate, verify_peer_certificate
 from gateway.tunnel import events as ev
 from gateway.tunnel import otmac
+from gateway.tunnel.constants import (
+    AUTH_CHAIN,
+    AUTH_PKI,
+    AUTH_PSK,
+    FLAG_ITS_MAC,
+    FLAG_PSK,
+    KNOWN_FLAGS,
+    LABEL_PSK_BINDER,
+    MAX_COOKIE,
+    MAX_QKD_KEYS,
+    MODE_HYBRID,
+    MODE_MLKEM_ONLY,
+    MSG_ALERT,
+    MSG_CERTIFICATE,
+    MSG_CERTIFICATE_VERIFY,
+    MSG_CLIENT_HELLO,
+    MSG_FINISHED,
+    MSG_HANDSHAKE_DONE,
+    MSG_HELLO_RETRY,
+    MSG_SERVER_HELLO,
+    NONCE_LEN,
+    PROTOCOL_VERSION,
+    QKD_NO_KEY,
+    QKD_OK,
+    QKD_UNREACHABLE,
+    SIG_LABEL_INITIATOR,
+    SIG_LABEL_RESPONDER,
+    TRANSCRIPT_LABEL,
+)
 from gateway.tunnel.key_schedule import (
     HASH_LEN,
     HybridKeySchedule,
@@ -81,36 +112,16 @@ from gateway.tunnel.key_schedule import (
     transcript_hasher,
 )
 from gateway.tunnel.otmac import check_one_time_tag, one_time_tag
-from gateway.tunnel.wire import PROTOCOL_VERSION, DecodeError, ErrorCode, Reader, Writer
+from gateway.tunnel.wire import DecodeError, ErrorCode, Reader, Writer
 from pqc import PqcError
 from pqc import sig as pqc_sig
-from pqc.kem import get_kem
+from pqc.factory import get_kem
 
-AUTH_PKI = "pki"
-AUTH_PSK = "psk"
-AUTH_CHAIN = "chain"
-
-MODE_HYBRID = "hybrid"
-MODE_MLKEM_ONLY = "mlkem-only"
 MODES = (MODE_HYBRID, MODE_MLKEM_ONLY)
 
-# What each side's own KME said, carried in its hello and so bound into TH. Only the two
-# degraded values let a side agree to ML-KEM-only; a key ID the KME refuses (replayed,
-# unknown, already delivered) is never one of them: it fails the handshake.
-QKD_OK = "ok"  # this side holds the session's QKD keys
-QKD_NO_KEY = "no-key"  # this side's KME answered that it has no key for the peer
-QKD_UNREACHABLE = "unreachable"  # this side's KME could not be reached
 QKD_DEGRADED = (QKD_NO_KEY, QKD_UNREACHABLE)
 QKD_STATUSES = (QKD_OK, *QKD_DEGRADED)
 
-MSG_CLIENT_HELLO = 1
-MSG_SERVER_HELLO = 2
-MSG_CERTIFICATE = 3
-MSG_CERTIFICATE_VERIFY = 4
-MSG_FINISHED = 5
-MSG_HANDSHAKE_DONE = 6
-MSG_ALERT = 7
-MSG_HELLO_RETRY = 8
 
 MSG_NAMES = {
     MSG_CLIENT_HELLO: "ClientHello",
@@ -122,18 +133,6 @@ MSG_NAMES = {
     MSG_ALERT: "Alert",
     MSG_HELLO_RETRY: "HelloRetryRequest",
 }
-
-# ClientHello flags: what the initiator's policy turns on; the responder's must match.
-FLAG_PSK = 0x01  # this side keeps PSK state: after bootstrap, handshakes run in PSK mode
-FLAG_ITS_MAC = 0x02  # handshake also authenticated by one-time MACs keyed by QKD bits
-KNOWN_FLAGS = FLAG_PSK | FLAG_ITS_MAC
-MAX_COOKIE = 64
-
-TRANSCRIPT_LABEL = b"qkdgw/1 transcript"
-SIG_LABEL_INITIATOR = b"qkdgw/1 initiator signature\x00"
-SIG_LABEL_RESPONDER = b"qkdgw/1 responder signature\x00"
-NONCE_LEN = 32
-MAX_QKD_KEYS = 8
 
 
 class HandshakeError(GatewayError):
@@ -496,9 +495,6 @@ class _State(Enum):
     WAIT_HANDSHAKE_DONE = auto()
     COMPLETE = auto()
     FAILED = auto()
-
-
-LABEL_PSK_BINDER = b"qkdgw/1 psk binder"
 
 
 def psk_binder(psk: bytes, hello: ClientHello) -> bytes:
@@ -984,12 +980,6 @@ class Handshake:
         self._send(encode_certificate_verify(algorithm, signature))
 
     def _on_certificate(self, msg: bytes) -> None:
-        from gateway.pki import (
-            PeerCertificateError,
-            parse_peer_certificate,
-            verify_peer_certificate,
-        )
-
         chain_der = decode_certificate(msg)
         creds = self.params.credentials
         assert creds is not None

@@ -21,25 +21,25 @@ import hashlib
 import hmac
 from dataclasses import dataclass, field
 
-HASH_NAME = "sha384"
-HASH_LEN = 48
-INITIAL_SALT = b"qkdgw/1 hybrid initial salt"
+from cryptography.hazmat.primitives.hashes import SHA384
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-LABEL_INITIATOR_CONFIRM = b"qkdgw/1 initiator confirm"
-LABEL_RESPONDER_CONFIRM = b"qkdgw/1 responder confirm"
-LABEL_I2R_TRAFFIC = b"qkdgw/1 i2r traffic"
-LABEL_R2I_TRAFFIC = b"qkdgw/1 r2i traffic"
-LABEL_CHAIN_KEY = b"qkdgw/1 chain key"
-LABEL_NEXT_PSK = b"qkdgw/1 next psk"
-
-# Record-layer derivations from a traffic secret (TLS 1.3 style: a secret per direction,
-# from which the AES key, the IV and, on key update, the next secret are expanded).
-LABEL_RECORD_KEY = b"qkdgw/1 record key"
-LABEL_RECORD_IV = b"qkdgw/1 record iv"
-LABEL_KEY_UPDATE = b"qkdgw/1 key update"
-
-AES_KEY_LEN = 32
-GCM_IV_LEN = 12
+from gateway.tunnel.constants import (
+    AES_KEY_LEN,
+    GCM_IV_LEN,
+    HASH_LEN,
+    HASH_NAME,
+    INITIAL_SALT,
+    LABEL_CHAIN_KEY,
+    LABEL_I2R_TRAFFIC,
+    LABEL_INITIATOR_CONFIRM,
+    LABEL_KEY_UPDATE,
+    LABEL_NEXT_PSK,
+    LABEL_R2I_TRAFFIC,
+    LABEL_RECORD_IV,
+    LABEL_RECORD_KEY,
+    LABEL_RESPONDER_CONFIRM,
+)
 
 
 def _u16(n: int) -> bytes:
@@ -49,20 +49,11 @@ def _u16(n: int) -> bytes:
 
 
 def hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
-    return hmac.new(salt, ikm, HASH_NAME).digest()
+    return HKDF.extract(SHA384(), salt, ikm)
 
 
 def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
-    if length > 255 * HASH_LEN:
-        raise ValueError("HKDF-Expand output too long")
-    out = b""
-    block = b""
-    counter = 1
-    while len(out) < length:
-        block = hmac.new(prk, block + info + bytes([counter]), HASH_NAME).digest()
-        out += block
-        counter += 1
-    return out[:length]
+    return HKDFExpand(SHA384(), length, info).derive(prk)
 
 
 def expand_label(prk: bytes, label: bytes, context: bytes, length: int) -> bytes:

@@ -31,13 +31,18 @@ import hmac
 import math
 
 from gateway.errors import GatewayError
+from gateway.tunnel.constants import (
+    OTMAC_KEY_BYTES as KEY_BYTES,
+)
+from gateway.tunnel.constants import (
+    OTMAC_MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES,
+)
+from gateway.tunnel.constants import (
+    OTMAC_TAG_BYTES as TAG_BYTES,
+)
 
 P127 = (1 << 127) - 1
-KEY_BYTES = 32
-TAG_BYTES = 16
 _CHUNK = 15
-# Longest message the documented bound covers; longer ones are refused, not tagged.
-MAX_MESSAGE_BYTES = 1 << 16
 
 
 class OneTimeMacError(GatewayError, ValueError):

@@ -34,6 +34,19 @@ from cryptography.hazmat.primitives.hashes import SHA384
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from gateway.errors import GatewayError
+from gateway.tunnel.constants import (
+    FLAG_KEY_PHASE,
+    HEADER_LEN,
+    INNER_CLOSE,
+    INNER_HANDSHAKE,
+    INNER_STREAM,
+    MAX_PAYLOAD,
+    MAX_PLAINTEXT_BODY,
+    MAX_PROTECTED_BODY,
+    PLAINTEXT_HANDSHAKE,
+    PROTECTED,
+    TAG_LEN,
+)
 from gateway.tunnel.key_schedule import (
     AES_KEY_LEN,
     GCM_IV_LEN,
@@ -44,25 +57,11 @@ from gateway.tunnel.key_schedule import (
 )
 from gateway.tunnel.wire import DecodeError, ErrorCode
 
-PLAINTEXT_HANDSHAKE = 0x16
-PROTECTED = 0x17
-
-HEADER_LEN = 5
-TAG_LEN = 16
-MAX_PAYLOAD = 1 << 16
-MAX_PROTECTED_BODY = MAX_PAYLOAD + 1 + TAG_LEN
-MAX_PLAINTEXT_BODY = MAX_PAYLOAD
-
-INNER_HANDSHAKE = 1
-INNER_STREAM = 2
-INNER_CLOSE = 3
 _INNER_TYPES = frozenset((INNER_HANDSHAKE, INNER_STREAM, INNER_CLOSE))
 # Not on the wire: a plaintext record that arrived after the first receive key was
 # installed but before anything was received under it. Only a plaintext Alert may be
 # that: the responder refusing the initiator's last flight has no keys to protect it.
 LATE_PLAINTEXT = 0x100
-
-FLAG_KEY_PHASE = 0x01
 
 
 class RecordError(GatewayError):

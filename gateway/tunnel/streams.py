@@ -28,17 +28,18 @@ from enum import IntEnum
 
 from gateway.errors import GatewayError
 from gateway.tunnel import events as ev
+from gateway.tunnel.constants import (
+    FRAME_DATA,
+    FRAME_FIN,
+    FRAME_OPEN,
+    FRAME_RESET,
+    FRAME_WINDOW,
+    MAX_SERVICE_NAME,
+)
 from gateway.tunnel.wire import ErrorCode
-
-FRAME_OPEN = 1
-FRAME_DATA = 2
-FRAME_WINDOW = 3
-FRAME_FIN = 4
-FRAME_RESET = 5
 
 FRAME_HEADER = struct.Struct(">BII")
 FRAME_HEADER_LEN = FRAME_HEADER.size
-MAX_SERVICE_NAME = 64
 
 
 class StreamCode(IntEnum):

@@ -12,8 +12,6 @@ from enum import IntEnum
 
 from gateway.errors import GatewayError
 
-PROTOCOL_VERSION = "qkdgw/1"
-
 
 class ErrorCode(IntEnum):
     """Close and alert codes on the wire (u16)."""

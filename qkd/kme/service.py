@@ -47,7 +47,9 @@ from qkd.etsi014.messages import (
     EtsiError,
     QkdKey,
 )
+from qkd.kme import skip_api
 from qkd.kme.config import KmeConfig
+from qkd.kme.http import query_lists
 from qkd.kme.keystore import (
     AlreadyDelivered,
     AsyncKeyStore,
@@ -100,10 +102,6 @@ def server_ssl_context(config: KmeConfig) -> ssl.SSLContext:
     # happens to equal an SAE ID would be accepted.
     ctx.load_verify_locations(cafile=config.tls.client_ca)
     return ctx
-
-
-def _query_lists(request: web.Request) -> dict[str, list[str]]:
-    return {name: request.query.getall(name) for name in request.query}
 
 
 class KmeService:
@@ -197,7 +195,7 @@ class KmeService:
         slave = self._peer_sae(request, "slave")
         limits = self.config.limits
         if request.method == "GET":
-            req = etsi014.parse_enc_keys_get(_query_lists(request), limits)
+            req = etsi014.parse_enc_keys_get(query_lists(request), limits)
         else:
             req = etsi014.parse_enc_keys_post(await request.read(), limits)
 
@@ -208,8 +206,16 @@ class KmeService:
                             f"{limits.key_size} bits, the pool holds at most "
                             f"{limits.max_key_count}",
                             [{"parameter": "number", "reason": "ask for fewer or smaller keys"}])
+        keys = await self.deliver_master(caller, slave, req.number, req.size)
+        return web.json_response(etsi014.build_key_container(keys))
+
+    async def deliver_master(self, caller: str, slave: str, number: int,
+                             size: int) -> list[QkdKey]:
+        """New keys for master SAE `caller` shared with `slave`, committed as delivered
+        before they are returned (ETSI 014 enc_keys and SKIP's new key share this)."""
         if self.bb84 is not None:
-            return await self._enc_keys_pool(caller, slave, req.number, req.size)
+            return await self._enc_keys_pool(caller, slave, number, size)
+        cost = number * math.ceil(size / self.config.limits.key_size)
         # take() runs without an await before it, so concurrent requests cannot both
         # spend the same keys.
         if not self.bucket.take(cost, self._clock()):
@@ -217,10 +223,10 @@ class KmeService:
                             [{"reason": f"{cost} stored keys needed, "
                                         f"{self.bucket.level(self._clock())} available"}])
 
-        link, size = self.link, req.size
+        link = self.link
         try:
             allocated = await self.store.allocate(
-                caller, slave, req.number, size,
+                caller, slave, number, size,
                 lambda i: link.key_id(caller, slave, i, size), COUNTER_LIMIT)
         except StoreError as exc:
             log.error("kme_store_refused", reason=str(exc))
@@ -228,16 +234,23 @@ class KmeService:
         keys = [QkdKey(kid, link.key(caller, slave, i, size)) for i, kid in allocated]
         log.info("keys_delivered", role="master", master=caller, slave=slave,
                  count=len(keys), size=size, key_ids=[k.key_id for k in keys])
-        return web.json_response(etsi014.build_key_container(keys))
+        return keys
 
     async def dec_keys(self, request: web.Request) -> web.Response:
         caller = self.caller(request)
         master = self._peer_sae(request, "master")
         if request.method == "GET":
-            key_ids = etsi014.parse_dec_keys_get(_query_lists(request))
+            key_ids = etsi014.parse_dec_keys_get(query_lists(request))
         else:
             key_ids = etsi014.parse_dec_keys_post(await request.read(), self.config.limits)
 
+        keys = await self.deliver_slave(master, caller, key_ids)
+        return web.json_response(etsi014.build_key_container(keys))
+
+    async def deliver_slave(self, master: str, caller: str,
+                            key_ids: list[str]) -> list[QkdKey]:
+        """The keys `master` obtained under `key_ids`, for slave SAE `caller`, each
+        committed as delivered first (ETSI 014 dec_keys and SKIP's key by ID)."""
         if self.bb84 is not None:
             return await self._dec_keys_pool(master, caller, key_ids)
         items: list[SlaveDelivery] = []
@@ -269,10 +282,10 @@ class KmeService:
                 for it in items]
         log.info("keys_delivered", role="slave", master=master, slave=caller,
                  count=len(keys), key_ids=[k.key_id for k in keys])
-        return web.json_response(etsi014.build_key_container(keys))
+        return keys
 
     async def _enc_keys_pool(self, master: str, slave: str, number: int,
-                             size: int) -> web.Response:
+                             size: int) -> list[QkdKey]:
         """Hand out keys reserved for (master, slave) at both KMEs: from the pair's
         standing slice when it holds enough (no round trip to the peer), else from a
         batched reservation. Either way the peer KME recorded the same reservation
@@ -303,8 +316,7 @@ class KmeService:
         self.delivered_master += len(taken)
         log.info("keys_delivered", role="master", master=master, slave=slave,
                  count=len(taken), size=size, key_ids=[k for k, _ in taken])
-        return web.json_response(etsi014.build_key_container(
-            [QkdKey(kid, key) for kid, key in taken]))
+        return [QkdKey(kid, key) for kid, key in taken]
 
     # ------------------------------------------------ batched reservations
 
@@ -440,7 +452,7 @@ class KmeService:
             self._standing.setdefault(pair, collections.deque()).extend(keys[i:])
 
     async def _dec_keys_pool(self, master: str, slave: str,
-                             key_ids: list[str]) -> web.Response:
+                             key_ids: list[str]) -> list[QkdKey]:
         try:
             taken = await self.store.take(key_ids, master, slave, time.time())
         except PoolError as exc:
@@ -452,8 +464,7 @@ class KmeService:
             raise EtsiError(status, msg, [{"key_ID": k} for k in exc.key_ids]) from None
         log.info("keys_delivered", role="slave", master=master, slave=slave,
                  count=len(taken), key_ids=[k for k, _ in taken])
-        return web.json_response(etsi014.build_key_container(
-            [QkdKey(kid, key) for kid, key in taken]))
+        return [QkdKey(kid, key) for kid, key in taken]
 
     def _owner(self, key_id: str, exclude: tuple[str, str]) -> tuple[str, str] | None:
         """Which other (master, slave) pair of this KME a key ID belongs to, if any.
@@ -502,6 +513,7 @@ def build_app(service: KmeService) -> web.Application:
     app.router.add_post(base + "/enc_keys", service.enc_keys)
     app.router.add_get(base + "/dec_keys", service.dec_keys, allow_head=False)
     app.router.add_post(base + "/dec_keys", service.dec_keys)
+    skip_api.add_routes(app, service)
     return app
 
 

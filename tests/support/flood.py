@@ -21,10 +21,10 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.runtime import Gateway
+from gateway.tunnel.constants import PROTOCOL_VERSION
 from gateway.tunnel.handshake import ClientHello
 from gateway.tunnel.record import PLAINTEXT_HANDSHAKE, RecordLayer
-from gateway.tunnel.wire import PROTOCOL_VERSION
-from pqc.kem import get_kem
+from pqc.factory import get_kem
 from qkd.etsi014.client import KmeRejected
 from qkd.etsi014.messages import QkdKey
 

@@ -31,7 +31,7 @@ from gateway.tunnel.handshake import (
     ServerHello,
 )
 from gateway.tunnel.wire import ErrorCode
-from pqc.kem import get_kem
+from pqc.factory import get_kem
 from qkd.etsi014.client import KmeNoKey
 from tests.support.handshake_attacks import _NeverSeen, assert_no_session, keylog_into, wait_failure
 from tests.support.mitm_relay import (

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import gateway.pki as pki_mod
+import gateway.tunnel.handshake as handshake_mod
 from gateway.tunnel import events as ev
 from gateway.tunnel import handshake as hs_mod
 from gateway.tunnel.connection import ConnectionSettings
@@ -35,7 +36,7 @@ from gateway.tunnel.handshake import (
 )
 from gateway.tunnel.record import HEADER_LEN, PLAINTEXT_HANDSHAKE, RecordReader
 from gateway.tunnel.wire import ErrorCode
-from pqc.kem import get_kem
+from pqc.factory import get_kem
 from qkd.etsi014.client import EtsiClient
 from qkd.etsi014.messages import QkdKey
 from tests.support.handshake_attacks import (
@@ -329,7 +330,8 @@ async def test_positive_control_third_site_accepted_without_identity_binding(
         verify(cert, ca, pki_mod.site_identity(cert) or expected, *a, **kw)
 
     tamper = TamperHandshake(_relabel_for_third_site)
-    monkeypatch.setattr(pki_mod, "verify_peer_certificate", any_identity)
+    # The handshake core's own reference: the one it calls.
+    monkeypatch.setattr(handshake_mod, "verify_peer_certificate", any_identity)
     unbind_transcript(monkeypatch, tamper.originals)
     await sites.start()
     old = await sites.wait_tunnel()

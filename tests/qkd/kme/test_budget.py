@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 
 import aiohttp
+import pytest
 
 from qkd.common.budget import BudgetForecaster
 from qkd.etsi014.client import EtsiClient
@@ -113,3 +114,23 @@ async def test_readyz_and_healthz(make_config: Callable[..., KmeConfig]) -> None
                     assert r.status == 200 and (await r.json())["alive"] is True
         finally:
             await kme.close()
+
+
+async def test_qkdgw_status_reads_a_kme_in_words(make_config: Callable[..., KmeConfig],
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    kme: RunningKme = await start_kme(make_config("a", extra=ADMIN))
+    try:
+        await asyncio.sleep(0.1)  # the first budget sample
+        url = f"http://127.0.0.1:{kme.admin_port}"
+        # urllib blocks: run the CLI in a thread so this loop keeps serving it.
+        assert await asyncio.to_thread(main, ["status", "--url", url]) == 0
+        status = json.loads(await _get(kme.admin_port, "/status"))  # type: ignore[arg-type]
+    finally:
+        await kme.close()
+    out = capsys.readouterr().out
+    assert any(x.startswith("KME kme-site-a (peer kme-site-b, ideal link)")
+               for x in out.splitlines())
+    budget_line = next(x for x in out.splitlines() if x.strip().startswith("key budget"))
+    assert status["budget"]["pool"]["words"] in budget_line
