@@ -174,9 +174,9 @@ class KmeService:
         if self.bb84 is not None:
             # Keys already reserved for this pair (its standing slice) are this
             # master's to ask for, so they count as stored for it.
+            free = await self.store.free_blocks(time.time())
             stored = min(self.config.limits.max_key_count,
-                         await self.store.free_blocks(time.time())
-                         + self.standing_keys(caller, slave))
+                         free + self.standing_keys(caller, slave))
         else:
             stored = self.bucket.level(self._clock())
         body = etsi014.build_status(
@@ -187,7 +187,7 @@ class KmeService:
         if self.bb84 is not None:
             # ETSI 014's own extension slot: the standard fields stay as they are.
             body["status_extension"] = {"qkd_link": self.bb84.status()
-                                        | {"pool_free_blocks": stored}}
+                                        | {"pool_free_blocks": free}}
         return web.json_response(body)
 
     async def enc_keys(self, request: web.Request) -> web.Response:
