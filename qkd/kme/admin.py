@@ -51,6 +51,9 @@ async def snapshot(service: KmeService, started: float,
         lat = service.bb84.reservations.latencies
         link["reservation_latency_p50_s"] = _quantile(lat, 0.5)
         link["reservation_latency_p99_s"] = _quantile(lat, 0.99)
+        link["standing_keys"] = service.standing_keys()
+        link["reservation_batches"] = service.reservation_batches
+        link["reservation_batch_keys"] = service.reservation_batch_keys
         out["link"] = link
     else:
         # The ideal link has no pool, only its token bucket of derivable keys.
@@ -131,6 +134,28 @@ class _KmeCollector(Collector):
         res.add_metric(["received", "refused"], link["reservations_refused"])
         res.add_metric(["received", "lapsed"], link["reservations_lapsed"])
         yield res
+        keys = CounterMetricFamily("qkdgw_kme_reservation_keys",
+                                   "Keys named in confirmed reservations (sent: ours, "
+                                   "received: the peer's recorded here)",
+                                   labels=["direction"])
+        keys.add_metric(["sent"], link["reservation_keys_confirmed"])
+        keys.add_metric(["received"], link["reservation_keys_applied"])
+        yield keys
+        yield CounterMetricFamily("qkdgw_kme_reservation_batches",
+                                  "RESERVE messages enc_keys sent (each covers every "
+                                  "request waiting, plus standing top-ups)",
+                                  value=link["reservation_batches"])
+        yield GaugeMetricFamily("qkdgw_kme_standing_keys",
+                                "Keys reserved at both KMEs ahead of enc_keys requests",
+                                value=link["standing_keys"])
+        yield CounterMetricFamily("qkdgw_kme_link_auth_pad_bytes_used",
+                                  "One-time pad bytes spent on tags (rounds, reservations, "
+                                  "HELLOs), since this link state began",
+                                  value=link["auth_pad_bytes_used"])
+        yield GaugeMetricFamily("qkdgw_kme_link_reservation_pad_headroom_bytes",
+                                "Pad bytes reservations may still spend (smaller "
+                                "direction) before they are refused until a round refills",
+                                value=link["auth_pad_reservation_headroom_bytes"])
         for name, key, doc in (
                 ("state_save_failures", "state_save_failures",
                  "Link state writes that failed (the frames they covered were dropped)"),

@@ -32,7 +32,9 @@ the disk does not yet know about. A crash between commit and answer loses those 
 
 `KeyStore` is synchronous and must be used from one thread; `AsyncKeyStore` runs it on
 a single dedicated worker thread, which both keeps the event loop free and serialises
-all writers.
+all writers. Its `take` is a group commit: the takes waiting when the thread gets to
+them share one transaction and one WAL checkpoint (each request still all or none,
+through a savepoint of its own), so concurrent requests share the fsyncs.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ from qkd.common.storage_key import Sealer
 T = TypeVar("T")
 
 SCHEMA_VERSION = 2
+
+# Test hook: False makes every `AsyncKeyStore.take` its own transaction again (the
+# behaviour before group commits); only the positive controls set it.
+_GROUP_TAKES = True
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -341,40 +347,65 @@ class KeyStore:
              now: float) -> list[tuple[str, bytes]]:
         """Hand out reserved keys for master -> slave once: returns [(key_id, key)] and
         erases their material in the same transaction (all or none)."""
+        result = self.take_many([(key_ids, master, slave)], now)[0]
+        if isinstance(result, PoolError):
+            raise result
+        return result
+
+    def take_many(self, requests: Sequence[tuple[Sequence[str], str, str]], now: float
+                  ) -> list[list[tuple[str, bytes]] | PoolError]:
+        """`take` for several requests (key_ids, master, slave) in ONE transaction and
+        one WAL checkpoint (group commit: the fsyncs are what a take costs). Each
+        request is all-or-none on its own (a savepoint each): a refused one gets its
+        PoolError in its slot and changes nothing, the others are delivered."""
         sealer = self._need_sealer()
         db = self._db
-        out: list[tuple[str, bytes]] = []
+        results: list[list[tuple[str, bytes]] | PoolError] = []
         with self._transaction():
-            for kid in key_ids:
-                rows = db.execute("SELECT block_id, material, state, master, slave,"
-                                  " key_bits, expires FROM pool WHERE key_id=? ORDER BY"
-                                  " part", (kid,)).fetchall()
-                if not rows:
-                    raise PoolError("unknown key ID", [kid])
-                states = {r[2] for r in rows}
-                if states != {"reserved"}:
-                    reason = ("already delivered" if "delivered" in states
-                              else "expired" if "expired" in states else "not reserved")
-                    raise PoolError(reason, [kid])
-                if (rows[0][3], rows[0][4]) != (master, slave):
-                    raise PoolError("not reserved for this SAE pair", [kid])
-                if rows[0][6] <= now:
-                    raise PoolError("expired", [kid])
-                material = b"".join(sealer.open(r[0], r[1]) for r in rows)
-                out.append((kid, material[: rows[0][5] // 8]))
-            db.executemany("UPDATE pool SET state='delivered', material=NULL WHERE key_id=?",
-                           [(kid,) for kid in key_ids])
-        # The answer carrying `out` leaves only after the sealed material is gone from
-        # the WAL too: secure_delete zeroed it in the new page images, the checkpoint
-        # writes those into the main file and TRUNCATE drops the WAL frames that still
-        # held the old pages.
-        if not self._erase_from_wal():
+            for key_ids, master, slave in requests:
+                db.execute("SAVEPOINT take_one")
+                try:
+                    results.append(self._take_one(sealer, key_ids, master, slave, now))
+                except PoolError as exc:
+                    db.execute("ROLLBACK TO take_one")
+                    results.append(exc)
+                db.execute("RELEASE take_one")
+        # The answers carrying the keys leave only after the sealed material is gone
+        # from the WAL too: secure_delete zeroed it in the new page images, the
+        # checkpoint writes those into the main file and TRUNCATE drops the WAL frames
+        # that still held the old pages.
+        if any(not isinstance(r, PoolError) for r in results) and not self._erase_from_wal():
             # Another connection holds the WAL open: the old pages may still be in it.
             # Fail closed: the keys are recorded as delivered (never served again), but
-            # this answer is not sent while their sealed material may linger.
+            # no answer is sent while their sealed material may linger.
             raise StoreError("could not checkpoint the key store's WAL to erase "
                              "delivered key material; no other process may open the "
                              "database while the KME runs")
+        return results
+
+    def _take_one(self, sealer: Sealer, key_ids: Sequence[str], master: str, slave: str,
+                  now: float) -> list[tuple[str, bytes]]:
+        db = self._db
+        out: list[tuple[str, bytes]] = []
+        for kid in key_ids:
+            rows = db.execute("SELECT block_id, material, state, master, slave,"
+                              " key_bits, expires FROM pool WHERE key_id=? ORDER BY"
+                              " part", (kid,)).fetchall()
+            if not rows:
+                raise PoolError("unknown key ID", [kid])
+            states = {r[2] for r in rows}
+            if states != {"reserved"}:
+                reason = ("already delivered" if "delivered" in states
+                          else "expired" if "expired" in states else "not reserved")
+                raise PoolError(reason, [kid])
+            if (rows[0][3], rows[0][4]) != (master, slave):
+                raise PoolError("not reserved for this SAE pair", [kid])
+            if rows[0][6] <= now:
+                raise PoolError("expired", [kid])
+            material = b"".join(sealer.open(r[0], r[1]) for r in rows)
+            out.append((kid, material[: rows[0][5] // 8]))
+        db.executemany("UPDATE pool SET state='delivered', material=NULL WHERE key_id=?",
+                       [(kid,) for kid in key_ids])
         return out
 
     def _erase_from_wal(self) -> bool:
@@ -424,12 +455,19 @@ class _Txn:
             self._db.execute("ROLLBACK")
 
 
+# (key_ids, master, slave), the caller's time, the caller's future
+_QueuedTake = tuple[tuple[list[str], str, str], float,
+                    asyncio.Future[list[tuple[str, bytes]]]]
+
+
 class AsyncKeyStore:
     """`KeyStore` on one dedicated thread: every call is serialised and off the loop."""
 
     def __init__(self, store: KeyStore, executor: ThreadPoolExecutor) -> None:
         self._store = store
         self._executor = executor
+        self._takes: list[_QueuedTake] = []
+        self._take_drain: asyncio.Future[None] | None = None
 
     @classmethod
     async def open(cls, path: Path, kme_id: str,
@@ -484,7 +522,39 @@ class AsyncKeyStore:
 
     async def take(self, key_ids: Sequence[str], master: str, slave: str,
                    now: float) -> list[tuple[str, bytes]]:
-        return await self._run(self._store.take, key_ids, master, slave, now)
+        """Queued, and every take waiting when the worker gets to them is committed in
+        one transaction (`KeyStore.take_many`): concurrent requests share the fsyncs
+        instead of queueing for one each. Each request is still all-or-none."""
+        if not _GROUP_TAKES:
+            return await self._run(self._store.take, key_ids, master, slave, now)
+        fut: asyncio.Future[list[tuple[str, bytes]]] = \
+            asyncio.get_running_loop().create_future()
+        self._takes.append(((list(key_ids), master, slave), now, fut))
+        if self._take_drain is None or self._take_drain.done():
+            self._take_drain = asyncio.ensure_future(self._drain_takes())
+        return await fut
+
+    async def _drain_takes(self) -> None:
+        while self._takes:
+            batch, self._takes = self._takes, []
+            now = max(n for _, n, _ in batch)
+            try:
+                results = await self._run(self._store.take_many,
+                                          [req for req, _, _ in batch], now)
+            except BaseException as exc:  # StoreError, sqlite3.Error: every waiter
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                continue
+            for (_, _, fut), res in zip(batch, results, strict=True):
+                if fut.done():
+                    continue  # its caller went away; the keys are delivered (lost)
+                if isinstance(res, PoolError):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
 
     async def purge_expired(self, now: float) -> int:
         return await self._run(self._store.purge_expired, now)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import math
@@ -49,12 +50,40 @@ from qkd.etsi014.messages import (
 from qkd.kme import skip_api
 from qkd.kme.config import KmeConfig
 from qkd.kme.http import query_lists
-from qkd.kme.keystore import AlreadyDelivered, AsyncKeyStore, PoolError, SlaveDelivery, StoreError
+from qkd.kme.keystore import (
+    AlreadyDelivered,
+    AsyncKeyStore,
+    PoolError,
+    ReservedKey,
+    SlaveDelivery,
+    StoreError,
+)
 from qkd.link.bb84 import Bb84Link, Bb84Settings, LinkUnavailable
 from qkd.link.core import LinkProtocolError
 from qkd.link.ideal import COUNTER_LIMIT, IdealLink, InvalidKeyId, TokenBucket
 
 log = get_logger("qkd.kme.service")
+
+# Test hook: False brings back one RESERVE round trip per enc_keys request and no
+# standing slice (the behaviour before issue 17); only the positive control sets it.
+# Set through the environment so the control can run it in a real KME process.
+PER_KEY_ENV = "QKDGW_TEST_PER_KEY_RESERVATIONS"
+_BATCH_RESERVATIONS = os.environ.get(PER_KEY_ENV) != "1"
+# Default-size keys per (master, slave) pair kept reserved at both KMEs ahead of the
+# requests, so most enc_keys answers need no round trip to the peer; refilled in the
+# background (one RESERVE) once half is used.
+STANDING_KEYS = 64
+# Keys named in one RESERVE at most (frame size; the peer's parser allows 4096).
+MAX_BATCH_KEYS = 1024
+
+
+@dataclass
+class _Waiter:
+    """An enc_keys request waiting for the next batched RESERVE (`future` None: a
+    standing-slice top-up with no request behind it)."""
+
+    number: int
+    future: asyncio.Future[list[ReservedKey]] | None
 
 # Largest request body we read: max_key_per_request key IDs of ~60 bytes each fit
 # many times over; anything bigger is not an ETSI 014 request.
@@ -88,6 +117,17 @@ class KmeService:
         # (the ideal one) is then unused.
         self.bb84 = bb84
         self._reserve_lock = asyncio.Lock()
+        # Batched reservations: requests waiting for the next RESERVE, per
+        # (master, slave, size), and the task that sends them.
+        self._pending: dict[tuple[str, str, int], list[_Waiter]] = {}
+        self._flusher: asyncio.Future[None] | None = None
+        # Standing slices: default-size keys reserved at both KMEs for a pair and not
+        # yet handed to its master SAE. In memory only: after a crash they stay
+        # reserved (never handed out) until their lifetime ends, the safe direction.
+        self._standing: dict[tuple[str, str], collections.deque[ReservedKey]] = {}
+        self.reservation_batches = 0  # RESERVE messages this KME sent for enc_keys
+        self.reservation_batch_keys = 0  # keys they carried (standing top-ups too)
+        self.delivered_master = 0
         self._clock = clock
         self.bucket = TokenBucket(config.link.key_rate, config.limits.max_key_count, clock())
         self._local = frozenset(config.local_sae_ids)
@@ -132,7 +172,11 @@ class KmeService:
         caller = self.caller(request)
         slave = self._peer_sae(request, "slave")
         if self.bb84 is not None:
-            stored = await self.store.free_blocks(time.time())
+            # Keys already reserved for this pair (its standing slice) are this
+            # master's to ask for, so they count as stored for it.
+            free = await self.store.free_blocks(time.time())
+            stored = min(self.config.limits.max_key_count,
+                         free + self.standing_keys(caller, slave))
         else:
             stored = self.bucket.level(self._clock())
         body = etsi014.build_status(
@@ -143,7 +187,7 @@ class KmeService:
         if self.bb84 is not None:
             # ETSI 014's own extension slot: the standard fields stay as they are.
             body["status_extension"] = {"qkd_link": self.bb84.status()
-                                        | {"pool_free_blocks": stored}}
+                                        | {"pool_free_blocks": free}}
         return web.json_response(body)
 
     async def enc_keys(self, request: web.Request) -> web.Response:
@@ -242,31 +286,170 @@ class KmeService:
 
     async def _enc_keys_pool(self, master: str, slave: str, number: int,
                              size: int) -> list[QkdKey]:
-        """Reserve here, have the peer KME record the same reservation, then deliver:
-        the slave SAE can fetch exactly these keys at the peer, and no other SAE can."""
+        """Hand out keys reserved for (master, slave) at both KMEs: from the pair's
+        standing slice when it holds enough (no round trip to the peer), else from a
+        batched reservation. Either way the peer KME recorded the same reservation
+        before this answer, so the slave SAE can fetch exactly these keys there and no
+        other SAE can."""
         assert self.bb84 is not None
-        role = self.config.link.role
-        async with self._reserve_lock:
-            try:
-                keys = await self.store.reserve(master, slave, number, size, time.time(),
-                                                newest_first=role == "bob")
-            except PoolError as exc:
-                free = await self.store.free_blocks(time.time())
-                raise EtsiError(SERVER_ERROR, NO_KEY_MESSAGE,
-                                [{"reason": f"{exc.reason}: {free} blocks of "
-                                            f"{self.config.limits.key_size} bits in the "
-                                            "pool"}]) from None
-            try:
-                await self.bb84.reserve_at_peer(master, slave, keys)
-            except LinkUnavailable as exc:
-                await self.store.release(keys)
-                log.warning("keys_not_reserved_at_peer", master=master, slave=slave,
-                            reason=str(exc))
-                raise EtsiError(SERVER_ERROR, NO_KEY_MESSAGE, [{"reason": str(exc)}]) from None
-        taken = await self.store.take([k.key_id for k in keys], master, slave, time.time())
+        pair = (master, slave)
+        taken: list[tuple[str, bytes]] | None = None
+        if size == self.config.limits.key_size:
+            standing = self._standing.get(pair)
+            # Popped without an await in between: two requests never get the same key.
+            if standing is not None and len(standing) >= number:
+                keys = [standing.popleft() for _ in range(number)]
+                try:
+                    taken = await self.store.take([k.key_id for k in keys], master, slave,
+                                                  time.time())
+                except PoolError as exc:
+                    # Expired under us (lifetime): the rest of the slice is as old, so
+                    # drop it (its blocks expire at both KMEs) and reserve afresh.
+                    log.info("standing_reservation_dropped", master=master, slave=slave,
+                             reason=exc.reason, keys=len(standing))
+                    standing.clear()
+            self._maybe_refill(pair)
+        if taken is None:
+            keys = await self._reserve(master, slave, number, size)
+            taken = await self.store.take([k.key_id for k in keys], master, slave,
+                                          time.time())
+        self.delivered_master += len(taken)
         log.info("keys_delivered", role="master", master=master, slave=slave,
                  count=len(taken), size=size, key_ids=[k for k, _ in taken])
         return [QkdKey(kid, key) for kid, key in taken]
+
+    # ------------------------------------------------ batched reservations
+
+    def standing_keys(self, master: str | None = None, slave: str | None = None) -> int:
+        """Keys held in standing slices (reserved at both KMEs, not yet handed out)."""
+        return sum(len(d) for (m, s_), d in self._standing.items()
+                   if master in (None, m) and slave in (None, s_))
+
+    def _maybe_refill(self, pair: tuple[str, str]) -> None:
+        """Below half its target, a pair's standing slice is topped up in the background
+        (one RESERVE for the whole top-up, riding along with any waiting requests)."""
+        if not _BATCH_RESERVATIONS or STANDING_KEYS <= 0:
+            return
+        if len(self._standing.get(pair, ())) > STANDING_KEYS // 2:
+            return
+        group = (*pair, self.config.limits.key_size)
+        waiters = self._pending.setdefault(group, [])
+        if not any(w.future is None for w in waiters):
+            waiters.append(_Waiter(0, None))
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_reservations())
+
+    async def _reserve(self, master: str, slave: str, number: int,
+                       size: int) -> list[ReservedKey]:
+        """Keys reserved here and confirmed by the peer KME for this request. Requests
+        that arrive while a RESERVE is in flight wait and go out together in the next
+        one: one message (one pad per direction) for all of them."""
+        fut: asyncio.Future[list[ReservedKey]] = asyncio.get_running_loop().create_future()
+        if not _BATCH_RESERVATIONS:
+            async with self._reserve_lock:
+                await self._reserve_group(master, slave, size, [_Waiter(number, fut)],
+                                          standing=False)
+            return fut.result()
+        self._pending.setdefault((master, slave, size), []).append(_Waiter(number, fut))
+        self._kick()
+        return await fut
+
+    async def _flush_reservations(self) -> None:
+        """The only task that sends reservations while batching is on: one batch per
+        (master, slave, size) group at a time, so everything that queued up meanwhile
+        goes out in the next message."""
+        while self._pending:
+            group = next(iter(self._pending))
+            waiters = self._pending.pop(group)
+            batch: list[_Waiter] = []
+            keys_in_batch = 0
+            for w in waiters:
+                # A RESERVE names at most MAX_BATCH_KEYS keys (the frame stays small,
+                # the peer's parser caps it); the rest goes in the next message.
+                if batch and keys_in_batch + w.number > MAX_BATCH_KEYS:
+                    self._pending.setdefault(group, []).append(w)
+                    continue
+                batch.append(w)
+                keys_in_batch += w.number
+            master, slave, size = group
+            async with self._reserve_lock:
+                try:
+                    await self._reserve_group(master, slave, size, batch, standing=True)
+                except Exception as exc:  # the store's errors: every waiter hears it
+                    for w in batch:
+                        if w.future is not None and not w.future.done():
+                            w.future.set_exception(exc)
+
+    async def _reserve_group(self, master: str, slave: str, size: int,
+                             waiters: list[_Waiter], *, standing: bool) -> None:
+        """Reserve for every waiter (plus a standing top-up) in one local transaction
+        and one RESERVE; resolve each waiter's future with its keys or a 503."""
+        assert self.bb84 is not None
+        limits = self.config.limits
+        now = time.time()
+        blocks_per_key = math.ceil(size / limits.key_size)
+        free = await self.store.free_blocks(now)
+        # Serve the waiters in arrival order while the pool has room; the others get a
+        # 503 now (the pool really is short), not after a round trip.
+        served: list[_Waiter] = []
+        need = 0
+        for w in waiters:
+            if w.future is None:
+                continue
+            if (need + w.number) * blocks_per_key <= free:
+                served.append(w)
+                need += w.number
+            else:
+                w.future.set_exception(EtsiError(SERVER_ERROR, NO_KEY_MESSAGE, [{
+                    "reason": f"no key available: {free} blocks of {limits.key_size} "
+                              "bits in the pool"}]))
+        extra = 0
+        pair = (master, slave)
+        if standing and size == limits.key_size and STANDING_KEYS > 0:
+            have = len(self._standing.get(pair, ()))
+            # A slice never takes more than a quarter of what is left after this
+            # batch, so one pair's slice cannot starve another pair's requests.
+            extra = max(0, min(STANDING_KEYS - have, (free - need) // 4,
+                               MAX_BATCH_KEYS - need))
+        if need + extra == 0:
+            return
+        role = self.config.link.role
+        try:
+            keys = await self.store.reserve(master, slave, need + extra, size, now,
+                                            newest_first=role == "bob")
+        except PoolError as exc:
+            for w in served:
+                w.future.set_exception(EtsiError(  # type: ignore[union-attr]
+                    SERVER_ERROR, NO_KEY_MESSAGE, [{"reason": exc.reason}]))
+            return
+        self.reservation_batches += 1
+        self.reservation_batch_keys += len(keys)
+        try:
+            await self.bb84.reserve_at_peer(master, slave, keys)
+        except LinkUnavailable as exc:
+            await self.store.release(keys)
+            log.warning("keys_not_reserved_at_peer", master=master, slave=slave,
+                        keys=len(keys), requests=len(served), reason=str(exc))
+            for w in served:
+                w.future.set_exception(EtsiError(  # type: ignore[union-attr]
+                    SERVER_ERROR, NO_KEY_MESSAGE, [{"reason": str(exc)}]))
+            return
+        i = 0
+        for w in served:
+            assert w.future is not None
+            mine, i = keys[i:i + w.number], i + w.number
+            if w.future.done():
+                # Its caller went away (disconnected): the keys stay reserved at both
+                # KMEs for this pair; keep default-size ones for the next request.
+                if standing and size == limits.key_size:
+                    self._standing.setdefault(pair, collections.deque()).extend(mine)
+                continue
+            w.future.set_result(mine)
+        if keys[i:]:
+            self._standing.setdefault(pair, collections.deque()).extend(keys[i:])
 
     async def _dec_keys_pool(self, master: str, slave: str,
                              key_ids: list[str]) -> list[QkdKey]:

@@ -97,6 +97,8 @@ class ReservationStats:
     failed: int = 0  # refused or timed out
     applied: int = 0  # the peer's, recorded here
     refused: int = 0  # the peer's, refused here
+    keys_confirmed: int = 0  # keys named in our confirmed RESERVEs
+    keys_applied: int = 0  # keys named in the peer's RESERVEs recorded here
     latencies: list[float] = field(default_factory=list)  # seconds, newest last
 
 
@@ -419,6 +421,7 @@ class Bb84Link:
             self.reservations.refused += 1
             return False, exc.reason
         self.reservations.applied += 1
+        self.reservations.keys_applied += len(keys)
         log.info("keys_reserved_by_peer", master=ev.master, slave=ev.slave,
                  key_ids=[k.key_id for k in keys])
         return True, ""
@@ -460,6 +463,7 @@ class Bb84Link:
             self.reservations.failed += 1
             raise LinkUnavailable(f"peer KME refused the reservation: {ans.reason}")
         self.reservations.confirmed += 1
+        self.reservations.keys_confirmed += len(keys)
 
     async def _forget_request(self, req: int) -> None:
         # Its answer no longer counts against the pads the peer may still spend.
@@ -742,6 +746,12 @@ class Bb84Link:
             "reservations_failed": r.failed, "reservations_applied": r.applied,
             "reservations_refused": r.refused,
             "reservations_lapsed": st.reservations_lapsed,
+            "reservation_keys_confirmed": r.keys_confirmed,
+            "reservation_keys_applied": r.keys_applied,
+            # Pads a RESERVE / RESERVE_ACK may still spend (the smaller direction):
+            # below the floor reservations are refused, whatever the pool holds.
+            "auth_pad_reservation_headroom_bytes": max(
+                0, min(out_lvl, in_lvl) - self.core.auth.reserve - lc.ROUND_PAD_BYTES),
             "state_save_failures": self.health.state_save_failures,
             "connections_refused": self.health.connections_refused,
             "quantum_frames_rejected": self.health.quantum_frames_rejected,

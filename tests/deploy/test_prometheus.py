@@ -70,6 +70,8 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     ("expr: qkdgw_degraded == 1", "expr: qkdgw_degraded == 2"),
     ("qkdgw_key_pool_exhaustion_seconds < 900", "qkdgw_key_pool_exhaustion_seconds < 60"),
     ("> 0.8", "> 0.95"),
+    ("qkdgw_kme_link_reservation_pad_headroom_bytes < 256",
+     "qkdgw_kme_link_reservation_pad_headroom_bytes < 64"),
 ])
 def test_promtool_catches_a_broken_rule(tmp_path: Path, old: str, new: str) -> None:
     """Positive control: the same tests against a rule that no longer fires fail."""

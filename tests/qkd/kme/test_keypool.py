@@ -143,3 +143,60 @@ def test_deposit_is_idempotent_and_never_exceeds_the_limit(store: KeyStore) -> N
     # Positive control: without a limit the same deposit goes above it.
     assert store.deposit(blocks(2, 30), T0, 3600) == 0
     assert store.free_blocks(T0) == 8
+
+
+def test_take_many_is_all_or_none_per_request(store: KeyStore) -> None:
+    """Grouped takes (one transaction for every waiting request): a refused request
+    changes nothing and gets its own error; the others in the group are delivered."""
+    store.deposit(blocks(6), T0, 3600)
+    keys = store.reserve("a", "b", 6, 256, T0 + 1)
+    ids = [k.key_id for k in keys]
+    results = store.take_many([
+        (ids[0:2], "a", "b"),
+        ([ids[2], "00000000-0000-4000-8000-999999999999"], "a", "b"),  # unknown ID
+        (ids[3:4], "a", "x"),  # another pair's
+        (ids[4:6], "a", "b"),
+    ], T0 + 2)
+    assert [kid for kid, _ in results[0]] == ids[0:2]  # type: ignore[union-attr]
+    assert isinstance(results[1], PoolError) and results[1].reason == "unknown key ID"
+    assert isinstance(results[2], PoolError)
+    assert results[2].reason == "not reserved for this SAE pair"
+    assert [kid for kid, _ in results[3]] == ids[4:6]  # type: ignore[union-attr]
+    # The refused requests' keys are untouched: still there, once, for their pair.
+    assert [kid for kid, _ in store.take([ids[2]], "a", "b", T0 + 3)] == [ids[2]]
+    assert [kid for kid, _ in store.take([ids[3]], "a", "b", T0 + 3)] == [ids[3]]
+    # The delivered ones are gone for good.
+    with pytest.raises(PoolError, match="already delivered"):
+        store.take([ids[0]], "a", "b", T0 + 3)
+    assert store.pool_counts(T0 + 3)["delivered"] == 6
+
+
+async def test_concurrent_async_takes_share_a_transaction(tmp_path: Path) -> None:
+    """AsyncKeyStore.take queues: takes waiting together go into one take_many, and
+    each caller still gets exactly its own keys (or its own error)."""
+    import asyncio
+
+    from qkd.kme import keystore as ks
+
+    key = load_or_create(tmp_path / "sk")
+    store = await ks.AsyncKeyStore.open(tmp_path / "db.sqlite3", "kme-a", Sealer(key))
+    calls: list[int] = []
+    inner = store._store.take_many
+
+    def counting(reqs: list[tuple[list[str], str, str]], now: float) -> list[object]:
+        calls.append(len(reqs))
+        return inner(reqs, now)  # type: ignore[return-value]
+
+    store._store.take_many = counting  # type: ignore[method-assign]
+    try:
+        await store.deposit(blocks(20), T0, 1e9)
+        keys = await store.reserve("a", "b", 20, 256, T0 + 1)
+        ids = [k.key_id for k in keys]
+        outs = await asyncio.gather(
+            *(store.take([i], "a", "b", T0 + 2) for i in ids),
+            store.take([ids[0]], "a", "b", T0 + 2), return_exceptions=True)
+        assert [o[0][0] for o in outs[:20]] == ids  # type: ignore[index]
+        assert isinstance(outs[20], PoolError)  # ids[0] twice: only one gets it
+        assert sum(calls) == 21 and len(calls) < 21  # grouped
+    finally:
+        await store.close()

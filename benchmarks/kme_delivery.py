@@ -1,0 +1,209 @@
+"""Key delivery throughput of one KME pair with a full pool (issue 17).
+
+Two `qkdgw kme` processes on the BB84 link, set up as in
+`benchmarks/kme_reservation_latency.py` (same configs, PKI and process handling), but
+with `max_key_count` = --pool so the pool is *full* when the measurement starts. Then,
+for each concurrency C in --concurrency (default 1, 8, 64):
+
+- enc_keys phase: site-a-gw asks KME-A for one key per request (number=1), C requests
+  in flight at a time, --requests-per-level requests (scaled: C=1 does a third);
+- dec_keys phase: site-b-gw fetches each answered key ID at KME-B (one per request),
+  C at a time, and the key must equal the one site-a-gw got.
+
+Prints keys/s (wall), p50/p99 latency, the count of 503s (and other failures), the
+pool level after the phase, mismatches, and the CPU seconds the two KME processes and
+this client used in the phase (the machine is shared: CPU time is the steadier
+comparison).
+
+    python benchmarks/kme_delivery.py
+    # the same load against another checkout (e.g. main before a change):
+    git -C . archive main | tar -x -C /tmp/kme-old
+    python benchmarks/kme_delivery.py --pythonpath /tmp/kme-old
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kme_reservation_latency import API, Kme, kme_toml, link_status, ssl_ctx
+
+from gateway.pki import init_pki
+
+
+def cpu_s(pid: int) -> float:
+    """utime + stime of a process (and its reaped children) in seconds, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(f) for f in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def quantiles(lat: list[float]) -> dict[str, float | None]:
+    if not lat:
+        return {"p50_ms": None, "p99_ms": None}
+    s = sorted(lat)
+    return {"p50_ms": round(statistics.median(s) * 1e3, 2),
+            "p99_ms": round(s[min(len(s) - 1, int(0.99 * len(s)))] * 1e3, 2)}
+
+
+async def phase(url: str, ctx: Any, bodies: list[dict[str, Any]], conc: int
+                ) -> tuple[list[tuple[float, int, dict[str, Any] | None]], float]:
+    """POST every body, `conc` at a time; returns [(latency, status, answer)], wall s."""
+    out: list[tuple[float, int, dict[str, Any] | None]] = []
+    queue = list(reversed(bodies))
+    conn = aiohttp.TCPConnector(ssl=ctx, limit=conc)
+    async with aiohttp.ClientSession(connector=conn) as s:
+        async def worker() -> None:
+            while queue:
+                body = queue.pop()
+                t0 = time.monotonic()
+                try:
+                    async with s.post(url, json=body,
+                                      timeout=aiohttp.ClientTimeout(total=60)) as r:
+                        data = await r.json(content_type=None)
+                        status = r.status
+                except (aiohttp.ClientError, TimeoutError, ValueError):
+                    data, status = None, 0
+                out.append((time.monotonic() - t0, status, data))
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(conc)))
+        return out, time.monotonic() - t0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    keep = args.workdir is not None
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="kme-deliv-")).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "state").mkdir(exist_ok=True)
+    if not (work / "pki" / "ca.crt").exists():
+        init_pki(work / "pki", ["site-a", "site-b"], algorithm="ecdsa-p256")
+    common = f"distance_km = {args.distance_km}\npulses = {args.pulses}\n"
+
+    def toml(site: str, peer: str, link: str) -> str:
+        return kme_toml(work, site, peer, common + link, True).replace(
+            "max_key_count = 1000000", f"max_key_count = {args.pool}")
+
+    kmes: list[Kme] = []
+    try:
+        bob = Kme(work, "site-b", toml("site-b", "site-a", (
+            'role = "bob"\nlisten = "127.0.0.1:0"\nquantum_listen = "127.0.0.1:0"\n')),
+            args.pythonpath)
+        kmes.append(bob)
+        ports = bob.side_file(".link")
+        alice = Kme(work, "site-a", toml("site-a", "site-b", (
+            f'role = "alice"\npeer = "127.0.0.1:{ports["classical"]}"\n'
+            f'quantum = "127.0.0.1:{ports["quantum"]}"\n')), args.pythonpath)
+        kmes.append(alice)
+        t0 = time.monotonic()
+        print(f"filling the pools to {args.pool} keys...", file=sys.stderr, flush=True)
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                levels = [link_status(work, k, p)["stored_key_count"]
+                          for k, p in ((alice, "site-b"), (bob, "site-a"))]
+                if min(levels) >= args.pool * 0.98:
+                    break
+            if time.monotonic() - t0 > 900 or any(k.popen.poll() is not None for k in kmes):
+                raise SystemExit("pool did not fill:\n"
+                                 + alice.log.read_text(errors="replace")[-2000:])
+            time.sleep(0.5)
+        fill_s = time.monotonic() - t0
+        print(f"pools full after {fill_s:.0f} s", file=sys.stderr, flush=True)
+        enc_url = f"https://127.0.0.1:{alice.port}{API}/site-b-gw/enc_keys"
+        dec_url = f"https://127.0.0.1:{bob.port}{API}/site-a-gw/dec_keys"
+        ctx_a, ctx_b = ssl_ctx(work, "site-a"), ssl_ctx(work, "site-b")
+        rows: list[dict[str, Any]] = []
+        got: dict[str, str] = {}
+        for conc in args.concurrency:
+            n = args.requests_per_level // 3 if conc == 1 else args.requests_per_level
+            for op in ("enc_keys", "dec_keys"):
+                if op == "enc_keys":
+                    bodies: list[dict[str, Any]] = [{"number": 1}] * n
+                    url, ctx = enc_url, ctx_a
+                else:
+                    bodies = [{"key_IDs": [{"key_ID": k}]} for k in got]
+                    url, ctx = dec_url, ctx_b
+                cpu0 = [cpu_s(k.popen.pid) for k in kmes]
+                me0 = time.process_time()
+                res, wall = asyncio.run(phase(url, ctx, bodies, conc))
+                cpu = sum(cpu_s(k.popen.pid) for k in kmes) - sum(cpu0)
+                me = time.process_time() - me0
+                ok = [(t, d) for t, st, d in res if st == 200 and d]
+                answered = {k["key_ID"]: k["key"] for _, d in ok for k in d["keys"]}
+                mismatches = 0
+                if op == "enc_keys":
+                    got = answered
+                else:
+                    mismatches = sum(1 for k, v in answered.items() if got.get(k) != v)
+                    mismatches += len(set(got) - set(answered))
+                free = link_status(work, alice if op == "enc_keys" else bob,
+                                   "site-b" if op == "enc_keys" else "site-a"
+                                   )["stored_key_count"]
+                rows.append({
+                    "op": op, "concurrency": conc, "requests": len(res),
+                    "keys": len(answered), "keys_per_s": round(len(answered) / wall, 1),
+                    "status_503": sum(1 for _, st, _ in res if st == 503),
+                    "other_failures": sum(1 for _, st, _ in res if st not in (200, 503)),
+                    "pool_free_after": free, "mismatches": mismatches,
+                    "wall_s": round(wall, 2), "kme_cpu_s": round(cpu, 2),
+                    "client_cpu_s": round(me, 2),
+                } | quantiles([t for t, _ in ok]))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                # key bytes stay in memory only (checked against the peer, then dropped)
+                del res, ok
+        return {"code": args.pythonpath or "this checkout", "pool": args.pool,
+                "pulses": args.pulses, "distance_km": args.distance_km,
+                "fill_s": round(fill_s, 1), "rows": rows}
+    finally:
+        for k in kmes:
+            k.stop()
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pool", type=int, default=3000, help="max_key_count (default 3000)")
+    p.add_argument("--requests-per-level", type=int, default=800)
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
+                   default=[1, 8, 64])
+    p.add_argument("--pulses", type=int, default=40_000_000)
+    p.add_argument("--distance-km", type=float, default=25.0)
+    p.add_argument("--pythonpath", default=None,
+                   help="run the KMEs from this source tree (e.g. an older checkout)")
+    p.add_argument("--workdir", default=None, help="keep PKI, configs and logs here")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    r = run(args)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"\nKME delivery, {r['code']}: pool {r['pool']} keys (full after "
+          f"{r['fill_s']} s), one key per request")
+    print(f"{'op':9} {'conc':>4} {'req':>5} {'keys/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'503s':>5} {'other':>5} {'free after':>10} {'mism':>4} {'wall s':>7} "
+          f"{'KME cpu s':>9} {'client cpu s':>12}")
+    for w in r["rows"]:
+        print(f"{w['op']:9} {w['concurrency']:>4} {w['requests']:>5} {w['keys_per_s']:>8} "
+              f"{w['p50_ms']!s:>8} {w['p99_ms']!s:>8} {w['status_503']:>5} "
+              f"{w['other_failures']:>5} {w['pool_free_after']:>10} {w['mismatches']:>4} "
+              f"{w['wall_s']:>7} {w['kme_cpu_s']:>9} {w['client_cpu_s']:>12}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
