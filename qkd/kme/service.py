@@ -22,6 +22,7 @@ import collections
 import contextlib
 import json
 import math
+import os
 import signal
 import socket
 import sqlite3
