@@ -305,8 +305,14 @@ HANDSHAKE_DONE = bytes((MSG_HANDSHAKE_DONE,))
 
 
 def encode_alert(code: int, reason: str) -> bytes:
-    """A plaintext alert, only sent before keys exist: unauthenticated, informational."""
-    return Writer().u8(MSG_ALERT).u16(code).text(reason[:200]).getvalue()
+    """A plaintext alert, only sent before keys exist: unauthenticated, informational.
+
+    The reason may quote what the peer sent (a certificate's name), so it is made
+    printable and cut to 200 bytes of UTF-8 here: the peer's decoder refuses control
+    characters and long fields, and would otherwise see a decode error, not the alert."""
+    printable = "".join(ch if ch.isprintable() else "?" for ch in reason)
+    short = printable.encode()[:200].decode("utf-8", "ignore")
+    return Writer().u8(MSG_ALERT).u16(code).text(short).getvalue()
 
 
 def decode_alert(data: bytes) -> tuple[int, str]:

@@ -19,6 +19,7 @@ from gateway.tunnel.handshake import (
     decode_certificate,
     decode_certificate_verify,
     decode_finished,
+    encode_alert,
 )
 from gateway.tunnel.record import RecordReader
 from gateway.tunnel.streams import MuxError, StreamMux
@@ -215,3 +216,13 @@ def test_mutated_real_flight(pki_dir: Path, target: str, position: int, junk: by
 def test_mutated_real_flight_long_run(pki_dir: Path, target: str, position: int,
                                       junk: bytes) -> None:
     _mutated_first_flights(pki_dir, target, position, junk)
+
+
+@given(st.text(max_size=400))
+def test_any_alert_reason_reaches_the_peer_as_an_alert(reason: str) -> None:
+    """A refusal may quote the peer's own bytes (a certificate name with a NUL, found by
+    the long certificate run): whatever the reason, the peer decodes an alert."""
+    code, got = decode_alert(encode_alert(5, reason))
+    assert code == 5 and got.isprintable() and len(got.encode()) <= 200
+    if reason.isprintable() and len(reason.encode()) <= 200:
+        assert got == reason  # a clean, short reason goes out unchanged
