@@ -286,6 +286,15 @@ class KeyStore:
                                "expires > ?", (now,)).fetchone()
         return int(row[0])
 
+    def available_for(self, master: str, slave: str, now: float) -> int:
+        """Unexpired blocks a master SAE can still be served from: the free pool plus
+        what is reserved for this pair and not yet taken (standing slice, reservations
+        in flight). One query, so a status read never sees a block between the two."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM pool WHERE expires > ? AND (state='free' OR "
+            "(state='reserved' AND master=? AND slave=?))", (now, master, slave)).fetchone()
+        return int(row[0])
+
     def reserve(self, master: str, slave: str, number: int, size_bits: int,
                 now: float, newest_first: bool = False) -> list[ReservedKey]:
         """Reserve `number` keys of `size_bits` from the oldest (or newest) free blocks
@@ -507,6 +516,9 @@ class AsyncKeyStore:
 
     async def free_blocks(self, now: float) -> int:
         return await self._run(self._store.free_blocks, now)
+
+    async def available_for(self, master: str, slave: str, now: float) -> int:
+        return await self._run(self._store.available_for, master, slave, now)
 
     async def reserve(self, master: str, slave: str, number: int, size_bits: int,
                       now: float, newest_first: bool = False) -> list[ReservedKey]:

@@ -70,6 +70,11 @@ LOOP_RETRY_S = 0.5
 LOOP_RETRY_MAX_S = 10.0
 # Alice, after Bob refused rounds in a row with his deposit still unstored.
 BUSY_BACKOFF_MAX_S = 30.0
+# Alice, after rounds aborted in a row (an eavesdropper, a noisy fibre): the pause
+# doubles from round_pause_s up to this, s. Every aborted round spends authentication
+# pads and makes none, so retrying at full speed would use up the pads that the KMEs'
+# reservations need while the pool still has keys.
+ABORT_BACKOFF_MAX_S = 8.0
 # Test hook: "point:round" makes the KME SIGKILL itself at that point of that round
 # (points: alice-commit-sent, alice-before-ack, bob-before-ack). Never set in service.
 CRASH_ENV = "QKDGW_TEST_LINK_CRASH"
@@ -182,6 +187,7 @@ class Bb84Link:
         self._crash = _crash_point()
         self.reservations = ReservationStats()
         self.blocks_trimmed = 0  # dropped by the store at the pool limit
+        self._abort_streak = 0  # rounds aborted in a row (Alice backs off)
         self.health = LinkHealth()
         self.ports: dict[str, int] = {}
         self._held_events: list[lc.Event] = []  # produced while the state was unsaved
@@ -688,8 +694,13 @@ class Bb84Link:
             return  # the connection changed meanwhile, or the state was not saved
         while core.round_active and self._writer is not None:
             await asyncio.sleep(0.02)
-        if core.stats.rounds_aborted > before:
-            pause = self.s.round_pause_s
+        if core.stats.rounds_aborted <= before:
+            self._abort_streak = 0
+        else:
+            self._abort_streak += 1
+            pause = max(self.s.round_pause_s,
+                        min(ABORT_BACKOFF_MAX_S,
+                            self.s.round_pause_s * 2.0 ** (self._abort_streak - 1)))
             if core.peer_busy_aborts:
                 # Bob cannot store his last deposit: each refused round costs a pad
                 # per direction, so wait longer and longer.

@@ -96,6 +96,7 @@ def test_real_prometheus_alerts_before_the_tunnel_fails_closed(
             for name in ("QkdQberNearAbort", "QkdGatewayPoolDrySoon", "QkdKmePoolDrySoon",
                          "QkdTunnelDown", "QkdDegradedMode", "QkdLinkDown"):
                 assert name not in before, (name, before[name])
+            level_before = bed.status("site-a")["budget"]["pool"]["level"]
             bed.arm_eve()
             t0 = time.monotonic()
             firing: dict[str, list[dict[str, Any]]] = {}
@@ -111,7 +112,9 @@ def test_real_prometheus_alerts_before_the_tunnel_fails_closed(
             status = bed.status("site-a")
             assert status["peer"]["tunnel"] == "up" and status["peer"]["mode"] == "hybrid"
             assert status["budget"]["pool"]["level"] > 0
-            assert status["budget"]["pool"]["trend"] == "falling"
+            # Drained since Eve started. The smoothed trend word is not asserted: it has
+            # been seen "rising" here with no round committed (docs/kme.md, known gaps).
+            assert status["budget"]["pool"]["level"] < level_before, status["budget"]
             qber = firing["QkdQberNearAbort"][0]
             assert float(qber["value"]) > 0.8
             dry = firing["QkdGatewayPoolDrySoon"][0]
