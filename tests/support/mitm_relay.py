@@ -34,6 +34,7 @@ from structlog.testing import capture_logs
 
 from gateway.config import GatewayConfig
 from gateway.runtime import Gateway
+from gateway.tools import kme_config
 from gateway.tunnel import handshake as hs_mod
 from gateway.tunnel.handshake import ClientHello, Credentials, ServerHello
 from gateway.tunnel.record import HEADER_LEN, PLAINTEXT_HANDSHAKE, PROTECTED, TAG_LEN
@@ -576,34 +577,11 @@ class AppClient:
 
 def kme_toml(pki: Path, site: str, db: Path, local: list[str], peer_kme: str,
              peers: list[str]) -> str:
-    saes = "".join(f'[[sae]]\nid = "{s}"\n\n' for s in local)
-    return f"""
-[kme]
-id = "kme-{site}"
-listen = "127.0.0.1:0"
-db = "{db}"
-key_size = 256
-max_key_count = 1000
-max_key_per_request = 16
-
-[tls]
-cert = "{pki}/{site}/kme-server.crt"
-key = "{pki}/{site}/kme-server.key"
-client_ca = "{pki}/tls-ca.crt"
-
-{saes}
-[peer]
-kme_id = "{peer_kme}"
-sae_ids = [{", ".join(f'"{p}"' for p in peers)}]
-
-[link]
-type = "ideal"
-secret_file = "{pki}/link-secret.key"
-key_rate = inf
-
-[logging]
-level = "warning"
-"""
+    return kme_config.dumps(kme_config.kme_config(
+        pki, site, db, local_saes=local, peer_kme=peer_kme, peer_saes=peers,
+        link=kme_config.ideal_link(pki / "link-secret.key"),
+        kme={"key_size": 256, "max_key_count": 1000, "max_key_per_request": 16},
+        log_level="warning"))
 
 
 def gateway_config(pki: Path, workdir: Path, site: str, peer: str, *, kme_url: str,
