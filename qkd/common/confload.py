@@ -151,6 +151,13 @@ def parse_host_port(text: str) -> HostPort:
 
 def load_toml(path: str | Path) -> Section:
     """Load a TOML file into the root `Section`; unreadable or invalid files raise ConfigError."""
+    data, p = read_toml(path)
+    return Section(data, p, "")
+
+
+def read_toml(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """A TOML file as a dict, hostile documents (nesting, huge integers) refused by
+    field; unreadable or invalid files raise ConfigError."""
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -179,7 +186,7 @@ def load_toml(path: str | Path) -> Section:
         raise _field_error(p, _locate(text, _too_long_int),
                            f"an integer of more than {MAX_INT_DIGITS} digits",
                            "use a number in the documented range") from None
-    return Section(data, p, "")
+    return data, p
 
 
 class Section:
