@@ -262,6 +262,8 @@ def config_error(exc: ValidationError, model: type[BaseModel], source: Path,
     elif kind == "literal_error":
         choices = _choices(info)
         problem, fix = f"unknown value {_show(value)}", "use one of " + ", ".join(choices)
+    elif isinstance(value, float) and value != value:  # NaN fails every comparison
+        problem, fix = "nan is not a number", field_fix or "set it to a number"
     elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
         ctx = err.get("ctx") or {}
         op, word = {"greater_than_equal": (">=", "below the minimum"),
