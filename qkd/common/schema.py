@@ -374,3 +374,24 @@ def default_of(model: type[BaseModel], key: str) -> Any:
     if info is None:
         raise KeyError(key)
     return info.get_default(call_default_factory=True)
+
+
+def tables_of(model: type[BaseModel], name: str = "") -> dict[str, tuple[FieldInfo | None,
+                                                                         bool,
+                                                                         dict[str, FieldInfo]]]:
+    """Every table of a file schema by its TOML name ("tunnel.admission"; "" is the top
+    level): (the FieldInfo that holds it, whether it is an array of tables, its keys)."""
+    out: dict[str, tuple[FieldInfo | None, bool, dict[str, FieldInfo]]] = {}
+    keys: dict[str, FieldInfo] = {}
+    out[name] = (None, False, keys)
+    for key, info in fields_of(model).items():
+        sub, is_list = _model_in(info.annotation)
+        if sub is None:
+            keys[key] = info
+            continue
+        child = f"{name}.{key}" if name else key
+        nested = tables_of(sub, child)
+        _, _, child_keys = nested.pop(child)
+        out[child] = (info, is_list, child_keys)
+        out.update(nested)
+    return out
