@@ -395,3 +395,82 @@ def tables_of(model: type[BaseModel], name: str = "") -> dict[str, tuple[FieldIn
         out[child] = (info, is_list, child_keys)
         out.update(nested)
     return out
+
+
+def _type_name(annotation: Any) -> str:
+    lits = _literals(annotation)
+    if lits:
+        return " \\| ".join(f'"{v}"' for v in lits)
+    text = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path",
+            HostPort: "host:port"}
+    base = annotation
+    for _ in range(4):  # through Annotated / Optional
+        if base in text:
+            return text[base]
+        origin = typing.get_origin(base)
+        args = [a for a in typing.get_args(base) if a is not type(None)]
+        if origin in (tuple, list):
+            return f"list of {_type_name(args[0])}" if args else "list"
+        if not args:
+            break
+        base = args[0]
+    return getattr(base, "__name__", str(base))
+
+
+def _default_text(info: FieldInfo) -> str:
+    if info.is_required():
+        return "required"
+    value = info.get_default(call_default_factory=True)
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, tuple):
+        return "[]" if not value else "[" + ", ".join(repr(v) for v in value) + "]"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return _num(value)
+
+
+def _bounds(info: FieldInfo) -> str:
+    lo = hi = None
+    for meta in info.metadata:
+        lo = getattr(meta, "ge", None) if getattr(meta, "ge", None) is not None else lo
+        hi = getattr(meta, "le", None) if getattr(meta, "le", None) is not None else hi
+    for arg in typing.get_args(info.annotation):  # bounds inside an Annotated alias
+        for meta in getattr(arg, "__metadata__", ()) or ():
+            for inner in getattr(meta, "metadata", ()) or ():
+                lo = getattr(inner, "ge", lo)
+                hi = getattr(inner, "le", hi)
+    if lo is None and hi is None:
+        return ""
+    return f"{_num(lo)}..{_num(hi)}"
+
+
+def _num(value: Any) -> str:
+    if value is None:
+        return ""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def markdown(model: type[BaseModel], title: str, intro: str) -> str:
+    """A reference of a file schema: one table of keys per TOML table."""
+    lines = [f"## {title}", "", intro, ""]
+    for table, (holder, is_list, keys) in tables_of(model).items():
+        if not table:
+            continue
+        head = f"[[{table}]]" if is_list else f"[{table}]"
+        required = holder is not None and holder.is_required()
+        lines += [f"### `{head}`{' (required)' if required else ''}", ""]
+        if holder is not None and holder.description:
+            lines += [holder.description, ""]
+        lines += ["| key | type | default | range | unit | description |",
+                  "|---|---|---|---|---|---|"]
+        for key, info in keys.items():
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            unit = str(extra.get("unit", ""))
+            desc = (info.description or "").replace("|", "\\|")
+            lines.append(f"| `{key}` | {_type_name(info.annotation)} | {_default_text(info)} "
+                         f"| {_bounds(info)} | {unit} | {desc} |")
+        lines.append("")
+    return "\n".join(lines)

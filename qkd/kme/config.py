@@ -195,9 +195,30 @@ class PeerSection(Schema):
 _ADDR = "write it as 'ip:port', e.g. '127.0.0.1:7451'"
 
 
+# The physics fields: (unit, description). Ranges are LinkParams.validate()'s; all must
+# be equal on both KMEs (checked at connect).
+_PHYSICS: dict[str, tuple[str | None, str]] = {
+    "distance_km": ("km", "fibre length between the KMEs"),
+    "fiber_loss_db_km": ("dB/km", "fibre attenuation"),
+    "detector_efficiency": (None, "efficiency of Bob's detectors and optics, (0, 1]"),
+    "dark_count_prob": ("1/pulse", "background click probability per pulse (Y0)"),
+    "misalignment": (None, "probability a photon hits the wrong detector (e_d)"),
+    "mu": ("photons", "mean photon number of the signal pulses"),
+    "nu": ("photons", "mean photon number of the weak decoy, below mu"),
+    "p_mu": (None, "probability of a signal pulse"),
+    "p_nu": (None, "probability of a decoy pulse (p_mu + p_nu < 1 leaves vacuum pulses)"),
+    "basis_bias": (None, "probability of the Z (key) basis"),
+    "rep_rate_hz": ("Hz", "source repetition rate"),
+    "qber_abort": (None, "QBER above which a round is aborted"),
+    "eps_sec": (None, "secrecy parameter of the finite-key bound"),
+    "eps_cor": (None, "correctness parameter (error verification)"),
+}
+
+
 def _physics(name: str) -> typing.Any:
-    return setting(getattr(BB84_DEFAULTS, name),
-                   doc=f"bb84: {name}, as in qkd.sim.params.LinkParams (equal on both KMEs).",
+    unit, what = _PHYSICS[name]
+    return setting(getattr(BB84_DEFAULTS, name), unit=unit,
+                   doc=f"bb84: {what}; range as in qkd.sim.params.LinkParams.",
                    fix=f"set {name} as in qkd.sim.params.LinkParams")
 
 

@@ -154,3 +154,19 @@ def _off_default(text: str, name: str) -> str:
     if name.startswith("kme"):
         return re.sub(r"^round_timeout_s = .*$", "round_timeout_s = 61", text, flags=re.M)
     return re.sub(r'^tls_min_version = .*$', 'tls_min_version = "1.2"', text, flags=re.M)
+
+
+def test_config_reference_is_current(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway import config_doc
+
+    assert config_doc.main(["--check"]) == 0, "run python -m gateway.config_doc"
+    text = config_doc.DOC.read_text()
+    for _name, model in EXAMPLES:
+        for table, (_holder, _is_list, keys) in tables_of(model).items():
+            for key in keys:
+                assert f"| `{key}` |" in text, (table, key)
+    # Control: a stale file is reported.
+    stale = tmp_path / "config.md"
+    stale.write_text(text.replace("| `max_streams` |", "| `max_stream` |"))
+    monkeypatch.setattr(config_doc, "DOC", stale)
+    assert config_doc.main(["--check"]) == 1
