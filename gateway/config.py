@@ -131,7 +131,7 @@ class TunnelSection(Schema):
             raise Problem(f"{first} s is longer than [tunnel] handshake_timeout_s "
                           f"({self.handshake_timeout_s} s)",
                           "make it at most handshake_timeout_s",
-                          at=("tunnel", "admission", "first_record_timeout_s"))
+                          at=("admission", "first_record_timeout_s"))
         return self
 
 

@@ -50,7 +50,8 @@ UNKNOWN_FIX = "remove it or check its spelling against the documented fields in 
 
 class Problem(ValueError):
     """What a validator found wrong. `fix` replaces the field's own fix; `more` is added
-    to it; `at` names another field (a key of the model, or a path from the root)."""
+    to it. A model validator names the field with `at`: a key of its own model, or a
+    path below it (("peer", "site_id") from the file's root model)."""
 
     def __init__(self, problem: str, fix: str | None = None, *, more: str = "",
                  at: str | tuple[str | int, ...] | None = None) -> None:
@@ -58,7 +59,7 @@ class Problem(ValueError):
         self.problem = problem
         self.fix = fix
         self.more = more
-        self.at = (at,) if isinstance(at, str) else at
+        self.at = at
 
 
 class Schema(BaseModel):
@@ -126,13 +127,25 @@ def _path(value: Any, info: ValidationInfo) -> Path:
     return p
 
 
+def _show_path(p: Path) -> str:
+    """A path for an error message: its end (the file name) if it is long."""
+    text = str(p)
+    return repr(text if len(text) <= 80 else "..." + text[-77:])
+
+
+def _not_nan(value: float) -> float:
+    if value != value:
+        raise Problem("nan is not a number")
+    return value
+
+
 def _is_file(p: Path) -> Path:
     try:
         is_file = p.is_file()
     except OSError as exc:  # is_file() only swallows "not found"-like errors
-        raise Problem(f"cannot look at {_show(str(p))} ({exc.strerror})") from None
+        raise Problem(f"cannot look at {_show_path(p)} ({exc.strerror})") from None
     if not is_file:
-        raise Problem(f"file {_show(str(p))} does not exist or is not a file",
+        raise Problem(f"file {_show_path(p)} does not exist or is not a file",
                       more=" (run `qkdgw pki init` to create one)")
     return p
 
@@ -142,7 +155,7 @@ def _readable(p: Path) -> Path:
         with p.open("rb") as fh:
             fh.read(1)
     except OSError as exc:
-        raise Problem(f"cannot read {_show(str(p))} ({exc.strerror})",
+        raise Problem(f"cannot read {_show_path(p)} ({exc.strerror})",
                       more=", readable by this process") from None
     return p
 
@@ -167,6 +180,8 @@ def _ip_host(hp: HostPort) -> HostPort:
     return hp
 
 
+# A number where inf has a documented meaning (e.g. "unlimited"); NaN never has one.
+FloatOrInf = Annotated[float, Strict(), Field(allow_inf_nan=True), AfterValidator(_not_nan)]
 _STRING = WithJsonSchema({"type": "string"})
 ConfPath = Annotated[Path, PlainValidator(_path), _STRING]
 ExistingFile = Annotated[Path, PlainValidator(_path), AfterValidator(_is_file), _STRING]
@@ -203,10 +218,8 @@ def config_error(exc: ValidationError, model: type[BaseModel], source: Path,
     value = err.get("input")
     problem_obj = (err.get("ctx") or {}).get("error")
     if isinstance(problem_obj, Problem) and problem_obj.at is not None:
-        # A model validator: the problem belongs to one of the model's fields, or (a
-        # tuple) to a field anywhere in the file.
         at = problem_obj.at
-        loc = (*prefix, *at) if len(at) > 1 else (*loc, *at)
+        loc = (*loc, *((at,) if isinstance(at, str) else at))
     info, target, is_list = _walk(model, loc, prefix)
     names = list(loc)
     # Trailing list indexes belong to the field ("[policy] accept_kems"), except for an
@@ -262,9 +275,10 @@ def config_error(exc: ValidationError, model: type[BaseModel], source: Path,
     elif kind == "literal_error":
         choices = _choices(info)
         problem, fix = f"unknown value {_show(value)}", "use one of " + ", ".join(choices)
-    elif isinstance(value, float) and value != value:  # NaN fails every comparison
-        problem, fix = "nan is not a number", field_fix or "set it to a number"
     elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        if isinstance(value, float) and value != value:  # where NaN is allowed, as a bound
+            problem, fix = "nan is not a number", field_fix or "set it to a number"
+            return ConfigError(f"{source}: {_field_label(sec, key)}: {problem} (fix: {fix})")
         ctx = err.get("ctx") or {}
         op, word = {"greater_than_equal": (">=", "below the minimum"),
                     "greater_than": (">", "not above"),
@@ -280,8 +294,11 @@ def config_error(exc: ValidationError, model: type[BaseModel], source: Path,
         problem, fix = str(problem_obj), field_fix or "see the documented fields in configs/"
     else:
         problem, fix = err["msg"], field_fix or "see the documented fields in configs/"
-    field = f"[{sec}] {key}" if sec else key
-    return ConfigError(f"{source}: {field}: {problem} (fix: {fix})")
+    return ConfigError(f"{source}: {_field_label(sec, key)}: {problem} (fix: {fix})")
+
+
+def _field_label(sec: str, key: str) -> str:
+    return f"[{sec}] {key}" if sec else key
 
 
 def _section_name(names: list[str | int]) -> str:

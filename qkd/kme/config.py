@@ -10,19 +10,19 @@ field on `KmeFile`; `KmeConfig.file` carries the whole validated file.
 
 from __future__ import annotations
 
-import math
 import ssl
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, PrivateAttr, Strict, model_validator
+from pydantic import AfterValidator, Field, PrivateAttr, model_validator
 
 from qkd.common.confload import ConfigError, HostPort
 from qkd.common.schema import (
     ConfPath,
     Float,
+    FloatOrInf,
     HostPortT,
     Int,
     IpHostPort,
@@ -75,8 +75,7 @@ def _check_bits(value: int) -> int:
 
 EtsiId = Annotated[Str, AfterValidator(_check_id)]
 KeyBits = Annotated[Int, Field(ge=8, le=HKDF_MAX_BITS), AfterValidator(_check_bits)]
-# inf is documented for key_rate ("unlimited"); NaN never means anything.
-Rate = Annotated[float, Strict(), Field(ge=0.0, allow_inf_nan=True)]
+Rate = Annotated[FloatOrInf, Field(ge=0.0)]
 
 
 # --------------------------------------------------------------------------- schema
@@ -292,8 +291,6 @@ class LinkSection(Schema):
                           "(64 hex digits)", at="secret_file") from None
         given = self.model_fields_set
         if self.type == "ideal":
-            if math.isnan(self.key_rate):
-                raise Problem("nan is not a number", at="key_rate")
             for name in LinkSection.model_fields:
                 if name not in ("type", "secret_file", "key_rate") and name in given:
                     raise Problem('only used with type = "bb84"',
