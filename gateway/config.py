@@ -17,6 +17,9 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, model_validator
 
 from gateway.tunnel.admission import AdmissionConfig, AdmissionSettings
+from gateway.tunnel.connection import ConnectionSettings
+from gateway.tunnel.record import RecordLimits
+from gateway.tunnel.streams import MuxSettings
 from qkd.common.confload import ConfigError, HostPort
 from qkd.common.schema import (
     Bool,
@@ -76,6 +79,11 @@ class GatewaySection(Schema):
         fix='set it to a directory, e.g. "../state/site-a"')
 
 
+# The tunnel core's own defaults (gateway/tunnel); the soft key-update limits stay at
+# most half the hard limits, which no setting moves.
+_CORE, _RECORDS, _MUX = ConnectionSettings(), RecordLimits(), MuxSettings()
+
+
 class TunnelSection(Schema):
     listen: IpHostPort | None = setting(
         None, doc="Accept the tunnel here ('ip:port'); exactly one of listen/connect.",
@@ -84,23 +92,25 @@ class TunnelSection(Schema):
         None, doc="Dial the peer gateway's tunnel address ('host:port'); exactly one of "
         "listen/connect.", fix="write it as 'host:port', e.g. '127.0.0.1:7500'")
     handshake_timeout_s: Float = setting(
-        15.0, ge=1.0, le=300.0, unit="s", doc="How long a handshake (including the KME "
-        "round trips) may take before it is abandoned.")
+        _CORE.handshake_timeout, ge=1.0, le=300.0, unit="s",
+        doc="How long a handshake (including the KME round trips) may take before it is "
+        "abandoned.")
     rekey_interval_s: Float = setting(
-        600.0, ge=1.0, le=86400.0, unit="s", doc="Time between full hybrid re-handshakes "
-        "inside the live tunnel; keep both sites' values equal.")
+        _CORE.rekey_interval, ge=1.0, le=86400.0, unit="s",
+        doc="Time between full hybrid re-handshakes inside the live tunnel; keep both "
+        "sites' values equal.")
     key_update_records: Int = setting(
-        1 << 20, ge=16, le=1 << 22, unit="records", doc="AES-GCM key update after this "
-        "many records under one key.")
+        _RECORDS.update_after_records, ge=16, le=_RECORDS.hard_max_records // 2,
+        unit="records", doc="AES-GCM key update after this many records under one key.")
     key_update_bytes: Int = setting(
-        1 << 34, ge=1 << 16, le=1 << 35, unit="bytes", doc="AES-GCM key update after this "
-        "many bytes under one key.")
+        _RECORDS.update_after_bytes, ge=1 << 16, le=_RECORDS.hard_max_bytes // 2,
+        unit="bytes", doc="AES-GCM key update after this many bytes under one key.")
     stream_window: Int = setting(
-        1 << 20, ge=1 << 14, le=1 << 30, unit="bytes", doc="Per-stream receive window "
-        "(flow control), announced to the peer.")
+        _MUX.recv_window, ge=1 << 14, le=1 << 30, unit="bytes",
+        doc="Per-stream receive window (flow control), announced to the peer.")
     max_streams: Int = setting(
-        1024, ge=1, le=65536, doc="Most concurrent streams the peer may open towards this "
-        "gateway.")
+        _MUX.max_streams, ge=1, le=65536,
+        doc="Most concurrent streams the peer may open towards this gateway.")
     connect_wait_s: Float = setting(
         10.0, ge=0.0, le=300.0, unit="s", doc="How long a new application connection waits "
         "for the tunnel before it is reset.")
