@@ -36,7 +36,6 @@ from qkd.common.schema import (
     tables,
 )
 from qkd.etsi014.messages import HKDF_MAX_BITS, Limits, is_valid_id
-from qkd.link.bb84 import Bb84Settings
 from qkd.link.ideal import load_link_secret
 from qkd.sim.params import LinkParams, ParamError
 
@@ -277,7 +276,7 @@ class LinkSection(Schema):
         None, doc='bb84: sealed authentication state. Default: the db path + ".link-state".',
         fix="a file only this KME reads (sealed authentication state)")
     round_timeout_s: Float = setting(
-        Bb84Settings.round_timeout_s, ge=1.0, le=3600.0, unit="s",
+        60.0, ge=1.0, le=3600.0, unit="s",
         doc="bb84: how long a round may stall before it is aborted.",
         fix="seconds a round may stall (a lost or dropped frame) before it is aborted, "
         "e.g. 60")
@@ -411,7 +410,7 @@ class LinkConfig:
     listen: HostPort | None = None
     quantum_listen: HostPort | None = None
     state_file: Path | None = None
-    round_timeout_s: float = Bb84Settings.round_timeout_s
+    round_timeout_s: float = LinkSection.model_fields["round_timeout_s"].default
 
     @classmethod
     def from_section(cls, s: LinkSection, db: Path) -> LinkConfig:
