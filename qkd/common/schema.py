@@ -41,14 +41,14 @@ from qkd.common.confload import (
     parse_host_port,
     read_toml,
 )
-from qkd.common.errors import ConfigError
+from qkd.common.errors import ConfigError, QkdError
 
 M = TypeVar("M", bound=BaseModel)
 
 UNKNOWN_FIX = "remove it or check its spelling against the documented fields in configs/"
 
 
-class Problem(ValueError):
+class Problem(QkdError, ValueError):
     """What a validator found wrong. `fix` replaces the field's own fix; `more` is added
     to it. A model validator names the field with `at`: a key of its own model, or a
     path below it (("peer", "site_id") from the file's root model)."""
