@@ -1,9 +1,11 @@
 """Writes docs/config.md from the config schemas (`python -m gateway.config_doc`;
-`--check` exits 1 if the file is out of date)."""
+`--check` exits 1 if the file is out of date; `--json-schema gateway|kme` prints the
+JSON Schema of a file, for editors that check TOML against one)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from gateway.config import GatewayFile
 from qkd.common.schema import markdown
 from qkd.kme.config import KmeFile
 
+MODELS = {"gateway": GatewayFile, "kme": KmeFile}
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 HEAD = """# Config file reference
@@ -20,6 +23,20 @@ qkd/kme/config.py (do not edit by hand; tests/gateway/test_config_examples.py ch
 is current). configs/ holds a working example of each file with every field set or
 commented. Unknown keys are refused; relative paths are resolved against the config
 file's directory; every error names the file, the table, the key and the fix.
+
+Each table is a pydantic model (`qkd.common.schema.Schema`: unknown keys refused, TOML
+types taken strictly, no NaN or infinity unless a field gives it a meaning) and each key
+one `setting()` holding its default, bounds, unit, description and fix, written once.
+Checks across keys or tables are model validators that raise `Problem(..., at=key)`;
+`qkd.common.schema.config_error` turns the first validation error into the one-line
+`ConfigError`. The runtime reads flat views built from the validated file
+(`GatewayConfig`, `KmeConfig`); core settings classes are built from the models
+(`AdmissionConfig.settings()`, `KmeSection.limits()`, `LinkSection.params()`) or lend
+them their defaults (`ConnectionSettings`, `RecordLimits`, `MuxSettings`).
+
+Adding a key: one `setting()` in its model, one line in each example in configs/ (set,
+or commented if optional), then `python -m gateway.config_doc`; the tests fail until all
+three agree. Adding a table: one model class and one field on the file's root model.
 """
 
 
@@ -36,7 +53,12 @@ def render() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--check", action="store_true", help="exit 1 if docs/config.md is stale")
+    ap.add_argument("--json-schema", choices=sorted(MODELS),
+                    help="print the JSON Schema of one config file instead")
     args = ap.parse_args(argv)
+    if args.json_schema:
+        print(json.dumps(MODELS[args.json_schema].model_json_schema(), indent=1))
+        return 0
     text = render()
     if args.check:
         current = DOC.read_text() if DOC.exists() else ""

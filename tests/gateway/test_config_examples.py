@@ -170,3 +170,17 @@ def test_config_reference_is_current(tmp_path: Path, monkeypatch: pytest.MonkeyP
     stale.write_text(text.replace("| `max_streams` |", "| `max_stream` |"))
     monkeypatch.setattr(config_doc, "DOC", stale)
     assert config_doc.main(["--check"]) == 1
+
+
+def test_json_schema_export(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from gateway import config_doc
+
+    assert config_doc.main(["--json-schema", "gateway"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    tunnel = schema["$defs"]["TunnelSection"]["properties"]
+    assert tunnel["max_streams"]["maximum"] == 65536 and tunnel["max_streams"]["default"] == 1024
+    assert schema["additionalProperties"] is False
+    assert config_doc.main(["--json-schema", "kme"]) == 0
+    assert "LinkSection" in json.loads(capsys.readouterr().out)["$defs"]
