@@ -63,8 +63,9 @@ class Problem(QkdError, ValueError):
 
 
 class Schema(BaseModel):
-    """A TOML table: unknown keys rejected, TOML types taken as they are (no "1" for 1,
-    no true for 1), no NaN or infinities unless a field documents a meaning for them."""
+    """A TOML table: unknown keys rejected, no NaN or infinities unless a field documents
+    a meaning for them. Fields use the strict types below (Str, Int, Float, Bool: no "1"
+    for 1, no true for 1); tests/qkd/common/test_schema.py checks every file's fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False,
                               validate_default=False)

@@ -174,3 +174,49 @@ def test_schema_introspection() -> None:
     assert tables_["entry"][1] and not tables_["top"][1]
     assert "count" in tables_["top"][2] and "present" in tables_[""][2]
     assert default_of(Inner, "count") == 3 and default_of(Root, "extra") == Inner()
+
+
+def _is_strict(annotation: object) -> bool:
+    """True if every scalar in the annotation is a Literal, a strict type or one with
+    its own (plain) validator."""
+    import types
+    import typing
+
+    from pydantic import PlainValidator, Strict
+
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal or annotation is type(None):
+        return True
+    if origin is typing.Annotated:
+        meta = annotation.__metadata__  # type: ignore[attr-defined]
+        return any(isinstance(m, Strict | PlainValidator) for m in meta) or _is_strict(args[0])
+    if origin in (typing.Union, types.UnionType, tuple, list):
+        return all(_is_strict(a) for a in args if a is not Ellipsis)
+    return False
+
+
+def test_every_config_field_is_strict() -> None:
+    """A plain `int` or `float` field would take "3" or true; every scalar of the real
+    config files is a strict, literal or validated type."""
+    from pydantic import PlainValidator, Strict
+
+    from gateway.config import GatewayFile
+    from qkd.kme.config import KmeFile
+
+    class Loose(Schema):
+        n: int = setting(1, doc="A loose number.")
+
+    def loose_fields(model: type[Schema]) -> list[str]:
+        out = []
+        for table, (_h, _l, keys) in tables_of(model).items():
+            for key, info in keys.items():
+                if not (any(isinstance(m, Strict | PlainValidator) for m in info.metadata)
+                        or _is_strict(info.annotation)):
+                    out.append(f"{model.__name__} [{table}] {key}")
+        return out
+
+    assert loose_fields(GatewayFile) == [] and loose_fields(KmeFile) == []
+    assert loose_fields(Inner) == []
+    assert loose_fields(Loose) == ["Loose [] n"]  # control: the check sees a plain int
+    assert validate(Loose, {"n": "3"}, SRC).n == 3  # ... which is why it matters
