@@ -9,9 +9,11 @@ import re
 import shutil
 import tomllib
 from pathlib import Path
+from typing import Annotated
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
 
 from gateway.config import GatewayConfig, GatewayFile
 from qkd.common.schema import tables_of
@@ -64,17 +66,28 @@ def problems(text: str, model: type[BaseModel]) -> list[str]:
             known = schema[table][2]
             if key not in known:
                 out.append(f"[{table}] {key} is not in the schema (stale)")
-            elif commented and not _value_ok(key, value):
-                out.append(f"[{table}] {key}: commented value {value} is not TOML")
+            elif commented:
+                trouble = _value_trouble(key, value, known[key])
+                if trouble:
+                    out.append(f"[{table}] {key}: commented value {value} {trouble}")
     return out
 
 
-def _value_ok(key: str, value: str) -> bool:
+def _value_trouble(key: str, value: str, info: FieldInfo) -> str:
+    """Why a commented `key = value` could not be uncommented as it is, or ""."""
     try:
-        tomllib.loads(f"{key} = {value}")
+        parsed = tomllib.loads(f"{key} = {value}")[key]
     except tomllib.TOMLDecodeError:
-        return False
-    return True
+        return "is not TOML"
+    if "Path" in str(info.annotation):
+        return ""  # files are relative to a PKI this check does not have
+    try:
+        annotation = (Annotated[info.annotation, *info.metadata] if info.metadata
+                      else info.annotation)
+        TypeAdapter(annotation).validate_python(parsed)
+    except ValidationError as exc:
+        return f"is refused by the schema ({exc.errors()[0]['type']})"
+    return ""
 
 
 @pytest.mark.parametrize(("name", "model"), EXAMPLES, ids=[e[0] for e in EXAMPLES])
@@ -94,6 +107,10 @@ def test_checker_finds_missing_and_stale_fields() -> None:
     bad = text.replace('[peer]\n', '[peer]\n# sae_id = "unclosed\n', 1)
     assert "commented value" in " ".join(problems(bad, GatewayFile))
     assert "[nowhere] is not in the schema" in problems(text + "\n[nowhere]\n", GatewayFile)
+    wrong = text.replace("# connect = ", "# connect = 7 #", 1)
+    assert problems(wrong, GatewayFile) == [
+        "[tunnel] connect: commented value 7 #\"127.0.0.1:7500\" is refused by the schema "
+        "(value_error)"]
 
 
 def uncomment(text: str, keys: set[str], tables: set[str] = frozenset()) -> str:
