@@ -245,13 +245,15 @@ class KeyStore:
         return self._sealer
 
     def deposit(self, blocks: Sequence[tuple[str, bytes]], now: float,
-                lifetime: float, limit: int | None = None) -> int:
+                lifetime: float, limit: int | None = None,
+                count_reserved: bool = False) -> int:
         """Add key blocks (block_id, material) from the link, sealed, in one transaction.
 
         Idempotent: a block ID the pool already has (stored before a crash, maybe
         delivered since) is left as it is, so replaying a deposit is harmless. With
-        `limit`, the pool never holds more than `limit` free blocks: the blocks that do
-        not fit are dropped (never stored). Returns how many were dropped."""
+        `limit`, the pool never holds more than `limit` free blocks (with
+        `count_reserved`, free and reserved ones: `pool_level`): the blocks that do not
+        fit are dropped (never stored). Returns how many were dropped."""
         sealer = self._need_sealer()
         db = self._db
         with self._transaction():
@@ -261,7 +263,8 @@ class KeyStore:
             new = [(bid, mat) for bid, mat in blocks if bid not in known]
             dropped = 0
             if limit is not None:
-                room = max(0, limit - self.free_blocks(now))
+                level = self.pool_level(now) if count_reserved else self.free_blocks(now)
+                room = max(0, limit - level)
                 dropped = max(0, len(new) - room)
                 new = new[:room]
             row = db.execute("SELECT COALESCE(MAX(seq), -1) FROM pool").fetchone()
@@ -284,6 +287,15 @@ class KeyStore:
     def free_blocks(self, now: float) -> int:
         row = self._db.execute("SELECT COUNT(*) FROM pool WHERE state='free' AND "
                                "expires > ?", (now,)).fetchone()
+        return int(row[0])
+
+    def pool_level(self, now: float) -> int:
+        """Unexpired blocks not yet handed out here: free plus reserved (standing
+        slices, reservations in flight, keys a peer SAE took whose slave has not yet
+        fetched them). What the link's pool limit counts, so that the level an SAE
+        sees falls while its slice drains and the link refills it."""
+        row = self._db.execute("SELECT COUNT(*) FROM pool WHERE state IN ('free', "
+                               "'reserved') AND expires > ?", (now,)).fetchone()
         return int(row[0])
 
     def available_for(self, master: str, slave: str, now: float) -> int:
@@ -508,14 +520,19 @@ class AsyncKeyStore:
         return await self._run(self._store.next_counter, master, slave)
 
     async def deposit(self, blocks: Sequence[tuple[str, bytes]], now: float,
-                      lifetime: float, limit: int | None = None) -> int:
-        return await self._run(self._store.deposit, blocks, now, lifetime, limit)
+                      lifetime: float, limit: int | None = None,
+                      count_reserved: bool = False) -> int:
+        return await self._run(self._store.deposit, blocks, now, lifetime, limit,
+                               count_reserved)
 
     async def pool_counts(self, now: float) -> dict[str, int]:
         return await self._run(self._store.pool_counts, now)
 
     async def free_blocks(self, now: float) -> int:
         return await self._run(self._store.free_blocks, now)
+
+    async def pool_level(self, now: float) -> int:
+        return await self._run(self._store.pool_level, now)
 
     async def available_for(self, master: str, slave: str, now: float) -> int:
         return await self._run(self._store.available_for, master, slave, now)

@@ -72,11 +72,9 @@ PER_KEY_ENV = "QKDGW_TEST_PER_KEY_RESERVATIONS"
 _BATCH_RESERVATIONS = os.environ.get(PER_KEY_ENV) != "1"
 # Default-size keys per (master, slave) pair kept reserved at both KMEs ahead of the
 # requests, so most enc_keys answers need no round trip to the peer; refilled in the
-# background (one RESERVE) once half is used. Off (0) for now: the link fills the free
-# pool up to max_key_count without counting these reserved keys, so a master's
-# stored_key_count sits at the cap while its slice drains and the budget forecast
-# cannot see the pool fall (docs/kme.md, known gaps). 64 is the measured setting.
-STANDING_KEYS = 0
+# background (one RESERVE) once half is used. The link's pool limit counts reserved
+# blocks, so a master's stored_key_count falls while its slice drains.
+STANDING_KEYS = 64
 # Keys named in one RESERVE at most (frame size; the peer's parser allows 4096).
 MAX_BATCH_KEYS = 1024
 

@@ -401,8 +401,14 @@ class Bb84Link:
         # failing store is retried (no new round starts meanwhile), never rolled back.
         while True:
             try:
+                # Alice's limit is the pool level her rounds are sized by (free and
+                # reserved blocks), so this trim never drops more than her COMMIT
+                # named. Bob's level also counts keys Alice's SAEs took whose slaves
+                # have not fetched them here yet, so it can sit above hers: trimming
+                # by it would drop blocks Alice keeps. He caps free blocks only.
                 trimmed = await self.store.deposit(ev.blocks, time.time(), self._lifetime,
-                                                   limit=self._max)
+                                                   limit=self._max,
+                                                   count_reserved=self.s.role == "alice")
             except Exception as exc:  # the store's own errors; never holds key bytes
                 log.error("link_deposit_failed", round=ev.round, error=type(exc).__name__,
                           retry_in_s=DEPOSIT_RETRY_S)
@@ -654,8 +660,8 @@ class Bb84Link:
         return self._peer_ready_count > ready_before
 
     async def _drive_loop(self) -> None:
-        """Alice: run rounds back to back while the pool is below max_key_count and no
-        reservation of hers is waiting for the peer."""
+        """Alice: run rounds back to back while the pool (free and reserved blocks) is
+        below max_key_count and no reservation of hers is waiting for the peer."""
         delay = LOOP_RETRY_S
         while True:
             try:
@@ -673,7 +679,9 @@ class Bb84Link:
         if not core.round_pads_ok:
             return  # no round can finish; never spend pads (or CPU) on one
         try:
-            level = await self.store.free_blocks(time.time())
+            # Reserved blocks count: a standing slice is pool the SAEs have not
+            # drawn yet, so its draining makes room (and the level they see falls).
+            level = await self.store.pool_level(time.time())
         except Exception:  # store busy or closing; try again shortly
             return
         if level >= self._max and not core.pads_low:

@@ -145,6 +145,27 @@ def test_deposit_is_idempotent_and_never_exceeds_the_limit(store: KeyStore) -> N
     assert store.free_blocks(T0) == 8
 
 
+def test_pool_level_counts_reserved_blocks_and_caps_deposits(store: KeyStore) -> None:
+    """A standing slice is pool its SAEs have not drawn yet: the limit Alice deposits
+    under counts it, so drawing from the slice makes room and the level falls."""
+    store.deposit(blocks(10), T0, 3600)
+    keys = store.reserve("m", "s", 4, 256, T0)  # a slice of 4, reserved at both KMEs
+    assert (store.free_blocks(T0), store.pool_level(T0)) == (6, 10)
+    assert store.available_for("m", "s", T0) == 10
+    # Full at 10 with the slice counted: nothing more is stored.
+    assert store.deposit(blocks(3, 100), T0, 3600, limit=10, count_reserved=True) == 3
+    store.take([keys[0].key_id, keys[1].key_id], "m", "s", T0)
+    assert store.pool_level(T0) == 8 and store.available_for("m", "s", T0) == 8
+    # Two drawn, two stored: the pool is back at its limit, never above.
+    assert store.deposit(blocks(3, 200), T0, 3600, limit=10, count_reserved=True) == 1
+    assert store.pool_level(T0) == 10
+    # Expired reserved blocks no longer count.
+    assert store.pool_level(T0 + 7200) == 0
+    # Control: counting free blocks only (Bob's cap) stores above the level.
+    assert store.deposit(blocks(2, 300), T0, 3600, limit=10) == 0
+    assert store.pool_level(T0) == 12 and store.free_blocks(T0) == 10
+
+
 def test_take_many_is_all_or_none_per_request(store: KeyStore) -> None:
     """Grouped takes (one transaction for every waiting request): a refused request
     changes nothing and gets its own error; the others in the group are delivered."""
