@@ -33,8 +33,9 @@ the disk does not yet know about. A crash between commit and answer loses those 
 `KeyStore` is synchronous and must be used from one thread; `AsyncKeyStore` runs it on
 a single dedicated worker thread, which both keeps the event loop free and serialises
 all writers. Its `take` is a group commit: the takes waiting when the thread gets to
-them share one transaction and one WAL checkpoint (each request still all or none,
-through a savepoint of its own), so concurrent requests share the fsyncs.
+them share one transaction and one WAL checkpoint (each request still all or none:
+the group is checked in memory, then one UPDATE marks the accepted requests' keys),
+so concurrent requests share the fsyncs.
 """
 
 from __future__ import annotations
@@ -381,25 +382,43 @@ class KeyStore:
                   ) -> list[list[tuple[str, bytes]] | PoolError]:
         """`take` for several requests (key_ids, master, slave) in ONE transaction and
         one WAL checkpoint (group commit: the fsyncs are what a take costs). Each
-        request is all-or-none on its own (a savepoint each): a refused one gets its
-        PoolError in its slot and changes nothing, the others are delivered."""
+        request is all-or-none on its own: a refused one gets its PoolError in its
+        slot and changes nothing, the others are delivered.
+
+        Two statements for the whole group (one SELECT, one UPDATE), whatever its
+        size: every request is checked in Python against the rows read, and only the
+        accepted ones' keys are marked. Per-request statements and savepoints cost a
+        GIL hand-off each, which under load (the event loop and the link's threads
+        busy) made a group of 26 takes 10x slower than on an idle process."""
         sealer = self._need_sealer()
         db = self._db
         results: list[list[tuple[str, bytes]] | PoolError] = []
         with self._transaction():
+            wanted = {kid for key_ids, _, _ in requests for kid in key_ids}
+            by_key: dict[str, list[Any]] = {}
+            for r in db.execute("SELECT key_id, block_id, material, state, master,"
+                                " slave, key_bits, expires FROM pool WHERE key_id IN"
+                                " (SELECT value FROM json_each(?)) ORDER BY part",
+                                (_json_list(sorted(wanted)),)):
+                by_key.setdefault(r[0], []).append(r[1:])
+            claimed: set[str] = set()  # handed out by an earlier request of the group
             for key_ids, master, slave in requests:
-                db.execute("SAVEPOINT take_one")
                 try:
-                    results.append(self._take_one(sealer, key_ids, master, slave, now))
+                    results.append(self._check_take(sealer, key_ids, master, slave, now,
+                                                    by_key, claimed))
                 except PoolError as exc:
-                    db.execute("ROLLBACK TO take_one")
                     results.append(exc)
-                db.execute("RELEASE take_one")
+                else:
+                    claimed.update(key_ids)
+            if claimed:
+                db.execute("UPDATE pool SET state='delivered', material=NULL WHERE"
+                           " key_id IN (SELECT value FROM json_each(?))",
+                           (_json_list(sorted(claimed)),))
         # The answers carrying the keys leave only after the sealed material is gone
         # from the WAL too: secure_delete zeroed it in the new page images, the
         # checkpoint writes those into the main file and TRUNCATE drops the WAL frames
         # that still held the old pages.
-        if any(not isinstance(r, PoolError) for r in results) and not self._erase_from_wal():
+        if claimed and not self._erase_from_wal():
             # Another connection holds the WAL open: the old pages may still be in it.
             # Fail closed: the keys are recorded as delivered (never served again), but
             # no answer is sent while their sealed material may linger.
@@ -408,24 +427,23 @@ class KeyStore:
                              "database while the KME runs")
         return results
 
-    def _take_one(self, sealer: Sealer, key_ids: Sequence[str], master: str, slave: str,
-                  now: float) -> list[tuple[str, bytes]]:
-        db = self._db
-        out: list[tuple[str, bytes]] = []
+    @staticmethod
+    def _check_take(sealer: Sealer, key_ids: Sequence[str], master: str, slave: str,
+                    now: float, by_key: dict[str, list[Any]], claimed: set[str]
+                    ) -> list[tuple[str, bytes]]:
+        """One request of a group take: its keys (opened), or PoolError naming the
+        first key ID that cannot be handed out. Changes nothing."""
         if len(set(key_ids)) != len(key_ids):
             # Each ID is checked before any is marked: a repeated one would pass twice.
             raise PoolError("key ID named twice", [k for k in key_ids
                                                     if list(key_ids).count(k) > 1])
-        # One query for all of the request's key IDs (dec_keys may name many).
-        by_key: dict[str, list[Any]] = {}
-        for r in db.execute("SELECT key_id, block_id, material, state, master, slave,"
-                            " key_bits, expires FROM pool WHERE key_id IN (SELECT value"
-                            " FROM json_each(?)) ORDER BY part", (_json_list(key_ids),)):
-            by_key.setdefault(r[0], []).append(r[1:])
+        out: list[tuple[str, bytes]] = []
         for kid in key_ids:
             rows = by_key.get(kid)
             if not rows:
                 raise PoolError("unknown key ID", [kid])
+            if kid in claimed:
+                raise PoolError("already delivered", [kid])
             states = {r[2] for r in rows}
             if states != {"reserved"}:
                 reason = ("already delivered" if "delivered" in states
@@ -437,8 +455,6 @@ class KeyStore:
                 raise PoolError("expired", [kid])
             material = b"".join(sealer.open(r[0], r[1]) for r in rows)
             out.append((kid, material[: rows[0][5] // 8]))
-        db.execute("UPDATE pool SET state='delivered', material=NULL WHERE key_id IN"
-                   " (SELECT value FROM json_each(?))", (_json_list(key_ids),))
         return out
 
     def _erase_from_wal(self) -> bool:

@@ -192,6 +192,27 @@ def test_take_many_is_all_or_none_per_request(store: KeyStore) -> None:
     assert store.pool_counts(T0 + 3)["delivered"] == 6
 
 
+def test_one_key_in_two_requests_of_a_group_goes_to_the_first_only(store: KeyStore
+                                                                     ) -> None:
+    """The group is checked in memory before one UPDATE marks it: a key ID named by
+    two requests of the same group (a replayed dec_keys) is handed out once, and a
+    request naming an ID twice gets nothing."""
+    store.deposit(blocks(4), T0, 3600)
+    ids = [k.key_id for k in store.reserve("a", "b", 4, 256, T0)]
+    results = store.take_many([
+        (ids[0:2], "a", "b"),
+        (ids[1:3], "a", "b"),  # ids[1] went to the request before
+        ([ids[3], ids[3]], "a", "b"),
+    ], T0 + 1)
+    assert [kid for kid, _ in results[0]] == ids[0:2]  # type: ignore[union-attr]
+    assert isinstance(results[1], PoolError) and results[1].reason == "already delivered"
+    assert results[1].key_ids == [ids[1]]
+    assert isinstance(results[2], PoolError) and results[2].reason == "key ID named twice"
+    # Refused requests changed nothing: ids[2] and ids[3] are still there, once.
+    assert [kid for kid, _ in store.take(ids[2:4], "a", "b", T0 + 2)] == ids[2:4]
+    assert store.pool_counts(T0 + 2)["delivered"] == 4
+
+
 async def test_concurrent_async_takes_share_a_transaction(tmp_path: Path) -> None:
     """AsyncKeyStore.take queues: takes waiting together go into one take_many, and
     each caller still gets exactly its own keys (or its own error)."""
