@@ -186,3 +186,21 @@ def wait_levels(work: Path, alice: Kme, bob: Kme, ok: Any, timeout: float,
             raise SystemExit(f"{what} did not happen:\n"
                              + alice.log.read_text(errors="replace")[-2000:])
         time.sleep(0.5)
+
+
+def wait_pool(alice: Kme, bob: Kme, target: int, timeout: float, what: str) -> float:
+    """Poll Alice's admin /status until her pool (free + reserved blocks, what the
+    link's pool limit counts) holds `target`; returns the seconds it took. A master's
+    stored_key_count is not the test: another pair's standing slice is not its to
+    ask for, so with slices it stays below the cap even with the pool full."""
+    t0 = time.monotonic()
+    while True:
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            st = admin_status(alice)
+            if st is not None and st["pool"]["free"] + st["pool"]["reserved"] >= target:
+                return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout or any(k.popen.poll() is not None
+                                                  for k in (alice, bob)):
+            raise SystemExit(f"{what} did not happen:\n"
+                             + alice.log.read_text(errors="replace")[-2000:])
+        time.sleep(0.5)

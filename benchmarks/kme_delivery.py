@@ -1,24 +1,31 @@
 """Key delivery throughput of one KME pair with a full pool (issue 17).
 
-Two `qkdgw kme` processes on the BB84 link, set up as in
-`benchmarks/kme_reservation_latency.py` (same configs, PKI and process handling), but
-with `max_key_count` = --pool so the pool is *full* when the measurement starts. Then,
-for each concurrency C in --concurrency (default 1, 8, 64):
+Two `qkdgw kme` processes on the BB84 link (`_kme_pair.py`: the example configs'
+physics, 25 km and 4e7 pulses per round unless --pulses/--distance-km say otherwise,
+a throwaway PKI) with `max_key_count` = --pool (default 1000), filled before the
+measurement starts. Then, for each concurrency C in --concurrency (default 1, 8, 64):
 
 - enc_keys phase: site-a-gw asks KME-A for one key per request (number=1), C requests
-  in flight at a time, --requests-per-level requests (scaled: C=1 does a third);
+  in flight at a time, --requests-per-level requests (C=1 does a third; by default the
+  levels together ask for less than the pool holds);
 - dec_keys phase: site-b-gw fetches each answered key ID at KME-B (one per request),
   C at a time, and the key must equal the one site-a-gw got.
 
 Prints keys/s (wall), p50/p99 latency, the count of 503s (and other failures), the
 pool level after the phase, mismatches, and the CPU seconds the two KME processes and
 this client used in the phase (the machine is shared: CPU time is the steadier
-comparison).
+comparison; refilling rounds run in the same KME processes and are included).
+
+Then (--sustain-rounds, default 4) the sustained phase: the pools are refilled (that
+refill measures the link's generation rate), and site-a-gw asks for one key at that
+rate for that many rounds' time, open loop, each key fetched at once at KME-B.
 
     python benchmarks/kme_delivery.py
     # the same load against another checkout (e.g. main before a change):
-    git -C . archive main | tar -x -C /tmp/kme-old
+    git worktree add --detach /tmp/kme-old main
     python benchmarks/kme_delivery.py --pythonpath /tmp/kme-old
+    # where the event loop spends its time (cProfile, one file per KME):
+    python benchmarks/kme_delivery.py --profile /tmp/kme-prof
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _kme_pair import API, Kme, cpu_s, link_status, prepare, ssl_ctx, start_pair, wait_levels
+from _kme_pair import API, Kme, cpu_s, link_status, prepare, ssl_ctx, start_pair, wait_pool
 
 
 def quantiles(lat: list[float]) -> dict[str, float | None]:
@@ -132,9 +139,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 admin=True, pythonpath=args.pythonpath,
                                 max_key_count=args.pool, profile=args.profile, kmes=kmes)
         print(f"filling the pools to {args.pool} keys...", file=sys.stderr, flush=True)
-        fill_s = wait_levels(work, alice, bob,
-                             lambda a, b: min(a, b) >= args.pool * 0.98, 900,
-                             f"filling the pools to {args.pool}")
+        fill_s = wait_pool(alice, bob, int(args.pool * 0.98), 900,
+                           f"filling the pools to {args.pool}")
         print(f"pools full after {fill_s:.0f} s", file=sys.stderr, flush=True)
         enc_url = f"https://127.0.0.1:{alice.port}{API}/site-b-gw/enc_keys"
         dec_url = f"https://127.0.0.1:{bob.port}{API}/site-a-gw/dec_keys"
@@ -180,15 +186,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 del res, ok
         sus: dict[str, Any] | None = None
         if args.sustain_rounds > 0:
-            # The link's generation rate, measured while it filled the pools with rounds
-            # back to back (the first round's pads and hash key make it a little low).
+            # The link's generation rate: how fast it refills the pools drained by the
+            # phases above, rounds back to back and no requests. The sustained phase
+            # then starts from full pools and asks for keys at that rate.
             st = link_status(work, alice, "site-b")
-            rate = args.pool * 0.98 / fill_s * args.sustain_factor
-            round_s = fill_s / max(1, int(st["rounds_committed"]))
+            level0, rounds0 = st["stored_key_count"], st["rounds_committed"]
+            print("refilling the pools...", file=sys.stderr, flush=True)
+            refill_s = wait_pool(alice, bob, int(args.pool * 0.98), 900,
+                                 "refilling the pools")
+            st = link_status(work, alice, "site-b")
+            made = st["stored_key_count"] - level0
+            rate = made / refill_s * args.sustain_factor
+            round_s = refill_s / max(1, st["rounds_committed"] - rounds0)
             seconds = args.sustain_rounds * round_s
-            print(f"sustained: {rate:.1f} keys/s for {seconds:.0f} s "
-                  f"({args.sustain_rounds} rounds of ~{round_s:.1f} s)", file=sys.stderr,
-                  flush=True)
+            print(f"sustained: the link made {made} keys in {refill_s:.1f} s; "
+                  f"{rate:.1f} keys/s for {seconds:.0f} s ({args.sustain_rounds} rounds of "
+                  f"~{round_s:.1f} s)", file=sys.stderr, flush=True)
             level0, rounds0 = st["stored_key_count"], st["rounds_committed"]
             cpu0 = sum(cpu_s(k.popen.pid) for k in kmes)
             sus = asyncio.run(sustained(enc_url, dec_url, ctx_a, ctx_b, rate, seconds))
