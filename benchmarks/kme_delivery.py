@@ -1,33 +1,38 @@
 """Key delivery throughput of one KME pair with a full pool (issue 17).
 
-Two `qkdgw kme` processes on the BB84 link, set up as in
-`benchmarks/kme_reservation_latency.py` (same configs, PKI and process handling), but
-with `max_key_count` = --pool so the pool is *full* when the measurement starts. Then,
-for each concurrency C in --concurrency (default 1, 8, 64):
+Two `qkdgw kme` processes on the BB84 link (`_kme_pair.py`: the example configs'
+physics, 25 km and 4e7 pulses per round unless --pulses/--distance-km say otherwise,
+a throwaway PKI) with `max_key_count` = --pool (default 1000), filled before the
+measurement starts. Then, for each concurrency C in --concurrency (default 1, 8, 64):
 
 - enc_keys phase: site-a-gw asks KME-A for one key per request (number=1), C requests
-  in flight at a time, --requests-per-level requests (scaled: C=1 does a third);
+  in flight at a time, --requests-per-level requests (C=1 does a third; by default the
+  levels together ask for less than the pool holds);
 - dec_keys phase: site-b-gw fetches each answered key ID at KME-B (one per request),
   C at a time, and the key must equal the one site-a-gw got.
 
 Prints keys/s (wall), p50/p99 latency, the count of 503s (and other failures), the
 pool level after the phase, mismatches, and the CPU seconds the two KME processes and
 this client used in the phase (the machine is shared: CPU time is the steadier
-comparison).
+comparison; refilling rounds run in the same KME processes and are included).
+
+Then (--sustain-rounds, default 4) the sustained phase: the pools are refilled (that
+refill measures the link's generation rate), and site-a-gw asks for one key at that
+rate for that many rounds' time, open loop, each key fetched at once at KME-B.
 
     python benchmarks/kme_delivery.py
     # the same load against another checkout (e.g. main before a change):
-    git -C . archive main | tar -x -C /tmp/kme-old
+    git worktree add --detach /tmp/kme-old main
     python benchmarks/kme_delivery.py --pythonpath /tmp/kme-old
+    # where the event loop spends its time (cProfile, one file per KME):
+    python benchmarks/kme_delivery.py --profile /tmp/kme-prof
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
 import shutil
 import statistics
 import sys
@@ -39,16 +44,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kme_reservation_latency import API, Kme, kme_toml, link_status, ssl_ctx
-
-from gateway.pki import init_pki
-
-
-def cpu_s(pid: int) -> float:
-    """utime + stime of a process (and its reaped children) in seconds, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = sum(int(f) for f in fields[11:15])
-    return ticks / os.sysconf("SC_CLK_TCK")
+from _kme_pair import API, Kme, cpu_s, link_status, prepare, ssl_ctx, start_pair, wait_pool
 
 
 def quantiles(lat: list[float]) -> dict[str, float | None]:
@@ -84,43 +80,67 @@ async def phase(url: str, ctx: Any, bodies: list[dict[str, Any]], conc: int
         return out, time.monotonic() - t0
 
 
+async def sustained(enc_url: str, dec_url: str, ctx_a: Any, ctx_b: Any, rate: float,
+                    seconds: float) -> dict[str, Any]:
+    """Open loop: one enc_keys (number=1) at KME-A every 1/rate s for `seconds`, each
+    answer's key fetched at once at KME-B and compared. Requests are not held back
+    when earlier ones are slow, so a KME that falls behind shows as latency."""
+    enc_lat: list[float] = []
+    statuses: list[int] = []
+    mismatches = 0
+    conn_a = aiohttp.TCPConnector(ssl=ctx_a, limit=64)
+    conn_b = aiohttp.TCPConnector(ssl=ctx_b, limit=64)
+    async with aiohttp.ClientSession(connector=conn_a) as sa, \
+            aiohttp.ClientSession(connector=conn_b) as sb:
+        async def one() -> None:
+            nonlocal mismatches
+            t0 = time.monotonic()
+            try:
+                async with sa.post(enc_url, json={"number": 1},
+                                   timeout=aiohttp.ClientTimeout(total=60)) as r:
+                    data, status = await r.json(content_type=None), r.status
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                data, status = None, 0
+            statuses.append(status)
+            if status != 200 or not data:
+                return
+            enc_lat.append(time.monotonic() - t0)
+            key = data["keys"][0]
+            try:
+                async with sb.post(dec_url, json={"key_IDs": [{"key_ID": key["key_ID"]}]},
+                                   timeout=aiohttp.ClientTimeout(total=60)) as r:
+                    got = await r.json(content_type=None)
+                    same = r.status == 200 and got["keys"][0]["key"] == key["key"]
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError):
+                same = False
+            mismatches += not same
+
+        t0 = time.monotonic()
+        tasks = []
+        n = int(rate * seconds)
+        for i in range(n):
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+            tasks.append(asyncio.ensure_future(one()))
+        await asyncio.gather(*tasks)
+        wall = time.monotonic() - t0
+    return {"requests": n, "keys": len(enc_lat), "keys_per_s": round(len(enc_lat) / wall, 1),
+            "status_503": statuses.count(503),
+            "other_failures": sum(1 for st in statuses if st not in (200, 503)),
+            "mismatches": mismatches, "wall_s": round(wall, 1)} | quantiles(enc_lat)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     keep = args.workdir is not None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kme-deliv-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "state").mkdir(exist_ok=True)
-    if not (work / "pki" / "ca.crt").exists():
-        init_pki(work / "pki", ["site-a", "site-b"], algorithm="ecdsa-p256")
-    common = f"distance_km = {args.distance_km}\npulses = {args.pulses}\n"
-
-    def toml(site: str, peer: str, link: str) -> str:
-        return kme_toml(work, site, peer, common + link, True).replace(
-            "max_key_count = 1000000", f"max_key_count = {args.pool}")
-
+    prepare(work)
     kmes: list[Kme] = []
     try:
-        bob = Kme(work, "site-b", toml("site-b", "site-a", (
-            'role = "bob"\nlisten = "127.0.0.1:0"\nquantum_listen = "127.0.0.1:0"\n')),
-            args.pythonpath)
-        kmes.append(bob)
-        ports = bob.side_file(".link")
-        alice = Kme(work, "site-a", toml("site-a", "site-b", (
-            f'role = "alice"\npeer = "127.0.0.1:{ports["classical"]}"\n'
-            f'quantum = "127.0.0.1:{ports["quantum"]}"\n')), args.pythonpath)
-        kmes.append(alice)
-        t0 = time.monotonic()
+        alice, bob = start_pair(work, pulses=args.pulses, distance_km=args.distance_km,
+                                admin=True, pythonpath=args.pythonpath,
+                                max_key_count=args.pool, profile=args.profile, kmes=kmes)
         print(f"filling the pools to {args.pool} keys...", file=sys.stderr, flush=True)
-        while True:
-            with contextlib.suppress(OSError, ValueError):
-                levels = [link_status(work, k, p)["stored_key_count"]
-                          for k, p in ((alice, "site-b"), (bob, "site-a"))]
-                if min(levels) >= args.pool * 0.98:
-                    break
-            if time.monotonic() - t0 > 900 or any(k.popen.poll() is not None for k in kmes):
-                raise SystemExit("pool did not fill:\n"
-                                 + alice.log.read_text(errors="replace")[-2000:])
-            time.sleep(0.5)
-        fill_s = time.monotonic() - t0
+        fill_s = wait_pool(alice, bob, int(args.pool * 0.98), 900,
+                           f"filling the pools to {args.pool}")
         print(f"pools full after {fill_s:.0f} s", file=sys.stderr, flush=True)
         enc_url = f"https://127.0.0.1:{alice.port}{API}/site-b-gw/enc_keys"
         dec_url = f"https://127.0.0.1:{bob.port}{API}/site-a-gw/dec_keys"
@@ -164,9 +184,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
                 # key bytes stay in memory only (checked against the peer, then dropped)
                 del res, ok
+        sus: dict[str, Any] | None = None
+        if args.sustain_rounds > 0:
+            # The link's generation rate: how fast it refills the pools drained by the
+            # phases above, rounds back to back and no requests. The sustained phase
+            # then starts from full pools and asks for keys at that rate.
+            st = link_status(work, alice, "site-b")
+            level0, rounds0 = st["stored_key_count"], st["rounds_committed"]
+            print("refilling the pools...", file=sys.stderr, flush=True)
+            refill_s = wait_pool(alice, bob, int(args.pool * 0.98), 900,
+                                 "refilling the pools")
+            st = link_status(work, alice, "site-b")
+            made = st["stored_key_count"] - level0
+            rate = made / refill_s * args.sustain_factor
+            round_s = refill_s / max(1, st["rounds_committed"] - rounds0)
+            seconds = args.sustain_rounds * round_s
+            print(f"sustained: the link made {made} keys in {refill_s:.1f} s; "
+                  f"{rate:.1f} keys/s for {seconds:.0f} s ({args.sustain_rounds} rounds of "
+                  f"~{round_s:.1f} s)", file=sys.stderr, flush=True)
+            level0, rounds0 = st["stored_key_count"], st["rounds_committed"]
+            cpu0 = sum(cpu_s(k.popen.pid) for k in kmes)
+            sus = asyncio.run(sustained(enc_url, dec_url, ctx_a, ctx_b, rate, seconds))
+            st = link_status(work, alice, "site-b")
+            sus |= {"rate_asked": round(rate, 1), "pool_before": level0,
+                    "pool_after": st["stored_key_count"],
+                    "rounds": st["rounds_committed"] - rounds0,
+                    "kme_cpu_s": round(sum(cpu_s(k.popen.pid) for k in kmes) - cpu0, 2)}
+            print(json.dumps(sus), file=sys.stderr, flush=True)
         return {"code": args.pythonpath or "this checkout", "pool": args.pool,
                 "pulses": args.pulses, "distance_km": args.distance_km,
-                "fill_s": round(fill_s, 1), "rows": rows}
+                "fill_s": round(fill_s, 1), "rows": rows, "sustained": sus}
     finally:
         for k in kmes:
             k.stop()
@@ -177,8 +224,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pool", type=int, default=3000, help="max_key_count (default 3000)")
-    p.add_argument("--requests-per-level", type=int, default=800)
+    p.add_argument("--pool", type=int, default=1000, help="max_key_count (default 1000)")
+    p.add_argument("--requests-per-level", type=int, default=400,
+                   help="enc_keys per concurrency level (C=1: a third); by default all "
+                        "levels together ask for less than the pool holds")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")],
                    default=[1, 8, 64])
     p.add_argument("--pulses", type=int, default=40_000_000)
@@ -186,6 +235,13 @@ def main() -> int:
     p.add_argument("--pythonpath", default=None,
                    help="run the KMEs from this source tree (e.g. an older checkout)")
     p.add_argument("--workdir", default=None, help="keep PKI, configs and logs here")
+    p.add_argument("--sustain-rounds", type=float, default=4.0,
+                   help="after the phases, ask for keys at the link's generation rate "
+                        "for this many rounds' time (0: skip)")
+    p.add_argument("--sustain-factor", type=float, default=1.0,
+                   help="multiply the sustained request rate by this")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="run the KMEs under cProfile, kme-site-{a,b}.prof into DIR")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     r = run(args)
@@ -202,6 +258,14 @@ def main() -> int:
               f"{w['p50_ms']!s:>8} {w['p99_ms']!s:>8} {w['status_503']:>5} "
               f"{w['other_failures']:>5} {w['pool_free_after']:>10} {w['mismatches']:>4} "
               f"{w['wall_s']:>7} {w['kme_cpu_s']:>9} {w['client_cpu_s']:>12}")
+    if r["sustained"]:
+        w = r["sustained"]
+        print(f"\nsustained at {w['rate_asked']} keys/s (the link's rate) for {w['wall_s']} s:"
+              f" {w['keys']}/{w['requests']} served, {w['keys_per_s']} keys/s, p50 "
+              f"{w['p50_ms']} ms, p99 {w['p99_ms']} ms, {w['status_503']} x 503, "
+              f"{w['other_failures']} other, {w['mismatches']} mismatches, pool "
+              f"{w['pool_before']} -> {w['pool_after']}, {w['rounds']} rounds, KME cpu "
+              f"{w['kme_cpu_s']} s")
     return 0
 
 

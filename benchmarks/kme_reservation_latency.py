@@ -25,89 +25,18 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import shutil
-import signal
-import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from gateway.pki import init_pki
-from gateway.tools import kme_config
-
-API = "/api/v1/keys"
-
-
-def kme_toml(work: Path, site: str, peer: str, link: dict[str, Any], admin: bool) -> str:
-    pki = work / "pki"
-    return kme_config.dumps(kme_config.kme_config(
-        pki, site, work / "state" / f"kme-{site}.sqlite3", local_saes=[f"{site}-gw"],
-        peer_kme=f"kme-{peer}", peer_saes=[f"{peer}-gw"], link=link,
-        kme={"max_key_count": 1000000, "max_key_per_request": 128},
-        sections={"admin": {"listen": "127.0.0.1:0"}} if admin else None,
-        log_level="info", log_format="json"))
-
-
-class Kme:
-    def __init__(self, work: Path, site: str, config: str, pythonpath: str | None) -> None:
-        self.site = site
-        path = work / f"kme-{site}.toml"
-        path.write_text(config)
-        self.port_file = work / f"kme-{site}.port"
-        self.log = work / f"kme-{site}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if pythonpath:
-            env["PYTHONPATH"] = pythonpath
-        with open(self.log, "ab") as out:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "gateway.cli", "kme", "--config", str(path),
-                 "--port-file", str(self.port_file)], stdout=out, stderr=out,
-                stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                cwd=pythonpath or None)
-        deadline = time.monotonic() + 60
-        while not (self.port_file.exists() and self.port_file.read_text().strip()):
-            if self.popen.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"KME {site} did not start:\n"
-                                 + self.log.read_text(errors="replace")[-2000:])
-            time.sleep(0.1)
-        self.port = int(self.port_file.read_text())
-
-    def side_file(self, suffix: str) -> dict[str, int]:
-        with contextlib.suppress(OSError, ValueError):
-            return dict(json.loads(self.port_file.with_name(self.port_file.name + suffix)
-                                   .read_text()))
-        return {}
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-
-def ssl_ctx(work: Path, site: str) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(work / "pki" / "tls-ca.crt"))
-    ctx.load_cert_chain(work / "pki" / site / "sae-client.crt",
-                        work / "pki" / site / "sae-client.key")
-    return ctx
-
-
-def link_status(work: Path, kme: Kme, peer: str) -> dict[str, Any]:
-    url = f"https://127.0.0.1:{kme.port}{API}/{peer}-gw/status"
-    with urllib.request.urlopen(url, timeout=10, context=ssl_ctx(work, kme.site)) as r:
-        st: dict[str, Any] = json.loads(r.read())
-    return st | dict(st.get("status_extension", {}).get("qkd_link", {}))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _kme_pair import API, Kme, admin_status, link_status, prepare, ssl_ctx, start_pair, wait_levels
 
 
 async def load(work: Path, kme: Kme, peer: str, seconds: float, gap: float,
@@ -152,36 +81,16 @@ def quantiles(lat: list[float]) -> dict[str, float | None]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     keep = args.workdir is not None
     work = Path(args.workdir or tempfile.mkdtemp(prefix="kme-resv-")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "state").mkdir(exist_ok=True)
-    if not (work / "pki" / "ca.crt").exists():
-        init_pki(work / "pki", ["site-a", "site-b"], algorithm="ecdsa-p256")
+    prepare(work)
     admin = args.pythonpath is None
-    secret = work / "pki" / "link-secret.key"
-    common = {"distance_km": args.distance_km, "pulses": args.pulses}
     kmes: list[Kme] = []
     try:
-        bob = Kme(work, "site-b", kme_toml(work, "site-b", "site-a", kme_config.bb84_link(
-            secret, "bob", **common), admin), args.pythonpath)
-        kmes.append(bob)
-        ports = bob.side_file(".link")
-        alice = Kme(work, "site-a", kme_toml(work, "site-a", "site-b", kme_config.bb84_link(
-            secret, "alice", **common, peer=ports["classical"], quantum=ports["quantum"]),
-            admin), args.pythonpath)
-        kmes.append(alice)
-        t0 = time.monotonic()
+        alice, bob = start_pair(work, pulses=args.pulses, distance_km=args.distance_km,
+                                admin=admin, pythonpath=args.pythonpath, kmes=kmes)
         print(f"waiting for the first key ({args.pulses:.0e} pulses per round)...",
               file=sys.stderr, flush=True)
-        while True:
-            with contextlib.suppress(OSError, ValueError):
-                if all(link_status(work, k, p)["stored_key_count"] > 0
-                       for k, p in ((alice, "site-b"), (bob, "site-a"))):
-                    break
-            if time.monotonic() - t0 > 600 or any(k.popen.poll() is not None for k in kmes):
-                raise SystemExit("no key from the link:\n"
-                                 + alice.log.read_text(errors="replace")[-2000:])
-            time.sleep(0.5)
-        first_key_s = time.monotonic() - t0
+        first_key_s = wait_levels(work, alice, bob, lambda a, b: min(a, b) > 0, 600,
+                                  "a first key from the link")
         before = link_status(work, alice, "site-b")
         a2b: list[tuple[float, bool]] = []
         b2a: list[tuple[float, bool]] = []
@@ -199,11 +108,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         after = link_status(work, alice, "site-b")
         internal: dict[str, Any] = {}
         for k in (alice, bob):
-            port = k.side_file(".admin").get("admin")
-            if port:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/status",
-                                            timeout=10) as r:
-                    link = json.loads(r.read())["link"]
+            st = admin_status(k)
+            if st is not None:
+                link = st["link"]
                 internal[k.site] = {
                     "reserve_ack_p50_ms": None if link["reservation_latency_p50_s"] is None
                     else round(link["reservation_latency_p50_s"] * 1e3, 1),

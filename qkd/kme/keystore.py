@@ -33,8 +33,9 @@ the disk does not yet know about. A crash between commit and answer loses those 
 `KeyStore` is synchronous and must be used from one thread; `AsyncKeyStore` runs it on
 a single dedicated worker thread, which both keeps the event loop free and serialises
 all writers. Its `take` is a group commit: the takes waiting when the thread gets to
-them share one transaction and one WAL checkpoint (each request still all or none,
-through a savepoint of its own), so concurrent requests share the fsyncs.
+them share one transaction and one WAL checkpoint (each request still all or none:
+the group is checked in memory, then one UPDATE marks the accepted requests' keys),
+so concurrent requests share the fsyncs.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ CREATE TABLE IF NOT EXISTS pool (
 );
 CREATE INDEX IF NOT EXISTS pool_free ON pool(state, seq);
 CREATE INDEX IF NOT EXISTS pool_key ON pool(key_id);
+CREATE INDEX IF NOT EXISTS pool_live ON pool(state, expires);
 """
 
 
@@ -245,13 +247,15 @@ class KeyStore:
         return self._sealer
 
     def deposit(self, blocks: Sequence[tuple[str, bytes]], now: float,
-                lifetime: float, limit: int | None = None) -> int:
+                lifetime: float, limit: int | None = None,
+                count_reserved: bool = False) -> int:
         """Add key blocks (block_id, material) from the link, sealed, in one transaction.
 
         Idempotent: a block ID the pool already has (stored before a crash, maybe
         delivered since) is left as it is, so replaying a deposit is harmless. With
-        `limit`, the pool never holds more than `limit` free blocks: the blocks that do
-        not fit are dropped (never stored). Returns how many were dropped."""
+        `limit`, the pool never holds more than `limit` free blocks (with
+        `count_reserved`, free and reserved ones: `pool_level`): the blocks that do not
+        fit are dropped (never stored). Returns how many were dropped."""
         sealer = self._need_sealer()
         db = self._db
         with self._transaction():
@@ -261,7 +265,8 @@ class KeyStore:
             new = [(bid, mat) for bid, mat in blocks if bid not in known]
             dropped = 0
             if limit is not None:
-                room = max(0, limit - self.free_blocks(now))
+                level = self.pool_level(now) if count_reserved else self.free_blocks(now)
+                room = max(0, limit - level)
                 dropped = max(0, len(new) - room)
                 new = new[:room]
             row = db.execute("SELECT COALESCE(MAX(seq), -1) FROM pool").fetchone()
@@ -286,6 +291,15 @@ class KeyStore:
                                "expires > ?", (now,)).fetchone()
         return int(row[0])
 
+    def pool_level(self, now: float) -> int:
+        """Unexpired blocks not yet handed out here: free plus reserved (standing
+        slices, reservations in flight, keys a peer SAE took whose slave has not yet
+        fetched them). What the link's pool limit counts, so that the level an SAE
+        sees falls while its slice drains and the link refills it."""
+        row = self._db.execute("SELECT COUNT(*) FROM pool WHERE state IN ('free', "
+                               "'reserved') AND expires > ?", (now,)).fetchone()
+        return int(row[0])
+
     def available_for(self, master: str, slave: str, now: float) -> int:
         """Unexpired blocks a master SAE can still be served from: the free pool plus
         what is reserved for this pair and not yet taken (standing slice, reservations
@@ -306,20 +320,23 @@ class KeyStore:
         db = self._db
         order = "DESC" if newest_first else "ASC"
         with self._transaction():
+            # Read lazily, only as far as the keys need: fetching the whole free pool
+            # (thousands of rows) for one key cost ~5 ms on the store thread, which
+            # every take queued behind it waited for.
             rows = db.execute("SELECT block_id, size_bits FROM pool WHERE state='free' "
-                              f"AND expires > ? ORDER BY seq {order}", (now,)).fetchall()
+                              f"AND expires > ? ORDER BY seq {order}", (now,))
             keys: list[ReservedKey] = []
-            i = 0
             for _ in range(number):
                 ids: list[str] = []
                 bits = 0
-                while bits < size_bits and i < len(rows):
-                    ids.append(rows[i][0])
-                    bits += rows[i][1]
-                    i += 1
-                if bits < size_bits:
-                    raise PoolError("no key available")
+                while bits < size_bits:
+                    row = rows.fetchone()
+                    if row is None:
+                        raise PoolError("no key available")
+                    ids.append(row[0])
+                    bits += row[1]
                 keys.append(ReservedKey(ids[0], tuple(ids), size_bits))
+            rows.close()
             self._mark_reserved(keys, master, slave)
         return keys
 
@@ -365,25 +382,43 @@ class KeyStore:
                   ) -> list[list[tuple[str, bytes]] | PoolError]:
         """`take` for several requests (key_ids, master, slave) in ONE transaction and
         one WAL checkpoint (group commit: the fsyncs are what a take costs). Each
-        request is all-or-none on its own (a savepoint each): a refused one gets its
-        PoolError in its slot and changes nothing, the others are delivered."""
+        request is all-or-none on its own: a refused one gets its PoolError in its
+        slot and changes nothing, the others are delivered.
+
+        Two statements for the whole group (one SELECT, one UPDATE), whatever its
+        size: every request is checked in Python against the rows read, and only the
+        accepted ones' keys are marked. Per-request statements and savepoints cost a
+        GIL hand-off each, which under load (the event loop and the link's threads
+        busy) made a group of 26 takes 10x slower than on an idle process."""
         sealer = self._need_sealer()
         db = self._db
         results: list[list[tuple[str, bytes]] | PoolError] = []
         with self._transaction():
+            wanted = {kid for key_ids, _, _ in requests for kid in key_ids}
+            by_key: dict[str, list[Any]] = {}
+            for r in db.execute("SELECT key_id, block_id, material, state, master,"
+                                " slave, key_bits, expires FROM pool WHERE key_id IN"
+                                " (SELECT value FROM json_each(?)) ORDER BY part",
+                                (_json_list(sorted(wanted)),)):
+                by_key.setdefault(r[0], []).append(r[1:])
+            claimed: set[str] = set()  # handed out by an earlier request of the group
             for key_ids, master, slave in requests:
-                db.execute("SAVEPOINT take_one")
                 try:
-                    results.append(self._take_one(sealer, key_ids, master, slave, now))
+                    results.append(self._check_take(sealer, key_ids, master, slave, now,
+                                                    by_key, claimed))
                 except PoolError as exc:
-                    db.execute("ROLLBACK TO take_one")
                     results.append(exc)
-                db.execute("RELEASE take_one")
+                else:
+                    claimed.update(key_ids)
+            if claimed:
+                db.execute("UPDATE pool SET state='delivered', material=NULL WHERE"
+                           " key_id IN (SELECT value FROM json_each(?))",
+                           (_json_list(sorted(claimed)),))
         # The answers carrying the keys leave only after the sealed material is gone
         # from the WAL too: secure_delete zeroed it in the new page images, the
         # checkpoint writes those into the main file and TRUNCATE drops the WAL frames
         # that still held the old pages.
-        if any(not isinstance(r, PoolError) for r in results) and not self._erase_from_wal():
+        if claimed and not self._erase_from_wal():
             # Another connection holds the WAL open: the old pages may still be in it.
             # Fail closed: the keys are recorded as delivered (never served again), but
             # no answer is sent while their sealed material may linger.
@@ -392,16 +427,23 @@ class KeyStore:
                              "database while the KME runs")
         return results
 
-    def _take_one(self, sealer: Sealer, key_ids: Sequence[str], master: str, slave: str,
-                  now: float) -> list[tuple[str, bytes]]:
-        db = self._db
+    @staticmethod
+    def _check_take(sealer: Sealer, key_ids: Sequence[str], master: str, slave: str,
+                    now: float, by_key: dict[str, list[Any]], claimed: set[str]
+                    ) -> list[tuple[str, bytes]]:
+        """One request of a group take: its keys (opened), or PoolError naming the
+        first key ID that cannot be handed out. Changes nothing."""
+        if len(set(key_ids)) != len(key_ids):
+            # Each ID is checked before any is marked: a repeated one would pass twice.
+            raise PoolError("key ID named twice", [k for k in key_ids
+                                                    if list(key_ids).count(k) > 1])
         out: list[tuple[str, bytes]] = []
         for kid in key_ids:
-            rows = db.execute("SELECT block_id, material, state, master, slave,"
-                              " key_bits, expires FROM pool WHERE key_id=? ORDER BY"
-                              " part", (kid,)).fetchall()
+            rows = by_key.get(kid)
             if not rows:
                 raise PoolError("unknown key ID", [kid])
+            if kid in claimed:
+                raise PoolError("already delivered", [kid])
             states = {r[2] for r in rows}
             if states != {"reserved"}:
                 reason = ("already delivered" if "delivered" in states
@@ -413,8 +455,6 @@ class KeyStore:
                 raise PoolError("expired", [kid])
             material = b"".join(sealer.open(r[0], r[1]) for r in rows)
             out.append((kid, material[: rows[0][5] // 8]))
-        db.executemany("UPDATE pool SET state='delivered', material=NULL WHERE key_id=?",
-                       [(kid,) for kid in key_ids])
         return out
 
     def _erase_from_wal(self) -> bool:
@@ -508,14 +548,19 @@ class AsyncKeyStore:
         return await self._run(self._store.next_counter, master, slave)
 
     async def deposit(self, blocks: Sequence[tuple[str, bytes]], now: float,
-                      lifetime: float, limit: int | None = None) -> int:
-        return await self._run(self._store.deposit, blocks, now, lifetime, limit)
+                      lifetime: float, limit: int | None = None,
+                      count_reserved: bool = False) -> int:
+        return await self._run(self._store.deposit, blocks, now, lifetime, limit,
+                               count_reserved)
 
     async def pool_counts(self, now: float) -> dict[str, int]:
         return await self._run(self._store.pool_counts, now)
 
     async def free_blocks(self, now: float) -> int:
         return await self._run(self._store.free_blocks, now)
+
+    async def pool_level(self, now: float) -> int:
+        return await self._run(self._store.pool_level, now)
 
     async def available_for(self, master: str, slave: str, now: float) -> int:
         return await self._run(self._store.available_for, master, slave, now)

@@ -27,6 +27,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,11 +73,9 @@ PER_KEY_ENV = "QKDGW_TEST_PER_KEY_RESERVATIONS"
 _BATCH_RESERVATIONS = os.environ.get(PER_KEY_ENV) != "1"
 # Default-size keys per (master, slave) pair kept reserved at both KMEs ahead of the
 # requests, so most enc_keys answers need no round trip to the peer; refilled in the
-# background (one RESERVE) once half is used. Off (0) for now: the link fills the free
-# pool up to max_key_count without counting these reserved keys, so a master's
-# stored_key_count sits at the cap while its slice drains and the budget forecast
-# cannot see the pool fall (docs/kme.md, known gaps). 64 is the measured setting.
-STANDING_KEYS = 0
+# background (one RESERVE) once half is used. The link's pool limit counts reserved
+# blocks, so a master's stored_key_count falls while its slice drains.
+STANDING_KEYS = 64
 # Keys named in one RESERVE at most (frame size; the peer's parser allows 4096).
 MAX_BATCH_KEYS = 1024
 
@@ -767,9 +766,17 @@ async def serve(config: KmeConfig, port_file: Path | None = None) -> None:
         log.info("kme_stopped", kme_id=config.kme_id)
 
 
+# GIL switch interval of a KME process, s (CPython's default is 5 ms). The link's
+# work items (Cascade, privacy amplification) run Python on a worker thread for
+# seconds; every hand-off on the request path (event loop -> store thread -> event
+# loop) waited up to a full interval for them, which added milliseconds per key.
+SWITCH_INTERVAL_S = 0.0005
+
+
 def _handle(args: argparse.Namespace) -> int:
     config = KmeConfig.load(args.config)
     configure_logging(config.log_level, config.log_format, process="kme")
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config, args.port_file))
     return 0

@@ -52,30 +52,26 @@ from qkd.kme.keystore import AsyncKeyStore, PoolError, ReservedKey
 from qkd.link import core as lc
 from qkd.link import quantum
 from qkd.link import reset as link_reset
+from qkd.link.constants import (
+    ABORT_BACKOFF_MAX_S,
+    BUSY_BACKOFF_MAX_S,
+    DEPOSIT_RETRY_S,
+    HELLO_FRAME_LIMIT,
+    HELLO_TIMEOUT_S,
+    LENGTH_PREFIX_FORMAT,
+    LOOP_RETRY_MAX_S,
+    LOOP_RETRY_S,
+    MAX_UNVERIFIED_CONNECTIONS,
+    RESERVE_TIMEOUT_S,
+    STATE_ID,
+)
 from qkd.link.wegman_carter import AuthKeys
 from qkd.sim.params import LinkParams
 
 log = get_logger("qkd.link")
 T = TypeVar("T")
-_LEN = struct.Struct("<I")
-_STATE_ID = "qkdgw-link-auth-state-v1"
-RESERVE_TIMEOUT_S = 10.0
-DEPOSIT_RETRY_S = 1.0
-# Bob: a new connection must show a valid HELLO within this time, in one small frame;
-# at most this many such strangers wait at once.
-HELLO_TIMEOUT_S = 10.0
-HELLO_FRAME_LIMIT = 4096
-MAX_UNVERIFIED_CONNECTIONS = 16
-# A task loop that hit an unexpected error waits this long (doubling, capped) first.
-LOOP_RETRY_S = 0.5
-LOOP_RETRY_MAX_S = 10.0
-# Alice, after Bob refused rounds in a row with his deposit still unstored.
-BUSY_BACKOFF_MAX_S = 30.0
-# Alice, after rounds aborted in a row (an eavesdropper, a noisy fibre): the pause
-# doubles from round_pause_s up to this, s. Every aborted round spends authentication
-# pads and makes none, so retrying at full speed would use up the pads that the KMEs'
-# reservations need while the pool still has keys.
-ABORT_BACKOFF_MAX_S = 8.0
+_LEN = struct.Struct(LENGTH_PREFIX_FORMAT)
+_STATE_ID = STATE_ID
 # Test hook: "point:round" makes the KME SIGKILL itself at that point of that round
 # (points: alice-commit-sent, alice-before-ack, bob-before-ack). Never set in service.
 CRASH_ENV = "QKDGW_TEST_LINK_CRASH"
@@ -402,8 +398,14 @@ class Bb84Link:
         # failing store is retried (no new round starts meanwhile), never rolled back.
         while True:
             try:
+                # Alice's limit is the pool level her rounds are sized by (free and
+                # reserved blocks), so this trim never drops more than her COMMIT
+                # named. Bob's level also counts keys Alice's SAEs took whose slaves
+                # have not fetched them here yet, so it can sit above hers: trimming
+                # by it would drop blocks Alice keeps. He caps free blocks only.
                 trimmed = await self.store.deposit(ev.blocks, time.time(), self._lifetime,
-                                                   limit=self._max)
+                                                   limit=self._max,
+                                                   count_reserved=self.s.role == "alice")
             except Exception as exc:  # the store's own errors; never holds key bytes
                 log.error("link_deposit_failed", round=ev.round, error=type(exc).__name__,
                           retry_in_s=DEPOSIT_RETRY_S)
@@ -658,8 +660,8 @@ class Bb84Link:
         return self._peer_ready_count > ready_before
 
     async def _drive_loop(self) -> None:
-        """Alice: run rounds back to back while the pool is below max_key_count and no
-        reservation of hers is waiting for the peer."""
+        """Alice: run rounds back to back while the pool (free and reserved blocks) is
+        below max_key_count and no reservation of hers is waiting for the peer."""
         delay = LOOP_RETRY_S
         while True:
             try:
@@ -677,7 +679,9 @@ class Bb84Link:
         if not core.round_pads_ok:
             return  # no round can finish; never spend pads (or CPU) on one
         try:
-            level = await self.store.free_blocks(time.time())
+            # Reserved blocks count: a standing slice is pool the SAEs have not
+            # drawn yet, so its draining makes room (and the level they see falls).
+            level = await self.store.pool_level(time.time())
         except Exception:  # store busy or closing; try again shortly
             return
         if level >= self._max and not core.pads_low:

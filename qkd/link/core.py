@@ -75,6 +75,45 @@ import numpy as np
 
 from qkd.common.errors import QkdError
 from qkd.link import quantum
+from qkd.link.constants import (
+    ABORT,
+    ALT_TAG_FORMAT,
+    BLOCK_ID_LABEL,
+    BOOT,
+    BOOT_ACK,
+    BOOT_ACK_FORMAT,
+    BOOT_FORMAT,
+    BOOT_MAC_INFO,
+    BOOT_MAC_LABEL,
+    BOOT_SESSION_BYTES,
+    BOOTSTRAP_PAD_BYTES,
+    COMMIT,
+    COMMIT_ACK,
+    CTRL_HEADER_FORMAT,
+    CTRL_LABEL,
+    FRAME_NAMES,
+    HELLO,
+    LOW_PAD_BYTES,
+    MAX_ABORT_REASON_IN,
+    MAX_ABORT_REASON_OUT,
+    MAX_NONCE_HEX,
+    MAX_RESERVE_KEY_BITS,
+    MAX_RESERVE_KEYS,
+    MAX_TEXT_FIELD,
+    NONCE_BYTES,
+    PP,
+    RESERVE,
+    RESERVE_ACK,
+    RESERVE_PAD_BYTES,
+    ROUND_NEED_BYTES,
+    ROUND_PAD_BYTES,
+    ROUND_START,
+    TARGET_PAD_BYTES,
+    TOPUP_MAX_SHARE,
+    TOPUP_PAD_BYTES,
+    TRANSCRIPT,
+    UNBOOTSTRAPPED,
+)
 from qkd.link.csprng import SecretRng
 from qkd.link.quantum import (
     FrameError,
@@ -99,11 +138,6 @@ from qkd.link.wegman_carter import (
 from qkd.sim.params import LinkParams
 from qkd.sim.protocol import AliceProtocol, BobProtocol, PostParams
 
-HELLO, ROUND_START, PP, TRANSCRIPT, COMMIT, COMMIT_ACK, RESERVE, RESERVE_ACK, ABORT = range(1, 10)
-BOOT, BOOT_ACK = 10, 11
-_NAMES = {HELLO: "HELLO", ROUND_START: "ROUND_START", PP: "PP", TRANSCRIPT: "TRANSCRIPT",
-          COMMIT: "COMMIT", COMMIT_ACK: "COMMIT_ACK", RESERVE: "RESERVE",
-          RESERVE_ACK: "RESERVE_ACK", ABORT: "ABORT"}
 # Bootstrap nonce exchange (first start of a pair, or after `qkdgw link-reset`):
 #   BOOT      type u8 | nonce_a 16 | HMAC-SHA256(K, "a" | nonce_a)
 #   BOOT_ACK  type u8 | nonce_a 16 | nonce_b 16 | HMAC-SHA256(K, "b" | nonce_a | nonce_b)
@@ -111,29 +145,17 @@ _NAMES = {HELLO: "HELLO", ROUND_START: "ROUND_START", PP: "PP", TRANSCRIPT: "TRA
 # from the link secret *and* both nonces, so no two bootstraps share a pad (a frame
 # recorded under one never verifies under another). Alice's fresh nonce in the ACK's
 # MAC makes an old ACK useless to a replayer; Bob's makes the keys fresh for him.
-_BOOT = struct.Struct("<B16s32s")
-_BOOT_ACK = struct.Struct("<B16s16s32s")
-UNBOOTSTRAPPED = "unbootstrapped"
-_LABEL = b"qkdgw link v1\x00"
-_CTRL = struct.Struct("<BQ16s")
-# Pads per direction a refill tops the streams up to; the first committed round also
-# pays for the hash key (HASH_KEY_BYTES), so a round must produce at least
-# HASH_KEY_BYTES + 2 * TARGET_PAD_BYTES to switch off the bootstrap key.
-TARGET_PAD_BYTES = 32 * PAD_BYTES
-RESERVE_PAD_BYTES = 8 * PAD_BYTES
-BOOTSTRAP_PAD_BYTES = 256 * PAD_BYTES
-# Later rounds top the streams up to this (each reservation costs one pad per
-# direction), spending at most a quarter of the round's key per direction on it.
-TOPUP_PAD_BYTES = 256 * PAD_BYTES
-# A reservation leaves this much above the reserve, so the next round can always run
-# (ROUND_START, TRANSCRIPT, COMMIT, COMMIT_ACK) and refill; below LOW_PAD_BYTES Alice
-# runs a round even with a full pool (its key beyond the pool limit is discarded).
-ROUND_PAD_BYTES = 4 * PAD_BYTES
-LOW_PAD_BYTES = 32 * PAD_BYTES
-# A round's own tags per direction (ROUND_START + COMMIT, TRANSCRIPT + COMMIT_ACK):
-# Alice starts a round only with this much above the reserve in both directions.
-ROUND_NEED_BYTES = 2 * PAD_BYTES
-_ALT = struct.Struct("<BQ16s")
+_BOOT = struct.Struct(BOOT_FORMAT)
+_BOOT_ACK = struct.Struct(BOOT_ACK_FORMAT)
+_LABEL = CTRL_LABEL
+_CTRL = struct.Struct(CTRL_HEADER_FORMAT)
+_ALT = struct.Struct(ALT_TAG_FORMAT)
+_NAMES = FRAME_NAMES
+# The first committed round pays for the hash key (HASH_KEY_BYTES) and refills
+# TARGET_PAD_BYTES per direction, so it must produce at least HASH_KEY_BYTES +
+# 2 * TARGET_PAD_BYTES to switch off the bootstrap key. Each reservation costs one pad
+# per direction; the reserve and round margins keep a round (and so the refill)
+# possible whatever the reservations do (values and units in qkd.link.constants).
 
 # Test hook, never set in service: True brings back the old behaviour, where every
 # secret of a round (bits, bases, intensities, seeds, nonces) came from the numpy
@@ -177,7 +199,7 @@ def _bool(msg: dict[str, Any], name: str) -> bool:
     return v
 
 
-def _str(msg: dict[str, Any], name: str, limit: int = 1024) -> str:
+def _str(msg: dict[str, Any], name: str, limit: int = MAX_TEXT_FIELD) -> str:
     v = msg.get(name)
     if type(v) is not str or len(v) > limit:
         raise LinkProtocolError(f"control frame field {name!r} is not a string of at "
@@ -188,12 +210,12 @@ def _str(msg: dict[str, Any], name: str, limit: int = 1024) -> str:
 def _reserve_keys(msg: dict[str, Any]) -> list[tuple[str, list[str], int]]:
     keys = msg.get("keys")
     out: list[tuple[str, list[str], int]] = []
-    if type(keys) is not list or len(keys) > 4096:
+    if type(keys) is not list or len(keys) > MAX_RESERVE_KEYS:
         raise LinkProtocolError("RESERVE field 'keys' is not a list")
     for k in keys:
         if not (type(k) is list and len(k) == 3 and type(k[0]) is str
                 and type(k[1]) is list and all(type(b) is str for b in k[1])
-                and type(k[2]) is int and 0 < k[2] <= 1 << 20):
+                and type(k[2]) is int and 0 < k[2] <= MAX_RESERVE_KEY_BITS):
             raise LinkProtocolError("RESERVE field 'keys' holds a malformed entry")
         out.append((k[0], list(k[1]), k[2]))
     return out
@@ -319,7 +341,7 @@ def block_ids(nonce: bytes, round_no: int, count: int) -> list[str]:
     """Key IDs both sides derive for a round's blocks (version-8 UUIDs)."""
     out = []
     for i in range(count):
-        b = bytearray(hashlib.sha256(b"qkdgw bb84 block v1" + nonce
+        b = bytearray(hashlib.sha256(BLOCK_ID_LABEL + nonce
                                      + struct.pack("<QI", round_no, i)).digest()[:16])
         b[6] = (b[6] & 0x0F) | 0x80
         b[8] = (b[8] & 0x3F) | 0x80
@@ -503,7 +525,7 @@ class LinkCore:
         self._reset_connection()
         if self.role == "alice":
             if self.auth.mode == UNBOOTSTRAPPED:
-                self._boot_nonce = secrets.token_bytes(16)
+                self._boot_nonce = secrets.token_bytes(NONCE_BYTES)
                 self._out.append(_BOOT.pack(BOOT, self._boot_nonce,
                                             _boot_mac(self._link_secret, b"a",
                                                       self._boot_nonce)))
@@ -644,7 +666,7 @@ class LinkCore:
                 "on one and copy its new link secret to the other before "
                 "`qkdgw link-reset --config FILE` there")
         self._reset_connection()
-        nonce_b = secrets.token_bytes(16)
+        nonce_b = secrets.token_bytes(NONCE_BYTES)
         self.auth = bootstrap_auth("bob", self._link_secret, nonce_a + nonce_b)
         self.auth_dirty = True
         self._out.append(_BOOT_ACK.pack(BOOT_ACK, nonce_a, nonce_b, _boot_mac(
@@ -916,13 +938,13 @@ class LinkCore:
         if pulses != self.params.pulses:
             raise LinkProtocolError("ROUND_START pulse count differs from [link] pulses")
         number = _int(msg, "round", 1)
-        nonce_hex = _str(msg, "nonce", 64)
+        nonce_hex = _str(msg, "nonce", MAX_NONCE_HEX)
         try:
             nonce = bytes.fromhex(nonce_hex)
         except ValueError:
             raise LinkProtocolError("ROUND_START nonce is not hex") from None
-        if len(nonce) != 16:
-            raise LinkProtocolError("ROUND_START nonce is not 16 bytes")
+        if len(nonce) != NONCE_BYTES:
+            raise LinkProtocolError(f"ROUND_START nonce is not {NONCE_BYTES} bytes")
         refusal = ""
         if self._pending_deposit is not None:
             # Committing another round now would replace the unstored one in the
@@ -1035,12 +1057,13 @@ class LinkCore:
                 rekey, refill = False, 0  # not enough yet; stay on the bootstrap keys
             else:
                 # A big first round may install more, as a later top-up would.
-                spare = ((len(material) - HASH_KEY_BYTES) // (4 * PAD_BYTES)) * PAD_BYTES
+                spare = ((len(material) - HASH_KEY_BYTES)
+                         // (TOPUP_MAX_SHARE * PAD_BYTES)) * PAD_BYTES
                 refill = max(refill, min(TOPUP_PAD_BYTES, spare))
         else:
             refill = max(0, TOPUP_PAD_BYTES - min(out_lvl, in_lvl))
             refill = min(-(-refill // PAD_BYTES) * PAD_BYTES,
-                         (len(material) // (4 * PAD_BYTES)) * PAD_BYTES)
+                         (len(material) // (TOPUP_MAX_SHARE * PAD_BYTES)) * PAD_BYTES)
         skip = (HASH_KEY_BYTES if rekey else 0) + 2 * refill
         available = max(0, len(material) - skip) // self.block_bytes
         blocks = available if rnd.room is None else min(available, max(0, rnd.room))
@@ -1138,7 +1161,7 @@ class LinkCore:
     def _on_abort(self, msg: dict[str, Any], now: float) -> None:
         rnd = self._round
         number = _int(msg, "round", -_U63)
-        reason = _str(msg, "reason", 400)
+        reason = _str(msg, "reason", MAX_ABORT_REASON_IN)
         busy = msg.get("busy") is True
         if rnd is None or number != rnd.number:
             return
@@ -1192,7 +1215,7 @@ class LinkCore:
             self._pending_commit = None
         if notify:
             with contextlib.suppress(AuthError):
-                self._send_ctrl(ABORT, {"round": num, "reason": reason[:200]},
+                self._send_ctrl(ABORT, {"round": num, "reason": reason[:MAX_ABORT_REASON_OUT]},
                                 for_round=False)
         self._count_abort(num, reason, auth=auth, qber=qber)
 
@@ -1274,8 +1297,8 @@ def _boot_mac(psk: bytes, who: bytes, data: bytes) -> bytes:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
-    key = HKDFExpand(hashes.SHA256(), 32, b"qkdgw link boot mac v1").derive(psk)
-    return hmac.new(key, b"qkdgw link boot v1\x00" + who + data, "sha256").digest()
+    key = HKDFExpand(hashes.SHA256(), 32, BOOT_MAC_INFO).derive(psk)
+    return hmac.new(key, BOOT_MAC_LABEL + who + data, "sha256").digest()
 
 
 def bootstrap_auth(role: str, psk: bytes, session: bytes = b"") -> AuthKeys:
@@ -1285,8 +1308,8 @@ def bootstrap_auth(role: str, psk: bytes, session: bytes = b"") -> AuthKeys:
     pairs, and the positive control of the pad-reuse test)."""
     from qkd.link.wegman_carter import bootstrap_material
 
-    if session and len(session) != 32:
-        raise ValueError("bootstrap session must be both 16-byte nonces")
+    if session and len(session) != BOOT_SESSION_BYTES:
+        raise ValueError(f"bootstrap session must be both {NONCE_BYTES}-byte nonces")
     # The nonces go into the HKDF info through the label, so each session has its own
     # key stream; with no session the labels (and the keys) are the old ones.
     keys = AuthKeys(role, HashKey(bootstrap_material(psk, b"hash key" + session,

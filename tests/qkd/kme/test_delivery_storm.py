@@ -143,6 +143,47 @@ def test_storm_of_concurrent_requests_never_503_with_keys_in_the_pool(
         bob.stop()
 
 
+def test_the_level_a_master_sees_falls_while_its_standing_slice_drains(
+        tmp_path: Path, pki: Path) -> None:
+    """Keys drawn from a pair's standing slice leave the pool the link refills: once
+    the link has refilled, the free blocks and the slice together stay at the cap, so
+    drawing from the slice lowers the master's stored_key_count. (Before, the link
+    kept the free blocks alone at the cap: the level read full while the slice
+    drained, and the second check below failed.)"""
+    alice, bob = _start_pair(tmp_path, pki)
+
+    def level() -> int:
+        return _free(pki, alice, "site-a", "site-b-gw")
+
+    async def draw(n: int) -> list[str]:
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=_ctx(pki, "site-a"))) as s:
+            url = f"{alice.url}{API}/site-b-gw/enc_keys"
+            ids: list[str] = []
+            for _ in range(n):
+                st, body = await _post(s, url, {"number": 16})
+                assert st == 200, body
+                ids += [k["key_ID"] for k in body["keys"]]
+            return ids
+
+    try:
+        wait_until(lambda: level() == POOL, 300, "a full pool", (alice, bob))
+        first = asyncio.run(draw(1))  # a batch: 16 keys and a slice of 64 beside them
+        wait_until(lambda: level() == POOL, 120, "the pool refilled", (alice, bob))
+        free = int(alice.link_status(pki, "site-a", "site-b-gw")  # type: ignore[call-overload]
+                   ["pool_free_blocks"])
+        assert free <= POOL - 32, free  # the slice (32..64 keys) counts as pool
+        more = asyncio.run(draw(2))  # from the slice: no round trip, no new blocks
+        # A round that started meanwhile refills at most what was drawn before it
+        # began (rounds here take ~2 s, the two draws far less).
+        assert level() <= POOL - 16
+        assert len(set(first + more)) == 48
+        wait_until(lambda: level() == POOL, 120, "the pool refilled", (alice, bob))
+    finally:
+        alice.stop()
+        bob.stop()
+
+
 async def _redeem_again(pki: Path, bob: KmeProcess, enc: list[tuple[str, str, str]]
                         ) -> int:
     kid = next(k for p, k, _ in enc if p == "site-a")

@@ -145,6 +145,27 @@ def test_deposit_is_idempotent_and_never_exceeds_the_limit(store: KeyStore) -> N
     assert store.free_blocks(T0) == 8
 
 
+def test_pool_level_counts_reserved_blocks_and_caps_deposits(store: KeyStore) -> None:
+    """A standing slice is pool its SAEs have not drawn yet: the limit Alice deposits
+    under counts it, so drawing from the slice makes room and the level falls."""
+    store.deposit(blocks(10), T0, 3600)
+    keys = store.reserve("m", "s", 4, 256, T0)  # a slice of 4, reserved at both KMEs
+    assert (store.free_blocks(T0), store.pool_level(T0)) == (6, 10)
+    assert store.available_for("m", "s", T0) == 10
+    # Full at 10 with the slice counted: nothing more is stored.
+    assert store.deposit(blocks(3, 100), T0, 3600, limit=10, count_reserved=True) == 3
+    store.take([keys[0].key_id, keys[1].key_id], "m", "s", T0)
+    assert store.pool_level(T0) == 8 and store.available_for("m", "s", T0) == 8
+    # Two drawn, two stored: the pool is back at its limit, never above.
+    assert store.deposit(blocks(3, 200), T0, 3600, limit=10, count_reserved=True) == 1
+    assert store.pool_level(T0) == 10
+    # Expired reserved blocks no longer count.
+    assert store.pool_level(T0 + 7200) == 0
+    # Control: counting free blocks only (Bob's cap) stores above the level.
+    assert store.deposit(blocks(2, 300), T0, 3600, limit=10) == 0
+    assert store.pool_level(T0) == 12 and store.free_blocks(T0) == 10
+
+
 def test_take_many_is_all_or_none_per_request(store: KeyStore) -> None:
     """Grouped takes (one transaction for every waiting request): a refused request
     changes nothing and gets its own error; the others in the group are delivered."""
@@ -169,6 +190,27 @@ def test_take_many_is_all_or_none_per_request(store: KeyStore) -> None:
     with pytest.raises(PoolError, match="already delivered"):
         store.take([ids[0]], "a", "b", T0 + 3)
     assert store.pool_counts(T0 + 3)["delivered"] == 6
+
+
+def test_one_key_in_two_requests_of_a_group_goes_to_the_first_only(store: KeyStore
+                                                                     ) -> None:
+    """The group is checked in memory before one UPDATE marks it: a key ID named by
+    two requests of the same group (a replayed dec_keys) is handed out once, and a
+    request naming an ID twice gets nothing."""
+    store.deposit(blocks(4), T0, 3600)
+    ids = [k.key_id for k in store.reserve("a", "b", 4, 256, T0)]
+    results = store.take_many([
+        (ids[0:2], "a", "b"),
+        (ids[1:3], "a", "b"),  # ids[1] went to the request before
+        ([ids[3], ids[3]], "a", "b"),
+    ], T0 + 1)
+    assert [kid for kid, _ in results[0]] == ids[0:2]  # type: ignore[union-attr]
+    assert isinstance(results[1], PoolError) and results[1].reason == "already delivered"
+    assert results[1].key_ids == [ids[1]]
+    assert isinstance(results[2], PoolError) and results[2].reason == "key ID named twice"
+    # Refused requests changed nothing: ids[2] and ids[3] are still there, once.
+    assert [kid for kid, _ in store.take(ids[2:4], "a", "b", T0 + 2)] == ids[2:4]
+    assert store.pool_counts(T0 + 2)["delivered"] == 4
 
 
 async def test_concurrent_async_takes_share_a_transaction(tmp_path: Path) -> None:
