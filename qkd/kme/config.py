@@ -11,11 +11,15 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qkd.common.confload import ConfigError, HostPort, Section, load_toml
 from qkd.etsi014.messages import HKDF_MAX_BITS, Limits, is_valid_id
 from qkd.link.ideal import load_link_secret
 from qkd.sim.params import LinkParams, ParamError
+
+if TYPE_CHECKING:
+    from qkd.kme.network_config import NetworkConfig
 
 LINK_TYPES = ("ideal", "bb84")
 LINK_ROLES = ("alice", "bob")
@@ -64,6 +68,17 @@ class LinkConfig:
 
 
 @dataclass(frozen=True)
+class NeighbourConfig:
+    """One link of this KME: the KME at its other end, the link, and the SQLite file
+    holding that link's pool and deliveries."""
+
+    peer: PeerConfig
+    link: LinkConfig
+    db: Path
+    relay: HostPort | None = None  # dial the neighbour's [network] relay_listen here
+
+
+@dataclass(frozen=True)
 class KmeConfig:
     source: Path
     kme_id: str
@@ -80,6 +95,9 @@ class KmeConfig:
     log_format: str = "console"
     # [admin] listen: plain-HTTP /status and /metrics; None = no admin listener.
     admin_listen: HostPort | None = None
+    # Every link of this KME (issue 11); the first is `peer` + `link`. () = just those.
+    neighbours: tuple[NeighbourConfig, ...] = ()
+    network: NetworkConfig | None = None  # [network]: relay to non-adjacent KMEs
 
     @classmethod
     def load(cls, path: str | Path) -> KmeConfig:
@@ -124,49 +142,24 @@ class KmeConfig:
             raise root.error("sae", "no local SAE configured",
                              'add one [[sae]] table per local gateway with id = "site-a-gw"')
 
-        peer_sec = root.section("peer")
-        peer_kme = _id(peer_sec, "kme_id", fix='set it to the peer KME\'s ID, e.g. '
-                                               '"kme-site-b"')
-        peer_saes = peer_sec.str_list("sae_ids", fix='list the SAE IDs behind the peer KME, '
-                                                     'e.g. ["site-b-gw"]')
-        if not peer_saes:
-            raise peer_sec.error("sae_ids", "empty", 'list at least one SAE ID, e.g. '
-                                                     '["site-b-gw"]')
-        for sae_id in peer_saes:
-            if not is_valid_id(sae_id):
-                raise peer_sec.error("sae_ids", f"{sae_id!r} is not a valid SAE ID", _ID_FIX)
-        if len(set(peer_saes)) != len(peer_saes):
-            raise peer_sec.error("sae_ids", "contains duplicates", "list each SAE once")
-        both = sorted(set(peer_saes) & set(local))
-        if both:
-            # The key ID binds (master, slave); an SAE on both sides would make the
-            # direction of a key ambiguous.
-            raise peer_sec.error("sae_ids", f"{both[0]!r} is also a local [[sae]]",
-                                 "an SAE belongs to exactly one KME; remove it from one list")
-        if peer_kme == kme_id:
-            raise peer_sec.error("kme_id", "same as [kme] id", "set the peer KME's own ID")
-        peer_sec.finish()
+        if root.has("neighbour"):
+            # Several links (issue 11): parsed in qkd.kme.network_config.
+            from qkd.kme.network_config import load_neighbours
 
-        link_sec = root.section("link")
-        link_type = link_sec.str("type", "bb84", fix='set type = "bb84" (the emulated QKD '
-                                 'link) or "ideal" (tests only)', choices=LINK_TYPES)
-        secret_file = _readable(link_sec, "secret_file", "the shared link secret, e.g. "
-                                '"../pki/link-secret.key" from `qkdgw pki init`, the same '
-                                "file on both KMEs")
-        try:
-            secret = load_link_secret(secret_file)
-        except ValueError as exc:
-            raise link_sec.error("secret_file", str(exc),
-                                 "use the link-secret.key written by `qkdgw pki init` "
-                                 "(64 hex digits)") from None
-        if link_type == "ideal":
-            key_rate = link_sec.float("key_rate", 100.0, min=0.0, allow_inf=True,
-                                      fix="keys per second the simulated link produces; "
-                                          "0 = none, inf = unlimited")
-            link = LinkConfig(link_type, secret_file, key_rate, secret)
+            neighbours = load_neighbours(root, kme_id, tuple(local), db)
         else:
-            link = _bb84(link_sec, secret_file, secret, db)
-        link_sec.finish()
+            peer_sec = root.section("peer")
+            peer = _peer(peer_sec, kme_id, local)
+            peer_sec.finish()
+            link_sec = root.section("link")
+            link = _link(link_sec, db)
+            link_sec.finish()
+            neighbours = (NeighbourConfig(peer, link, db),)
+        network = None
+        if root.has("network"):
+            from qkd.kme.network_config import load_network
+
+            network = load_network(root, kme_id, tuple(local), neighbours)
 
         admin_sec = root.section("admin", required=False)
         admin_listen = admin_sec.ip_host_port(
@@ -183,14 +176,62 @@ class KmeConfig:
         return cls(
             source=root.source, kme_id=kme_id, listen=listen, db=db, limits=limits,
             storage_key=storage_key, key_lifetime_s=lifetime, tls=tls,
-            local_sae_ids=tuple(local), peer=PeerConfig(peer_kme, tuple(peer_saes)),
-            link=link,
+            local_sae_ids=tuple(local), peer=neighbours[0].peer, link=neighbours[0].link,
+            neighbours=neighbours, network=network,
             log_level=level, log_format=fmt, admin_listen=admin_listen,
         )
 
     def error(self, field_name: str, problem: str, fix: str) -> ConfigError:
         """A ConfigError for a problem found after loading (e.g. the db cannot be opened)."""
         return ConfigError(f"{self.source}: {field_name}: {problem} (fix: {fix})")
+
+
+def _peer(peer_sec: Section, kme_id: str, local: list[str]) -> PeerConfig:
+    """A peer KME's ID and SAEs ([peer], or one [[neighbour]] table)."""
+    peer_kme = _id(peer_sec, "kme_id", fix='set it to the peer KME\'s ID, e.g. '
+                                           '"kme-site-b"')
+    peer_saes = peer_sec.str_list("sae_ids", fix='list the SAE IDs behind the peer KME, '
+                                                 'e.g. ["site-b-gw"]')
+    if not peer_saes:
+        raise peer_sec.error("sae_ids", "empty", 'list at least one SAE ID, e.g. '
+                                                 '["site-b-gw"]')
+    for sae_id in peer_saes:
+        if not is_valid_id(sae_id):
+            raise peer_sec.error("sae_ids", f"{sae_id!r} is not a valid SAE ID", _ID_FIX)
+    if len(set(peer_saes)) != len(peer_saes):
+        raise peer_sec.error("sae_ids", "contains duplicates", "list each SAE once")
+    both = sorted(set(peer_saes) & set(local))
+    if both:
+        # The key ID binds (master, slave); an SAE on both sides would make the
+        # direction of a key ambiguous.
+        raise peer_sec.error("sae_ids", f"{both[0]!r} is also a local [[sae]]",
+                             "an SAE belongs to exactly one KME; remove it from one list")
+    if peer_kme == kme_id:
+        raise peer_sec.error("kme_id", "same as [kme] id", "set the peer KME's own ID")
+    return PeerConfig(peer_kme, tuple(peer_saes))
+
+
+def _link(link_sec: Section, db: Path) -> LinkConfig:
+    """One link's settings ([link], or a [neighbour.link] table)."""
+    link_type = link_sec.str("type", "bb84", fix='set type = "bb84" (the emulated QKD '
+                             'link) or "ideal" (tests only)', choices=LINK_TYPES)
+    secret_file = _readable(link_sec, "secret_file", "the shared link secret, e.g. "
+                            '"../pki/link-secret.key" from `qkdgw pki init`, the same '
+                            "file on both KMEs")
+    try:
+        secret = load_link_secret(secret_file)
+    except ValueError as exc:
+        raise link_sec.error("secret_file", str(exc),
+                             "use the link-secret.key written by `qkdgw pki init` "
+                             "(64 hex digits)") from None
+    if link_type == "ideal":
+        key_rate = link_sec.float("key_rate", 100.0, min=0.0, allow_inf=True,
+                                  fix="keys per second the simulated link produces; "
+                                      "0 = none, inf = unlimited")
+        link = LinkConfig(link_type, secret_file, key_rate, secret)
+    else:
+        link = _bb84(link_sec, secret_file, secret, db)
+    return link
 
 
 def _id(sec: Section, key: str, *, fix: str) -> str:

@@ -547,6 +547,7 @@ class RunningKme:
     link: Bb84Link | None = None
     admin_runner: web.AppRunner | None = None
     admin_port: int | None = None
+    relay_port: int | None = None  # [network] relay_listen, bound (qkd.kme.links)
 
     @property
     def url(self) -> str:
@@ -614,16 +615,9 @@ def _warn_ideal(config: KmeConfig) -> None:
                         fix="chmod 600 the file (qkdgw pki init writes it that way)")
 
 
-async def start_kme(config: KmeConfig, *,
-                    clock: Callable[[], float] = time.monotonic) -> RunningKme:
-    """Open the store, bind `[kme] listen` (port 0 = any free port) and serve."""
-    if config.link.type == "ideal":
-        _warn_ideal(config)
-    try:
-        ssl_ctx = server_ssl_context(config)
-    except (ssl.SSLError, OSError) as exc:
-        raise config.error("[tls] cert", f"cannot load TLS files ({exc})",
-                           "check [tls] cert, key and client_ca") from None
+async def open_service(config: KmeConfig, clock: Callable[[], float] = time.monotonic
+                       ) -> KmeService:
+    """The store, the link (not started) and the service of one link's KME config."""
     link = IdealLink(config.link.secret)
     try:
         sealer = Sealer(load_or_create(config.storage_key))
@@ -662,7 +656,26 @@ async def start_kme(config: KmeConfig, *,
         except LinkProtocolError as exc:
             await store.close()
             raise config.error("[link] state_file", str(exc), "see the message") from None
-    service = KmeService(config, store, link, clock, bb84)
+    return KmeService(config, store, link, clock, bb84)
+
+
+async def start_kme(config: KmeConfig, *,
+                    clock: Callable[[], float] = time.monotonic) -> RunningKme:
+    """Open the store, bind `[kme] listen` (port 0 = any free port) and serve."""
+    if len(config.neighbours) > 1 or config.network is not None:
+        # Several links or a relay (issue 11): qkd.kme.links runs one service per link.
+        from qkd.kme.links import start_network_kme
+
+        return await start_network_kme(config, clock=clock)
+    if config.link.type == "ideal":
+        _warn_ideal(config)
+    try:
+        ssl_ctx = server_ssl_context(config)
+    except (ssl.SSLError, OSError) as exc:
+        raise config.error("[tls] cert", f"cannot load TLS files ({exc})",
+                           "check [tls] cert, key and client_ca") from None
+    service = await open_service(config, clock)
+    store, bb84 = service.store, service.bb84
     runner = web.AppRunner(build_app(service), access_log=None, shutdown_timeout=5.0)
     try:
         if bb84 is not None:
@@ -749,6 +762,8 @@ async def serve(config: KmeConfig, port_file: Path | None = None) -> None:
                     write_link_ports(port_file, running.link.ports)
                 if running.admin_port is not None:
                     write_link_ports(port_file, {"admin": running.admin_port}, ".admin")
+                if running.relay_port is not None:
+                    write_link_ports(port_file, {"relay": running.relay_port}, ".relay")
                 write_port_file(port_file, running.port)
             except OSError as exc:
                 raise UserError(f"--port-file {port_file}: cannot write ({exc.strerror})"
@@ -761,7 +776,8 @@ async def serve(config: KmeConfig, port_file: Path | None = None) -> None:
         await running.close()
         if port_file is not None:
             # A stale port file would point the next launcher at a dead (or foreign) port.
-            for stale in (port_file, port_file.with_name(port_file.name + ".admin")):
+            for stale in (port_file, port_file.with_name(port_file.name + ".admin"),
+                          port_file.with_name(port_file.name + ".relay")):
                 with contextlib.suppress(OSError):
                     stale.unlink()
         log.info("kme_stopped", kme_id=config.kme_id)

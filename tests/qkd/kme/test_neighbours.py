@@ -1,0 +1,117 @@
+"""Several links per KME (issue 11, stage 1): [[neighbour]] parsing, the old [peer] +
+[link] form as one neighbour, and one pool per link in a running KME."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from qkd.common.confload import ConfigError
+from qkd.etsi014.client import EtsiClient, KmeNoKey
+from qkd.kme.config import KmeConfig
+from qkd.kme.service import RunningKme, start_kme
+from tests.support.kme_processes import kme_toml
+from tests.support.network_kmes import Nb, net_kme_toml
+
+
+def _load(tmp_path: Path, text: str, name: str = "kme.toml") -> KmeConfig:
+    path = tmp_path / name
+    path.write_text(text)
+    return KmeConfig.load(path)
+
+
+def test_old_form_is_one_neighbour(tmp_path: Path, pki: Path) -> None:
+    cfg = _load(tmp_path, kme_toml(pki, "a", tmp_path / "a.db"))
+    assert len(cfg.neighbours) == 1
+    (nb,) = cfg.neighbours
+    assert nb.peer == cfg.peer and nb.link == cfg.link and nb.db == cfg.db
+    assert cfg.network is None
+
+
+def test_two_neighbours(tmp_path: Path, pki: Path) -> None:
+    cfg = _load(tmp_path, net_kme_toml(pki, "site-a", tmp_path / "a.db",
+                                       [Nb("site-b"), Nb("site-c", "5")]))
+    assert [n.peer.kme_id for n in cfg.neighbours] == ["kme-site-b", "kme-site-c"]
+    assert [n.peer.sae_ids for n in cfg.neighbours] == [("site-b-gw",), ("site-c-gw",)]
+    assert [n.link.key_rate for n in cfg.neighbours] == [float("inf"), 5.0]
+    # The first link keeps [kme] db; every other gets its own file.
+    assert cfg.neighbours[0].db == cfg.db
+    assert cfg.neighbours[1].db == Path(f"{cfg.db}.kme-site-c")
+    assert cfg.peer == cfg.neighbours[0].peer and cfg.link == cfg.neighbours[0].link
+
+
+@pytest.mark.parametrize(("edit", "field", "fix"), [
+    (lambda t: t + '\n[peer]\nkme_id = "kme-site-b"\nsae_ids = ["x-gw"]\n', "peer",
+     "remove [peer] and [link]"),
+    (lambda t: t.replace('sae_ids = ["site-c-gw"]', 'sae_ids = ["site-b-gw"]'),
+     "[neighbour][1] sae_ids", "exactly one KME"),
+    (lambda t: t.replace('kme_id = "kme-site-c"', 'kme_id = "kme-site-b"'),
+     "[neighbour][1] kme_id", "one [[neighbour]] table per neighbour"),
+    (lambda t: t.replace('key_rate = 5', 'key_rate = 5\nbogus = 1'),
+     "[neighbour.link][1] bogus", "spelling"),
+    (lambda t: t.replace('sae_ids = ["site-c-gw"]', 'sae_ids = ["site-a-gw"]'),
+     "[neighbour][1] sae_ids", "also a local"),
+])
+def test_bad_neighbours_name_file_field_and_fix(tmp_path: Path, pki: Path,
+                                                edit: Callable[[str], str], field: str,
+                                                fix: str) -> None:
+    text = net_kme_toml(pki, "site-a", tmp_path / "a.db", [Nb("site-b"), Nb("site-c", "5")])
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, edit(text))
+    msg = str(err.value)
+    assert str(tmp_path / "kme.toml") in msg
+    assert field in msg
+    assert fix in msg
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_each_link_has_its_own_pool(tmp_path: Path, pki: Path,
+                                          sae: Callable[..., EtsiClient]) -> None:
+    clock = _Clock()
+    a_cfg = _load(tmp_path, net_kme_toml(pki, "site-a", tmp_path / "a.db",
+                                         [Nb("site-b", "10"), Nb("site-c", "0")]), "a.toml")
+    b_cfg = _load(tmp_path, net_kme_toml(pki, "site-b", tmp_path / "b.db",
+                                         [Nb("site-a")]), "b.toml")
+    c_cfg = _load(tmp_path, net_kme_toml(pki, "site-c", tmp_path / "c.db",
+                                         [Nb("site-a")]), "c.toml")
+    kmes: dict[str, RunningKme] = {}
+    try:
+        kmes["a"] = await start_kme(a_cfg, clock=clock)
+        clock.now += 10_000  # the A-B bucket fills to max_key_count; A-C makes none
+        kmes["b"] = await start_kme(b_cfg)
+        kmes["c"] = await start_kme(c_cfg)
+        async with sae("site-a", kmes["a"]) as a_gw, sae("site-b", kmes["b"]) as b_gw:
+            assert (await a_gw.status("site-b-gw"))["stored_key_count"] == 1000
+            assert (await a_gw.status("site-c-gw"))["stored_key_count"] == 0
+            st = await a_gw.status("site-c-gw")
+            assert st["target_KME_ID"] == "kme-site-c"
+            enc = await a_gw.get_enc_keys("site-b-gw", number=5)
+            assert await b_gw.get_dec_keys("site-a-gw", [k.key_id for k in enc]) == enc
+            # Only the A-B pool paid for them.
+            assert (await a_gw.status("site-b-gw"))["stored_key_count"] == 995
+            assert (await a_gw.status("site-c-gw"))["stored_key_count"] == 0
+            with pytest.raises(KmeNoKey):
+                await a_gw.get_enc_keys("site-c-gw")
+        # Positive control for the refusal above: the A-C link works once it makes keys.
+        await kmes["a"].close()
+        del kmes["a"]
+        a2 = _load(tmp_path, net_kme_toml(pki, "site-a", tmp_path / "a.db",
+                                          [Nb("site-b"), Nb("site-c")]), "a2.toml")
+        kmes["a"] = await start_kme(a2)
+        async with sae("site-a", kmes["a"]) as a_gw, sae("site-c", kmes["c"]) as c_gw:
+            enc = await a_gw.get_enc_keys("site-c-gw", number=2)
+            assert await c_gw.get_dec_keys("site-a-gw", [k.key_id for k in enc]) == enc
+            with pytest.raises(Exception, match="unknown slave SAE 'site-d-gw'"):
+                await a_gw.get_enc_keys("site-d-gw")
+    finally:
+        for k in kmes.values():
+            await k.close()
