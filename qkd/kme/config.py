@@ -11,15 +11,12 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from qkd.common.confload import ConfigError, HostPort, Section, load_toml
 from qkd.etsi014.messages import HKDF_MAX_BITS, Limits, is_valid_id
+from qkd.kme.network_config import NeighbourConfig, NetworkConfig, load_neighbours, load_network
 from qkd.link.ideal import load_link_secret
 from qkd.sim.params import LinkParams, ParamError
-
-if TYPE_CHECKING:
-    from qkd.kme.network_config import NetworkConfig
 
 LINK_TYPES = ("ideal", "bb84")
 LINK_ROLES = ("alice", "bob")
@@ -65,17 +62,6 @@ class LinkConfig:
     quantum_listen: HostPort | None = None
     state_file: Path | None = None
     round_timeout_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class NeighbourConfig:
-    """One link of this KME: the KME at its other end, the link, and the SQLite file
-    holding that link's pool and deliveries."""
-
-    peer: PeerConfig
-    link: LinkConfig
-    db: Path
-    relay: HostPort | None = None  # dial the neighbour's [network] relay_listen here
 
 
 @dataclass(frozen=True)
@@ -144,9 +130,7 @@ class KmeConfig:
 
         if root.has("neighbour"):
             # Several links (issue 11): parsed in qkd.kme.network_config.
-            from qkd.kme.network_config import load_neighbours
-
-            neighbours = load_neighbours(root, kme_id, tuple(local), db)
+            neighbours = load_neighbours(root, kme_id, tuple(local), db, _peer, _link)
         else:
             peer_sec = root.section("peer")
             peer = _peer(peer_sec, kme_id, local)
@@ -157,8 +141,6 @@ class KmeConfig:
             neighbours = (NeighbourConfig(peer, link, db),)
         network = None
         if root.has("network"):
-            from qkd.kme.network_config import load_network
-
             network = load_network(root, kme_id, tuple(local), neighbours)
 
         admin_sec = root.section("admin", required=False)

@@ -6,19 +6,34 @@ docs/network.md explains every field. The old `[peer]` + `[link]` form is one ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qkd.common.confload import HostPort, Section
 from qkd.etsi014.messages import is_valid_id
-from qkd.kme.config import NeighbourConfig, _id, _link, _peer
 from qkd.network.constants import DEFAULT_MAX_HOPS, MAX_PATH_NODES, MAX_SHARES
 from qkd.network.errors import NetworkError
 from qkd.network.topology import Topology
 
+if TYPE_CHECKING:
+    from qkd.kme.config import LinkConfig, PeerConfig
+
 # A [[network.link]] without pool_bits is assumed to have key: this KME only sees the
 # pools of its own links (and uses those), so a far link's level is unknown, not empty.
 ASSUMED_POOL_BITS = 1 << 40
+
+
+@dataclass(frozen=True)
+class NeighbourConfig:
+    """One link of this KME: the KME at its other end, the link, and the SQLite file
+    holding that link's pool and deliveries."""
+
+    peer: PeerConfig
+    link: LinkConfig
+    db: Path
+    relay: HostPort | None = None  # dial the neighbour's [network] relay_listen here
 
 
 @dataclass(frozen=True)
@@ -54,10 +69,13 @@ class NetworkConfig:
         return self.pairs.get((master, slave), self.default)
 
 
-def load_neighbours(root: Section, kme_id: str, local: tuple[str, ...],
-                    db: Path) -> tuple[NeighbourConfig, ...]:
+def load_neighbours(root: Section, kme_id: str, local: tuple[str, ...], db: Path,
+                    parse_peer: Callable[[Section, str, list[str]], PeerConfig],
+                    parse_link: Callable[[Section, Path], LinkConfig],
+                    ) -> tuple[NeighbourConfig, ...]:
     """Every [[neighbour]] table: kme_id, sae_ids, optional db and relay, and a
-    [neighbour.link] table with the fields of today's [link]."""
+    [neighbour.link] table with the fields of today's [link]. The [peer] and [link]
+    parsers come from qkd.kme.config (passed in: config imports this module)."""
     for old in ("peer", "link"):
         if root.has(old):
             raise root.error(old, "given together with [[neighbour]]",
@@ -67,7 +85,7 @@ def load_neighbours(root: Section, kme_id: str, local: tuple[str, ...],
     seen_saes: dict[str, str] = {}
     dbs: set[Path] = set()
     for i, sec in enumerate(root.sections("neighbour")):
-        peer = _peer(sec, kme_id, list(local))
+        peer = parse_peer(sec, kme_id, list(local))
         if any(n.peer.kme_id == peer.kme_id for n in out):
             raise sec.error("kme_id", f"KME {peer.kme_id!r} is listed twice",
                             "one [[neighbour]] table per neighbour KME")
@@ -91,7 +109,7 @@ def load_neighbours(root: Section, kme_id: str, local: tuple[str, ...],
         link_sec = sec.section("link")
         # confload would say "[neighbour][1.link] key"; name the table as it is written.
         link_sec._name = f"neighbour.link][{i}"
-        link = _link(link_sec, ndb)
+        link = parse_link(link_sec, ndb)
         link_sec.finish()
         sec.finish()
         out.append(NeighbourConfig(peer, link, ndb, relay))
@@ -188,8 +206,8 @@ def load_network(root: Section, kme_id: str, local: tuple[str, ...],
     pairs: dict[tuple[str, str], Policy] = {}
     known = set(local) | set(remote)
     for sec in net.sections("pair"):
-        master = _id(sec, "master", fix="the master SAE ID of the pair")
-        slave = _id(sec, "slave", fix="the slave SAE ID of the pair")
+        master = sec.str("master", fix="the master SAE ID of the pair")
+        slave = sec.str("slave", fix="the slave SAE ID of the pair")
         if not {master, slave} <= known:
             raise sec.error("slave", "the pair is not a local SAE and a [[network.sae]]",
                             "name one local [[sae]] and one remote SAE")

@@ -59,6 +59,8 @@ from qkd.kme.keystore import (
     SlaveDelivery,
     StoreError,
 )
+from qkd.kme.links import NetworkRouter, build_network_app, neighbour_config
+from qkd.kme.relay_service import RelayService
 from qkd.link.bb84 import Bb84Link, Bb84Settings, LinkUnavailable
 from qkd.link.core import LinkProtocolError
 from qkd.link.ideal import COUNTER_LIMIT, IdealLink, InvalidKeyId, TokenBucket
@@ -547,7 +549,11 @@ class RunningKme:
     link: Bb84Link | None = None
     admin_runner: web.AppRunner | None = None
     admin_port: int | None = None
-    relay_port: int | None = None  # [network] relay_listen, bound (qkd.kme.links)
+    relay_port: int | None = None  # [network] relay_listen, bound
+    # Several links (issue 11): every link's service (`service` is the first) and the
+    # relay to non-adjacent KMEs; closed with the rest.
+    services: list[KmeService] = field(default_factory=list)
+    relay: RelayService | None = None
 
     @property
     def url(self) -> str:
@@ -560,14 +566,20 @@ class RunningKme:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.relay is not None:
+            await self.relay.close()
         if self.link is not None:
             await self.link.close()
+        for svc in self.services[1:]:
+            if svc.bb84 is not None:
+                await svc.bb84.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
         try:
             await self._runner.cleanup()
         finally:
             await self.service.store.close()
+            await _close_stores(self.services[1:])
 
 
 async def _purge_loop(store: AsyncKeyStore, lifetime: float) -> None:
@@ -663,10 +675,7 @@ async def start_kme(config: KmeConfig, *,
                     clock: Callable[[], float] = time.monotonic) -> RunningKme:
     """Open the store, bind `[kme] listen` (port 0 = any free port) and serve."""
     if len(config.neighbours) > 1 or config.network is not None:
-        # Several links or a relay (issue 11): qkd.kme.links runs one service per link.
-        from qkd.kme.links import start_network_kme
-
-        return await start_network_kme(config, clock=clock)
+        return await _start_network_kme(config, clock)
     if config.link.type == "ideal":
         _warn_ideal(config)
     try:
@@ -712,6 +721,84 @@ async def start_kme(config: KmeConfig, *,
              url=running.url, link_type=config.link.type, key_rate=config.link.key_rate,
              local_saes=list(config.local_sae_ids), peer_kme=config.peer.kme_id,
              peer_saes=list(config.peer.sae_ids), db=str(config.db))
+    return running
+
+
+async def _close_stores(services: list[KmeService]) -> None:
+    for svc in services:
+        with contextlib.suppress(sqlite3.Error, OSError):
+            await svc.store.close()
+
+
+async def _start_network_kme(config: KmeConfig, clock: Callable[[], float]) -> RunningKme:
+    """Several links or a relay (issue 11): one service per link (qkd.kme.links routes
+    requests between them), the relay, one HTTPS port."""
+    try:
+        ssl_ctx = server_ssl_context(config)
+    except (ssl.SSLError, OSError) as exc:
+        raise config.error("[tls] cert", f"cannot load TLS files ({exc})",
+                           "check [tls] cert, key and client_ca") from None
+    services: list[KmeService] = []
+    relay: RelayService | None = None
+    runner: web.AppRunner | None = None
+    try:
+        for nb in config.neighbours:
+            sub = neighbour_config(config, nb)
+            if nb.link.type == "ideal":
+                _warn_ideal(sub)
+            services.append(await open_service(sub, clock))
+        if config.network is not None:
+            relay = RelayService(config, {s.config.peer.kme_id: s for s in services})
+            await relay.start()
+        for i, svc in enumerate(services):
+            if svc.bb84 is not None:
+                try:
+                    await svc.bb84.start()
+                except OSError as exc:
+                    raise UserError(f"{config.source}: [neighbour][{i}] link listen: cannot "
+                                    f"listen ({exc.strerror or exc}) (fix: choose free "
+                                    "ports for listen and quantum_listen)") from None
+        router = NetworkRouter(config, services, relay)
+        runner = web.AppRunner(build_network_app(router, _etsi_errors), access_log=None,
+                               shutdown_timeout=5.0)
+        await runner.setup()
+        try:
+            sock = _bind(config.listen.host, config.listen.port)
+        except OSError as exc:
+            raise UserError(f"{config.source}: [kme] listen: cannot listen on "
+                            f"{config.listen} ({exc.strerror or exc}) (fix: choose a free "
+                            "port or stop the other process)") from None
+        port = sock.getsockname()[1]
+        await web.SockSite(runner, sock, ssl_context=ssl_ctx).start()
+    except BaseException:
+        if relay is not None:
+            await relay.close()
+        for svc in services:
+            if svc.bb84 is not None:
+                await svc.bb84.close()
+        if runner is not None:
+            await runner.cleanup()
+        await _close_stores(services)
+        raise
+    running = RunningKme(config, config.listen.host, port, services[0], runner,
+                         link=services[0].bb84, services=services, relay=relay,
+                         relay_port=relay.port if relay is not None else None)
+    for svc in services:
+        running.tasks.append(asyncio.create_task(
+            _purge_loop(svc.store, config.key_lifetime_s)))
+    if config.admin_listen is not None:
+        try:
+            await _start_admin(running)
+        except BaseException:
+            await running.close()
+            raise
+    log.info("kme_started", kme_id=config.kme_id, listen=f"{config.listen.host}:{port}",
+             url=running.url, local_saes=list(config.local_sae_ids),
+             neighbours={nb.peer.kme_id: {"link_type": nb.link.type,
+                                          "saes": list(nb.peer.sae_ids)}
+                         for nb in config.neighbours},
+             relay_port=running.relay_port,
+             remote_saes=dict(config.network.remote_saes) if config.network else {})
     return running
 
 
