@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -117,4 +117,18 @@ def build_network_app(router: NetworkRouter, errors: Middleware) -> web.Applicat
     return app
 
 
-__all__ = ["NetworkRouter", "build_network_app", "neighbour_config"]
+def network_status(services: list[KmeService], relay: RelayService | None
+                   ) -> dict[str, Any]:
+    """The admin /status `network` section: every link's pool, and the relay's view."""
+    out: dict[str, Any] = relay.snapshot() if relay is not None else {}
+    nbs = out.setdefault("neighbours", {})
+    for svc in services:
+        entry = nbs.setdefault(svc.config.peer.kme_id, {})
+        entry["link_type"] = svc.config.link.type
+        entry["saes"] = list(svc.config.peer.sae_ids)
+        entry.setdefault("pool_keys", svc.ideal_level() if svc.bb84 is None
+                         else svc.bb84.status().get("pool_free_blocks", -1))
+    return out
+
+
+__all__ = ["NetworkRouter", "build_network_app", "neighbour_config", "network_status"]

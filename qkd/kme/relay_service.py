@@ -135,8 +135,8 @@ class StoreLinkKeys:
     def _expand(secret: bytes, what: bytes, *names: str, n: int, first: int = 0) -> bytes:
         out = b"".join(_prf(secret, b"qkdgw relay link key v1 " + what,
                             *(x.encode() for x in names), struct.pack(">Q", i))
-                       for i in range(first, first + math.ceil(n / 32) + 1))
-        return out
+                       for i in range(first, first + math.ceil(n / 32)))
+        return out[:n]
 
     def _stream(self, sender: str, receiver: str, offset: int, n: int) -> bytes:
         first, skip = divmod(offset, 32)

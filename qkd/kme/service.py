@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import math
 import os
@@ -59,7 +60,7 @@ from qkd.kme.keystore import (
     SlaveDelivery,
     StoreError,
 )
-from qkd.kme.links import NetworkRouter, build_network_app, neighbour_config
+from qkd.kme.links import NetworkRouter, build_network_app, neighbour_config, network_status
 from qkd.kme.relay_service import RelayService
 from qkd.link.bb84 import Bb84Link, Bb84Settings, LinkUnavailable
 from qkd.link.core import LinkProtocolError
@@ -807,7 +808,11 @@ async def _start_admin(running: RunningKme) -> None:
 
     addr = running.config.admin_listen
     assert addr is not None
-    runner = web.AppRunner(build_admin_app(running.service), access_log=None)
+    network: Callable[[], dict[str, Any]] | None = None
+    if running.services:
+        network = functools.partial(network_status, running.services, running.relay)
+    runner = web.AppRunner(build_admin_app(running.service, network=network),
+                           access_log=None)
     await runner.setup()
     running.admin_runner = runner
     try:

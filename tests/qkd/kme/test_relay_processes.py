@@ -1,0 +1,124 @@
+"""Trusted-node relay between KME processes (issue 11): a line of 3 (A-B-C) and a ring
+of 4 with k = 2, ideal links, real TCP on loopback, one process per KME."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qkd.etsi014.client import EtsiClient, KmeRejected
+from qkd.network.relay import relay_cost_bits
+from tests.support.kme_processes import KmeProcess, wait_until
+from tests.support.network_kmes import Nb, net_kme_toml, remote_sae_toml, topology_toml
+
+KEY_BITS = 256
+
+
+class Network:
+    """KME processes for `sites` joined by `links`; the smaller site of a link dials the
+    larger, so they start largest first and each learns its neighbours' relay ports."""
+
+    def __init__(self, pki: Path, work: Path, sites: list[str],
+                 links: list[tuple[str, str]], network_extra: str = "") -> None:
+        self.pki, self.work = pki, work
+        self.procs: dict[str, KmeProcess] = {}
+        self.relay_ports: dict[str, int] = {}
+        topo = topology_toml(sites, links)
+        for site in sorted(sites, reverse=True):
+            nbs = []
+            for a, b in links:
+                if site in (a, b):
+                    other = b if site == a else a
+                    nbs.append(Nb(other, relay_port=self.relay_ports.get(other)
+                                  if other > site else None))
+            adjacent = {n.site for n in nbs}
+            remote = [s for s in sites if s != site and s not in adjacent]
+            cfg = work / f"{site}.toml"
+            cfg.write_text(net_kme_toml(pki, site, work / f"{site}.sqlite3", nbs,
+                                        network=topo + remote_sae_toml(remote) + network_extra,
+                                        relay_listen=True, admin=True))
+            proc = KmeProcess(cfg, work, site)
+            self.procs[site] = proc
+            port_file = proc.port_file.with_name(proc.port_file.name + ".relay")
+            self.relay_ports[site] = json.loads(port_file.read_text())["relay"]
+        for site, proc in self.procs.items():
+            expected = {f"kme-{o}" for a, b in links for o in (a, b)
+                        if site in (a, b) and o != site}
+            wait_until(lambda p=proc, e=expected: {
+                nb for nb, v in self.status(p)["network"]["neighbours"].items()
+                if v.get("connected")} == e, 30, f"{site}'s relay channels",
+                list(self.procs.values()))
+
+    def status(self, proc: KmeProcess | str) -> dict[str, Any]:
+        p = self.procs[proc] if isinstance(proc, str) else proc
+        admin = json.loads(p.port_file.with_name(p.port_file.name + ".admin").read_text())
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin['admin']}/status",
+                                    timeout=10) as resp:
+            out: dict[str, Any] = json.loads(resp.read())
+        return out
+
+    def sae(self, site: str) -> EtsiClient:
+        return EtsiClient(self.procs[site].url, ca_file=self.pki / "tls-ca.crt",
+                          cert_file=self.pki / site / "sae-client.crt",
+                          key_file=self.pki / site / "sae-client.key", timeout=20)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            p.stop()
+
+
+@pytest.fixture
+def line(pki: Path, tmp_path: Path) -> Iterator[Network]:
+    net = Network(pki, tmp_path, ["site-a", "site-b", "site-c"],
+                  [("site-a", "site-b"), ("site-b", "site-c")])
+    try:
+        yield net
+    finally:
+        net.stop()
+
+
+def _link_bits(status: dict[str, Any], nb: str) -> int:
+    v = status["network"]["neighbours"][nb]
+    return int(v["bits_out"]) + int(v["bits_in"])
+
+
+async def test_line_of_three_relays_keys_once(line: Network) -> None:
+    before = line.status("site-b")["network"]["neighbours"]
+    assert before["kme-site-a"]["bits_out"] == before["kme-site-c"]["bits_in"] == 0
+    async with line.sae("site-a") as a_gw, line.sae("site-c") as c_gw:
+        st = await a_gw.status("site-c-gw")
+        assert st["target_KME_ID"] == "kme-site-c"
+        assert st["status_extension"]["relay"]["paths"] == [
+            ["kme-site-a", "kme-site-b", "kme-site-c"]]
+        enc = await a_gw.get_enc_keys("site-c-gw", number=3, size=KEY_BITS)
+        assert len({k.key_id for k in enc}) == 3
+        dec = await c_gw.get_dec_keys("site-a-gw", [k.key_id for k in enc], size=KEY_BITS)
+        assert dec == enc
+    # A second dec_keys of the same ID (a fresh client: no client-side memory) is refused.
+    async with line.sae("site-c") as again:
+        with pytest.raises(KmeRejected) as err:
+            await again.get_dec_keys("site-a-gw", [enc[0].key_id])
+        assert err.value.status == 400 and "already delivered" in err.value.message
+    # And an SAE the key was not relayed for gets nothing (B's SAE is a neighbour's).
+    async with line.sae("site-b") as b_gw:
+        with pytest.raises(KmeRejected):
+            await b_gw.get_dec_keys("site-a-gw", [enc[1].key_id])
+    # B's two pools each paid one hop of every key: share pad + tag pad forward, the
+    # ACK's tag pad back (relay_cost_bits over the 2-hop path is both hops).
+    per_hop = relay_cost_bits([("a", "b")], KEY_BITS // 8)
+    b = line.status("site-b")["network"]
+    assert _link_bits(line.status("site-b"), "kme-site-a") == 3 * per_hop
+    assert _link_bits(line.status("site-b"), "kme-site-c") == 3 * per_hop
+    assert b["neighbours"]["kme-site-a"]["pool_keys_charged"] == 3 * per_hop // KEY_BITS
+    assert b["relay"]["relays_failed"] == 0
+    # Both ends of each hop agree on what was used.
+    a = line.status("site-a")["network"]["neighbours"]["kme-site-b"]
+    c = line.status("site-c")["network"]["neighbours"]["kme-site-b"]
+    assert a["bits_out"] == b["neighbours"]["kme-site-a"]["bits_in"]
+    assert c["bits_in"] == b["neighbours"]["kme-site-c"]["bits_out"]
+    assert line.status("site-c")["network"]["relayed_keys"]["delivered_to_slave"] == 3
