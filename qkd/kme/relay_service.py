@@ -506,7 +506,9 @@ class RelayService:
         try:
             paths = self.paths(master, slave)
         except NetworkError as exc:
-            raise EtsiError(SERVER_ERROR, NO_KEY_MESSAGE,
+            # The policy cannot be met: fail closed, and say why in the message itself
+            # (clients show the message, not the details).
+            raise EtsiError(SERVER_ERROR, f"{NO_KEY_MESSAGE}: no relay route: {exc.reason}",
                             [{"reason": f"no relay route: {exc.reason}"}]) from None
         loop = asyncio.get_running_loop()
         futs: list[asyncio.Future[KeyDeliverable]] = []
@@ -532,9 +534,8 @@ class RelayService:
         if failed:
             codes = sorted({d.code.name if isinstance(d, NetworkError) else type(d).__name__
                             for d in failed})
-            raise EtsiError(SERVER_ERROR, NO_KEY_MESSAGE,
-                            [{"reason": f"{len(failed)} of {number} relays failed "
-                                        f"({', '.join(codes)})"}])
+            why = f"{len(failed)} of {number} relays failed ({', '.join(codes)})"
+            raise EtsiError(SERVER_ERROR, f"{NO_KEY_MESSAGE}: {why}", [{"reason": why}])
         ok = [d for d in done if isinstance(d, KeyDeliverable)]
         self.store.record_master([(d.key_id, master, slave, d.destination) for d in ok],
                                  time.time())

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from qkd.etsi014.client import EtsiClient, KmeRejected
+from qkd.etsi014.client import EtsiClient, KmeNoKey, KmeRejected
 from qkd.network.relay import relay_cost_bits
 from tests.support.kme_processes import KmeProcess, wait_until
 from tests.support.network_kmes import Nb, net_kme_toml, remote_sae_toml, topology_toml
@@ -40,7 +40,7 @@ class Network:
             remote = [s for s in sites if s != site and s not in adjacent]
             cfg = work / f"{site}.toml"
             cfg.write_text(net_kme_toml(pki, site, work / f"{site}.sqlite3", nbs,
-                                        network=topo + remote_sae_toml(remote) + network_extra,
+                                        network=network_extra + topo + remote_sae_toml(remote),
                                         relay_listen=True, admin=True))
             proc = KmeProcess(cfg, work, site)
             self.procs[site] = proc
@@ -122,3 +122,52 @@ async def test_line_of_three_relays_keys_once(line: Network) -> None:
     assert a["bits_out"] == b["neighbours"]["kme-site-a"]["bits_in"]
     assert c["bits_in"] == b["neighbours"]["kme-site-c"]["bits_out"]
     assert line.status("site-c")["network"]["relayed_keys"]["delivered_to_slave"] == 3
+
+
+RING = (["site-a", "site-b", "site-c", "site-d"],
+        [("site-a", "site-b"), ("site-b", "site-c"), ("site-c", "site-d"), ("site-a", "site-d")])
+
+
+@pytest.fixture
+def ring(pki: Path, tmp_path: Path) -> Iterator[Network]:
+    net = Network(pki, tmp_path, *RING, network_extra="k = 2\n")
+    try:
+        yield net
+    finally:
+        net.stop()
+
+
+async def test_ring_of_four_splits_each_key_over_two_disjoint_paths(ring: Network) -> None:
+    async with ring.sae("site-a") as a_gw, ring.sae("site-c") as c_gw:
+        st = await a_gw.status("site-c-gw")
+        paths = sorted(st["status_extension"]["relay"]["paths"])
+        assert paths == [["kme-site-a", "kme-site-b", "kme-site-c"],
+                         ["kme-site-a", "kme-site-d", "kme-site-c"]]
+        enc = await a_gw.get_enc_keys("site-c-gw", number=2, size=KEY_BITS)
+        assert await c_gw.get_dec_keys("site-a-gw", [k.key_id for k in enc]) == enc
+        # The other direction: C is the source, A the destination.
+        back = await c_gw.get_enc_keys("site-a-gw", number=1, size=512)
+        assert await a_gw.get_dec_keys("site-c-gw", [back[0].key_id], size=512) == back
+    per_hop = relay_cost_bits([("x", "y")], KEY_BITS // 8)
+    per_hop_512 = relay_cost_bits([("x", "y")], 512 // 8)
+    # Each intermediate carried one share of every key: one hop on each of its links.
+    for mid in ("site-b", "site-d"):
+        st = ring.status(mid)
+        for nb in ("kme-site-a", "kme-site-c"):
+            assert _link_bits(st, nb) == 2 * per_hop + per_hop_512, (mid, nb)
+    assert ring.status("site-c")["network"]["relayed_keys"]["delivered_to_slave"] == 2
+    assert ring.status("site-a")["network"]["relay"]["relays_delivered"] == 2
+
+
+async def test_ring_fails_closed_when_k_cannot_be_met(pki: Path, tmp_path: Path) -> None:
+    net = Network(pki, tmp_path, *RING, network_extra="k = 3\n")
+    try:
+        async with net.sae("site-a") as a_gw:
+            with pytest.raises(KmeNoKey, match=r"2 node-disjoint path\(s\).*3 needed"):
+                await a_gw.get_enc_keys("site-c-gw")
+        st = net.status("site-a")["network"]
+        assert st["relay"]["relays_started"] == 0
+        assert all(_link_bits(net.status(s), f"kme-{o}") == 0
+                   for s, o in (("site-b", "site-a"), ("site-d", "site-c")))
+    finally:
+        net.stop()
