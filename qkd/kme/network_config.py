@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qkd.common.confload import HostPort, Section
+from qkd.common.confload import ConfigError, HostPort, Section
 from qkd.etsi014.messages import is_valid_id
 from qkd.network.constants import DEFAULT_MAX_HOPS, MAX_PATH_NODES, MAX_SHARES
 from qkd.network.errors import NetworkError
@@ -145,6 +145,9 @@ def load_network(root: Section, kme_id: str, local: tuple[str, ...],
                                     "('127.0.0.1:0' picks a free port)")
     nodes = tuple(net.str_list("nodes", fix='list every KME ID in the network, e.g. '
                                '["kme-site-a", "kme-site-b", "kme-site-c"]'))
+    if kme_id not in nodes:
+        raise net.error("nodes", f"this KME ({kme_id!r}) is not listed",
+                        "add the [kme] id to [network] nodes")
     links: list[dict[str, object]] = []
     for sec in net.sections("link"):
         a = sec.str("a", fix="one end's KME ID")
@@ -158,11 +161,8 @@ def load_network(root: Section, kme_id: str, local: tuple[str, ...],
     try:
         topo = Topology.from_config({"nodes": list(nodes), "links": links})
     except NetworkError as exc:
-        raise net.error("nodes", f"topology: {exc.reason}",
-                        "fix [network] nodes and the [[network.link]] tables") from None
-    if kme_id not in nodes:
-        raise net.error("nodes", f"this KME ({kme_id!r}) is not listed",
-                        "add the [kme] id to [network] nodes")
+        # exc.reason is "field: problem (fix: ...)"; links[i] is the i-th [[network.link]].
+        raise ConfigError(f"{root.source}: [network] topology: {exc.reason}") from None
     mine = set(topo.neighbours(kme_id))
     configured = {n.peer.kme_id: n for n in neighbours}
     for name, nb in configured.items():
