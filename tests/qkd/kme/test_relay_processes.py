@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from qkd.etsi014.client import EtsiClient, KmeNoKey, KmeRejected
 from qkd.network.relay import relay_cost_bits
 from tests.support.kme_processes import KmeProcess, wait_until
 from tests.support.network_kmes import Nb, net_kme_toml, remote_sae_toml, topology_toml
+from tests.support.relay_tap import ACK, SHARE, RelayTap, Rule, drop_first, flip_first, replay_first
 
 KEY_BITS = 256
 
@@ -24,7 +25,8 @@ class Network:
     larger, so they start largest first and each learns its neighbours' relay ports."""
 
     def __init__(self, pki: Path, work: Path, sites: list[str],
-                 links: list[tuple[str, str]], network_extra: str = "") -> None:
+                 links: list[tuple[str, str]], network_extra: str = "",
+                 dial_port: Callable[[str, str, int], int] | None = None) -> None:
         self.pki, self.work = pki, work
         self.procs: dict[str, KmeProcess] = {}
         self.relay_ports: dict[str, int] = {}
@@ -34,8 +36,10 @@ class Network:
             for a, b in links:
                 if site in (a, b):
                     other = b if site == a else a
-                    nbs.append(Nb(other, relay_port=self.relay_ports.get(other)
-                                  if other > site else None))
+                    port = self.relay_ports.get(other) if other > site else None
+                    if port is not None and dial_port is not None:
+                        port = dial_port(site, other, port)  # e.g. through a tap
+                    nbs.append(Nb(other, relay_port=port))
             adjacent = {n.site for n in nbs}
             remote = [s for s in sites if s != site and s not in adjacent]
             cfg = work / f"{site}.toml"
@@ -171,3 +175,66 @@ async def test_ring_fails_closed_when_k_cannot_be_met(pki: Path, tmp_path: Path)
                    for s, o in (("site-b", "site-a"), ("site-d", "site-c")))
     finally:
         net.stop()
+
+
+@pytest.fixture
+def tapped_line(pki: Path, tmp_path: Path) -> Iterator[tuple[Network, RelayTap]]:
+    """The line with A's relay channel to B running through a tap."""
+    taps: list[RelayTap] = []
+
+    def dial(site: str, other: str, port: int) -> int:
+        if (site, other) != ("site-a", "site-b"):
+            return port
+        taps.append(RelayTap(port))
+        return taps[0].port
+
+    net = Network(pki, tmp_path, ["site-a", "site-b", "site-c"],
+                  [("site-a", "site-b"), ("site-b", "site-c")], dial_port=dial)
+    try:
+        yield net, taps[0]
+    finally:
+        net.stop()
+        taps[0].close()
+
+
+# (what the tap does, the node that notices, the failure it counts there, whether the
+# destination had stored the key before the relay was aborted)
+ATTACKS = [
+    ("flip a SHARE ciphertext bit", lambda: flip_first(SHARE, "fwd", -20), "site-b",
+     "frames_rejected", False),
+    ("replay a SHARE", lambda: replay_first(SHARE, "fwd"), "site-b", "REPLAY", True),
+    ("flip an ACK tag bit", lambda: flip_first(ACK, "back"), "site-a", "AUTH", True),
+    ("drop an ACK", lambda: drop_first(ACK, "back"), "site-a", "TIMEOUT", True),
+]
+
+
+async def test_tampered_replayed_or_dropped_hop_fails_closed(
+        tapped_line: tuple[Network, RelayTap]) -> None:
+    net, tap = tapped_line
+
+    def counted(site: str, what: str) -> int:
+        st = net.status(site)["network"]
+        return int(st["relay"].get(what, st["failures"].get(what, 0)))
+
+    async with net.sae("site-a") as a_gw, net.sae("site-c") as c_gw:
+        # Positive control: through the same tap, untouched, the relay works.
+        enc = await a_gw.get_enc_keys("site-c-gw")
+        assert await c_gw.get_dec_keys("site-a-gw", [enc[0].key_id]) == enc
+        for name, make_rule, where, what, was_stored in ATTACKS:
+            before = counted(where, what)
+            discarded = counted("site-c", "keys_discarded")
+            rule: Rule = make_rule()
+            tap.rule = rule
+            with pytest.raises(KmeNoKey, match="relays failed"):
+                await a_gw.get_enc_keys("site-c-gw")
+            tap.rule = None
+            assert counted(where, what) == before + 1, name
+            # No key usable at either end: the master got none, and the destination
+            # holds none (it erased the one it had stored when the abort came).
+            wait_until(lambda: net.status("site-c")["network"]["relayed_keys"][
+                "stored_for_slave"] == 0, 15, f"{name}: no key left at C")
+            assert counted("site-c", "keys_discarded") == discarded + int(was_stored), name
+            # A fresh relay over the same hop succeeds.
+            enc = await a_gw.get_enc_keys("site-c-gw")
+            assert await c_gw.get_dec_keys("site-a-gw", [enc[0].key_id]) == enc, name
+    assert net.status("site-a")["network"]["relay"]["relays_failed"] == len(ATTACKS)
