@@ -115,3 +115,29 @@ async def test_each_link_has_its_own_pool(tmp_path: Path, pki: Path,
     finally:
         for k in kmes.values():
             await k.close()
+
+
+def test_shipped_line_of_three_configs_load_and_agree(tmp_path: Path) -> None:
+    import shutil
+
+    from gateway.pki import init_pki
+
+    repo = Path(__file__).resolve().parents[3]
+    shutil.copytree(repo / "configs" / "network", tmp_path / "configs" / "network")
+    init_pki(tmp_path / "pki", ["site-a", "site-b", "site-c"], algorithm="ecdsa-p256")
+    line = tmp_path / "configs" / "network" / "line-3"
+    a, b, c = (KmeConfig.load(line / f"kme-{s}.toml") for s in "abc")
+    assert [n.peer.kme_id for n in b.neighbours] == ["kme-site-a", "kme-site-c"]
+    assert a.network is not None and b.network is not None and c.network is not None
+    assert a.network.remote_saes == {"site-c-gw": "kme-site-c"}
+    assert c.network.remote_saes == {"site-a-gw": "kme-site-a"}
+    assert a.network.nodes == b.network.nodes == c.network.nodes
+    # Every dialled relay address is the neighbour's relay_listen.
+    listen = {cfg.kme_id: cfg.network.relay_listen for cfg in (a, b, c)
+              if cfg.network is not None}
+    dials = [(cfg.kme_id, nb.peer.kme_id, nb.relay) for cfg in (a, b, c)
+             for nb in cfg.neighbours if nb.relay is not None]
+    assert sorted((x, y) for x, y, _ in dials) == [("kme-site-a", "kme-site-b"),
+                                                  ("kme-site-b", "kme-site-c")]
+    for _me, nb_id, addr in dials:
+        assert addr == listen[nb_id]
