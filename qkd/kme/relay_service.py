@@ -255,6 +255,7 @@ class RelayService:
                                          "keys_discarded": 0, "frames_rejected": 0,
                                          "frames_unsent": 0, "hello_refused": 0}
         self.failures: dict[str, int] = {}
+        self.rejections: dict[str, int] = {}  # frames dropped unattributed, by code
         self.latencies: list[float] = []  # end-to-end seconds per delivered relay
         self._started_at: dict[str, float] = {}
         self.paths_in_use: dict[str, list[list[str]]] = {}
@@ -444,6 +445,7 @@ class RelayService:
                 fut.set_exception(NetworkError(ev.code, ev.reason))
         elif isinstance(ev, FrameRejected):
             self.counters["frames_rejected"] += 1
+            self.rejections[ev.code.name] = self.rejections.get(ev.code.name, 0) + 1
             log.warning("relay_frame_rejected", neighbour=ev.neighbour, code=ev.code.name,
                         reason=ev.reason)
 
@@ -586,6 +588,7 @@ class RelayService:
                                 **self.keys.usage()[nb]}
                            for nb, pool in sorted(self._pools.items())},
             "relay": dict(self.counters), "failures": dict(self.failures),
+            "rejected": dict(self.rejections),
             "relayed_keys": self.store.counts(),
             "latency_p50_s": q(0.5), "latency_p99_s": q(0.99),
             "paths_in_use": dict(self.paths_in_use),

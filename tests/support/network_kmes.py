@@ -18,7 +18,7 @@ class Nb:
 
 def net_kme_toml(pki: Path, site: str, db: Path, neighbours: list[Nb], *,
                  network: str = "", max_key_count: int = 1000, admin: bool = False,
-                 relay_listen: bool = False) -> str:
+                 relay_listen: bool | int = False) -> str:
     """A KME for `site` with one [[neighbour]] per entry (ideal links) and, if
     `network` is given, a [network] section with those extra lines."""
     parts = [f"""
@@ -53,7 +53,8 @@ secret_file = "{pki}/link-secret.key"
 key_rate = {nb.key_rate}
 """)
     if network or relay_listen:
-        listen = 'relay_listen = "127.0.0.1:0"\n' if relay_listen else ""
+        port = relay_listen if type(relay_listen) is int else 0
+        listen = f'relay_listen = "127.0.0.1:{port}"\n' if relay_listen else ""
         parts.append(f"\n[network]\n{listen}{network}\n")
     if admin:
         parts.append('\n[admin]\nlisten = "127.0.0.1:0"\n')

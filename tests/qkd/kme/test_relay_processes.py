@@ -30,33 +30,44 @@ class Network:
         self.pki, self.work = pki, work
         self.procs: dict[str, KmeProcess] = {}
         self.relay_ports: dict[str, int] = {}
-        topo = topology_toml(sites, links)
+        self.sites, self.links = sites, links
+        self._topo = topology_toml(sites, links)
+        self._extra = network_extra
+        self._dial_port = dial_port
         for site in sorted(sites, reverse=True):
-            nbs = []
-            for a, b in links:
-                if site in (a, b):
-                    other = b if site == a else a
-                    port = self.relay_ports.get(other) if other > site else None
-                    if port is not None and dial_port is not None:
-                        port = dial_port(site, other, port)  # e.g. through a tap
-                    nbs.append(Nb(other, relay_port=port))
-            adjacent = {n.site for n in nbs}
-            remote = [s for s in sites if s != site and s not in adjacent]
-            cfg = work / f"{site}.toml"
-            cfg.write_text(net_kme_toml(pki, site, work / f"{site}.sqlite3", nbs,
-                                        network=network_extra + topo + remote_sae_toml(remote),
-                                        relay_listen=True, admin=True))
-            proc = KmeProcess(cfg, work, site)
-            self.procs[site] = proc
-            port_file = proc.port_file.with_name(proc.port_file.name + ".relay")
-            self.relay_ports[site] = json.loads(port_file.read_text())["relay"]
-        for site, proc in self.procs.items():
-            expected = {f"kme-{o}" for a, b in links for o in (a, b)
-                        if site in (a, b) and o != site}
-            wait_until(lambda p=proc, e=expected: {
-                nb for nb, v in self.status(p)["network"]["neighbours"].items()
-                if v.get("connected")} == e, 30, f"{site}'s relay channels",
-                list(self.procs.values()))
+            self.start(site)
+        for site in self.procs:
+            self.wait_channels(site)
+
+    def _neighbours(self, site: str) -> list[str]:
+        return [b if site == a else a for a, b in self.links if site in (a, b)]
+
+    def start(self, site: str) -> KmeProcess:
+        """Write `site`'s config (its relay port kept once known) and start it."""
+        nbs = []
+        for other in self._neighbours(site):
+            port = self.relay_ports.get(other) if other > site else None
+            if port is not None and self._dial_port is not None:
+                port = self._dial_port(site, other, port)  # e.g. through a tap
+            nbs.append(Nb(other, relay_port=port))
+        remote = [s for s in self.sites if s != site and s not in self._neighbours(site)]
+        cfg = self.work / f"{site}.toml"
+        cfg.write_text(net_kme_toml(
+            self.pki, site, self.work / f"{site}.sqlite3", nbs,
+            network=self._extra + self._topo + remote_sae_toml(remote),
+            relay_listen=self.relay_ports.get(site, True), admin=True))
+        proc = KmeProcess(cfg, self.work, site)
+        self.procs[site] = proc
+        port_file = proc.port_file.with_name(proc.port_file.name + ".relay")
+        self.relay_ports[site] = json.loads(port_file.read_text())["relay"]
+        return proc
+
+    def wait_channels(self, site: str) -> None:
+        expected = {f"kme-{o}" for o in self._neighbours(site)}
+        proc = self.procs[site]
+        wait_until(lambda: {nb for nb, v in self.status(proc)["network"]["neighbours"].items()
+                            if v.get("connected")} == expected, 30,
+                   f"{site}'s relay channels", list(self.procs.values()))
 
     def status(self, proc: KmeProcess | str) -> dict[str, Any]:
         p = self.procs[proc] if isinstance(proc, str) else proc
@@ -238,3 +249,53 @@ async def test_tampered_replayed_or_dropped_hop_fails_closed(
             enc = await a_gw.get_enc_keys("site-c-gw")
             assert await c_gw.get_dec_keys("site-a-gw", [enc[0].key_id]) == enc, name
     assert net.status("site-a")["network"]["relay"]["relays_failed"] == len(ATTACKS)
+
+
+def _connected(net: Network, site: str, nb: str) -> bool:
+    return bool(net.status(site)["network"]["neighbours"][f"kme-{nb}"]["connected"])
+
+
+async def test_restarts_keep_keys_once_and_never_reuse_link_key(line: Network) -> None:
+    async with line.sae("site-a") as a_gw:
+        enc = await a_gw.get_enc_keys("site-c-gw", number=2)
+    # SIGKILL the destination after it stored (and acked) the keys: they survive it.
+    line.procs["site-c"].kill()
+    line.start("site-c")
+    line.wait_channels("site-c")
+    async with line.sae("site-c") as c_gw:
+        assert await c_gw.get_dec_keys("site-a-gw", [enc[0].key_id]) == enc[:1]
+    async with line.sae("site-c") as c_gw:  # a fresh client: no client-side memory
+        with pytest.raises(KmeRejected, match="already delivered"):
+            await c_gw.get_dec_keys("site-a-gw", [enc[0].key_id])
+        assert await c_gw.get_dec_keys("site-a-gw", [enc[1].key_id]) == enc[1:]
+
+    # The trusted node dies: relays fail closed at once (A's only route is down).
+    line.procs["site-b"].kill()
+    wait_until(lambda: not _connected(line, "site-a", "site-b"), 15, "A sees B gone")
+    async with line.sae("site-a") as a_gw:
+        with pytest.raises(KmeNoKey, match="no relay route"):
+            await a_gw.get_enc_keys("site-c-gw")
+    # B comes back: its link-key offsets continue past everything it used before.
+    line.start("site-b")
+    for site in ("site-a", "site-b", "site-c"):
+        line.wait_channels(site)
+    async with line.sae("site-a") as a_gw, line.sae("site-c") as c_gw:
+        enc = await a_gw.get_enc_keys("site-c-gw")
+        assert await c_gw.get_dec_keys("site-a-gw", [enc[0].key_id]) == enc
+
+    # Control: B restarted *without* its relay state would send under pads from offset
+    # 0 again; C's persisted watermark refuses them and the relay fails closed.
+    line.procs["site-b"].kill()
+    for suffix in ("", "-wal", "-shm"):
+        (line.work / f"site-b.sqlite3.relay{suffix}").unlink(missing_ok=True)
+    assert "LINK_KEY" not in line.status("site-c")["network"]["rejected"]
+    line.start("site-b")
+    for site in ("site-a", "site-b", "site-c"):
+        line.wait_channels(site)
+    async with line.sae("site-a") as a_gw:
+        with pytest.raises(KmeNoKey, match="relays failed"):
+            await a_gw.get_enc_keys("site-c-gw")
+    st = line.status("site-c")["network"]
+    # The SHARE (and the ABORT after it, if it has arrived) under reused pads.
+    assert st["rejected"]["LINK_KEY"] >= 1
+    assert st["relayed_keys"]["stored_for_slave"] == 0
