@@ -3,88 +3,27 @@ of 4 with k = 2, ideal links, real TCP on loopback, one process per KME."""
 
 from __future__ import annotations
 
-import json
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from qkd.etsi014.client import EtsiClient, KmeNoKey, KmeRejected
+from qkd.etsi014.client import KmeNoKey, KmeRejected
 from qkd.network.relay import relay_cost_bits
-from tests.support.kme_processes import KmeProcess, wait_until
-from tests.support.network_kmes import Nb, net_kme_toml, remote_sae_toml, topology_toml
-from tests.support.relay_tap import ACK, SHARE, RelayTap, Rule, drop_first, flip_first, replay_first
+from tests.support.kme_processes import wait_until
+from tests.support.network_kmes import Network
+from tests.support.relay_tap import (
+    ACK,
+    SHARE,
+    RelayTap,
+    Rule,
+    drop_first,
+    flip_first,
+    replay_first,
+)
 
 KEY_BITS = 256
-
-
-class Network:
-    """KME processes for `sites` joined by `links`; the smaller site of a link dials the
-    larger, so they start largest first and each learns its neighbours' relay ports."""
-
-    def __init__(self, pki: Path, work: Path, sites: list[str],
-                 links: list[tuple[str, str]], network_extra: str = "",
-                 dial_port: Callable[[str, str, int], int] | None = None) -> None:
-        self.pki, self.work = pki, work
-        self.procs: dict[str, KmeProcess] = {}
-        self.relay_ports: dict[str, int] = {}
-        self.sites, self.links = sites, links
-        self._topo = topology_toml(sites, links)
-        self._extra = network_extra
-        self._dial_port = dial_port
-        for site in sorted(sites, reverse=True):
-            self.start(site)
-        for site in self.procs:
-            self.wait_channels(site)
-
-    def _neighbours(self, site: str) -> list[str]:
-        return [b if site == a else a for a, b in self.links if site in (a, b)]
-
-    def start(self, site: str) -> KmeProcess:
-        """Write `site`'s config (its relay port kept once known) and start it."""
-        nbs = []
-        for other in self._neighbours(site):
-            port = self.relay_ports.get(other) if other > site else None
-            if port is not None and self._dial_port is not None:
-                port = self._dial_port(site, other, port)  # e.g. through a tap
-            nbs.append(Nb(other, relay_port=port))
-        remote = [s for s in self.sites if s != site and s not in self._neighbours(site)]
-        cfg = self.work / f"{site}.toml"
-        cfg.write_text(net_kme_toml(
-            self.pki, site, self.work / f"{site}.sqlite3", nbs,
-            network=self._extra + self._topo + remote_sae_toml(remote),
-            relay_listen=self.relay_ports.get(site, True), admin=True))
-        proc = KmeProcess(cfg, self.work, site)
-        self.procs[site] = proc
-        port_file = proc.port_file.with_name(proc.port_file.name + ".relay")
-        self.relay_ports[site] = json.loads(port_file.read_text())["relay"]
-        return proc
-
-    def wait_channels(self, site: str) -> None:
-        expected = {f"kme-{o}" for o in self._neighbours(site)}
-        proc = self.procs[site]
-        wait_until(lambda: {nb for nb, v in self.status(proc)["network"]["neighbours"].items()
-                            if v.get("connected")} == expected, 30,
-                   f"{site}'s relay channels", list(self.procs.values()))
-
-    def status(self, proc: KmeProcess | str) -> dict[str, Any]:
-        p = self.procs[proc] if isinstance(proc, str) else proc
-        admin = json.loads(p.port_file.with_name(p.port_file.name + ".admin").read_text())
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin['admin']}/status",
-                                    timeout=10) as resp:
-            out: dict[str, Any] = json.loads(resp.read())
-        return out
-
-    def sae(self, site: str) -> EtsiClient:
-        return EtsiClient(self.procs[site].url, ca_file=self.pki / "tls-ca.crt",
-                          cert_file=self.pki / site / "sae-client.crt",
-                          key_file=self.pki / site / "sae-client.key", timeout=20)
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            p.stop()
 
 
 @pytest.fixture
