@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import math
 import secrets
+import sqlite3
 import struct
 import time
 from dataclasses import dataclass
@@ -408,7 +409,13 @@ class RelayService:
             progressed = bool(out)
             while (ev := self.node.next_event()) is not None:
                 progressed = True
-                self._on_event(ev)
+                try:
+                    self._on_event(ev)
+                except (sqlite3.Error, OSError):
+                    # The store failed: this relay ends by timeout (no ACK was sent
+                    # for a key not on disk); the channel and the other relays go on.
+                    log.exception("relay_event_failed", event=type(ev).__name__,
+                                  key_id=getattr(ev, "key_id", None))
             if not progressed:
                 return
 

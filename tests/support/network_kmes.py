@@ -139,6 +139,13 @@ class Network:
             out: dict[str, Any] = json.loads(resp.read())
         return out
 
+    def metrics(self, site: str) -> str:
+        p = self.procs[site]
+        admin = json.loads(p.port_file.with_name(p.port_file.name + ".admin").read_text())
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin['admin']}/metrics",
+                                    timeout=10) as resp:
+            return resp.read().decode()
+
     def sae(self, site: str) -> EtsiClient:
         return EtsiClient(self.procs[site].url, ca_file=self.pki / "tls-ca.crt",
                           cert_file=self.pki / site / "sae-client.crt",

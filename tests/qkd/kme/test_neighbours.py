@@ -141,3 +141,27 @@ def test_shipped_line_of_three_configs_load_and_agree(tmp_path: Path) -> None:
                                                   ("kme-site-b", "kme-site-c")]
     for _me, nb_id, addr in dials:
         assert addr == listen[nb_id]
+
+
+async def test_admin_shows_every_link_by_neighbour(tmp_path: Path, pki: Path) -> None:
+    import aiohttp
+
+    cfg = _load(tmp_path, net_kme_toml(pki, "site-a", tmp_path / "a.db",
+                                       [Nb("site-b"), Nb("site-c", "0")], admin=True))
+    kme = await start_kme(cfg)
+    try:
+        base = f"http://127.0.0.1:{kme.admin_port}"
+        async with aiohttp.ClientSession() as s:
+            async with s.get(base + "/status") as resp:
+                status = await resp.json()
+            async with s.get(base + "/metrics") as resp:
+                metrics = await resp.text()
+        nbs = status["network"]["neighbours"]
+        assert nbs["kme-site-b"]["pool_keys"] == 1000 and nbs["kme-site-c"]["pool_keys"] == 0
+        assert nbs["kme-site-c"]["saes"] == ["site-c-gw"]
+        assert 'qkdgw_kme_neighbour_pool_keys{neighbour="kme-site-b"} 1000.0' in metrics
+        assert 'qkdgw_kme_neighbour_pool_keys{neighbour="kme-site-c"} 0.0' in metrics
+        # No relay configured: no relay series.
+        assert "qkdgw_kme_relay_link_key_bits" not in metrics
+    finally:
+        await kme.close()

@@ -76,6 +76,10 @@ async def test_line_of_three_relays_keys_once(line: Network) -> None:
     assert a["bits_out"] == b["neighbours"]["kme-site-a"]["bits_in"]
     assert c["bits_in"] == b["neighbours"]["kme-site-c"]["bits_out"]
     assert line.status("site-c")["network"]["relayed_keys"]["delivered_to_slave"] == 3
+    metrics = line.metrics("site-b")
+    assert (f'qkdgw_kme_relay_link_key_bits_total{{direction="in",neighbour="kme-site-a"}} '
+            f'{float(b["neighbours"]["kme-site-a"]["bits_in"])}') in metrics
+    assert 'qkdgw_kme_relay_channel_connected{neighbour="kme-site-c"} 1.0' in metrics
 
 
 RING = (["site-a", "site-b", "site-c", "site-d"],
