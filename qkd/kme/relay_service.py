@@ -90,6 +90,21 @@ def _prf(secret: bytes, label: bytes, *parts: bytes) -> bytes:
     return hmac.new(secret, label + b"".join(_lp(p) for p in parts), hashlib.sha256).digest()
 
 
+def _expand(secret: bytes, what: bytes, *names: str, n: int, first: int = 0) -> bytes:
+    out = b"".join(_prf(secret, b"qkdgw relay link key v1 " + what,
+                        *(x.encode() for x in names), struct.pack(">Q", i))
+                   for i in range(first, first + math.ceil(n / 32)))
+    return out[:n]
+
+
+def link_stream(secret: bytes, sender: str, receiver: str, offset: int, n: int) -> bytes:
+    """Bytes offset .. offset+n of the (sender -> receiver) relay link-key stream of an
+    ideal link with `secret`: what both ends of the hop (and anyone holding the link
+    secret, e.g. a compromised node) can compute."""
+    first, skip = divmod(offset, 32)
+    return _expand(secret, b"otp", sender, receiver, n=n + skip, first=first)[skip:]
+
+
 @dataclass
 class _LinkPool:
     """One neighbour's link as the relay sees it: the secret the ideal link derives
@@ -125,25 +140,16 @@ class StoreLinkKeys:
                 self._c[(nb, name)] = saved.get((nb, name), 0)
             # After a restart the next offset is the end of the last lease.
             self._c[(nb, "out_next")] = self._c[(nb, "out_lease")]
-        self._hash = {nb: HashKey(self._expand(p.secret, b"hash", *sorted((me, nb)),
-                                               n=HASH_KEY_BYTES))
+        self._hash = {nb: HashKey(_expand(p.secret, b"hash", *sorted((me, nb)),
+                                          n=HASH_KEY_BYTES))
                       for nb, p in links.items()}
 
     def __repr__(self) -> str:
         return f"StoreLinkKeys({self.me!r}, neighbours={sorted(self._links)}, <keys redacted>)"
 
-    @staticmethod
-    def _expand(secret: bytes, what: bytes, *names: str, n: int, first: int = 0) -> bytes:
-        out = b"".join(_prf(secret, b"qkdgw relay link key v1 " + what,
-                            *(x.encode() for x in names), struct.pack(">Q", i))
-                       for i in range(first, first + math.ceil(n / 32)))
-        return out[:n]
-
     def _stream(self, sender: str, receiver: str, offset: int, n: int) -> bytes:
-        first, skip = divmod(offset, 32)
-        raw = self._expand(self._pool(sender if sender != self.me else receiver).secret,
-                           b"otp", sender, receiver, n=n + skip, first=first)
-        return raw[skip:skip + n]
+        return link_stream(self._pool(sender if sender != self.me else receiver).secret,
+                           sender, receiver, offset, n)
 
     def _pool(self, nb: str) -> _LinkPool:
         try:

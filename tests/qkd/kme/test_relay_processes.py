@@ -3,14 +3,18 @@ of 4 with k = 2, ideal links, real TCP on loopback, one process per KME."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from qkd.etsi014.client import KmeNoKey, KmeRejected
-from qkd.network.relay import relay_cost_bits
+from qkd.kme.relay_service import link_stream
+from qkd.link.ideal import load_link_secret
+from qkd.network.constants import PAD_BYTES
+from qkd.network.relay import Share, decode_frame, relay_cost_bits
 from tests.support.kme_processes import wait_until
 from tests.support.network_kmes import Network
 from tests.support.relay_tap import (
@@ -242,3 +246,83 @@ async def test_restarts_keep_keys_once_and_never_reuse_link_key(line: Network) -
     # The SHARE (and the ABORT after it, if it has arrived) under reused pads.
     assert st["rejected"]["LINK_KEY"] >= 1
     assert st["relayed_keys"]["stored_for_slave"] == 0
+
+
+# ------------------------------------------------------------- compromised node
+
+
+def _recording_taps(targets: set[tuple[str, str]]
+                    ) -> tuple[Callable[[str, str, int], int], dict[str, RelayTap],
+                               dict[str, list[bytes]]]:
+    """A dial hook putting a tap on each (dialler, neighbour) channel in `targets`,
+    recording the SHARE frames that go to the neighbour (what that node receives)."""
+    taps: dict[str, RelayTap] = {}
+    frames: dict[str, list[bytes]] = {}
+
+    def dial(site: str, other: str, port: int) -> int:
+        if (site, other) not in targets:
+            return port
+        got = frames.setdefault(other, [])
+
+        def record(direction: str, frame: bytes) -> list[bytes]:
+            if direction == "fwd" and frame[1] == SHARE:
+                got.append(frame)
+            return [frame]
+
+        taps[other] = RelayTap(port, rule=record)
+        return taps[other].port
+
+    return dial, taps, frames
+
+
+def _node_view(pki: Path, node: str, frames: list[bytes]) -> dict[str, bytes]:
+    """What a compromised `node` rebuilds from its memory (the link secret its pads
+    come from) and the SHARE frames it received from A: key id -> share."""
+    secret = load_link_secret(pki / "link-secret.key")
+    out = {}
+    for frame in frames:
+        msg, offset, _tag, _signed = decode_frame(frame)
+        assert isinstance(msg, Share)
+        pad = link_stream(secret, "kme-site-a", f"kme-{node}", offset + PAD_BYTES,
+                          msg.key_bytes)
+        out[str(uuid.UUID(bytes=msg.key_id))] = bytes(
+            x ^ y for x, y in zip(msg.ciphertext, pad, strict=True))
+    return out
+
+
+async def test_compromised_trusted_node_single_path_gives_the_key(pki: Path,
+                                                                  tmp_path: Path) -> None:
+    dial, taps, frames = _recording_taps({("site-a", "site-b")})
+    net = Network(pki, tmp_path, ["site-a", "site-b", "site-c"],
+                  [("site-a", "site-b"), ("site-b", "site-c")], dial_port=dial)
+    try:
+        async with net.sae("site-a") as a_gw:
+            enc = await a_gw.get_enc_keys("site-c-gw", number=3)
+        view = _node_view(pki, "site-b", frames["site-b"])
+        # k = 1 (control): B's state and traffic are every key.
+        assert {k.key_id: k.key for k in enc} == view
+    finally:
+        net.stop()
+        for t in taps.values():
+            t.close()
+
+
+async def test_compromised_trusted_node_learns_nothing_with_k2(pki: Path,
+                                                               tmp_path: Path) -> None:
+    dial, taps, frames = _recording_taps({("site-a", "site-b"), ("site-a", "site-d")})
+    net = Network(pki, tmp_path, *RING, network_extra="k = 2\n", dial_port=dial)
+    try:
+        async with net.sae("site-a") as a_gw:
+            enc = await a_gw.get_enc_keys("site-c-gw", number=3)
+        b = _node_view(pki, "site-b", frames["site-b"])
+        d = _node_view(pki, "site-d", frames["site-d"])
+        assert set(b) == set(d) == {k.key_id for k in enc}
+        for k in enc:
+            # One node's share alone is not the key (it is independent of it) ...
+            assert b[k.key_id] != k.key and d[k.key_id] != k.key
+            # ... and both nodes together (control) have it: the shares XOR to the key.
+            assert bytes(x ^ y for x, y in zip(b[k.key_id], d[k.key_id], strict=True)) == k.key
+    finally:
+        net.stop()
+        for t in taps.values():
+            t.close()
