@@ -10,6 +10,7 @@ when that KME is not a neighbour. SKIP stays on the first neighbour only.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +126,9 @@ def network_status(services: list[KmeService], relay: RelayService | None
     for svc in services:
         entry = nbs.setdefault(svc.config.peer.kme_id, {})
         entry["link_type"] = svc.config.link.type
+        if svc.bb84 is None:
+            rate = svc.config.link.key_rate
+            entry["key_rate"] = "inf" if math.isinf(rate) else rate
         entry["saes"] = list(svc.config.peer.sae_ids)
         entry.setdefault("pool_keys", svc.ideal_level() if svc.bb84 is None
                          else svc.bb84.status().get("pool_free_blocks", -1))

@@ -3,6 +3,9 @@ of 4 with k = 2, ideal links, real TCP on loopback, one process per KME."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -326,3 +329,23 @@ async def test_compromised_trusted_node_learns_nothing_with_k2(pki: Path,
         net.stop()
         for t in taps.values():
             t.close()
+
+
+async def test_network_status_command(line: Network) -> None:
+    async with line.sae("site-a") as a_gw:
+        await a_gw.get_enc_keys("site-c-gw")
+    p = line.procs["site-a"]
+    admin = json.loads(p.port_file.with_name(p.port_file.name + ".admin").read_text())
+    url = f"http://127.0.0.1:{admin['admin']}"
+    run = [sys.executable, "-m", "gateway.cli", "network", "status", "--admin", url]
+    text = subprocess.run(run, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "topology: 3 nodes, 2 links" in text
+    assert "kme-site-b" in text and "connected" in text and "key rate inf/s" in text
+    assert "site-a-gw->site-c-gw: kme-site-a > kme-site-b > kme-site-c" in text
+    raw = json.loads(subprocess.run([*run, "--json"], capture_output=True, text=True,
+                                    timeout=60, check=True).stdout)
+    assert raw["relay"]["relays_delivered"] == 1
+    # A KME that is not there: a clear error, exit code 2.
+    bad = subprocess.run([*run[:-1], "http://127.0.0.1:9"], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "cannot read http://127.0.0.1:9/status" in bad.stderr
