@@ -25,6 +25,7 @@ class RelayTap:
     rule: Rule | None = None
     seen: list[tuple[str, int]] = field(default_factory=list)  # (direction, kind)
     port: int = 0
+    _writers: list[asyncio.StreamWriter] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._loop = asyncio.new_event_loop()
@@ -44,6 +45,19 @@ class RelayTap:
         self._loop.run_until_complete(start())
         self._loop.run_forever()
 
+    def cut(self) -> None:
+        """The link goes down: close every proxied connection and accept no more."""
+        done = threading.Event()
+
+        def do() -> None:
+            self._server.close()
+            for w in list(self._writers):
+                w.close()
+            done.set()
+
+        self._loop.call_soon_threadsafe(do)
+        done.wait(5)
+
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._server.close)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -56,6 +70,7 @@ class RelayTap:
         except OSError:
             d_writer.close()
             return
+        self._writers += [d_writer, l_writer]
 
         async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                        direction: str, hello: Callable[[], object]) -> None:

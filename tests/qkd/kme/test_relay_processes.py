@@ -349,3 +349,35 @@ async def test_network_status_command(line: Network) -> None:
     bad = subprocess.run([*run[:-1], "http://127.0.0.1:9"], capture_output=True, text=True,
                          timeout=60)
     assert bad.returncode == 2 and "cannot read http://127.0.0.1:9/status" in bad.stderr
+
+
+async def test_a_link_going_down_moves_relays_to_the_other_path(pki: Path,
+                                                               tmp_path: Path) -> None:
+    taps: list[RelayTap] = []
+
+    def dial(site: str, other: str, port: int) -> int:
+        if (site, other) != ("site-a", "site-b"):
+            return port
+        taps.append(RelayTap(port))
+        return taps[0].port
+
+    net = Network(pki, tmp_path, *RING, dial_port=dial)
+    try:
+        async with net.sae("site-a") as a_gw, net.sae("site-c") as c_gw:
+            before = (await a_gw.status("site-c-gw"))["status_extension"]["relay"]["paths"]
+            assert before == [["kme-site-a", "kme-site-b", "kme-site-c"]]  # k = 1
+            enc = await a_gw.get_enc_keys("site-c-gw")
+            assert await c_gw.get_dec_keys("site-a-gw", [enc[0].key_id]) == enc
+            taps[0].cut()  # the A-B link goes down
+            wait_until(lambda: not _connected(net, "site-a", "site-b"), 15, "A-B down")
+            after = (await a_gw.status("site-c-gw"))["status_extension"]["relay"]["paths"]
+            assert after == [["kme-site-a", "kme-site-d", "kme-site-c"]]
+            b_bits = _link_bits(net.status("site-b"), "kme-site-a")
+            enc = await a_gw.get_enc_keys("site-c-gw", number=2)
+            assert await c_gw.get_dec_keys("site-a-gw", [k.key_id for k in enc]) == enc
+            assert _link_bits(net.status("site-b"), "kme-site-a") == b_bits
+            assert _link_bits(net.status("site-d"), "kme-site-a") > 0
+    finally:
+        net.stop()
+        for t in taps:
+            t.close()
