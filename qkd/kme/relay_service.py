@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hashlib
 import hmac
 import math
@@ -49,6 +50,8 @@ from qkd.link.wegman_carter import HASH_KEY_BYTES, HashKey
 from qkd.network.constants import (
     MAX_FRAME_BYTES,
     MAX_KEY_BYTES,
+    MAX_LSA_LINKS,
+    MAX_POOL_BITS,
     MIN_KEY_BYTES,
     PAD_BYTES,
 )
@@ -63,8 +66,13 @@ from qkd.network.relay import (
     RelayNode,
     relay_cost_bits,
 )
+from qkd.network.topology import (
+    LinkReport,
+    LinkStateAd,
+    LinkStateDb,
+    disjoint_paths,
+)
 from qkd.network.topology import Path as NetPath
-from qkd.network.topology import disjoint_paths
 
 if TYPE_CHECKING:
     from qkd.kme.config import KmeConfig
@@ -79,6 +87,10 @@ _MAC = 32
 # crash loses at most this much link key, never reuses it.
 _LEASE_BYTES = 1 << 16
 _TICK_S = 0.2
+_LSA_INTERVAL_S = 1.0  # also sent at once when a relay channel goes up or down
+_LSA_MARK = b"L"  # first byte of an LSA frame on the channel; relay frames start with 1
+# Largest channel frame: a relay frame, or an LSA frame (mark, counter, advert, tag).
+_MAX_CHANNEL_FRAME = max(MAX_FRAME_BYTES, 1 + 8 + 12 + 64 + MAX_LSA_LINKS * 74 + _MAC)
 _DIAL_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 
 
@@ -215,20 +227,27 @@ class StoreLinkKeys:
 
 
 class _Channel:
-    """One neighbour's relay connection (either side may have dialled)."""
+    """One neighbour's relay connection (either side may have dialled). `lsa_key`
+    authenticates the link-state adverts on it (relay frames carry their own tags)."""
 
     def __init__(self, neighbour: str, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+                 writer: asyncio.StreamWriter, lsa_key: bytes) -> None:
         self.neighbour = neighbour
         self.reader = reader
         self.writer = writer
+        self.lsa_key = lsa_key
+        self.sent = 0  # LSA frames sent / the last counter received: no replay, no reorder
+        self.received = 0
+
+    def __repr__(self) -> str:
+        return f"_Channel({self.neighbour!r}, <key redacted>)"
 
     def send(self, frame: bytes) -> None:
         self.writer.write(struct.pack(">I", len(frame)) + frame)
 
     async def recv(self) -> bytes:
         (n,) = struct.unpack(">I", await self.reader.readexactly(4))
-        if n > MAX_FRAME_BYTES:
+        if n > _MAX_CHANNEL_FRAME:
             raise ValueError(f"relay frame of {n} bytes from {self.neighbour!r}")
         return await self.reader.readexactly(n)
 
@@ -260,12 +279,16 @@ class RelayService:
         self.counters: dict[str, int] = {"relays_started": 0, "relays_delivered": 0,
                                          "relays_failed": 0, "keys_stored": 0,
                                          "keys_discarded": 0, "frames_rejected": 0,
-                                         "frames_unsent": 0, "hello_refused": 0}
+                                         "frames_unsent": 0, "hello_refused": 0,
+                                         "lsa_stale": 0, "lsa_rejected": 0}
         self.failures: dict[str, int] = {}
         self.rejections: dict[str, int] = {}  # frames dropped unattributed, by code
         self.latencies: list[float] = []  # end-to-end seconds per delivered relay
         self._started_at: dict[str, float] = {}
         self.paths_in_use: dict[str, list[list[str]]] = {}
+        self.lsdb = LinkStateDb(self.net.topology())
+        self._lsas: dict[str, LinkStateAd] = {}  # the latest advert of every origin
+        self._lsa_seq = 0
 
     def __repr__(self) -> str:
         return f"RelayService({self.me!r}, channels={sorted(self.channels)})"
@@ -339,7 +362,8 @@ class RelayService:
         except (OSError, asyncio.IncompleteReadError, TimeoutError):
             writer.close()
             return
-        await self._run_channel(_Channel(nb, reader, writer))
+        await self._run_channel(_Channel(nb, reader, writer, _prf(
+            secret, _HELLO + b"K", nonce, their, nb.encode(), self.me.encode())))
 
     async def _dial(self, nb: str, host: str, port: int) -> None:
         secret = self._secret(nb)
@@ -361,7 +385,8 @@ class RelayService:
                     writer.close()
                 else:
                     attempt = 0
-                    await self._run_channel(_Channel(nb, reader, writer))
+                    await self._run_channel(_Channel(nb, reader, writer, _prf(
+                        secret, _HELLO + b"K", nonce, mine, self.me.encode(), nb.encode())))
             except (OSError, asyncio.IncompleteReadError, TimeoutError):
                 pass
             await asyncio.sleep(_DIAL_BACKOFF_S[min(attempt, len(_DIAL_BACKOFF_S) - 1)])
@@ -373,9 +398,15 @@ class RelayService:
             old.close()
         self.channels[ch.neighbour] = ch
         log.info("relay_channel_up", neighbour=ch.neighbour)
+        self._advertise()
+        for lsa in self._lsas.values():  # what this node knows, so the new one catches up
+            self._send_lsa(ch, lsa)
         try:
             while True:
                 frame = await ch.recv()
+                if frame[:1] == _LSA_MARK:
+                    self._on_lsa(ch, frame)
+                    continue
                 self.node.receive_data(ch.neighbour, frame, time.monotonic())
                 self._pump()
         except (OSError, asyncio.IncompleteReadError, ValueError):
@@ -383,17 +414,76 @@ class RelayService:
         finally:
             if self.channels.get(ch.neighbour) is ch:
                 del self.channels[ch.neighbour]
+                self._advertise()
             ch.close()
             log.info("relay_channel_down", neighbour=ch.neighbour)
+
+    # ------------------------------------------------------ link-state adverts
+
+    def _advertise(self) -> None:
+        """This node's links as it sees them now (channel up, pool level), to the
+        link-state db and every neighbour."""
+        seq = max(self._lsa_seq + 1, time.time_ns() // 1000)  # grows across restarts
+        self._lsa_seq = seq
+        lsa = LinkStateAd(self.me, seq, tuple(
+            LinkReport(nb, nb in self.channels, min(pool.level_bits(), MAX_POOL_BITS))
+            for nb, pool in sorted(self._pools.items())))
+        self._learn(lsa, None)
+
+    def _learn(self, lsa: LinkStateAd, came_from: str | None) -> None:
+        known = self._lsas.get(lsa.origin)
+        if known is not None and known.seq >= lsa.seq:
+            self.counters["lsa_stale"] += 1
+            return
+        try:
+            self.lsdb.apply(lsa)
+        except NetworkError as exc:
+            self.counters["lsa_rejected"] += 1
+            log.warning("lsa_rejected", origin=lsa.origin, reason=exc.reason)
+            return
+        self._lsas[lsa.origin] = lsa
+        for nb, ch in self.channels.items():
+            if nb != came_from:
+                self._send_lsa(ch, lsa)  # flooding: each node passes on what is new
+
+    def _send_lsa(self, ch: _Channel, lsa: LinkStateAd) -> None:
+        ch.sent += 1
+        body = struct.pack(">Q", ch.sent) + lsa.encode()
+        ch.send(_LSA_MARK + body + _prf(ch.lsa_key, b"lsa", self.me.encode(), body))
+
+    def _on_lsa(self, ch: _Channel, frame: bytes) -> None:
+        body, mac = frame[1:-_MAC], frame[-_MAC:]
+        if len(body) < 8 or not hmac.compare_digest(
+                mac, _prf(ch.lsa_key, b"lsa", ch.neighbour.encode(), body)):
+            self.counters["lsa_rejected"] += 1
+            log.warning("lsa_rejected", neighbour=ch.neighbour, reason="bad tag")
+            return
+        (counter,) = struct.unpack(">Q", body[:8])
+        if counter <= ch.received:
+            self.counters["lsa_rejected"] += 1
+            log.warning("lsa_rejected", neighbour=ch.neighbour, reason="replayed")
+            return
+        ch.received = counter
+        try:
+            lsa = LinkStateAd.decode(body[8:])
+        except NetworkError as exc:
+            self.counters["lsa_rejected"] += 1
+            log.warning("lsa_rejected", neighbour=ch.neighbour, reason=exc.reason)
+            return
+        if lsa.origin != self.me:
+            self._learn(lsa, ch.neighbour)
 
     # ---------------------------------------------------------- the core
 
     async def _ticker(self) -> None:
-        purge_at = 0.0
+        purge_at = advertise_at = 0.0
         while True:
             await asyncio.sleep(_TICK_S)
             self.node.handle_timer(time.monotonic())
             self._pump()
+            if time.monotonic() >= advertise_at:
+                advertise_at = time.monotonic() + _LSA_INTERVAL_S
+                self._advertise()
             now = time.time()
             if now >= purge_at:
                 purge_at = now + 30.0
@@ -466,10 +556,12 @@ class RelayService:
 
     def paths(self, master: str, slave: str) -> list[NetPath]:
         """Node-disjoint paths for a key to `slave`'s KME under the pair's policy, over
-        links that are up here (channel connected, pool not dry)."""
+        links that are up (channel connected, pool not dry) here and in the adverts."""
         dest = self.net.remote_saes[slave]
         pol = self.net.policy(master, slave)
-        topo = self.net.topology()
+        # Far links as the latest adverts say (both ends must call a link up), this
+        # node's own links as they are right now.
+        topo = copy.deepcopy(self.lsdb.topology)
         for nb, pool in self._pools.items():
             topo.set_link(self.me, nb, up=nb in self.channels, pool_bits=pool.level_bits())
         return disjoint_paths(topo, self.me, dest, pol.k, max_hops=pol.max_hops,
@@ -594,7 +686,9 @@ class RelayService:
         return {
             "node": self.me,
             "topology": {"nodes": list(self.net.nodes),
-                         "links": [{"a": x["a"], "b": x["b"]} for x in self.net.links]},
+                         "links": [{"a": x.a, "b": x.b, "up": x.up, "pool_bits": x.pool_bits,
+                                    "advertised": x.a in self._lsas or x.b in self._lsas}
+                                   for x in self.lsdb.topology.links.values()]},
             "neighbours": {nb: {"connected": nb in self.channels,
                                 "pool_keys": pool.service.ideal_level(),
                                 "pool_bits": pool.level_bits(),

@@ -2,7 +2,7 @@
 thread between the dialling KME and the neighbour's relay listener. It passes the
 HELLO through, then cuts the stream into relay frames (u32 length + frame) and, per
 `rules`, drops or changes the frames it is told to (byte 1 of a frame is its kind:
-1 SHARE, 2 ACK, 3/4 ABORT)."""
+1 SHARE, 2 ACK, 3/4 ABORT; link-state adverts start with b"L" and are passed on)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 HELLO_NONCE, HELLO_MAC = 16, 32
+RELAY = 1  # first byte (version) of a relay frame
 SHARE, ACK = 1, 2
 
 # (direction "fwd" dialler -> listener or "back", frame) -> frames to pass on
@@ -108,7 +109,7 @@ def flip_first(kind: int, direction: str, at: int = -1) -> Rule:
 
     def rule(d: str, frame: bytes) -> list[bytes]:
         nonlocal done
-        if not done and d == direction and frame[1] == kind:
+        if not done and d == direction and frame[0] == RELAY and frame[1] == kind:
             done = True
             i = len(frame) + at
             return [frame[:i] + bytes([frame[i] ^ 1]) + frame[i + 1:]]
@@ -121,7 +122,7 @@ def drop_first(kind: int, direction: str) -> Rule:
 
     def rule(d: str, frame: bytes) -> list[bytes]:
         nonlocal done
-        if not done and d == direction and frame[1] == kind:
+        if not done and d == direction and frame[0] == RELAY and frame[1] == kind:
             done = True
             return []
         return [frame]
@@ -134,7 +135,7 @@ def replay_first(kind: int, direction: str) -> Rule:
 
     def rule(d: str, frame: bytes) -> list[bytes]:
         nonlocal done
-        if not done and d == direction and frame[1] == kind:
+        if not done and d == direction and frame[0] == RELAY and frame[1] == kind:
             done = True
             return [frame, frame]
         return [frame]

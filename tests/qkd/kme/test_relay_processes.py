@@ -268,7 +268,7 @@ def _recording_taps(targets: set[tuple[str, str]]
         got = frames.setdefault(other, [])
 
         def record(direction: str, frame: bytes) -> list[bytes]:
-            if direction == "fwd" and frame[1] == SHARE:
+            if direction == "fwd" and frame[0] == 1 and frame[1] == SHARE:
                 got.append(frame)
             return [frame]
 
@@ -377,6 +377,58 @@ async def test_a_link_going_down_moves_relays_to_the_other_path(pki: Path,
             assert await c_gw.get_dec_keys("site-a-gw", [k.key_id for k in enc]) == enc
             assert _link_bits(net.status("site-b"), "kme-site-a") == b_bits
             assert _link_bits(net.status("site-d"), "kme-site-a") > 0
+    finally:
+        net.stop()
+        for t in taps:
+            t.close()
+
+
+async def test_far_link_down_is_learnt_from_adverts(pki: Path, tmp_path: Path) -> None:
+    """B's link to C goes down: A's own links are all up, so only B's link-state
+    advert (flooded, authenticated per channel) can move A's relays to A-D-C."""
+    taps: list[RelayTap] = []
+
+    def dial(site: str, other: str, port: int) -> int:
+        if (site, other) != ("site-b", "site-c"):
+            return port
+        taps.append(RelayTap(port))
+        return taps[0].port
+
+    net = Network(pki, tmp_path, *RING, dial_port=dial)
+    try:
+        # A changed advert on the B-C channel is refused (counted), not applied.
+        rejected = net.status("site-c")["network"]["relay"]["lsa_rejected"]
+
+        def flip_lsa(d: str, frame: bytes) -> list[bytes]:
+            if d == "fwd" and frame[:1] == b"L":
+                taps[0].rule = None
+                return [frame[:-1] + bytes([frame[-1] ^ 1])]
+            return [frame]
+
+        taps[0].rule = flip_lsa
+        wait_until(lambda: net.status("site-c")["network"]["relay"]["lsa_rejected"]
+                   > rejected, 15, "C refuses the changed advert")
+        async with net.sae("site-a") as a_gw, net.sae("site-c") as c_gw:
+            st = await a_gw.status("site-c-gw")
+            assert st["status_extension"]["relay"]["paths"] == [
+                ["kme-site-a", "kme-site-b", "kme-site-c"]]
+            taps[0].cut()  # the B-C link goes down, two hops away from A
+
+            def via_d() -> bool:
+                links = net.status("site-a")["network"]["topology"]["links"]
+                bc = next(x for x in links if (x["a"], x["b"]) == ("kme-site-b",
+                                                                   "kme-site-c"))
+                return not bc["up"]
+
+            wait_until(via_d, 15, "A learns that B-C is down")
+            st = await a_gw.status("site-c-gw")
+            assert st["status_extension"]["relay"]["paths"] == [
+                ["kme-site-a", "kme-site-d", "kme-site-c"]]
+            assert all(v["connected"] for v in
+                       net.status("site-a")["network"]["neighbours"].values())
+            enc = await a_gw.get_enc_keys("site-c-gw", number=2)
+            assert await c_gw.get_dec_keys("site-a-gw", [k.key_id for k in enc]) == enc
+        assert net.status("site-a")["network"]["relay"]["relays_failed"] == 0
     finally:
         net.stop()
         for t in taps:

@@ -5,6 +5,7 @@ the link's pool) and B's pools dropping by exactly the relay cost."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -175,10 +176,12 @@ async def test_pools_drop_by_the_relay_cost(tmp_path: Path, pki: Path,
             network=LINE + remote_sae_toml(["site-c"])), "a.toml")
         kmes["a"] = await start_kme(a, clock=clock)
         clock.now += 5000  # every bucket full (1000 keys); frozen from here on
-        for _ in range(100):
-            if kmes["a"].relay and kmes["a"].relay.channels and len(
-                    kmes["b"].relay.channels) == 2:  # type: ignore[union-attr]
-                break
+        relay_a = kmes["a"].relay
+        assert relay_a is not None
+        for _ in range(100):  # channels up, and adverts of the now full pools arrived
+            with contextlib.suppress(NetworkError):
+                if relay_a.paths("site-a-gw", "site-c-gw"):
+                    break
             await asyncio.sleep(0.05)
         async with sae("site-b", kmes["b"]) as b_gw, sae("site-a", kmes["a"]) as a_gw, \
                 sae("site-c", kmes["c"]) as c_gw:
