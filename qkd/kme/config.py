@@ -1,4 +1,5 @@
-"""KME configuration (`qkdgw kme --config FILE`), see configs/kme-a.toml for every field.
+"""KME configuration (`qkdgw kme --config FILE`), see configs/kme-a.toml for every field
+(several links and the relay, `[[neighbour]]` and `[network]`: qkd.kme.network_config).
 
 Everything that can be checked before the server starts is checked here, so a bad
 config ends in one `ConfigError` naming the field and the fix rather than a traceback

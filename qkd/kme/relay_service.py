@@ -8,6 +8,8 @@
   from the neighbour's link (ideal links only so far: bytes derived from the link
   secret, each direction its own stream) and are charged to that link's pool; offsets
   and watermarks are persisted (qkd.kme.relay_store) before a frame leaves.
+- Link-state adverts go over the same channels (own links every second and on a
+  channel change, flooded on; HMAC per channel), into a LinkStateDb for routing.
 - enc_keys for an SAE behind a non-adjacent KME starts one relay per key over
   `disjoint_paths` (policy from [network]) and answers once every key is
   KeyDeliverable; the destination stores the key before it lets the ACKs go.
