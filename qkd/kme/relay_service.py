@@ -25,7 +25,9 @@ import copy
 import hashlib
 import hmac
 import math
+import os
 import secrets
+import signal
 import sqlite3
 import struct
 import time
@@ -66,6 +68,8 @@ from qkd.network.relay import (
     KeyDiscarded,
     RelayFailed,
     RelayNode,
+    Share,
+    decode_frame,
     relay_cost_bits,
 )
 from qkd.network.topology import (
@@ -94,6 +98,18 @@ _LSA_MARK = b"L"  # first byte of an LSA frame on the channel; relay frames star
 # Largest channel frame: a relay frame, or an LSA frame (mark, counter, advert, tag).
 _MAX_CHANNEL_FRAME = max(MAX_FRAME_BYTES, 1 + 8 + 12 + 64 + MAX_LSA_LINKS * 74 + _MAC)
 _DIAL_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
+# Test hook: SIGKILL this KME at one step of a relay, so the crash tests can hit every
+# step in a real process. Unset (always, outside those tests): no effect.
+CRASH_ENV = "QKDGW_TEST_RELAY_CRASH"
+CRASH_POINTS = ("transit_on_share", "transit_after_forward", "dest_before_store",
+                "dest_after_store")
+_CRASH = os.environ.get(CRASH_ENV, "")
+
+
+def _crash_at(point: str) -> None:
+    if point == _CRASH:
+        log.warning("test_crash", point=point)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _lp(data: bytes) -> bytes:
@@ -409,8 +425,14 @@ class RelayService:
                 if frame[:1] == _LSA_MARK:
                     self._on_lsa(ch, frame)
                     continue
+                transit_share = bool(_CRASH) and self._is_transit_share(frame)
+                if transit_share:
+                    _crash_at("transit_on_share")
                 self.node.receive_data(ch.neighbour, frame, time.monotonic())
                 self._pump()
+                if transit_share:
+                    await ch.writer.drain()
+                    _crash_at("transit_after_forward")
         except (OSError, asyncio.IncompleteReadError, ValueError):
             pass
         finally:
@@ -419,6 +441,13 @@ class RelayService:
                 self._advertise()
             ch.close()
             log.info("relay_channel_down", neighbour=ch.neighbour)
+
+    def _is_transit_share(self, frame: bytes) -> bool:
+        try:
+            msg, *_ = decode_frame(frame)
+        except NetworkError:
+            return False
+        return isinstance(msg, Share) and msg.path[-1] != self.me
 
     # ------------------------------------------------------ link-state adverts
 
@@ -519,6 +548,7 @@ class RelayService:
 
     def _on_event(self, ev: Event) -> None:
         if isinstance(ev, KeyAssembled):
+            _crash_at("dest_before_store")
             try:
                 self.store.store_key(ev.key_id, ev.master_sae, ev.slave_sae, ev.source,
                                      ev.key, time.time())
@@ -526,6 +556,7 @@ class RelayService:
                 log.exception("relayed_key_not_stored", key_id=ev.key_id)
                 return
             self.counters["keys_stored"] += 1
+            _crash_at("dest_after_store")  # stored, the ACK not sent yet
             if not self.node.key_stored(ev.key_id, time.monotonic()):
                 self.store.discard_key(ev.key_id)
         elif isinstance(ev, KeyDiscarded):

@@ -88,7 +88,8 @@ class Network:
 
     def __init__(self, pki: Path, work: Path, sites: list[str],
                  links: list[tuple[str, str]], network_extra: str = "",
-                 dial_port: Callable[[str, str, int], int] | None = None) -> None:
+                 dial_port: Callable[[str, str, int], int] | None = None,
+                 env: dict[str, dict[str, str]] | None = None) -> None:
         self.pki, self.work = pki, work
         self.procs: dict[str, KmeProcess] = {}
         self.relay_ports: dict[str, int] = {}
@@ -96,6 +97,7 @@ class Network:
         self._topo = topology_toml(sites, links)
         self._extra = network_extra
         self._dial_port = dial_port
+        self.env = dict(env or {})  # per site, for the next start of that site
         for site in sorted(sites, reverse=True):
             self.start(site)
         for site in self.procs:
@@ -118,7 +120,7 @@ class Network:
             self.pki, site, self.work / f"{site}.sqlite3", nbs,
             network=self._extra + self._topo + remote_sae_toml(remote),
             relay_listen=self.relay_ports.get(site, True), admin=True))
-        proc = KmeProcess(cfg, self.work, site)
+        proc = KmeProcess(cfg, self.work, site, env=self.env.get(site))
         self.procs[site] = proc
         port_file = proc.port_file.with_name(proc.port_file.name + ".relay")
         self.relay_ports[site] = json.loads(port_file.read_text())["relay"]

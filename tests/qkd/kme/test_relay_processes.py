@@ -4,6 +4,7 @@ of 4 with k = 2, ideal links, real TCP on loopback, one process per KME."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import uuid
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from qkd.etsi014.client import KmeNoKey, KmeRejected
-from qkd.kme.relay_service import link_stream
+from qkd.kme.relay_service import CRASH_ENV, link_stream
 from qkd.link.ideal import load_link_secret
 from qkd.network.constants import PAD_BYTES
 from qkd.network.relay import Share, decode_frame, relay_cost_bits
@@ -433,3 +434,46 @@ async def test_far_link_down_is_learnt_from_adverts(pki: Path, tmp_path: Path) -
         net.stop()
         for t in taps:
             t.close()
+
+
+# (crash point, the node that is SIGKILLed there, whether the destination ends up
+# holding the key the master never got: an orphan no SAE can name, purged after
+# key_lifetime_s)
+CRASHES = [
+    ("transit_on_share", "site-b", (0,)),
+    ("transit_after_forward", "site-b", (0, 1)),  # 1 if C got the share before B died
+    ("dest_before_store", "site-c", (0,)),
+    ("dest_after_store", "site-c", (1,)),
+]
+
+
+@pytest.mark.parametrize(("point", "victim", "orphans"), CRASHES,
+                         ids=[c[0] for c in CRASHES])
+async def test_sigkill_at_a_relay_step_never_gives_the_master_a_key_alone(
+        pki: Path, tmp_path: Path, point: str, victim: str, orphans: tuple[int, ...]
+        ) -> None:
+    net = Network(pki, tmp_path, ["site-a", "site-b", "site-c"],
+                  [("site-a", "site-b"), ("site-b", "site-c")],
+                  env={victim: {CRASH_ENV: point}})
+    try:
+        async with net.sae("site-a") as a_gw:
+            with pytest.raises(KmeNoKey, match="relays failed"):
+                await a_gw.get_enc_keys("site-c-gw")
+        assert net.procs[victim].wait_exit(10) == -signal.SIGKILL
+        assert net.status("site-a")["network"]["relayed_keys"]["delivered_to_master"] == 0
+        net.env.pop(victim)
+        net.start(victim)
+        for site in ("site-a", "site-b", "site-c"):
+            net.wait_channels(site)
+        held = net.status("site-c")["network"]["relayed_keys"]
+        assert held["stored_for_slave"] in orphans and held["delivered_to_slave"] == 0
+        # The network recovers: a fresh relay is delivered, once, to both ends.
+        async with net.sae("site-a") as a_gw, net.sae("site-c") as c_gw:
+            enc = await a_gw.get_enc_keys("site-c-gw")
+            assert await c_gw.get_dec_keys("site-a-gw", [enc[0].key_id]) == enc
+        async with net.sae("site-c") as c_gw:
+            with pytest.raises(KmeRejected, match="already delivered"):
+                await c_gw.get_dec_keys("site-a-gw", [enc[0].key_id])
+        assert net.status("site-a")["network"]["relayed_keys"]["delivered_to_master"] == 1
+    finally:
+        net.stop()
