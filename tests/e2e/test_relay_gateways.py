@@ -49,3 +49,23 @@ def test_gateways_at_a_and_c_tunnel_over_relayed_keys(tmp_path: Path) -> None:
     finally:
         bed.stop()
         net.stop()
+
+
+def test_demo_topology_ring_json() -> None:
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "gateway.cli", "demo", "--topology", "ring",
+                           "--streams", "2", "--stream-mb", "1", "--json"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:] + proc.stdout[-2000:]
+    s = json.loads(proc.stdout)
+    assert s["ok"] is True and s["tunnel_mode"] == "hybrid" and s["k"] == 2
+    assert s["bytes_verified"] == s["bytes_sent"] == 2 * 1024 * 1024
+    assert s["relays_delivered"] >= 1 and s["relays_failed"] == 0
+    assert sorted(s["paths"]["site-a-gw->site-c-gw"]) == [
+        ["kme-site-a", "kme-site-b", "kme-site-c"], ["kme-site-a", "kme-site-d", "kme-site-c"]]
+    # Both trusted nodes carried a share of every key (one hop on each of their links).
+    for node in ("site-b", "site-d"):
+        assert all(bits > 0 for bits in s["trusted_node_link_key_bits"][node].values())
