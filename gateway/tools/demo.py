@@ -147,7 +147,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, "topology", None):
             from gateway.tools.network_demo import run_network_demo  # issue 11
 
-            run_network_demo(args, bed, summary, say)
+            run_network_demo(args, bed, summary, say, run_traffic)
         elif late_eve:
             run_late_eve_demo(args, bed, summary, say)
         elif args.eve:

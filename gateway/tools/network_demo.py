@@ -118,9 +118,8 @@ def start_network(bed: Testbed, topology: str, key_rate: float = 1000.0) -> None
 
 
 def run_network_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, Any],
-                     say: Any) -> None:
-    from gateway.tools.demo import run_traffic
-
+                     say: Any, run_traffic: Any) -> None:
+    """`run_traffic` is gateway.tools.demo's (passed in: demo imports this module)."""
     topology = args.topology
     sites, _links, k = TOPOLOGIES[topology]
     say(f"starting {len(sites)} KMEs ({topology}, k = {k}) ...")
