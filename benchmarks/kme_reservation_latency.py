@@ -41,42 +41,19 @@ from typing import Any
 import aiohttp
 
 from gateway.pki import init_pki
+from gateway.tools import kme_config
 
 API = "/api/v1/keys"
 
 
-def kme_toml(work: Path, site: str, peer: str, link: str, admin: bool) -> str:
+def kme_toml(work: Path, site: str, peer: str, link: dict[str, Any], admin: bool) -> str:
     pki = work / "pki"
-    return f"""
-[kme]
-id = "kme-{site}"
-listen = "127.0.0.1:0"
-db = "{work}/state/kme-{site}.sqlite3"
-max_key_count = 1000000
-max_key_per_request = 128
-
-[tls]
-cert = "{pki}/{site}/kme-server.crt"
-key = "{pki}/{site}/kme-server.key"
-client_ca = "{pki}/tls-ca.crt"
-
-[[sae]]
-id = "{site}-gw"
-
-[peer]
-kme_id = "kme-{peer}"
-sae_ids = ["{peer}-gw"]
-
-[link]
-type = "bb84"
-secret_file = "{pki}/link-secret.key"
-{link}
-{'[admin]' + chr(10) + 'listen = "127.0.0.1:0"' if admin else ''}
-
-[logging]
-level = "info"
-format = "json"
-"""
+    return kme_config.dumps(kme_config.kme_config(
+        pki, site, work / "state" / f"kme-{site}.sqlite3", local_saes=[f"{site}-gw"],
+        peer_kme=f"kme-{peer}", peer_saes=[f"{peer}-gw"], link=link,
+        kme={"max_key_count": 1000000, "max_key_per_request": 128},
+        sections={"admin": {"listen": "127.0.0.1:0"}} if admin else None,
+        log_level="info", log_format="json"))
 
 
 class Kme:
@@ -180,17 +157,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not (work / "pki" / "ca.crt").exists():
         init_pki(work / "pki", ["site-a", "site-b"], algorithm="ecdsa-p256")
     admin = args.pythonpath is None
-    common = f"distance_km = {args.distance_km}\npulses = {args.pulses}\n"
+    secret = work / "pki" / "link-secret.key"
+    common = {"distance_km": args.distance_km, "pulses": args.pulses}
     kmes: list[Kme] = []
     try:
-        bob = Kme(work, "site-b", kme_toml(work, "site-b", "site-a", common + (
-            'role = "bob"\nlisten = "127.0.0.1:0"\nquantum_listen = "127.0.0.1:0"\n'),
-            admin), args.pythonpath)
+        bob = Kme(work, "site-b", kme_toml(work, "site-b", "site-a", kme_config.bb84_link(
+            secret, "bob", **common), admin), args.pythonpath)
         kmes.append(bob)
         ports = bob.side_file(".link")
-        alice = Kme(work, "site-a", kme_toml(work, "site-a", "site-b", common + (
-            f'role = "alice"\npeer = "127.0.0.1:{ports["classical"]}"\n'
-            f'quantum = "127.0.0.1:{ports["quantum"]}"\n'), admin), args.pythonpath)
+        alice = Kme(work, "site-a", kme_toml(work, "site-a", "site-b", kme_config.bb84_link(
+            secret, "alice", **common, peer=ports["classical"], quantum=ports["quantum"]),
+            admin), args.pythonpath)
         kmes.append(alice)
         t0 = time.monotonic()
         print(f"waiting for the first key ({args.pulses:.0e} pulses per round)...",

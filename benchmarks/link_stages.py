@@ -32,19 +32,17 @@ import argparse
 import cProfile
 import functools
 import inspect
-import os
 import pstats
 import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
+from link_pair import connected_pair, pump
 
 from qkd.link import core as lc
 from qkd.link import quantum
 from qkd.sim import messages, protocol
 from qkd.sim.cascade import CascadeAlice, CascadeBob
-from qkd.sim.params import LinkParams
 
 _STAGES = ["emission", "qc framing+seal", "measurement", "sifting", "estimation",
            "cascade", "verification", "privacy amp.", "pp codec", "commit+tags"]
@@ -124,42 +122,6 @@ def instrument() -> None:
         _wrap(lc.LinkCore, name, "commit+tags")
 
 
-def make_pair(params: LinkParams, psk: bytes) -> tuple[lc.LinkCore, lc.LinkCore]:
-    extra: dict[str, object] = {}
-    if "link_secret" in inspect.signature(lc.LinkCore).parameters:
-        extra["link_secret"] = psk
-    cores = []
-    for role, seed in (("alice", 1), ("bob", 2)):
-        cores.append(lc.LinkCore(role, lc.bootstrap_auth(role, psk), params, 256,
-                                 np.random.default_rng(seed), **extra))  # type: ignore[arg-type]
-    return cores[0], cores[1]
-
-
-def pump(a: lc.LinkCore, b: lc.LinkCore) -> int:
-    bits = 0
-    while True:
-        moved = False
-        for src, dst in ((a, b), (b, a)):
-            for f in src.frames_to_send():
-                moved = True
-                dst.receive_frame(f, 0.0)
-        for q in a.quantum_to_send():
-            moved = True
-            b.receive_pulses(q, 0.0)
-        for core in (a, b):
-            while (w := core.take_work()) is not None:
-                moved = True
-                core.work_done(w.run(), 0.0)
-            while (ev := core.next_event()) is not None:
-                moved = True
-                if isinstance(ev, lc.DepositRequested):
-                    core.deposit_done(ev.round)
-                if isinstance(ev, lc.RoundCommitted) and core is a:
-                    bits += len(ev.blocks) * len(ev.blocks[0][1]) * 8 if ev.blocks else 0
-        if not moved:
-            return bits
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=1)
@@ -167,12 +129,7 @@ def main() -> None:
     ap.add_argument("--distance", type=float, default=10.0)
     ap.add_argument("--profile", type=int, default=0, metavar="N")
     args = ap.parse_args()
-    params = LinkParams(distance_km=args.distance, detector_efficiency=0.8,
-                        misalignment=0.01, dark_count_prob=1e-7, pulses=int(args.pulses))
-    a, b = make_pair(params, os.urandom(32))
-    a.connection_made()
-    b.connection_made()
-    pump(a, b)
+    params, a, b = connected_pair(args.distance, args.pulses)
     instrument()
     prof = cProfile.Profile() if args.profile else None
     bits = 0

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from qkd.sim.cascade import reconcile_frames
-from qkd.sim.theory import h2
+from qkd.sim.estimation import h2
 
 
 def fer_upper(fails: int, frames: int, conf: float = 0.95) -> float:

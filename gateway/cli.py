@@ -28,7 +28,7 @@ _COMMANDS = {
     "rndl": "gateway.tools.rndl",
     "qkd": "qkd.sim.cli",
     "eve": "qkd.link.eve",
-    "link-reset": "qkd.link.reset",
+    "link-reset": "qkd.kme.link_reset",
     "psk": "gateway.runtime.psk_store",
 }
 

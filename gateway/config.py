@@ -1,21 +1,320 @@
 """The gateway's config file (`qkdgw gateway --config site-a.toml`).
 
-Every field is documented in `configs/site-a.toml`. Loading checks everything a typo
-could break before any socket opens: types and ranges, that files exist and parse,
-that the certificate's identity is this site's, and that the policy makes sense.
+`GatewayFile` is its schema: every table a model, every key one field with its default,
+bounds and description (docs/config.md is generated from it; configs/site-*.toml spell
+out every field). Loading checks everything a typo could break before any socket
+opens: types and ranges, that files exist, and that the policy makes sense.
+`GatewayConfig` is the flat view the runtime reads, built from the validated file.
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
-from gateway.tunnel.admission import COOKIE_MODES, AdmissionSettings, peer_network
-from qkd.common.confload import ConfigError, HostPort, Section, load_toml
+from pydantic import AfterValidator, model_validator
 
-KEMS = ("ML-KEM-768", "ML-KEM-1024")
-BACKENDS = ("auto", "openssl", "liboqs")
+from gateway.tunnel.admission import AdmissionConfig, AdmissionSettings
+from gateway.tunnel.connection import ConnectionSettings
+from gateway.tunnel.record import RecordLimits
+from gateway.tunnel.streams import MuxSettings
+from qkd.common.confload import ConfigError, HostPort
+from qkd.common.schema import (
+    Bool,
+    ConfPath,
+    ExistingFile,
+    Float,
+    HostPortT,
+    Int,
+    IpHostPort,
+    Problem,
+    Schema,
+    Str,
+    default_of,
+    load_model,
+    section,
+    setting,
+    tables,
+)
+
+Kem = Literal["ML-KEM-768", "ML-KEM-1024"]
+Backend = Literal["auto", "openssl", "liboqs"]
+KEMS: tuple[str, ...] = typing.get_args(Kem)
+BACKENDS: tuple[str, ...] = typing.get_args(Backend)
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
+
+
+def _check_name(value: str) -> str:
+    if not value or len(value) > 64 or not set(value) <= _NAME_CHARS:
+        raise Problem(f"{value[:60]!r} is not a valid name",
+                      "use 1-64 lowercase letters, digits, '-', '_' or '.'")
+    return value
+
+
+def _check_url(value: str) -> str:
+    if not value.startswith("https://"):
+        raise Problem(f"{value[:60]!r} is not an https:// URL",
+                      "ETSI 014 runs over HTTPS with client certificates: use https://")
+    return value
+
+
+Name = Annotated[Str, AfterValidator(_check_name)]
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class GatewaySection(Schema):
+    site_id: Name = setting(
+        doc="This site's identity; must equal the site in the SAN URI (qkdgw://site/<id>) "
+        "of [pki] cert.", fix='set it to a name such as "site-a"')
+    sae_id: Name = setting(
+        doc="This gateway's ETSI GS QKD 014 SAE ID: the CN of its KME client certificate.",
+        fix='set it to a name such as "site-a-gw"')
+    state_dir: ConfPath | None = setting(
+        None, doc="Directory for the gateway's persistent state (created if missing). "
+        "Default: state/<site_id> next to the config file.",
+        fix='set it to a directory, e.g. "../state/site-a"')
+
+
+# The tunnel core's own defaults (gateway/tunnel); the soft key-update limits stay at
+# most half the hard limits, which no setting moves.
+_CORE, _RECORDS, _MUX = ConnectionSettings(), RecordLimits(), MuxSettings()
+
+
+class TunnelSection(Schema):
+    listen: IpHostPort | None = setting(
+        None, doc="Accept the tunnel here ('ip:port'); exactly one of listen/connect.",
+        fix="write it as 'ip:port', e.g. '127.0.0.1:7500'")
+    connect: HostPortT | None = setting(
+        None, doc="Dial the peer gateway's tunnel address ('host:port'); exactly one of "
+        "listen/connect.", fix="write it as 'host:port', e.g. '127.0.0.1:7500'")
+    handshake_timeout_s: Float = setting(
+        _CORE.handshake_timeout, ge=1.0, le=300.0, unit="s",
+        doc="How long a handshake (including the KME round trips) may take before it is "
+        "abandoned.")
+    rekey_interval_s: Float = setting(
+        _CORE.rekey_interval, ge=1.0, le=86400.0, unit="s",
+        doc="Time between full hybrid re-handshakes inside the live tunnel; keep both "
+        "sites' values equal.")
+    key_update_records: Int = setting(
+        _RECORDS.update_after_records, ge=16, le=_RECORDS.hard_max_records // 2,
+        unit="records", doc="AES-GCM key update after this many records under one key.")
+    key_update_bytes: Int = setting(
+        _RECORDS.update_after_bytes, ge=1 << 16, le=_RECORDS.hard_max_bytes // 2,
+        unit="bytes", doc="AES-GCM key update after this many bytes under one key.")
+    stream_window: Int = setting(
+        _MUX.recv_window, ge=1 << 14, le=1 << 30, unit="bytes",
+        doc="Per-stream receive window (flow control), announced to the peer.")
+    max_streams: Int = setting(
+        _MUX.max_streams, ge=1, le=65536,
+        doc="Most concurrent streams the peer may open towards this gateway.")
+    connect_wait_s: Float = setting(
+        10.0, ge=0.0, le=300.0, unit="s", doc="How long a new application connection waits "
+        "for the tunnel before it is reset.")
+    reconnect_min_s: Float = setting(
+        0.5, ge=0.05, le=60.0, unit="s", doc="First reconnect delay after the tunnel "
+        "drops (doubling up to reconnect_max_s).")
+    reconnect_max_s: Float = setting(
+        30.0, ge=0.1, le=3600.0, unit="s", doc="Longest reconnect delay; at least "
+        "reconnect_min_s.")
+    admission: AdmissionConfig = section(
+        AdmissionConfig, doc="Denial-of-service protection of the tunnel listener.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TunnelSection:
+        if self.listen is None and self.connect is None:
+            raise Problem("neither listen nor connect is set",
+                          "set connect on the site that dials and listen on the one that "
+                          "accepts", at="listen")
+        if self.listen is not None and self.connect is not None:
+            raise Problem("both listen and connect are set",
+                          "one site dials (connect), the other accepts (listen)", at="connect")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise Problem("is below reconnect_min_s",
+                          "make reconnect_max_s at least reconnect_min_s", at="reconnect_max_s")
+        first = self.admission.first_record_timeout_s
+        if first > self.handshake_timeout_s and (
+                "first_record_timeout_s" in self.admission.model_fields_set):
+            raise Problem(f"{first} s is longer than [tunnel] handshake_timeout_s "
+                          f"({self.handshake_timeout_s} s)",
+                          "make it at most handshake_timeout_s",
+                          at=("admission", "first_record_timeout_s"))
+        return self
+
+
+class PeerSection(Schema):
+    site_id: Name = setting(
+        doc="The identity the peer must prove (its certificate's SAN URI and its hello).",
+        fix='set it to a name such as "site-b"')
+    sae_id: Name = setting(
+        doc="The peer gateway's SAE ID: the slave SAE for enc_keys at our KME.",
+        fix='set it to a name such as "site-b-gw"')
+
+
+class PkiSection(Schema):
+    ca: ExistingFile = setting(
+        doc="CA that issued both sites' gateway certificates.",
+        fix="point it at the gateway CA certificate (ca.crt)")
+    cert: ExistingFile = setting(
+        doc="This site's gateway certificate (PEM).", fix="point it at this site's gateway.crt")
+    key: ExistingFile = setting(
+        doc="This site's gateway signing key (PKCS#8 PEM, mode 0600).",
+        fix="point it at this site's gateway.key")
+    crl: ExistingFile | None = setting(
+        None, doc="Revocation list signed by the gateway CA; a revoked peer is refused at "
+        "bootstrap. Unset: no revocation checks.",
+        fix="point it at the gateway CA's revocation list (crl.pem), or remove the line to "
+        "turn revocation checks off")
+    crl_grace_s: Float = setting(
+        0.0, ge=0.0, le=30 * 86400.0, unit="s", doc="How long a revocation list may be past "
+        "its nextUpdate and still be used; 0 refuses bootstraps at once.",
+        fix="seconds a revocation list may be past its nextUpdate and still be used; 0 "
+        "(default) refuses bootstraps at once")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PkiSection:
+        if self.crl_grace_s and self.crl is None:
+            raise Problem("is set but [pki] crl is not",
+                          "set crl to the revocation list, or remove crl_grace_s",
+                          at="crl_grace_s")
+        return self
+
+
+class KmeSection(Schema):
+    url: Annotated[Str, AfterValidator(_check_url)] = setting(
+        doc="The local KME's ETSI GS QKD 014 base URL (HTTPS only).",
+        fix='set it to the KME base URL, e.g. "https://127.0.0.1:8701"')
+    ca: ExistingFile = setting(
+        doc="CA of the KME's TLS certificate.",
+        fix="point it at the CA that signed the KME's TLS certificate")
+    cert: ExistingFile = setting(
+        doc="This gateway's TLS client certificate for the KME.",
+        fix="point it at this site's sae-client.crt")
+    key: ExistingFile = setting(
+        doc="The private key of [kme] cert.", fix="point it at this site's sae-client.key")
+    timeout_s: Float = setting(5.0, ge=0.1, le=120.0, unit="s", doc="Time per KME request.")
+    id: Name | None = setting(
+        None, doc="The KME's own name, pinned against its TLS certificate (commonName or DNS "
+        'subjectAltName). Default "kme-<site_id>".', fix='set it to a name such as "kme-site-a"')
+    tls_min_version: Literal["1.3", "1.2"] = setting(
+        "1.3", doc='Lowest TLS version spoken to the KME: "1.3" or "1.2".')
+    api: Literal["etsi014", "skip"] = setting(
+        "etsi014", doc='Key API of the KME: "etsi014" (ETSI GS QKD 014) or "skip" (Cisco '
+        "SKIP).")
+
+
+class PolicySection(Schema):
+    kem: Kem = setting("ML-KEM-768", doc="ML-KEM parameter set this site proposes when it "
+                       "dials.")
+    accept_kems: tuple[Kem, ...] = setting(
+        (), doc="Further parameter sets a dialling peer may choose, after kem in preference.",
+        fix=f"list KEMs from {', '.join(typing.get_args(Kem))}")
+    allow_degraded: Bool = setting(
+        False, doc="true: while the QKD link is down, sessions may run on ML-KEM alone (only "
+        "if the peer allows it too). false: the tunnel fails closed.")
+    qkd_key_bits: Int = setting(
+        256, ge=128, le=4096, unit="bits", doc="Size of the QKD key mixed into each session "
+        "(multiple of 8).")
+    pqc_backend: Backend = setting(
+        "auto", doc='ML-KEM implementation: "auto", "openssl" (the cryptography package) or '
+        '"liboqs".')
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolicySection:
+        if self.qkd_key_bits % 8:
+            raise Problem(f"{self.qkd_key_bits} is not a multiple of 8",
+                          "use a multiple of 8 such as 256", at="qkd_key_bits")
+        return self
+
+
+class ListenEntry(Schema):
+    listen: IpHostPort = setting(
+        doc="Where local applications connect ('ip:port').",
+        fix="write it as 'ip:port', e.g. '127.0.0.1:7001'")
+    service: Name = setting(doc="The peer's service each connection becomes a stream to.",
+                            fix='set it to a name such as "sink"')
+
+
+class ServiceEntry(Schema):
+    name: Name = setting(doc="The name the peer asks for.", fix='set it to a name such as '
+                         '"sink"')
+    target: HostPortT = setting(doc="Where a stream for this service is connected "
+                                "('host:port').",
+                                fix="write it as 'host:port', e.g. '127.0.0.1:9000'")
+
+
+class AuthSection(Schema):
+    psk: Bool = setting(
+        True, doc="true: after the first PKI-authenticated tunnel, later tunnels "
+        "authenticate with a PSK chained from each session; both sites must agree.")
+    pki_rebootstrap: Bool = setting(
+        False, doc="true: allow a PKI-authenticated tunnel once the sites share a PSK "
+        "(logged as PKI_REBOOTSTRAP).")
+    its_mac: Bool = setting(
+        False, doc="true: also authenticate each handshake with Wegman-Carter one-time MACs "
+        "keyed by two extra QKD keys (needs qkd_key_bits >= 256).")
+
+
+class LoggingSection(Schema):
+    level: Literal["debug", "info", "warning", "error"] = setting("info", doc="Log level.")
+    format: Literal["console", "json"] = setting(
+        "console", doc='"console" (readable) or "json" (one JSON object per line).')
+    keylog_file: ConfPath | None = setting(
+        None, doc="DANGEROUS, debugging only: write every session's ML-KEM secret and QKD "
+        "key to this file. Leave unset.", fix="set it to a file path, or remove the line")
+
+
+class AdminSection(Schema):
+    listen: IpHostPort | None = setting(
+        None, doc="Plain-HTTP /status and /metrics ('ip:port'); keep it on loopback. Unset: "
+        "no admin listener.", fix="write it as 'ip:port', e.g. '127.0.0.1:9101'")
+
+
+class GatewayFile(Schema):
+    """The whole gateway config file."""
+
+    gateway: GatewaySection = section(GatewaySection, doc="This site.", required=True)
+    tunnel: TunnelSection = section(TunnelSection, doc="The tunnel to the peer gateway.",
+                                    required=True)
+    peer: PeerSection = section(PeerSection, doc="The peer gateway.", required=True)
+    pki: PkiSection = section(PkiSection, doc="Gateway certificates.", required=True)
+    kme: KmeSection = section(KmeSection, doc="The local KME.", required=True)
+    policy: PolicySection = section(PolicySection, doc="Key exchange policy.")
+    listen: tuple[ListenEntry, ...] = tables(
+        doc="Local listeners: each connection becomes a stream to the named service at the "
+        "peer.")
+    service: tuple[ServiceEntry, ...] = tables(doc="Services the peer may reach, by name.")
+    auth: AuthSection = section(AuthSection, doc="How tunnels are authenticated.")
+    logging: LoggingSection = section(LoggingSection, doc="Logging.")
+    admin: AdminSection = section(AdminSection, doc="Status and metrics listener.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GatewayFile:
+        if self.peer.site_id == self.gateway.site_id:
+            raise Problem("is this site's own identity", "set it to the other site's identity",
+                          at=("peer", "site_id"))
+        seen: set[str] = set()
+        for i, svc in enumerate(self.service):
+            if svc.name in seen:
+                raise Problem(f"service {svc.name!r} is defined twice",
+                              "give each a unique name", at=("service", i, "name"))
+            seen.add(svc.name)
+        its_mac, bits = self.auth.its_mac, self.policy.qkd_key_bits
+        if its_mac and bits < 256:
+            raise Problem(f"needs QKD keys of at least 256 bits, [policy] qkd_key_bits is "
+                          f"{bits}", "set [policy] qkd_key_bits = 256 or turn its_mac off",
+                          at=("auth", "its_mac"))
+        if its_mac and self.policy.allow_degraded:
+            raise Problem("cannot work in the ML-KEM-only mode that [policy] allow_degraded "
+                          "permits: there are no QKD keys for the MACs", "turn one of them off",
+                          at=("auth", "its_mac"))
+        return self
+
+
+# --------------------------------------------------------------------------- runtime view
 
 
 @dataclass(frozen=True)
@@ -32,6 +331,9 @@ class ServiceConfig:
 
 @dataclass(frozen=True)
 class GatewayConfig:
+    """What the runtime reads. Defaults (for code that builds one directly, such as test
+    harnesses) are the schema's."""
+
     source: Path
     site_id: str
     sae_id: str
@@ -63,25 +365,25 @@ class GatewayConfig:
     pqc_backend: str
     listeners: tuple[ListenerConfig, ...] = field(default_factory=tuple)
     services: tuple[ServiceConfig, ...] = field(default_factory=tuple)
-    log_level: str = "info"
-    log_format: str = "console"
+    log_level: str = default_of(LoggingSection, "level")
+    log_format: str = default_of(LoggingSection, "format")
     keylog_file: Path | None = None
     admin_listen: HostPort | None = None
-    psk_enabled: bool = True
-    pki_rebootstrap: bool = False
-    its_mac: bool = False
+    psk_enabled: bool = default_of(AuthSection, "psk")
+    pki_rebootstrap: bool = default_of(AuthSection, "pki_rebootstrap")
+    its_mac: bool = default_of(AuthSection, "its_mac")
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)
     # [pki] crl / crl_grace_s: revocation list checked at bootstrap (runtime/credentials.py).
     crl_file: Path | None = None
-    crl_grace: float = 0.0
+    crl_grace: float = default_of(PkiSection, "crl_grace_s")
     # [policy] accept_kems: further KEMs a peer may choose, after `kem` in preference.
     accept_kems: tuple[str, ...] = ()
     # [kme] id / tls_min_version: the local KME's own name, pinned against its TLS
     # certificate (None: "kme-<site_id>"), and the lowest TLS version spoken to it.
     kme_id: str | None = None
-    kme_min_tls: str = "1.3"
+    kme_min_tls: str = default_of(KmeSection, "tls_min_version")
     # [kme] api: how keys are fetched, "etsi014" (ETSI GS QKD 014) or "skip" (Cisco SKIP).
-    kme_api: str = "etsi014"
+    kme_api: str = default_of(KmeSection, "api")
 
     @property
     def kme_name(self) -> str:
@@ -98,225 +400,37 @@ class GatewayConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> GatewayConfig:
-        root = load_toml(path)
-        cfg = _parse(root)
-        root.finish()
-        return cfg
+        doc, source = load_model(GatewayFile, path)
+        return cls.from_file(doc, source)
+
+    @classmethod
+    def from_file(cls, f: GatewayFile, source: Path) -> GatewayConfig:
+        gw, tun, pki, kme, pol = f.gateway, f.tunnel, f.pki, f.kme, f.policy
+        # A relative state_dir was resolved against the config's directory; the default
+        # is built from that directory too (resolving twice would nest a relative path).
+        state_dir = gw.state_dir or source.parent / "state" / gw.site_id
+        return cls(
+            source=source, site_id=gw.site_id, sae_id=gw.sae_id, state_dir=state_dir,
+            tunnel_listen=tun.listen, tunnel_connect=tun.connect,
+            handshake_timeout=tun.handshake_timeout_s, rekey_interval=tun.rekey_interval_s,
+            key_update_records=tun.key_update_records, key_update_bytes=tun.key_update_bytes,
+            stream_window=tun.stream_window, max_streams=tun.max_streams,
+            connect_wait=tun.connect_wait_s, reconnect_min=tun.reconnect_min_s,
+            reconnect_max=tun.reconnect_max_s, peer_site_id=f.peer.site_id,
+            peer_sae_id=f.peer.sae_id, ca_file=pki.ca, cert_file=pki.cert, key_file=pki.key,
+            kme_url=kme.url.rstrip("/"), kme_ca=kme.ca, kme_cert=kme.cert, kme_key=kme.key,
+            kme_timeout=kme.timeout_s, kme_id=kme.id or f"kme-{gw.site_id}",
+            kme_min_tls=kme.tls_min_version, kme_api=kme.api, kem=pol.kem,
+            allow_degraded=pol.allow_degraded, qkd_key_bits=pol.qkd_key_bits,
+            pqc_backend=pol.pqc_backend,
+            listeners=tuple(ListenerConfig(e.listen, e.service) for e in f.listen),
+            services=tuple(ServiceConfig(e.name, e.target) for e in f.service),
+            log_level=f.logging.level, log_format=f.logging.format,
+            keylog_file=f.logging.keylog_file, admin_listen=f.admin.listen,
+            psk_enabled=f.auth.psk, pki_rebootstrap=f.auth.pki_rebootstrap,
+            its_mac=f.auth.its_mac, admission=tun.admission.settings(tun.handshake_timeout_s),
+            crl_file=pki.crl, crl_grace=pki.crl_grace_s, accept_kems=pol.accept_kems,
+        )
 
 
-def _name(sec: Section, key: str, example: str) -> str:
-    value: str = sec.str(key, fix=f'set it to a name such as "{example}"')
-    if not value or len(value) > 64 or not set(value) <= _NAME_CHARS:
-        raise sec.error(key, f"{value!r} is not a valid name",
-                        "use 1-64 lowercase letters, digits, '-', '_' or '.'")
-    return value
-
-
-def _existing_file(sec: Section, key: str, what: str) -> Path:
-    p: Path = sec.path(key, fix=f"point it at {what}")
-    try:
-        is_file = p.is_file()
-    except OSError as exc:  # is_file() only swallows "not found"-like errors
-        raise sec.error(key, f"cannot look at {str(p)[:60]!r} ({exc.strerror})",
-                        f"point it at {what}") from None
-    if not is_file:
-        raise sec.error(key, f"file {str(p)!r} does not exist or is not a file",
-                        f"point it at {what} (run `qkdgw pki init` to create one)")
-    return p
-
-
-def _admission(sec: Section, handshake_timeout: float) -> AdmissionSettings:
-    """[tunnel.admission]: what the listening side does before any expensive handshake
-    work (gateway/tunnel/admission.py). Only the side with [tunnel] listen uses it."""
-    cookie = sec.str("cookie", "under-load", choices=COOKIE_MODES)
-    lifetime = sec.float("cookie_lifetime_s", 10.0, min=1.0, max=300.0)
-    rotation = sec.float("cookie_secret_rotation_s", 60.0, min=1.0, max=86400.0)
-    if lifetime > rotation:
-        raise sec.error("cookie_lifetime_s", f"{lifetime} s is longer than "
-                        f"cookie_secret_rotation_s ({rotation} s)",
-                        "keep cookie_lifetime_s at most cookie_secret_rotation_s: only the "
-                        "previous secret is kept")
-    rate = sec.float("rate_per_s", 2.0, min=0.01, max=10000.0)
-    burst = sec.int("burst", 10, min=1, max=100000)
-    max_sources = sec.int("max_sources", 4096, min=16, max=1 << 20)
-    max_pending = sec.int("max_pending", 64, min=1, max=100000)
-    per_source = sec.int("max_pending_per_source", 8, min=1, max=100000)
-    if per_source > max_pending:
-        raise sec.error("max_pending_per_source", f"{per_source} is above max_pending "
-                        f"({max_pending})", "make it at most max_pending")
-    threshold = sec.int("load_threshold", 16, min=1, max=100000)
-    if threshold > max_pending:
-        raise sec.error("load_threshold", f"{threshold} is above max_pending ({max_pending}): "
-                        "cookies would never turn on", "make it at most max_pending")
-    first_record = sec.float("first_record_timeout_s", min(5.0, handshake_timeout), min=0.1,
-                             max=300.0)
-    if first_record > handshake_timeout:
-        raise sec.error("first_record_timeout_s", f"{first_record} s is longer than [tunnel] "
-                        f"handshake_timeout_s ({handshake_timeout} s)",
-                        "make it at most handshake_timeout_s")
-    max_bytes = sec.int("max_handshake_bytes", 256 * 1024, min=1 << 14, max=1 << 26)
-    peer_sources = tuple(sec.str_list(
-        "peer_sources", [], fix='list the peer gateway\'s addresses, e.g. ["192.0.2.7"]'))
-    for entry in peer_sources:
-        try:
-            peer_network(entry)
-        except ValueError:
-            raise sec.error("peer_sources", f"{entry!r} is not an IP address or network",
-                            'use addresses or CIDR networks, e.g. ["192.0.2.7", '
-                            '"2001:db8::/64"]') from None
-    peer_reserved = sec.int("peer_reserved", 4, min=1, max=1024)
-    sec.finish()
-    return AdmissionSettings(
-        cookie=cookie, cookie_lifetime=lifetime, secret_rotation=rotation, rate=rate,
-        burst=burst, max_sources=max_sources, max_pending=max_pending,
-        max_pending_per_source=per_source, load_threshold=threshold,
-        first_record_timeout=first_record, max_handshake_bytes=max_bytes,
-        peer_sources=peer_sources, peer_reserved=peer_reserved)
-
-
-def _parse(root: Section) -> GatewayConfig:
-    gw = root.section("gateway")
-    site_id = _name(gw, "site_id", "site-a")
-    sae_id = _name(gw, "sae_id", f"{site_id}-gw")
-    # path() resolves a relative value against the config file's directory; the default
-    # gets the same treatment here (resolving twice would nest a relative config path).
-    state_dir = gw.path("state_dir", None) or gw.base_dir / "state" / site_id
-    gw.finish()
-
-    tun = root.section("tunnel")
-    listen = tun.ip_host_port("listen", None)
-    connect = tun.host_port("connect", None)
-    if listen is None and connect is None:
-        raise tun.error("listen", "neither listen nor connect is set",
-                        "set connect on the site that dials and listen on the one that "
-                        "accepts")
-    if listen is not None and connect is not None:
-        raise tun.error("connect", "both listen and connect are set",
-                        "one site dials (connect), the other accepts (listen)")
-    handshake_timeout = tun.float("handshake_timeout_s", 15.0, min=1.0, max=300.0)
-    rekey_interval = tun.float("rekey_interval_s", 600.0, min=1.0, max=86400.0)
-    key_update_records = tun.int("key_update_records", 1 << 20, min=16, max=1 << 22)
-    key_update_bytes = tun.int("key_update_bytes", 1 << 34, min=1 << 16, max=1 << 35)
-    stream_window = tun.int("stream_window", 1 << 20, min=1 << 14, max=1 << 30)
-    max_streams = tun.int("max_streams", 1024, min=1, max=65536)
-    connect_wait = tun.float("connect_wait_s", 10.0, min=0.0, max=300.0)
-    reconnect_min = tun.float("reconnect_min_s", 0.5, min=0.05, max=60.0)
-    reconnect_max = tun.float("reconnect_max_s", 30.0, min=0.1, max=3600.0)
-    if reconnect_max < reconnect_min:
-        raise tun.error("reconnect_max_s", "is below reconnect_min_s",
-                        "make reconnect_max_s at least reconnect_min_s")
-    admission = _admission(tun.section("admission", required=False), handshake_timeout)
-    tun.finish()
-
-    peer = root.section("peer")
-    peer_site = _name(peer, "site_id", "site-b")
-    peer_sae = _name(peer, "sae_id", f"{peer_site}-gw")
-    peer.finish()
-    if peer_site == site_id:
-        raise peer.error("site_id", "is this site's own identity",
-                         "set it to the other site's identity")
-
-    pki = root.section("pki")
-    ca_file = _existing_file(pki, "ca", "the gateway CA certificate (ca.crt)")
-    cert_file = _existing_file(pki, "cert", "this site's gateway.crt")
-    key_file = _existing_file(pki, "key", "this site's gateway.key")
-    crl_file = (_existing_file(pki, "crl", "the gateway CA's revocation list (crl.pem), or "
-                               "remove the line to turn revocation checks off")
-                if pki.has("crl") else None)
-    crl_grace = pki.float("crl_grace_s", 0.0, min=0.0, max=30 * 86400.0,
-                          fix="seconds a revocation list may be past its nextUpdate and "
-                              "still be used; 0 (default) refuses bootstraps at once")
-    if crl_grace and crl_file is None:
-        raise pki.error("crl_grace_s", "is set but [pki] crl is not",
-                        "set crl to the revocation list, or remove crl_grace_s")
-    pki.finish()
-
-    kme = root.section("kme")
-    url = kme.str("url", fix='set it to the KME base URL, e.g. "https://127.0.0.1:8701"')
-    if not url.startswith("https://"):
-        raise kme.error("url", f"{url!r} is not an https:// URL",
-                        "ETSI 014 runs over HTTPS with client certificates: use https://")
-    kme_ca = _existing_file(kme, "ca", "the CA that signed the KME's TLS certificate")
-    kme_cert = _existing_file(kme, "cert", "this site's sae-client.crt")
-    kme_key = _existing_file(kme, "key", "this site's sae-client.key")
-    kme_timeout = kme.float("timeout_s", 5.0, min=0.1, max=120.0)
-    kme_id = (_name(kme, "id", f"kme-{site_id}") if kme.has("id") else f"kme-{site_id}")
-    kme_min_tls = kme.str("tls_min_version", "1.3", choices=("1.3", "1.2"),
-                          fix='"1.3" (default), or "1.2" for a KME without TLS 1.3')
-    kme_api = kme.str("api", "etsi014", choices=("etsi014", "skip"),
-                      fix='"etsi014" (default), or "skip" for a Cisco SKIP key provider')
-    kme.finish()
-
-    pol = root.section("policy", required=False)
-    kem = pol.str("kem", "ML-KEM-768", choices=KEMS)
-    accept_kems = tuple(pol.str_list("accept_kems", [], fix=f"list KEMs from {', '.join(KEMS)}"))
-    for other in accept_kems:
-        if other not in KEMS:
-            raise pol.error("accept_kems", f"{other!r} is not a known KEM",
-                            f"use names from {', '.join(KEMS)}")
-    allow_degraded = pol.bool("allow_degraded", False)
-    qkd_key_bits = pol.int("qkd_key_bits", 256, min=128, max=4096)
-    if qkd_key_bits % 8:
-        raise pol.error("qkd_key_bits", f"{qkd_key_bits} is not a multiple of 8",
-                        "use a multiple of 8 such as 256")
-    backend = pol.str("pqc_backend", "auto", choices=BACKENDS)
-    pol.finish()
-
-    listeners = []
-    for sec in root.sections("listen"):
-        listeners.append(ListenerConfig(sec.ip_host_port("listen"),
-                                        _name(sec, "service", "sink")))
-        sec.finish()
-    services = []
-    seen: set[str] = set()
-    for sec in root.sections("service"):
-        name = _name(sec, "name", "sink")
-        if name in seen:
-            raise sec.error("name", f"service {name!r} is defined twice", "give each a unique name")
-        seen.add(name)
-        services.append(ServiceConfig(name, sec.host_port("target")))
-        sec.finish()
-
-    auth = root.section("auth", required=False)
-    psk_enabled = auth.bool("psk", True)
-    pki_rebootstrap = auth.bool("pki_rebootstrap", False)
-    its_mac = auth.bool("its_mac", False)
-    if its_mac and qkd_key_bits < 256:
-        raise auth.error("its_mac", f"needs QKD keys of at least 256 bits, [policy] "
-                         f"qkd_key_bits is {qkd_key_bits}",
-                         "set [policy] qkd_key_bits = 256 or turn its_mac off")
-    if its_mac and allow_degraded:
-        raise auth.error("its_mac", "cannot work in the ML-KEM-only mode that [policy] "
-                         "allow_degraded permits: there are no QKD keys for the MACs",
-                         "turn one of them off")
-    auth.finish()
-
-    logs = root.section("logging", required=False)
-    level = logs.str("level", "info", choices=("debug", "info", "warning", "error"))
-    fmt = logs.str("format", "console", choices=("console", "json"))
-    keylog = logs.path("keylog_file", None)
-    logs.finish()
-
-    admin = root.section("admin", required=False)
-    admin_listen = admin.ip_host_port("listen", None)
-    admin.finish()
-
-    return GatewayConfig(
-        source=root.source, site_id=site_id, sae_id=sae_id, state_dir=state_dir,
-        tunnel_listen=listen, tunnel_connect=connect, handshake_timeout=handshake_timeout,
-        rekey_interval=rekey_interval, key_update_records=key_update_records,
-        key_update_bytes=key_update_bytes, stream_window=stream_window,
-        max_streams=max_streams, connect_wait=connect_wait, reconnect_min=reconnect_min,
-        reconnect_max=reconnect_max, peer_site_id=peer_site, peer_sae_id=peer_sae,
-        ca_file=ca_file, cert_file=cert_file, key_file=key_file, kme_url=url.rstrip("/"),
-        kme_ca=kme_ca, kme_cert=kme_cert, kme_key=kme_key, kme_timeout=kme_timeout,
-        kme_id=kme_id, kme_min_tls=kme_min_tls, kme_api=kme_api,
-        kem=kem, allow_degraded=allow_degraded, qkd_key_bits=qkd_key_bits,
-        pqc_backend=backend, listeners=tuple(listeners), services=tuple(services),
-        log_level=level, log_format=fmt, keylog_file=keylog, admin_listen=admin_listen,
-        psk_enabled=psk_enabled, pki_rebootstrap=pki_rebootstrap, its_mac=its_mac,
-        admission=admission, crl_file=crl_file, crl_grace=crl_grace, accept_kems=accept_kems,
-    )
-
-
-__all__ = ["ConfigError", "GatewayConfig", "ListenerConfig", "ServiceConfig"]
+__all__ = ["ConfigError", "GatewayConfig", "GatewayFile", "ListenerConfig", "ServiceConfig"]

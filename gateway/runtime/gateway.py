@@ -43,6 +43,7 @@ from gateway.tunnel.handshake import (
 )
 from gateway.tunnel.record import RecordLimits
 from gateway.tunnel.streams import MuxSettings
+from qkd.common.backoff import Backoff
 from qkd.common.bounded import BoundedSet
 from qkd.common.confload import ConfigError
 from qkd.common.log import get_logger
@@ -251,7 +252,7 @@ class Gateway:
         cfg = self.config
         assert cfg.tunnel_connect is not None
         loop = asyncio.get_running_loop()
-        delay = cfg.reconnect_min
+        backoff = Backoff(cfg.reconnect_min, cfg.reconnect_max)
         while not self._stopping:
             session: TunnelSession | None = None
             attempt: TunnelSession | None = None
@@ -271,13 +272,13 @@ class Gateway:
                 if attempt is not None:
                     attempt.discard()
                 log.warning("tunnel.connect_failed", address=str(cfg.tunnel_connect),
-                            error=exc.strerror or str(exc), retry_in_s=round(delay, 2))
+                            error=exc.strerror or str(exc), retry_in_s=round(backoff.delay, 2))
             except OwnCertificateExpired as exc:
                 self.metrics.handshake_failures.labels("own_certificate_expired").inc()
                 self.metrics.own_certificate_refused.labels(
                     "revoked" if "revoked" in str(exc) else "expired").inc()
                 log.error("tunnel.BOOTSTRAP_REFUSED", reason=str(exc),
-                          retry_in_s=round(delay, 2))
+                          retry_in_s=round(backoff.delay, 2))
             if session is not None:
                 self.tunnel_connects += 1
                 self.sessions.add(session)
@@ -285,11 +286,11 @@ class Gateway:
                 # has its own deadline), a working tunnel runs until it drops.
                 await session.closed.wait()
                 if session.ready.is_set():
-                    delay = cfg.reconnect_min
+                    backoff.succeeded()
             if self._stopping:
                 break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, cfg.reconnect_max)
+            await asyncio.sleep(backoff.delay)
+            backoff.failed()
 
     def tunnel_ready(self, session: TunnelSession) -> None:
         old = self.tunnel

@@ -62,6 +62,7 @@ from gateway.tunnel.record import (
 )
 from gateway.tunnel.streams import FRAME_DATA, FRAME_HEADER, FRAME_HEADER_LEN
 from gateway.tunnel.wire import DecodeError
+from qkd.common.tcp_relay import A2B, B2A, Hook, TcpRelay
 
 SECRETS = ("mlkem", "qkd", "signing")
 
@@ -110,38 +111,20 @@ class RecordingRelay:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         files = (open(self.a2b, "wb"), open(self.b2a, "wb"))  # noqa: SIM115 - closed below
-        tasks: set[asyncio.Task[None]] = set()
 
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                       record: Any) -> None:
-            try:
-                while data := await reader.read(1 << 16):
-                    record.write(data)
-                    writer.write(data)
-                    await writer.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                writer.close()
+        def recorder(f: Any) -> Hook:
+            def hook(data: bytes) -> tuple[bytes]:
+                f.write(data)
+                return (data,)
 
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-            except OSError:
-                writer.close()
-                return
-            for t in (pipe(reader, up_w, files[0]), pipe(up_r, writer, files[1])):
-                task = asyncio.ensure_future(t)
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            return hook
 
-        server = await asyncio.start_server(handle, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
+        relay = TcpRelay(("127.0.0.1", self.target_port),
+                         hooks=lambda conn: {A2B: recorder(files[0]), B2A: recorder(files[1])})
+        self.port = await relay.start()
         self._ready.set()
         await self._stop.wait()
-        server.close()
-        for task in list(tasks):
-            task.cancel()
+        await relay.close()
         for f in files:
             f.close()
 

@@ -54,13 +54,17 @@ import ipaddress
 import math
 import os
 import struct
+import typing
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
+
+from pydantic import AfterValidator, model_validator
 
 from gateway.tunnel.constants import COOKIE_CLOCK_SLACK_MS as _CLOCK_SLACK_MS
 from gateway.tunnel.constants import COOKIE_LABEL, COOKIE_MAC_LEN
+from qkd.common.schema import Float, Int, Problem, Schema, Str, setting
 
 COOKIE_OFF = "off"
 COOKIE_UNDER_LOAD = "under-load"
@@ -90,23 +94,115 @@ class CookieGate(Protocol):
     def cookie_valid(self, cookie: bytes, hello_digest: bytes, now: float) -> bool: ...
 
 
+def _peer_sources(entries: tuple[str, ...]) -> tuple[str, ...]:
+    for entry in entries:
+        try:
+            peer_network(entry)
+        except ValueError:
+            raise Problem(f"{entry!r} is not an IP address or network",
+                          'use addresses or CIDR networks, e.g. ["192.0.2.7", '
+                          '"2001:db8::/64"]') from None
+    return entries
+
+
+class AdmissionConfig(Schema):
+    """[tunnel.admission]: the schema of the settings below, with their defaults (the
+    only place they are written). Only the side with [tunnel] listen uses it."""
+
+    cookie: Literal["off", "under-load", "always"] = setting(
+        COOKIE_UNDER_LOAD, doc="Stateless cookies before any KME request, encapsulation or "
+        'signature: "off", "under-load" (while pending handshakes >= load_threshold) or '
+        '"always".')
+    load_threshold: Int = setting(
+        16, ge=1, le=100000, doc="Pending handshakes at which under-load cookies turn on; "
+        "at most max_pending.")
+    cookie_lifetime_s: Float = setting(
+        10.0, ge=1.0, le=300.0, unit="s", doc="How long a cookie stays valid; at most "
+        "cookie_secret_rotation_s (only the previous secret is kept).")
+    cookie_secret_rotation_s: Float = setting(
+        60.0, ge=1.0, le=86400.0, unit="s", doc="How often the cookies' HMAC secret is "
+        "replaced.")
+    rate_per_s: Float = setting(
+        2.0, ge=0.01, le=10000.0, unit="1/s", doc="New tunnel connections per second per "
+        "source address (IPv4 address or IPv6 /64), after the burst.")
+    burst: Int = setting(10, ge=1, le=100000, doc="Connections a source may open at once.")
+    max_sources: Int = setting(
+        4096, ge=16, le=1 << 20, doc="Source addresses tracked by the rate limiter (least "
+        "recent forgotten first).")
+    max_pending: Int = setting(
+        64, ge=1, le=100000, doc="Connections without a confirmed handshake, in all.")
+    max_pending_per_source: Int = setting(
+        8, ge=1, le=100000, doc="Connections without a confirmed handshake per source "
+        "address; at most max_pending.")
+    first_record_timeout_s: Float = setting(
+        5.0, ge=0.1, le=300.0, unit="s", doc="A connection must deliver a complete record "
+        "within this time (and again after a cookie request). Default: 5 or [tunnel] "
+        "handshake_timeout_s if that is shorter; at most handshake_timeout_s.")
+    max_handshake_bytes: Int = setting(
+        256 * 1024, ge=1 << 14, le=1 << 26, unit="bytes", doc="Bytes a connection may send "
+        "before its handshake is confirmed.")
+    peer_sources: typing.Annotated[tuple[Str, ...], AfterValidator(_peer_sources)] = setting(
+        (), doc="The peer gateway's source addresses or networks (IPv4, IPv6, CIDR): they "
+        "get peer_reserved pending slots and a rate bucket of their own. Empty: none.",
+        fix='list the peer gateway\'s addresses, e.g. ["192.0.2.7"]')
+    peer_reserved: Int = setting(
+        4, ge=1, le=1024, doc="Pending slots reserved for peer_sources, outside "
+        "max_pending.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdmissionConfig:
+        if self.cookie_lifetime_s > self.cookie_secret_rotation_s:
+            raise Problem(f"{self.cookie_lifetime_s} s is longer than "
+                          f"cookie_secret_rotation_s ({self.cookie_secret_rotation_s} s)",
+                          "keep cookie_lifetime_s at most cookie_secret_rotation_s: only the "
+                          "previous secret is kept", at="cookie_lifetime_s")
+        if self.max_pending_per_source > self.max_pending:
+            raise Problem(f"{self.max_pending_per_source} is above max_pending "
+                          f"({self.max_pending})", "make it at most max_pending",
+                          at="max_pending_per_source")
+        if self.load_threshold > self.max_pending:
+            raise Problem(f"{self.load_threshold} is above max_pending ({self.max_pending}): "
+                          "cookies would never turn on", "make it at most max_pending",
+                          at="load_threshold")
+        return self
+
+    def settings(self, handshake_timeout: float) -> AdmissionSettings:
+        """The core's settings; the first-record timeout follows a short handshake
+        timeout unless it is set."""
+        first = (self.first_record_timeout_s if "first_record_timeout_s" in
+                 self.model_fields_set else min(self.first_record_timeout_s, handshake_timeout))
+        return AdmissionSettings(
+            cookie=self.cookie, cookie_lifetime=self.cookie_lifetime_s,
+            secret_rotation=self.cookie_secret_rotation_s, rate=self.rate_per_s,
+            burst=self.burst, max_sources=self.max_sources, max_pending=self.max_pending,
+            max_pending_per_source=self.max_pending_per_source,
+            load_threshold=self.load_threshold, first_record_timeout=first,
+            max_handshake_bytes=self.max_handshake_bytes, peer_sources=self.peer_sources,
+            peer_reserved=self.peer_reserved)
+
+
+_D = AdmissionConfig()
+
+
 @dataclass(frozen=True)
 class AdmissionSettings:
-    cookie: str = COOKIE_UNDER_LOAD
-    cookie_lifetime: float = 10.0
-    secret_rotation: float = 60.0
-    rate: float = 2.0
-    burst: int = 10
-    max_sources: int = 4096
-    max_pending: int = 64
-    max_pending_per_source: int = 8
-    load_threshold: int = 16
-    first_record_timeout: float = 5.0
-    max_handshake_bytes: int = 256 * 1024
+    """What `Admission` runs on. The defaults are AdmissionConfig's (the config schema)."""
+
+    cookie: str = _D.cookie
+    cookie_lifetime: float = _D.cookie_lifetime_s
+    secret_rotation: float = _D.cookie_secret_rotation_s
+    rate: float = _D.rate_per_s
+    burst: int = _D.burst
+    max_sources: int = _D.max_sources
+    max_pending: int = _D.max_pending
+    max_pending_per_source: int = _D.max_pending_per_source
+    load_threshold: int = _D.load_threshold
+    first_record_timeout: float = _D.first_record_timeout_s
+    max_handshake_bytes: int = _D.max_handshake_bytes
     # The configured peer's addresses or networks ("192.0.2.7", "2001:db8::/64"), and the
     # pending slots reserved for them (separate from max_pending).
-    peer_sources: tuple[str, ...] = ()
-    peer_reserved: int = 4
+    peer_sources: tuple[str, ...] = _D.peer_sources
+    peer_reserved: int = _D.peer_reserved
 
     def __post_init__(self) -> None:
         # The config loader reports these per field; this guards direct construction.
@@ -502,6 +598,7 @@ __all__ = [
     "CUT_FIRST_RECORD",
     "CUT_HANDSHAKE_BYTES",
     "Admission",
+    "AdmissionConfig",
     "AdmissionEvent",
     "AdmissionSettings",
     "ConnectionCookieGate",

@@ -15,6 +15,8 @@ from uniform; hence, whatever the forger's computing power,
 
     P(forgery per attempt) <= (n + 1)/p + 2^-126        (`forgery_bound`)
 
+The arithmetic lives in qkd.common.polymac, shared with the link's Wegman-Carter MAC.
+
 The handshake refuses to tag or check a transcript longer than `MAX_MESSAGE_BYTES`
 (64 KiB: n = 4370), so the bound it relies on is at most `MAX_FORGERY_BOUND` < 2^-114.9.
 Real transcripts (measured, docs/protocol.md) are 20.7 KB for a PKI bootstrap with
@@ -27,9 +29,6 @@ must never make a second tag: the handshake takes two fresh QKD keys, one per di
 
 from __future__ import annotations
 
-import hmac
-import math
-
 from gateway.errors import GatewayError
 from gateway.tunnel.constants import (
     OTMAC_KEY_BYTES as KEY_BYTES,
@@ -40,30 +39,22 @@ from gateway.tunnel.constants import (
 from gateway.tunnel.constants import (
     OTMAC_TAG_BYTES as TAG_BYTES,
 )
+from qkd.common import polymac
+from qkd.common.polymac import P127, forgery_bound
 
-P127 = (1 << 127) - 1
-_CHUNK = 15
+__all__ = ["KEY_BYTES", "MAX_FORGERY_BOUND", "MAX_MESSAGE_BYTES", "P127", "TAG_BYTES",
+           "OneTimeMacError", "check_one_time_tag", "forgery_bound", "one_time_tag"]
+
+# The arithmetic is qkd.common.polymac's (shared with the link's Wegman-Carter MAC);
+# this module adds the handshake's limits and error type.
+assert KEY_BYTES == polymac.ONE_TIME_KEY_BYTES and TAG_BYTES == polymac.TAG_BYTES
 
 
 class OneTimeMacError(GatewayError, ValueError):
     """A key of the wrong size, or a message longer than the bound covers."""
 
 
-def forgery_bound(length: int) -> float:
-    """Upper bound on one forgery attempt's success against a tag over `length` bytes."""
-    n = math.ceil(length / _CHUNK)
-    return (n + 1) / P127 + 2.0 ** -126
-
-
 MAX_FORGERY_BOUND = forgery_bound(MAX_MESSAGE_BYTES)
-
-
-def _poly_hash(r: int, message: bytes) -> int:
-    h = 0
-    for i in range(0, len(message), _CHUNK):
-        c = int.from_bytes(message[i:i + _CHUNK] + b"\x01", "little")
-        h = (h + c) * r % P127
-    return (h + len(message)) * r % P127
 
 
 def one_time_tag(key: bytes, message: bytes) -> bytes:
@@ -72,10 +63,8 @@ def one_time_tag(key: bytes, message: bytes) -> bytes:
     if len(message) > MAX_MESSAGE_BYTES:
         raise OneTimeMacError(f"message of {len(message)} bytes is longer than the "
                               f"{MAX_MESSAGE_BYTES} bytes the forgery bound covers")
-    r = int.from_bytes(key[:16], "little") % P127
-    s = int.from_bytes(key[16:], "little") % P127
-    return ((_poly_hash(r, message) + s) % P127).to_bytes(TAG_BYTES, "little")
+    return polymac.one_time_tag(key, message)
 
 
 def check_one_time_tag(key: bytes, message: bytes, tag: bytes) -> bool:
-    return hmac.compare_digest(one_time_tag(key, message), tag)
+    return polymac.check(one_time_tag(key, message), tag)

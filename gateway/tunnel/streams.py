@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import Enum, IntEnum
 
 from gateway.errors import GatewayError
 from gateway.tunnel import events as ev
@@ -60,6 +60,16 @@ class MuxError(GatewayError):
         self.reason = reason
 
 
+class StreamState(Enum):
+    """One stream's half-closes, as QUIC's stream states; a closed stream is forgotten."""
+
+    OPEN = "open"
+    #: We sent FIN; the peer may still send.
+    LOCAL_CLOSED = "local_closed"
+    #: The peer sent FIN; we may still send.
+    REMOTE_CLOSED = "remote_closed"
+
+
 @dataclass
 class _Stream:
     stream_id: int
@@ -67,8 +77,15 @@ class _Stream:
     send_window: int
     recv_window: int
     unacked_consumed: int = 0
-    local_fin: bool = False
-    remote_fin: bool = False
+    state: StreamState = StreamState.OPEN
+
+    @property
+    def local_fin(self) -> bool:
+        return self.state is StreamState.LOCAL_CLOSED
+
+    @property
+    def remote_fin(self) -> bool:
+        return self.state is StreamState.REMOTE_CLOSED
 
 
 @dataclass
@@ -126,9 +143,11 @@ class StreamMux:
         s = self._streams.get(stream_id)
         if s is None or s.local_fin:
             return
-        s.local_fin = True
         self._out.append((FRAME_HEADER.pack(FRAME_FIN, stream_id, 0), b""))
-        self._maybe_forget(s)
+        if s.remote_fin:
+            del self._streams[stream_id]
+        else:
+            s.state = StreamState.LOCAL_CLOSED
 
     def reset_stream(self, stream_id: int, code: StreamCode, reason: str = "") -> None:
         if self._streams.pop(stream_id, None) is None:
@@ -229,9 +248,11 @@ class StreamMux:
                 raise MuxError(ErrorCode.DECODE_ERROR, "FIN frame must be empty")
             if s.remote_fin:
                 raise MuxError(ErrorCode.PROTOCOL_ERROR, f"second FIN on stream {sid}")
-            s.remote_fin = True
             self.events.append(ev.StreamEnded(sid))
-            self._maybe_forget(s)
+            if s.local_fin:
+                del self._streams[sid]
+            else:
+                s.state = StreamState.REMOTE_CLOSED
         else:
             if len(body) < 2:
                 raise MuxError(ErrorCode.DECODE_ERROR, "RESET frame too short")
@@ -259,7 +280,3 @@ class StreamMux:
         self._streams[sid] = _Stream(sid, service, self.peer_recv_window,
                                      self.settings.recv_window)
         self.events.append(ev.StreamOpened(sid, service))
-
-    def _maybe_forget(self, s: _Stream) -> None:
-        if s.local_fin and s.remote_fin:
-            del self._streams[s.stream_id]

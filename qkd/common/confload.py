@@ -1,9 +1,12 @@
 """Reading TOML config files with errors that name the field and the fix.
 
-Both `qkdgw gateway` and `qkdgw kme` load their configs through `Section`, so a bad
-value always ends in one `ConfigError` such as::
+`read_toml` is the first stage of every config load: it refuses hostile documents
+(nesting, huge integers) by field before tomllib can fail on them. The gateway and KME
+configs are then validated by their schemas (qkd/common/schema.py); `Section` is the
+older hand-written accessor style, kept for tables not yet described by a schema. A
+bad value always ends in one `ConfigError` such as::
 
-    configs/site-a.toml: [kme] url: expected a https:// URL, got 'http://x' (fix: ...)
+    configs/site-a.toml: [kme] url: 'http://x' is not an https:// URL (fix: ...)
 
 Relative paths in a config are resolved against the config file's directory, so a
 config works from whatever directory the service is started in.
@@ -151,6 +154,13 @@ def parse_host_port(text: str) -> HostPort:
 
 def load_toml(path: str | Path) -> Section:
     """Load a TOML file into the root `Section`; unreadable or invalid files raise ConfigError."""
+    data, p = read_toml(path)
+    return Section(data, p, "")
+
+
+def read_toml(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """A TOML file as a dict, hostile documents (nesting, huge integers) refused by
+    field; unreadable or invalid files raise ConfigError."""
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -179,7 +189,7 @@ def load_toml(path: str | Path) -> Section:
         raise _field_error(p, _locate(text, _too_long_int),
                            f"an integer of more than {MAX_INT_DIGITS} digits",
                            "use a number in the documented range") from None
-    return Section(data, p, "")
+    return data, p
 
 
 class Section:

@@ -32,6 +32,17 @@ from qkd.common.bounded import BoundedSet
 from qkd.common.errors import QkdError
 from qkd.common.log import get_logger
 from qkd.etsi014 import messages as etsi014
+from qkd.etsi014.constants import (
+    API_PREFIX,
+    BITS_PER_BYTE,
+    DEC_KEYS,
+    ENC_KEYS,
+    HYBRID_GROUP,
+    MAX_ANSWER_BYTES,
+    SEEN_KEY_IDS,
+    SERVER_ERROR,
+    STATUS,
+)
 from qkd.etsi014.messages import QkdKey, SchemaError
 
 __all__ = [
@@ -46,12 +57,9 @@ __all__ = [
 
 log = get_logger("qkd.etsi014.client")
 
-# Upper bound on an answer we read: far above any sane Key container, low enough that
-# a broken or hostile KME cannot make a gateway buffer without limit.
-_MAX_ANSWER = 16 * 1024 * 1024
-# How many delivered key IDs to remember for replay detection (~10 MB at the limit).
-_SEEN_LIMIT = 65536
-HYBRID_GROUP = "X25519MLKEM768"
+# MAX_ANSWER_BYTES: far above any sane Key container, low enough that a broken or
+# hostile KME cannot make a gateway buffer without limit. SEEN_KEY_IDS: ~10 MB at the
+# limit.
 TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
@@ -149,7 +157,7 @@ class EtsiClient:
         self._tls: dict[str, Any] = {}
         self._ssl.sslobject_class = _checked_sslobject(kme_id, self._tls)
         self._session: aiohttp.ClientSession | None = None
-        self._seen = BoundedSet(_SEEN_LIMIT)
+        self._seen = BoundedSet(SEEN_KEY_IDS)
 
     def __repr__(self) -> str:
         return f"EtsiClient({self.base_url!r})"
@@ -218,7 +226,7 @@ class EtsiClient:
     def _url(self, sae_id: str, what: str) -> str:
         if not etsi014.is_valid_id(sae_id):
             raise ValueError(f"invalid SAE ID {sae_id!r}")
-        return f"{self.base_url}{etsi014.API_PREFIX}/{sae_id}/{what}"
+        return f"{self.base_url}{API_PREFIX}/{sae_id}/{what}"
 
     async def _call(self, method: str, url: str, body: dict[str, Any] | None) -> Any:
         """Send one request; the parsed JSON of a 200 answer, else the matching KmeError."""
@@ -249,7 +257,7 @@ class EtsiClient:
                                        ) from None
         message = self._error_message(raw)
         where = f"KME {self.base_url}: {method} {urlsplit(url).path}"
-        if status == 503 and etsi014.NO_KEY_PATTERN.search(message):
+        if status == SERVER_ERROR and etsi014.NO_KEY_PATTERN.search(message):
             raise KmeNoKey(f"{where}: no key available ({message})")
         if 500 <= status < 600:
             raise KmeUnavailable(f"{where}: server error {status} ({message})")
@@ -262,9 +270,9 @@ class EtsiClient:
         total = 0
         async for chunk in resp.content.iter_chunked(65536):
             total += len(chunk)
-            if total > _MAX_ANSWER:
+            if total > MAX_ANSWER_BYTES:
                 raise KmeProtocolError(f"KME {self.base_url}: answer larger than "
-                                       f"{_MAX_ANSWER} bytes")
+                                       f"{MAX_ANSWER_BYTES} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
 
@@ -287,7 +295,7 @@ class EtsiClient:
 
     async def status(self, slave_sae_id: str) -> dict[str, Any]:
         """The KME's Status for keys shared with `slave_sae_id` (validated)."""
-        obj = await self._call("GET", self._url(slave_sae_id, "status"), None)
+        obj = await self._call("GET", self._url(slave_sae_id, STATUS), None)
         try:
             return etsi014.parse_status(obj, slave_sae_id)
         except SchemaError as exc:
@@ -298,10 +306,10 @@ class EtsiClient:
         """New keys shared with `slave_sae_id` (we are the master SAE)."""
         if isinstance(number, bool) or not isinstance(number, int) or number < 1:
             raise ValueError("number must be a positive integer")
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % 8:
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0 or size % BITS_PER_BYTE:
             raise ValueError("size must be a positive multiple of 8 bits")
         # POST, not GET: same semantics, and it keeps parameters out of URLs and logs.
-        obj = await self._call("POST", self._url(slave_sae_id, "enc_keys"),
+        obj = await self._call("POST", self._url(slave_sae_id, ENC_KEYS),
                                etsi014.build_key_request(number, size))
         try:
             keys = etsi014.parse_enc_keys_answer(obj, number, size)
@@ -324,9 +332,9 @@ class EtsiClient:
         wanted = [etsi014.canonical_key_id(k) for k in key_ids]
         if len(set(wanted)) != len(wanted):
             raise ValueError("key_ids contains the same key ID twice")
-        if size is not None and (size <= 0 or size % 8):
+        if size is not None and (size <= 0 or size % BITS_PER_BYTE):
             raise ValueError("size must be a positive multiple of 8 bits")
-        obj = await self._call("POST", self._url(master_sae_id, "dec_keys"),
+        obj = await self._call("POST", self._url(master_sae_id, DEC_KEYS),
                                etsi014.build_key_ids(wanted))
         try:
             keys = etsi014.parse_dec_keys_answer(obj, wanted, size)

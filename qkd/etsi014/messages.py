@@ -27,17 +27,25 @@ from typing import Any
 
 from qkd.common.errors import QkdError
 
-API_PREFIX = "/api/v1/keys"
+# The `X as X` imports are re-exports: qkd.kme, qkd.link, qkd.skip and tests import
+# them from here.
+from qkd.etsi014.constants import API_PREFIX as API_PREFIX
+from qkd.etsi014.constants import (
+    BAD_REQUEST,
+    BITS_PER_BYTE,
+    DEFAULT_NUMBER,
+    KEY_ID_CHARS,
+    MAX_ID_CHARS,
+    STATUS_FIELDS_INT,
+    STATUS_FIELDS_STR,
+)
+from qkd.etsi014.constants import HKDF_MAX_BITS as HKDF_MAX_BITS
+from qkd.etsi014.constants import NO_KEY_MESSAGE as NO_KEY_MESSAGE
+from qkd.etsi014.constants import SERVER_ERROR as SERVER_ERROR
+from qkd.etsi014.constants import UNAUTHORIZED as UNAUTHORIZED
 
-# The spec defines 400 (bad request format), 401 (unauthorized) and 503 (server
-# error); every error answer from our KME uses one of these.
-BAD_REQUEST = 400
-UNAUTHORIZED = 401
-SERVER_ERROR = 503
-
-# Message of the 503 a KME sends when its pool cannot serve the request. Clients match
-# on NO_KEY_PATTERN rather than this exact text so other vendors' wording also counts.
-NO_KEY_MESSAGE = "no key available"
+# Clients match the no-key 503 on NO_KEY_PATTERN rather than our NO_KEY_MESSAGE, so
+# other vendors' wording also counts.
 NO_KEY_PATTERN = re.compile(
     r"no (?:more )?keys? (?:is |are )?(?:available|left)|not enough key|insufficient key"
     r"|keys? (?:pool )?(?:exhausted|depleted)|out of keys?",
@@ -46,22 +54,7 @@ NO_KEY_PATTERN = re.compile(
 
 # SAE and KME IDs end up in URL paths, logs and SQLite; a conservative alphabet keeps
 # all three unambiguous (no '/', no whitespace, no control characters).
-_ID_RE = re.compile(r"[A-Za-z0-9._~:@-]{1,255}")
-
-STATUS_FIELDS_STR = ("source_KME_ID", "target_KME_ID", "master_SAE_ID", "slave_SAE_ID")
-STATUS_FIELDS_INT = (
-    "key_size",
-    "stored_key_count",
-    "max_key_count",
-    "max_key_per_request",
-    "max_key_size",
-    "min_key_size",
-    "max_SAE_ID_count",
-)
-
-# Upper bound on a KME's max_key_size that our ideal link can derive in one HKDF-Expand
-# (255 * 32 bytes); vendor KMEs may offer more, our client does not care.
-HKDF_MAX_BITS = 255 * 32 * 8
+_ID_RE = re.compile(rf"[A-Za-z0-9._~:@-]{{1,{MAX_ID_CHARS}}}")
 
 
 class EtsiError(QkdError):
@@ -119,7 +112,7 @@ def is_valid_id(value: object) -> bool:
 
 def canonical_key_id(value: object) -> str:
     """The canonical (lower-case, hyphenated) form of a UUID key ID; ValueError if not one."""
-    if not isinstance(value, str) or len(value) != 36:
+    if not isinstance(value, str) or len(value) != KEY_ID_CHARS:
         raise ValueError("key_ID must be a UUID string like 'xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx'")
     try:
         parsed = uuid.UUID(value)
@@ -202,7 +195,7 @@ def _check_number(value: object, limits: Limits) -> int:
 def _check_size(value: object, limits: Limits) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise _bad("size", "must be a whole number of bits")
-    if value % 8:
+    if value % BITS_PER_BYTE:
         raise _bad("size", f"{value} bits is not a multiple of 8")
     if value < limits.min_key_size:
         raise _bad("size", f"{value} bits is below min_key_size {limits.min_key_size}")
@@ -266,7 +259,7 @@ def parse_enc_keys_post(body: bytes, limits: Limits) -> KeyRequest:
     unknown = sorted(set(obj) - set(allowed))
     if unknown:
         raise _bad(unknown[0], "unknown field in Key request")
-    number = _check_number(obj.get("number", 1), limits)
+    number = _check_number(obj.get("number", DEFAULT_NUMBER), limits)
     size = _check_size(obj.get("size", limits.key_size), limits)
 
     extras = obj.get("additional_slave_SAE_IDs", [])
@@ -415,8 +408,9 @@ def _decode_key(value: object, index: int, size_bits: int | None) -> bytes:
     if size_bits is None:
         if not raw:
             raise SchemaError(f"keys[{index}].key is empty")
-    elif len(raw) * 8 != size_bits:
-        raise SchemaError(f"keys[{index}].key has {len(raw) * 8} bits, expected {size_bits}")
+    elif len(raw) * BITS_PER_BYTE != size_bits:
+        raise SchemaError(f"keys[{index}].key has {len(raw) * BITS_PER_BYTE} bits, "
+                          f"expected {size_bits}")
     return raw
 
 

@@ -42,6 +42,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from qkd.common.backoff import Backoff, next_delay
 from qkd.common.confload import HostPort
 from qkd.common.errors import QkdError
 from qkd.common.files import write_atomic
@@ -338,7 +339,7 @@ class Bb84Link:
         log.error("link_loop_error", loop=where, error=type(exc).__name__,
                   retry_in_s=round(delay, 2))
         await asyncio.sleep(delay)
-        return min(delay * 2, LOOP_RETRY_MAX_S)
+        return next_delay(delay, LOOP_RETRY_MAX_S)
 
     async def _work_loop(self) -> None:
         """Run the core's heavy steps off the lock, one at a time, in order."""
@@ -612,23 +613,26 @@ class Bb84Link:
 
     async def _dial_loop(self) -> None:
         assert self.s.peer is not None and self.s.quantum is not None
-        delay = 0.2
+        backoff = Backoff(0.2, LOOP_RETRY_MAX_S)
         while True:
             try:
                 # A connection that never got as far as Bob's HELLO backs off too: each
                 # attempt costs a pad per direction.
-                delay = 0.2 if await self._dial_once() else min(delay * 2, LOOP_RETRY_MAX_S)
+                if await self._dial_once():
+                    backoff.succeeded()
+                else:
+                    backoff.failed()
             except OSError as exc:
                 log.debug("link_dial_failed", error=str(exc))
-                delay = min(delay * 2, 2.0)
+                backoff.failed(cap=2.0)
             except LinkStateNotSaved:
-                delay = min(delay * 2, LOOP_RETRY_MAX_S)  # logged where it failed
+                backoff.failed()  # logged where it failed
             except Exception as exc:  # a bug or a failed state write: retry, never die
                 self.health.loop_errors += 1
                 log.error("link_loop_error", loop="dial", error=type(exc).__name__,
-                          retry_in_s=delay)
-                delay = min(delay * 2, LOOP_RETRY_MAX_S)
-            await asyncio.sleep(delay)
+                          retry_in_s=backoff.delay)
+                backoff.failed()
+            await asyncio.sleep(backoff.delay)
 
     async def _dial_once(self) -> bool:
         """One connection, until it ends. True if the peer's HELLO arrived on it."""

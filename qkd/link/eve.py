@@ -31,7 +31,8 @@ import numpy as np
 from qkd.common.confload import HostPort, parse_host_port
 from qkd.common.errors import UserError
 from qkd.common.log import configure_logging, get_logger
-from qkd.link.bb84 import read_frame, write_frame
+from qkd.common.tcp_relay import A2B, Hook, TcpRelay, length_prefixed
+from qkd.common.tcp_relay import frame as length_frame
 from qkd.link.quantum import (
     ATTACKS,
     MAX_PULSES,
@@ -45,6 +46,7 @@ from qkd.link.quantum import (
 )
 
 log = get_logger("qkd.eve")
+FRAME_LIMIT = 64 + SEAL_OVERHEAD + 5 * MAX_PULSES
 
 
 class Trigger:
@@ -63,42 +65,28 @@ class Trigger:
         return time.monotonic() >= self.at
 
 
-async def _relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 forward: HostPort, mode: str, fraction: float,
-                 rng: np.random.Generator, trigger: Trigger, link_secret: bytes) -> None:
-    try:
-        up_r, up_w = await asyncio.open_connection(forward.host, forward.port)
-    except OSError as exc:
-        log.warning("eve_forward_failed", forward=str(forward), error=str(exc))
-        writer.close()
-        return
-    try:
-        while True:
-            data = await read_frame(reader, 64 + SEAL_OVERHEAD + 5 * MAX_PULSES)
-            try:
-                rnd, nonce, counter = sealed_header(data)
-                frame = PulseFrame.decode(unseal(link_secret, data))
-            except FrameError:
-                write_frame(up_w, data)  # not ours to understand: pass it on
-            else:
-                if not trigger.armed:
-                    write_frame(up_w, data)
-                    log.info("eve_passive_frame", round=frame.round, pulses=frame.pulses)
-                    await up_w.drain()
-                    continue
-                tapped = await asyncio.to_thread(attack, frame, mode, fraction, rng)
-                # A new counter: never two plaintexts under one GCM nonce.
-                write_frame(up_w, seal(link_secret, nonce, rnd, tapped.encode(), counter + 1))
-                log.info("eve_frame", round=frame.round, pulses=frame.pulses,
-                         sent=int(frame.slots.size), forwarded=int(tapped.slots.size),
-                         attack=mode, fraction=fraction)
-            await up_w.drain()
-    except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-        pass
-    finally:
-        writer.close()
-        up_w.close()
-        del up_r
+def _tap(forward: HostPort, mode: str, fraction: float, rng: np.random.Generator,
+         trigger: Trigger, link_secret: bytes) -> Hook:
+    """Alice -> Bob hook: open each pulse frame, attack it, seal it again."""
+
+    async def hook(data: bytes) -> list[bytes]:
+        body = data[4:]
+        try:
+            rnd, nonce, counter = sealed_header(body)
+            frame = PulseFrame.decode(unseal(link_secret, body))
+        except FrameError:
+            return [data]  # not ours to understand: pass it on
+        if not trigger.armed:
+            log.info("eve_passive_frame", round=frame.round, pulses=frame.pulses)
+            return [data]
+        tapped = await asyncio.to_thread(attack, frame, mode, fraction, rng)
+        log.info("eve_frame", round=frame.round, pulses=frame.pulses,
+                 sent=int(frame.slots.size), forwarded=int(tapped.slots.size),
+                 attack=mode, fraction=fraction)
+        # A new counter: never two plaintexts under one GCM nonce.
+        return [length_frame(seal(link_secret, nonce, rnd, tapped.encode(), counter + 1))]
+
+    return hook
 
 
 async def run_eve(listen: HostPort, forward: HostPort, mode: str, fraction: float,
@@ -106,10 +94,13 @@ async def run_eve(listen: HostPort, forward: HostPort, mode: str, fraction: floa
                   seed: int | None = None, start_after: float = 0.0) -> None:
     rng = np.random.default_rng(seed)
     trigger = Trigger(start_after)
-    server = await asyncio.start_server(
-        lambda r, w: _relay(r, w, forward, mode, fraction, rng, trigger, link_secret),
-        listen.host, listen.port)
-    port = server.sockets[0].getsockname()[1]
+    tap = _tap(forward, mode, fraction, rng, trigger, link_secret)
+    relay = TcpRelay((forward.host, forward.port), listen_host=listen.host,
+                     listen_port=listen.port, read=length_prefixed(FRAME_LIMIT),
+                     hooks=lambda conn: {A2B: tap},
+                     on_upstream_error=lambda exc: log.warning(
+                         "eve_forward_failed", forward=str(forward), error=str(exc)))
+    port = await relay.start()
     log.info("eve_started", listen=f"{listen.host}:{port}", forward=str(forward),
              attack=mode, fraction=fraction, start_after_s=start_after)
     if port_file is not None:
@@ -121,8 +112,10 @@ async def run_eve(listen: HostPort, forward: HostPort, mode: str, fraction: floa
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGUSR1, trigger.arm)
-    async with server:
+    try:
         await stop.wait()
+    finally:
+        await relay.close()
     if port_file is not None:
         with contextlib.suppress(OSError):
             port_file.unlink()

@@ -425,13 +425,22 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
         # sort all the pulses' slots for a handful of dark clicks.
         pos = np.minimum(np.searchsorted(frame.slots, cand), max(size - 1, 0))
         cand = cand[frame.slots[pos] != cand] if size else cand
-        slots = np.concatenate([slots, cand])
-        basis = np.concatenate([basis, (sec.random(cand.size) >= params.basis_bias
-                                        ).astype(np.uint8)])
-        bits = np.concatenate([bits, sec.integers(0, 2, cand.size, dtype=np.uint8)])
-        order = np.argsort(slots, kind="stable")
-        slots, basis, bits = slots[order], basis[order], bits[order]
+        slots, basis, bits = _add_dark_clicks(slots, basis, bits, cand, params, sec)
     return BobRecord(slots.astype(np.int64), basis, bits)
+
+
+def _add_dark_clicks(slots: np.ndarray, basis: np.ndarray, bits: np.ndarray,
+                     dark: np.ndarray, params: LinkParams, sec: Random
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bob's detections plus dark clicks at the slots `dark` (none a photon reached):
+    each with Bob's own basis choice and a random bit, all in slot order. Shared by
+    `measure` and its reference so both draw `sec` in the same order."""
+    slots = np.concatenate([slots, dark])
+    basis = np.concatenate([basis, (sec.random(dark.size) >= params.basis_bias
+                                    ).astype(np.uint8)])
+    bits = np.concatenate([bits, sec.integers(0, 2, dark.size, dtype=np.uint8)])
+    order = np.argsort(slots, kind="stable")
+    return slots[order], basis[order], bits[order]
 
 
 def measure_reference(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
@@ -471,10 +480,5 @@ def measure_reference(frame: PulseFrame, params: LinkParams, rng: np.random.Gene
     if n_dark:
         cand = np.unique(rng.integers(0, frame.pulses, n_dark, dtype=np.int64))
         cand = cand[~np.isin(cand, frame.slots, assume_unique=True)]
-        slots = np.concatenate([slots, cand])
-        basis = np.concatenate([basis, (sec.random(cand.size) >= params.basis_bias
-                                        ).astype(np.uint8)])
-        bits = np.concatenate([bits, sec.integers(0, 2, cand.size, dtype=np.uint8)])
-        order = np.argsort(slots, kind="stable")
-        slots, basis, bits = slots[order], basis[order], bits[order]
+        slots, basis, bits = _add_dark_clicks(slots, basis, bits, cand, params, sec)
     return BobRecord(slots.astype(np.int64), basis, bits)

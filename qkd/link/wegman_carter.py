@@ -10,6 +10,8 @@ Black et al. 1999, with a polynomial second level as in Poly1305):
     level 2  polynomial evaluation over GF(p), p = 2^127 - 1, of the 4 NH outputs of
              every block followed by the message length: (L+1)/p-almost-Δ-universal.
     tag      (h(m) + s) mod p, s a fresh 127-bit one-time pad.
+             (level 2 and the tag are qkd.common.polymac, shared with the handshake's
+             one-time MAC.)
 
 The composition is (2^-128 + (L+1)/p)-almost-Δ-universal, so with a fresh pad per tag
 an adversary who sees any number of (message, tag) pairs forges a new one with at most
@@ -25,7 +27,6 @@ as `auth_mode = "bootstrap"`.
 
 from __future__ import annotations
 
-import hmac
 import struct
 from dataclasses import dataclass
 
@@ -33,9 +34,10 @@ import numpy as np
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
+from qkd.common import polymac
 from qkd.common.errors import QkdError
+from qkd.common.polymac import P127, pad_tag, poly_hash
 
-P127 = (1 << 127) - 1
 NH_WORDS = 256  # 1 KiB blocks
 NH_ITER = 4
 NH_KEY_WORDS = NH_WORDS + 4 * (NH_ITER - 1)
@@ -44,7 +46,7 @@ PAD_BYTES = 16
 # NH blocks hashed per slab: the temporaries stay in cache (a 20 MB transcript as one
 # uint64 array costs more in fresh pages than in arithmetic).
 _NH_ROWS = 256
-TAG_BYTES = 16
+TAG_BYTES = polymac.TAG_BYTES
 
 
 class AuthError(QkdError):
@@ -95,13 +97,9 @@ class HashKey:
                 hi[:rows] = a[:rows, 1::2]
                 p *= hi[:rows]
                 p.sum(axis=1, dtype=np.uint64, out=nh[r0 : r0 + rows, t])
-        h = 0
-        k = self._poly
-        for e in nh.ravel().tolist():
-            h = (h + e) * k % P127
         # The length as the last coefficient separates messages that differ only in
         # the zero padding.
-        return (h + n) * k % P127
+        return poly_hash(nh.ravel().tolist(), n, self._poly)
 
     def hash_reference(self, message: bytes) -> int:
         """`hash` written out plainly on uint64 arrays (the tests hold `hash` to it)."""
@@ -117,24 +115,22 @@ class HashKey:
             # mod 2^64, which is NH's definition.
             outs.append((a[:, 0::2] * a[:, 1::2]).sum(axis=1, dtype=np.uint64))
         elements = np.stack(outs, axis=1).ravel().tolist()
+        # Horner written out again so the reference does not share poly_hash with `hash`.
         h = 0
         k = self._poly
         for e in elements:
             h = (h + e) * k % P127
-        # The length as the last coefficient separates messages that differ only in
-        # the zero padding.
         return (h + n) * k % P127
 
 
 def make_tag(key: HashKey, pad: bytes, message: bytes) -> bytes:
     if len(pad) != PAD_BYTES:
         raise ValueError("one-time pad must be 16 bytes")
-    s = int.from_bytes(pad, "little") % P127
-    return ((key.hash(message) + s) % P127).to_bytes(TAG_BYTES, "little")
+    return pad_tag(key.hash(message), pad)
 
 
 def check_tag(key: HashKey, pad: bytes, message: bytes, tag: bytes) -> bool:
-    return hmac.compare_digest(make_tag(key, pad, message), tag)
+    return polymac.check(make_tag(key, pad, message), tag)
 
 
 def bootstrap_material(bootstrap_key: bytes, label: bytes, length: int) -> bytes:

@@ -44,9 +44,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from qkd.sim import messages as m
+from qkd.sim.constants import CASCADE_MIN_QBER, CASCADE_VARIANTS
 
-VARIANTS = ("original", "yanetal", "option7", "option8")
-_MIN_QBER = 1e-5
+VARIANTS = CASCADE_VARIANTS  # the name callers and tests use
 _BIT = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))  # _BIT[i] = 1 << i
 _ALL = np.uint64(0xFFFFFFFFFFFFFFFF)
 # Test-only: skip the consistency checks on Alice's replies, to show that without them
@@ -55,7 +55,7 @@ _TEST_TRUST_PARITIES = False
 
 
 def block_sizes(variant: str, qber: float, n: int) -> list[int]:
-    q = max(qber, _MIN_QBER)
+    q = max(qber, CASCADE_MIN_QBER)
     half = max(n // 2, 1)
     if variant == "original":
         k1 = math.ceil(0.73 / q)

@@ -36,12 +36,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qkd.sim.constants import CHANNEL_CHUNK_PULSES
+from qkd.sim.constants import X_BASIS as X_BASIS  # re-exported (older importers)
+from qkd.sim.constants import Z_BASIS as Z_BASIS
 from qkd.sim.params import LinkParams
 
-Z_BASIS = 0
-X_BASIS = 1
-
-_CHUNK = 1 << 22
 _TWO64 = float(2**64)
 
 
@@ -202,7 +201,7 @@ def _sample_full(
     done = 0
     bitgen = rng.bit_generator
     while done < params.pulses:
-        m = min(_CHUNK, params.pulses - done)
+        m = min(CHANNEL_CHUNK_PULSES, params.pulses - done)
         u = bitgen.random_raw(m)
         idx = np.flatnonzero(u < t_click)
         if idx.size:

@@ -12,10 +12,12 @@ from typing import Any, TextIO
 import numpy as np
 
 from qkd.common.errors import UserError
-from qkd.sim.cascade import VARIANTS, reconcile_frames
-from qkd.sim.params import EVE_MODES, LinkParams, ParamError
+from qkd.sim.cascade import reconcile_frames
+from qkd.sim.constants import CASCADE_VARIANTS as VARIANTS
+from qkd.sim.constants import EVE_MODES
+from qkd.sim.estimation import h2
+from qkd.sim.params import LinkParams, ParamError
 from qkd.sim.session import run_session
-from qkd.sim.theory import h2
 
 # Option name -> LinkParams field, for error messages that name what the user typed.
 _OPTION_OF_FIELD = {

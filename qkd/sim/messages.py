@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from qkd.common.errors import QkdError
+from qkd.sim import constants as c
 
 
 class MessageError(QkdError, ValueError):
@@ -88,7 +89,7 @@ class _Reader:
         starts[0] = 0
         starts[1:] = ends[:-1] + 1
         lens = ends - starts + 1
-        if int(lens.max()) > _VARINT_MAX_BYTES:
+        if int(lens.max()) > c.VARINT_MAX_BYTES:
             raise MessageError("varint at or above 2^63")
         if ((lens > 1) & (rest[ends] == 0)).any():
             raise MessageError("over-long varint")
@@ -100,7 +101,7 @@ class _Reader:
 
     def varint(self) -> int:
         v = 0
-        for i in range(_VARINT_MAX_BYTES):
+        for i in range(c.VARINT_MAX_BYTES):
             (b,) = self.take(1)
             v |= (b & 0x7F) << (7 * i)
             if b < 0x80:
@@ -124,16 +125,13 @@ def _array(a: np.ndarray, dtype: str) -> bytes:
     return struct.pack("!Q", a.size) + a.tobytes()
 
 
-_VARINT_MAX_BYTES = 9  # 63 bits: every decoded value fits an int64
-# Ids, frames, passes and slots stay below 2^62, so a sum of two never wraps an int64.
-_ID_LIMIT = 1 << 62
 
 
 def _running_ids(first_plus: np.ndarray) -> np.ndarray:
     """Cumulative sum of positive steps (each in [1, 2^62]) minus one, rejecting any sum
     at or above 2^62: a uint64 cumsum that wraps shows up as a decrease."""
     cs = np.cumsum(first_plus.astype(np.uint64))
-    if cs.size and ((cs[1:] <= cs[:-1]).any() or int(cs[-1]) > _ID_LIMIT):
+    if cs.size and ((cs[1:] <= cs[:-1]).any() or int(cs[-1]) > c.ID_LIMIT):
         raise MessageError("id out of range")
     return cs.astype(np.int64) - 1
 
@@ -210,7 +208,7 @@ def decode(data: bytes) -> Message:
 class CascadeHello(Message):
     """Bob -> Alice: the reconciliation run both sides will follow."""
 
-    TYPE: ClassVar[int] = 1
+    TYPE: ClassVar[int] = c.MSG_CASCADE_HELLO
     variant: str
     qber_estimate: float
     frame_bits: int
@@ -247,7 +245,7 @@ class ParityQuery(Message):
     round's queries cluster and most gaps take one or two bytes.
     """
 
-    TYPE: ClassVar[int] = 6
+    TYPE: ClassVar[int] = c.MSG_PARITY_QUERY
     nodes: np.ndarray
     opens_frame: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     opens_pass: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -260,7 +258,7 @@ class ParityQuery(Message):
             raise ValueError("opens_frame and opens_pass differ in length")
         if (nodes.size and nodes[0] < 0) or (of.size and min(of.min(), op.min()) < 0):
             raise ValueError("negative node, frame or pass")
-        if max(nodes[-1:].max(initial=0), of.max(initial=0), op.max(initial=0)) >= _ID_LIMIT:
+        if max(nodes[-1:].max(initial=0), of.max(initial=0), op.max(initial=0)) >= c.ID_LIMIT:
             raise ValueError("node, frame or pass at or above 2^62")
         gaps = np.diff(nodes, prepend=-1) - 1
         if gaps.size and gaps.min() < 0:
@@ -273,10 +271,10 @@ class ParityQuery(Message):
         # Every bound is checked on the unsigned values before a cast or a sum.
         of = r.varints(r.varint())
         op = r.varints(of.size)
-        if of.size and (int(of.max()) >= _ID_LIMIT or int(op.max()) >= _ID_LIMIT):
+        if of.size and (int(of.max()) >= c.ID_LIMIT or int(op.max()) >= c.ID_LIMIT):
             raise MessageError("frame or pass out of range")
         gaps = r.varints(r.varint())
-        if gaps.size and int(gaps.max()) >= _ID_LIMIT:
+        if gaps.size and int(gaps.max()) >= c.ID_LIMIT:
             raise MessageError("node id out of range")
         nodes = _running_ids(gaps + np.uint64(1))
         return cls(nodes, of.astype(np.int64), op.astype(np.int64))
@@ -287,7 +285,7 @@ class ParityQuery(Message):
 class ParityReply(Message):
     """Alice -> Bob: the requested parities, in request order."""
 
-    TYPE: ClassVar[int] = 4
+    TYPE: ClassVar[int] = c.MSG_PARITY_REPLY
     bits: np.ndarray
 
     def body(self) -> bytes:
@@ -306,7 +304,7 @@ class ParityReply(Message):
 class CascadeDone(Message):
     """Bob -> Alice: reconciliation finished; both count the same leakage."""
 
-    TYPE: ClassVar[int] = 5
+    TYPE: ClassVar[int] = c.MSG_CASCADE_DONE
     leaked_bits: int
 
     def body(self) -> bytes:
@@ -325,21 +323,22 @@ class CascadeDone(Message):
 class Detections(Message):
     """Bob -> Alice: slots with a registered click (delta-coded) and Bob's basis for each."""
 
-    TYPE: ClassVar[int] = 10
+    TYPE: ClassVar[int] = c.MSG_DETECTIONS
     slots: np.ndarray
     bases: np.ndarray
 
     def body(self) -> bytes:
         slots = np.asarray(self.slots, np.int64)
         deltas = np.diff(slots, prepend=0)
-        if slots.size and (slots[0] < 0 or slots[-1] >= _ID_LIMIT or deltas[1:].min(initial=1) < 1):
+        if slots.size and (slots[0] < 0 or slots[-1] >= c.ID_LIMIT
+                           or deltas[1:].min(initial=1) < 1):
             raise ValueError("slots must be strictly increasing in [0, 2^62)")
         return _array(deltas, "u8") + _bits(self.bases)
 
     @classmethod
     def parse(cls, r: _Reader) -> Detections:
         deltas = r.array("u8")
-        if deltas.size and (int(deltas.max()) >= _ID_LIMIT or int(deltas[1:].min(initial=1)) == 0):
+        if deltas.size and (int(deltas.max()) >= c.ID_LIMIT or int(deltas[1:].min(initial=1)) == 0):
             raise MessageError("slot out of range or not strictly increasing")
         # first slot, then steps of at least one: slot = running sum of (delta) =
         # running sum of (delta + [1, 0, 0, ...]) - 1
@@ -358,7 +357,7 @@ class Detections(Message):
 class SiftReply(Message):
     """Alice -> Bob: her basis and intensity class (0=mu, 1=nu, 2=vacuum) for each slot."""
 
-    TYPE: ClassVar[int] = 11
+    TYPE: ClassVar[int] = c.MSG_SIFT_REPLY
     bases: np.ndarray
     intensities: np.ndarray
 
@@ -383,7 +382,7 @@ class SiftReply(Message):
 class TestBits(Message):
     """Bob -> Alice: his bits on the sifted test-basis (X) slots (discarded afterwards)."""
 
-    TYPE: ClassVar[int] = 12
+    TYPE: ClassVar[int] = c.MSG_TEST_BITS
     bits: np.ndarray
 
     def body(self) -> bytes:
@@ -399,7 +398,7 @@ class TestBits(Message):
 class EstimationResult(Message):
     """Alice -> Bob: test-basis error counts per intensity and her go/abort decision."""
 
-    TYPE: ClassVar[int] = 13
+    TYPE: ClassVar[int] = c.MSG_ESTIMATION_RESULT
     errors: tuple[int, int, int]
     abort_reason: str  # empty when going on
 
@@ -418,7 +417,7 @@ class EstimationResult(Message):
 class VerifyHash(Message):
     """Alice -> Bob: Toeplitz seed and the tag of her reconciled key."""
 
-    TYPE: ClassVar[int] = 14
+    TYPE: ClassVar[int] = c.MSG_VERIFY_HASH
     seed: np.ndarray
     tag: np.ndarray
 
@@ -438,7 +437,7 @@ class VerifyHash(Message):
 class VerifyResult(Message):
     """Bob -> Alice: whether his tag matched."""
 
-    TYPE: ClassVar[int] = 15
+    TYPE: ClassVar[int] = c.MSG_VERIFY_RESULT
     ok: bool
 
     def body(self) -> bytes:
@@ -457,7 +456,7 @@ class VerifyResult(Message):
 class PrivacyAmp(Message):
     """Alice -> Bob: final key length and the Toeplitz seed (0 length = abort)."""
 
-    TYPE: ClassVar[int] = 16
+    TYPE: ClassVar[int] = c.MSG_PRIVACY_AMP
     out_bits: int
     seed: np.ndarray
     abort_reason: str = ""

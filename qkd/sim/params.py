@@ -12,8 +12,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from qkd.common.errors import QkdError
-
-EVE_MODES = ("none", "intercept-resend", "pns", "beam-splitting", "noise")
+from qkd.sim.constants import (
+    DEFAULT_CASCADE_VARIANT,
+    DEFAULT_EPS_COR,
+    DEFAULT_EPS_SEC,
+    DEFAULT_FRAME_BITS,
+    DEFAULT_QBER_ABORT,
+)
+from qkd.sim.constants import EVE_MODES as EVE_MODES  # re-exported (older importers)
 
 
 class ParamError(QkdError, ValueError):
@@ -52,11 +58,11 @@ class LinkParams:
     eve_fraction: float = 1.0
     # Post-processing.
     ec_efficiency: float = 1.10  # f used by the theory curves (the simulation measures its own)
-    eps_sec: float = 1e-10
-    eps_cor: float = 1e-15
-    qber_abort: float = 0.11
-    frame_bits: int = 1 << 14
-    cascade_variant: str = "option8"
+    eps_sec: float = DEFAULT_EPS_SEC
+    eps_cor: float = DEFAULT_EPS_COR
+    qber_abort: float = DEFAULT_QBER_ABORT
+    frame_bits: int = DEFAULT_FRAME_BITS
+    cascade_variant: str = DEFAULT_CASCADE_VARIANT
 
     @property
     def p_vac(self) -> float:

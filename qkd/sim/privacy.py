@@ -42,13 +42,8 @@ import numpy as np
 import scipy.fft as _sfft
 
 from qkd.common.errors import QkdError
+from qkd.sim.constants import PA_BLOCK_BYTES, PA_DENSE_MAX_ROWS, PA_MAX_ERROR
 
-# Above this many output bits the FFT path is used; below it, bit-sliced dense products.
-_DENSE_MAX_ROWS = 64
-# Largest error bound accepted for one transform (exact outputs are integers).
-_MAX_ERROR = 0.25
-# Rows of the L1 x L2 spectrum handled together (with their mirror rows) in cache.
-_BLOCK_BYTES = 1 << 19
 _U = 2.0**-53  # unit roundoff of float64
 
 _POPCOUNT = np.array([bin(i).count("1") & 1 for i in range(256)], np.uint8)
@@ -250,7 +245,7 @@ def _circular_conv(x: np.ndarray, s: np.ndarray, workers: int = 1
     self_paired(0, np.roll(c0[:, ::-1], 1, axis=1))
     # Row k1 (1 <= k1 < L1/2) pairs with row L1 - k1, reversed: Z_-k at (L1-k1, L2-1-k2).
     npairs = (l1 - 1) // 2
-    step = max(1, _BLOCK_BYTES // (16 * l2))
+    step = max(1, PA_BLOCK_BYTES // (16 * l2))
     for a in range(1, npairs + 1, step):
         b = min(a + step, npairs + 1)
         ca = rows_forward(a, b)
@@ -295,7 +290,7 @@ def _parities(y: np.ndarray, start: int, count: int) -> np.ndarray:
         t -= magic
         t -= blk
         resid = max(resid, float(np.max(np.abs(t))))
-    if resid > _MAX_ERROR:
+    if resid > PA_MAX_ERROR:
         raise PrecisionError("FFT rounding residual above 1/4; refusing to guess parities")
     off = start - r0 * width
     return out[off : off + count]
@@ -314,7 +309,7 @@ def toeplitz_fft(x: np.ndarray, seed: np.ndarray, m: int, workers: int = 1) -> n
     if m == 0:
         return np.zeros(0, np.uint8)
     length = int(np.prod(_plan(seed.size)))
-    if n > 1 and _error_bound(n, seed.size, length) > _MAX_ERROR:
+    if n > 1 and _error_bound(n, seed.size, length) > PA_MAX_ERROR:
         # T x = T_a x_a xor T_b x_b over the two halves of x; each half needs the seed
         # window its columns use: columns j < na use s[n - na : n + m - 1], the rest
         # (shifted by na) use s[: nb + m - 1].
@@ -331,9 +326,9 @@ def toeplitz_hash(x: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
     """T(seed) x over GF(2), m output bits."""
     x = np.ascontiguousarray(x, dtype=np.uint8)
     seed = np.ascontiguousarray(seed, dtype=np.uint8)
-    # The row path costs m passes over n/8 bytes: below _DENSE_MAX_ROWS rows that beats
+    # The row path costs m passes over n/8 bytes: below PA_DENSE_MAX_ROWS rows that beats
     # an FFT of n + m bits at any n (a 50-bit tag of 2e6 bits: 0.01 s against 0.08 s).
-    if m <= _DENSE_MAX_ROWS:
+    if m <= PA_DENSE_MAX_ROWS:
         if seed.size != x.size + m - 1:
             raise ValueError(f"seed must have n + m - 1 = {x.size + m - 1} bits, got {seed.size}")
         return _toeplitz_rows(x, seed, m)

@@ -28,12 +28,19 @@ import numpy as np
 
 from qkd.sim import messages as m
 from qkd.sim.cascade import CascadeAlice, CascadeBob
-from qkd.sim.channel import X_BASIS, Z_BASIS, AliceRecord, BobRecord
+from qkd.sim.channel import AliceRecord, BobRecord
+from qkd.sim.constants import (
+    DEFAULT_CASCADE_VARIANT,
+    DEFAULT_EPS_COR,
+    DEFAULT_EPS_SEC,
+    DEFAULT_FRAME_BITS,
+    DEFAULT_QBER_ABORT,
+    MIN_QBER_GUESS,
+    X_BASIS,
+    Z_BASIS,
+)
 from qkd.sim.estimation import DecoyEstimate, decoy_bounds, key_length
 from qkd.sim.privacy import privacy_amplification, toeplitz_hash
-
-# Cascade needs some error-rate guess even when the test basis shows no error.
-_MIN_QBER_GUESS = 1e-3
 
 
 @dataclass(frozen=True)
@@ -42,11 +49,11 @@ class PostParams:
 
     mus: tuple[float, float, float]
     probs: tuple[float, float, float]
-    eps_sec: float = 1e-10
-    eps_cor: float = 1e-15
-    qber_abort: float = 0.11
-    frame_bits: int = 1 << 14
-    cascade_variant: str = "option8"
+    eps_sec: float = DEFAULT_EPS_SEC
+    eps_cor: float = DEFAULT_EPS_COR
+    qber_abort: float = DEFAULT_QBER_ABORT
+    frame_bits: int = DEFAULT_FRAME_BITS
+    cascade_variant: str = DEFAULT_CASCADE_VARIANT
     # Frames reconciled together (one Cascade run); bounds memory, and more frames per
     # run amortise the per-round-trip cost.
     cascade_group_frames: int = 128
@@ -332,7 +339,7 @@ class BobProtocol(_Party):
 
     def _start_group(self) -> None:
         seed = int(self._rng.integers(0, 2**63))
-        guess = max(self.result.qber_x, _MIN_QBER_GUESS)
+        guess = max(self.result.qber_x, MIN_QBER_GUESS)
         self._cascade = CascadeBob(self._groups[self._group], guess,
                                    self.post.cascade_variant, seed)
         self._group += 1

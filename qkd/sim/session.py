@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 from qkd.sim.channel import simulate_link
-from qkd.sim.estimation import decoy_bounds, key_length
+from qkd.sim.estimation import decoy_bounds, h2, key_length
 from qkd.sim.params import LinkParams
 from qkd.sim.protocol import AliceProtocol, BobProtocol, PostParams, SessionResult
-from qkd.sim.theory import h2, theory_rates
+from qkd.sim.theory import theory_rates
 
 
 def post_params(params: LinkParams) -> PostParams:

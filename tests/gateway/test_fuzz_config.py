@@ -1,5 +1,6 @@
 """Property-based fuzzing of the config loaders: the gateway's (gateway/config.py) and
-the KME's (qkd/kme/config.py), both built on qkd/common/confload.py.
+the KME's (qkd/kme/config.py), both schemas on qkd/common/schema.py after
+qkd/common/confload.py's hostile-document checks.
 
 Documents are the shipped example configs with random edits (values of every TOML
 type, boundary numbers, NaN and infinities, odd strings and paths, missing and extra

@@ -10,8 +10,12 @@ peer SAE" exist on both sides):
 from __future__ import annotations
 
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
+
+from gateway.tools import kme_config
 
 SITES = ["site-a", "site-b", "site-c", "site-d"]
 SIDES = {
@@ -22,53 +26,37 @@ SIDES = {
 }
 
 
+def _toml(fragment: str) -> dict[str, Any]:
+    return tomllib.loads(fragment)
+
+
 def bb84_link(pki: Path, role: str, *, peer: int = 0, quantum: int = 0,
               pulses: int = 12_000_000, distance_km: float = 10.0) -> str:
     """A [link] section for the BB84 link between two test KMEs (Bob listens on free
-    ports; Alice dials `peer` / `quantum`). 10 km and 1.2e7 pulses: ~2 s rounds."""
-    common = (f'type = "bb84"\nsecret_file = "{pki}/link-secret.key"\n'
-              f"distance_km = {distance_km}\npulses = {pulses}\n")
-    if role == "bob":
-        return common + 'role = "bob"\nlisten = "127.0.0.1:0"\nquantum_listen = "127.0.0.1:0"\n'
-    return (common + f'role = "alice"\npeer = "127.0.0.1:{peer}"\n'
-            f'quantum = "127.0.0.1:{quantum}"\n')
+    ports; Alice dials `peer` / `quantum`). 10 km and 1.2e7 pulses: ~2 s rounds.
+    Returned as TOML lines, which tests may extend before passing it as `link=`."""
+    return kme_config.dumps(kme_config.bb84_link(
+        pki / "link-secret.key", role, distance_km=distance_km, pulses=pulses,
+        peer=peer, quantum=quantum))
 
 
 def kme_toml(pki: Path, side: str, db: Path, *, key_rate: str = "inf",
              max_key_count: int = 1000, max_key_per_request: int = 16,
              extra_kme: str = "", link: str | None = None, extra: str = "") -> str:
+    """The config of test KME `side` ("a" or "b"); `extra_kme` adds [kme] lines,
+    `link` replaces the ideal [link] lines, `extra` adds tables (TOML text each)."""
     s = SIDES[side]
     site = s["site"]
-    saes = "".join(f'[[sae]]\nid = "{sae}"\n\n' for sae in s["local"])
-    peers = ", ".join(f'"{p}"' for p in s["peer"])
-    return f"""
-[kme]
-id = "kme-{site}"
-listen = "127.0.0.1:0"
-db = "{db}"
-key_size = 256
-min_key_size = 64
-max_key_size = 1024
-max_key_count = {max_key_count}
-max_key_per_request = {max_key_per_request}
-{extra_kme}
-[tls]
-cert = "{pki}/{site}/kme-server.crt"
-key = "{pki}/{site}/kme-server.key"
-client_ca = "{pki}/tls-ca.crt"
-
-{saes}
-[peer]
-kme_id = "{s['peer_kme']}"
-sae_ids = [{peers}]
-
-[link]
-{link if link is not None else f'type = "ideal"{chr(10)}secret_file = "{pki}/link-secret.key"'
-                                 f'{chr(10)}key_rate = {key_rate}'}
-{extra}
-[logging]
-level = "debug"
-"""
+    cfg = kme_config.kme_config(
+        pki, site, db, local_saes=s["local"], peer_kme=s["peer_kme"], peer_saes=s["peer"],
+        link=(_toml(link) if link is not None
+              else kme_config.ideal_link(pki / "link-secret.key",
+                                         _toml(f"v = {key_rate}")["v"])),
+        kme={"key_size": 256, "min_key_size": 64, "max_key_size": 1024,
+             "max_key_count": max_key_count, "max_key_per_request": max_key_per_request,
+             **_toml(extra_kme)},
+        sections=_toml(extra), log_level="debug")
+    return kme_config.dumps(cfg)
 
 
 class KmeProcess:

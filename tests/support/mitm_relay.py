@@ -34,15 +34,16 @@ from structlog.testing import capture_logs
 
 from gateway.config import GatewayConfig
 from gateway.runtime import Gateway
+from gateway.tools import kme_config
 from gateway.tunnel import handshake as hs_mod
 from gateway.tunnel.handshake import ClientHello, Credentials, ServerHello
 from gateway.tunnel.record import HEADER_LEN, PLAINTEXT_HANDSHAKE, PROTECTED, TAG_LEN
 from qkd.common.confload import HostPort
+from qkd.common.tcp_relay import A2B, B2A, RelayConnection, TcpRelay
 from qkd.kme.config import KmeConfig
 from qkd.kme.service import RunningKme, start_kme
 
-A2B = "a2b"  # initiator (site A) towards responder (site B)
-B2A = "b2a"
+# A2B (from qkd.common.tcp_relay): initiator (site A) towards responder (site B).
 
 
 def other(direction: str) -> str:
@@ -323,19 +324,21 @@ def rewrite_hello(msg: bytes, **changes: Any) -> bytes:
 # --------------------------------------------------------------------------- relay
 
 
-class RelayedConnection:
+class RelayedConnection(RelayConnection):
     """One tunnel TCP connection through the relay: both sockets and the records seen."""
 
-    def __init__(self, relay: MitmRelay, number: int, strategy: Strategy,
-                 a_writer: asyncio.StreamWriter, b_writer: asyncio.StreamWriter) -> None:
-        self.relay = relay
-        self.number = number
-        self.strategy = strategy
-        self.writers = {A2B: b_writer, B2A: a_writer}  # where each direction goes
+    relay: MitmRelay
+
+    def __init__(self, relay: TcpRelay, number: int,
+                 client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                 upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
+        super().__init__(relay, number, client, upstream)
+        assert isinstance(relay, MitmRelay)
+        self.strategy: Strategy = relay.strategy_factory()
         self.records: dict[str, list[WireRecord]] = {A2B: [], B2A: []}
         self.blackhole: set[str] = set()
-        self.closed = asyncio.Event()
         self._seq = {A2B: 0, B2A: 0}
+        self._splitters = {A2B: _Splitter(), B2A: _Splitter()}
 
     def __repr__(self) -> str:
         return f"RelayedConnection(#{self.number}, {type(self.strategy).__name__})"
@@ -351,21 +354,10 @@ class RelayedConnection:
         self.send(rec.direction, rec.raw)
 
     def send(self, direction: str, data: bytes) -> None:
-        w = self.writers[direction]
-        if direction not in self.blackhole and not w.is_closing():
-            w.write(data)
+        if direction not in self.blackhole:
+            super().send(direction, data)
 
-    def send_eof(self, direction: str) -> None:
-        w = self.writers[direction]
-        with contextlib.suppress(OSError, RuntimeError):
-            if not w.is_closing() and w.can_write_eof():
-                w.write_eof()
-
-    def abort(self) -> None:
-        for w in self.writers.values():
-            w.transport.abort()
-
-    # the pumps
+    # the pumps (qkd.common.tcp_relay) hand over chunks; strategies see records
     def _record(self, direction: str, header: bytes, body: bytes) -> WireRecord:
         seq = self._seq[direction]
         if header[0] == PROTECTED:
@@ -374,38 +366,35 @@ class RelayedConnection:
         self.records[direction].append(rec)
         return rec
 
-    async def pump(self, direction: str, reader: asyncio.StreamReader) -> None:
-        splitter = _Splitter()
-        try:
-            while data := await reader.read(1 << 16):
-                if direction in self.blackhole:
-                    continue
-                for header, body in splitter.feed(data):
-                    self.strategy.on_record(self, self._record(direction, header, body))
-                await self.writers[direction].drain()
-            if splitter.buf and direction not in self.blackhole:
-                self.send(direction, bytes(splitter.buf))  # a partial record, as it came
-            if direction not in self.blackhole:
-                self.strategy.on_eof(self, direction)
-        except (ConnectionError, OSError):
-            self.abort()
+    async def on_chunk(self, direction: str, chunk: bytes) -> None:
+        if direction in self.blackhole:
+            return
+        for header, body in self._splitters[direction].feed(chunk):
+            self.strategy.on_record(self, self._record(direction, header, body))
+
+    def on_eof(self, direction: str) -> None:
+        buf = self._splitters[direction].buf
+        if buf and direction not in self.blackhole:
+            self.send(direction, bytes(buf))  # a partial record, as it came
+        if direction not in self.blackhole:
+            self.strategy.on_eof(self, direction)
 
 
-class MitmRelay:
+class MitmRelay(TcpRelay):
     """TCP relay 127.0.0.1:port -> 127.0.0.1:target_port with a strategy per connection.
 
     New connections get `strategy_factory()`; a live one can be re-armed through
     `live.strategy`. `target_port` may be changed to send the next connection to
     another gateway (a third site, an impostor)."""
 
+    connections: list[RelayedConnection]  # type: ignore[assignment]
+
     def __init__(self, target_port: int) -> None:
+        super().__init__(lambda: ("127.0.0.1", self.target_port),
+                         connection_class=RelayedConnection, on_connect=self._connected)
         self.target_port = target_port
         self.strategy_factory: Callable[[], Strategy] = Honest
-        self.connections: list[RelayedConnection] = []
-        self.port = 0
         self.new_connection = asyncio.Event()
-        self._server: asyncio.base_events.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def live(self) -> RelayedConnection | None:
@@ -415,45 +404,9 @@ class MitmRelay:
     def honest(self) -> None:
         self.strategy_factory = Honest
 
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def _handle(self, a_reader: asyncio.StreamReader,
-                      a_writer: asyncio.StreamWriter) -> None:
-        try:
-            b_reader, b_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            a_writer.transport.abort()
-            return
-        conn = RelayedConnection(self, len(self.connections) + 1, self.strategy_factory(),
-                                 a_writer, b_writer)
-        self.connections.append(conn)
+    def _connected(self, conn: RelayConnection) -> None:
         self.new_connection.set()
         self.new_connection = asyncio.Event()
-        pumps = [asyncio.ensure_future(conn.pump(A2B, a_reader)),
-                 asyncio.ensure_future(conn.pump(B2A, b_reader))]
-        for t in pumps:
-            self._tasks.add(t)
-            t.add_done_callback(self._tasks.discard)
-        try:
-            await asyncio.gather(*pumps, return_exceptions=True)
-        finally:
-            for w in (a_writer, b_writer):
-                w.close()
-            conn.closed.set()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for c in self.connections:
-            if not c.closed.is_set():
-                c.abort()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 # ---------------------------------------------------- switchable protections (tests)
@@ -624,34 +577,11 @@ class AppClient:
 
 def kme_toml(pki: Path, site: str, db: Path, local: list[str], peer_kme: str,
              peers: list[str]) -> str:
-    saes = "".join(f'[[sae]]\nid = "{s}"\n\n' for s in local)
-    return f"""
-[kme]
-id = "kme-{site}"
-listen = "127.0.0.1:0"
-db = "{db}"
-key_size = 256
-max_key_count = 1000
-max_key_per_request = 16
-
-[tls]
-cert = "{pki}/{site}/kme-server.crt"
-key = "{pki}/{site}/kme-server.key"
-client_ca = "{pki}/tls-ca.crt"
-
-{saes}
-[peer]
-kme_id = "{peer_kme}"
-sae_ids = [{", ".join(f'"{p}"' for p in peers)}]
-
-[link]
-type = "ideal"
-secret_file = "{pki}/link-secret.key"
-key_rate = inf
-
-[logging]
-level = "warning"
-"""
+    return kme_config.dumps(kme_config.kme_config(
+        pki, site, db, local_saes=local, peer_kme=peer_kme, peer_saes=peers,
+        link=kme_config.ideal_link(pki / "link-secret.key"),
+        kme={"key_size": 256, "max_key_count": 1000, "max_key_per_request": 16},
+        log_level="warning"))
 
 
 def gateway_config(pki: Path, workdir: Path, site: str, peer: str, *, kme_url: str,

@@ -3,8 +3,8 @@
     python _qkd_tamper_relay.py --forward 127.0.0.1:PORT --port-file F --mode-file M
 
 Alice's KME dials it instead of Bob's `[link] listen`; it dials Bob and moves the
-u32-length-prefixed frames both ways. Before each frame it reads the mode file, so a
-test can switch attacks on one running pair:
+u32-length-prefixed frames both ways (through qkd.common.tcp_relay). Before each
+frame it reads the mode file, so a test can switch attacks on one running pair:
 
     pass       forward everything unchanged (the positive control)
     flip-pp    flip the last bit of Alice's first post-processing frame of each round
@@ -25,21 +25,22 @@ import struct
 import sys
 from pathlib import Path
 
+from qkd.common.tcp_relay import (
+    A2B,
+    B2A,
+    Hook,
+    RelayConnection,
+    TcpRelay,
+    length_prefixed,
+)
+from qkd.common.tcp_relay import frame as framed
+
 HELLO, ROUND_START, PP, TRANSCRIPT = 1, 2, 3, 4
-_LEN = struct.Struct("<I")
+_FRAME_LIMIT = 64 << 20  # the KME reader has its own, smaller limit
 
 
 def say(**kw: object) -> None:
     print(json.dumps(kw), flush=True)
-
-
-async def read_frame(r: asyncio.StreamReader) -> bytes:
-    (n,) = _LEN.unpack(await r.readexactly(4))
-    return await r.readexactly(n)
-
-
-def write_frame(w: asyncio.StreamWriter, data: bytes) -> None:
-    w.write(_LEN.pack(len(data)) + data)
 
 
 def forge_round_start(frame: bytes) -> bytes:
@@ -50,6 +51,12 @@ def forge_round_start(frame: bytes) -> bytes:
     i = body.index(b'"nonce":"') + len(b'"nonce":"')
     body[i] = ord("1") if body[i] != ord("1") else ord("2")
     return bytes([kind]) + struct.pack("<Q", offset + 16) + frame[9:25] + bytes(body)
+
+
+class TamperConnection(RelayConnection):
+    def on_eof(self, direction: str) -> None:
+        say(action="closed", direction=direction)
+        super().on_eof(direction)
 
 
 class Relay:
@@ -63,50 +70,42 @@ class Relay:
         except OSError:
             return "pass"
 
-    async def handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            ur, uw = await asyncio.open_connection(*self.forward)
-        except OSError as exc:
-            say(action="forward_failed", error=str(exc))
-            w.close()
-            return
+    def hooks(self, conn: RelayConnection) -> dict[str, Hook]:
         say(action="connected")
-        state = {"pp_flipped": True}
-        await asyncio.gather(self.pump(r, uw, "a2b", state), self.pump(ur, w, "b2a", state),
-                             return_exceptions=True)
-        w.close()
-        uw.close()
+        state = {"pp_flipped": True}  # shared by both directions of this connection
 
-    async def pump(self, r: asyncio.StreamReader, w: asyncio.StreamWriter, direction: str,
-                   state: dict[str, bool]) -> None:
-        try:
-            while True:
-                frame = await read_frame(r)
-                mode, kind = self.mode(), frame[0]
-                out = [frame]
-                if direction == "a2b" and kind == ROUND_START:
+        def tamper(direction: str) -> Hook:
+            def hook(data: bytes) -> list[bytes]:
+                f = data[4:]
+                mode, kind = self.mode(), f[0]
+                out = [f]
+                if direction == A2B and kind == ROUND_START:
                     state["pp_flipped"] = False
                     if mode == "replay":
-                        out = [frame, frame]
+                        out = [f, f]
                     elif mode == "inject":
-                        out = [frame, forge_round_start(frame)]
-                elif (mode == "flip-pp" and direction == "a2b" and kind == PP
-                      and not state["pp_flipped"] and len(frame) >= 40):
+                        out = [f, forge_round_start(f)]
+                elif (mode == "flip-pp" and direction == A2B and kind == PP
+                      and not state["pp_flipped"] and len(f) >= 40):
                     state["pp_flipped"] = True
-                    bad = bytearray(frame)
+                    bad = bytearray(f)
                     bad[-1] ^= 0x01
                     out = [bytes(bad)]
-                elif mode == "drop" and direction == "b2a" and kind == TRANSCRIPT:
+                elif mode == "drop" and direction == B2A and kind == TRANSCRIPT:
                     out = []
-                if out != [frame]:
+                if out != [f]:
                     say(action=mode, direction=direction, kind=kind, frames=len(out))
-                for f in out:
-                    write_frame(w, f)
-                await w.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            say(action="closed", direction=direction)
-        finally:
-            w.close()
+                return [framed(x) for x in out]
+
+            return hook
+
+        return {A2B: tamper(A2B), B2A: tamper(B2A)}
+
+    def relay(self) -> TcpRelay:
+        return TcpRelay(self.forward, read=length_prefixed(_FRAME_LIMIT), hooks=self.hooks,
+                        connection_class=TamperConnection,
+                        on_upstream_error=lambda exc: say(action="forward_failed",
+                                                          error=str(exc)))
 
 
 async def main() -> None:
@@ -118,13 +117,12 @@ async def main() -> None:
     host, _, port = args.forward.rpartition(":")
     if host not in ("127.0.0.1", "localhost"):
         sys.exit("loopback only")
-    relay = Relay((host, int(port)), args.mode_file)
-    server = await asyncio.start_server(relay.handle, "127.0.0.1", 0)
+    relay = Relay((host, int(port)), args.mode_file).relay()
+    bound = await relay.start()
     tmp = args.port_file.with_name(args.port_file.name + f".tmp{os.getpid()}")
-    tmp.write_text(str(server.sockets[0].getsockname()[1]))
+    tmp.write_text(str(bound))
     os.replace(tmp, args.port_file)
-    async with server:
-        await server.serve_forever()
+    await relay.serve_forever()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ relay holding the KME's TLS key can hand the gateway keys of its own choosing.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import ssl
 import uuid
@@ -18,54 +17,37 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from qkd.common.tcp_relay import A2B, B2A, Hook, RelayConnection, TcpRelay
 from qkd.etsi014.client import EtsiClient, KmeError, KmeUnavailable
 from qkd.etsi014.messages import QkdKey, build_key_container
 from tests.support.mitm_relay import Sites
 
 
-class ByteRelay:
+class ByteRelay(TcpRelay):
     """Plain TCP relay that records both directions and may flip one byte of the
     server's answer at `flip_at` (an offset into the server -> client stream)."""
 
     def __init__(self, target_port: int, flip_at: int | None = None) -> None:
-        self.target_port = target_port
+        super().__init__(("127.0.0.1", target_port), hooks=self._hooks)
         self.flip_at = flip_at
         self.to_server = bytearray()
         self.to_client = bytearray()
-        self.port = 0
-        self._server: asyncio.base_events.Server | None = None
 
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
+    def _hooks(self, conn: RelayConnection) -> dict[str, Hook]:
+        def to_server(data: bytes) -> list[bytes]:
+            self.to_server += data
+            return [data]
 
-    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        sr, sw = await asyncio.open_connection("127.0.0.1", self.target_port)
+        def to_client(data: bytes) -> list[bytes]:
+            start = len(self.to_client)
+            self.to_client += data
+            if self.flip_at is not None and start <= self.flip_at < len(self.to_client):
+                b = bytearray(data)
+                b[self.flip_at - start] ^= 0x01
+                data = bytes(b)
+            return [data]
 
-        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, log: bytearray,
-                       flip: bool) -> None:
-            try:
-                while data := await r.read(1 << 16):
-                    start = len(log)
-                    log += data
-                    if flip and self.flip_at is not None and start <= self.flip_at < len(log):
-                        b = bytearray(data)
-                        b[self.flip_at - start] ^= 0x01
-                        data = bytes(b)
-                    w.write(data)
-                    await w.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                w.close()
-
-        await asyncio.gather(pipe(cr, sw, self.to_server, False),
-                             pipe(sr, cw, self.to_client, True))
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        return {A2B: to_server, B2A: to_client}
 
 
 @pytest.fixture

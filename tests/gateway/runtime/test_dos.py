@@ -25,6 +25,7 @@ from gateway.runtime import Gateway
 from gateway.tunnel.admission import (
     COOKIE_LEN,
     Admission,
+    AdmissionConfig,
     AdmissionSettings,
     CookieJar,
     LogThrottle,
@@ -227,18 +228,15 @@ def test_documented_example_matches_the_defaults() -> None:
     the loader must produce exactly the built-in defaults, so the two cannot drift."""
     import tomllib
 
-    from gateway.config import _admission
-    from qkd.common.confload import Section
-
     path = Path(__file__).resolve().parents[3] / "configs" / "site-b.toml"
     data = tomllib.loads(path.read_text())
     assert set(data["tunnel"]["admission"]) == {
         "cookie", "load_threshold", "cookie_lifetime_s", "cookie_secret_rotation_s",
         "rate_per_s", "burst", "max_sources", "max_pending", "max_pending_per_source",
         "first_record_timeout_s", "max_handshake_bytes", "peer_sources", "peer_reserved"}
-    sec = Section(data["tunnel"]["admission"], path, "tunnel.admission")
+    section = AdmissionConfig.model_validate(data["tunnel"]["admission"])
     # The example names its peer (site A dials from loopback); everything else is default.
-    assert _admission(sec, data["tunnel"]["handshake_timeout_s"]) == AdmissionSettings(
+    assert section.settings(data["tunnel"]["handshake_timeout_s"]) == AdmissionSettings(
         peer_sources=("127.0.0.1",))
 
 

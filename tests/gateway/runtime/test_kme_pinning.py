@@ -10,7 +10,6 @@ carry the expected name fails closed, and the control with the right name comes 
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -18,15 +17,6 @@ import pytest
 
 from gateway.config import GatewayConfig
 from tests.support.mitm_relay import Sites
-
-
-@pytest.fixture
-async def sites(pki_dir: Path, tmp_path: Path) -> AsyncIterator[Sites]:
-    s = Sites(pki_dir, tmp_path)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def _status(sites: Sites, site: str) -> dict:

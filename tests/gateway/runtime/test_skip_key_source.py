@@ -5,7 +5,6 @@ same QKD key at both ends, whichever API each site uses."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,6 @@ from gateway.config import GatewayConfig
 from qkd.etsi014.client import EtsiClient
 from qkd.skip.client import SkipClient
 from tests.support.mitm_relay import Sites
-
-
-@pytest.fixture
-async def sites(pki_dir: Path, tmp_path: Path) -> AsyncIterator[Sites]:
-    s = Sites(pki_dir, tmp_path)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 @pytest.mark.parametrize(("api_a", "api_b"), [("skip", "skip"), ("skip", "etsi014")])

@@ -12,7 +12,6 @@ reaches its goal. The sans-I/O tests pin the rules one by one.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +47,6 @@ from tests.support.tunnel_harness import FakeKmePair, make_pair, serve_qkd
 CH, SH = hs_mod.MSG_CLIENT_HELLO, hs_mod.MSG_SERVER_HELLO
 DEGRADED = HandshakePolicy(allowed_modes=(MODE_HYBRID, MODE_MLKEM_ONLY))
 BOTH_DEGRADED = {"allow_degraded": True}
-
-
-@pytest.fixture
-async def sites(pki_dir: Path, tmp_path: Path) -> AsyncIterator[Sites]:
-    s = Sites(pki_dir, tmp_path)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def terminated(events: list[ev.Event]) -> ev.ConnectionTerminated | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +61,6 @@ from tests.support.mitm_relay import (
 from tests.support.tunnel_harness import credentials, make_pair
 
 CH, SH = hs_mod.MSG_CLIENT_HELLO, hs_mod.MSG_SERVER_HELLO
-
-
-@pytest.fixture
-async def sites(pki_dir: Path, tmp_path: Path) -> AsyncIterator[Sites]:
-    s = Sites(pki_dir, tmp_path)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -51,15 +50,6 @@ PAYLOAD = PART1 + PART2
 def big_a2b(rec: WireRecord) -> bool:
     """The record that carries PART1 (the tunnel is otherwise idle)."""
     return rec.protected and len(rec.body) > 1000
-
-
-@pytest.fixture
-async def sites(pki_dir: Path, tmp_path: Path) -> AsyncIterator[Sites]:
-    s = Sites(pki_dir, tmp_path)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 async def closes(sites: Sites, site: str) -> dict[str, float]:

@@ -11,7 +11,7 @@ The fuzz targets over mutated certificates inside real flights are in test_fuzz.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +105,6 @@ def test_unexpected_exception_becomes_an_internal_error_alert(
 
 
 # -------------------------------------------------------- through real gateways
-
-
-@pytest.fixture
-async def sites(pki_dir: Path, tmp_path: Path) -> AsyncIterator[Sites]:
-    s = Sites(pki_dir, tmp_path)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 @pytest.mark.parametrize("which", MUTATIONS)

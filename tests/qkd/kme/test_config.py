@@ -9,7 +9,7 @@ import pytest
 
 from gateway.pki import init_pki
 from qkd.common.confload import ConfigError
-from qkd.kme.config import KmeConfig
+from qkd.kme.config import KmeConfig, KmeFile
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -35,6 +35,8 @@ def test_shipped_examples_load_and_pair_up(layout: Path) -> None:
     assert a.tls.cert == layout / "configs" / "../pki/site-a/kme-server.crt"
     assert a.db != b.db and a.listen != b.listen
     assert a.link.secret.hex() not in repr(a)
+    assert a.file is not None and a.link.secret.hex() not in repr(a.file)
+    assert a.file.link.secret == a.link.secret
 
 
 def write(layout: Path, text: str) -> Path:
@@ -98,3 +100,27 @@ def test_directory_as_cert_names_field(layout: Path) -> None:
     text = base(layout).replace('"../pki/site-a/kme-server.crt"', '"../pki/site-a"')
     with pytest.raises(ConfigError, match=r"\[tls\] cert: cannot read"):
         KmeConfig.load(write(layout, text))
+
+
+def test_one_more_table_is_one_model_and_one_field(layout: Path) -> None:
+    """How a new table joins the KME file: a Schema class and a field on the root model;
+    errors in it name it like any other table, unknown keys in it are refused."""
+    from qkd.common.schema import Int, Schema, load_model, section, setting
+
+    class ExtraSection(Schema):
+        hops: Int = setting(1, ge=1, le=8, doc="Hops.")
+
+    class Extended(KmeFile):
+        extra: ExtraSection = section(ExtraSection, doc="An extra table.")
+
+    text = base(layout)
+    doc, _ = load_model(Extended, write(layout, text + "\n[extra]\nhops = 3\n"))
+    assert doc.extra.hops == 3 and doc.kme.id == "kme-site-a"
+    assert load_model(Extended, write(layout, text))[0].extra.hops == 1  # optional
+    with pytest.raises(ConfigError, match=r"\[extra\] hops: 9 is above the maximum 8"):
+        load_model(Extended, write(layout, text + "\n[extra]\nhops = 9\n"))
+    with pytest.raises(ConfigError, match=r"\[extra\] hop: unknown field"):
+        load_model(Extended, write(layout, text + "\n[extra]\nhop = 3\n"))
+    # Control: the plain KME file does not know the table.
+    with pytest.raises(ConfigError, match=r"extra: unknown field"):
+        KmeConfig.load(write(layout, text + "\n[extra]\nhops = 3\n"))

@@ -50,7 +50,8 @@ def test_two_neighbours(tmp_path: Path, pki: Path) -> None:
     (lambda t: t.replace('kme_id = "kme-site-c"', 'kme_id = "kme-site-b"'),
      "[neighbour][1] kme_id", "one [[neighbour]] table per neighbour"),
     (lambda t: t.replace('key_rate = 5', 'key_rate = 5\nbogus = 1'),
-     "[neighbour.link][1] bogus", "spelling"),
+     # The schema's label: the [neighbour.link] of [[neighbour]] number 1.
+     "[neighbour][1.link] bogus", "spelling"),
     (lambda t: t.replace('sae_ids = ["site-c-gw"]', 'sae_ids = ["site-a-gw"]'),
      "[neighbour][1] sae_ids", "also a local"),
 ])

@@ -7,13 +7,12 @@ import math
 import numpy as np
 import pytest
 
-from qkd.sim.estimation import decoy_bounds, gamma, key_length
+from qkd.sim.estimation import decoy_bounds, gamma, h2, key_length
 from qkd.sim.params import LinkParams
 from qkd.sim.theory import (
     gain_error_lmc,
     gain_error_model,
     gllp_rate,
-    h2,
     plob_bound,
     shor_preskill_rate,
     single_photon_model,

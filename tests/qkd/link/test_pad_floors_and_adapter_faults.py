@@ -1,4 +1,4 @@
-"""Findings of the link review, each turned into a test that failed on the old code:
+"""Pad floors and adapter faults of the link, each a test that failed on the code before it:
 
 - a failed state write must never let a signed frame leave (one-time pad reuse after a
   restart), and the adapter's task loops must survive errors;
