@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +55,15 @@ def test_two_neighbours(tmp_path: Path, pki: Path) -> None:
      "[neighbour][1.link] bogus", "spelling"),
     (lambda t: t.replace('sae_ids = ["site-c-gw"]', 'sae_ids = ["site-a-gw"]'),
      "[neighbour][1] sae_ids", "also a local"),
+    # The second link given the first link's db ([kme] db, its default).
+    (lambda t: t.replace('kme_id = "kme-site-c"\n', 'kme_id = "kme-site-c"\n'
+                         + re.search(r"^db = .*\n", t, re.M).group(0)),
+     "[neighbour][1] db", "its own db file"),
+    (lambda t: t.replace('kme_id = "kme-site-c"\n', 'kme_id = "kme-site-c"\nrelay = "x"\n'),
+     "[neighbour][1] relay", "relay_listen address as 'host:port'"),
+    (lambda t: t.replace('[neighbour.link]\ntype = "ideal"\nsecret_file',
+                         '[neighbour.link]\ntype = "ideal"\nsecret_fil', 1),
+     "[neighbour][0.link] secret_file: missing", "the same file on both KMEs"),
 ])
 def test_bad_neighbours_name_file_field_and_fix(tmp_path: Path, pki: Path,
                                                 edit: Callable[[str], str], field: str,
@@ -65,6 +75,16 @@ def test_bad_neighbours_name_file_field_and_fix(tmp_path: Path, pki: Path,
     assert str(tmp_path / "kme.toml") in msg
     assert field in msg
     assert fix in msg
+
+
+def test_no_link_at_all_names_both_forms(tmp_path: Path, pki: Path) -> None:
+    text = net_kme_toml(pki, "site-a", tmp_path / "a.db", [])
+    with pytest.raises(ConfigError, match=r"kme\.toml: peer: missing section \(fix: add a "
+                                          r"\[peer\] table \(or one \[\[neighbour\]\] "):
+        _load(tmp_path, text)
+    # Control: one neighbour is enough.
+    assert len(_load(tmp_path, net_kme_toml(pki, "site-a", tmp_path / "a.db",
+                                            [Nb("site-b")])).neighbours) == 1
 
 
 class _Clock:

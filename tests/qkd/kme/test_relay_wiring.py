@@ -63,6 +63,12 @@ def test_network_section_parses(tmp_path: Path, pki: Path) -> None:
     (LINE + '[[network.sae]]\nid = "x-gw"\nkme_id = "kme-nowhere"\n',
      "[network.sae][0] kme_id", "name a KME"),
     ('avoid = ["kme-x"]\n' + LINE, "[network] avoid", "name KMEs"),
+    ('avoid = ["kme-site-a"]\n' + LINE, "[network] avoid", "lists this KME"),
+    (LINE + remote_sae_toml(["site-c"]) + '[[network.pair]]\nmaster = "site-a-gw"\n'
+     'slave = "site-c-gw"\navoid = ["kme-y"]\n', "[network.pair][0] avoid", "name KMEs"),
+    (LINE + remote_sae_toml(["site-c"]) + '[[network.pair]]\nmaster = "site-a-gw"\n'
+     'slave = "site-c-gw"\nk = 0\n', "[network.pair][0] k", ">= 1"),
+    (LINE + remote_sae_toml(["site-c", "site-c"]), "[network.sae][1] id", "remove the duplicate"),
     ('k = 9\n' + LINE, "[network] k", "<= 8"),
     (LINE + '[[network.pair]]\nmaster = "site-a-gw"\nslave = "nobody"\n',
      "[network.pair][0] slave", "one remote SAE"),
