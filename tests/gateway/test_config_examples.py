@@ -130,6 +130,22 @@ def test_checker_finds_missing_and_stale_fields() -> None:
         "(value_error)"]
 
 
+
+def test_checker_sees_each_kme_form() -> None:
+    # A network example need not show [peer]/[link], but must show its own tables ...
+    text = (REPO / "configs" / "network" / "line-3" / "kme-b.toml").read_text()
+    assert problems(text, KmeFile) == []
+    no_pool = text.replace("# pool_bits = 1099511627776\n", "")
+    assert problems(no_pool, KmeFile) == [
+        "[network.link] pool_bits is missing from the example"]
+    assert "[network.pair] is missing from the example" in problems(
+        text.replace("# [[network.pair]]\n", ""), KmeFile)
+    # ... and a one-link example must show [peer] and [link].
+    one = (REPO / "configs" / "kme-a.toml").read_text()
+    assert "[peer] is missing from the example" in problems(
+        one.replace("[peer]\n", ""), KmeFile)
+
+
 def uncomment(text: str, keys: set[str], tables: set[str] = frozenset()) -> str:
     """`text` with the commented lines of `keys` set, and `tables` (commented header and
     every commented key under it) uncommented."""
