@@ -21,6 +21,7 @@ from qkd.common.errors import ConfigError, UserError
 _COMMANDS = {
     "pki": "gateway.pki",
     "kme": "qkd.kme.service",
+    "network": "qkd.kme.network_cli",
     "gateway": "gateway.runtime",
     "status": "gateway.runtime",
     "demo": "gateway.tools.demo",

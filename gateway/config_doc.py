@@ -46,7 +46,9 @@ def render() -> str:
         markdown(GatewayFile, "Gateway: `qkdgw gateway --config`",
                  "Examples: configs/site-a.toml (dials), configs/site-b.toml (listens)."),
         markdown(KmeFile, "KME: `qkdgw kme --config`",
-                 "Examples: configs/kme-a.toml (Alice), configs/kme-b.toml (Bob)."),
+                 "Examples: configs/kme-a.toml (Alice), configs/kme-b.toml (Bob): one link; "
+                 "configs/network/line-3/ (three KMEs in a line, relay): several links. "
+                 "A file has [peer] and [link], or [[neighbour]] tables, never both."),
     ]).rstrip("\n") + "\n"
 
 

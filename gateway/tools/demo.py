@@ -144,7 +144,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr,
                                                                 flush=True))
     try:
-        if late_eve:
+        if getattr(args, "topology", None):
+            from gateway.tools.network_demo import run_network_demo  # issue 11
+
+            run_network_demo(args, bed, summary, say, run_traffic)
+        elif late_eve:
             run_late_eve_demo(args, bed, summary, say)
         elif args.eve:
             run_eve_demo(args, bed, summary, say)
@@ -513,6 +517,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(args)
     if args.json:
         print(json.dumps(summary, indent=2))
+    elif args.topology:
+        from gateway.tools.network_demo import print_summary
+
+        print_summary(summary)
     else:
         _print_summary(summary)
     return 0 if summary["ok"] else 1
@@ -549,6 +557,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--max-key-count", type=int, default=None, metavar="N",
                    help=f"KME pool size (default 1000; {EVE_POOL_KEYS} with --eve, so the "
                         "pool visibly runs dry)")
+    p.add_argument("--topology", choices=("line", "ring"), default=None,
+                   help="a QKD network instead of two sites: a line of 3 KMEs or a ring "
+                        "of 4 (k = 2), gateways at two non-adjacent sites, keys relayed "
+                        "through trusted nodes (ideal links)")
     p.add_argument("--workdir", help="keep the generated PKI, configs and logs here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_cmd_demo)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -36,7 +36,8 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 
 async def snapshot(service: KmeService, started: float,
-                   budget: KmeBudget | None = None) -> dict[str, Any]:
+                   budget: KmeBudget | None = None,
+                   network: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything /status shows; /metrics renders the same numbers."""
     cfg = service.config
     now = time.time()
@@ -61,6 +62,9 @@ async def snapshot(service: KmeService, started: float,
         out["link"] = {"link_type": "ideal", "key_rate": cfg.link.key_rate}
     if budget is not None:
         out["budget"] = budget.snapshot()
+    if network is not None:
+        # Several links / the relay (qkd.kme.links.network_status): per-neighbour pools.
+        out["network"] = network()
     return out
 
 
@@ -84,6 +88,8 @@ class _KmeCollector(Collector):
                                 value=s["max_key_count"])
         if "budget" in s:
             yield from _budget_metrics(s["budget"])
+        if "network" in s:
+            yield from _network_metrics(s["network"])
         link = s["link"]
         if link.get("link_type") != "bb84":
             return
@@ -221,6 +227,40 @@ def _budget_metrics(b: dict[str, Any]) -> Iterator[Metric]:
             yield m
 
 
+def _network_metrics(n: dict[str, Any]) -> Iterator[Metric]:
+    pool = GaugeMetricFamily("qkdgw_kme_neighbour_pool_keys",
+                             "Keys in each link's pool, by neighbour KME", labels=["neighbour"])
+    bits = CounterMetricFamily("qkdgw_kme_relay_link_key_bits",
+                               "Link-key bits the relay used, by neighbour and direction",
+                               labels=["neighbour", "direction"])
+    up = GaugeMetricFamily("qkdgw_kme_relay_channel_connected",
+                           "1 when the neighbour's relay channel is up", labels=["neighbour"])
+    for nb, v in sorted(n["neighbours"].items()):
+        pool.add_metric([nb], v["pool_keys"])
+        if "bits_out" in v:
+            bits.add_metric([nb, "out"], v["bits_out"])
+            bits.add_metric([nb, "in"], v["bits_in"])
+            up.add_metric([nb], 1 if v["connected"] else 0)
+    yield pool
+    if "relay" in n:
+        yield bits
+        yield up
+        relays = CounterMetricFamily("qkdgw_kme_relay_events", "Relay events at this KME",
+                                     labels=["event"])
+        for name, value in sorted(n["relay"].items()):
+            relays.add_metric([name], value)
+        yield relays
+        fails = CounterMetricFamily("qkdgw_kme_relay_failures", "Failed relays by reason",
+                                    labels=["code"])
+        for code, value in sorted(n["failures"].items()):
+            fails.add_metric([code], value)
+        yield fails
+        if n["latency_p50_s"] is not None:
+            yield GaugeMetricFamily("qkdgw_kme_relay_latency_p50_s",
+                                    "End-to-end relay latency, median of the last 1000",
+                                    value=n["latency_p50_s"])
+
+
 async def ready(service: KmeService) -> tuple[bool, str]:
     """Readiness: the KME can serve keys now (a key in the pool), or is about to (the
     BB84 link is connected and making them; the ideal link produces at a positive rate)."""
@@ -236,7 +276,8 @@ async def ready(service: KmeService) -> tuple[bool, str]:
     return False, "ideal link with key_rate 0 and an empty bucket"
 
 
-def build_admin_app(service: KmeService, budget: KmeBudget | None = None
+def build_admin_app(service: KmeService, budget: KmeBudget | None = None,
+                    network: Callable[[], dict[str, Any]] | None = None
                     ) -> web.Application:
     started = time.monotonic()
     registry = CollectorRegistry()
@@ -245,10 +286,10 @@ def build_admin_app(service: KmeService, budget: KmeBudget | None = None
     budget = budget if budget is not None else KmeBudget(service)
 
     async def status(_request: web.Request) -> web.Response:
-        return web.json_response(await snapshot(service, started, budget))
+        return web.json_response(await snapshot(service, started, budget, network))
 
     async def metrics(_request: web.Request) -> web.Response:
-        collector.snap = await snapshot(service, started, budget)
+        collector.snap = await snapshot(service, started, budget, network)
         return web.Response(body=generate_latest(registry),
                             headers={"Content-Type": CONTENT_TYPE})
 

@@ -1,5 +1,7 @@
 """KME configuration (`qkdgw kme --config FILE`): the schema `KmeFile` and the view
-`KmeConfig` the service reads. configs/kme-a.toml spells out every field.
+`KmeConfig` the service reads. configs/kme-a.toml spells out every field; a KME with
+several links describes each as a `[[neighbour]]` (configs/network/), and `[network]`
+(qkd.kme.network_config) places it in a relay network.
 
 Everything that can be checked before the server starts is checked here, so a bad
 config ends in one `ConfigError` naming the field and the fix rather than a traceback
@@ -36,6 +38,7 @@ from qkd.common.schema import (
     tables,
 )
 from qkd.etsi014.messages import HKDF_MAX_BITS, Limits, is_valid_id
+from qkd.kme.network_config import NeighbourConfig, NetworkConfig, NetworkSection, check_network
 from qkd.link.ideal import load_link_secret
 from qkd.sim.params import LinkParams, ParamError
 
@@ -329,6 +332,25 @@ class LinkSection(Schema):
         return BB84_DEFAULTS.with_(**values).validate()
 
 
+class NeighbourEntry(PeerSection):
+    """One link of a KME with several: the [peer] fields, the link's own db and relay
+    address, and a [neighbour.link] table with the fields of [link]."""
+
+    db: ConfPath | None = setting(
+        None, doc="SQLite file of this link's pool and deliveries, one per link. Default: "
+        "[kme] db for the first [[neighbour]] (so a KME that gains a second link keeps its "
+        "first link's keys), [kme] db + \".<kme_id>\" for the others.",
+        fix='set it to this link\'s SQLite file, e.g. "../state/kme-site-b.kme-site-c.sqlite3" '
+        "(one per link)")
+    relay: HostPortT | None = setting(
+        None, doc="The neighbour's [network] relay_listen address, dialled for the relay "
+        "channel. Unset: the neighbour dials this KME.",
+        fix="the neighbour's [network] relay_listen address as 'host:port', e.g. "
+        "'127.0.0.1:7461'; or leave it out when the neighbour dials this KME")
+    link: LinkSection = section(LinkSection, doc="This neighbour's link: the fields of "
+                                "[link].", required=True)
+
+
 class AdminSection(Schema):
     listen: IpHostPort | None = setting(
         None, doc="Plain-HTTP /status (JSON) and Prometheus /metrics; keep it on loopback. "
@@ -350,9 +372,18 @@ class KmeFile(Schema):
     tls: TlsSection = section(TlsSection, doc="The ETSI 014 HTTPS API's TLS.", required=True)
     sae: tuple[SaeEntry, ...] = tables(doc="One [[sae]] table per local SAE (gateway) allowed "
                                        "to use this KME.")
-    peer: PeerSection = section(PeerSection, doc="The KME at the other end of the link.",
-                                required=True)
-    link: LinkSection = section(LinkSection, doc="The key source.", required=True)
+    peer: PeerSection | None = Field(
+        None, description="The KME at the other end of the link (one link; several: "
+        "[[neighbour]]). Required unless [[neighbour]] is given.")
+    link: LinkSection | None = Field(
+        None, description="The key source (one link; several: [neighbour.link]). Required "
+        "with [peer].")
+    neighbour: tuple[NeighbourEntry, ...] = tables(
+        doc="One [[neighbour]] table (with its [neighbour.link]) per link, instead of "
+        "[peer] and [link].")
+    network: NetworkSection | None = Field(
+        None, description="Relay of keys to SAEs behind non-adjacent KMEs (docs/network.md). "
+        "Unset: no relay.")
     admin: AdminSection = section(AdminSection, doc="Status and metrics listener.")
     logging: LoggingSection = section(LoggingSection, doc="Logging.")
 
@@ -368,16 +399,72 @@ class KmeFile(Schema):
             raise Problem("no local SAE configured",
                           'add one [[sae]] table per local gateway with id = "site-a-gw"',
                           at=("sae",))
-        both = sorted(set(self.peer.sae_ids) & set(local))
+        if self.neighbour:
+            for old in ("peer", "link"):
+                if old in self.model_fields_set:
+                    raise Problem("given together with [[neighbour]]",
+                                  "describe every link as a [[neighbour]] table (with its "
+                                  "[neighbour.link]) and remove [peer] and [link]", at=old)
+            self._check_neighbours(local)
+        else:
+            if self.peer is None:
+                raise Problem("missing section", "add a [peer] table (or one [[neighbour]] "
+                              "table per link)", at="peer")
+            if self.link is None:
+                raise Problem("missing section", "add a [link] table", at="link")
+            self._check_peer(self.peer, local, ("peer",))
+        if self.network is not None:
+            check_network(self.network, self.kme.id, tuple(local),
+                          {n.kme_id: (n.sae_ids, n.link.type) for n in self.neighbours()})
+        return self
+
+    def _check_peer(self, peer: PeerSection, local: list[str],
+                    at: tuple[str | int, ...]) -> None:
+        both = sorted(set(peer.sae_ids) & set(local))
         if both:
             # The key ID binds (master, slave); an SAE on both sides would make the
             # direction of a key ambiguous.
             raise Problem(f"{both[0]!r} is also a local [[sae]]",
                           "an SAE belongs to exactly one KME; remove it from one list",
-                          at=("peer", "sae_ids"))
-        if self.peer.kme_id == self.kme.id:
-            raise Problem("same as [kme] id", "set the peer KME's own ID", at=("peer", "kme_id"))
-        return self
+                          at=(*at, "sae_ids"))
+        if peer.kme_id == self.kme.id:
+            raise Problem("same as [kme] id", "set the peer KME's own ID", at=(*at, "kme_id"))
+
+    def _check_neighbours(self, local: list[str]) -> None:
+        seen_kmes: set[str] = set()
+        seen_saes: dict[str, str] = {}
+        dbs: set[Path] = set()
+        for i, (nb, db) in enumerate(zip(self.neighbour, self.neighbour_dbs(), strict=True)):
+            at = ("neighbour", i)
+            self._check_peer(nb, local, at)
+            if nb.kme_id in seen_kmes:
+                raise Problem(f"KME {nb.kme_id!r} is listed twice",
+                              "one [[neighbour]] table per neighbour KME", at=(*at, "kme_id"))
+            seen_kmes.add(nb.kme_id)
+            for sae in nb.sae_ids:
+                if sae in seen_saes:
+                    raise Problem(f"{sae!r} is also behind {seen_saes[sae]!r}",
+                                  "an SAE belongs to exactly one KME; remove it from one list",
+                                  at=(*at, "sae_ids"))
+                seen_saes[sae] = nb.kme_id
+            if db in dbs:
+                raise Problem(f"{str(db)[-80:]!r} is also another link's db",
+                              "give every [[neighbour]] its own db file", at=(*at, "db"))
+            dbs.add(db)
+
+    def neighbour_dbs(self) -> list[Path]:
+        """Each [[neighbour]]'s db, defaults filled in: the first link keeps [kme] db, so
+        a KME that gains a second link keeps the deliveries and pool of its first."""
+        return [nb.db or (self.kme.db if i == 0 else Path(f"{self.kme.db}.{nb.kme_id}"))
+                for i, nb in enumerate(self.neighbour)]
+
+    def neighbours(self) -> list[NeighbourEntry]:
+        """Every link as a [[neighbour]] (the [peer] + [link] form is one, with [kme] db)."""
+        if self.neighbour:
+            return list(self.neighbour)
+        assert self.peer is not None and self.link is not None
+        return [NeighbourEntry(kme_id=self.peer.kme_id, sae_ids=self.peer.sae_ids,
+                               link=self.link)]
 
 
 # --------------------------------------------------------------------------- service view
@@ -440,6 +527,9 @@ class KmeConfig:
     log_format: str = LoggingSection.model_fields["format"].default
     # [admin] listen: plain-HTTP /status and /metrics; None = no admin listener.
     admin_listen: HostPort | None = None
+    # Every link of this KME (issue 11); the first is `peer` + `link`.
+    neighbours: tuple[NeighbourConfig, ...] = ()
+    network: NetworkConfig | None = None  # [network]: relay to non-adjacent KMEs
     # The validated file, for tables this view does not flatten.
     file: KmeFile | None = field(default=None, repr=False, compare=False)
 
@@ -451,14 +541,19 @@ class KmeConfig:
     @classmethod
     def from_file(cls, f: KmeFile, source: Path) -> KmeConfig:
         k = f.kme
+        dbs = f.neighbour_dbs() if f.neighbour else [k.db]
+        neighbours = tuple(
+            NeighbourConfig(PeerConfig(nb.kme_id, nb.sae_ids),
+                            LinkConfig.from_section(nb.link, db), db, nb.relay)
+            for nb, db in zip(f.neighbours(), dbs, strict=True))
         return cls(
             source=source, kme_id=k.id, listen=k.listen, db=k.db, limits=k.limits(),
             storage_key=k.storage_key or Path(str(k.db) + ".storage-key"),
             key_lifetime_s=k.key_lifetime_s,
             tls=TlsConfig(cert=f.tls.cert, key=f.tls.key, client_ca=f.tls.client_ca),
             local_sae_ids=tuple(s.id for s in f.sae),
-            peer=PeerConfig(f.peer.kme_id, f.peer.sae_ids),
-            link=LinkConfig.from_section(f.link, k.db),
+            peer=neighbours[0].peer, link=neighbours[0].link, neighbours=neighbours,
+            network=NetworkConfig.from_section(f.network) if f.network else None,
             log_level=f.logging.level, log_format=f.logging.format,
             admin_listen=f.admin.listen, file=f,
         )

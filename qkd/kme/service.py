@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import math
 import os
@@ -60,6 +61,8 @@ from qkd.kme.keystore import (
     SlaveDelivery,
     StoreError,
 )
+from qkd.kme.links import NetworkRouter, build_network_app, neighbour_config, network_status
+from qkd.kme.relay_service import RelayService
 from qkd.link.bb84 import Bb84Link, Bb84Settings, LinkUnavailable
 from qkd.link.core import LinkProtocolError
 from qkd.link.ideal import COUNTER_LIMIT, IdealLink, InvalidKeyId, TokenBucket
@@ -546,6 +549,11 @@ class RunningKme:
     link: Bb84Link | None = None
     admin_runner: web.AppRunner | None = None
     admin_port: int | None = None
+    relay_port: int | None = None  # [network] relay_listen, bound
+    # Several links (issue 11): every link's service (`service` is the first) and the
+    # relay to non-adjacent KMEs; closed with the rest.
+    services: list[KmeService] = field(default_factory=list)
+    relay: RelayService | None = None
 
     @property
     def url(self) -> str:
@@ -558,14 +566,20 @@ class RunningKme:
         for task in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.relay is not None:
+            await self.relay.close()
         if self.link is not None:
             await self.link.close()
+        for svc in self.services[1:]:
+            if svc.bb84 is not None:
+                await svc.bb84.close()
         if self.admin_runner is not None:
             await self.admin_runner.cleanup()
         try:
             await self._runner.cleanup()
         finally:
             await self.service.store.close()
+            await _close_stores(self.services[1:])
 
 
 async def _purge_loop(store: AsyncKeyStore, lifetime: float) -> None:
@@ -613,16 +627,9 @@ def _warn_ideal(config: KmeConfig) -> None:
                         fix="chmod 600 the file (qkdgw pki init writes it that way)")
 
 
-async def start_kme(config: KmeConfig, *,
-                    clock: Callable[[], float] = time.monotonic) -> RunningKme:
-    """Open the store, bind `[kme] listen` (port 0 = any free port) and serve."""
-    if config.link.type == "ideal":
-        _warn_ideal(config)
-    try:
-        ssl_ctx = server_ssl_context(config)
-    except (ssl.SSLError, OSError) as exc:
-        raise config.error("[tls] cert", f"cannot load TLS files ({exc})",
-                           "check [tls] cert, key and client_ca") from None
+async def open_service(config: KmeConfig, clock: Callable[[], float] = time.monotonic
+                       ) -> KmeService:
+    """The store, the link (not started) and the service of one link's KME config."""
     link = IdealLink(config.link.secret)
     try:
         sealer = Sealer(load_or_create(config.storage_key))
@@ -661,7 +668,23 @@ async def start_kme(config: KmeConfig, *,
         except LinkProtocolError as exc:
             await store.close()
             raise config.error("[link] state_file", str(exc), "see the message") from None
-    service = KmeService(config, store, link, clock, bb84)
+    return KmeService(config, store, link, clock, bb84)
+
+
+async def start_kme(config: KmeConfig, *,
+                    clock: Callable[[], float] = time.monotonic) -> RunningKme:
+    """Open the store, bind `[kme] listen` (port 0 = any free port) and serve."""
+    if len(config.neighbours) > 1 or config.network is not None:
+        return await _start_network_kme(config, clock)
+    if config.link.type == "ideal":
+        _warn_ideal(config)
+    try:
+        ssl_ctx = server_ssl_context(config)
+    except (ssl.SSLError, OSError) as exc:
+        raise config.error("[tls] cert", f"cannot load TLS files ({exc})",
+                           "check [tls] cert, key and client_ca") from None
+    service = await open_service(config, clock)
+    store, bb84 = service.store, service.bb84
     runner = web.AppRunner(build_app(service), access_log=None, shutdown_timeout=5.0)
     try:
         if bb84 is not None:
@@ -701,12 +724,94 @@ async def start_kme(config: KmeConfig, *,
     return running
 
 
+async def _close_stores(services: list[KmeService]) -> None:
+    for svc in services:
+        with contextlib.suppress(sqlite3.Error, OSError):
+            await svc.store.close()
+
+
+async def _start_network_kme(config: KmeConfig, clock: Callable[[], float]) -> RunningKme:
+    """Several links or a relay (issue 11): one service per link (qkd.kme.links routes
+    requests between them), the relay, one HTTPS port."""
+    try:
+        ssl_ctx = server_ssl_context(config)
+    except (ssl.SSLError, OSError) as exc:
+        raise config.error("[tls] cert", f"cannot load TLS files ({exc})",
+                           "check [tls] cert, key and client_ca") from None
+    services: list[KmeService] = []
+    relay: RelayService | None = None
+    runner: web.AppRunner | None = None
+    try:
+        for nb in config.neighbours:
+            sub = neighbour_config(config, nb)
+            if nb.link.type == "ideal":
+                _warn_ideal(sub)
+            services.append(await open_service(sub, clock))
+        if config.network is not None:
+            relay = RelayService(config, {s.config.peer.kme_id: s for s in services})
+            await relay.start()
+        for i, svc in enumerate(services):
+            if svc.bb84 is not None:
+                try:
+                    await svc.bb84.start()
+                except OSError as exc:
+                    raise UserError(f"{config.source}: [neighbour][{i}] link listen: cannot "
+                                    f"listen ({exc.strerror or exc}) (fix: choose free "
+                                    "ports for listen and quantum_listen)") from None
+        router = NetworkRouter(config, services, relay)
+        runner = web.AppRunner(build_network_app(router, _etsi_errors), access_log=None,
+                               shutdown_timeout=5.0)
+        await runner.setup()
+        try:
+            sock = _bind(config.listen.host, config.listen.port)
+        except OSError as exc:
+            raise UserError(f"{config.source}: [kme] listen: cannot listen on "
+                            f"{config.listen} ({exc.strerror or exc}) (fix: choose a free "
+                            "port or stop the other process)") from None
+        port = sock.getsockname()[1]
+        await web.SockSite(runner, sock, ssl_context=ssl_ctx).start()
+    except BaseException:
+        if relay is not None:
+            await relay.close()
+        for svc in services:
+            if svc.bb84 is not None:
+                await svc.bb84.close()
+        if runner is not None:
+            await runner.cleanup()
+        await _close_stores(services)
+        raise
+    running = RunningKme(config, config.listen.host, port, services[0], runner,
+                         link=services[0].bb84, services=services, relay=relay,
+                         relay_port=relay.port if relay is not None else None)
+    for svc in services:
+        running.tasks.append(asyncio.create_task(
+            _purge_loop(svc.store, config.key_lifetime_s)))
+    if config.admin_listen is not None:
+        try:
+            await _start_admin(running)
+        except BaseException:
+            await running.close()
+            raise
+    log.info("kme_started", kme_id=config.kme_id, listen=f"{config.listen.host}:{port}",
+             url=running.url, local_saes=list(config.local_sae_ids),
+             neighbours={nb.peer.kme_id: {"link_type": nb.link.type,
+                                          "saes": list(nb.peer.sae_ids)}
+                         for nb in config.neighbours},
+             relay_port=running.relay_port,
+             remote_saes=dict(config.network.remote_saes) if config.network else {})
+    return running
+
+
 async def _start_admin(running: RunningKme) -> None:
     from qkd.kme.admin import build_admin_app
 
     addr = running.config.admin_listen
     assert addr is not None
-    runner = web.AppRunner(build_admin_app(running.service), access_log=None)
+    network: Callable[[], dict[str, Any]] | None = None
+    if running.services:
+        network = functools.partial(network_status, running.services, running.relay)
+    runner = web.AppRunner(build_admin_app(running.service, network=network),
+                           access_log=None)
     await runner.setup()
     running.admin_runner = runner
     try:
@@ -748,6 +853,8 @@ async def serve(config: KmeConfig, port_file: Path | None = None) -> None:
                     write_link_ports(port_file, running.link.ports)
                 if running.admin_port is not None:
                     write_link_ports(port_file, {"admin": running.admin_port}, ".admin")
+                if running.relay_port is not None:
+                    write_link_ports(port_file, {"relay": running.relay_port}, ".relay")
                 write_port_file(port_file, running.port)
             except OSError as exc:
                 raise UserError(f"--port-file {port_file}: cannot write ({exc.strerror})"
@@ -760,7 +867,8 @@ async def serve(config: KmeConfig, port_file: Path | None = None) -> None:
         await running.close()
         if port_file is not None:
             # A stale port file would point the next launcher at a dead (or foreign) port.
-            for stale in (port_file, port_file.with_name(port_file.name + ".admin")):
+            for stale in (port_file, port_file.with_name(port_file.name + ".admin"),
+                          port_file.with_name(port_file.name + ".relay")):
                 with contextlib.suppress(OSError):
                     stale.unlink()
         log.info("kme_stopped", kme_id=config.kme_id)

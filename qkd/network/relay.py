@@ -73,17 +73,18 @@ _BACKWARD = (Kind.ACK, Kind.ABORT_BACK)
 
 
 @dataclass(frozen=True)
-class Share:
-    """One XOR share on one hop. Wire size: C + 2 + key_bytes + 16 (tag)."""
+class Header:
+    """What every relay message carries (the issue's key ID, end SAEs, path and hop
+    counter); Share, Ack and Abort add their body."""
 
     key_id: bytes
     """16 bytes naming the relayed key (a UUID)."""
     share_index: int
-    """Which share, 0 .. share_count-1; also which path."""
+    """Which share, 0 .. share_count-1; also which path it travels on."""
     share_count: int
     """k: shares, and node-disjoint paths, of this key."""
     hop: int
-    """The receiver's position in `path`."""
+    """The receiver's position in `path` (counts down for ACK and backward ABORT)."""
     key_bytes: int
     """The key's (and every share's) length in bytes."""
     master_sae: str
@@ -91,54 +92,32 @@ class Share:
     slave_sae: str
     """The SAE the key is for at the destination."""
     path: Path
-    """Source KME first, destination KME last."""
+    """Source KME first, destination KME last; the same on every hop of a share."""
+
+    def header(self, hop: int) -> tuple[bytes, int, int, int, int, str, str, Path]:
+        """These fields with another hop counter: the next hop's message header."""
+        return (self.key_id, self.share_index, self.share_count, hop, self.key_bytes,
+                self.master_sae, self.slave_sae, self.path)
+
+
+@dataclass(frozen=True)
+class Share(Header):
+    """One XOR share on one hop. Wire size: C + 2 + key_bytes + 16 (tag)."""
+
     ciphertext: bytes = field(repr=False)
     """Share XOR this hop's one-time pad."""
 
 
 @dataclass(frozen=True)
-class Ack:
+class Ack(Header):
     """The destination stored the key; one per path. Wire size: C + 2 + 16 (tag)."""
-
-    key_id: bytes
-    """As in Share."""
-    share_index: int
-    """The path this ACK travels back on."""
-    share_count: int
-    """k, the number of shares and paths."""
-    hop: int
-    """The receiver's position in `path` (counts down)."""
-    key_bytes: int
-    """The key's length in bytes."""
-    master_sae: str
-    """As in Share."""
-    slave_sae: str
-    """As in Share."""
-    path: Path
-    """The share's path, unchanged."""
 
 
 @dataclass(frozen=True)
-class Abort:
+class Abort(Header):
     """The relay has ended at some node; travels on in `kind`'s direction.
     Wire size: C + 2 + 1 (the code) + 16 (tag)."""
 
-    key_id: bytes
-    """As in Share."""
-    share_index: int
-    """The path this ABORT travels on."""
-    share_count: int
-    """k, the number of shares and paths."""
-    hop: int
-    """The receiver's position in `path`."""
-    key_bytes: int
-    """The key's length in bytes."""
-    master_sae: str
-    """As in Share."""
-    slave_sae: str
-    """As in Share."""
-    path: Path
-    """The share's path."""
     code: NetErrorCode
     """Why the relay ended (no detail: it crosses nodes)."""
     forward: bool
@@ -348,16 +327,20 @@ class ShareStored:
 
 
 @dataclass(frozen=True)
-class KeyAssembled:
-    """The destination has every share: store the key, then call `key_stored`; only
-    then do the ACKs leave, so the source never releases a key not stored here."""
-
+class _KeyEvent:
     key_id: str
     """The relayed key's id (UUID text)."""
     master_sae: str
     """The SAE at the source the key is for."""
     slave_sae: str
-    """The SAE at this KME the key is for."""
+    """The SAE at the destination the key is for."""
+
+
+@dataclass(frozen=True)
+class KeyAssembled(_KeyEvent):
+    """The destination has every share: store the key, then call `key_stored`; only
+    then do the ACKs leave, so the source never releases a key not stored here."""
+
     source: str
     """The source KME."""
     key: bytes = field(repr=False)
@@ -365,15 +348,9 @@ class KeyAssembled:
 
 
 @dataclass(frozen=True)
-class KeyDeliverable:
+class KeyDeliverable(_KeyEvent):
     """Every share was acknowledged: the source may hand the key to the master SAE."""
 
-    key_id: str
-    """The relayed key's id (UUID text)."""
-    master_sae: str
-    """The SAE at this KME the key is for."""
-    slave_sae: str
-    """The SAE at the destination."""
     destination: str
     """The destination KME."""
     link_key_bits: int
@@ -446,6 +423,12 @@ class _Relay:
     expires: float = 0.0
     spent: dict[tuple[int, str], int] = field(default_factory=dict)
     """Link-key bits this node sent under, per (share index, next node)."""
+
+    def header(self, index: int, hop: int, path: Path
+               ) -> tuple[bytes, int, int, int, int, str, str, Path]:
+        """The Header fields of this relay's message on share `index`, hop `hop`."""
+        return (self.key_id, index, self.count, hop, self.key_bytes, self.master,
+                self.slave, path)
 
 
 def relay_cost_bits(paths: list[Path] | tuple[Path, ...], key_bytes: int) -> int:
@@ -532,8 +515,7 @@ class RelayNode:
         relay = _Relay("source", key_id, master_sae, slave_sae, len(paths), key_bytes,
                        now + RELAY_TIMEOUT_S, dict(enumerate(paths)), key=key)
         for i, p in enumerate(paths):
-            _check(Share(key_id, i, len(paths), 1, key_bytes, master_sae, slave_sae, p,
-                         ciphertext=bytes(key_bytes)))
+            _check(Share(*relay.header(i, 1, p), ciphertext=bytes(key_bytes)))
         self._relays[key_id] = relay
         self.stats["started"] += 1
         try:
@@ -550,8 +532,7 @@ class RelayNode:
         to = path[hop]
         off, material = self._keys.take(to, PAD_BYTES + r.key_bytes)
         r.spent[(index, to)] = r.spent.get((index, to), 0) + 8 * len(material)
-        msg = Share(r.key_id, index, r.count, hop, r.key_bytes, r.master, r.slave, path,
-                    ciphertext=_xor(share, material[PAD_BYTES:]))
+        msg = Share(*r.header(index, hop, path), ciphertext=_xor(share, material[PAD_BYTES:]))
         self._emit(to, msg, off, material[:PAD_BYTES])
 
     def _send(self, r: _Relay, msg: Ack | Abort, to: str) -> None:
@@ -684,8 +665,7 @@ class RelayNode:
         r.done = True
         r.expires = now + SEEN_TTL_S
         for i, p in sorted(r.paths.items()):
-            self._send(r, Ack(r.key_id, i, r.count, len(p) - 2, r.key_bytes, r.master,
-                              r.slave, p), p[-2])
+            self._send(r, Ack(*r.header(i, len(p) - 2, p)), p[-2])
         return True
 
     def _on_ack(self, r: _Relay | None, msg: Ack) -> None:
@@ -695,9 +675,7 @@ class RelayNode:
         if r.role == "transit":
             r.done = True
             r.expires = r.deadline + SEEN_TTL_S
-            self._send(r, Ack(msg.key_id, msg.share_index, msg.share_count, msg.hop - 1,
-                              msg.key_bytes, msg.master_sae, msg.slave_sae, msg.path),
-                       msg.path[msg.hop - 1])
+            self._send(r, Ack(*msg.header(msg.hop - 1)), msg.path[msg.hop - 1])
             return
         if r.role != "source" or msg.hop != 0:
             self._fail(r, NetErrorCode.STATE, "an ACK that does not fit this relay")
@@ -720,9 +698,8 @@ class RelayNode:
             # Pass it on even after this node's part succeeded: the ends must agree.
             nxt = msg.hop + 1 if msg.forward else msg.hop - 1
             if 0 <= nxt < len(msg.path):
-                self._send(r, Abort(msg.key_id, msg.share_index, msg.share_count, nxt,
-                                    msg.key_bytes, msg.master_sae, msg.slave_sae, msg.path,
-                                    msg.code, msg.forward), msg.path[nxt])
+                self._send(r, Abort(*msg.header(nxt), msg.code, msg.forward),
+                           msg.path[nxt])
             if not r.ended:
                 self._end(r, NetErrorCode.PEER_ABORT, f"aborted upstream ({msg.code.name})")
             return
@@ -746,8 +723,7 @@ class RelayNode:
                 if (r.role == "source" and not forward) or (r.role == "destination" and forward):
                     continue
                 if 0 <= nxt < len(p):
-                    self._send(r, Abort(r.key_id, i, r.count, nxt, r.key_bytes, r.master,
-                                        r.slave, p, code, forward), p[nxt])
+                    self._send(r, Abort(*r.header(i, nxt, p), code, forward), p[nxt])
         self._end(r, code, reason)
 
     def _end(self, r: _Relay, code: NetErrorCode, reason: str) -> None:

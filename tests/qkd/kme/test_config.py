@@ -107,20 +107,20 @@ def test_one_more_table_is_one_model_and_one_field(layout: Path) -> None:
     errors in it name it like any other table, unknown keys in it are refused."""
     from qkd.common.schema import Int, Schema, load_model, section, setting
 
-    class NetworkSection(Schema):
-        hops: Int = setting(1, ge=1, le=8, doc="Relay hops.")
+    class ExtraSection(Schema):
+        hops: Int = setting(1, ge=1, le=8, doc="Hops.")
 
     class Extended(KmeFile):
-        network: NetworkSection = section(NetworkSection, doc="Relays.")
+        extra: ExtraSection = section(ExtraSection, doc="An extra table.")
 
     text = base(layout)
-    doc, _ = load_model(Extended, write(layout, text + "\n[network]\nhops = 3\n"))
-    assert doc.network.hops == 3 and doc.kme.id == "kme-site-a"
-    assert load_model(Extended, write(layout, text))[0].network.hops == 1  # optional
-    with pytest.raises(ConfigError, match=r"\[network\] hops: 9 is above the maximum 8"):
-        load_model(Extended, write(layout, text + "\n[network]\nhops = 9\n"))
-    with pytest.raises(ConfigError, match=r"\[network\] hop: unknown field"):
-        load_model(Extended, write(layout, text + "\n[network]\nhop = 3\n"))
+    doc, _ = load_model(Extended, write(layout, text + "\n[extra]\nhops = 3\n"))
+    assert doc.extra.hops == 3 and doc.kme.id == "kme-site-a"
+    assert load_model(Extended, write(layout, text))[0].extra.hops == 1  # optional
+    with pytest.raises(ConfigError, match=r"\[extra\] hops: 9 is above the maximum 8"):
+        load_model(Extended, write(layout, text + "\n[extra]\nhops = 9\n"))
+    with pytest.raises(ConfigError, match=r"\[extra\] hop: unknown field"):
+        load_model(Extended, write(layout, text + "\n[extra]\nhop = 3\n"))
     # Control: the plain KME file does not know the table.
-    with pytest.raises(ConfigError, match=r"network: unknown field"):
-        KmeConfig.load(write(layout, text + "\n[network]\nhops = 3\n"))
+    with pytest.raises(ConfigError, match=r"extra: unknown field"):
+        KmeConfig.load(write(layout, text + "\n[extra]\nhops = 3\n"))
