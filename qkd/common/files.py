@@ -5,6 +5,7 @@ readable by others, not even between open and chmod)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 from pathlib import Path
@@ -46,3 +47,15 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o600) -> None:
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Write the bound port atomically, so a launcher polling the file never reads half."""
+    write_atomic(path, f"{port}\n", 0o644)
+
+
+def write_link_ports(port_file: Path, ports: dict[str, int], suffix: str = ".link") -> None:
+    """Bound ports as JSON next to the port file: Bob's link ports (`<port-file>.link`),
+    the admin port (`<port-file>.admin`)."""
+    path = port_file.with_name(port_file.name + suffix)
+    write_atomic(path, json.dumps(ports) + "\n", 0o644)

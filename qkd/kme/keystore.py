@@ -53,6 +53,7 @@ from typing import Any, TypeVar
 from qkd.common.errors import QkdError
 from qkd.common.private_db import open_private_db
 from qkd.common.storage_key import Sealer
+from qkd.link.pool import PoolError, ReservedKey
 
 T = TypeVar("T")
 
@@ -105,24 +106,6 @@ CREATE INDEX IF NOT EXISTS pool_live ON pool(state, expires);
 
 class StoreError(QkdError):
     """The store cannot be used (wrong owner, newer schema, exhausted counter space)."""
-
-
-class PoolError(QkdError):
-    """A pool request cannot be served; `reason` says why, no key material inside."""
-
-    def __init__(self, reason: str, key_ids: Sequence[str] = ()) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.key_ids = list(key_ids)
-
-
-@dataclass(frozen=True)
-class ReservedKey:
-    """A key made of one or more pool blocks, reserved for master -> slave."""
-
-    key_id: str
-    block_ids: tuple[str, ...]
-    size_bits: int
 
 
 class AlreadyDelivered(QkdError):

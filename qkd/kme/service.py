@@ -21,7 +21,6 @@ import asyncio
 import collections
 import contextlib
 import functools
-import json
 import math
 import os
 import signal
@@ -38,7 +37,7 @@ from typing import Any
 from aiohttp import web
 
 from qkd.common.errors import UserError
-from qkd.common.files import write_atomic
+from qkd.common.files import write_link_ports, write_port_file
 from qkd.common.log import configure_logging, get_logger
 from qkd.common.storage_key import Sealer, StorageKeyError, load_or_create
 from qkd.etsi014 import messages as etsi014
@@ -823,18 +822,6 @@ async def _start_admin(running: RunningKme) -> None:
     running.admin_port = sock.getsockname()[1]
     await web.SockSite(runner, sock).start()
     log.info("kme_admin_listening", address=f"{addr.host}:{running.admin_port}")
-
-
-def write_port_file(path: Path, port: int) -> None:
-    """Write the bound port atomically, so a launcher polling the file never reads half."""
-    write_atomic(path, f"{port}\n", 0o644)
-
-
-def write_link_ports(port_file: Path, ports: dict[str, int], suffix: str = ".link") -> None:
-    """Bound ports as JSON next to the port file: Bob's link ports (`<port-file>.link`),
-    the admin port (`<port-file>.admin`)."""
-    path = port_file.with_name(port_file.name + suffix)
-    write_atomic(path, json.dumps(ports) + "\n", 0o644)
 
 
 async def serve(config: KmeConfig, port_file: Path | None = None) -> None:

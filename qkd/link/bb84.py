@@ -48,7 +48,6 @@ from qkd.common.errors import QkdError
 from qkd.common.files import write_atomic
 from qkd.common.log import get_logger
 from qkd.common.storage_key import Sealer, SealError
-from qkd.kme.keystore import AsyncKeyStore, PoolError, ReservedKey
 from qkd.link import core as lc
 from qkd.link import quantum
 from qkd.link import reset as link_reset
@@ -65,6 +64,7 @@ from qkd.link.constants import (
     RESERVE_TIMEOUT_S,
     STATE_ID,
 )
+from qkd.link.pool import KeyPool, PoolError, ReservedKey
 from qkd.link.wegman_carter import AuthKeys
 from qkd.sim.params import LinkParams
 
@@ -151,7 +151,7 @@ def write_frame(writer: asyncio.StreamWriter, data: bytes) -> None:
 
 
 class Bb84Link:
-    def __init__(self, settings: Bb84Settings, store: AsyncKeyStore, sealer: Sealer,
+    def __init__(self, settings: Bb84Settings, store: KeyPool, sealer: Sealer,
                  state_path: Path, *, key_size_bits: int, lifetime_s: float,
                  max_key_count: int, local_saes: Sequence[str], peer_saes: Sequence[str],
                  key_history: int = 0) -> None:

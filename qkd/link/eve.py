@@ -30,6 +30,7 @@ import numpy as np
 
 from qkd.common.confload import HostPort, parse_host_port
 from qkd.common.errors import UserError
+from qkd.common.files import write_port_file
 from qkd.common.log import configure_logging, get_logger
 from qkd.common.tcp_relay import A2B, Hook, TcpRelay, length_prefixed
 from qkd.common.tcp_relay import frame as length_frame
@@ -104,8 +105,6 @@ async def run_eve(listen: HostPort, forward: HostPort, mode: str, fraction: floa
     log.info("eve_started", listen=f"{listen.host}:{port}", forward=str(forward),
              attack=mode, fraction=fraction, start_after_s=start_after)
     if port_file is not None:
-        from qkd.kme.service import write_port_file
-
         write_port_file(port_file, port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
