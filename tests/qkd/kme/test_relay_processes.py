@@ -439,16 +439,19 @@ async def test_far_link_down_is_learnt_from_adverts(pki: Path, tmp_path: Path) -
 # (crash point, the node that is SIGKILLed there, whether the destination ends up
 # holding the key the master never got: an orphan no SAE can name, purged after
 # key_lifetime_s)
+# Two steps in the default run, the other two with -m slow (15 s each: three processes).
 CRASHES = [
-    ("transit_on_share", "site-b", (0,)),
-    ("transit_after_forward", "site-b", (0, 1)),  # 1 if C got the share before B died
-    ("dest_before_store", "site-c", (0,)),
-    ("dest_after_store", "site-c", (1,)),
+    pytest.param("transit_on_share", "site-b", (0,), id="transit_on_share"),
+    # 1 orphan if C got the share before B died
+    pytest.param("transit_after_forward", "site-b", (0, 1), id="transit_after_forward",
+                 marks=pytest.mark.slow),
+    pytest.param("dest_before_store", "site-c", (0,), id="dest_before_store",
+                 marks=pytest.mark.slow),
+    pytest.param("dest_after_store", "site-c", (1,), id="dest_after_store"),
 ]
 
 
-@pytest.mark.parametrize(("point", "victim", "orphans"), CRASHES,
-                         ids=[c[0] for c in CRASHES])
+@pytest.mark.parametrize(("point", "victim", "orphans"), CRASHES)
 async def test_sigkill_at_a_relay_step_never_gives_the_master_a_key_alone(
         pki: Path, tmp_path: Path, point: str, victim: str, orphans: tuple[int, ...]
         ) -> None:
