@@ -1,6 +1,6 @@
-"""`qkdgw demo --topology line|ring`: a QKD network on loopback (issue 11).
+"""`qkdgw demo --topology line|ring|ring5`: a QKD network on loopback (issue 11).
 
-Every KME of the topology (a line of 3 sites, or a ring of 4 with k = 2) and the two
+Every KME of the topology (a line of 3 sites, a ring of 4 or of 5 with k = 2) and the two
 end gateways run as separate processes; the gateways sit at sites whose KMEs are not
 neighbours, so every QKD key of their hybrid tunnel is relayed through trusted nodes
 (ideal links: no quantum security, the demo shows the network, not the physics). This
@@ -14,6 +14,7 @@ import asyncio
 import json
 import time
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from gateway.pki import init_pki
@@ -24,6 +25,11 @@ TOPOLOGIES: dict[str, tuple[list[str], list[tuple[str, str]], int]] = {
     "ring": (["site-a", "site-b", "site-c", "site-d"],
              [("site-a", "site-b"), ("site-b", "site-c"), ("site-c", "site-d"),
               ("site-a", "site-d")], 2),
+    # Five sites: C is two hops from A one way and three the other, so the k = 2
+    # shares take paths of unequal length (the slower one sets the relay latency).
+    "ring5": (["site-a", "site-b", "site-c", "site-d", "site-e"],
+              [("site-a", "site-b"), ("site-b", "site-c"), ("site-c", "site-d"),
+               ("site-d", "site-e"), ("site-a", "site-e")], 2),
 }
 FAR_SITE = "site-c"  # the gateway that talks to site A's (never A's neighbour)
 
@@ -90,9 +96,14 @@ def _wait(pred: Any, timeout: float, what: str, procs: list[Proc]) -> None:
     raise TestbedError(f"timed out waiting for {what}")
 
 
-def start_network(bed: Testbed, topology: str, key_rate: float = 1000.0) -> None:
-    """Every KME of `topology`, relay channels up."""
-    sites, links, k = TOPOLOGIES[topology]
+def start_network(bed: Testbed, topology: str, key_rate: float = 1000.0, *,
+                  k: int | None = None,
+                  dial: Callable[[str, str, int], int] | None = None) -> None:
+    """Every KME of `topology`, relay channels up. `k` overrides the topology's default;
+    `dial(site, neighbour, port)` gives the port `site` dials for its relay channel to
+    `neighbour` (e.g. a recorder's, in front of `port`)."""
+    sites, links, default_k = TOPOLOGIES[topology]
+    k = default_k if k is None else k
     init_pki(bed.pki, sites, algorithm=bed.options.algorithm)
     for d in (bed.logs, bed.run, bed.workdir / "configs", bed.workdir / "state"):
         d.mkdir(parents=True, exist_ok=True)
@@ -100,7 +111,10 @@ def start_network(bed: Testbed, topology: str, key_rate: float = 1000.0) -> None
     for site in sorted(sites, reverse=True):
         name = f"kme-{site}"
         cfg = bed.workdir / "configs" / f"{name}.toml"
-        cfg.write_text(_kme_toml(bed, site, sites, links, k, relay_ports, key_rate))
+        dialled = {nb: dial(site, nb, port) if dial else port
+                   for nb, port in relay_ports.items()
+                   if (site, nb) in links or (nb, site) in links}
+        cfg.write_text(_kme_toml(bed, site, sites, links, k, dialled, key_rate))
         port_file = bed.run / f"{name}.port"
         port_file.unlink(missing_ok=True)
         proc = bed._spawn(name, ["-m", "gateway.cli", "kme", "--config", str(cfg),
@@ -122,8 +136,9 @@ def run_network_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, 
     """`run_traffic` is gateway.tools.demo's (passed in: demo imports this module)."""
     topology = args.topology
     sites, _links, k = TOPOLOGIES[topology]
+    k = getattr(args, "paths_k", None) or k
     say(f"starting {len(sites)} KMEs ({topology}, k = {k}) ...")
-    start_network(bed, topology)
+    start_network(bed, topology, k=k)
     say("starting the gateways at site-a and site-c (not neighbours) ...")
     sink = bed.start_sink()
     bed.start_gateway(FAR_SITE, "site-a", connect=None, services={"sink": sink})

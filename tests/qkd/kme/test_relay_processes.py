@@ -7,18 +7,17 @@ import json
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.tools.network_compromise import Recorded, shares_from_frames
 from qkd.etsi014.client import KmeNoKey, KmeRejected
-from qkd.kme.relay_service import CRASH_ENV, link_stream
+from qkd.kme.relay_service import CRASH_ENV
 from qkd.link.ideal import load_link_secret
-from qkd.network.constants import PAD_BYTES
-from qkd.network.relay import Share, decode_frame, relay_cost_bits
+from qkd.network.relay import relay_cost_bits
 from tests.support.kme_processes import wait_until
 from tests.support.network_kmes import Network
 from tests.support.relay_tap import (
@@ -283,15 +282,10 @@ def _node_view(pki: Path, node: str, frames: list[bytes]) -> dict[str, bytes]:
     """What a compromised `node` rebuilds from its memory (the link secret its pads
     come from) and the SHARE frames it received from A: key id -> share."""
     secret = load_link_secret(pki / "link-secret.key")
-    out = {}
-    for frame in frames:
-        msg, offset, _tag, _signed = decode_frame(frame)
-        assert isinstance(msg, Share)
-        pad = link_stream(secret, "kme-site-a", f"kme-{node}", offset + PAD_BYTES,
-                          msg.key_bytes)
-        out[str(uuid.UUID(bytes=msg.key_id))] = bytes(
-            x ^ y for x, y in zip(msg.ciphertext, pad, strict=True))
-    return out
+    view = shares_from_frames(lambda _nb: secret, f"kme-{node}",
+                              [Recorded("kme-site-a", f"kme-{node}", f) for f in frames])
+    assert all(len(v) == 1 for v in view.values())
+    return {key_id: v[0].share for key_id, v in view.items()}
 
 
 async def test_compromised_trusted_node_single_path_gives_the_key(pki: Path,
