@@ -510,6 +510,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise UserError("--streams must be at least 1 and --stream-mb above 0")
     if args.duration is not None and args.duration <= 0:
         raise UserError("--duration must be a positive number of seconds")
+    from gateway.tools.network_demo import check_args  # issue 11
+
+    check_args(args)
     with contextlib.suppress(ImportError):
         import uvloop
 
