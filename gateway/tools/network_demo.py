@@ -5,6 +5,8 @@ end gateways run as separate processes; the gateways sit at sites whose KMEs are
 neighbours, so every QKD key of their hybrid tunnel is relayed through trusted nodes
 (ideal links: no quantum security, the demo shows the network, not the physics). This
 process pushes checked traffic through the tunnel and reports the relay's figures.
+`--compromise NODE` then takes a trusted node and shows which of the gateways' keys
+its files and the recorded hops give (gateway/tools/network_compromise.py; docs/network.md).
 """
 
 from __future__ import annotations
