@@ -317,8 +317,10 @@ def print_summary(s: dict[str, Any]) -> None:
 
 def _print_compromise(c: dict[str, Any]) -> None:
     node, n = c["node"], c["keys_used_by_gateways"]
+    secrets = [f for f in c["files"] if f.startswith("link-")]
     print(f"  compromised node   {node} (k = {c['k']}): {len(c['files'])} files taken "
-          f"({', '.join(c['files'])}), {c['frames_recorded']} relay frames recorded")
+          f"(config, {len(secrets)} link secrets, key store, relay store), "
+          f"{c['frames_recorded']} relay frames recorded on the hops")
     print(f"  the gateways       used {n} relayed QKD keys (both ends: "
           f"{'same fingerprints' if c['gateways_agree'] else 'FINGERPRINTS DIFFER'})")
     if c["rebuilt"]:

@@ -13,7 +13,12 @@ from typing import Any
 
 import pytest
 
-from gateway.tools.network_compromise import Recorded, shares_from_frames
+from gateway.tools.network_compromise import (
+    NodeShare,
+    Recorded,
+    rebuild,
+    shares_from_frames,
+)
 from qkd.etsi014.client import KmeNoKey, KmeRejected
 from qkd.kme.relay_service import CRASH_ENV
 from qkd.link.ideal import load_link_secret
@@ -278,12 +283,18 @@ def _recording_taps(targets: set[tuple[str, str]]
     return dial, taps, frames
 
 
-def _node_view(pki: Path, node: str, frames: list[bytes]) -> dict[str, bytes]:
-    """What a compromised `node` rebuilds from its memory (the link secret its pads
-    come from) and the SHARE frames it received from A: key id -> share."""
+def _node_shares(pki: Path, node: str, frames: list[bytes]) -> dict[str, list[NodeShare]]:
+    """What a compromised `node` opens with its memory (the link secret its pads come
+    from) in the SHARE frames it received from A (gateway.tools.network_compromise,
+    which the demo's --compromise run uses too)."""
     secret = load_link_secret(pki / "link-secret.key")
-    view = shares_from_frames(lambda _nb: secret, f"kme-{node}",
+    return shares_from_frames(lambda _nb: secret, f"kme-{node}",
                               [Recorded("kme-site-a", f"kme-{node}", f) for f in frames])
+
+
+def _node_view(pki: Path, node: str, frames: list[bytes]) -> dict[str, bytes]:
+    """key id -> the one share `node` holds of it."""
+    view = _node_shares(pki, node, frames)
     assert all(len(v) == 1 for v in view.values())
     return {key_id: v[0].share for key_id, v in view.items()}
 
@@ -320,6 +331,12 @@ async def test_compromised_trusted_node_learns_nothing_with_k2(pki: Path,
             assert b[k.key_id] != k.key and d[k.key_id] != k.key
             # ... and both nodes together (control) have it: the shares XOR to the key.
             assert bytes(x ^ y for x, y in zip(b[k.key_id], d[k.key_id], strict=True)) == k.key
+        # The shared reconstruction agrees: one node's shares rebuild nothing, both do.
+        b_shares = _node_shares(pki, "site-b", frames["site-b"])
+        d_shares = _node_shares(pki, "site-d", frames["site-d"])
+        for k in enc:
+            assert rebuild(b_shares[k.key_id]) is None and rebuild(d_shares[k.key_id]) is None
+            assert rebuild(b_shares[k.key_id] + d_shares[k.key_id]) == k.key
     finally:
         net.stop()
         for t in taps.values():
