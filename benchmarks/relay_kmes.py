@@ -4,10 +4,12 @@ ideal links and loopback TCP. Measures enc_keys latency (the whole relay: every 
 the destination's store, every ACK back) p50/p99, relayed keys per second with
 concurrent requests, and link-key bits per delivered key.
 
-Topologies: a line of 3 (k = 1, 2 hops) and a ring of 4 (k = 2, two 2-hop paths).
+Topologies (source site-a, destination named): lines of 3 and 4 (k = 1, 2 and 3
+hops), a ring of 4 (k = 2, two 2-hop paths), a ring of 5 to site-c with k = 1 (2 hops)
+and k = 2 (paths of 2 and 3 hops).
 
-    python benchmarks/relay_kmes.py                 # 200 sequential + 400 concurrent keys
-    python benchmarks/relay_kmes.py --keys 500 --json
+    python benchmarks/relay_kmes.py                 # 200 sequential + 200 concurrent keys
+    python benchmarks/relay_kmes.py --keys 500 --json --only line-3 ring-5-k2
 """
 
 from __future__ import annotations
@@ -27,12 +29,20 @@ from gateway.pki import init_pki
 from qkd.common.log import configure_logging
 from tests.support.network_kmes import Network
 
+_RING5 = (["site-a", "site-b", "site-c", "site-d", "site-e"],
+          [("site-a", "site-b"), ("site-b", "site-c"), ("site-c", "site-d"),
+           ("site-d", "site-e"), ("site-a", "site-e")])
 TOPOLOGIES = {
     "line-3": (["site-a", "site-b", "site-c"],
                [("site-a", "site-b"), ("site-b", "site-c")], "k = 1\n", "site-c"),
+    "line-4": (["site-a", "site-b", "site-c", "site-d"],
+               [("site-a", "site-b"), ("site-b", "site-c"), ("site-c", "site-d")],
+               "k = 1\n", "site-d"),
     "ring-4-k2": (["site-a", "site-b", "site-c", "site-d"],
                   [("site-a", "site-b"), ("site-b", "site-c"), ("site-c", "site-d"),
                    ("site-a", "site-d")], "k = 2\n", "site-c"),
+    "ring-5": (*_RING5, "k = 1\n", "site-c"),
+    "ring-5-k2": (*_RING5, "k = 2\n", "site-c"),
 }
 
 
@@ -66,7 +76,9 @@ async def _measure(net: Network, dest: str, keys: int, concurrency: int) -> dict
     total = bits + sum(mid_bits.values()) + sum(
         v["bits_out"] + v["bits_in"]
         for v in net.status(dest)["network"]["neighbours"].values())
-    return {"enc_keys_latency_p50_ms": round(1000 * _q(lat, 0.5), 2),
+    paths = a["paths_in_use"].get(f"site-a-gw->{dest}-gw", [])
+    return {"k": len(paths), "hops_per_path": sorted(len(p) - 1 for p in paths),
+            "enc_keys_latency_p50_ms": round(1000 * _q(lat, 0.5), 2),
             "enc_keys_latency_p99_ms": round(1000 * _q(lat, 0.99), 2),
             "enc_keys_latency_mean_ms": round(1000 * statistics.fmean(lat), 2),
             "relayed_keys_per_s": round(rate, 1),
@@ -81,13 +93,17 @@ def main() -> int:
     ap.add_argument("--keys", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=sorted(TOPOLOGIES), default=None,
+                    help="run only these topologies")
     args = ap.parse_args()
     configure_logging("warning", "console")
     out: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         pki = Path(tmp) / "pki"
-        init_pki(pki, ["site-a", "site-b", "site-c", "site-d"], algorithm="ecdsa-p256")
+        init_pki(pki, _RING5[0], algorithm="ecdsa-p256")
         for name, (sites, links, extra, dest) in TOPOLOGIES.items():
+            if args.only and name not in args.only:
+                continue
             work = Path(tmp) / name
             work.mkdir()
             net = Network(pki, work, sites, links, network_extra=extra)

@@ -510,6 +510,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise UserError("--streams must be at least 1 and --stream-mb above 0")
     if args.duration is not None and args.duration <= 0:
         raise UserError("--duration must be a positive number of seconds")
+    from gateway.tools.network_demo import check_args  # issue 11
+
+    check_args(args)
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -557,10 +560,18 @@ def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--max-key-count", type=int, default=None, metavar="N",
                    help=f"KME pool size (default 1000; {EVE_POOL_KEYS} with --eve, so the "
                         "pool visibly runs dry)")
-    p.add_argument("--topology", choices=("line", "ring"), default=None,
-                   help="a QKD network instead of two sites: a line of 3 KMEs or a ring "
-                        "of 4 (k = 2), gateways at two non-adjacent sites, keys relayed "
-                        "through trusted nodes (ideal links)")
+    p.add_argument("--topology", choices=("line", "ring", "ring5"), default=None,
+                   help="a QKD network instead of two sites: a line of 3 KMEs, a ring "
+                        "of 4 or a ring of 5 (k = 2 on rings), gateways at site-a and "
+                        "site-c (not neighbours), keys relayed through trusted nodes "
+                        "(ideal links)")
+    p.add_argument("--k", type=int, default=None, choices=(1, 2), dest="paths_k",
+                   help="with --topology: node-disjoint paths per relayed key (default "
+                        "1 on the line, 2 on rings)")
+    p.add_argument("--compromise", default=None, metavar="NODE",
+                   help="with --topology: record the relay traffic on NODE's hops, take "
+                        "NODE's files as its KME left them and try to rebuild the "
+                        "gateways' relayed QKD keys from them (e.g. site-b)")
     p.add_argument("--workdir", help="keep the generated PKI, configs and logs here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_cmd_demo)

@@ -1,10 +1,12 @@
-"""`qkdgw demo --topology line|ring`: a QKD network on loopback (issue 11).
+"""`qkdgw demo --topology line|ring|ring5`: a QKD network on loopback (issue 11).
 
-Every KME of the topology (a line of 3 sites, or a ring of 4 with k = 2) and the two
+Every KME of the topology (a line of 3 sites, a ring of 4 or of 5 with k = 2) and the two
 end gateways run as separate processes; the gateways sit at sites whose KMEs are not
 neighbours, so every QKD key of their hybrid tunnel is relayed through trusted nodes
 (ideal links: no quantum security, the demo shows the network, not the physics). This
 process pushes checked traffic through the tunnel and reports the relay's figures.
+`--compromise NODE` then takes a trusted node and shows which of the gateways' keys
+its files and the recorded hops give (gateway/tools/network_compromise.py; docs/network.md).
 """
 
 from __future__ import annotations
@@ -14,16 +16,31 @@ import asyncio
 import json
 import time
 import urllib.request
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gateway.pki import init_pki
+from gateway.tools.network_compromise import (
+    HopRecorder,
+    attack,
+    read_fingerprints,
+    take_node_state,
+    verdict,
+)
 from gateway.tools.testbed import Proc, Testbed, TestbedError
+from qkd.common.errors import UserError
 
 TOPOLOGIES: dict[str, tuple[list[str], list[tuple[str, str]], int]] = {
     "line": (["site-a", "site-b", "site-c"], [("site-a", "site-b"), ("site-b", "site-c")], 1),
     "ring": (["site-a", "site-b", "site-c", "site-d"],
              [("site-a", "site-b"), ("site-b", "site-c"), ("site-c", "site-d"),
               ("site-a", "site-d")], 2),
+    # Five sites: C is two hops from A one way and three the other, so the k = 2
+    # shares take paths of unequal length (the slower one sets the relay latency).
+    "ring5": (["site-a", "site-b", "site-c", "site-d", "site-e"],
+              [("site-a", "site-b"), ("site-b", "site-c"), ("site-c", "site-d"),
+               ("site-d", "site-e"), ("site-a", "site-e")], 2),
 }
 FAR_SITE = "site-c"  # the gateway that talks to site A's (never A's neighbour)
 
@@ -90,9 +107,14 @@ def _wait(pred: Any, timeout: float, what: str, procs: list[Proc]) -> None:
     raise TestbedError(f"timed out waiting for {what}")
 
 
-def start_network(bed: Testbed, topology: str, key_rate: float = 1000.0) -> None:
-    """Every KME of `topology`, relay channels up."""
-    sites, links, k = TOPOLOGIES[topology]
+def start_network(bed: Testbed, topology: str, key_rate: float = 1000.0, *,
+                  k: int | None = None,
+                  dial: Callable[[str, str, int], int] | None = None) -> None:
+    """Every KME of `topology`, relay channels up. `k` overrides the topology's default;
+    `dial(site, neighbour, port)` gives the port `site` dials for its relay channel to
+    `neighbour` (e.g. a recorder's, in front of `port`)."""
+    sites, links, default_k = TOPOLOGIES[topology]
+    k = default_k if k is None else k
     init_pki(bed.pki, sites, algorithm=bed.options.algorithm)
     for d in (bed.logs, bed.run, bed.workdir / "configs", bed.workdir / "state"):
         d.mkdir(parents=True, exist_ok=True)
@@ -100,7 +122,10 @@ def start_network(bed: Testbed, topology: str, key_rate: float = 1000.0) -> None
     for site in sorted(sites, reverse=True):
         name = f"kme-{site}"
         cfg = bed.workdir / "configs" / f"{name}.toml"
-        cfg.write_text(_kme_toml(bed, site, sites, links, k, relay_ports, key_rate))
+        dialled = {nb: dial(site, nb, port) if dial else port
+                   for nb, port in relay_ports.items()
+                   if (site, nb) in links or (nb, site) in links}
+        cfg.write_text(_kme_toml(bed, site, sites, links, k, dialled, key_rate))
         port_file = bed.run / f"{name}.port"
         port_file.unlink(missing_ok=True)
         proc = bed._spawn(name, ["-m", "gateway.cli", "kme", "--config", str(cfg),
@@ -117,18 +142,83 @@ def start_network(bed: Testbed, topology: str, key_rate: float = 1000.0) -> None
               30, f"kme-{site}'s relay channels", procs)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse option combinations the network demo cannot run, before starting anything."""
+    topology = getattr(args, "topology", None)
+    k, node = getattr(args, "paths_k", None), getattr(args, "compromise", None)
+    if topology is None:
+        if k is not None or node is not None:
+            raise UserError("--k and --compromise need --topology line|ring|ring5")
+        return
+    sites, _links, _k = TOPOLOGIES[topology]
+    if k == 2 and topology == "line":
+        raise UserError("--topology line has one path between site-a and site-c: "
+                        "--k 2 needs a ring (--topology ring or ring5)")
+    trusted = [s for s in sites if s not in ("site-a", FAR_SITE)]
+    if node is not None and node not in trusted:
+        raise UserError(f"--compromise {node}: give a trusted node of --topology "
+                        f"{topology} ({', '.join(trusted)}); site-a and {FAR_SITE} are the ends")
+
+
+def _start_gateway(bed: Testbed, site: str, peer: str, witness: Path | None, *,
+                   connect: int | None, listeners: dict[str, int] | None = None,
+                   services: dict[str, int] | None = None) -> None:
+    """bed.start_gateway, or with `witness` the same gateway run under the key
+    fingerprint recorder (gateway.tools.network_compromise's main)."""
+    if witness is None:
+        bed.start_gateway(site, peer, connect=connect, listeners=listeners,
+                          services=services)
+        return
+    name = f"gateway-{site}"
+    cfg = bed._write(f"{site}.toml", bed.gateway_config(
+        site, peer, connect=connect, listeners=listeners, services=services))
+    ready = bed.run / f"{name}.ready"
+    ready.unlink(missing_ok=True)
+    proc = bed._spawn(name, ["-m", "gateway.tools.network_compromise", str(witness),
+                             "gateway", "--config", str(cfg), "--ready-file", str(ready)])
+    info = json.loads(bed._wait_file(proc, ready))
+    bed.ports[f"admin-{site}"] = int(info["admin"])
+    if info.get("tunnel"):
+        bed.ports[f"tunnel-{site}"] = int(info["tunnel"])
+    for service, port in info.get("listeners", {}).items():
+        bed.ports[f"listen-{site}-{service}"] = int(port)
+
+
 def run_network_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, Any],
                      say: Any, run_traffic: Any) -> None:
     """`run_traffic` is gateway.tools.demo's (passed in: demo imports this module)."""
     topology = args.topology
-    sites, _links, k = TOPOLOGIES[topology]
+    k = TOPOLOGIES[topology][2]
+    k = getattr(args, "paths_k", None) or k
+    node = getattr(args, "compromise", None)
+    recorder = HopRecorder() if node else None
+    try:
+        _run(args, bed, summary, say, run_traffic, k, node, recorder)
+    finally:
+        if recorder is not None:
+            recorder.close()
+
+
+def _run(args: argparse.Namespace, bed: Testbed, summary: dict[str, Any], say: Any,
+         run_traffic: Any, k: int, node: str | None, recorder: HopRecorder | None) -> None:
+    topology = args.topology
+    sites, _links, _k = TOPOLOGIES[topology]
+    dial = None
+    if recorder is not None:
+        # Every hop is recorded (the attacker's wiretap); the node's own view is only
+        # what reached it. The collusion control below uses the other trusted nodes'.
+        def dial(site: str, nb: str, port: int) -> int:
+            return recorder.tap(f"kme-{site}", f"kme-{nb}", port)
     say(f"starting {len(sites)} KMEs ({topology}, k = {k}) ...")
-    start_network(bed, topology)
+    start_network(bed, topology, k=k, dial=dial)
+    witness = {s: bed.run / f"qkd-keys-{s}.jsonl" if node else None
+               for s in ("site-a", FAR_SITE)}
     say("starting the gateways at site-a and site-c (not neighbours) ...")
     sink = bed.start_sink()
-    bed.start_gateway(FAR_SITE, "site-a", connect=None, services={"sink": sink})
-    bed.start_gateway("site-a", FAR_SITE, connect=bed.ports[f"tunnel-{FAR_SITE}"],
-                      listeners={"sink": 0})
+    _start_gateway(bed, FAR_SITE, "site-a", witness[FAR_SITE], connect=None,
+                   services={"sink": sink})
+    _start_gateway(bed, "site-a", FAR_SITE, witness["site-a"],
+                   connect=bed.ports[f"tunnel-{FAR_SITE}"], listeners={"sink": 0})
     procs = list(bed.procs.values())
     _wait(lambda: bed.status("site-a")["peer"]["tunnel"] == "up"
           and bed.status(FAR_SITE)["peer"]["tunnel"] == "up", 60, "the tunnel", procs)
@@ -157,6 +247,51 @@ def run_network_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, 
     summary["ok"] = (not report.failures and report.bytes_verified == report.bytes_sent
                      and peer["mode"] == "hybrid" and a_net["relay"]["relays_delivered"] > 0
                      and a_net["relay"]["relays_failed"] == 0)
+    if node is not None and recorder is not None:
+        _compromise(bed, summary, say, k, node, recorder, witness)
+
+
+def _compromise(bed: Testbed, summary: dict[str, Any], say: Any, k: int, node: str,
+                recorder: HopRecorder, witness: dict[str, Path | None]) -> None:
+    sites = summary["sites"]
+    # The gateways stop first, so no key is used after the node is taken.
+    for site in ("site-a", FAR_SITE):
+        bed.stop(f"gateway-{site}")
+    used = {s: read_fingerprints(p) for s, p in witness.items() if p is not None}
+    a_used, c_used = used["site-a"], used[FAR_SITE]
+    ends_agree = all(c_used.get(kid, fp) == fp for kid, fp in a_used.items())
+    say(f"taking {node}: SIGKILL its KME, copying its files, opening the recorded "
+        f"relay frames ...")
+    taken: dict[str, Path] = {}
+    for s in sites:
+        if s in ("site-a", FAR_SITE):
+            continue
+        proc = bed.procs[f"kme-{s}"]
+        proc.popen.kill()
+        proc.popen.wait()
+        taken[s] = take_node_state(bed.workdir / "configs" / f"kme-{s}.toml",
+                                   bed.workdir / "compromised" / s)
+    frames = list(recorder.frames)
+    result = verdict(attack(taken[node], frames), a_used)
+    # Control: every trusted node's files together (collusion of all of them).
+    together: dict[str, list[Any]] = {}
+    for manifest in taken.values():
+        for kid, shares in attack(manifest, frames).items():
+            together.setdefault(kid, []).extend(shares)
+    control = verdict(together, a_used)
+    if k == 1:
+        # Every key relayed through the node is rebuilt, and matches the gateways'.
+        expected = not result["partial"] and all(r["match"] for r in result["rebuilt"])
+    else:
+        expected = result["none_rebuilt"] and control["all_rebuilt"]
+    summary["compromise"] = dict(
+        node=node, k=k, files=sorted(p.name for p in taken[node].parent.iterdir()),
+        frames_recorded=len(frames), keys_used_by_gateways=len(a_used),
+        gateways_agree=ends_agree, rebuilt=result["rebuilt"], partial=result["partial"],
+        not_through_node=result["not_through_node"],
+        control_all_trusted_nodes_rebuilt=len(control["rebuilt"]),
+        control_match=control["all_rebuilt"], as_expected=expected)
+    summary["ok"] = bool(summary["ok"] and ends_agree and a_used and expected)
 
 
 def print_summary(s: dict[str, Any]) -> None:
@@ -176,6 +311,38 @@ def print_summary(s: dict[str, Any]) -> None:
     for node, bits in s["trusted_node_link_key_bits"].items():
         print(f"  trusted node {node}: link-key bits used " + ", ".join(
             f"{nb} {b}" for nb, b in sorted(bits.items())))
+    if "compromise" in s:
+        _print_compromise(s["compromise"])
 
 
-__all__ = ["TOPOLOGIES", "print_summary", "run_network_demo", "start_network"]
+def _print_compromise(c: dict[str, Any]) -> None:
+    node, n = c["node"], c["keys_used_by_gateways"]
+    secrets = [f for f in c["files"] if f.startswith("link-")]
+    print(f"  compromised node   {node} (k = {c['k']}): {len(c['files'])} files taken "
+          f"(config, {len(secrets)} link secrets, key store, relay store), "
+          f"{c['frames_recorded']} relay frames recorded on the hops")
+    print(f"  the gateways       used {n} relayed QKD keys (both ends: "
+          f"{'same fingerprints' if c['gateways_agree'] else 'FINGERPRINTS DIFFER'})")
+    if c["rebuilt"]:
+        print(f"  REBUILT            {len(c['rebuilt'])} of {n} keys from {node}'s "
+              f"files and traffic alone (single path through it):")
+        for r in c["rebuilt"][:8]:
+            print(f"    key {r['key_id']}  gateways sha256 {r['used']}  rebuilt "
+                  f"{r['rebuilt']}  {'match' if r['match'] else 'MISMATCH'}")
+    if c["partial"]:
+        p = c["partial"][0]
+        print(f"  not rebuilt        {len(c['partial'])} of {n} keys: {node} holds "
+              f"{p['shares_held']} of {p['shares']} shares only (the other path avoids "
+              f"it); a share alone is independent of the key:")
+        for r in c["partial"][:8]:
+            print(f"    key {r['key_id']}  gateways sha256 {r['used']}  {node}'s share "
+                  f"{r['share_fingerprint']}")
+    if c["not_through_node"]:
+        print(f"  not through {node}   {len(c['not_through_node'])} of {n} keys")
+    print(f"  control            all trusted nodes' files together rebuild "
+          f"{c['control_all_trusted_nodes_rebuilt']} of {n} "
+          f"({'match' if c['control_match'] else 'not all'})")
+    print(f"  outcome            {'as expected' if c['as_expected'] else 'UNEXPECTED'}")
+
+
+__all__ = ["TOPOLOGIES", "check_args", "print_summary", "run_network_demo", "start_network"]

@@ -7,18 +7,22 @@ import json
 import signal
 import subprocess
 import sys
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.tools.network_compromise import (
+    NodeShare,
+    Recorded,
+    rebuild,
+    shares_from_frames,
+)
 from qkd.etsi014.client import KmeNoKey, KmeRejected
-from qkd.kme.relay_service import CRASH_ENV, link_stream
+from qkd.kme.relay_service import CRASH_ENV
 from qkd.link.ideal import load_link_secret
-from qkd.network.constants import PAD_BYTES
-from qkd.network.relay import Share, decode_frame, relay_cost_bits
+from qkd.network.relay import relay_cost_bits
 from tests.support.kme_processes import wait_until
 from tests.support.network_kmes import Network
 from tests.support.relay_tap import (
@@ -279,19 +283,20 @@ def _recording_taps(targets: set[tuple[str, str]]
     return dial, taps, frames
 
 
-def _node_view(pki: Path, node: str, frames: list[bytes]) -> dict[str, bytes]:
-    """What a compromised `node` rebuilds from its memory (the link secret its pads
-    come from) and the SHARE frames it received from A: key id -> share."""
+def _node_shares(pki: Path, node: str, frames: list[bytes]) -> dict[str, list[NodeShare]]:
+    """What a compromised `node` opens with its memory (the link secret its pads come
+    from) in the SHARE frames it received from A (gateway.tools.network_compromise,
+    which the demo's --compromise run uses too)."""
     secret = load_link_secret(pki / "link-secret.key")
-    out = {}
-    for frame in frames:
-        msg, offset, _tag, _signed = decode_frame(frame)
-        assert isinstance(msg, Share)
-        pad = link_stream(secret, "kme-site-a", f"kme-{node}", offset + PAD_BYTES,
-                          msg.key_bytes)
-        out[str(uuid.UUID(bytes=msg.key_id))] = bytes(
-            x ^ y for x, y in zip(msg.ciphertext, pad, strict=True))
-    return out
+    return shares_from_frames(lambda _nb: secret, f"kme-{node}",
+                              [Recorded("kme-site-a", f"kme-{node}", f) for f in frames])
+
+
+def _node_view(pki: Path, node: str, frames: list[bytes]) -> dict[str, bytes]:
+    """key id -> the one share `node` holds of it."""
+    view = _node_shares(pki, node, frames)
+    assert all(len(v) == 1 for v in view.values())
+    return {key_id: v[0].share for key_id, v in view.items()}
 
 
 async def test_compromised_trusted_node_single_path_gives_the_key(pki: Path,
@@ -326,6 +331,12 @@ async def test_compromised_trusted_node_learns_nothing_with_k2(pki: Path,
             assert b[k.key_id] != k.key and d[k.key_id] != k.key
             # ... and both nodes together (control) have it: the shares XOR to the key.
             assert bytes(x ^ y for x, y in zip(b[k.key_id], d[k.key_id], strict=True)) == k.key
+        # The shared reconstruction agrees: one node's shares rebuild nothing, both do.
+        b_shares = _node_shares(pki, "site-b", frames["site-b"])
+        d_shares = _node_shares(pki, "site-d", frames["site-d"])
+        for k in enc:
+            assert rebuild(b_shares[k.key_id]) is None and rebuild(d_shares[k.key_id]) is None
+            assert rebuild(b_shares[k.key_id] + d_shares[k.key_id]) == k.key
     finally:
         net.stop()
         for t in taps.values():
