@@ -235,3 +235,49 @@ async def test_relay_over_bb84_links_spends_the_pools_keys(line: Bb84Network,
             sent = _relay_blocks(pool(x, y), f"relay:kme-{x}", f"relay:kme-{y}")
             got = _relay_blocks(pool(y, x), f"relay:kme-{x}", f"relay:kme-{y}")
             assert sent and sent == got, (x, y)
+
+
+async def test_sigkill_of_the_middle_kme_reuses_no_pool_key(line: Bb84Network) -> None:
+    """B is SIGKILLed after a relay and restarted: the next relay goes on past the used
+    stream bytes at both of its hops (no pad twice), and a replay of the first Share
+    after the restart is refused by B's persisted watermark."""
+    wait_until(lambda: _streams_ready(line), 240, "relay link keys reserved on every hop",
+               list(line.procs.values()))
+    async with line.sae("site-a") as a_gw, line.sae("site-c") as c_gw:
+        first = await a_gw.get_enc_keys("site-c-gw", number=1, size=KEY_BITS)
+        assert await c_gw.get_dec_keys("site-a-gw", [first[0].key_id]) == first
+    old = [decode_frame(f)[1] for f in line.shares]
+    mark = _nb(line, "site-b", "site-a")["bits_in"]
+    line.procs["site-b"].kill()
+    line.start("site-b")
+    for site in SITES:
+        line.wait_channels(site)
+    assert _nb(line, "site-b", "site-a")["bits_in"] == mark  # persisted over the kill
+    wait_until(lambda: _streams_ready(line), 120, "streams topped up after the restart",
+               list(line.procs.values()))
+    # The first Share replayed into B ahead of the next relay's (over B's new channel).
+    replayed = line.shares[0]
+    tap = line.taps["site-b"]
+    record = tap.rule
+    assert record is not None
+    sent_replay: list[bool] = []
+
+    def replay_once(direction: str, frame: bytes) -> list[bytes]:
+        out = record(direction, frame)
+        if direction == "fwd" and frame[:2] == bytes([1, SHARE]) and not sent_replay:
+            sent_replay.append(True)
+            return [replayed, *out]
+        return out
+
+    tap.rule = replay_once
+    rejected = line.status("site-b")["network"]["relay"]["frames_rejected"]
+    async with line.sae("site-a") as a_gw, line.sae("site-c") as c_gw:
+        enc = await a_gw.get_enc_keys("site-c-gw", number=2, size=KEY_BITS)
+        assert await c_gw.get_dec_keys("site-a-gw", [k.key_id for k in enc]) == enc
+    new = [decode_frame(f)[1] for f in line.shares[len(old):]]
+    # A share frame uses its tag pad and the share pad of A -> B (the ACK: B -> A).
+    assert len(new) == 2 and min(new) >= max(old) + PAD_BYTES + KEY_BITS // 8
+    b = line.status("site-b")["network"]
+    assert sent_replay and b["relay"]["frames_rejected"] == rejected + 1
+    assert b["relay"]["relays_failed"] == 0
+    assert line.status("site-c")["network"]["relayed_keys"]["stored_for_slave"] == 0
