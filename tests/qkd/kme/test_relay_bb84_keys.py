@@ -55,7 +55,7 @@ class _End:
     svc: Any
     keys: PoolLinkKeys
 
-    def reopen(self, tmp_path: Path, other: str) -> PoolLinkKeys:
+    def reopen(self, other: str) -> PoolLinkKeys:
         """A restart: the same stores, a fresh supplier."""
         return PoolLinkKeys(self.name, self.relay, {other: self.svc})
 
@@ -124,7 +124,7 @@ async def test_pads_are_the_pool_material_each_used_once(hop: Any) -> None:
         counts = await e.store.pool_counts(time.time())
         assert counts["delivered"] == len(a_out) and counts["free"] == BLOCKS - len(a_out)
     # Restart both ends: no outgoing byte handed out twice, no old frame accepted.
-    a2, b2 = a.reopen(Path(), "B"), b.reopen(Path(), "A")
+    a2, b2 = a.reopen("B"), b.reopen("A")
     off2, pad2 = a2.take("B", 48)
     assert off2 == off + 48 and pad2 != pad
     with pytest.raises(NetworkError):
