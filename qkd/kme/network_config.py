@@ -35,6 +35,8 @@ from qkd.network.topology import Topology
 if TYPE_CHECKING:
     from qkd.kme.config import LinkConfig, PeerConfig
 
+# SAE IDs the relay reserves BB84 link keys under (qkd.kme.relay_keys): never a real SAE.
+RELAY_SAE_PREFIX = "relay:"
 # A [[network.link]] without pool_bits is assumed to have key: this KME only sees the
 # pools of its own links (and uses those), so a far link's level is unknown, not empty.
 ASSUMED_POOL_BITS = 1 << 40
@@ -151,16 +153,19 @@ def check_network(net: NetworkSection, kme_id: str, local: tuple[str, ...],
         raise Problem(f"{m['field']}: {m['problem']}", m["fix"],
                       at=("network", "topology")) from None
     mine = set(topo.neighbours(kme_id))
-    for name, (_saes, link_type) in neighbours.items():
+    # The relay reserves BB84 link keys as pseudo SAEs "relay:<KME ID>" (relay_keys);
+    # a real SAE by such a name could be handed them.
+    taken = [s for s in (*local, *(x for saes, _t in neighbours.values() for x in saes),
+                         *(x.id for x in net.sae)) if s.startswith(RELAY_SAE_PREFIX)]
+    if taken:
+        raise Problem(f"SAE ID {taken[0][:60]!r} starts with {RELAY_SAE_PREFIX!r}, which "
+                      "the relay's link-key reservations use", "rename that SAE",
+                      at=("network", "nodes"))
+    for name in neighbours:
         if name not in mine:
             raise Problem(f"no [[network.link]] between {kme_id!r} and the neighbour "
                           f"{name!r}", f'add [[network.link]] a = "{kme_id}", b = "{name}"',
                           at=("network", "link"))
-        if link_type != "ideal":
-            raise Problem(f"neighbour {name!r} has a {link_type} link: relay link keys are "
-                          "wired to ideal links only so far",
-                          'use type = "ideal" for relaying links, or remove [network]',
-                          at=("network", "nodes"))
     unconfigured = sorted(mine - set(neighbours))
     if unconfigured:
         name = unconfigured[0]

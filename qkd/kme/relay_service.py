@@ -4,10 +4,12 @@
 - One TCP connection per neighbour carries the relay frames (u32 length + frame). Its
   HELLO is a mutual HMAC-SHA256 challenge under the link's secret file, so nobody else
   takes a neighbour's place; the frames themselves carry per-hop Wegman-Carter tags.
-- `StoreLinkKeys` is the LinkKeySupplier: the hop's one-time pads and tag pads come
-  from the neighbour's link (ideal links only so far: bytes derived from the link
-  secret, each direction its own stream) and are charged to that link's pool; offsets
-  and watermarks are persisted (qkd.kme.relay_store) before a frame leaves.
+- `LinkKeys` is the LinkKeySupplier: the hop's one-time pads and tag pads come from
+  the neighbour's link. Ideal link (`StoreLinkKeys`): bytes derived from the link
+  secret, each direction its own stream, charged to the link's token bucket. BB84 link
+  (qkd.kme.relay_keys): real pool keys reserved at both KMEs, named in KEYS frames on
+  the channel. Offsets and watermarks are persisted (qkd.kme.relay_store) before a
+  frame leaves.
 - Link-state adverts go over the same channels (own links every second and on a
   channel change, flooded on; HMAC per channel), into a LinkStateDb for routing.
 - enc_keys for an SAE behind a non-adjacent KME starts one relay per key over
@@ -49,6 +51,7 @@ from qkd.etsi014.messages import (
     QkdKey,
 )
 from qkd.kme.http import query_lists
+from qkd.kme.relay_keys import MAX_KEYS_PER_FRAME, PoolLinkKeys, decode_keys, encode_keys
 from qkd.kme.relay_store import RelayKeyError, RelayStore
 from qkd.link.wegman_carter import HASH_KEY_BYTES, HashKey
 from qkd.network.constants import (
@@ -95,6 +98,7 @@ _LEASE_BYTES = 1 << 16
 _TICK_S = 0.2
 _LSA_INTERVAL_S = 1.0  # also sent at once when a relay channel goes up or down
 _LSA_MARK = b"L"  # first byte of an LSA frame on the channel; relay frames start with 1
+_KEYS_MARK = b"K"  # a KEYS frame: the BB84 pool keys the sender added to its stream
 # Largest channel frame: a relay frame, or an LSA frame (mark, counter, advert, tag).
 _MAX_CHANNEL_FRAME = max(MAX_FRAME_BYTES, 1 + 8 + 12 + 64 + MAX_LSA_LINKS * 74 + _MAC)
 _DIAL_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
@@ -138,12 +142,23 @@ def link_stream(secret: bytes, sender: str, receiver: str, offset: int, n: int) 
 @dataclass
 class _LinkPool:
     """One neighbour's link as the relay sees it: the secret the ideal link derives
-    from, and its pool (the KmeService's token bucket of `key_size`-bit keys)."""
+    from (a BB84 link's: its bootstrap secret, for the channel HELLO only), and its
+    pool (an ideal link's token bucket, a BB84 link's store)."""
 
     secret: bytes
     service: KmeService
+    bb84_keys: PoolLinkKeys | None = None
+
+    def level_keys(self) -> int:
+        if self.bb84_keys is not None:
+            return self.bb84_keys.free_blocks.get(self.service.config.peer.kme_id, 0)
+        return self.service.ideal_level()
 
     def level_bits(self) -> int:
+        if self.bb84_keys is not None:
+            nb = self.service.config.peer.kme_id
+            return (self.level_keys() * self.service.config.limits.key_size
+                    + 8 * self.bb84_keys.held_out(nb))
         return self.service.ideal_level() * self.service.config.limits.key_size
 
     def take_keys(self, n: int) -> bool:
@@ -244,6 +259,36 @@ class StoreLinkKeys:
                 for nb in sorted(self._links)}
 
 
+class LinkKeys:
+    """The node's LinkKeySupplier: each neighbour's calls go to its link's kind."""
+
+    def __init__(self, ideal: StoreLinkKeys, bb84: PoolLinkKeys) -> None:
+        self.ideal = ideal
+        self.bb84 = bb84
+        self._bb84 = frozenset(bb84.neighbours())
+
+    def __repr__(self) -> str:
+        return f"LinkKeys({self.ideal!r}, {self.bb84!r})"
+
+    def _of(self, nb: str) -> StoreLinkKeys | PoolLinkKeys:
+        return self.bb84 if nb in self._bb84 else self.ideal
+
+    def hash_key(self, neighbour: str) -> HashKey:
+        return self._of(neighbour).hash_key(neighbour)
+
+    def take(self, neighbour: str, nbytes: int) -> tuple[int, bytes]:
+        return self._of(neighbour).take(neighbour, nbytes)
+
+    def peek(self, neighbour: str, offset: int, nbytes: int) -> bytes:
+        return self._of(neighbour).peek(neighbour, offset, nbytes)
+
+    def consume(self, neighbour: str, offset: int, nbytes: int) -> None:
+        self._of(neighbour).consume(neighbour, offset, nbytes)
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        return {**self.ideal.usage(), **self.bb84.usage()}
+
+
 class _Channel:
     """One neighbour's relay connection (either side may have dialled). `lsa_key`
     authenticates the link-state adverts on it (relay frames carry their own tags)."""
@@ -283,11 +328,15 @@ class RelayService:
         self.net = config.network
         self.me = config.kme_id
         self.services = services
-        self._pools = {nb: _LinkPool(svc.config.link.secret, svc)
-                       for nb, svc in services.items()}
         self.store = RelayStore(Path(f"{config.db}.relay"),
                                 Sealer(load_or_create(config.storage_key)))
-        self.keys = StoreLinkKeys(self.me, self.store, self._pools)
+        self.pool_keys = PoolLinkKeys(self.me, self.store, {
+            nb: svc for nb, svc in services.items() if svc.bb84 is not None})
+        self._pools = {nb: _LinkPool(svc.config.link.secret, svc,
+                                     self.pool_keys if svc.bb84 is not None else None)
+                       for nb, svc in services.items()}
+        self.keys = LinkKeys(StoreLinkKeys(self.me, self.store, {
+            nb: p for nb, p in self._pools.items() if p.bb84_keys is None}), self.pool_keys)
         self.node = RelayNode(self.me, self.keys)
         self.channels: dict[str, _Channel] = {}
         self._waiting: dict[str, asyncio.Future[KeyDeliverable]] = {}
@@ -298,7 +347,8 @@ class RelayService:
                                          "relays_failed": 0, "keys_stored": 0,
                                          "keys_discarded": 0, "frames_rejected": 0,
                                          "frames_unsent": 0, "hello_refused": 0,
-                                         "lsa_stale": 0, "lsa_rejected": 0}
+                                         "lsa_stale": 0, "lsa_rejected": 0,
+                                         "keys_frames_rejected": 0}
         self.failures: dict[str, int] = {}
         self.rejections: dict[str, int] = {}  # frames dropped unattributed, by code
         self.latencies: list[float] = []  # end-to-end seconds per delivered relay
@@ -333,6 +383,8 @@ class RelayService:
                                                                   nb.relay.host,
                                                                   nb.relay.port)))
         self._tasks.append(asyncio.create_task(self._ticker()))
+        for nb in self.pool_keys.neighbours():
+            self._tasks.append(asyncio.create_task(self._top_up_loop(nb)))
 
     async def close(self) -> None:
         for t in self._tasks:
@@ -419,11 +471,20 @@ class RelayService:
         self._advertise()
         for lsa in self._lsas.values():  # what this node knows, so the new one catches up
             self._send_lsa(ch, lsa)
+        if ch.neighbour in self.pool_keys.neighbours():
+            # Keys reserved while the channel was down (or before a restart) may be
+            # unknown over there: name them again; it skips what it holds.
+            self._send_keys(ch, self.pool_keys.announce_list(ch.neighbour))
         try:
             while True:
                 frame = await ch.recv()
                 if frame[:1] == _LSA_MARK:
                     self._on_lsa(ch, frame)
+                    continue
+                if frame[:1] == _KEYS_MARK:
+                    # Awaited here, before the next frame: Shares under these keys
+                    # follow on the same connection.
+                    await self._on_keys(ch, frame)
                     continue
                 transit_share = bool(_CRASH) and self._is_transit_share(frame)
                 if transit_share:
@@ -503,6 +564,51 @@ class RelayService:
             return
         if lsa.origin != self.me:
             self._learn(lsa, ch.neighbour)
+
+    # ------------------------------------------------- BB84 relay link keys
+
+    def _send_keys(self, ch: _Channel, entries: list[tuple[int, str]]) -> None:
+        for i in range(0, len(entries), MAX_KEYS_PER_FRAME):
+            body = encode_keys(entries[i:i + MAX_KEYS_PER_FRAME])
+            ch.send(_KEYS_MARK + body + _prf(ch.lsa_key, b"keys", self.me.encode(), body))
+
+    async def _on_keys(self, ch: _Channel, frame: bytes) -> None:
+        body, mac = frame[1:-_MAC], frame[-_MAC:]
+        if ch.neighbour not in self.pool_keys.neighbours() or not hmac.compare_digest(
+                mac, _prf(ch.lsa_key, b"keys", ch.neighbour.encode(), body)):
+            self.counters["keys_frames_rejected"] += 1
+            log.warning("relay_keys_rejected", neighbour=ch.neighbour, reason="bad tag")
+            return
+        try:
+            entries = decode_keys(body)
+        except (ValueError, struct.error, UnicodeDecodeError):
+            self.counters["keys_frames_rejected"] += 1
+            log.warning("relay_keys_rejected", neighbour=ch.neighbour, reason="malformed")
+            return
+        # A replayed frame is harmless: keys already held, or gone from the pool, are
+        # skipped.
+        await self.pool_keys.accept(ch.neighbour, entries)
+
+    async def _top_up_loop(self, nb: str) -> None:
+        """Keep the outgoing stream to `nb` ahead of need (relay_keys LOW/HIGH)."""
+        while True:
+            await asyncio.sleep(_TICK_S)
+            try:
+                await self.pool_keys.refresh_level(nb)
+                ch = self.channels.get(nb)
+                if ch is None:
+                    continue
+                entries = await self.pool_keys.top_up(nb)
+                ch = self.channels.get(nb)
+                if entries and ch is not None:
+                    self._send_keys(ch, entries)
+                    # Derive the link's hash key as soon as its bytes are here.
+                    with contextlib.suppress(NetworkError):
+                        self.pool_keys.hash_key(nb)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the store or link failed: try again next tick
+                log.exception("relay_top_up_failed", neighbour=nb)
 
     # ---------------------------------------------------------- the core
 
@@ -723,7 +829,8 @@ class RelayService:
                                     "advertised": x.a in self._lsas or x.b in self._lsas}
                                    for x in self.lsdb.topology.links.values()]},
             "neighbours": {nb: {"connected": nb in self.channels,
-                                "pool_keys": pool.service.ideal_level(),
+                                "link_type": pool.service.config.link.type,
+                                "pool_keys": pool.level_keys(),
                                 "pool_bits": pool.level_bits(),
                                 **self.keys.usage()[nb]}
                            for nb, pool in sorted(self._pools.items())},

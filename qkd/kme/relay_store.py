@@ -3,6 +3,9 @@
 - per neighbour, the outgoing link-key offset (leased ahead, so a crash skips bytes and
   never sends two frames under one pad) and the incoming watermark (a frame replayed
   after a restart is refused), plus the link-key bits used each way;
+- BB84 links (qkd.kme.relay_keys): per neighbour and direction the pool keys moved into
+  the relay stream, at their stream offsets, sealed until their bytes are used; and the
+  link's Wegman-Carter hash key, sealed;
 - relayed keys: at the destination the key (sealed with the storage key) until the slave
   SAE fetches it once; at the source only that the master got it (no material).
 """
@@ -25,7 +28,13 @@ CREATE TABLE IF NOT EXISTS link_counters (
 CREATE TABLE IF NOT EXISTS relayed_keys (
     key_id TEXT PRIMARY KEY, master TEXT NOT NULL, slave TEXT NOT NULL,
     peer_kme TEXT NOT NULL, role TEXT NOT NULL, sealed BLOB, created REAL NOT NULL,
-    delivered REAL)
+    delivered REAL);
+CREATE TABLE IF NOT EXISTS stream_keys (
+    neighbour TEXT NOT NULL, direction TEXT NOT NULL CHECK (direction IN ('out', 'in')),
+    offset INTEGER NOT NULL, nbytes INTEGER NOT NULL, key_id TEXT NOT NULL, sealed BLOB,
+    PRIMARY KEY (neighbour, direction, offset), UNIQUE (neighbour, direction, key_id));
+CREATE TABLE IF NOT EXISTS link_hash_keys (
+    neighbour TEXT PRIMARY KEY, sealed BLOB NOT NULL)
 """
 
 
@@ -81,6 +90,71 @@ class RelayStore:
                 "INSERT INTO link_counters(neighbour, name, value) VALUES (?, ?, ?) "
                 "ON CONFLICT(neighbour, name) DO UPDATE SET value = excluded.value",
                 [(n, k, v) for (n, k), v in values.items()])
+
+    # ------------------------------------------- BB84 relay streams (relay_keys)
+
+    def _seal_id(self, nb: str, direction: str, key_id: str) -> str:
+        return f"relay-stream/{nb}/{direction}/{key_id}"
+
+    def add_stream_keys(self, nb: str, direction: str,
+                        keys: Sequence[tuple[int, str, bytes]]) -> None:
+        """Pool keys (offset, key_id, material) joining a stream; a key already there
+        (a repeated announcement) is left as it is."""
+        with self._txn():
+            self._db.executemany(
+                "INSERT INTO stream_keys(neighbour, direction, offset, nbytes, key_id, "
+                "sealed) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                [(nb, direction, off, len(mat), kid,
+                  self._sealer.seal(self._seal_id(nb, direction, kid), mat))
+                 for off, kid, mat in keys])
+
+    def stream_bytes(self, nb: str, direction: str, offset: int, n: int) -> bytes | None:
+        """Bytes offset .. offset+n of a stream, or None unless every one is held."""
+        rows = self._db.execute(
+            "SELECT offset, nbytes, key_id, sealed FROM stream_keys WHERE neighbour = ? "
+            "AND direction = ? AND offset < ? AND offset + nbytes > ? ORDER BY offset",
+            (nb, direction, offset + n, offset)).fetchall()
+        out = b""
+        at = offset
+        for off, nbytes, kid, sealed in rows:
+            if off > at or sealed is None:
+                return None
+            mat = self._sealer.open(self._seal_id(nb, direction, kid), sealed)
+            out += mat[at - off:offset + n - off]
+            at = off + nbytes
+        return out if len(out) == n else None
+
+    def stream_end(self, nb: str, direction: str) -> int:
+        row = self._db.execute("SELECT COALESCE(MAX(offset + nbytes), 0) FROM stream_keys "
+                               "WHERE neighbour = ? AND direction = ?",
+                               (nb, direction)).fetchone()
+        return int(row[0])
+
+    def stream_keys(self, nb: str, direction: str, *, held: bool = True
+                    ) -> list[tuple[int, str]]:
+        """(offset, key_id) of a stream's keys (with `held`: those not yet erased)."""
+        cond = " AND sealed IS NOT NULL" if held else ""
+        return [(int(o), str(k)) for o, k in self._db.execute(
+            "SELECT offset, key_id FROM stream_keys WHERE neighbour = ? AND direction = ?"
+            f"{cond} ORDER BY offset", (nb, direction))]
+
+    def erase_stream_below(self, nb: str, direction: str, mark: int) -> None:
+        """Erase the material of every key wholly below `mark` (its bytes are used)."""
+        with self._txn():
+            self._db.execute("UPDATE stream_keys SET sealed = NULL WHERE neighbour = ? AND "
+                             "direction = ? AND offset + nbytes <= ? AND sealed IS NOT NULL",
+                             (nb, direction, mark))
+
+    def hash_key(self, nb: str) -> bytes | None:
+        row = self._db.execute("SELECT sealed FROM link_hash_keys WHERE neighbour = ?",
+                               (nb,)).fetchone()
+        return None if row is None else self._sealer.open(f"relay-hash/{nb}", row[0])
+
+    def set_hash_key(self, nb: str, key: bytes) -> None:
+        with self._txn():
+            self._db.execute("INSERT INTO link_hash_keys(neighbour, sealed) VALUES (?, ?) "
+                             "ON CONFLICT DO NOTHING",
+                             (nb, self._sealer.seal(f"relay-hash/{nb}", key)))
 
     # ---------------------------------------------------------- relayed keys
 

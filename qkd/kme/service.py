@@ -61,6 +61,7 @@ from qkd.kme.keystore import (
     StoreError,
 )
 from qkd.kme.links import NetworkRouter, build_network_app, neighbour_config, network_status
+from qkd.kme.relay_keys import relay_sae
 from qkd.kme.relay_service import RelayService
 from qkd.link.bb84 import Bb84Link, Bb84Settings, LinkUnavailable
 from qkd.link.core import LinkProtocolError
@@ -626,9 +627,11 @@ def _warn_ideal(config: KmeConfig) -> None:
                         fix="chmod 600 the file (qkdgw pki init writes it that way)")
 
 
-async def open_service(config: KmeConfig, clock: Callable[[], float] = time.monotonic
-                       ) -> KmeService:
-    """The store, the link (not started) and the service of one link's KME config."""
+async def open_service(config: KmeConfig, clock: Callable[[], float] = time.monotonic,
+                       *, relay_of: str | None = None) -> KmeService:
+    """The store, the link (not started) and the service of one link's KME config.
+    `relay_of` (this KME's ID, when it relays): the BB84 link also accepts RESERVEs
+    for the relay's pseudo SAEs (qkd.kme.relay_keys), for its relay link keys."""
     link = IdealLink(config.link.secret)
     try:
         sealer = Sealer(load_or_create(config.storage_key))
@@ -658,12 +661,15 @@ async def open_service(config: KmeConfig, clock: Callable[[], float] = time.mono
         # Any block ever stored (free, reserved, delivered, expired) is key history:
         # a missing link state file over it is refused, not re-bootstrapped.
         history = sum((await store.pool_counts(0.0)).values())  # expired ones too
+        relay_local = (relay_sae(relay_of),) if relay_of is not None else ()
+        relay_peer = (relay_sae(config.peer.kme_id),) if relay_of is not None else ()
         try:
             bb84 = Bb84Link(settings, store, sealer, lcfg.state_file, key_history=history,
                             key_size_bits=config.limits.key_size,
                             lifetime_s=config.key_lifetime_s,
                             max_key_count=config.limits.max_key_count,
-                            local_saes=config.local_sae_ids, peer_saes=config.peer.sae_ids)
+                            local_saes=(*config.local_sae_ids, *relay_local),
+                            peer_saes=(*config.peer.sae_ids, *relay_peer))
         except LinkProtocolError as exc:
             await store.close()
             raise config.error("[link] state_file", str(exc), "see the message") from None
@@ -745,7 +751,8 @@ async def _start_network_kme(config: KmeConfig, clock: Callable[[], float]) -> R
             sub = neighbour_config(config, nb)
             if nb.link.type == "ideal":
                 _warn_ideal(sub)
-            services.append(await open_service(sub, clock))
+            services.append(await open_service(
+                sub, clock, relay_of=config.kme_id if config.network is not None else None))
         if config.network is not None:
             relay = RelayService(config, {s.config.peer.kme_id: s for s in services})
             await relay.start()

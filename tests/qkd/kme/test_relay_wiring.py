@@ -83,13 +83,24 @@ def test_bad_network_names_field_and_fix(tmp_path: Path, pki: Path, network: str
     assert str(tmp_path / "kme.toml") in msg and field in msg and fix in msg, msg
 
 
-def test_relay_over_a_bb84_link_is_refused_clearly(tmp_path: Path, pki: Path) -> None:
+def test_relay_over_a_bb84_link_loads(tmp_path: Path, pki: Path) -> None:
+    """BB84 neighbours relay with their pools' keys now (test_relay_bb84_keys.py)."""
     text = _a(pki, tmp_path, LINE).replace(
         'type = "ideal"', 'type = "bb84"\nrole = "bob"\nlisten = "127.0.0.1:0"\n'
         'quantum_listen = "127.0.0.1:0"').replace("key_rate = inf\n", "")
-    with pytest.raises(ConfigError, match=r"\[network\] nodes: neighbour 'kme-site-b' has "
-                                          r"a bb84 link.*ideal"):
+    cfg = _load(tmp_path, text)
+    assert cfg.network is not None and cfg.neighbours[0].link.type == "bb84"
+
+
+def test_an_sae_named_like_the_relay_pseudo_sae_is_refused(tmp_path: Path,
+                                                           pki: Path) -> None:
+    text = _a(pki, tmp_path, LINE).replace('id = "site-a-gw"', 'id = "relay:kme-site-a"')
+    with pytest.raises(ConfigError) as err:
         _load(tmp_path, text)
+    msg = str(err.value)
+    assert "[network] nodes" in msg and "'relay:kme-site-a'" in msg and "rename" in msg, msg
+    # Control: the same file with the SAE's own name loads.
+    assert _load(tmp_path, _a(pki, tmp_path, LINE), "ok.toml").network is not None
 
 
 # --------------------------------------------------------------- link keys
