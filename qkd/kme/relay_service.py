@@ -106,7 +106,7 @@ _DIAL_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 # step in a real process. Unset (always, outside those tests): no effect.
 CRASH_ENV = "QKDGW_TEST_RELAY_CRASH"
 CRASH_POINTS = ("transit_on_share", "transit_after_forward", "dest_before_store",
-                "dest_after_store")
+                "dest_after_store", "source_after_acks")
 _CRASH = os.environ.get(CRASH_ENV, "")
 
 
@@ -669,6 +669,7 @@ class RelayService:
             if self.store.discard_key(ev.key_id):
                 self.counters["keys_discarded"] += 1
         elif isinstance(ev, KeyDeliverable):
+            _crash_at("source_after_acks")  # every ACK in, the master not answered yet
             self.counters["relays_delivered"] += 1
             t0 = self._started_at.pop(ev.key_id, None)
             if t0 is not None:
