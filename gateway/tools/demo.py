@@ -572,6 +572,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
                    help="with --topology: record the relay traffic on NODE's hops, take "
                         "NODE's files as its KME left them and try to rebuild the "
                         "gateways' relayed QKD keys from them (e.g. site-b)")
+    p.add_argument("--netns", choices=("auto", "on", "off"), default="auto",
+                   help="with --topology: one network namespace per site, joined by "
+                        "veth pairs to a bridge (auto: when root with ip netns working, "
+                        "else loopback; namespaces and veths are removed at the end)")
     p.add_argument("--workdir", help="keep the generated PKI, configs and logs here")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=_cmd_demo)

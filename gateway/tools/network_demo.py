@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import contextlib
+import ipaddress
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -45,14 +53,180 @@ TOPOLOGIES: dict[str, tuple[list[str], list[tuple[str, str]], int]] = {
 FAR_SITE = "site-c"  # the gateway that talks to site A's (never A's neighbour)
 
 
+class Netns:
+    """One network namespace per site (`qkdgw-<pid>-<site>`), each joined by a veth
+    pair to a bridge in a namespace of its own, plus one veth from this process's
+    namespace to that bridge (the demo reads the admin listeners and sends its traffic
+    through it). Only what this object created is ever deleted."""
+
+    def __init__(self, sites: list[str]) -> None:
+        self.tag = f"qkdgw-{os.getpid()}"
+        self.bridge_ns = f"{self.tag}-br"
+        self.site_ns = {s: f"{self.tag}-{s}" for s in sites}
+        self.host_veth = f"{self.tag}-h"  # 15 characters at most (IFNAMSIZ)
+        net = _free_net()
+        hosts = list(net.hosts())
+        self.prefixlen = net.prefixlen
+        self.addr = {s: str(hosts[i]) for i, s in enumerate(sites)}
+        self.host_addr = str(hosts[-1])
+        self.created_ns: list[str] = []
+        self.created_host_veth = False
+        self.veth_bytes: dict[str, dict[str, int]] = {}
+
+    def up(self) -> None:
+        atexit.register(self.down)
+        self._ns(self.bridge_ns)
+        _ip("-n", self.bridge_ns, "link", "set", "lo", "up")
+        _ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.bridge_ns, "link", "set", "br0", "up")
+        for site, ns in self.site_ns.items():
+            self._ns(ns)
+            port = f"s-{site}"[:15]
+            # Both ends are created inside the demo's namespaces: the host never
+            # sees these interfaces.
+            _ip("link", "add", port, "netns", self.bridge_ns, "type", "veth",
+                "peer", "name", "eth0", "netns", ns)
+            _ip("-n", self.bridge_ns, "link", "set", port, "master", "br0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "addr", "add", f"{self.addr[site]}/{self.prefixlen}", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+        _ip("link", "add", self.host_veth, "type", "veth", "peer", "name", "host",
+            "netns", self.bridge_ns)
+        self.created_host_veth = True
+        _ip("-n", self.bridge_ns, "link", "set", "host", "master", "br0", "up")
+        _ip("addr", "add", f"{self.host_addr}/{self.prefixlen}", "dev", self.host_veth)
+        _ip("link", "set", self.host_veth, "up")
+
+    def _ns(self, name: str) -> None:
+        _ip("netns", "add", name)
+        self.created_ns.append(name)
+
+    def prefix(self, site: str) -> list[str]:
+        return ["ip", "netns", "exec", self.site_ns[site]]
+
+    def read_counters(self) -> None:
+        """Bytes each site's veth carried (before the namespaces go)."""
+        for site, ns in self.site_ns.items():
+            with contextlib.suppress(subprocess.SubprocessError, OSError, ValueError,
+                                     KeyError, IndexError):
+                out = _ip("-n", ns, "-s", "-j", "link", "show", "eth0")
+                stats = json.loads(out)[0]["stats64"]
+                self.veth_bytes[site] = {"tx": int(stats["tx"]["bytes"]),
+                                         "rx": int(stats["rx"]["bytes"])}
+
+    def down(self) -> None:
+        """Delete what up() created (safe to call twice, and after a partial up())."""
+        if self.created_host_veth:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                _ip("link", "del", self.host_veth, check=False)
+            self.created_host_veth = False
+        while self.created_ns:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                _ip("netns", "del", self.created_ns.pop(), check=False)
+
+
+def _ip(*args: str, check: bool = True) -> str:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
+    if check and proc.returncode != 0:
+        raise TestbedError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _free_net() -> ipaddress.IPv4Network:
+    """10.88.0.0/24, or the first 10.88.N.0/24 no address or route here overlaps."""
+    used: list[ipaddress.IPv4Network] = []
+    for args in (("-4", "-j", "addr"), ("-4", "-j", "route", "show", "table", "all")):
+        with contextlib.suppress(ValueError, TypeError):
+            for entry in json.loads(_ip(*args)):
+                for a in entry.get("addr_info", []):
+                    used.append(ipaddress.ip_network(
+                        f"{a['local']}/{a['prefixlen']}", strict=False))
+                dst = entry.get("dst")
+                if dst and dst != "default":
+                    used.append(ipaddress.ip_network(dst, strict=False))
+    for n in range(256):
+        net = ipaddress.IPv4Network(f"10.88.{n}.0/24")
+        if not any(net.overlaps(u) for u in used):
+            return net
+    raise TestbedError("no free 10.88.N.0/24 range for the demo's namespaces")
+
+
+def netns_choice(mode: str, compromise: str | None) -> tuple[bool, str]:
+    """(use namespaces?, why) for --netns auto|on|off."""
+    if mode == "off":
+        return False, "--netns off"
+    why = None
+    if compromise is not None:
+        why = "--compromise records the hops on loopback"
+    elif os.geteuid() != 0:
+        why = "not running as root"
+    elif shutil.which("ip") is None:
+        why = "the ip command (iproute2) is missing"
+    else:
+        probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                               timeout=20)
+        if probe.returncode != 0:
+            why = f"ip netns does not work here ({probe.stderr.strip()[:80]})"
+    if why is None:
+        return True, "root and ip netns work"
+    if mode == "on":
+        raise UserError(f"--netns on: {why}; run as root with iproute2, or use "
+                        "--netns off (loopback)")
+    return False, why
+
+
+def _in_ns(text: str, connect_host: str | None) -> str:
+    """A generated config, rewritten for a site namespace: listeners on every address
+    of the namespace (loopback and its veth), the tunnel dialled at the peer's site."""
+    text = text.replace('listen = "127.0.0.1:', 'listen = "0.0.0.0:')
+    if connect_host is not None:
+        text = text.replace('connect = "127.0.0.1:', f'connect = "{connect_host}:')
+    return text
+
+
+async def _forwarded(target: tuple[str, int], run: Callable[[int], Any]) -> Any:
+    """Run `run(port)` with 127.0.0.1:port forwarded to `target` (site A's listener in
+    its namespace): the traffic generator only dials loopback."""
+    async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(OSError, RuntimeError):
+                if w.can_write_eof():
+                    w.write_eof()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            tr, tw = await asyncio.open_connection(*target)
+        except OSError:
+            w.close()
+            return
+        await asyncio.gather(pipe(r, tw), pipe(tr, w))
+        for x in (w, tw):
+            x.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        return await run(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+
+
 def _kme_toml(bed: Testbed, site: str, sites: list[str], links: list[tuple[str, str]],
               k: int, relay_ports: dict[str, int], key_rate: float) -> str:
     pki = bed.pki
+    # In a namespace: listen on all of it (loopback for the local gateway, whose
+    # KME URL and certificate say 127.0.0.1; the veth for neighbours and the demo).
+    any_ip = "0.0.0.0" if bed.hosts else "127.0.0.1"
     nbs = [b if site == a else a for a, b in links if site in (a, b)]
     out = [f"""# generated by qkdgw demo --topology
 [kme]
 id = "kme-{site}"
-listen = "127.0.0.1:0"
+listen = "{any_ip}:0"
 db = "{bed.workdir / 'state' / f'kme-{site}.sqlite3'}"
 
 [tls]
@@ -65,7 +239,8 @@ id = "{site}-gw"
 """]
     for nb in nbs:
         # The smaller site dials the larger: KMEs start largest first.
-        dial = f'relay = "127.0.0.1:{relay_ports[nb]}"\n' if nb > site else ""
+        host = bed.hosts.get(nb, "127.0.0.1")
+        dial = f'relay = "{host}:{relay_ports[nb]}"\n' if nb > site else ""
         out.append(f"""
 [[neighbour]]
 kme_id = "kme-{nb}"
@@ -77,17 +252,18 @@ secret_file = "{pki / 'link-secret.key'}"
 key_rate = {key_rate}
 """)
     nodes = ", ".join(f'"kme-{s}"' for s in sites)
-    out.append(f'\n[network]\nrelay_listen = "127.0.0.1:0"\nk = {k}\nnodes = [{nodes}]\n')
+    out.append(f'\n[network]\nrelay_listen = "{any_ip}:0"\nk = {k}\nnodes = [{nodes}]\n')
     out += [f'[[network.link]]\na = "kme-{a}"\nb = "kme-{b}"\n' for a, b in links]
     out += [f'[[network.sae]]\nid = "{s}-gw"\nkme_id = "kme-{s}"\n' for s in sites
             if s != site and s not in nbs]
-    out.append('\n[admin]\nlisten = "127.0.0.1:0"\n\n[logging]\nformat = "json"\n')
+    out.append(f'\n[admin]\nlisten = "{any_ip}:0"\n\n[logging]\nformat = "json"\n')
     return "".join(out)
 
 
 def _admin(bed: Testbed, site: str) -> dict[str, Any]:
     port = bed.ports[f"kme-admin-{site}"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as resp:
+    host = bed.hosts.get(site, "127.0.0.1")
+    with urllib.request.urlopen(f"http://{host}:{port}/status", timeout=5) as resp:
         out: dict[str, Any] = json.loads(resp.read())
     return out
 
@@ -109,11 +285,19 @@ def _wait(pred: Any, timeout: float, what: str, procs: list[Proc]) -> None:
 
 def start_network(bed: Testbed, topology: str, key_rate: float = 1000.0, *,
                   k: int | None = None,
-                  dial: Callable[[str, str, int], int] | None = None) -> None:
+                  dial: Callable[[str, str, int], int] | None = None,
+                  netns: Netns | None = None) -> None:
     """Every KME of `topology`, relay channels up. `k` overrides the topology's default;
     `dial(site, neighbour, port)` gives the port `site` dials for its relay channel to
-    `neighbour` (e.g. a recorder's, in front of `port`)."""
+    `neighbour` (e.g. a recorder's, in front of `port`); with `netns` (up already)
+    each site's processes run in its namespace."""
     sites, links, default_k = TOPOLOGIES[topology]
+    if netns is not None:
+        bed.hosts.update(netns.addr)
+        for site in sites:
+            for name in (f"kme-{site}", f"gateway-{site}"):
+                bed.spawn_prefix[name] = netns.prefix(site)
+        bed.spawn_prefix["sink-site-b"] = netns.prefix(FAR_SITE)  # start_sink's name
     k = default_k if k is None else k
     init_pki(bed.pki, sites, algorithm=bed.options.algorithm)
     for d in (bed.logs, bed.run, bed.workdir / "configs", bed.workdir / "state"):
@@ -146,10 +330,14 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse option combinations the network demo cannot run, before starting anything."""
     topology = getattr(args, "topology", None)
     k, node = getattr(args, "paths_k", None), getattr(args, "compromise", None)
+    netns = getattr(args, "netns", "auto")
     if topology is None:
-        if k is not None or node is not None:
-            raise UserError("--k and --compromise need --topology line|ring|ring5")
+        if k is not None or node is not None or netns == "on":
+            raise UserError("--k, --compromise and --netns on need --topology "
+                            "line|ring|ring5")
         return
+    if netns == "on":
+        netns_choice(netns, node)  # refuses (not root, no ip, --compromise) before any start
     sites, _links, _k = TOPOLOGIES[topology]
     if k == 2 and topology == "line":
         raise UserError("--topology line has one path between site-a and site-c: "
@@ -165,17 +353,22 @@ def _start_gateway(bed: Testbed, site: str, peer: str, witness: Path | None, *,
                    services: dict[str, int] | None = None) -> None:
     """bed.start_gateway, or with `witness` the same gateway run under the key
     fingerprint recorder (gateway.tools.network_compromise's main)."""
-    if witness is None:
+    if witness is None and not bed.hosts:
         bed.start_gateway(site, peer, connect=connect, listeners=listeners,
                           services=services)
         return
     name = f"gateway-{site}"
-    cfg = bed._write(f"{site}.toml", bed.gateway_config(
-        site, peer, connect=connect, listeners=listeners, services=services))
+    text = bed.gateway_config(site, peer, connect=connect, listeners=listeners,
+                              services=services)
+    if bed.hosts:
+        text = _in_ns(text, bed.hosts[peer] if connect is not None else None)
+    cfg = bed._write(f"{site}.toml", text)
     ready = bed.run / f"{name}.ready"
     ready.unlink(missing_ok=True)
-    proc = bed._spawn(name, ["-m", "gateway.tools.network_compromise", str(witness),
-                             "gateway", "--config", str(cfg), "--ready-file", str(ready)])
+    run = (["-m", "gateway.cli"] if witness is None
+           else ["-m", "gateway.tools.network_compromise", str(witness)])
+    proc = bed._spawn(name, [*run, "gateway", "--config", str(cfg),
+                             "--ready-file", str(ready)])
     info = json.loads(bed._wait_file(proc, ready))
     bed.ports[f"admin-{site}"] = int(info["admin"])
     if info.get("tunnel"):
@@ -192,15 +385,44 @@ def run_network_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, 
     k = getattr(args, "paths_k", None) or k
     node = getattr(args, "compromise", None)
     recorder = HopRecorder() if node else None
+    use_ns, why = netns_choice(getattr(args, "netns", "off") or "off", node)
+    if getattr(args, "netns", "off") == "auto" and not use_ns:
+        print(f"qkdgw demo: --netns auto: loopback, no namespaces ({why})",
+              file=sys.stderr, flush=True)
+    netns = Netns(TOPOLOGIES[topology][0]) if use_ns else None
+    old_term = None
+    if netns is not None:
+        # SIGTERM ends the run through the finally below (and atexit), like Ctrl-C.
+        old_term = signal.signal(signal.SIGTERM, _exit_on_term)
     try:
-        _run(args, bed, summary, say, run_traffic, k, node, recorder)
+        if netns is not None:
+            netns.up()
+            summary["netns"] = {"namespaces": sorted(netns.created_ns),
+                                "addresses": dict(netns.addr),
+                                "demo_side": netns.host_addr}
+            say(f"namespaces up: {', '.join(sorted(netns.site_ns.values()))}; "
+                f"sites at {', '.join(f'{s} {a}' for s, a in netns.addr.items())}")
+        _run(args, bed, summary, say, run_traffic, k, node, recorder, netns)
     finally:
         if recorder is not None:
             recorder.close()
+        if netns is not None:
+            netns.read_counters()
+            summary.setdefault("netns", {})["veth_bytes"] = netns.veth_bytes
+            bed.stop()  # no process may outlive its namespace
+            netns.down()
+            signal.signal(signal.SIGTERM, old_term)
+            bed.hosts.clear()
+            bed.spawn_prefix.clear()
+
+
+def _exit_on_term(_sig: int, _frame: Any) -> None:
+    sys.exit(128 + signal.SIGTERM)
 
 
 def _run(args: argparse.Namespace, bed: Testbed, summary: dict[str, Any], say: Any,
-         run_traffic: Any, k: int, node: str | None, recorder: HopRecorder | None) -> None:
+         run_traffic: Any, k: int, node: str | None, recorder: HopRecorder | None,
+         netns: Netns | None = None) -> None:
     topology = args.topology
     sites, _links, _k = TOPOLOGIES[topology]
     dial = None
@@ -210,7 +432,7 @@ def _run(args: argparse.Namespace, bed: Testbed, summary: dict[str, Any], say: A
         def dial(site: str, nb: str, port: int) -> int:
             return recorder.tap(f"kme-{site}", f"kme-{nb}", port)
     say(f"starting {len(sites)} KMEs ({topology}, k = {k}) ...")
-    start_network(bed, topology, k=k, dial=dial)
+    start_network(bed, topology, k=k, dial=dial, netns=netns)
     witness = {s: bed.run / f"qkd-keys-{s}.jsonl" if node else None
                for s in ("site-a", FAR_SITE)}
     say("starting the gateways at site-a and site-c (not neighbours) ...")
@@ -224,9 +446,13 @@ def _run(args: argparse.Namespace, bed: Testbed, summary: dict[str, Any], say: A
           and bed.status(FAR_SITE)["peer"]["tunnel"] == "up", 60, "the tunnel", procs)
     peer = bed.status("site-a")["peer"]
     say(f"tunnel up ({peer['mode']}); pushing traffic ...")
-    report = asyncio.run(run_traffic(bed.ports["listen-site-a-sink"], args.streams,
-                                     int(args.stream_mb * 1024 * 1024), args.duration,
-                                     not args.json))
+    def traffic(port: int) -> Any:
+        return run_traffic(port, args.streams, int(args.stream_mb * 1024 * 1024),
+                           args.duration, not args.json)
+
+    listener = bed.ports["listen-site-a-sink"]
+    report = asyncio.run(traffic(listener) if netns is None
+                         else _forwarded((netns.addr["site-a"], listener), traffic))
     a_net = _admin(bed, "site-a")["network"]
     c_net = _admin(bed, FAR_SITE)["network"]
     mids = {s: _admin(bed, s)["network"]["neighbours"] for s in sites
@@ -301,6 +527,13 @@ def print_summary(s: dict[str, Any]) -> None:
     print(f"QKD network demo ({s['topology']}, k = {s['k']}): "
           f"{'OK' if s['ok'] else 'FAILED'}")
     print(f"  sites              {' '.join(s['sites'])}; gateways at site-a and {FAR_SITE}")
+    ns = s.get("netns")
+    if ns:
+        print("  namespaces         one per site, veths to a bridge: " + ", ".join(
+            f"{site} {addr} ({ns['veth_bytes'].get(site, {}).get('tx', '?')} B out)"
+            for site, addr in ns["addresses"].items()) + "; removed")
+    else:
+        print("  namespaces         none (loopback)")
     print(f"  tunnel             {s['tunnel_mode']}, {s['handshakes']} handshakes")
     print(f"  traffic            {s['bytes_verified'] / 1e6:.1f} of "
           f"{s['bytes_sent'] / 1e6:.1f} MB verified on {s['streams']} streams")

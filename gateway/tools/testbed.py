@@ -83,6 +83,10 @@ class Testbed:
     options: TestbedOptions = field(default_factory=TestbedOptions)
     procs: dict[str, Proc] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    # Network namespaces (qkdgw demo --topology --netns): a process name's command
+    # prefix (`ip netns exec NS`) and the address a site's admin listener is reached at.
+    spawn_prefix: dict[str, list[str]] = field(default_factory=dict)
+    hosts: dict[str, str] = field(default_factory=dict)
 
     @property
     def pki(self) -> Path:
@@ -197,7 +201,8 @@ format = "json"
         log = self.logs / f"{name}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(log, "ab") as out:
-            popen = subprocess.Popen([sys.executable, *args], stdout=out, stderr=out,
+            popen = subprocess.Popen([*self.spawn_prefix.get(name, []), sys.executable,
+                                      *args], stdout=out, stderr=out,
                                      stdin=subprocess.DEVNULL, env=env,
                                      start_new_session=True)
         proc = Proc(name, popen, log)
@@ -344,12 +349,14 @@ format = "json"
                            listeners=listeners)
 
     def metrics(self, site: str) -> str:
-        url = f"http://127.0.0.1:{self.ports[f'admin-{site}']}/metrics"
+        host = self.hosts.get(site, "127.0.0.1")
+        url = f"http://{host}:{self.ports[f'admin-{site}']}/metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
             return resp.read().decode()
 
     def status(self, site: str) -> dict[str, Any]:
-        url = f"http://127.0.0.1:{self.ports[f'admin-{site}']}/status"
+        host = self.hosts.get(site, "127.0.0.1")
+        url = f"http://{host}:{self.ports[f'admin-{site}']}/status"
         with urllib.request.urlopen(url, timeout=5) as resp:
             result: dict[str, Any] = json.loads(resp.read())
         return result
