@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -54,4 +55,32 @@ def test_netns_on_refused_with_compromise() -> None:
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:] + proc.stdout[-2000:]
     assert "--netns on: --compromise records the hops on loopback" in proc.stderr
+    assert _leftovers() == ([], [])
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_traffic_removes_the_namespaces() -> None:
+    # SIGINT as a terminal's Ctrl-C sends it (a child of a non-interactive shell may
+    # inherit SIGINT ignored: reset it first).
+    reset = "import os,signal,sys; signal.signal(signal.SIGINT, signal.SIG_DFL); " \
+            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    proc = subprocess.Popen([sys.executable, "-c", reset, "-m", "gateway.cli", "demo",
+                             "--topology", "line", "--netns", "on", "--streams", "2",
+                             "--stream-mb", "1", "--duration", "120"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the traffic rounds have started
+            if "round 1:" in line:
+                break
+        else:
+            raise AssertionError("the demo ended before its first traffic round")
+        # Positive control: the namespaces are there while the demo runs.
+        assert len(_leftovers()[0]) == 4
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert _leftovers() == ([], [])
