@@ -1,4 +1,5 @@
-"""`qkdgw demo --topology line|ring|ring5`: a QKD network on loopback (issue 11).
+"""`qkdgw demo --topology line|ring|ring5`: a QKD network on loopback or, with
+`--netns`, one network namespace per site (issue 11).
 
 Every KME of the topology (a line of 3 sites, a ring of 4 or of 5 with k = 2) and the two
 end gateways run as separate processes; the gateways sit at sites whose KMEs are not
@@ -22,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -391,7 +393,8 @@ def run_network_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, 
               file=sys.stderr, flush=True)
     netns = Netns(TOPOLOGIES[topology][0]) if use_ns else None
     old_term = None
-    if netns is not None:
+    main = threading.current_thread() is threading.main_thread()
+    if netns is not None and main:
         # SIGTERM ends the run through the finally below (and atexit), like Ctrl-C.
         old_term = signal.signal(signal.SIGTERM, _exit_on_term)
     try:
@@ -411,7 +414,8 @@ def run_network_demo(args: argparse.Namespace, bed: Testbed, summary: dict[str, 
             summary.setdefault("netns", {})["veth_bytes"] = netns.veth_bytes
             bed.stop()  # no process may outlive its namespace
             netns.down()
-            signal.signal(signal.SIGTERM, old_term)
+            if main:
+                signal.signal(signal.SIGTERM, old_term)
             bed.hosts.clear()
             bed.spawn_prefix.clear()
 
