@@ -62,7 +62,6 @@ def _orphans(db: Path) -> list[tuple[str, str, str]]:
             "AND delivered IS NULL")]
 
 
-@pytest.mark.slow
 async def test_source_killed_after_the_acks_never_hands_the_orphan_to_anyone(
         pki: Path, tmp_path: Path) -> None:
     sites, links = LINE4[0][:3], LINE4[1][:2]
