@@ -95,3 +95,34 @@ def test_ctrl_c_mid_traffic_removes_the_namespaces() -> None:
             proc.kill()
             proc.wait()
     assert _leftovers(proc.pid) == ([], [])
+
+
+@pytest.mark.parametrize("fail_after", [3, 9, 24])
+def test_a_failed_setup_removes_what_it_had_created(monkeypatch: pytest.MonkeyPatch,
+                                                    fail_after: int) -> None:
+    """up() failing part-way (the n-th ip command refused; 24: the host veth is up
+    already): down() removes exactly what
+    had been created, so an error during setup leaves nothing behind either."""
+    from gateway.tools import network_demo
+    from gateway.tools.testbed import TestbedError
+
+    real_ip = network_demo._ip
+    calls: list[tuple[str, ...]] = []
+
+    def flaky_ip(*args: str, check: bool = True) -> str:
+        if args[:2] != ("-4", "-j"):  # _free_net's reads do not count
+            calls.append(args)
+            if len(calls) == fail_after:
+                raise TestbedError(f"ip {' '.join(args)} failed: refused by the test")
+        return real_ip(*args, check=check)
+
+    monkeypatch.setattr(network_demo, "_ip", flaky_ip)
+    ns = network_demo.Netns(["site-a", "site-b", "site-c"])
+    try:
+        with pytest.raises(TestbedError, match="refused by the test"):
+            ns.up()
+        # Positive control: something was created before the failure.
+        assert _leftovers(os.getpid())[0]
+    finally:
+        ns.down()
+    assert _leftovers(os.getpid()) == ([], [])
