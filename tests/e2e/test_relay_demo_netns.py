@@ -100,9 +100,9 @@ def test_ctrl_c_mid_traffic_removes_the_namespaces() -> None:
 @pytest.mark.parametrize("fail_after", [3, 9, 24])
 def test_a_failed_setup_removes_what_it_had_created(monkeypatch: pytest.MonkeyPatch,
                                                     fail_after: int) -> None:
-    """up() failing part-way (the n-th ip command refused; 24: the host veth is up
-    already): down() removes exactly what
-    had been created, so an error during setup leaves nothing behind either."""
+    """up() failing part-way (the n-th ip command refused; at 24 the host veth exists
+    already): down() removes what had been created, so an error during setup leaves
+    nothing behind either."""
     from gateway.tools import network_demo
     from gateway.tools.testbed import TestbedError
 
