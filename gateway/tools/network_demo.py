@@ -201,21 +201,38 @@ async def _forwarded(target: tuple[str, int], run: Callable[[int], Any]) -> Any:
                 if w.can_write_eof():
                     w.write_eof()
 
+    conns: set[asyncio.Task[Any]] = set()
+
     async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            conns.add(task)
         try:
             tr, tw = await asyncio.open_connection(*target)
         except OSError:
             w.close()
             return
-        await asyncio.gather(pipe(r, tw), pipe(tr, w))
-        for x in (w, tw):
-            x.close()
+        try:
+            await asyncio.gather(pipe(r, tw), pipe(tr, w))
+        except asyncio.CancelledError:
+            # Only the shutdown below cancels a connection. Python 3.11's stream server
+            # calls exception() on a cancelled handler, which raises and prints a
+            # traceback, so the handler ends normally here.
+            pass
+        finally:
+            for x in (w, tw):
+                x.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     try:
         return await run(server.sockets[0].getsockname()[1])
     finally:
         server.close()
+        # Connections still open (an interrupted run): end them here, so none is left
+        # pending for the loop's shutdown to report.
+        for t in conns:
+            t.cancel()
+        await asyncio.gather(*conns, return_exceptions=True)
 
 
 def _kme_toml(bed: Testbed, site: str, sites: list[str], links: list[tuple[str, str]],

@@ -41,6 +41,7 @@ def test_demo_line_in_namespaces_carries_traffic_and_cleans_up() -> None:
             proc.wait()
     assert proc.returncode == 0, err[-2000:] + out[-2000:]
     s = json.loads(out)
+    assert "Traceback" not in err, err[-3000:]  # e.g. the forwarder's connections
     assert s["ok"] is True and s["tunnel_mode"] == "hybrid"
     assert s["bytes_verified"] == s["bytes_sent"] == 2 * 1024 * 1024
     assert s["relays_delivered"] >= 1 and s["relays_failed"] == 0
