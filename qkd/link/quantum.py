@@ -8,9 +8,11 @@ random bit; afterpulsing and dead time are not emulated here), but split in thre
 
     Alice  `emit()`     chooses intensity, basis and bit for every slot, draws the
                         photon number, and puts the pulses that carry photons into a
-                        *pulse frame*. What the frame shows is what a pulse physically
-                        carries: photon number and polarisation, never the intensity
-                        class (that is what makes decoy states work).
+                        *pulse frame* (vacuum slots' settings are drawn lazily, for
+                        the slots Bob announces; see `SparseSlotRecord`). What the
+                        frame shows is what a pulse physically carries: photon
+                        number and polarisation, never the intensity class (that
+                        is what makes decoy states work).
     Eve    `attack()`   may rewrite the frame: intercept-resend, photon-number
                         splitting, depolarising noise, on a fraction of the pulses.
     Bob    `measure()`  applies the fibre and detector loss to each photon, his random
@@ -221,9 +223,12 @@ def _poisson_tails(mu: float, kmax: int = 31) -> list[int]:
     return tails
 
 
-def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
-         secret: Random | None = None) -> tuple[SlotRecord, PulseFrame]:
-    """Alice's source for one round of `params.pulses` slots. `secret` draws what the
+def emit_dense(params: LinkParams, round_no: int, rng: np.random.Generator,
+               secret: Random | None = None) -> tuple[SlotRecord, PulseFrame]:
+    """Alice's source drawing every slot (the record holds all of them): `emit` before
+    its sparse form, kept as the per-slot reference it is tested against.
+
+    Alice's source for one round of `params.pulses` slots. `secret` draws what the
     key depends on (intensity class, basis, bit; a KME passes `SecretRng`), `rng` the
     photon numbers; without `secret`, `rng` draws everything (research runs).
 
@@ -279,6 +284,175 @@ def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
     sent = np.concatenate(slots).astype(np.int64, copy=False) if slots else np.zeros(0, np.int64)
     state = np.concatenate(states).astype(np.uint8) if states else np.zeros(0, np.uint8)
     return record, PulseFrame(round_no, n, sent, state)
+
+
+class SparseSlotRecord(AliceRecord):
+    """Alice's record of the slots that carried photons (the frame's slots), with the
+    vacuum slots' settings drawn only for the slots Bob announces (`lookup`).
+
+    A vacuum slot's class, basis and bit influence nothing before Bob's detections are
+    fixed (no photon leaves Alice), so drawing them at announcement time gives the same
+    joint distribution as drawing them at emission: the classes are a draw without
+    replacement from the vacuum slots' class counts (`sent_per_intensity` stays exact),
+    the basis and bit come from the secret source like every other slot's.
+    """
+
+    def __init__(self, sent_per: np.ndarray, slots: np.ndarray, intensity: np.ndarray,
+                 basis: np.ndarray, bit: np.ndarray, pulses: int, vacuum_left: np.ndarray,
+                 basis_bias: float, secret: Random) -> None:
+        super().__init__(sent_per, slots, intensity, basis, bit)
+        self.pulses = pulses
+        self._vacuum_left = vacuum_left.astype(np.int64)  # undrawn vacuum slots per class
+        self._basis_bias = basis_bias
+        self._secret = secret
+
+    def __repr__(self) -> str:  # the arrays are Alice's secrets
+        return f"SparseSlotRecord(pulses={self.pulses}, sent={self.slots.size})"
+
+    def lookup(self, slots: np.ndarray) -> np.ndarray:
+        slots = np.asarray(slots, np.int64)
+        if slots.size and (slots.min() < 0 or slots.max() >= self.pulses):
+            raise ValueError("announced slot outside the sent pulse train")
+        idx = np.searchsorted(self.slots, slots)
+        found = idx < self.slots.size
+        found[found] = self.slots[idx[found]] == slots[found]
+        if found.all():
+            return idx
+        new = np.unique(slots[~found])
+        self._draw_vacuum(new)
+        # Every index moves up by the number of newly inserted slots below it.
+        return idx + np.searchsorted(new, slots)
+
+    def _draw_vacuum(self, new: np.ndarray) -> None:
+        k = new.size
+        left = self._vacuum_left
+        if k > int(left.sum()):
+            raise ValueError("more vacuum slots announced than were sent")
+        # Classes of k of the vacuum slots: a draw without replacement from the counts.
+        # They are announced in the sift reply anyway; the seed still comes from the
+        # secret source so they are unpredictable while the pulses are in flight.
+        gen = np.random.default_rng(int(self._secret.integers(0, 1 << 63)))
+        got = gen.multivariate_hypergeometric(left, k)
+        self._vacuum_left = left - got
+        cls = gen.permutation(np.repeat(np.arange(3, dtype=np.uint8), got))
+        basis = (self._secret.random(k) >= self._basis_bias).astype(np.uint8)
+        bit = np.asarray(self._secret.integers(0, 2, k, dtype=np.uint8), np.uint8)
+        pos = np.searchsorted(self.slots, new)
+        self.slots = np.insert(self.slots, pos, new)
+        self.intensity = np.insert(self.intensity, pos, cls)
+        self.basis = np.insert(self.basis, pos, basis)
+        self.bit = np.insert(self.bit, pos, bit)
+
+
+def _mixture_tables(params: LinkParams, kmax: int = 31
+                    ) -> tuple[int, list[int], list[int], np.ndarray]:
+    """What the sparse source draws against: P(N > 0) * 2^64 for the photon number N of
+    a slot (class mixed in); t[k-1] = P(N > k | N > 0) * 2^64, k = 1 .. kmax-1; and
+    P(class mu | N = j) * 2^32 for j = 0 .. kmax (j = kmax: N >= kmax, as the frame
+    caps it) with the class probabilities of a vacuum slot (for the counts)."""
+    probs = np.asarray(params.intensity_probs, float)
+    probs = probs / probs.sum()
+    terms = 400
+    pmf = []
+    for mu in params.intensities:
+        if mu <= 0.0:
+            pmf.append([1.0] + [0.0] * (terms - 1))
+        else:
+            pmf.append([math.exp(-mu + j * math.log(mu) - math.lgamma(j + 1))
+                        for j in range(terms)])
+    q = math.fsum(float(p) * -math.expm1(-mu) for p, mu in zip(probs, params.intensities,
+                                                              strict=True))
+    tails = []
+    for k in range(1, kmax):
+        tail = math.fsum(float(p) * math.fsum(f[k + 1 :]) for p, f in zip(probs, pmf,
+                                                                         strict=True))
+        tails.append(_below(tail / q, 64) if q > 0 else 0)
+    t_mu = []
+    for j in range(kmax + 1):
+        w = [float(p) * (f[j] if j < kmax else math.fsum(f[kmax:]))
+             for p, f in zip(probs, pmf, strict=True)]
+        tot = w[0] + w[1]
+        t_mu.append(_below(w[0] / tot, 32) if tot > 0 else 0)
+    vac = np.array([float(p) * f[0] for p, f in zip(probs, pmf, strict=True)])
+    return _below(q, 64), tails, t_mu, vac / vac.sum()
+
+
+def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
+         secret: Random | None = None) -> tuple[SparseSlotRecord, PulseFrame]:
+    """Alice's source for one round of `params.pulses` slots, at a cost in the slots
+    that carry photons (a third of them with the example source), not in all slots.
+
+    The joint law of (class, photon number, basis, bit) per slot is that of
+    `emit_dense`, factored the other way round: the physics `rng` draws whether a slot
+    carries photons (16 raw bits per slot against P(N > 0), refined by 48 more bits on
+    the one tie value) and, for those that do, N from the class-mixed Poisson law given
+    N > 0 (one raw 64-bit word); the `secret` source then draws the class given N (low
+    32 bits of one word), the basis (31 bits) and the bit (top bit). A photon number
+    says nothing more about the class than Bayes allows, as in a real source. Vacuum
+    slots get their class counts now (a multinomial) and their basis and bit only if Bob
+    announces them (`SparseSlotRecord.lookup`). Every slot with a photon is in the
+    frame, as before, so Eve sees the same pulses.
+    """
+    sec = rng if secret is None else secret
+    n = params.pulses
+    if n > MAX_PULSES:
+        raise ValueError(f"at most {MAX_PULSES} pulses per round")
+    t_any, tails_l, t_mu_l, p_vac_cls = _mixture_tables(params)
+    hi16, lo48 = np.uint16(t_any >> 48), np.uint64(t_any & ((1 << 48) - 1))
+    tails = np.array(tails_l, np.uint64)
+    t_mu = np.array(t_mu_l, np.uint32)
+    t_basis = np.uint32(_below(params.basis_bias, 31))
+    slots: list[np.ndarray] = []
+    cls_l: list[np.ndarray] = []
+    bas_l: list[np.ndarray] = []
+    bit_l: list[np.ndarray] = []
+    states: list[np.ndarray] = []
+    for lo in range(0, n, _CHUNK):
+        c = min(_CHUNK, n - lo)
+        u16 = _words(rng, -(-c // 4)).view(np.uint16)[:c]
+        carries = u16 < hi16
+        ties = np.flatnonzero(u16 == hi16)
+        if ties.size:
+            carries[ties[(_words(rng, ties.size) >> np.uint64(16)) < lo48]] = True
+        idx = np.flatnonzero(carries)
+        photons = _photon_numbers(_words(rng, idx.size), tails)
+        half = _words(sec, idx.size).view(np.uint32).reshape(idx.size, 2)
+        low, high = half[:, 0], half[:, 1]
+        cls = (low >= t_mu[photons]).astype(np.uint8)
+        bas = ((high & _MASK31) >= t_basis).astype(np.uint8)
+        bt = (high >> 31).astype(np.uint8)
+        states.append(photons | (bas << 5) | (bt << 6))
+        slots.append(idx + lo)
+        cls_l.append(cls)
+        bas_l.append(bas)
+        bit_l.append(bt)
+    sent = np.concatenate(slots).astype(np.int64) if slots else np.zeros(0, np.int64)
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+    intensity, state = cat(cls_l), cat(states)
+    # The vacuum slots' class counts: aggregate and never used for the key, drawn from
+    # a generator seeded by the secret source.
+    vac_gen = np.random.default_rng(int(sec.integers(0, 1 << 63)))
+    vacuum_left = vac_gen.multinomial(n - sent.size, p_vac_cls).astype(np.int64)
+    sent_per = np.bincount(intensity, minlength=3).astype(np.int64) + vacuum_left
+    record = SparseSlotRecord(sent_per, sent, intensity, cat(bas_l), cat(bit_l), n,
+                              vacuum_left, params.basis_bias, sec)
+    return record, PulseFrame(round_no, n, sent, state)
+
+
+def _photon_numbers(r: np.ndarray, tails: np.ndarray) -> np.ndarray:
+    """1 + #{k >= 1: r < tails[k-1]} (tails decreasing): N given N > 0, capped at 31."""
+    photons = np.ones(r.size, np.uint8)
+    live = np.flatnonzero(r < tails[0]) if tails.size else np.zeros(0, np.int64)
+    for k in range(1, tails.size + 1):
+        if not live.size:
+            break
+        photons[live] += 1
+        if k < tails.size:
+            live = live[r[live] < tails[k]]
+    return photons
 
 
 def emit_reference(params: LinkParams, round_no: int, rng: np.random.Generator,

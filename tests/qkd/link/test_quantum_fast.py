@@ -36,10 +36,18 @@ def test_poisson_tails_are_the_survival_function() -> None:
 
 
 @pytest.mark.parametrize("secret", [False, True])
-def test_emit_draws_classes_bases_bits_and_photons_as_specified(secret: bool) -> None:
+@pytest.mark.parametrize("emit", ["dense", "sparse"])
+def test_emit_draws_classes_bases_bits_and_photons_as_specified(secret: bool,
+                                                                emit: str) -> None:
     rng = np.random.default_rng(11)
-    rec, frame = q.emit(PARAMS, 3, rng, SecretRng() if secret else None)
+    fn = q.emit_dense if emit == "dense" else q.emit
+    rec, frame = fn(PARAMS, 3, rng, SecretRng() if secret else None)
     n = PARAMS.pulses
+    if emit == "sparse":
+        # Only the pulses are drawn at emission; announcing every slot draws the rest.
+        assert np.array_equal(rec.slots, frame.slots)
+        assert np.array_equal(rec.lookup(np.arange(n)), np.arange(n))
+        assert np.array_equal(rec.slots, np.arange(n))
     assert rec.intensity.size == rec.basis.size == rec.bit.size == n
     for k, p in enumerate(PARAMS.intensity_probs):
         assert _close(int(np.count_nonzero(rec.intensity == k)), n, p)
@@ -69,9 +77,10 @@ def test_emit_draws_classes_bases_bits_and_photons_as_specified(secret: bool) ->
             assert counts.sum() == 0
 
 
-def test_emit_is_reproducible_from_a_seed() -> None:
-    a = q.emit(PARAMS, 1, np.random.default_rng(5))
-    b = q.emit(PARAMS, 1, np.random.default_rng(5))
+@pytest.mark.parametrize("emit", [q.emit_dense, q.emit])
+def test_emit_is_reproducible_from_a_seed(emit: object) -> None:
+    a = emit(PARAMS, 1, np.random.default_rng(5))  # type: ignore[operator]
+    b = emit(PARAMS, 1, np.random.default_rng(5))  # type: ignore[operator]
     assert np.array_equal(a[1].slots, b[1].slots)
     assert np.array_equal(a[1].state, b[1].state)
     assert np.array_equal(a[0].bit, b[0].bit)
@@ -159,3 +168,90 @@ def test_frame_encoding_is_the_documented_layout(count: int) -> None:
     back = q.PulseFrame.decode(data)
     assert np.array_equal(back.slots, frame.slots)
     assert np.array_equal(back.state, frame.state)
+
+
+def _emit_sparse_plain(params: LinkParams, rng: np.random.Generator,
+                       sec: SecretRng) -> tuple[list[int], list[int], list[int]]:
+    """`emit`'s recipe slot by slot in plain Python integers (same draws, same order):
+    the bit-for-bit reference of its vectorised form."""
+    t_any, tails, t_mu, _ = q._mixture_tables(params)
+    slots, states, classes = [], [], []
+    n = params.pulses
+    for lo in range(0, n, q._CHUNK):
+        c = min(q._CHUNK, n - lo)
+        words = [int(w) for w in q._words(rng, -(-c // 4))]
+        u16 = [(words[i // 4] >> (16 * (i % 4))) & 0xFFFF for i in range(c)]
+        ties = [i for i in range(c) if u16[i] == t_any >> 48]
+        tie_words = [int(w) for w in q._words(rng, len(ties))]
+        carry = {i for i in range(c) if u16[i] < t_any >> 48}
+        carry |= {i for i, w in zip(ties, tie_words, strict=True)
+                  if (w >> 16) < t_any & ((1 << 48) - 1)}
+        idx = sorted(carry)
+        phys = [int(w) for w in q._words(rng, len(idx))]
+        secw = [int(w) for w in q._words(sec, len(idx))]
+        for i, r, s in zip(idx, phys, secw, strict=True):
+            photons = 1 + sum(1 for t in tails if r < t)
+            low, high = s & 0xFFFFFFFF, s >> 32
+            classes.append(0 if low < t_mu[photons] else 1)
+            basis = 1 if (high & 0x7FFFFFFF) >= q._below(params.basis_bias, 31) else 0
+            states.append(photons | basis << 5 | (high >> 31) << 6)
+            slots.append(lo + i)
+    return slots, states, classes
+
+
+class _SeededSecret(SecretRng):
+    """A SecretRng whose keystream is a fixed numpy stream, so two runs draw alike."""
+
+    def __init__(self, seed: int) -> None:
+        self._g = np.random.default_rng(seed)
+
+    def _stream(self, length: int) -> np.ndarray:
+        return self._g.integers(0, 256, length, dtype=np.uint8)
+
+
+def test_sparse_emit_is_bit_for_bit_its_plain_recipe(monkeypatch: pytest.MonkeyPatch
+                                                     ) -> None:
+    monkeypatch.setattr(q, "_CHUNK", 1 << 14)  # several chunks, and a partial last one
+    # A strong source so multi-photon pulses (and the class given N) are exercised.
+    params = PARAMS.with_(pulses=70_001, mu=2.5, nu=0.4)
+    rec, frame = q.emit(params, 2, np.random.default_rng(21), _SeededSecret(4))
+    slots, states, classes = _emit_sparse_plain(params, np.random.default_rng(21),
+                                                _SeededSecret(4))
+    assert frame.slots.tolist() == slots
+    assert frame.state.tolist() == states
+    assert rec.intensity.tolist() == classes
+    assert max(states) & 0x1F >= 6 and 0 < sum(classes) < len(classes)
+
+
+def test_sparse_emit_photon_numbers_match_the_dense_source() -> None:
+    # Photon numbers per class, and classes per photon number, as the dense emit makes
+    # them: two independent samples of the same multinomials, within 5 sigma.
+    params = PARAMS.with_(pulses=2_000_000, mu=1.5)
+    got = []
+    for fn in (q.emit_dense, q.emit):
+        rec, frame = fn(params, 1, np.random.default_rng(8), SecretRng())
+        cls = rec.intensity[rec.lookup(frame.slots)]
+        ph = np.minimum(frame.state & 0x1F, 5)
+        got.append(np.bincount(cls.astype(np.int64) * 6 + ph, minlength=18))
+    n = params.pulses
+    for kd, ks in zip(*got, strict=True):
+        p = (kd + ks) / (2 * n)
+        assert abs(int(kd) - int(ks)) <= 5 * math.sqrt(2 * n * p * (1 - p)) + 2
+
+
+def test_sparse_record_draws_announced_vacuum_slots_once() -> None:
+    params = PARAMS.with_(pulses=200_000)
+    rec, frame = q.emit(params, 1, np.random.default_rng(3), SecretRng())
+    empty = np.setdiff1d(np.arange(params.pulses), frame.slots)[[0, 5, 77]]
+    ask = np.sort(np.concatenate([frame.slots[:10], empty]))
+    idx = rec.lookup(ask)
+    assert np.array_equal(rec.slots[idx], ask)
+    first = (rec.intensity[idx].copy(), rec.basis[idx].copy(), rec.bit[idx].copy())
+    again = rec.lookup(ask)  # drawn once: the same settings the second time
+    assert np.array_equal(again, idx)
+    assert np.array_equal(rec.intensity[again], first[0])
+    assert np.array_equal(rec.bit[again], first[2])
+    assert rec.slots.size == frame.slots.size + 3
+    with pytest.raises(ValueError, match="outside"):
+        rec.lookup(np.array([params.pulses]))
+    assert "bit" not in repr(rec) and "intensity" not in repr(rec)
