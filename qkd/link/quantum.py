@@ -24,8 +24,12 @@ setting that flag on the pulses she forwards. Vacuum slots are not sent; Bob's d
 clicks cover every slot of the round.
 
 Frame (little-endian): b"QKDQ" | version u8 | round u32 | pulses u64 | count u64 |
-slot deltas u32[count] | state u8[count], state = photons (5 bits, capped at 31) |
-basis << 5 | bit << 6 | bypass << 7.
+then in version 2 (what `emit` sends): state u8[count] | slot deltas as unsigned
+LEB128 varints [count] (one byte each below 128: a slot delta is ~3 with the example
+source, so the frame is ~2 bytes a pulse); in version 1: slot deltas u32[count] |
+state u8[count]. state = photons (5 bits, capped at 31) | basis << 5 | bit << 6 |
+bypass << 7. `decode` reads both versions and a decoded frame encodes in the version
+it came in, so Eve forwards what she received in its own form.
 
 On the wire between two KMEs that frame is *sealed* (`seal` / `unseal`): the pulses'
 states are what a real fibre would never show to an observer, and in this emulation they
@@ -58,11 +62,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from qkd.common.errors import QkdError
 from qkd.link.csprng import SecretRng
+from qkd.sim import messages
 from qkd.sim.channel import AliceRecord, BobRecord
 from qkd.sim.params import LinkParams
 
 MAGIC = b"QKDQ"
-VERSION = 1
+VERSION = 2  # what encode() writes unless a frame was decoded from version 1
+VERSION_U32 = 1
 _HDR = struct.Struct("<4sBIQQ")
 ATTACKS = ("intercept-resend", "pns", "noise")
 MAX_PULSES = 1 << 31
@@ -154,14 +160,31 @@ class PulseFrame:
     pulses: int
     slots: np.ndarray  # int64, strictly increasing
     state: np.ndarray  # uint8, see module note
+    version: int = VERSION
 
     def encode(self) -> bytes:
+        if self.version == VERSION_U32:
+            return self._encode_u32()
+        count = self.slots.size
+        deltas = np.empty(count, np.int64)
+        if count:
+            deltas[0] = self.slots[0]
+            np.subtract(self.slots[1:], self.slots[:-1], out=deltas[1:])
+        # Nearly always every delta is one varint byte: then it is the byte itself.
+        if not count or int(deltas.max()) < 0x80:
+            body = deltas.astype(np.uint8).tobytes()
+        else:
+            body = messages.encode_varints(deltas)
+        return b"".join((_HDR.pack(MAGIC, VERSION, self.round, self.pulses, count),
+                         np.asarray(self.state, np.uint8).tobytes(), body))
+
+    def _encode_u32(self) -> bytes:
         # Written into one buffer: a frame is tens of MB, and the diff, the casts and
         # the byte concatenation each copied all of it.
         count = self.slots.size
         out = np.empty(_HDR.size + 5 * count, np.uint8)
         out[: _HDR.size] = np.frombuffer(
-            _HDR.pack(MAGIC, VERSION, self.round, self.pulses, count), np.uint8)
+            _HDR.pack(MAGIC, VERSION_U32, self.round, self.pulses, count), np.uint8)
         deltas = out[_HDR.size : _HDR.size + 4 * count].view("<u4")
         if count:
             deltas[0] = self.slots[0]
@@ -174,16 +197,34 @@ class PulseFrame:
         if len(data) < _HDR.size:
             raise FrameError("pulse frame truncated")
         magic, version, rnd, pulses, count = _HDR.unpack_from(data)
-        if magic != MAGIC or version != VERSION:
-            raise FrameError("not a pulse frame of this version")
-        if pulses > MAX_PULSES or len(data) != _HDR.size + 5 * count or count > pulses:
+        if magic != MAGIC or version not in (VERSION, VERSION_U32):
+            raise FrameError("not a pulse frame of a known version")
+        if pulses > MAX_PULSES or count > pulses:
             raise FrameError("pulse frame length does not match its header")
-        deltas = np.frombuffer(data, "<u4", count, _HDR.size).astype(np.int64)
-        slots = np.cumsum(deltas)
+        if version == VERSION_U32:
+            if len(data) != _HDR.size + 5 * count:
+                raise FrameError("pulse frame length does not match its header")
+            deltas = np.frombuffer(data, "<u4", count, _HDR.size).astype(np.int64)
+            state = np.frombuffer(data, np.uint8, count, _HDR.size + 4 * count).copy()
+        else:
+            if len(data) < _HDR.size + 2 * count:
+                raise FrameError("pulse frame length does not match its header")
+            state = np.frombuffer(data, np.uint8, count, _HDR.size).copy()
+            seg = np.frombuffer(data, np.uint8, offset=_HDR.size + count)
+            if seg.size == count and (not count or int(seg.max()) < 0x80):
+                deltas = seg  # all one-byte varints: the bytes are the deltas
+            else:
+                try:
+                    raw, end = messages.decode_varints(data, _HDR.size + count, count)
+                except messages.MessageError as exc:
+                    raise FrameError(f"pulse frame slot deltas: {exc}") from None
+                if end != len(data) or (count and int(raw.max()) >= MAX_PULSES):
+                    raise FrameError("pulse frame length does not match its header")
+                deltas = raw.astype(np.int64)
+        slots = np.cumsum(deltas, dtype=np.int64)
         if count and (slots[-1] >= pulses or (count > 1 and np.any(deltas[1:] == 0))):
             raise FrameError("pulse frame slots out of order or outside the round")
-        state = np.frombuffer(data, np.uint8, count, _HDR.size + 4 * count).copy()
-        return cls(rnd, pulses, slots, state)
+        return cls(rnd, pulses, slots, state, version)
 
 
 def _photons(state: np.ndarray) -> np.ndarray:
@@ -515,7 +556,7 @@ def attack(frame: PulseFrame, mode: str, fraction: float, rng: np.random.Generat
         rv = rng.integers(0, 2, st.size, dtype=np.uint8)
         st = np.where(hit, (photons | (rb << 5) | (rv << 6)).astype(np.uint8), st)
         st = st.astype(np.uint8)
-    return PulseFrame(frame.round, frame.pulses, frame.slots[keep], st[keep])
+    return PulseFrame(frame.round, frame.pulses, frame.slots[keep], st[keep], frame.version)
 
 
 def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,

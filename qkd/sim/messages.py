@@ -165,6 +165,20 @@ def _varints(v: np.ndarray) -> bytes:
     return out.tobytes()
 
 
+def encode_varints(v: np.ndarray) -> bytes:
+    """Unsigned LEB128 of each (non-negative) value, for other wire formats."""
+    return _varints(v)
+
+
+def decode_varints(data: bytes, offset: int, count: int) -> tuple[np.ndarray, int]:
+    """`count` canonical varints from data[offset:] (uint64) and the offset after them;
+    MessageError if they are truncated, over-long or at or above 2^63."""
+    r = _Reader(data)
+    r.pos = offset
+    vals = r.varints(count)
+    return vals, r.pos
+
+
 class Message:
     TYPE: ClassVar[int]
 

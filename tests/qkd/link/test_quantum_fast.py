@@ -153,21 +153,77 @@ def test_measure_dark_clicks_in_pulse_slots_and_empty_slots() -> None:
 
 
 def _encode_plain(frame: q.PulseFrame) -> bytes:
-    """The frame layout of the module docstring, written out byte by byte."""
+    """The version-1 frame layout of the module docstring, written out byte by byte."""
     deltas = np.diff(frame.slots, prepend=0).astype("<u4")
-    return (q._HDR.pack(q.MAGIC, q.VERSION, frame.round, frame.pulses, frame.slots.size)
+    return (q._HDR.pack(q.MAGIC, q.VERSION_U32, frame.round, frame.pulses,
+                        frame.slots.size)
             + deltas.tobytes() + frame.state.astype(np.uint8).tobytes())
+
+
+def _leb128(v: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v >= 0x80 else 0))
+        v >>= 7
+        if not v:
+            return bytes(out)
+
+
+def _encode_plain_v2(frame: q.PulseFrame) -> bytes:
+    """The version-2 layout (states, then varint slot deltas), byte by byte."""
+    deltas = np.diff(frame.slots, prepend=0)
+    return (q._HDR.pack(q.MAGIC, 2, frame.round, frame.pulses, frame.slots.size)
+            + frame.state.astype(np.uint8).tobytes()
+            + b"".join(_leb128(int(d)) for d in deltas))
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 3, 1000, 300_000])
 def test_frame_encoding_is_the_documented_layout(count: int) -> None:
     _, frame = q.emit(PARAMS.with_(pulses=1_000_000), 9, np.random.default_rng(count))
-    frame = q.PulseFrame(frame.round, frame.pulses, frame.slots[:count], frame.state[:count])
+    frame = q.PulseFrame(frame.round, frame.pulses, frame.slots[:count], frame.state[:count],
+                         q.VERSION_U32)
     data = frame.encode()
     assert data == _encode_plain(frame)
     back = q.PulseFrame.decode(data)
     assert np.array_equal(back.slots, frame.slots)
     assert np.array_equal(back.state, frame.state)
+    assert back.version == q.VERSION_U32 and back.encode() == data  # eve keeps version 1
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 3, 1000, 300_000])
+@pytest.mark.parametrize("eve", [None, "pns"])
+def test_frame_v2_encoding_is_the_documented_layout(count: int, eve: str | None) -> None:
+    params = PARAMS.with_(pulses=1_000_000)
+    _, frame = q.emit(params, 9, np.random.default_rng(count))
+    if eve:  # PNS on every pulse: sparse frames, some deltas of two varint bytes
+        frame = q.attack(frame, eve, 1.0, np.random.default_rng(1))
+    frame = q.PulseFrame(frame.round, frame.pulses, frame.slots[:count], frame.state[:count])
+    data = frame.encode()
+    assert data[4] == q.VERSION == 2
+    if count <= 1000:
+        assert data == _encode_plain_v2(frame)
+    back = q.PulseFrame.decode(data)
+    assert np.array_equal(back.slots, frame.slots)
+    assert np.array_equal(back.state, frame.state)
+    # The same frame in version 1 decodes to the same pulses.
+    v1 = q.PulseFrame.decode(_encode_plain(frame))
+    assert np.array_equal(v1.slots, back.slots) and np.array_equal(v1.state, back.state)
+
+
+def test_frame_v2_long_deltas_and_rejections() -> None:
+    slots = np.array([0, 1, 200, 20_000, 3_000_000, 2**31 - 2], np.int64)
+    frame = q.PulseFrame(4, 2**31 - 1, slots, np.arange(1, 7, dtype=np.uint8))
+    data = frame.encode()
+    assert data == _encode_plain_v2(frame)
+    assert np.array_equal(q.PulseFrame.decode(data).slots, slots)
+    hdr = q._HDR.size
+    for bad in (data[:-1], data + b"\x00", data[:hdr + 6] + b"\x80" * 6,
+                data[:hdr + 6] + b"\x00\x00" + data[hdr + 8:]):  # truncated, trailing,
+        with pytest.raises(q.FrameError):  # over-long, a repeated slot
+            q.PulseFrame.decode(bad)
+    past = q.PulseFrame(4, 100, np.array([0, 100]), np.ones(2, np.uint8)).encode()
+    with pytest.raises(q.FrameError, match="outside"):
+        q.PulseFrame.decode(past)
 
 
 def _emit_sparse_plain(params: LinkParams, rng: np.random.Generator,
