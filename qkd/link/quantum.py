@@ -343,6 +343,12 @@ class SparseSlotRecord(AliceRecord):
                  basis_bias: float, secret: Random) -> None:
         super().__init__(sent_per, slots, intensity, basis, bit)
         self.pulses = pulses
+        # Which slots are in `slots`, one bit each, and the count before each 64-bit
+        # word: an index is a rank, a few passes over the query instead of a binary
+        # search into tens of millions of slots.
+        flags = np.zeros(-(-max(pulses, 1) // 64) * 8, np.uint8)
+        self._words = flags.view("<u8")
+        self._set(np.asarray(slots, np.int64))
         self._vacuum_left = vacuum_left.astype(np.int64)  # undrawn vacuum slots per class
         self._basis_bias = basis_bias
         self._secret = secret
@@ -354,15 +360,32 @@ class SparseSlotRecord(AliceRecord):
         slots = np.asarray(slots, np.int64)
         if slots.size and (slots.min() < 0 or slots.max() >= self.pulses):
             raise ValueError("announced slot outside the sent pulse train")
-        idx = np.searchsorted(self.slots, slots)
-        found = idx < self.slots.size
-        found[found] = self.slots[idx[found]] == slots[found]
+        w = slots >> 6
+        b = (slots & 63).astype(np.uint64)
+        word = self._words[w]
+        idx = self._before[w] + np.bitwise_count(word & ((np.uint64(1) << b) - np.uint64(1)))
+        found = ((word >> b) & np.uint64(1)).astype(bool)
         if found.all():
-            return idx
+            return idx.astype(np.int64)
         new = np.unique(slots[~found])
         self._draw_vacuum(new)
+        self._set(new)
         # Every index moves up by the number of newly inserted slots below it.
-        return idx + np.searchsorted(new, slots)
+        return idx.astype(np.int64) + np.searchsorted(new, slots)
+
+    def _set(self, slots: np.ndarray) -> None:
+        if slots.size < 4096:  # the few vacuum slots Bob announces
+            np.bitwise_or.at(self._words, slots >> 6,
+                             np.uint64(1) << (slots & 63).astype(np.uint64))
+        else:
+            self._set_many(slots)
+        counts = np.bitwise_count(self._words).astype(np.int64)
+        self._before = np.cumsum(counts) - counts
+
+    def _set_many(self, slots: np.ndarray) -> None:
+        flags = np.zeros(self._words.size * 64, bool)
+        flags[slots] = True
+        self._words |= np.packbits(flags, bitorder="little").view("<u8")
 
     def _draw_vacuum(self, new: np.ndarray) -> None:
         k = new.size
