@@ -181,6 +181,8 @@ def test_varints_are_bit_for_bit_the_reference_encoder(top: int) -> None:
     assert fast == m._varints_reference(v)
     back, end = m.decode_varints(fast, 0, v.size)
     assert end == len(fast) and np.array_equal(back, v)
+    ref = m._Reader(fast + b"\x05")
+    assert np.array_equal(ref.varints_reference(v.size), back) and ref.remaining() == 1
 
 
 def test_packed_detections_roundtrip_size_and_rejections() -> None:
