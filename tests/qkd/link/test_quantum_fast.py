@@ -311,3 +311,23 @@ def test_sparse_record_draws_announced_vacuum_slots_once() -> None:
     with pytest.raises(ValueError, match="outside"):
         rec.lookup(np.array([params.pulses]))
     assert "bit" not in repr(rec) and "intensity" not in repr(rec)
+
+
+@pytest.mark.parametrize(("distance", "dark", "eve"), [
+    (25.0, 1e-7, None), (25.0, 1e-7, "pns"), (25.0, 0.05, None), (25.0, 0.05, "pns"),
+    (3000.0, 0.02, None)])
+def test_measure_is_bit_for_bit_measure_prev(distance: float, dark: float,
+                                             eve: str | None,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Multi-photon pulses (PNS forwards them losslessly), dark clicks on pulses that
+    # also clicked, double clicks: every branch of the fused passes, several chunks.
+    monkeypatch.setattr(q, "_CHUNK", 1 << 16)
+    params = PARAMS.with_(distance_km=distance, dark_count_prob=dark, pulses=600_000)
+    _, frame = q.emit(params, 1, np.random.default_rng(1))
+    if eve:
+        frame = q.attack(frame, eve, 0.5, np.random.default_rng(9))
+    fast = q.measure(frame, params, np.random.default_rng(2), _SeededSecret(3))
+    prev = q.measure_prev(frame, params, np.random.default_rng(2), _SeededSecret(3))
+    assert fast.slots.size > 1000
+    for a, b in ((fast.slots, prev.slots), (fast.basis, prev.basis), (fast.bit, prev.bit)):
+        assert np.array_equal(a, b)
