@@ -789,12 +789,13 @@ def _add_dark_clicks(slots: np.ndarray, basis: np.ndarray, bits: np.ndarray,
     """Bob's detections plus dark clicks at the slots `dark` (none a photon reached):
     each with Bob's own basis choice and a random bit, all in slot order. Shared by
     `measure` and its reference so both draw `sec` in the same order."""
-    slots = np.concatenate([slots, dark])
-    basis = np.concatenate([basis, (sec.random(dark.size) >= params.basis_bias
-                                    ).astype(np.uint8)])
-    bits = np.concatenate([bits, sec.integers(0, 2, dark.size, dtype=np.uint8)])
-    order = np.argsort(slots, kind="stable")
-    return slots[order], basis[order], bits[order]
+    d_basis = (sec.random(dark.size) >= params.basis_bias).astype(np.uint8)
+    d_bits = sec.integers(0, 2, dark.size, dtype=np.uint8)
+    # `dark` is sorted and few: inserting at its positions is the stable sort of the
+    # concatenation (side="right": an equal slot would follow), without the sort.
+    pos = np.searchsorted(slots, dark, side="right")
+    return (np.insert(slots, pos, dark), np.insert(basis, pos, d_basis),
+            np.insert(bits, pos, d_bits))
 
 
 def measure_reference(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,

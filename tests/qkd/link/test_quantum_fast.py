@@ -331,3 +331,21 @@ def test_measure_is_bit_for_bit_measure_prev(distance: float, dark: float,
     assert fast.slots.size > 1000
     for a, b in ((fast.slots, prev.slots), (fast.basis, prev.basis), (fast.bit, prev.bit)):
         assert np.array_equal(a, b)
+
+
+def test_add_dark_clicks_is_the_stable_sort_of_the_concatenation() -> None:
+    rng = np.random.default_rng(12)
+    slots = np.unique(rng.integers(0, 10**6, 50_000))
+    basis = rng.integers(0, 2, slots.size, dtype=np.uint8)
+    bits = rng.integers(0, 2, slots.size, dtype=np.uint8)
+    dark = np.unique(np.concatenate([rng.integers(0, 10**6, 300), slots[:3], [10**7]]))
+    got = q._add_dark_clicks(slots, basis, bits, dark, PARAMS, _SeededSecret(1))
+    ref_sec = _SeededSecret(1)
+    d_basis = (ref_sec.random(dark.size) >= PARAMS.basis_bias).astype(np.uint8)
+    d_bits = ref_sec.integers(0, 2, dark.size, dtype=np.uint8)
+    all_slots = np.concatenate([slots, dark])
+    order = np.argsort(all_slots, kind="stable")
+    want = (all_slots[order], np.concatenate([basis, d_basis])[order],
+            np.concatenate([bits, d_bits])[order])
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(a, b)
