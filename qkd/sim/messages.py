@@ -35,6 +35,10 @@ def _register(cls: type[Message]) -> type[Message]:
     return cls
 
 
+# Below this many values the plain vectorised varint paths are used (per-call cost).
+_SMALL = 4096
+
+
 class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data = memoryview(data)
@@ -93,6 +97,8 @@ class _Reader:
             raise MessageError("varint at or above 2^63")
         if ((lens > 1) & (rest[ends] == 0)).any():
             raise MessageError("over-long varint")
+        if count < _SMALL:  # Cascade's queries: fewer numpy calls win
+            return self.varints_reference(count)
         # One pass per byte position over the values that reach it: a long run of
         # one-byte values with a few long ones costs about what all-short ones do.
         vals = (rest[starts] & 0x7F).astype(np.uint64)
@@ -185,6 +191,8 @@ def _varints(v: np.ndarray) -> bytes:
     top = int(v.max())
     if top < 0x80:
         return v.astype(np.uint8).tobytes()
+    if v.size < _SMALL:  # Cascade's queries: fewer numpy calls win
+        return _varints_reference(v)
     nb = np.ones(v.size, np.int64)
     for limit in _VARINT_LIMITS[: (top.bit_length() - 1) // 7]:
         nb += v >= limit

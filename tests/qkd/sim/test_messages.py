@@ -174,7 +174,8 @@ def test_link_counts_bad_query_as_peer_fault() -> None:
 @pytest.mark.parametrize("top", [1, 127, 128, 300, 2**14, 2**35, 2**62 - 1])
 def test_varints_are_bit_for_bit_the_reference_encoder(top: int) -> None:
     rng = np.random.default_rng(top % 1000)
-    v = rng.integers(0, 100, 50_000).astype(np.uint64)
+    v = rng.integers(0, 100, 50_000).astype(np.uint64)  # above _SMALL: the fast paths
+    assert v.size > m._SMALL
     v[rng.integers(0, v.size, 40)] = rng.integers(0, top, 40, dtype=np.uint64, endpoint=True)
     v[-1] = top
     fast = m._varints(v)
