@@ -77,6 +77,41 @@ class _Reader:
     def varints(self, count: int) -> np.ndarray:
         """`count` canonical unsigned LEB128 varints below 2^63 (at most 9 bytes, no
         redundant trailing zero byte), so every value fits an int64."""
+        if count < _SMALL:  # Cascade's queries: fewer numpy calls win
+            return self.varints_reference(count)
+        if count > self.remaining():
+            raise MessageError("message truncated")
+        rest = np.frombuffer(self.data[self.pos :], np.uint8)
+        if rest[:count].max() < 0x80:  # all single-byte
+            self.pos += count
+            return rest[:count].astype(np.uint64)
+        ends = np.flatnonzero(rest < 0x80)[:count]
+        if ends.size < count:
+            raise MessageError("message truncated")
+        used = int(ends[-1]) + 1
+        starts = np.empty(count, np.int64)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        lens = ends - starts + 1
+        if int(lens.max()) > c.VARINT_MAX_BYTES:
+            raise MessageError("varint at or above 2^63")
+        if ((lens > 1) & (rest[ends] == 0)).any():
+            raise MessageError("over-long varint")
+        # One pass per byte position over the values that reach it: a long run of
+        # one-byte values with a few long ones costs about what all-short ones do.
+        vals = (rest[starts] & 0x7F).astype(np.uint64)
+        sel = np.flatnonzero(lens > 1)
+        j = 1
+        while sel.size:
+            vals[sel] |= (rest[starts[sel] + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
+            sel = sel[lens[sel] > j + 1]
+            j += 1
+        self.pos += used
+        return vals
+
+    def varints_reference(self, count: int) -> np.ndarray:
+        """The plain vectorised decoder (`varints` for short arrays; for long ones the
+        per-byte-position path, which tests compare with this)."""
         if count == 0:
             return np.zeros(0, np.uint64)
         if count > self.remaining():
@@ -97,33 +132,6 @@ class _Reader:
             raise MessageError("varint at or above 2^63")
         if ((lens > 1) & (rest[ends] == 0)).any():
             raise MessageError("over-long varint")
-        if count < _SMALL:  # Cascade's queries: fewer numpy calls win
-            return self.varints_reference(count)
-        # One pass per byte position over the values that reach it: a long run of
-        # one-byte values with a few long ones costs about what all-short ones do.
-        vals = (rest[starts] & 0x7F).astype(np.uint64)
-        sel = np.flatnonzero(lens > 1)
-        j = 1
-        while sel.size:
-            vals[sel] |= (rest[starts[sel] + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
-            sel = sel[lens[sel] > j + 1]
-            j += 1
-        self.pos += used
-        return vals
-
-    def varints_reference(self, count: int) -> np.ndarray:
-        """The plain vectorised decoder `varints` replaced (tests compare them)."""
-        if count == 0:
-            return np.zeros(0, np.uint64)
-        rest = np.frombuffer(self.data[self.pos :], np.uint8)
-        ends = np.flatnonzero(rest < 0x80)[:count]
-        if ends.size < count:
-            raise MessageError("message truncated")
-        used = int(ends[-1]) + 1
-        starts = np.empty(count, np.int64)
-        starts[0] = 0
-        starts[1:] = ends[:-1] + 1
-        lens = ends - starts + 1
         shift = (np.arange(used) - np.repeat(starts, lens)) * 7
         vals = np.bitwise_or.reduceat(
             (rest[:used] & 0x7F).astype(np.uint64) << shift.astype(np.uint64), starts)
@@ -185,14 +193,12 @@ def _varints(v: np.ndarray) -> bytes:
     One pass per byte position over the values that reach it, so a long array with a
     few large values costs about what an all-small one does (`_varints_reference` is
     the plain form it is tested against)."""
-    if len(v) == 0:
-        return b""
+    if len(v) < _SMALL:  # Cascade's queries: fewer numpy calls win
+        return _varints_reference(v)
     v = np.asarray(v).astype(np.uint64, copy=False)
     top = int(v.max())
     if top < 0x80:
         return v.astype(np.uint8).tobytes()
-    if v.size < _SMALL:  # Cascade's queries: fewer numpy calls win
-        return _varints_reference(v)
     nb = np.ones(v.size, np.int64)
     for limit in _VARINT_LIMITS[: (top.bit_length() - 1) // 7]:
         nb += v >= limit

@@ -207,3 +207,13 @@ def test_packed_detections_roundtrip_size_and_rejections() -> None:
             m.decode(bad)
     with pytest.raises(ValueError):
         m.PackedDetections(np.array([5, 5]), np.zeros(2, np.uint8)).encode()
+
+
+def test_long_varint_path_rejects_what_the_short_one_does() -> None:
+    good = m._varints(np.full(m._SMALL + 10, 300, np.uint64))
+    assert m.decode_varints(good, 0, m._SMALL + 10)[0].tolist() == [300] * (m._SMALL + 10)
+    for bad in (good[:-1],  # truncated
+                good[:-2] + b"\xac\x80\x00",  # over-long last value
+                good[:-2] + b"\xff" * 9 + b"\x7f"):  # at or above 2^63
+        with pytest.raises(m.MessageError):
+            m.decode_varints(bad, 0, m._SMALL + 10)
