@@ -35,6 +35,7 @@ import inspect
 import pstats
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from link_pair import connected_pair, pump
@@ -144,6 +145,7 @@ def main() -> None:
         prof.disable()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     r = args.rounds
+    print(f"code: {Path(lc.__file__).parents[2]}")
     print(f"pulses/round {params.pulses:.3g}  distance {params.distance_km:g} km  "
           f"rounds {r}  committed {a.stats.rounds_committed}  "
           f"final key bits/round {a.stats.key_bits / r:,.0f}")

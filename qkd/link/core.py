@@ -120,7 +120,7 @@ from qkd.link.quantum import (
     PulseFrame,
     Random,
     SealError,
-    SlotRecord,
+    SparseSlotRecord,
     emit,
     measure,
     seal,
@@ -290,7 +290,7 @@ class PreparedRound:
     """Alice's pulses for round `number`, made off the lock (`LinkCore.prepare_round`)."""
 
     number: int
-    record: SlotRecord = field(repr=False)
+    record: SparseSlotRecord = field(repr=False)
     frame: bytes = field(repr=False)  # sealed for the wire
     proto: AliceProtocol = field(repr=False)
     rng: np.random.Generator = field(repr=False)

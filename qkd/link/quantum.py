@@ -8,9 +8,11 @@ random bit; afterpulsing and dead time are not emulated here), but split in thre
 
     Alice  `emit()`     chooses intensity, basis and bit for every slot, draws the
                         photon number, and puts the pulses that carry photons into a
-                        *pulse frame*. What the frame shows is what a pulse physically
-                        carries: photon number and polarisation, never the intensity
-                        class (that is what makes decoy states work).
+                        *pulse frame* (vacuum slots' settings are drawn lazily, for
+                        the slots Bob announces; see `SparseSlotRecord`). What the
+                        frame shows is what a pulse physically carries: photon
+                        number and polarisation, never the intensity class (that
+                        is what makes decoy states work).
     Eve    `attack()`   may rewrite the frame: intercept-resend, photon-number
                         splitting, depolarising noise, on a fraction of the pulses.
     Bob    `measure()`  applies the fibre and detector loss to each photon, his random
@@ -22,8 +24,12 @@ setting that flag on the pulses she forwards. Vacuum slots are not sent; Bob's d
 clicks cover every slot of the round.
 
 Frame (little-endian): b"QKDQ" | version u8 | round u32 | pulses u64 | count u64 |
-slot deltas u32[count] | state u8[count], state = photons (5 bits, capped at 31) |
-basis << 5 | bit << 6 | bypass << 7.
+then in version 2 (what `emit` sends): state u8[count] | slot deltas as unsigned
+LEB128 varints [count] (one byte each below 128: a slot delta is ~3 with the example
+source, so the frame is ~2 bytes a pulse); in version 1: slot deltas u32[count] |
+state u8[count]. state = photons (5 bits, capped at 31) | basis << 5 | bit << 6 |
+bypass << 7. `decode` reads both versions and a decoded frame encodes in the version
+it came in, so Eve forwards what she received in its own form.
 
 On the wire between two KMEs that frame is *sealed* (`seal` / `unseal`): the pulses'
 states are what a real fibre would never show to an observer, and in this emulation they
@@ -56,11 +62,13 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from qkd.common.errors import QkdError
 from qkd.link.csprng import SecretRng
+from qkd.sim import messages
 from qkd.sim.channel import AliceRecord, BobRecord
 from qkd.sim.params import LinkParams
 
 MAGIC = b"QKDQ"
-VERSION = 1
+VERSION = 2  # what encode() writes unless a frame was decoded from version 1
+VERSION_U32 = 1
 _HDR = struct.Struct("<4sBIQQ")
 ATTACKS = ("intercept-resend", "pns", "noise")
 MAX_PULSES = 1 << 31
@@ -152,14 +160,31 @@ class PulseFrame:
     pulses: int
     slots: np.ndarray  # int64, strictly increasing
     state: np.ndarray  # uint8, see module note
+    version: int = VERSION
 
     def encode(self) -> bytes:
+        if self.version == VERSION_U32:
+            return self._encode_u32()
+        count = self.slots.size
+        deltas = np.empty(count, np.int64)
+        if count:
+            deltas[0] = self.slots[0]
+            np.subtract(self.slots[1:], self.slots[:-1], out=deltas[1:])
+        # Nearly always every delta is one varint byte: then it is the byte itself.
+        if not count or int(deltas.max()) < 0x80:
+            body = deltas.astype(np.uint8).tobytes()
+        else:
+            body = messages.encode_varints(deltas)
+        return b"".join((_HDR.pack(MAGIC, VERSION, self.round, self.pulses, count),
+                         np.asarray(self.state, np.uint8).tobytes(), body))
+
+    def _encode_u32(self) -> bytes:
         # Written into one buffer: a frame is tens of MB, and the diff, the casts and
         # the byte concatenation each copied all of it.
         count = self.slots.size
         out = np.empty(_HDR.size + 5 * count, np.uint8)
         out[: _HDR.size] = np.frombuffer(
-            _HDR.pack(MAGIC, VERSION, self.round, self.pulses, count), np.uint8)
+            _HDR.pack(MAGIC, VERSION_U32, self.round, self.pulses, count), np.uint8)
         deltas = out[_HDR.size : _HDR.size + 4 * count].view("<u4")
         if count:
             deltas[0] = self.slots[0]
@@ -172,16 +197,34 @@ class PulseFrame:
         if len(data) < _HDR.size:
             raise FrameError("pulse frame truncated")
         magic, version, rnd, pulses, count = _HDR.unpack_from(data)
-        if magic != MAGIC or version != VERSION:
-            raise FrameError("not a pulse frame of this version")
-        if pulses > MAX_PULSES or len(data) != _HDR.size + 5 * count or count > pulses:
+        if magic != MAGIC or version not in (VERSION, VERSION_U32):
+            raise FrameError("not a pulse frame of a known version")
+        if pulses > MAX_PULSES or count > pulses:
             raise FrameError("pulse frame length does not match its header")
-        deltas = np.frombuffer(data, "<u4", count, _HDR.size).astype(np.int64)
-        slots = np.cumsum(deltas)
+        if version == VERSION_U32:
+            if len(data) != _HDR.size + 5 * count:
+                raise FrameError("pulse frame length does not match its header")
+            deltas = np.frombuffer(data, "<u4", count, _HDR.size).astype(np.int64)
+            state = np.frombuffer(data, np.uint8, count, _HDR.size + 4 * count).copy()
+        else:
+            if len(data) < _HDR.size + 2 * count:
+                raise FrameError("pulse frame length does not match its header")
+            state = np.frombuffer(data, np.uint8, count, _HDR.size).copy()
+            seg = np.frombuffer(data, np.uint8, offset=_HDR.size + count)
+            if seg.size == count and (not count or int(seg.max()) < 0x80):
+                deltas = seg  # all one-byte varints: the bytes are the deltas
+            else:
+                try:
+                    raw, end = messages.decode_varints(data, _HDR.size + count, count)
+                except messages.MessageError as exc:
+                    raise FrameError(f"pulse frame slot deltas: {exc}") from None
+                if end != len(data) or (count and int(raw.max()) >= MAX_PULSES):
+                    raise FrameError("pulse frame length does not match its header")
+                deltas = raw.astype(np.int64)
+        slots = np.cumsum(deltas, dtype=np.int64)
         if count and (slots[-1] >= pulses or (count > 1 and np.any(deltas[1:] == 0))):
             raise FrameError("pulse frame slots out of order or outside the round")
-        state = np.frombuffer(data, np.uint8, count, _HDR.size + 4 * count).copy()
-        return cls(rnd, pulses, slots, state)
+        return cls(rnd, pulses, slots, state, version)
 
 
 def _photons(state: np.ndarray) -> np.ndarray:
@@ -221,9 +264,12 @@ def _poisson_tails(mu: float, kmax: int = 31) -> list[int]:
     return tails
 
 
-def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
-         secret: Random | None = None) -> tuple[SlotRecord, PulseFrame]:
-    """Alice's source for one round of `params.pulses` slots. `secret` draws what the
+def emit_dense(params: LinkParams, round_no: int, rng: np.random.Generator,
+               secret: Random | None = None) -> tuple[SlotRecord, PulseFrame]:
+    """Alice's source drawing every slot (the record holds all of them): `emit` before
+    its sparse form, kept as the per-slot reference it is tested against.
+
+    Alice's source for one round of `params.pulses` slots. `secret` draws what the
     key depends on (intensity class, basis, bit; a KME passes `SecretRng`), `rng` the
     photon numbers; without `secret`, `rng` draws everything (research runs).
 
@@ -279,6 +325,198 @@ def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
     sent = np.concatenate(slots).astype(np.int64, copy=False) if slots else np.zeros(0, np.int64)
     state = np.concatenate(states).astype(np.uint8) if states else np.zeros(0, np.uint8)
     return record, PulseFrame(round_no, n, sent, state)
+
+
+class SparseSlotRecord(AliceRecord):
+    """Alice's record of the slots that carried photons (the frame's slots), with the
+    vacuum slots' settings drawn only for the slots Bob announces (`lookup`).
+
+    A vacuum slot's class, basis and bit influence nothing before Bob's detections are
+    fixed (no photon leaves Alice), so drawing them at announcement time gives the same
+    joint distribution as drawing them at emission: the classes are a draw without
+    replacement from the vacuum slots' class counts (`sent_per_intensity` stays exact),
+    the basis and bit come from the secret source like every other slot's.
+    """
+
+    def __init__(self, sent_per: np.ndarray, slots: np.ndarray, intensity: np.ndarray,
+                 basis: np.ndarray, bit: np.ndarray, pulses: int, vacuum_left: np.ndarray,
+                 basis_bias: float, secret: Random) -> None:
+        super().__init__(sent_per, slots, intensity, basis, bit)
+        self.pulses = pulses
+        # Which slots are in `slots`, one bit each, and the count before each 64-bit
+        # word: an index is a rank, a few passes over the query instead of a binary
+        # search into tens of millions of slots.
+        flags = np.zeros(-(-max(pulses, 1) // 64) * 8, np.uint8)
+        self._words = flags.view("<u8")
+        self._set(np.asarray(slots, np.int64))
+        self._vacuum_left = vacuum_left.astype(np.int64)  # undrawn vacuum slots per class
+        self._basis_bias = basis_bias
+        self._secret = secret
+
+    def __repr__(self) -> str:  # the arrays are Alice's secrets
+        return f"SparseSlotRecord(pulses={self.pulses}, sent={self.slots.size})"
+
+    def lookup(self, slots: np.ndarray) -> np.ndarray:
+        slots = np.asarray(slots, np.int64)
+        if slots.size and (slots.min() < 0 or slots.max() >= self.pulses):
+            raise ValueError("announced slot outside the sent pulse train")
+        w = slots >> 6
+        b = (slots & 63).astype(np.uint64)
+        word = self._words[w]
+        idx = self._before[w] + np.bitwise_count(word & ((np.uint64(1) << b) - np.uint64(1)))
+        found = ((word >> b) & np.uint64(1)).astype(bool)
+        if found.all():
+            return idx.astype(np.int64)
+        new = np.unique(slots[~found])
+        self._draw_vacuum(new)
+        self._set(new)
+        # Every index moves up by the number of newly inserted slots below it.
+        return idx.astype(np.int64) + np.searchsorted(new, slots)
+
+    def _set(self, slots: np.ndarray) -> None:
+        if slots.size < 4096:  # the few vacuum slots Bob announces
+            np.bitwise_or.at(self._words, slots >> 6,
+                             np.uint64(1) << (slots & 63).astype(np.uint64))
+        else:
+            self._set_many(slots)
+        counts = np.bitwise_count(self._words).astype(np.int64)
+        self._before = np.cumsum(counts) - counts
+
+    def _set_many(self, slots: np.ndarray) -> None:
+        flags = np.zeros(self._words.size * 64, bool)
+        flags[slots] = True
+        self._words |= np.packbits(flags, bitorder="little").view("<u8")
+
+    def _draw_vacuum(self, new: np.ndarray) -> None:
+        k = new.size
+        left = self._vacuum_left
+        if k > int(left.sum()):
+            raise ValueError("more vacuum slots announced than were sent")
+        # Classes of k of the vacuum slots: a draw without replacement from the counts.
+        # They are announced in the sift reply anyway; the seed still comes from the
+        # secret source so they are unpredictable while the pulses are in flight.
+        gen = np.random.default_rng(int(self._secret.integers(0, 1 << 63)))
+        got = gen.multivariate_hypergeometric(left, k)
+        self._vacuum_left = left - got
+        cls = gen.permutation(np.repeat(np.arange(3, dtype=np.uint8), got))
+        basis = (self._secret.random(k) >= self._basis_bias).astype(np.uint8)
+        bit = np.asarray(self._secret.integers(0, 2, k, dtype=np.uint8), np.uint8)
+        pos = np.searchsorted(self.slots, new)
+        self.slots = np.insert(self.slots, pos, new)
+        self.intensity = np.insert(self.intensity, pos, cls)
+        self.basis = np.insert(self.basis, pos, basis)
+        self.bit = np.insert(self.bit, pos, bit)
+
+
+def _mixture_tables(params: LinkParams, kmax: int = 31
+                    ) -> tuple[int, list[int], list[int], np.ndarray]:
+    """What the sparse source draws against: P(N > 0) * 2^64 for the photon number N of
+    a slot (class mixed in); t[k-1] = P(N > k | N > 0) * 2^64, k = 1 .. kmax-1; and
+    P(class mu | N = j) * 2^32 for j = 0 .. kmax (j = kmax: N >= kmax, as the frame
+    caps it) with the class probabilities of a vacuum slot (for the counts)."""
+    probs = np.asarray(params.intensity_probs, float)
+    probs = probs / probs.sum()
+    terms = 400
+    pmf = []
+    for mu in params.intensities:
+        if mu <= 0.0:
+            pmf.append([1.0] + [0.0] * (terms - 1))
+        else:
+            pmf.append([math.exp(-mu + j * math.log(mu) - math.lgamma(j + 1))
+                        for j in range(terms)])
+    q = math.fsum(float(p) * -math.expm1(-mu) for p, mu in zip(probs, params.intensities,
+                                                              strict=True))
+    tails = []
+    for k in range(1, kmax):
+        tail = math.fsum(float(p) * math.fsum(f[k + 1 :]) for p, f in zip(probs, pmf,
+                                                                         strict=True))
+        tails.append(_below(tail / q, 64) if q > 0 else 0)
+    t_mu = []
+    for j in range(kmax + 1):
+        w = [float(p) * (f[j] if j < kmax else math.fsum(f[kmax:]))
+             for p, f in zip(probs, pmf, strict=True)]
+        tot = w[0] + w[1]
+        t_mu.append(_below(w[0] / tot, 32) if tot > 0 else 0)
+    vac = np.array([float(p) * f[0] for p, f in zip(probs, pmf, strict=True)])
+    return _below(q, 64), tails, t_mu, vac / vac.sum()
+
+
+def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
+         secret: Random | None = None) -> tuple[SparseSlotRecord, PulseFrame]:
+    """Alice's source for one round of `params.pulses` slots, at a cost in the slots
+    that carry photons (a third of them with the example source), not in all slots.
+
+    The joint law of (class, photon number, basis, bit) per slot is that of
+    `emit_dense`, factored the other way round: the physics `rng` draws whether a slot
+    carries photons (16 raw bits per slot against P(N > 0), refined by 48 more bits on
+    the one tie value) and, for those that do, N from the class-mixed Poisson law given
+    N > 0 (one raw 64-bit word); the `secret` source then draws the class given N (low
+    32 bits of one word), the basis (31 bits) and the bit (top bit). A photon number
+    says nothing more about the class than Bayes allows, as in a real source. Vacuum
+    slots get their class counts now (a multinomial) and their basis and bit only if Bob
+    announces them (`SparseSlotRecord.lookup`). Every slot with a photon is in the
+    frame, as before, so Eve sees the same pulses.
+    """
+    sec = rng if secret is None else secret
+    n = params.pulses
+    if n > MAX_PULSES:
+        raise ValueError(f"at most {MAX_PULSES} pulses per round")
+    t_any, tails_l, t_mu_l, p_vac_cls = _mixture_tables(params)
+    hi16, lo48 = np.uint16(t_any >> 48), np.uint64(t_any & ((1 << 48) - 1))
+    tails = np.array(tails_l, np.uint64)
+    t_mu = np.array(t_mu_l, np.uint32)
+    t_basis = np.uint32(_below(params.basis_bias, 31))
+    slots: list[np.ndarray] = []
+    cls_l: list[np.ndarray] = []
+    bas_l: list[np.ndarray] = []
+    bit_l: list[np.ndarray] = []
+    states: list[np.ndarray] = []
+    for lo in range(0, n, _CHUNK):
+        c = min(_CHUNK, n - lo)
+        u16 = _words(rng, -(-c // 4)).view(np.uint16)[:c]
+        carries = u16 < hi16
+        ties = np.flatnonzero(u16 == hi16)
+        if ties.size:
+            carries[ties[(_words(rng, ties.size) >> np.uint64(16)) < lo48]] = True
+        idx = np.flatnonzero(carries)
+        photons = _photon_numbers(_words(rng, idx.size), tails)
+        half = _words(sec, idx.size).view(np.uint32).reshape(idx.size, 2)
+        low, high = half[:, 0], half[:, 1]
+        cls = (low >= t_mu[photons]).astype(np.uint8)
+        bas = ((high & _MASK31) >= t_basis).astype(np.uint8)
+        bt = (high >> 31).astype(np.uint8)
+        states.append(photons | (bas << 5) | (bt << 6))
+        slots.append(idx + lo)
+        cls_l.append(cls)
+        bas_l.append(bas)
+        bit_l.append(bt)
+    sent = np.concatenate(slots).astype(np.int64) if slots else np.zeros(0, np.int64)
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+    intensity, state = cat(cls_l), cat(states)
+    # The vacuum slots' class counts: aggregate and never used for the key, drawn from
+    # a generator seeded by the secret source.
+    vac_gen = np.random.default_rng(int(sec.integers(0, 1 << 63)))
+    vacuum_left = vac_gen.multinomial(n - sent.size, p_vac_cls).astype(np.int64)
+    sent_per = np.bincount(intensity, minlength=3).astype(np.int64) + vacuum_left
+    record = SparseSlotRecord(sent_per, sent, intensity, cat(bas_l), cat(bit_l), n,
+                              vacuum_left, params.basis_bias, sec)
+    return record, PulseFrame(round_no, n, sent, state)
+
+
+def _photon_numbers(r: np.ndarray, tails: np.ndarray) -> np.ndarray:
+    """1 + #{k >= 1: r < tails[k-1]} (tails decreasing): N given N > 0, capped at 31."""
+    photons = np.ones(r.size, np.uint8)
+    live = np.flatnonzero(r < tails[0]) if tails.size else np.zeros(0, np.int64)
+    for k in range(1, tails.size + 1):
+        if not live.size:
+            break
+        photons[live] += 1
+        if k < tails.size:
+            live = live[r[live] < tails[k]]
+    return photons
 
 
 def emit_reference(params: LinkParams, round_no: int, rng: np.random.Generator,
@@ -341,12 +579,128 @@ def attack(frame: PulseFrame, mode: str, fraction: float, rng: np.random.Generat
         rv = rng.integers(0, 2, st.size, dtype=np.uint8)
         st = np.where(hit, (photons | (rb << 5) | (rv << 6)).astype(np.uint8), st)
         st = st.astype(np.uint8)
-    return PulseFrame(frame.round, frame.pulses, frame.slots[keep], st[keep])
+    return PulseFrame(frame.round, frame.pulses, frame.slots[keep], st[keep], frame.version)
 
 
 def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
             secret: Random | None = None) -> BobRecord:
     """Bob's receiver: fibre and detector loss, basis choice, misalignment, dark clicks.
+    `secret` draws Bob's bases and the bits of double and dark clicks, `rng` the
+    physics (as in `emit`).
+
+    Same distribution as `measure_reference`, drawn cheaper: Bob's basis from 32
+    secret bits per pulse; a single-photon pulse (most of them) is resolved by one raw
+    64-bit physics word against the probabilities of "right detector" (eta c) and
+    "either detector" (eta), which is what the two binomials give for one photon;
+    multi-photon pulses keep the binomials. Dark clicks in the pulses' slots are
+    i.i.d. Bernoulli(d) per detector, drawn as a Binomial(size, d) count on a uniform
+    subset of that size instead of one uniform per pulse and detector. The draws and
+    their order are those of `measure_prev` (the same output bit for bit); the state
+    byte's top three bits and Bob's basis index the threshold tables directly, and
+    only the pulses that clicked are carried on, which saves half the passes.
+    """
+    sec = rng if secret is None else secret
+    st = frame.state
+    size = st.size
+    d = params.dark_per_detector
+    t_basis = np.uint32(_below(params.basis_bias, 32))
+    # Thresholds by (state >> 5) << 1 | Bob's basis = bypass, bit, basis, Bob's basis.
+    right = np.empty(16, np.uint64)
+    anyd = np.empty(16, np.uint64)
+    for key in range(16):
+        bp, s_basis, b_basis = key >> 3, (key >> 1) & 1, key & 1
+        eta = params.detector_efficiency if bp else params.eta_sys
+        c = 1.0 - params.misalignment if s_basis == b_basis else 0.5
+        right[key] = _below(eta * c, 64)
+        anyd[key] = _below(eta, 64)
+    dark = []
+    for _ in range(2):  # right-detector, wrong-detector dark clicks among the pulses
+        k = int(rng.binomial(size, d)) if size else 0
+        dark.append(np.sort(rng.choice(size, k, replace=False)) if k else
+                    np.zeros(0, np.int64))
+    out_slots: list[np.ndarray] = []
+    out_basis: list[np.ndarray] = []
+    out_bits: list[np.ndarray] = []
+    for lo in range(0, size, _CHUNK):
+        c = min(_CHUNK, size - lo)
+        s = st[lo : lo + c]
+        b_basis = (_words(sec, -(-c // 2)).view(np.uint32)[:c] >= t_basis).view(np.uint8)
+        key = (s >> 4) & np.uint8(0xFE)
+        key |= b_basis
+        r = _words(rng, c)
+        click_c = r < right[key]
+        click_a = r < anyd[key]  # either detector: right <= any
+        multi = np.flatnonzero(s & np.uint8(0x1E))  # two photons or more
+        if multi.size:
+            sm = s[multi]
+            photons = sm & 0x1F
+            bypass = sm >> 7
+            eta = np.where(bypass != 0, params.detector_efficiency, params.eta_sys)
+            m = rng.binomial(photons, eta)
+            match = ((sm >> 5) & 1) == b_basis[multi]
+            cm = np.where(match, 1.0 - params.misalignment, 0.5)
+            jc = rng.binomial(m, cm)
+            click_c[multi] = jc > 0
+            click_a[multi] = (jc > 0) | (m - jc > 0)
+            w_multi = multi[m - jc > 0]  # may click beside the right detector
+        else:
+            w_multi = multi
+        click_w_dark = np.zeros(0, np.int64)
+        for n_det, det in enumerate(dark):
+            a, b = np.searchsorted(det, (lo, lo + c))
+            hit = det[a:b] - lo
+            if n_det == 0:
+                # A wrong-detector click the dark click would hide from a & ~c.
+                w_multi = np.concatenate([w_multi, hit[click_a[hit] & ~click_c[hit]]])
+                click_c[hit] = True
+                click_a[hit] = True
+            else:
+                click_w_dark = hit
+        # click_w = (any and not right) or a wrong-detector dark click.
+        sel = np.flatnonzero(click_a) if not click_w_dark.size else np.flatnonzero(
+            click_a | _mark(c, click_w_dark))
+        cc = click_c[sel]
+        cw = click_a[sel] & ~cc
+        for extra in (w_multi, click_w_dark):  # both in sel: they clicked
+            if extra.size:
+                cw[np.searchsorted(sel, extra)] = True
+        bits = ((s[sel] >> 6) & 1) ^ (~cc).view(np.uint8) & np.uint8(1)
+        both = cc & cw
+        nb = int(np.count_nonzero(both))
+        if nb:
+            bits[both] = sec.integers(0, 2, nb, dtype=np.uint8)
+        out_slots.append(frame.slots[lo : lo + c][sel])
+        out_basis.append(b_basis[sel])
+        out_bits.append(bits)
+    slots = np.concatenate(out_slots) if out_slots else np.zeros(0, np.int64)
+    basis = np.concatenate(out_basis) if out_basis else np.zeros(0, np.uint8)
+    bits = np.concatenate(out_bits) if out_bits else np.zeros(0, np.uint8)
+    # Dark clicks in the slots no photon reached: a click in either detector with
+    # probability Y0, a random bit (a dark click knows nothing of the state).
+    empty = frame.pulses - size
+    n_dark = int(rng.binomial(empty, params.dark_count_prob)) if empty > 0 else 0
+    if n_dark:
+        cand = np.unique(rng.integers(0, frame.pulses, n_dark, dtype=np.int64))
+        # frame.slots is sorted: a binary search per candidate, where np.isin would
+        # sort all the pulses' slots for a handful of dark clicks.
+        pos = np.minimum(np.searchsorted(frame.slots, cand), max(size - 1, 0))
+        cand = cand[frame.slots[pos] != cand] if size else cand
+        slots, basis, bits = _add_dark_clicks(slots, basis, bits, cand, params, sec)
+    return BobRecord(slots.astype(np.int64), basis, bits)
+
+
+def _mark(n: int, at: np.ndarray) -> np.ndarray:
+    out = np.zeros(n, bool)
+    out[at] = True
+    return out
+
+
+def measure_prev(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
+                 secret: Random | None = None) -> BobRecord:
+    """`measure` before its passes were fused: the same draws in the same order, kept
+    as the reference it is tested against bit for bit.
+
+    Bob's receiver: fibre and detector loss, basis choice, misalignment, dark clicks.
     `secret` draws Bob's bases and the bits of double and dark clicks, `rng` the
     physics (as in `emit`).
 
@@ -435,12 +789,13 @@ def _add_dark_clicks(slots: np.ndarray, basis: np.ndarray, bits: np.ndarray,
     """Bob's detections plus dark clicks at the slots `dark` (none a photon reached):
     each with Bob's own basis choice and a random bit, all in slot order. Shared by
     `measure` and its reference so both draw `sec` in the same order."""
-    slots = np.concatenate([slots, dark])
-    basis = np.concatenate([basis, (sec.random(dark.size) >= params.basis_bias
-                                    ).astype(np.uint8)])
-    bits = np.concatenate([bits, sec.integers(0, 2, dark.size, dtype=np.uint8)])
-    order = np.argsort(slots, kind="stable")
-    return slots[order], basis[order], bits[order]
+    d_basis = (sec.random(dark.size) >= params.basis_bias).astype(np.uint8)
+    d_bits = sec.integers(0, 2, dark.size, dtype=np.uint8)
+    # `dark` is sorted and few: inserting at its positions is the stable sort of the
+    # concatenation (side="right": an equal slot would follow), without the sort.
+    pos = np.searchsorted(slots, dark, side="right")
+    return (np.insert(slots, pos, dark), np.insert(basis, pos, d_basis),
+            np.insert(bits, pos, d_bits))
 
 
 def measure_reference(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,

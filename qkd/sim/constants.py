@@ -29,6 +29,7 @@ MSG_ESTIMATION_RESULT = 13
 MSG_VERIFY_HASH = 14
 MSG_VERIFY_RESULT = 15
 MSG_PRIVACY_AMP = 16
+MSG_DETECTIONS_PACKED = 17  # Detections with varint slot deltas
 
 # ------------------------------------------------------- implementation limits
 

@@ -35,6 +35,10 @@ def _register(cls: type[Message]) -> type[Message]:
     return cls
 
 
+# Below this many values the plain vectorised varint paths are used (per-call cost).
+_SMALL = 4096
+
+
 class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data = memoryview(data)
@@ -73,6 +77,41 @@ class _Reader:
     def varints(self, count: int) -> np.ndarray:
         """`count` canonical unsigned LEB128 varints below 2^63 (at most 9 bytes, no
         redundant trailing zero byte), so every value fits an int64."""
+        if count < _SMALL:  # Cascade's queries: fewer numpy calls win
+            return self.varints_reference(count)
+        if count > self.remaining():
+            raise MessageError("message truncated")
+        rest = np.frombuffer(self.data[self.pos :], np.uint8)
+        if rest[:count].max() < 0x80:  # all single-byte
+            self.pos += count
+            return rest[:count].astype(np.uint64)
+        ends = np.flatnonzero(rest < 0x80)[:count]
+        if ends.size < count:
+            raise MessageError("message truncated")
+        used = int(ends[-1]) + 1
+        starts = np.empty(count, np.int64)
+        starts[0] = 0
+        starts[1:] = ends[:-1] + 1
+        lens = ends - starts + 1
+        if int(lens.max()) > c.VARINT_MAX_BYTES:
+            raise MessageError("varint at or above 2^63")
+        if ((lens > 1) & (rest[ends] == 0)).any():
+            raise MessageError("over-long varint")
+        # One pass per byte position over the values that reach it: a long run of
+        # one-byte values with a few long ones costs about what all-short ones do.
+        vals = (rest[starts] & 0x7F).astype(np.uint64)
+        sel = np.flatnonzero(lens > 1)
+        j = 1
+        while sel.size:
+            vals[sel] |= (rest[starts[sel] + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
+            sel = sel[lens[sel] > j + 1]
+            j += 1
+        self.pos += used
+        return vals
+
+    def varints_reference(self, count: int) -> np.ndarray:
+        """The plain vectorised decoder (`varints` for short arrays; for long ones the
+        per-byte-position path, which tests compare with this)."""
         if count == 0:
             return np.zeros(0, np.uint64)
         if count > self.remaining():
@@ -149,7 +188,36 @@ def _varint(v: int) -> bytes:
 
 
 def _varints(v: np.ndarray) -> bytes:
-    """Unsigned LEB128 encoding of each value (1 byte below 128, 2 below 16384, ...)."""
+    """Unsigned LEB128 encoding of each value (1 byte below 128, 2 below 16384, ...).
+
+    One pass per byte position over the values that reach it, so a long array with a
+    few large values costs about what an all-small one does (`_varints_reference` is
+    the plain form it is tested against)."""
+    if len(v) < _SMALL:  # Cascade's queries: fewer numpy calls win
+        return _varints_reference(v)
+    v = np.asarray(v).astype(np.uint64, copy=False)
+    top = int(v.max())
+    if top < 0x80:
+        return v.astype(np.uint8).tobytes()
+    nb = np.ones(v.size, np.int64)
+    for limit in _VARINT_LIMITS[: (top.bit_length() - 1) // 7]:
+        nb += v >= limit
+    start = np.cumsum(nb) - nb
+    out = np.empty(int(start[-1] + nb[-1]), np.uint8)
+    out[start] = (v & np.uint64(0x7F)).astype(np.uint8) | ((nb > 1) << 7).astype(np.uint8)
+    sel = np.flatnonzero(nb > 1)
+    j = 1
+    while sel.size:
+        byte = (v[sel] >> np.uint64(7 * j)) & np.uint64(0x7F)
+        out[start[sel] + j] = byte.astype(np.uint8) | ((nb[sel] > j + 1) << 7).astype(
+            np.uint8)
+        sel = sel[nb[sel] > j + 1]
+        j += 1
+    return out.tobytes()
+
+
+def _varints_reference(v: np.ndarray) -> bytes:
+    """The plain vectorised LEB128 encoder `_varints` replaced (tests compare them)."""
     if len(v) == 0:
         return b""
     v = np.asarray(v).astype(np.uint64)
@@ -163,6 +231,20 @@ def _varints(v: np.ndarray) -> bytes:
     out |= 0x80
     out[last] &= 0x7F
     return out.tobytes()
+
+
+def encode_varints(v: np.ndarray) -> bytes:
+    """Unsigned LEB128 of each (non-negative) value, for other wire formats."""
+    return _varints(v)
+
+
+def decode_varints(data: bytes, offset: int, count: int) -> tuple[np.ndarray, int]:
+    """`count` canonical varints from data[offset:] (uint64) and the offset after them;
+    MessageError if they are truncated, over-long or at or above 2^63."""
+    r = _Reader(data)
+    r.pos = offset
+    vals = r.varints(count)
+    return vals, r.pos
 
 
 class Message:
@@ -342,6 +424,43 @@ class Detections(Message):
             raise MessageError("slot out of range or not strictly increasing")
         # first slot, then steps of at least one: slot = running sum of (delta) =
         # running sum of (delta + [1, 0, 0, ...]) - 1
+        steps = deltas.copy()
+        if steps.size:
+            steps[0] += np.uint64(1)
+        slots = _running_ids(steps)
+        bases = r.bits()
+        if bases.size != slots.size:
+            raise MessageError("basis count differs from slot count")
+        return cls(slots, bases)
+
+
+@_register
+@dataclass(frozen=True, eq=False)
+class PackedDetections(Detections):
+    """Detections with the slot deltas as LEB128 varints (one byte each for the usual
+    gap of a few slots, instead of a u64): what Bob sends; Alice reads both forms.
+
+    Body: count varint | slot deltas (first slot, then slot_i - slot_(i-1)) varints |
+    Bob's bases as a bit string."""
+
+    TYPE: ClassVar[int] = c.MSG_DETECTIONS_PACKED
+
+    def body(self) -> bytes:
+        slots = np.asarray(self.slots, np.int64)
+        deltas = np.empty(slots.size, np.int64)
+        if slots.size:
+            deltas[0] = slots[0]
+            np.subtract(slots[1:], slots[:-1], out=deltas[1:])
+            if slots[0] < 0 or slots[-1] >= c.ID_LIMIT or deltas[1:].min(initial=1) < 1:
+                raise ValueError("slots must be strictly increasing in [0, 2^62)")
+        return _varint(slots.size) + _varints(deltas) + _bits(self.bases)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> PackedDetections:
+        deltas = r.varints(r.varint())
+        if deltas.size and (int(deltas.max()) >= c.ID_LIMIT
+                            or int(deltas[1:].min(initial=1)) == 0):
+            raise MessageError("slot out of range or not strictly increasing")
         steps = deltas.copy()
         if steps.size:
             steps[0] += np.uint64(1)

@@ -6,7 +6,7 @@ idle timeout (`check_timeout(now)`), so the machines never sleep or read a clock
 
 Flow (every arrow is one encoded `qkd.sim.messages` message):
 
-    Bob   -> Alice  Detections (slots, Bob's bases)
+    Bob   -> Alice  PackedDetections (slots, Bob's bases; Alice also reads Detections)
     Alice -> Bob    SiftReply (Alice's bases and intensity classes)
     Bob   -> Alice  TestBits (Bob's X-basis bits; X is the test basis)
     Alice -> Bob    EstimationResult (X errors per intensity; abort reason if any)
@@ -184,6 +184,7 @@ class AliceProtocol(_Party):
             return
         handler = {
             ("detections", m.Detections): self._on_detections,
+            ("detections", m.PackedDetections): self._on_detections,
             ("test", m.TestBits): self._on_test_bits,
             ("verify", m.VerifyResult): self._on_verify,
         }.get((self._state, type(msg)))
@@ -274,7 +275,7 @@ class BobProtocol(_Party):
         self._state = "sift"
         self._key: np.ndarray | None = None
         self._cascade: CascadeBob | None = None
-        self._send(m.Detections(record.slots, record.basis))
+        self._send(m.PackedDetections(record.slots, record.basis))
 
     def receive_message(self, data: bytes, now: float = 0.0) -> None:
         self._last = now

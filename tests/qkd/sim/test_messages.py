@@ -169,3 +169,51 @@ def test_link_counts_bad_query_as_peer_fault() -> None:
         assert isinstance(w.error, m.MessageError)
     w = Work("pp", None, lambda: [][1]).run()  # type: ignore[arg-type]
     assert isinstance(w.error, RuntimeError)  # control: a bug stays an internal error
+
+
+@pytest.mark.parametrize("top", [1, 127, 128, 300, 2**14, 2**35, 2**62 - 1])
+def test_varints_are_bit_for_bit_the_reference_encoder(top: int) -> None:
+    rng = np.random.default_rng(top % 1000)
+    v = rng.integers(0, 100, 50_000).astype(np.uint64)  # above _SMALL: the fast paths
+    assert v.size > m._SMALL
+    v[rng.integers(0, v.size, 40)] = rng.integers(0, top, 40, dtype=np.uint64, endpoint=True)
+    v[-1] = top
+    fast = m._varints(v)
+    assert fast == m._varints_reference(v)
+    back, end = m.decode_varints(fast, 0, v.size)
+    assert end == len(fast) and np.array_equal(back, v)
+    ref = m._Reader(fast + b"\x05")
+    assert np.array_equal(ref.varints_reference(v.size), back) and ref.remaining() == 1
+
+
+def test_packed_detections_roundtrip_size_and_rejections() -> None:
+    rng = np.random.default_rng(4)
+    slots = np.cumsum(rng.geometric(0.1, 200_000)).astype(np.int64)
+    slots[-1] = 2**40  # one long gap
+    bases = rng.integers(0, 2, slots.size, dtype=np.uint8)
+    packed = m.PackedDetections(slots, bases).encode()
+    old = m.Detections(slots, bases).encode()
+    assert len(packed) < len(old) / 5
+    for data in (packed, old):  # a peer may send either form
+        d = m.decode(data)
+        assert isinstance(d, m.Detections)
+        assert np.array_equal(d.slots, slots) and np.array_equal(d.bases, bases)
+    small = m.PackedDetections(np.array([3, 7]), np.array([0, 1], np.uint8)).encode()
+    assert small == bytes([m.c.MSG_DETECTIONS_PACKED, 2, 3, 4]) + m._bits(np.array([0, 1]))
+    for bad in (small[:3] + b"\x00" + small[4:],  # a repeated slot
+                small[:-1],  # truncated
+                small[:2] + b"\xff" * 9 + b"\x7f" + small[3:]):  # a delta >= 2^63
+        with pytest.raises(m.MessageError):
+            m.decode(bad)
+    with pytest.raises(ValueError):
+        m.PackedDetections(np.array([5, 5]), np.zeros(2, np.uint8)).encode()
+
+
+def test_long_varint_path_rejects_what_the_short_one_does() -> None:
+    good = m._varints(np.full(m._SMALL + 10, 300, np.uint64))
+    assert m.decode_varints(good, 0, m._SMALL + 10)[0].tolist() == [300] * (m._SMALL + 10)
+    for bad in (good[:-1],  # truncated
+                good[:-2] + b"\xac\x80\x00",  # over-long last value
+                good[:-2] + b"\xff" * 9 + b"\x7f"):  # at or above 2^63
+        with pytest.raises(m.MessageError):
+            m.decode_varints(bad, 0, m._SMALL + 10)

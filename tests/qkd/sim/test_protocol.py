@@ -9,7 +9,7 @@ from qkd.sim import messages as m
 from qkd.sim.channel import simulate_link
 from qkd.sim.params import LinkParams
 from qkd.sim.protocol import AliceProtocol, BobProtocol
-from qkd.sim.session import post_params, run_session
+from qkd.sim.session import post_params, run_parties, run_session
 
 # 5 km, 5e7 pulses, a decoy-heavy source and an efficient detector: ~8e5 sifted key
 # bits, enough for a positive Lim et al. finite key in a few seconds of test time.
@@ -75,3 +75,26 @@ def test_parties_reject_out_of_order_messages() -> None:
         bob.receive_message(m.PrivacyAmp(5, np.zeros(3, np.uint8)).encode())
     bob.check_timeout(1000.0)
     assert bob.done and bob.result.aborted and "timeout" in bob.result.abort_reason
+
+
+@pytest.mark.parametrize("old_bob", [False, True])
+def test_alice_reads_packed_and_plain_detections(old_bob: bool) -> None:
+    # Bob sends PackedDetections; a Bob of the old wire format sent Detections (u64
+    # deltas). Alice gets the same key either way.
+    params = LinkParams(distance_km=10, detector_efficiency=0.8, misalignment=0.01,
+                        dark_count_prob=1e-7, pulses=10**7)
+    rec = simulate_link(params, np.random.default_rng(3))
+    post = post_params(params)
+    alice = AliceProtocol(rec.alice, post, np.random.default_rng(1))
+    bob = BobProtocol(rec.bob, post, np.random.default_rng(2))
+    first = bob.messages_to_send()
+    assert [x[0] for x in first] == [m.c.MSG_DETECTIONS_PACKED]
+    if old_bob:
+        d = m.decode(first[0])
+        assert isinstance(d, m.Detections)
+        first = [m.Detections(d.slots, d.bases).encode()]
+    for data in first:
+        alice.receive_message(data)
+    run_parties(alice, bob)
+    assert not alice.result.aborted and alice.result.final_key.size > 0
+    assert np.array_equal(alice.result.final_key, bob.result.final_key)
