@@ -134,8 +134,14 @@ def _ip(*args: str, check: bool = True) -> str:
     return proc.stdout
 
 
+# 10.88.0.0/16 is podman's default bridge network and 10.244/16 Kubernetes' pod range;
+# the demo starts its search well away from both.
+NETNS_FIRST_OCTET2 = 201
+
+
 def _free_net() -> ipaddress.IPv4Network:
-    """10.88.0.0/24, or the first 10.88.N.0/24 no address or route here overlaps."""
+    """10.201.0.0/24, or the first 10.X.N.0/24 (X from 201 up) that no address or route
+    here overlaps."""
     used: list[ipaddress.IPv4Network] = []
     for args in (("-4", "-j", "addr"), ("-4", "-j", "route", "show", "table", "all")):
         with contextlib.suppress(ValueError, TypeError):
@@ -146,11 +152,13 @@ def _free_net() -> ipaddress.IPv4Network:
                 dst = entry.get("dst")
                 if dst and dst != "default":
                     used.append(ipaddress.ip_network(dst, strict=False))
-    for n in range(256):
-        net = ipaddress.IPv4Network(f"10.88.{n}.0/24")
-        if not any(net.overlaps(u) for u in used):
-            return net
-    raise TestbedError("no free 10.88.N.0/24 range for the demo's namespaces")
+    for x in range(NETNS_FIRST_OCTET2, 255):
+        for n in range(256):
+            net = ipaddress.IPv4Network(f"10.{x}.{n}.0/24")
+            if not any(net.overlaps(u) for u in used):
+                return net
+    raise TestbedError(f"no free 10.X.N.0/24 range (X >= {NETNS_FIRST_OCTET2}) for the "
+                       "demo's namespaces (fix: free one, or run with --netns off)")
 
 
 def netns_choice(mode: str, compromise: str | None) -> tuple[bool, str]:

@@ -52,12 +52,28 @@ def test_address_range_skips_one_in_use(monkeypatch: pytest.MonkeyPatch) -> None
     import json
 
     def fake_ip(*args: str, check: bool = True) -> str:
-        if "addr" in args:  # this host already has 10.88.0.5/24
-            return json.dumps([{"addr_info": [{"local": "10.88.0.5", "prefixlen": 24}]}])
-        return json.dumps([{"dst": "default"}, {"dst": "10.88.1.0/24"}])
+        if "addr" in args:  # this host already has 10.201.0.5/24
+            return json.dumps([{"addr_info": [{"local": "10.201.0.5", "prefixlen": 24}]}])
+        return json.dumps([{"dst": "default"}, {"dst": "10.201.1.0/24"}])
 
     monkeypatch.setattr(network_demo, "_ip", fake_ip)
-    assert network_demo._free_net() == ipaddress.IPv4Network("10.88.2.0/24")
+    assert network_demo._free_net() == ipaddress.IPv4Network("10.201.2.0/24")
     # Control: with nothing in use the documented range is taken.
     monkeypatch.setattr(network_demo, "_ip", lambda *a, check=True: "[]")
-    assert network_demo._free_net() == ipaddress.IPv4Network("10.88.0.0/24")
+    assert network_demo._free_net() == ipaddress.IPv4Network("10.201.0.0/24")
+
+
+def test_address_range_skips_a_whole_bridge_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """podman's default bridge (10.88.0.1/16) is on CI machines; a /16 in use moves the
+    search to the next second octet."""
+    import ipaddress
+    import json
+
+    def fake_ip(*args: str, check: bool = True) -> str:
+        if "addr" in args:
+            return json.dumps([{"addr_info": [{"local": "10.88.0.1", "prefixlen": 16},
+                                              {"local": "10.201.0.1", "prefixlen": 16}]}])
+        return "[]"
+
+    monkeypatch.setattr(network_demo, "_ip", fake_ip)
+    assert network_demo._free_net() == ipaddress.IPv4Network("10.202.0.0/24")
