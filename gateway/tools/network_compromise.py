@@ -28,7 +28,7 @@ from typing import Any
 from qkd.common.tcp_relay import A2B, B2A, RelayConnection, TcpRelay
 from qkd.kme.relay_service import link_stream
 from qkd.link.ideal import load_link_secret
-from qkd.network.constants import PAD_BYTES
+from qkd.network.constants import PAD_BYTES, RELAY_VERSION
 from qkd.network.relay import Kind, Share, decode_frame
 
 # The relay channel's opening (see tests/support/relay_tap.py): the dialler's HELLO
@@ -36,7 +36,6 @@ from qkd.network.relay import Kind, Share, decode_frame
 # of u32 big-endian length + body.
 _HELLO_NONCE, _HELLO_MAC = 16, 32
 _LEN = struct.Struct(">I")
-RELAY_VERSION = 1
 
 
 def fingerprint(key: bytes) -> str:
