@@ -23,7 +23,7 @@ from qkd.network.constants import PAD_BYTES
 from qkd.network.relay import Share, decode_frame, relay_cost_bits
 from tests.support.kme_processes import KmeProcess, wait_until
 from tests.support.network_kmes import Nb, Network, net_kme_toml, remote_sae_toml
-from tests.support.relay_tap import SHARE, RelayTap
+from tests.support.relay_tap import RELAY, SHARE, RelayTap
 
 KEY_BITS = 256
 SITES = ["site-a", "site-b", "site-c"]
@@ -53,7 +53,7 @@ class Bb84Network(Network):
             return port
 
         def record(direction: str, frame: bytes) -> list[bytes]:
-            if direction == "fwd" and frame[0] == 1 and frame[1] == SHARE:
+            if direction == "fwd" and frame[0] == RELAY and frame[1] == SHARE:
                 self.shares.append(frame)
             return [frame]
 

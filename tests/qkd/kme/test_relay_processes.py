@@ -27,6 +27,7 @@ from tests.support.kme_processes import wait_until
 from tests.support.network_kmes import Network
 from tests.support.relay_tap import (
     ACK,
+    RELAY,
     SHARE,
     RelayTap,
     Rule,
@@ -273,7 +274,7 @@ def _recording_taps(targets: set[tuple[str, str]]
         got = frames.setdefault(other, [])
 
         def record(direction: str, frame: bytes) -> list[bytes]:
-            if direction == "fwd" and frame[0] == 1 and frame[1] == SHARE:
+            if direction == "fwd" and frame[0] == RELAY and frame[1] == SHARE:
                 got.append(frame)
             return [frame]
 
