@@ -264,7 +264,7 @@ async def test_sigkill_of_the_middle_kme_reuses_no_pool_key(line: Bb84Network) -
 
     def replay_once(direction: str, frame: bytes) -> list[bytes]:
         out = record(direction, frame)
-        if direction == "fwd" and frame[:2] == bytes([1, SHARE]) and not sent_replay:
+        if direction == "fwd" and frame[:2] == bytes([RELAY, SHARE]) and not sent_replay:
             sent_replay.append(True)
             return [replayed, *out]
         return out
