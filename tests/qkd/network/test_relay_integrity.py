@@ -1,17 +1,19 @@
 """End-to-end integrity of relayed keys: a compromised transit node that forwards a
-validly tagged wrong share (or another key check) makes the relay fail with INTEGRITY,
-no key at either end; with the check switched off the two ends would hold different
-keys (positive control)."""
+validly tagged but changed share of E(K) (the AMD-encoded key) makes the relay fail
+with INTEGRITY, no key at either end; with the AMD check switched off the two ends would
+hold different keys (positive control). The k = 1 limit is pinned too."""
 
 from __future__ import annotations
 
 import dataclasses
+import random
 
 import pytest
 
 from qkd.link.wegman_carter import make_tag
+from qkd.network import amd
 from qkd.network import relay as relay_mod
-from qkd.network.constants import PAD_BYTES
+from qkd.network.constants import AMD_BYTES, PAD_BYTES
 from qkd.network.errors import NetErrorCode
 from qkd.network.relay import (
     _LABEL,
@@ -20,34 +22,40 @@ from qkd.network.relay import (
     Share,
     decode_frame,
     encode_unsigned,
-    key_check,
 )
 from qkd.network.topology import _name
 from tests.support.relay_net import Net, Tap, line, ring
 
 KEY = 32
+SHARE_BYTES = KEY + AMD_BYTES  # a share of E(K) = K | x | t
 LINE = [("A", "B", "C")]
 RING = [("A", "B", "C"), ("A", "E", "D", "C")]  # ring ABCDE, k = 2
-DELTA = bytes([0x5A]) + bytes(KEY - 1)
+DELTA_K = bytes([0x5A]) + bytes(KEY - 1)
+DELTA = DELTA_K + bytes(AMD_BYTES)  # changes the key part only
+
+
+def xor(a: bytes, b: bytes) -> bytes:
+    return bytes(p ^ q for p, q in zip(a, b, strict=True))
 
 
 def compromised(net: Net, node: str, *, share_delta: bytes | None = None,
-                check: bytes | None = None) -> Tap:
+                replace: bytes | None = None) -> Tap:
     """`node` rewrites the SHARE it forwards: it opens it with its own outgoing link key,
-    changes the share and/or the key check, re-encrypts and re-tags, all validly (it
-    holds the next hop's link key)."""
+    XORs `share_delta` into the share (or puts `replace` in its place), re-encrypts and
+    re-tags, all validly (it holds the next hop's link key)."""
     def tap(src: str, dst: str, frame: bytes) -> list[bytes]:
         msg, off, _, _ = decode_frame(frame)
         if src != node or not isinstance(msg, Share):
             return [frame]
         out, _ = net.keys[node].material(dst)
-        pad, otp = out[off : off + PAD_BYTES], out[off + PAD_BYTES : off + PAD_BYTES + KEY]
-        share = bytes(a ^ b for a, b in zip(msg.ciphertext, otp, strict=True))
+        pad = out[off : off + PAD_BYTES]
+        otp = out[off + PAD_BYTES : off + PAD_BYTES + SHARE_BYTES]
+        share = xor(msg.ciphertext, otp)
         if share_delta is not None:
-            share = bytes(a ^ b for a, b in zip(share, share_delta, strict=True))
-        new = dataclasses.replace(
-            msg, check=msg.check if check is None else check,
-            ciphertext=bytes(a ^ b for a, b in zip(share, otp, strict=True)))
+            share = xor(share, share_delta)
+        if replace is not None:
+            share = replace
+        new = dataclasses.replace(msg, ciphertext=xor(share, otp))
         unsigned = encode_unsigned(new, off)
         tag = make_tag(net.keys[node].hash_key(dst), pad,
                        _LABEL + _name(node) + _name(dst) + unsigned)
@@ -80,77 +88,63 @@ def test_wrong_share_from_a_transit_node_fails_with_integrity(
     net = Net(line("ABC") if len(paths) == 1 else ring("ABCDE"))
     key_id = start(net, paths, compromised(net, "B", share_delta=DELTA))
     assert_integrity_failure(net, key_id)
-    # The failure is the key check's alone: every per-hop tag verified.
+    # The failure is the AMD check's alone: every per-hop tag verified.
     assert not any(getattr(e, "code", None) is NetErrorCode.AUTH
                    for evs in net.events.values() for e in evs)
     # And a fresh relay over the same (now honest) nodes succeeds.
     k2 = start(net, paths, lambda s, d, f: [f])
     assert net.delivered["A"][k2] == net.stored["C"][k2]
+    # Control: the same rewrite with no change (open, re-encrypt, re-tag) goes through.
+    net2 = Net(line("ABC") if len(paths) == 1 else ring("ABCDE"))
+    k3 = start(net2, paths, compromised(net2, "B", share_delta=bytes(SHARE_BYTES)))
+    assert net2.delivered["A"][k3] == net2.stored["C"][k3]
 
 
 @pytest.mark.parametrize("paths", [LINE, RING], ids=["k1", "k2"])
 def test_positive_control_without_the_check_the_ends_hold_different_keys(
         paths: list[tuple[str, ...]], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(relay_mod, "_check_matches", lambda expected, got: True)
+    monkeypatch.setattr(relay_mod, "_amd_accepts", lambda encoded: True)
     net = Net(line("ABC") if len(paths) == 1 else ring("ABCDE"))
     key_id = start(net, paths, compromised(net, "B", share_delta=DELTA))
     master, slave = net.delivered["A"][key_id], net.stored["C"][key_id]
     assert master != slave
-    assert bytes(a ^ b for a, b in zip(master, slave, strict=True)) == DELTA
+    assert xor(master, slave) == DELTA_K  # decoding unchecked gives K xor Delta_K
 
 
 @pytest.mark.parametrize("paths", [LINE, RING], ids=["k1", "k2"])
-def test_a_transit_node_changing_the_key_check_fails_too(
-        paths: list[tuple[str, ...]]) -> None:
-    net = Net(line("ABC") if len(paths) == 1 else ring("ABCDE"))
-    key_id = start(net, paths, compromised(net, "B", check=bytes(16)))
-    assert_integrity_failure(net, key_id)
-    # Control: the same rewrite that keeps share and check lets the relay through.
-    net2 = Net(line("ABC") if len(paths) == 1 else ring("ABCDE"))
-    k2 = start(net2, paths, compromised(net2, "B"))
-    assert net2.delivered["A"][k2] == net2.stored["C"][k2]
+def test_every_single_bit_flip_of_a_share_is_detected(paths: list[tuple[str, ...]]) -> None:
+    """Each of the 8 * (key_bytes + 32) bits of B's share, key part, x and t alike."""
+    for bit in range(8 * SHARE_BYTES):
+        flip = bytearray(SHARE_BYTES)
+        flip[bit // 8] = 1 << (bit % 8)
+        net = Net(line("ABC") if len(paths) == 1 else ring("ABCDE"), link_bytes=1 << 10)
+        key_id = start(net, paths, compromised(net, "B", share_delta=bytes(flip)))
+        assert key_id not in net.delivered["A"] and key_id not in net.stored["C"], bit
+        assert net.nodes["C"].failures == {NetErrorCode.INTEGRITY: 1}, bit
 
 
-def test_shares_disagreeing_on_the_check_fail_whatever_arrives_first() -> None:
-    # k = 2: B's path is shorter, so its (changed) share arrives first; the honest
-    # share on the other path then disagrees. Reverse too: D changes the later one.
-    for node in ("B", "D"):
-        net = Net(ring("ABCDE"))
-        key_id = start(net, RING, compromised(net, node, check=bytes(range(16))))
+@pytest.mark.parametrize("node", ["B", "D"])
+def test_random_deltas_on_either_path_are_detected(node: str) -> None:
+    # k = 2: B's path is shorter (its share arrives first), D's the longer one.
+    rnd = random.Random(node)
+    for _ in range(40):
+        delta = rnd.randbytes(SHARE_BYTES)
+        net = Net(ring("ABCDE"), link_bytes=1 << 10)
+        key_id = start(net, RING, compromised(net, node, share_delta=delta))
         assert_integrity_failure(net, key_id)
-        reasons = [e.reason for e in net.events["C"] if isinstance(e, RelayFailed)]
-        assert reasons == ["shares disagree on the key check"]
 
 
-def test_key_check_binds_key_ids_saes_and_paths() -> None:
-    key, kid = bytes(range(KEY)), bytes(16)
-    base = key_check(key, kid, "m", "s", LINE)
-    assert len(base) == 16 and base == key_check(key, kid, "m", "s", LINE)
-    for other in (key_check(bytes(KEY), kid, "m", "s", LINE),
-                  key_check(key, bytes([1]) + bytes(15), "m", "s", LINE),
-                  key_check(key, kid, "s", "m", LINE),
-                  key_check(key, kid, "m", "s", [("A", "D", "C")]),
-                  key_check(key, kid, "m", "s", RING)):
-        assert other != base
-
-
-def test_known_limit_k1_node_that_knows_the_key_can_forge_a_consistent_check() -> None:
-    """With k = 1 the transit node holds the key itself, so it can send another key
-    with that key's check: the check cannot catch a node that knows every share (k = 1,
-    or colluding nodes on every path). Pinned so the docs' claim stays true."""
+def test_known_limit_k1_node_on_the_only_path_can_re_encode_a_key_of_its_choice() -> None:
+    """With k = 1 the transit node holds E(K) whole, so it can send E(K') for a K' of
+    its choice, with a fresh x and a valid t: the AMD code catches changes made without
+    the key, not a node that holds every share (k = 1, or colluding nodes on every
+    path). Pinned so the docs' claim stays true."""
     net = Net(line("ABC"))
-    seen: dict[str, bytes] = {}
-
-    def forge(src: str, dst: str, frame: bytes) -> list[bytes]:
-        msg, off, _, _ = decode_frame(frame)
-        if (src, dst) == ("A", "B") and isinstance(msg, Share):
-            pad = net.keys["B"].material("A")[1][off + PAD_BYTES : off + PAD_BYTES + KEY]
-            seen["key"] = bytes(a ^ b for a, b in zip(msg.ciphertext, pad, strict=True))
-        if (src, dst) == ("B", "C") and isinstance(msg, Share):
-            wrong = bytes(a ^ b for a, b in zip(seen["key"], DELTA, strict=True))
-            c = key_check(wrong, msg.key_id, msg.master_sae, msg.slave_sae, [msg.path])
-            return compromised(net, "B", share_delta=DELTA, check=c)(src, dst, frame)
-        return [frame]
-
-    key_id = start(net, LINE, forge)
-    assert net.delivered["A"][key_id] != net.stored["C"][key_id]
+    chosen = bytes(range(KEY))
+    forged = amd.encode(chosen)
+    key_id = start(net, LINE, compromised(net, "B", replace=forged))
+    assert net.stored["C"][key_id] == chosen != net.delivered["A"][key_id]
+    # Control: the same node blindly XORing a change in (no re-encoding) is caught.
+    net2 = Net(line("ABC"))
+    k2 = start(net2, LINE, compromised(net2, "B", share_delta=forged))
+    assert_integrity_failure(net2, k2)
