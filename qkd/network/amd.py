@@ -2,7 +2,7 @@
 
 Cramer, Dodis, Fehr, Padro, Wichs (2008): E(K) = K | x | t, x uniform, t = f(x, m)
 with f(x, m) = x^(n+2) + sum_{i=1..n} m_i x^i. Any XOR change to E(K) chosen without
-seeing x gets past `decode` with another key with probability <= (n+1)/2^128.
+seeing x passes `tag_matches` with another key with probability <= (n+1)/2^128.
 docs/network.md ("End-to-end integrity") has the construction and the bound.
 """
 

@@ -2,13 +2,13 @@
 
 The source KME draws a fresh key from the OS CSPRNG, AMD-encodes it (qkd.network.amd:
 E(K) = K | x | t), splits E(K) into k XOR shares (k-1 random, the last E(K) XOR the
-others) and sends share i over path i. Each hop
-carries the share one-time-pad encrypted under that hop's link key and authenticated
-with a Wegman-Carter tag under a fresh pad from the same key; an intermediate node
-verifies, decrypts, re-encrypts under the next hop's key and forwards. The destination
-XORs the k shares, checks the AMD tag, reports KeyAssembled, and only once its KME says
-the key is stored (`key_stored`) sends an ACK back along every path. The source reports
-KeyDeliverable after all k ACKs, so a master SAE never holds a key its peer's KME does not.
+others) and sends share i over path i. Each hop carries the share one-time-pad encrypted
+under that hop's link key and authenticated with a Wegman-Carter tag under a fresh pad
+from the same key; an intermediate node verifies, decrypts, re-encrypts under the next
+hop's key and forwards. The destination XORs the k shares, checks the AMD tag, reports
+KeyAssembled, and only once its KME says the key is stored (`key_stored`) sends an ACK
+back along every path. The source reports KeyDeliverable after all k ACKs, so a master
+SAE never holds a key its peer's KME does not.
 
 A transit node that sends a validly tagged but changed share is caught by the AMD tag
 (except with probability <= (n+1)/2^128) and the relay ends with INTEGRITY instead of
