@@ -148,3 +148,31 @@ def test_known_limit_k1_node_on_the_only_path_can_re_encode_a_key_of_its_choice(
     net2 = Net(line("ABC"))
     k2 = start(net2, LINE, compromised(net2, "B", share_delta=forged))
     assert_integrity_failure(net2, k2)
+
+
+@pytest.mark.parametrize("key_bytes", [16, 20, 33, 128])
+def test_key_lengths_off_the_block_size_round_trip_and_are_checked(key_bytes: int) -> None:
+    net = Net(ring("ABCDE"))
+    ok = net.nodes["A"].start_relay("sae-m", "sae-s", RING, key_bytes, 0.0)
+    net.pump(0.0)
+    assert len(net.stored["C"][ok]) == key_bytes and net.delivered["A"][ok] == \
+        net.stored["C"][ok]
+    # Control: the last key byte flipped on B's path is caught at any length.
+    flip = bytearray(key_bytes + AMD_BYTES)
+    flip[key_bytes - 1] = 0x80
+    bad = net.nodes["A"].start_relay("sae-m", "sae-s", RING, key_bytes, 0.0)
+
+    def tap(src: str, dst: str, frame: bytes) -> list[bytes]:
+        msg, off, _, _ = decode_frame(frame)
+        if src != "B" or not isinstance(msg, Share):
+            return [frame]
+        out, _ = net.keys["B"].material(dst)
+        # XOR under a one-time pad is XOR on the share; only the re-tag needs the key.
+        new = dataclasses.replace(msg, ciphertext=xor(msg.ciphertext, bytes(flip)))
+        unsigned = encode_unsigned(new, off)
+        return [unsigned + make_tag(net.keys["B"].hash_key(dst), out[off : off + PAD_BYTES],
+                                    _LABEL + _name("B") + _name(dst) + unsigned)]
+
+    net.pump(0.0, tap)
+    assert bad not in net.stored["C"] and bad not in net.delivered["A"]
+    assert net.nodes["C"].failures == {NetErrorCode.INTEGRITY: 1}
