@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qkd.network.constants import AMD_BYTES, PAD_BYTES
 from qkd.network.relay import (
     InMemoryLinkKeys,
     KeyAssembled,
@@ -36,8 +37,10 @@ KEY_BYTES = 32
 
 def build(pairs: list[tuple[str, str]], keys: int) -> tuple[dict[str, RelayNode],
                                                             dict[str, InMemoryLinkKeys]]:
-    # Enough link key for every relay: at most 5 hops of (share + 2 pads) per key.
-    supply = InMemoryLinkKeys.links(pairs, keys * 5 * (KEY_BYTES + 32) + 4096)
+    # Enough link key for every relay: at most 5 hops of (share of E(K) + 2 pads) per
+    # key, the share being key + x + t of the AMD code.
+    supply = InMemoryLinkKeys.links(
+        pairs, keys * 5 * (KEY_BYTES + AMD_BYTES + 2 * PAD_BYTES) + 4096)
     return {n: RelayNode(n, k) for n, k in supply.items()}, supply
 
 

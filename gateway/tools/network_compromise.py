@@ -2,8 +2,9 @@
 
 The attacker records the relay frames on the node's hops and takes the node's files as
 its KME process left them (config, link secrets, key store, relay store). The node's
-link keys open every SHARE it received; a key relayed over one path is that share, a
-key split over k node-disjoint paths needs the other shares, which never reach it.
+link keys open every SHARE it received; a key relayed over one path is that share (the
+AMD-encoded key E(K) = K | x | t, decoded here), a key split over k node-disjoint paths
+needs the other shares, which never reach it.
 Used by `qkdgw demo --topology ... --compromise NODE` and the relay process tests.
 Key material is only ever shown as `fingerprint()`: the first 8 hex of its SHA-256.
 """
@@ -28,7 +29,8 @@ from typing import Any
 from qkd.common.tcp_relay import A2B, B2A, RelayConnection, TcpRelay
 from qkd.kme.relay_service import link_stream
 from qkd.link.ideal import load_link_secret
-from qkd.network.constants import PAD_BYTES
+from qkd.network import amd
+from qkd.network.constants import AMD_BYTES, PAD_BYTES, RELAY_VERSION
 from qkd.network.relay import Kind, Share, decode_frame
 
 # The relay channel's opening (see tests/support/relay_tap.py): the dialler's HELLO
@@ -36,7 +38,6 @@ from qkd.network.relay import Kind, Share, decode_frame
 # of u32 big-endian length + body.
 _HELLO_NONCE, _HELLO_MAC = 16, 32
 _LEN = struct.Struct(">I")
-RELAY_VERSION = 1
 
 
 def fingerprint(key: bytes) -> str:
@@ -74,7 +75,7 @@ def shares_from_frames(link_secret: Callable[[str], bytes], node: str,
         assert isinstance(msg, Share)
         # The hop's pad stream: the tag pad first, then the share's pad.
         pad = link_stream(link_secret(rec.sender), rec.sender, node, offset + PAD_BYTES,
-                          msg.key_bytes)
+                          len(msg.ciphertext))
         share = bytes(x ^ y for x, y in zip(msg.ciphertext, pad, strict=True))
         out.setdefault(str(uuid.UUID(bytes=msg.key_id)), []).append(
             NodeShare(msg.share_index, msg.share_count, share))
@@ -82,16 +83,19 @@ def shares_from_frames(link_secret: Callable[[str], bytes], node: str,
 
 
 def rebuild(shares: list[NodeShare]) -> bytes | None:
-    """The key, if every one of its shares is there (XOR of them), else None."""
+    """The key, if every one of its shares is there and their XOR is a valid AMD
+    encoding E(K) (as the destination checks it), else None."""
     if not shares or {s.index for s in shares} != set(range(shares[0].count)):
         return None
-    key = bytes(len(shares[0].share))
+    encoded = bytes(len(shares[0].share))
     seen: set[int] = set()
     for s in shares:
         if s.index not in seen:
             seen.add(s.index)
-            key = bytes(x ^ y for x, y in zip(key, s.share, strict=True))
-    return key
+            encoded = bytes(x ^ y for x, y in zip(encoded, s.share, strict=True))
+    if len(encoded) <= AMD_BYTES or not amd.tag_matches(encoded):
+        return None
+    return amd.split(encoded)[0]
 
 
 # --------------------------------------------------------------- the recorder

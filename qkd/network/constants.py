@@ -26,12 +26,13 @@ MAX_KEY_BYTES = 128  # ... and 1024 bits at most (ETSI 014 sizes a gateway asks 
 TAG_BYTES = 16  # Wegman-Carter tag per hop message
 PAD_BYTES = 16  # one-time pad under the tag, taken from the hop's link key
 ABORT_BODY_BYTES = 1  # the error code an ABORT carries
+AMD_BYTES = 32  # x and t of the AMD code after the key in every share (qkd.network.amd)
 
 # A per-hop frame: fixed header, two SAE names, the path, the body and the tag. The
 # bound lets the adapter refuse an oversize frame before decoding it.
 MAX_FRAME_BYTES = (
     1 + 1 + 8 + KEY_ID_BYTES + 4 + 2 * (1 + MAX_NAME_BYTES)
-    + 1 + MAX_PATH_NODES * (1 + MAX_NAME_BYTES) + 2 + MAX_KEY_BYTES + TAG_BYTES
+    + 1 + MAX_PATH_NODES * (1 + MAX_NAME_BYTES) + 2 + MAX_KEY_BYTES + AMD_BYTES + TAG_BYTES
 )
 
 RELAY_TIMEOUT_S = 10.0  # seconds from start until every share is acknowledged
@@ -41,4 +42,4 @@ MAX_ACTIVE_RELAYS = 4096  # relays a node tracks at once (source, transit, desti
 
 MAX_LSA_LINKS = 256  # links in one link-state advertisement
 LSA_VERSION = 1
-RELAY_VERSION = 1
+RELAY_VERSION = 2  # 2: SHARE carries a share of the AMD-encoded key E(K) = K | x | t

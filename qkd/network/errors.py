@@ -23,6 +23,7 @@ class NetErrorCode(IntEnum):
     PEER_ABORT = 10  # another node on a path ended the relay
     STATE = 11  # a message that does not fit the relay's state (unknown key ID, ...)
     UNKNOWN_NODE = 12  # a node or link the topology does not have
+    INTEGRITY = 13  # the assembled key fails its AMD tag (a share was changed)
 
 
 class NetworkError(QkdError):

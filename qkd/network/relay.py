@@ -1,16 +1,22 @@
 """Trusted-node key relay over k node-disjoint paths, one sans-I/O core per KME.
 
-The source KME draws a fresh key from the OS CSPRNG, splits it into k XOR shares
-(k-1 random, the last the key XOR the others) and sends share i over path i. Each hop
-carries the share one-time-pad encrypted under that hop's link key and authenticated
-with a Wegman-Carter tag under a fresh pad from the same key; an intermediate node
-verifies, decrypts, re-encrypts under the next hop's key and forwards. The destination
-XORs the k shares, reports KeyAssembled, and only once its KME says the key is stored
-(`key_stored`) sends an ACK back along every path. The source reports KeyDeliverable
-after all k ACKs, so a master SAE never holds a key its peer's KME does not.
+The source KME draws a fresh key from the OS CSPRNG, AMD-encodes it (qkd.network.amd:
+E(K) = K | x | t), splits E(K) into k XOR shares (k-1 random, the last E(K) XOR the
+others) and sends share i over path i. Each hop carries the share one-time-pad encrypted
+under that hop's link key and authenticated with a Wegman-Carter tag under a fresh pad
+from the same key; an intermediate node verifies, decrypts, re-encrypts under the next
+hop's key and forwards. The destination XORs the k shares, checks the AMD tag, reports
+KeyAssembled, and only once its KME says the key is stored (`key_stored`) sends an ACK
+back along every path. The source reports KeyDeliverable after all k ACKs, so a master
+SAE never holds a key its peer's KME does not.
 
-Any check that fails (tag, replay, hop counter, path, link-key order, time) ends the
-relay at that node with RelayFailed and ABORTs along the path both ways; the source
+A transit node that sends a validly tagged but changed share is caught by the AMD tag
+(except with probability <= (n+1)/2^128) and the relay ends with INTEGRITY instead of
+leaving the two ends with different keys; with k >= 2 each share is still uniform and
+independent of the key, as no public function of the key travels.
+
+Any check that fails (tag, replay, hop counter, path, link-key order, AMD tag, time)
+ends the relay at that node with RelayFailed and ABORTs along the path both ways; the source
 then aborts the other paths, and a destination that holds the key discards it.
 
 Per-hop frame (big-endian; `kind` selects the message dataclass below):
@@ -19,9 +25,11 @@ Per-hop frame (big-endian; `kind` selects the message dataclass below):
     | hop u8 | key_bytes u16 | master_sae: len u8 + ASCII | slave_sae: len u8 + ASCII
     | path: count u8 + count x (len u8 + ASCII) | body: len u16 + bytes | tag 16
 
+(version 2; a SHARE's body is the ciphertext of a share of E(K): key_bytes + 32.)
+
 `hop` is the receiver's position in `path`. The tag covers a label, the sender's and
 receiver's names and every byte before it, under pad = link key[key_offset : +16]; a
-SHARE's body is the share XOR link key[key_offset + 16 : + key_bytes].
+SHARE's ciphertext is the share XOR link key[key_offset + 16 : + key_bytes + 32].
 """
 
 from __future__ import annotations
@@ -35,8 +43,10 @@ from enum import IntEnum
 from typing import Protocol
 
 from qkd.link.wegman_carter import HashKey, check_tag, make_tag
+from qkd.network import amd
 from qkd.network.constants import (
     ABORT_BODY_BYTES,
+    AMD_BYTES,
     DEST_TIMEOUT_S,
     KEY_ID_BYTES,
     MAX_ACTIVE_RELAYS,
@@ -102,10 +112,11 @@ class Header:
 
 @dataclass(frozen=True)
 class Share(Header):
-    """One XOR share on one hop. Wire size: C + 2 + key_bytes + 16 (tag)."""
+    """One XOR share of E(K) on one hop. Wire size: C + 2 + key_bytes + 32 (x, t) + 16
+    (tag)."""
 
     ciphertext: bytes = field(repr=False)
-    """Share XOR this hop's one-time pad."""
+    """Share XOR this hop's one-time pad (key_bytes + 32 bytes)."""
 
 
 @dataclass(frozen=True)
@@ -151,8 +162,8 @@ def _check(msg: Message) -> None:
         raise bad("a name is not valid")
     if not 0 <= msg.hop < len(msg.path):
         raise bad("hop counter outside the path")
-    if isinstance(msg, Share) and len(msg.ciphertext) != msg.key_bytes:
-        raise bad("ciphertext length is not key_bytes")
+    if isinstance(msg, Share) and len(msg.ciphertext) != msg.key_bytes + AMD_BYTES:
+        raise bad(f"ciphertext length is not key_bytes + {AMD_BYTES}")
 
 
 def encode_unsigned(msg: Message, key_offset: int) -> bytes:
@@ -432,10 +443,17 @@ class _Relay:
 
 
 def relay_cost_bits(paths: list[Path] | tuple[Path, ...], key_bytes: int) -> int:
-    """Link-key bits a successful relay uses: per hop of every path, the share's pad and
-    tag pad forward, and the ACK's tag pad back."""
+    """Link-key bits a successful relay uses: per hop of every path, the tag pad and the
+    pad of the share of E(K) (key_bytes + 32 for x and t) forward, and the ACK's tag
+    pad back: 8 * (16 + key_bytes + 32 + 16) bits per hop."""
     hops = sum(len(p) - 1 for p in paths)
-    return 8 * hops * (PAD_BYTES + key_bytes + PAD_BYTES)
+    return 8 * hops * (PAD_BYTES + key_bytes + AMD_BYTES + PAD_BYTES)
+
+
+def _amd_accepts(encoded: bytes) -> bool:
+    # One place for the AMD check (tests switch it off for the positive control that
+    # shows what it prevents).
+    return amd.tag_matches(encoded)
 
 
 def _uuid(key_id: bytes) -> str:
@@ -507,15 +525,16 @@ class RelayNode:
             raise NetworkError(NetErrorCode.STATE, "too many relays in progress")
         key_id = self._rng(KEY_ID_BYTES)
         key = self._rng(key_bytes)
-        shares = [self._rng(key_bytes) for _ in paths[1:]]
-        last = key
+        encoded = amd.encode(key, self._rng)
+        shares = [self._rng(len(encoded)) for _ in paths[1:]]
+        last = encoded
         for s in shares:
             last = _xor(last, s)
         shares.append(last)
         relay = _Relay("source", key_id, master_sae, slave_sae, len(paths), key_bytes,
                        now + RELAY_TIMEOUT_S, dict(enumerate(paths)), key=key)
         for i, p in enumerate(paths):
-            _check(Share(*relay.header(i, 1, p), ciphertext=bytes(key_bytes)))
+            _check(Share(*relay.header(i, 1, p), ciphertext=bytes(len(encoded))))
         self._relays[key_id] = relay
         self.stats["started"] += 1
         try:
@@ -530,7 +549,7 @@ class RelayNode:
 
     def _send_share(self, r: _Relay, index: int, path: Path, hop: int, share: bytes) -> None:
         to = path[hop]
-        off, material = self._keys.take(to, PAD_BYTES + r.key_bytes)
+        off, material = self._keys.take(to, PAD_BYTES + len(share))
         r.spent[(index, to)] = r.spent.get((index, to), 0) + 8 * len(material)
         msg = Share(*r.header(index, hop, path), ciphertext=_xor(share, material[PAD_BYTES:]))
         self._emit(to, msg, off, material[:PAD_BYTES])
@@ -572,7 +591,7 @@ class RelayNode:
         if mid in self._seen.get(msg.key_id, ()):
             self._fail_or_reject(msg, neighbour, NetErrorCode.REPLAY, "message seen before")
             return
-        n = PAD_BYTES + (msg.key_bytes if isinstance(msg, Share) else 0)
+        n = PAD_BYTES + (len(msg.ciphertext) if isinstance(msg, Share) else 0)
         try:
             material = self._keys.peek(neighbour, off, n)
         except NetworkError as exc:
@@ -645,10 +664,17 @@ class RelayNode:
         r.shares[msg.share_index] = share
         self._events.append(ShareStored(_uuid(r.key_id), msg.share_index))
         if len(r.shares) == r.count:
-            key = bytes(r.key_bytes)
+            encoded = bytes(r.key_bytes + AMD_BYTES)
             for s in r.shares.values():
-                key = _xor(key, s)
+                encoded = _xor(encoded, s)
             r.shares.clear()
+            if not _amd_accepts(encoded):
+                # A share was changed on its way (validly tagged by a compromised
+                # node): the key here is not the source's. Nothing was stored yet.
+                encoded = b""
+                self._fail(r, NetErrorCode.INTEGRITY, "the assembled key fails its AMD tag")
+                return
+            key = encoded[: r.key_bytes]
             r.assembled = True
             self.stats["assembled"] += 1
             self._events.append(KeyAssembled(_uuid(r.key_id), r.master, r.slave,

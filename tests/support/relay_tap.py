@@ -12,8 +12,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from qkd.network.constants import RELAY_VERSION
+
 HELLO_NONCE, HELLO_MAC = 16, 32
-RELAY = 1  # first byte (version) of a relay frame
+RELAY = RELAY_VERSION  # first byte of a relay frame
 SHARE, ACK = 1, 2
 
 # (direction "fwd" dialler -> listener or "back", frame) -> frames to pass on

@@ -23,7 +23,8 @@ from qkd.kme.relay_store import RelayStore
 from qkd.link.bb84 import LinkUnavailable
 from qkd.link.pool import ReservedKey
 from qkd.link.wegman_carter import HASH_KEY_BYTES
-from qkd.network.constants import PAD_BYTES
+from qkd.network import amd
+from qkd.network.constants import AMD_BYTES, PAD_BYTES
 from qkd.network.errors import NetErrorCode, NetworkError
 from qkd.network.relay import KeyAssembled, RelayNode, Share, decode_frame
 
@@ -167,7 +168,8 @@ async def test_fail_closed_without_reserved_key(hop: Any) -> None:
 
 async def test_a_real_share_decrypts_with_the_pool_material_only(hop: Any) -> None:
     """A one-hop relay through the relay core over these suppliers: the Share on the
-    wire is the key XOR the pool's bytes (control: not XOR the secret derivation)."""
+    wire is E(K) = key | x | t XOR the pool's bytes (control: not XOR the secret
+    derivation)."""
     a, b, material = hop
     a_out: list[tuple[int, str]] = []
     while entries := await a.keys.top_up("B"):
@@ -182,15 +184,17 @@ async def test_a_real_share_decrypts_with_the_pool_material_only(hop: Any) -> No
     assert to == "B"
     msg, offset, _tag, _signed = decode_frame(frame)
     assert isinstance(msg, Share)
-    pad = _stream_material(a_out, material, offset + PAD_BYTES, msg.key_bytes)
+    assert len(msg.ciphertext) == msg.key_bytes + AMD_BYTES
+    pad = _stream_material(a_out, material, offset + PAD_BYTES, len(msg.ciphertext))
     share = bytes(x ^ y for x, y in zip(msg.ciphertext, pad, strict=True))
-    wrong = link_stream(SECRET, "A", "B", offset + PAD_BYTES, msg.key_bytes)
+    wrong = link_stream(SECRET, "A", "B", offset + PAD_BYTES, len(msg.ciphertext))
     nb.receive_data("A", frame, now)
     events = []
     while (ev := nb.next_event()) is not None:
         events.append(ev)
     got = [e for e in events if isinstance(e, KeyAssembled)]
     assert len(got) == 1 and got[0].key_id == key_id
-    assert got[0].key == share
-    assert got[0].key != bytes(x ^ y for x, y in zip(msg.ciphertext, wrong, strict=True))
+    assert got[0].key == share[:-AMD_BYTES] and amd.tag_matches(share)
+    assert got[0].key != bytes(x ^ y for x, y in zip(msg.ciphertext, wrong,
+                                                     strict=True))[:-AMD_BYTES]
 

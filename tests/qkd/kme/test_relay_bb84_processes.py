@@ -19,11 +19,12 @@ from qkd.kme.config import KmeConfig
 from qkd.kme.relay_keys import LOW_BYTES
 from qkd.kme.relay_service import link_stream
 from qkd.link.ideal import load_link_secret
-from qkd.network.constants import PAD_BYTES
+from qkd.network import amd
+from qkd.network.constants import AMD_BYTES, PAD_BYTES
 from qkd.network.relay import Share, decode_frame, relay_cost_bits
 from tests.support.kme_processes import KmeProcess, wait_until
 from tests.support.network_kmes import Nb, Network, net_kme_toml, remote_sae_toml
-from tests.support.relay_tap import SHARE, RelayTap
+from tests.support.relay_tap import RELAY, SHARE, RelayTap
 
 KEY_BITS = 256
 SITES = ["site-a", "site-b", "site-c"]
@@ -53,7 +54,7 @@ class Bb84Network(Network):
             return port
 
         def record(direction: str, frame: bytes) -> list[bytes]:
-            if direction == "fwd" and frame[0] == 1 and frame[1] == SHARE:
+            if direction == "fwd" and frame[0] == RELAY and frame[1] == SHARE:
                 self.shares.append(frame)
             return [frame]
 
@@ -188,8 +189,9 @@ async def test_relay_over_bb84_links_spends_the_pools_keys(line: Bb84Network,
             await again.get_dec_keys("site-a-gw", [enc[0].key_id])
         assert err.value.status == 400 and "already delivered" in err.value.message
     # Every hop, both ends: the relay cost in link-key bits, sent one way, received
-    # the other (share pad + tag pad forward, the ACK's tag pad back).
-    fwd = 3 * 8 * (PAD_BYTES + KEY_BITS // 8)
+    # the other (tag pad + the pad of a share of E(K) = key | x | t forward, the ACK's
+    # tag pad back).
+    fwd = 3 * 8 * (PAD_BYTES + KEY_BITS // 8 + AMD_BYTES)
     back = 3 * 8 * PAD_BYTES
     assert fwd + back == relay_cost_bits([("x", "y")], KEY_BITS // 8) * 3
     for a, b in LINKS:
@@ -207,12 +209,14 @@ async def test_relay_over_bb84_links_spends_the_pools_keys(line: Bb84Network,
         msg, offset, _tag, _signed = decode_frame(frame)
         assert isinstance(msg, Share)
         kid = str(uuid.UUID(bytes=msg.key_id))
-        pad_a = _bytes_at(a_out, offset + PAD_BYTES, msg.key_bytes)
-        assert pad_a == _bytes_at(b_in, offset + PAD_BYTES, msg.key_bytes)
-        assert bytes(x ^ y for x, y in zip(msg.ciphertext, pad_a, strict=True)) == keys[kid]
-        wrong = link_stream(secret, "kme-site-a", "kme-site-b", offset + PAD_BYTES,
-                            msg.key_bytes)
-        assert bytes(x ^ y for x, y in zip(msg.ciphertext, wrong, strict=True)) != keys[kid]
+        n = len(msg.ciphertext)  # a share of E(K): the key, then x and t
+        pad_a = _bytes_at(a_out, offset + PAD_BYTES, n)
+        assert pad_a == _bytes_at(b_in, offset + PAD_BYTES, n)
+        share = bytes(x ^ y for x, y in zip(msg.ciphertext, pad_a, strict=True))
+        assert share[:-AMD_BYTES] == keys[kid] and amd.tag_matches(share)
+        wrong = link_stream(secret, "kme-site-a", "kme-site-b", offset + PAD_BYTES, n)
+        assert bytes(x ^ y for x, y in zip(msg.ciphertext, wrong,
+                                           strict=True))[:-AMD_BYTES] != keys[kid]
     # The used keys are gone from both relay stores.
     first = min(decode_frame(f)[1] for f in line.shares)
     assert first not in _stream(line, "site-a", "site-b", "out")
@@ -264,7 +268,7 @@ async def test_sigkill_of_the_middle_kme_reuses_no_pool_key(line: Bb84Network) -
 
     def replay_once(direction: str, frame: bytes) -> list[bytes]:
         out = record(direction, frame)
-        if direction == "fwd" and frame[:2] == bytes([1, SHARE]) and not sent_replay:
+        if direction == "fwd" and frame[:2] == bytes([RELAY, SHARE]) and not sent_replay:
             sent_replay.append(True)
             return [replayed, *out]
         return out
@@ -276,7 +280,7 @@ async def test_sigkill_of_the_middle_kme_reuses_no_pool_key(line: Bb84Network) -
         assert await c_gw.get_dec_keys("site-a-gw", [k.key_id for k in enc]) == enc
     new = [decode_frame(f)[1] for f in line.shares[len(old):]]
     # A share frame uses its tag pad and the share pad of A -> B (the ACK: B -> A).
-    assert len(new) == 2 and min(new) >= max(old) + PAD_BYTES + KEY_BITS // 8
+    assert len(new) == 2 and min(new) >= max(old) + PAD_BYTES + KEY_BITS // 8 + AMD_BYTES
     b = line.status("site-b")["network"]
     assert sent_replay and b["relay"]["frames_rejected"] == rejected + 1
     assert b["relay"]["relays_failed"] == 0

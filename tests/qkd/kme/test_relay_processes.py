@@ -22,11 +22,13 @@ from gateway.tools.network_compromise import (
 from qkd.etsi014.client import KmeNoKey, KmeRejected
 from qkd.kme.relay_service import CRASH_ENV
 from qkd.link.ideal import load_link_secret
+from qkd.network.constants import AMD_BYTES
 from qkd.network.relay import relay_cost_bits
 from tests.support.kme_processes import wait_until
 from tests.support.network_kmes import Network
 from tests.support.relay_tap import (
     ACK,
+    RELAY,
     SHARE,
     RelayTap,
     Rule,
@@ -74,9 +76,11 @@ async def test_line_of_three_relays_keys_once(line: Network) -> None:
     async with line.sae("site-b") as b_gw:
         with pytest.raises(KmeRejected):
             await b_gw.get_dec_keys("site-a-gw", [enc[1].key_id])
-    # B's two pools each paid one hop of every key: share pad + tag pad forward, the
-    # ACK's tag pad back (relay_cost_bits over the 2-hop path is both hops).
+    # B's two pools each paid one hop of every key: tag pad + the pad of a share of
+    # E(K) (key, x, t) forward, the ACK's tag pad back (relay_cost_bits over the 2-hop
+    # path is both hops).
     per_hop = relay_cost_bits([("a", "b")], KEY_BITS // 8)
+    assert per_hop == 8 * (16 + KEY_BITS // 8 + 32 + 16) == 768
     b = line.status("site-b")["network"]
     assert _link_bits(line.status("site-b"), "kme-site-a") == 3 * per_hop
     assert _link_bits(line.status("site-b"), "kme-site-c") == 3 * per_hop
@@ -273,7 +277,7 @@ def _recording_taps(targets: set[tuple[str, str]]
         got = frames.setdefault(other, [])
 
         def record(direction: str, frame: bytes) -> list[bytes]:
-            if direction == "fwd" and frame[0] == 1 and frame[1] == SHARE:
+            if direction == "fwd" and frame[0] == RELAY and frame[1] == SHARE:
                 got.append(frame)
             return [frame]
 
@@ -308,8 +312,13 @@ async def test_compromised_trusted_node_single_path_gives_the_key(pki: Path,
         async with net.sae("site-a") as a_gw:
             enc = await a_gw.get_enc_keys("site-c-gw", number=3)
         view = _node_view(pki, "site-b", frames["site-b"])
-        # k = 1 (control): B's state and traffic are every key.
-        assert {k.key_id: k.key for k in enc} == view
+        # k = 1 (control): B's state and traffic are every key (its one share is the
+        # whole AMD encoding E(K) = K | x | t, which decodes and verifies).
+        assert {k.key_id: k.key for k in enc} == {
+            kid: share[:-AMD_BYTES] for kid, share in view.items()}
+        b_shares = _node_shares(pki, "site-b", frames["site-b"])
+        assert {k.key_id: k.key for k in enc} == {
+            kid: rebuild(shares) for kid, shares in b_shares.items()}
     finally:
         net.stop()
         for t in taps.values():
@@ -328,9 +337,11 @@ async def test_compromised_trusted_node_learns_nothing_with_k2(pki: Path,
         assert set(b) == set(d) == {k.key_id for k in enc}
         for k in enc:
             # One node's share alone is not the key (it is independent of it) ...
-            assert b[k.key_id] != k.key and d[k.key_id] != k.key
-            # ... and both nodes together (control) have it: the shares XOR to the key.
-            assert bytes(x ^ y for x, y in zip(b[k.key_id], d[k.key_id], strict=True)) == k.key
+            assert len(b[k.key_id]) == len(k.key) + AMD_BYTES
+            assert b[k.key_id][:-AMD_BYTES] != k.key and d[k.key_id][:-AMD_BYTES] != k.key
+            # ... and both nodes together (control) have it: the shares XOR to E(K).
+            both = bytes(x ^ y for x, y in zip(b[k.key_id], d[k.key_id], strict=True))
+            assert both[:-AMD_BYTES] == k.key
         # The shared reconstruction agrees: one node's shares rebuild nothing, both do.
         b_shares = _node_shares(pki, "site-b", frames["site-b"])
         d_shares = _node_shares(pki, "site-d", frames["site-d"])

@@ -206,7 +206,7 @@ async def test_pools_drop_by_the_relay_cost(tmp_path: Path, pki: Path,
             assert (await b_gw.status("site-c-gw"))["stored_key_count"] == 1000
             enc = await a_gw.get_enc_keys("site-c-gw", number=4, size=256)
             assert await c_gw.get_dec_keys("site-a-gw", [k.key_id for k in enc]) == enc
-            per_hop_keys = relay_cost_bits([("x", "y")], 32) // 256  # 2 pool keys
+            per_hop_keys = relay_cost_bits([("x", "y")], 32) // 256  # 3 pool keys (768 bits)
             assert (await b_gw.status("site-a-gw"))["stored_key_count"] == 1000 - 4 * per_hop_keys
             assert (await b_gw.status("site-c-gw"))["stored_key_count"] == 1000 - 4 * per_hop_keys
             # The end KMEs' pools paid the same hop (one pool per link, both ends).

@@ -55,11 +55,11 @@ def test_two_shares_over_a_ring(names: str) -> None:
     k2 = relay_ok(net, "A", paths)
     assert net.delivered["A"][k1] != net.delivered["A"][k2]
     assert net.bits_taken() == 2 * relay_cost_bits(paths, KEY)
-    # Per hop per share: each hop's sender spent the share + pad forward, and the
-    # receiver spent a pad for the ACK back, on that share's path alone.
+    # Per hop per share: each hop's sender spent the share of E(K) (key + x + t) and
+    # the tag pad forward, and the receiver a pad for the ACK back, on that path alone.
     for i, p in enumerate(paths):
         for a, b in itertools.pairwise(p):
-            assert net.nodes[a].link_key_use(k1)[(i, b)] == 8 * (KEY + 16)
+            assert net.nodes[a].link_key_use(k1)[(i, b)] == 8 * (16 + KEY + 32)
             assert net.nodes[b].link_key_use(k1)[(i, a)] == 8 * 16
     assert sum(sum(n.link_key_use(k1).values()) for n in net.nodes.values()) == \
         relay_cost_bits(paths, KEY)
@@ -190,3 +190,11 @@ def test_finished_relays_are_forgotten_when_the_timer_says() -> None:
         assert when is not None  # a finished relay is still due to be forgotten
         node.handle_timer(when)
         assert node.get_timer() is None and "relays=0" in repr(node)
+
+
+def test_relay_cost_per_hop_counts_the_amd_tail() -> None:
+    # Per hop: tag pad 16 + share of E(K) (key_bytes + 32 for x and t) forward, ACK
+    # tag pad 16 back. 256-bit key: 8 * (16 + 32 + 32 + 16) = 768 bits.
+    assert relay_cost_bits([("A", "B")], 32) == 768
+    assert relay_cost_bits([("A", "B", "C"), ("A", "D", "E", "C")], 32) == 5 * 768
+    assert relay_cost_bits([("A", "B")], 128) == 8 * (16 + 128 + 32 + 16) == 1536

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkd.link.wegman_carter import make_tag
-from qkd.network.constants import PAD_BYTES, RELAY_TIMEOUT_S
+from qkd.network.constants import AMD_BYTES, PAD_BYTES, RELAY_TIMEOUT_S
 from qkd.network.errors import NetErrorCode, NetworkError
 from qkd.network.relay import (
     _LABEL,
@@ -27,11 +27,14 @@ from qkd.network.topology import _name
 from tests.support.relay_net import Net, line, ring
 
 KEY = 32
+SHARE_BYTES = KEY + AMD_BYTES  # a share of E(K) = K | x | t
+X = bytes(range(80, 96))  # the AMD code's x
 RING_PATHS = [("A", "B", "C"), ("A", "E", "D", "C")]
 
 
 def scripted(chunks: list[bytes]) -> Callable[[int], bytes]:
-    """The source's randomness, in the order it draws: key id, key, k-1 shares."""
+    """The source's randomness, in the order it draws: key id, key, the AMD code's x,
+    k-1 shares of E(K)."""
     queue = list(chunks)
 
     def rng(n: int) -> bytes:
@@ -44,7 +47,7 @@ def scripted(chunks: list[bytes]) -> Callable[[int], bytes]:
 
 def run(pairs: list[tuple[str, str]], paths: list[tuple[str, ...]], key: bytes,
         share0: bytes | None) -> Net:
-    chunks = [bytes(range(16)), key] + ([share0] if share0 is not None else [])
+    chunks = [bytes(range(16)), key, X] + ([share0] if share0 is not None else [])
     net = Net(pairs, link_rng=random.Random(7).randbytes, node_rng={"A": scripted(chunks)})
     key_id = net.nodes["A"].start_relay("sae-m", "sae-s", paths, KEY, 0.0)
     net.pump(0.0)
@@ -60,16 +63,18 @@ def view(net: Net, node: str) -> tuple[object, ...]:
 
 
 def reconstruct(net: Net, node: str) -> bytes:
-    """The node's best guess: decrypt every share it received, XOR them together."""
-    guess = bytes(KEY)
+    """The node's best guess: decrypt every share it received, XOR them together, and
+    take the key part of E(K)."""
+    guess = bytes(SHARE_BYTES)
     for src, dst, frame in net.wire:
         if dst != node:
             continue
         msg, off, _, _ = decode_frame(frame)
         if isinstance(msg, Share):
-            pad = net.keys[node].material(src)[1][off + PAD_BYTES : off + PAD_BYTES + KEY]
+            pad = net.keys[node].material(src)[1][off + PAD_BYTES :
+                                                  off + PAD_BYTES + SHARE_BYTES]
             guess = bytes(a ^ b ^ c for a, b, c in zip(guess, msg.ciphertext, pad, strict=True))
-    return guess
+    return guess[:KEY]
 
 
 def test_k1_intermediate_rebuilds_the_key_positive_control() -> None:
@@ -80,7 +85,7 @@ def test_k1_intermediate_rebuilds_the_key_positive_control() -> None:
 
 def test_k2_intermediate_view_is_independent_of_the_key() -> None:
     k1, k2 = bytes(range(KEY)), bytes(range(200, 200 + KEY))
-    r = bytes(range(50, 50 + KEY))
+    r = bytes(range(50, 50 + SHARE_BYTES))
     a = run(ring("ABCDE"), RING_PATHS, k1, r)
     b = run(ring("ABCDE"), RING_PATHS, k2, r)
     assert k1 != k2
@@ -179,8 +184,8 @@ def test_a_resent_share_under_fresh_link_key_is_a_replay() -> None:
         msg, off, _, _ = decode_frame(frame)
         if (src, dst) != ("A", "B") or not isinstance(msg, Share):
             return [frame]
-        old = net.keys["A"].material("B")[0][off + PAD_BYTES : off + PAD_BYTES + KEY]
-        off2, fresh = net.keys["A"].take("B", PAD_BYTES + KEY)
+        old = net.keys["A"].material("B")[0][off + PAD_BYTES : off + PAD_BYTES + SHARE_BYTES]
+        off2, fresh = net.keys["A"].take("B", PAD_BYTES + SHARE_BYTES)
         share = bytes(a ^ b for a, b in zip(msg.ciphertext, old, strict=True))
         again = dataclasses.replace(
             msg, ciphertext=bytes(a ^ b for a, b in zip(share, fresh[PAD_BYTES:], strict=True)))
