@@ -33,7 +33,7 @@ import signal
 import sqlite3
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,8 +145,8 @@ class _LinkPool:
     from (a BB84 link's: its bootstrap secret, for the channel HELLO only), and its
     pool (an ideal link's token bucket, a BB84 link's store)."""
 
-    secret: bytes
-    service: KmeService
+    secret: bytes = field(repr=False)
+    service: KmeService = field(repr=False)
     bb84_keys: PoolLinkKeys | None = None
 
     def level_keys(self) -> int:

@@ -214,3 +214,16 @@ async def test_pools_drop_by_the_relay_cost(tmp_path: Path, pki: Path,
     finally:
         for k in kmes.values():
             await k.close()
+
+
+def test_a_link_pools_repr_holds_no_link_secret() -> None:
+    from qkd.kme.relay_service import _LinkPool
+
+    secret = bytes(range(32))
+    text = repr(_LinkPool(secret, object()))  # type: ignore[arg-type]
+    assert secret.hex() not in text and repr(secret) not in text
+    # Control: a dataclass field left at the default repr would show them.
+    import dataclasses
+
+    plain = dataclasses.make_dataclass("Plain", [("secret", bytes)])
+    assert repr(secret) in repr(plain(secret))
