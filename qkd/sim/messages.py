@@ -74,11 +74,10 @@ class _Reader:
         raw = self.take(count * dt.itemsize)
         return np.frombuffer(raw, dt).astype(np.dtype(dtype).newbyteorder("="))
 
-    def varints(self, count: int) -> np.ndarray:
-        """`count` canonical unsigned LEB128 varints below 2^63 (at most 9 bytes, no
-        redundant trailing zero byte), so every value fits an int64."""
-        if count < _SMALL:  # Cascade's queries: fewer numpy calls win
-            return self.varints_reference(count)
+    def _varint_spans(self, count: int
+                      ) -> np.ndarray | tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The checks both decoders share: the values themselves when all are one byte
+        (consumed), else (rest, starts, ends, lens) of the `count` varints (not consumed)."""
         if count > self.remaining():
             raise MessageError("message truncated")
         rest = np.frombuffer(self.data[self.pos :], np.uint8)
@@ -88,7 +87,6 @@ class _Reader:
         ends = np.flatnonzero(rest < 0x80)[:count]
         if ends.size < count:
             raise MessageError("message truncated")
-        used = int(ends[-1]) + 1
         starts = np.empty(count, np.int64)
         starts[0] = 0
         starts[1:] = ends[:-1] + 1
@@ -97,6 +95,17 @@ class _Reader:
             raise MessageError("varint at or above 2^63")
         if ((lens > 1) & (rest[ends] == 0)).any():
             raise MessageError("over-long varint")
+        return rest, starts, ends, lens
+
+    def varints(self, count: int) -> np.ndarray:
+        """`count` canonical unsigned LEB128 varints below 2^63 (at most 9 bytes, no
+        redundant trailing zero byte), so every value fits an int64."""
+        if count < _SMALL:  # Cascade's queries: fewer numpy calls win
+            return self.varints_reference(count)
+        spans = self._varint_spans(count)
+        if isinstance(spans, np.ndarray):
+            return spans
+        rest, starts, ends, lens = spans
         # One pass per byte position over the values that reach it: a long run of
         # one-byte values with a few long ones costs about what all-short ones do.
         vals = (rest[starts] & 0x7F).astype(np.uint64)
@@ -106,7 +115,7 @@ class _Reader:
             vals[sel] |= (rest[starts[sel] + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
             sel = sel[lens[sel] > j + 1]
             j += 1
-        self.pos += used
+        self.pos += int(ends[-1]) + 1
         return vals
 
     def varints_reference(self, count: int) -> np.ndarray:
@@ -114,24 +123,11 @@ class _Reader:
         per-byte-position path, which tests compare with this)."""
         if count == 0:
             return np.zeros(0, np.uint64)
-        if count > self.remaining():
-            raise MessageError("message truncated")
-        rest = np.frombuffer(self.data[self.pos :], np.uint8)
-        if rest[:count].max() < 0x80:  # all single-byte
-            self.pos += count
-            return rest[:count].astype(np.uint64)
-        ends = np.flatnonzero(rest < 0x80)[:count]
-        if ends.size < count:
-            raise MessageError("message truncated")
+        spans = self._varint_spans(count)
+        if isinstance(spans, np.ndarray):
+            return spans
+        rest, starts, ends, lens = spans
         used = int(ends[-1]) + 1
-        starts = np.empty(count, np.int64)
-        starts[0] = 0
-        starts[1:] = ends[:-1] + 1
-        lens = ends - starts + 1
-        if int(lens.max()) > c.VARINT_MAX_BYTES:
-            raise MessageError("varint at or above 2^63")
-        if ((lens > 1) & (rest[ends] == 0)).any():
-            raise MessageError("over-long varint")
         shift = (np.arange(used) - np.repeat(starts, lens)) * 7
         vals = np.bitwise_or.reduceat(
             (rest[:used] & 0x7F).astype(np.uint64) << shift.astype(np.uint64), starts)
