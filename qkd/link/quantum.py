@@ -672,21 +672,7 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
         out_slots.append(frame.slots[lo : lo + c][sel])
         out_basis.append(b_basis[sel])
         out_bits.append(bits)
-    slots = np.concatenate(out_slots) if out_slots else np.zeros(0, np.int64)
-    basis = np.concatenate(out_basis) if out_basis else np.zeros(0, np.uint8)
-    bits = np.concatenate(out_bits) if out_bits else np.zeros(0, np.uint8)
-    # Dark clicks in the slots no photon reached: a click in either detector with
-    # probability Y0, a random bit (a dark click knows nothing of the state).
-    empty = frame.pulses - size
-    n_dark = int(rng.binomial(empty, params.dark_count_prob)) if empty > 0 else 0
-    if n_dark:
-        cand = np.unique(rng.integers(0, frame.pulses, n_dark, dtype=np.int64))
-        # frame.slots is sorted: a binary search per candidate, where np.isin would
-        # sort all the pulses' slots for a handful of dark clicks.
-        pos = np.minimum(np.searchsorted(frame.slots, cand), max(size - 1, 0))
-        cand = cand[frame.slots[pos] != cand] if size else cand
-        slots, basis, bits = _add_dark_clicks(slots, basis, bits, cand, params, sec)
-    return BobRecord(slots.astype(np.int64), basis, bits)
+    return _with_dark_clicks(frame, size, out_slots, out_basis, out_bits, params, rng, sec)
 
 
 def _mark(n: int, at: np.ndarray) -> np.ndarray:
@@ -766,11 +752,19 @@ def measure_prev(frame: PulseFrame, params: LinkParams, rng: np.random.Generator
         out_slots.append(frame.slots[lo : lo + c][clicked])
         out_basis.append(b_basis[clicked])
         out_bits.append(bits[clicked])
+    return _with_dark_clicks(frame, size, out_slots, out_basis, out_bits, params, rng, sec)
+
+
+def _with_dark_clicks(frame: PulseFrame, size: int, out_slots: list[np.ndarray],
+                      out_basis: list[np.ndarray], out_bits: list[np.ndarray],
+                      params: LinkParams, rng: np.random.Generator, sec: Random
+                      ) -> BobRecord:
+    """Bob's record from his photon detections (per chunk) plus the dark clicks in the
+    slots no photon reached: a click in either detector with probability Y0, a random
+    bit (a dark click knows nothing of the state)."""
     slots = np.concatenate(out_slots) if out_slots else np.zeros(0, np.int64)
     basis = np.concatenate(out_basis) if out_basis else np.zeros(0, np.uint8)
     bits = np.concatenate(out_bits) if out_bits else np.zeros(0, np.uint8)
-    # Dark clicks in the slots no photon reached: a click in either detector with
-    # probability Y0, a random bit (a dark click knows nothing of the state).
     empty = frame.pulses - size
     n_dark = int(rng.binomial(empty, params.dark_count_prob)) if empty > 0 else 0
     if n_dark:
