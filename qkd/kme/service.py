@@ -676,6 +676,28 @@ async def open_service(config: KmeConfig, clock: Callable[[], float] = time.mono
     return KmeService(config, store, link, clock, bb84)
 
 
+def _tls_context(config: KmeConfig) -> ssl.SSLContext:
+    try:
+        return server_ssl_context(config)
+    except (ssl.SSLError, OSError) as exc:
+        raise config.error("[tls] cert", f"cannot load TLS files ({exc})",
+                           "check [tls] cert, key and client_ca") from None
+
+
+async def _serve_https(runner: web.AppRunner, config: KmeConfig,
+                       ssl_ctx: ssl.SSLContext) -> int:
+    """Set the app up and serve it on `[kme] listen`; returns the bound port."""
+    await runner.setup()
+    try:
+        sock = _bind(config.listen.host, config.listen.port)
+    except OSError as exc:
+        raise UserError(f"{config.source}: [kme] listen: cannot listen on "
+                        f"{config.listen} ({exc.strerror or exc}) (fix: choose a free "
+                        "port or stop the other process)") from None
+    await web.SockSite(runner, sock, ssl_context=ssl_ctx).start()
+    return int(sock.getsockname()[1])
+
+
 async def start_kme(config: KmeConfig, *,
                     clock: Callable[[], float] = time.monotonic) -> RunningKme:
     """Open the store, bind `[kme] listen` (port 0 = any free port) and serve."""
@@ -683,11 +705,7 @@ async def start_kme(config: KmeConfig, *,
         return await _start_network_kme(config, clock)
     if config.link.type == "ideal":
         _warn_ideal(config)
-    try:
-        ssl_ctx = server_ssl_context(config)
-    except (ssl.SSLError, OSError) as exc:
-        raise config.error("[tls] cert", f"cannot load TLS files ({exc})",
-                           "check [tls] cert, key and client_ca") from None
+    ssl_ctx = _tls_context(config)
     service = await open_service(config, clock)
     store, bb84 = service.store, service.bb84
     runner = web.AppRunner(build_app(service), access_log=None, shutdown_timeout=5.0)
@@ -699,15 +717,7 @@ async def start_kme(config: KmeConfig, *,
                 raise UserError(f"{config.source}: [link] listen: cannot listen "
                                 f"({exc.strerror or exc}) (fix: choose free ports for "
                                 "listen and quantum_listen)") from None
-        await runner.setup()
-        try:
-            sock = _bind(config.listen.host, config.listen.port)
-        except OSError as exc:
-            raise UserError(f"{config.source}: [kme] listen: cannot listen on "
-                            f"{config.listen} ({exc.strerror or exc}) (fix: choose a free "
-                            "port or stop the other process)") from None
-        port = sock.getsockname()[1]
-        await web.SockSite(runner, sock, ssl_context=ssl_ctx).start()
+        port = await _serve_https(runner, config, ssl_ctx)
     except BaseException:
         if bb84 is not None:
             await bb84.close()
@@ -738,11 +748,7 @@ async def _close_stores(services: list[KmeService]) -> None:
 async def _start_network_kme(config: KmeConfig, clock: Callable[[], float]) -> RunningKme:
     """Several links or a relay (issue 11): one service per link (qkd.kme.links routes
     requests between them), the relay, one HTTPS port."""
-    try:
-        ssl_ctx = server_ssl_context(config)
-    except (ssl.SSLError, OSError) as exc:
-        raise config.error("[tls] cert", f"cannot load TLS files ({exc})",
-                           "check [tls] cert, key and client_ca") from None
+    ssl_ctx = _tls_context(config)
     services: list[KmeService] = []
     relay: RelayService | None = None
     runner: web.AppRunner | None = None
@@ -767,15 +773,7 @@ async def _start_network_kme(config: KmeConfig, clock: Callable[[], float]) -> R
         router = NetworkRouter(config, services, relay)
         runner = web.AppRunner(build_network_app(router, _etsi_errors), access_log=None,
                                shutdown_timeout=5.0)
-        await runner.setup()
-        try:
-            sock = _bind(config.listen.host, config.listen.port)
-        except OSError as exc:
-            raise UserError(f"{config.source}: [kme] listen: cannot listen on "
-                            f"{config.listen} ({exc.strerror or exc}) (fix: choose a free "
-                            "port or stop the other process)") from None
-        port = sock.getsockname()[1]
-        await web.SockSite(runner, sock, ssl_context=ssl_ctx).start()
+        port = await _serve_https(runner, config, ssl_ctx)
     except BaseException:
         if relay is not None:
             await relay.close()
