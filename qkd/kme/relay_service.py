@@ -50,7 +50,7 @@ from qkd.etsi014.messages import (
     EtsiError,
     QkdKey,
 )
-from qkd.kme.http import query_lists
+from qkd.kme.http import dec_keys_request, enc_keys_request
 from qkd.kme.relay_keys import MAX_KEYS_PER_FRAME, PoolLinkKeys, decode_keys, encode_keys
 from qkd.kme.relay_store import RelayKeyError, RelayStore
 from qkd.link.wegman_carter import HASH_KEY_BYTES, HashKey
@@ -738,10 +738,7 @@ class RelayService:
     async def enc_keys(self, request: web.Request, caller: str) -> web.Response:
         slave = request.match_info["sae_id"]
         limits = self.config.limits
-        if request.method == "GET":
-            req = etsi014.parse_enc_keys_get(query_lists(request), limits)
-        else:
-            req = etsi014.parse_enc_keys_post(await request.read(), limits)
+        req = await enc_keys_request(request, limits)
         keys = await self.deliver_master(caller, slave, req.number, req.size)
         return web.json_response(etsi014.build_key_container(keys))
 
@@ -792,10 +789,7 @@ class RelayService:
 
     async def dec_keys(self, request: web.Request, caller: str) -> web.Response:
         master = request.match_info["sae_id"]
-        if request.method == "GET":
-            key_ids = etsi014.parse_dec_keys_get(query_lists(request))
-        else:
-            key_ids = etsi014.parse_dec_keys_post(await request.read(), self.config.limits)
+        key_ids = await dec_keys_request(request, self.config.limits)
         keys = await self.deliver_slave(master, caller, key_ids)
         return web.json_response(etsi014.build_key_container(keys))
 

@@ -51,7 +51,7 @@ from qkd.etsi014.messages import (
 )
 from qkd.kme import skip_api
 from qkd.kme.config import KmeConfig
-from qkd.kme.http import query_lists
+from qkd.kme.http import dec_keys_request, enc_keys_request
 from qkd.kme.keystore import (
     AlreadyDelivered,
     AsyncKeyStore,
@@ -204,10 +204,7 @@ class KmeService:
         caller = self.caller(request)
         slave = self._peer_sae(request, "slave")
         limits = self.config.limits
-        if request.method == "GET":
-            req = etsi014.parse_enc_keys_get(query_lists(request), limits)
-        else:
-            req = etsi014.parse_enc_keys_post(await request.read(), limits)
+        req = await enc_keys_request(request, limits)
 
         # The pool counts keys of the default size; a bigger key uses several.
         cost = req.number * math.ceil(req.size / limits.key_size)
@@ -249,10 +246,7 @@ class KmeService:
     async def dec_keys(self, request: web.Request) -> web.Response:
         caller = self.caller(request)
         master = self._peer_sae(request, "master")
-        if request.method == "GET":
-            key_ids = etsi014.parse_dec_keys_get(query_lists(request))
-        else:
-            key_ids = etsi014.parse_dec_keys_post(await request.read(), self.config.limits)
+        key_ids = await dec_keys_request(request, self.config.limits)
 
         keys = await self.deliver_slave(master, caller, key_ids)
         return web.json_response(etsi014.build_key_container(keys))
