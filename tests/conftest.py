@@ -1,8 +1,9 @@
 """Suite-wide hook: in CI a test skipped for a missing system tool is a failure.
 
-The deploy tests skip where promtool, prometheus or chromium is not installed (a
-developer's laptop). `.ci/run` installs them and sets QKDGW_REQUIRE_TOOLS=1, so a skip
-there means a broken install, not a passing suite.
+The deploy tests skip where promtool, prometheus or chromium is not installed, the
+network-namespace tests where `ip` is missing or the user is not root (a developer's
+laptop). `.ci/run` runs as root, installs them and sets QKDGW_REQUIRE_TOOLS=1, so such a
+skip there means a broken install, not a passing suite.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 
 import pytest
 
-REQUIRED_TOOLS = ("promtool", "prometheus", "chromium")
+REQUIRED_TOOLS = ("promtool", "prometheus", "chromium", "ip")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -14,7 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("ip") is None,
-    reason="needs root and iproute2 (QKDGW_REQUIRE_TOOLS=1 turns this skip into a failure)")
+    reason="not root, or ip not installed (iproute2; a failure under QKDGW_REQUIRE_TOOLS=1)")
 
 
 def _leftovers(pid: int) -> tuple[list[str], list[str]]:

@@ -41,7 +41,7 @@ def test_compromise_stays_on_loopback() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                    reason="needs root and iproute2")
+                    reason="not root, or ip not installed (iproute2)")
 def test_root_with_ip_uses_namespaces() -> None:
     assert netns_choice("auto", None) == (True, "root and ip netns work")
     assert netns_choice("on", None)[0] is True
