@@ -613,11 +613,7 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
         c = 1.0 - params.misalignment if s_basis == b_basis else 0.5
         right[key] = _below(eta * c, 64)
         anyd[key] = _below(eta, 64)
-    dark = []
-    for _ in range(2):  # right-detector, wrong-detector dark clicks among the pulses
-        k = int(rng.binomial(size, d)) if size else 0
-        dark.append(np.sort(rng.choice(size, k, replace=False)) if k else
-                    np.zeros(0, np.int64))
+    dark = _dark_among_pulses(rng, size, d)
     out_slots: list[np.ndarray] = []
     out_basis: list[np.ndarray] = []
     out_bits: list[np.ndarray] = []
@@ -712,11 +708,7 @@ def measure_prev(frame: PulseFrame, params: LinkParams, rng: np.random.Generator
             c = 1.0 - params.misalignment if match else 0.5
             right[2 * bp + match] = _below(eta * c, 64)
             anyd[2 * bp + match] = _below(eta, 64)
-    dark = []
-    for _ in range(2):  # right-detector, wrong-detector dark clicks among the pulses
-        k = int(rng.binomial(size, d)) if size else 0
-        dark.append(np.sort(rng.choice(size, k, replace=False)) if k else
-                    np.zeros(0, np.int64))
+    dark = _dark_among_pulses(rng, size, d)
     out_slots: list[np.ndarray] = []
     out_basis: list[np.ndarray] = []
     out_bits: list[np.ndarray] = []
@@ -753,6 +745,16 @@ def measure_prev(frame: PulseFrame, params: LinkParams, rng: np.random.Generator
         out_basis.append(b_basis[clicked])
         out_bits.append(bits[clicked])
     return _with_dark_clicks(frame, size, out_slots, out_basis, out_bits, params, rng, sec)
+
+
+def _dark_among_pulses(rng: np.random.Generator, size: int, d: float) -> list[np.ndarray]:
+    """Sorted pulse indices with a dark click in the right, then the wrong detector."""
+    dark = []
+    for _ in range(2):
+        k = int(rng.binomial(size, d)) if size else 0
+        dark.append(np.sort(rng.choice(size, k, replace=False)) if k else
+                    np.zeros(0, np.int64))
+    return dark
 
 
 def _with_dark_clicks(frame: PulseFrame, size: int, out_slots: list[np.ndarray],
