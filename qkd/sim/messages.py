@@ -396,6 +396,23 @@ class CascadeDone(Message):
 # --- sifting, estimation, verification, privacy amplification -------------------------
 
 
+def _slots_and_bases(deltas: np.ndarray, r: _Reader) -> tuple[np.ndarray, np.ndarray]:
+    """Detections' slots from their deltas (first slot, then steps of at least one),
+    checked, and the bases bit string after them (one per slot)."""
+    if deltas.size and (int(deltas.max()) >= c.ID_LIMIT
+                        or int(deltas[1:].min(initial=1)) == 0):
+        raise MessageError("slot out of range or not strictly increasing")
+    # slot = running sum of (delta) = running sum of (delta + [1, 0, 0, ...]) - 1
+    steps = deltas.copy()
+    if steps.size:
+        steps[0] += np.uint64(1)
+    slots = _running_ids(steps)
+    bases = r.bits()
+    if bases.size != slots.size:
+        raise MessageError("basis count differs from slot count")
+    return slots, bases
+
+
 @_register
 @dataclass(frozen=True, eq=False)
 class Detections(Message):
@@ -415,19 +432,7 @@ class Detections(Message):
 
     @classmethod
     def parse(cls, r: _Reader) -> Detections:
-        deltas = r.array("u8")
-        if deltas.size and (int(deltas.max()) >= c.ID_LIMIT or int(deltas[1:].min(initial=1)) == 0):
-            raise MessageError("slot out of range or not strictly increasing")
-        # first slot, then steps of at least one: slot = running sum of (delta) =
-        # running sum of (delta + [1, 0, 0, ...]) - 1
-        steps = deltas.copy()
-        if steps.size:
-            steps[0] += np.uint64(1)
-        slots = _running_ids(steps)
-        bases = r.bits()
-        if bases.size != slots.size:
-            raise MessageError("basis count differs from slot count")
-        return cls(slots, bases)
+        return cls(*_slots_and_bases(r.array("u8"), r))
 
 
 @_register
@@ -453,18 +458,7 @@ class PackedDetections(Detections):
 
     @classmethod
     def parse(cls, r: _Reader) -> PackedDetections:
-        deltas = r.varints(r.varint())
-        if deltas.size and (int(deltas.max()) >= c.ID_LIMIT
-                            or int(deltas[1:].min(initial=1)) == 0):
-            raise MessageError("slot out of range or not strictly increasing")
-        steps = deltas.copy()
-        if steps.size:
-            steps[0] += np.uint64(1)
-        slots = _running_ids(steps)
-        bases = r.bits()
-        if bases.size != slots.size:
-            raise MessageError("basis count differs from slot count")
-        return cls(slots, bases)
+        return cls(*_slots_and_bases(r.varints(r.varint()), r))
 
 
 @_register
