@@ -48,7 +48,7 @@ ARG PIP_EXTRA_INDEX_URL=
 WORKDIR /src
 # README.md* : the readme pyproject.toml names, copied when present (a glob, so a
 # checkout without it still builds; setuptools then only warns).
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml setup.py README.md* ./
 COPY gateway ./gateway
 COPY pqc ./pqc
 COPY qkd ./qkd
