@@ -46,6 +46,16 @@ ARG LIBOQS_PYTHON_VERSION=0.16.0.1
 ARG PIP_INDEX_URL=
 ARG PIP_EXTRA_INDEX_URL=
 WORKDIR /src
+# A C compiler for the compiled kernels (qkd/native/*.c, built by setup.py into the
+# project's wheel); the official python image has the headers but no gcc.
+RUN --mount=type=secret,id=ca \
+    set -eu; \
+    if command -v gcc >/dev/null; then exit 0; fi; \
+    apt_ca=""; \
+    if [ -s /run/secrets/ca ]; then apt_ca="-o Acquire::https::CAInfo=/run/secrets/ca"; fi; \
+    apt-get $apt_ca update; \
+    DEBIAN_FRONTEND=noninteractive apt-get $apt_ca install -y --no-install-recommends gcc libc6-dev; \
+    rm -rf /var/lib/apt/lists/*
 # README.md* : the readme pyproject.toml names, copied when present (a glob, so a
 # checkout without it still builds; setuptools then only warns).
 COPY pyproject.toml setup.py README.md* ./
@@ -171,6 +181,8 @@ RUN --mount=type=bind,from=wheels,source=/wheels,target=/wheels \
     python3 -c "import importlib as i, importlib.util as u; [i.import_module(m) for m in \
         ('numpy', 'scipy.fft', 'gateway.runtime', 'qkd.kme.service') if u.find_spec(m.split('.')[0])]"; \
     python3 -c "import pqc; print('pqc backends:', ', '.join(pqc.available_backends()))"; \
+    python3 -c "import sys; from qkd import native; m = native.missing_kernels(); \
+print('compiled kernels missing:', m) if m else print('compiled kernels: all built'); sys.exit(bool(m))"; \
     if [ "$WITH_LIBOQS" = 1 ]; then python3 -c "$LIBOQS_SMOKE_TEST"; fi
 
 # State (SQLite key store, PSK epochs) and the mounted PKI/configs live under here.

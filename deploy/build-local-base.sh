@@ -62,9 +62,11 @@ trap cleanup EXIT
 rootfs="$work/rootfs"
 echo "build-local-base.sh: debootstrap bookworm into $rootfs (mirror $DEBIAN_MIRROR)"
 # minbase: only Essential + apt. python3-venv brings ensurepip (pip and setuptools wheels)
-# for `python3 -m venv`; python3-pip is the system pip; ca-certificates for HTTPS.
+# for `python3 -m venv`; python3-pip is the system pip; ca-certificates for HTTPS;
+# gcc, libc6-dev and python3-dev build the compiled kernels (qkd/native) in the image's
+# wheel stage (the runtime stage copies only the wheels).
 debootstrap --variant=minbase \
-    --include=python3,python3-venv,python3-pip,ca-certificates \
+    --include=python3,python3-venv,python3-pip,ca-certificates,gcc,libc6-dev,python3-dev \
     bookworm "$rootfs" "$DEBIAN_MIRROR"
 
 # Same apt sources as the official Debian image (main + updates + security), so a
@@ -119,7 +121,7 @@ tar --numeric-owner --xattrs -C "$rootfs" -cf - . | podman import \
     --change 'ENV LANG=C.UTF-8' \
     --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     --change 'CMD ["python3"]' \
-    --message "debootstrap bookworm minbase + python3 python3-venv python3-pip ca-certificates" \
+    --message "debootstrap bookworm minbase + python3 python3-venv python3-pip ca-certificates gcc libc6-dev python3-dev" \
     - "$BASE_TAG" >/dev/null
 
 podman run --rm --runtime runc "$BASE_TAG" python3 -c \

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 from types import ModuleType
 
 import structlog
@@ -36,3 +37,13 @@ def load(name: str) -> ModuleType | None:
                          effect="the numpy reference runs instead, many times slower",
                          fix="reinstall with a C compiler present (pip install .)")
     return _loaded[name]
+
+
+def kernel_names() -> list[str]:
+    """Every kernel this installation has sources for (the .c files beside this module)."""
+    return sorted(p.stem for p in Path(__file__).parent.glob("*.c"))
+
+
+def missing_kernels() -> list[str]:
+    """Kernels with sources but no loadable build (always empty under QKDGW_NATIVE=0)."""
+    return [n for n in kernel_names() if enabled() and load(n) is None]
