@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -60,6 +61,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from qkd import native
 from qkd.common.errors import QkdError
 from qkd.link.csprng import SecretRng
 from qkd.sim import messages
@@ -383,6 +385,10 @@ class SparseSlotRecord(AliceRecord):
         self._before = np.cumsum(counts) - counts
 
     def _set_many(self, slots: np.ndarray) -> None:
+        kernel = native.load("bb84")
+        if kernel is not None:
+            kernel.set_bits(self._words, np.ascontiguousarray(slots, np.int64))
+            return
         flags = np.zeros(self._words.size * 64, bool)
         flags[slots] = True
         self._words |= np.packbits(flags, bitorder="little").view("<u8")
@@ -462,10 +468,66 @@ def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
     if n > MAX_PULSES:
         raise ValueError(f"at most {MAX_PULSES} pulses per round")
     t_any, tails_l, t_mu_l, p_vac_cls = _mixture_tables(params)
-    hi16, lo48 = np.uint16(t_any >> 48), np.uint64(t_any & ((1 << 48) - 1))
     tails = np.array(tails_l, np.uint64)
     t_mu = np.array(t_mu_l, np.uint32)
     t_basis = np.uint32(_below(params.basis_bias, 31))
+    kernel = native.load("bb84")
+    if kernel is not None:
+        sent, intensity, basis, bit, state = _emit_pulses_native(
+            kernel, n, rng, sec, t_any, tails, t_mu, t_basis)
+    else:
+        sent, intensity, basis, bit, state = _emit_pulses(
+            n, rng, sec, t_any, tails, t_mu, t_basis)
+    # The vacuum slots' class counts: aggregate and never used for the key, drawn from
+    # a generator seeded by the secret source.
+    vac_gen = np.random.default_rng(int(sec.integers(0, 1 << 63)))
+    vacuum_left = vac_gen.multinomial(n - sent.size, p_vac_cls).astype(np.int64)
+    sent_per = np.bincount(intensity, minlength=3).astype(np.int64) + vacuum_left
+    record = SparseSlotRecord(sent_per, sent, intensity, basis, bit, n,
+                              vacuum_left, params.basis_bias, sec)
+    return record, PulseFrame(round_no, n, sent, state)
+
+
+_Pulses = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _emit_pulses_native(kernel: ModuleType, n: int, rng: np.random.Generator,
+                        sec: Random, t_any: int, tails: np.ndarray, t_mu: np.ndarray,
+                        t_basis: np.uint32) -> _Pulses:
+    """`_emit_pulses` with its loops compiled (`_qkdgw_bb84`): the same words drawn in
+    the same order, the same outputs bit for bit, written straight into round-sized
+    arrays (no per-chunk pieces to concatenate)."""
+    hi16, lo48 = t_any >> 48, t_any & ((1 << 48) - 1)
+    # Room for the expected pulses plus a chunk (the scan writes a whole chunk's
+    # candidates); grown in the rare round that needs more.
+    cap = min(n, int(n * t_any / 2.0**64 * 1.01) + _CHUNK)
+    sent = np.empty(cap, np.int64)
+    out8 = [np.empty(cap, np.uint8) for _ in range(4)]  # state, class, basis, bit
+    pos = 0
+    for lo in range(0, n, _CHUNK):
+        c = min(_CHUNK, n - lo)
+        if pos + c > sent.size:
+            grow = max(sent.size * 5 // 4, pos + c)
+            sent = np.concatenate([sent[:pos], np.empty(grow - pos, np.int64)])
+            out8 = [np.concatenate([a[:pos], np.empty(grow - pos, np.uint8)]) for a in out8]
+        u16 = _words(rng, -(-c // 4)).view(np.uint16)[:c]
+        n_ties = int(np.count_nonzero(u16 == np.uint16(hi16)))
+        tie_words = _words(rng, n_ties) if n_ties else np.zeros(0, np.uint64)
+        m = kernel.carry_scan(u16, c, hi16, tie_words, lo48, lo, sent[pos:])
+        r = _words(rng, m)
+        w = _words(sec, m)
+        kernel.emit_fill(m, r, w, tails, t_mu, int(t_basis),
+                         *(a[pos : pos + m] for a in out8))
+        pos += m
+    state, cls, bas, bit = (a[:pos] for a in out8)
+    return sent[:pos], cls, bas, bit, state
+
+
+def _emit_pulses(n: int, rng: np.random.Generator, sec: Random, t_any: int,
+                 tails: np.ndarray, t_mu: np.ndarray, t_basis: np.uint32) -> _Pulses:
+    """The slots that carry photons and their (class, basis, bit, state), chunk by
+    chunk: the numpy reference of `_emit_pulses_native`."""
+    hi16, lo48 = np.uint16(t_any >> 48), np.uint64(t_any & ((1 << 48) - 1))
     slots: list[np.ndarray] = []
     cls_l: list[np.ndarray] = []
     bas_l: list[np.ndarray] = []
@@ -490,20 +552,13 @@ def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
         cls_l.append(cls)
         bas_l.append(bas)
         bit_l.append(bt)
-    sent = np.concatenate(slots).astype(np.int64) if slots else np.zeros(0, np.int64)
+    sent = np.concatenate(slots).astype(np.int64, copy=False) if slots else np.zeros(
+        0, np.int64)
 
     def cat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
-    intensity, state = cat(cls_l), cat(states)
-    # The vacuum slots' class counts: aggregate and never used for the key, drawn from
-    # a generator seeded by the secret source.
-    vac_gen = np.random.default_rng(int(sec.integers(0, 1 << 63)))
-    vacuum_left = vac_gen.multinomial(n - sent.size, p_vac_cls).astype(np.int64)
-    sent_per = np.bincount(intensity, minlength=3).astype(np.int64) + vacuum_left
-    record = SparseSlotRecord(sent_per, sent, intensity, cat(bas_l), cat(bit_l), n,
-                              vacuum_left, params.basis_bias, sec)
-    return record, PulseFrame(round_no, n, sent, state)
+    return sent, cat(cls_l), cat(bas_l), cat(bit_l), cat(states)
 
 
 def _photon_numbers(r: np.ndarray, tails: np.ndarray) -> np.ndarray:
