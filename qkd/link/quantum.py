@@ -168,6 +168,12 @@ class PulseFrame:
         if self.version == VERSION_U32:
             return self._encode_u32()
         count = self.slots.size
+        kernel = native.load("bb84")
+        if kernel is not None:
+            return b"".join((_HDR.pack(MAGIC, VERSION, self.round, self.pulses, count),
+                             np.asarray(self.state, np.uint8).tobytes(),
+                             kernel.varints_encode(
+                                 np.ascontiguousarray(self.slots, np.int64), True)))
         deltas = np.empty(count, np.int64)
         if count:
             deltas[0] = self.slots[0]
@@ -212,6 +218,10 @@ class PulseFrame:
             if len(data) < _HDR.size + 2 * count:
                 raise FrameError("pulse frame length does not match its header")
             state = np.frombuffer(data, np.uint8, count, _HDR.size).copy()
+            kernel = native.load("bb84")
+            if kernel is not None:
+                return cls(rnd, pulses, _decode_slots_native(kernel, data, count, pulses),
+                           state, version)
             seg = np.frombuffer(data, np.uint8, offset=_HDR.size + count)
             if seg.size == count and (not count or int(seg.max()) < 0x80):
                 deltas = seg  # all one-byte varints: the bytes are the deltas
@@ -227,6 +237,23 @@ class PulseFrame:
         if count and (slots[-1] >= pulses or (count > 1 and np.any(deltas[1:] == 0))):
             raise FrameError("pulse frame slots out of order or outside the round")
         return cls(rnd, pulses, slots, state, version)
+
+
+def _decode_slots_native(kernel: ModuleType, data: bytes, count: int, pulses: int
+                         ) -> np.ndarray:
+    """A version-2 frame's slots from its varint deltas, compiled: the checks and
+    errors of `PulseFrame.decode`'s numpy path, in its order."""
+    slots = np.empty(count, np.int64)
+    try:
+        end, top, zero_step = kernel.varints_decode(data, _HDR.size + count, count,
+                                                    slots, True)
+    except ValueError as exc:
+        raise FrameError(f"pulse frame slot deltas: {exc}") from None
+    if end != len(data) or (count and top >= MAX_PULSES):
+        raise FrameError("pulse frame length does not match its header")
+    if count and (slots[-1] >= pulses or zero_step):
+        raise FrameError("pulse frame slots out of order or outside the round")
+    return slots
 
 
 def _photons(state: np.ndarray) -> np.ndarray:
@@ -669,6 +696,9 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
         right[key] = _below(eta * c, 64)
         anyd[key] = _below(eta, 64)
     dark = _dark_among_pulses(rng, size, d)
+    kernel = native.load("bb84")
+    if kernel is not None:
+        return _measure_native(kernel, frame, params, rng, sec, t_basis, right, anyd, dark)
     out_slots: list[np.ndarray] = []
     out_basis: list[np.ndarray] = []
     out_bits: list[np.ndarray] = []
@@ -724,6 +754,59 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
         out_basis.append(b_basis[sel])
         out_bits.append(bits)
     return _with_dark_clicks(frame, size, out_slots, out_basis, out_bits, params, rng, sec)
+
+
+def _measure_native(kernel: ModuleType, frame: PulseFrame, params: LinkParams,
+                    rng: np.random.Generator, sec: Random, t_basis: np.uint32,
+                    right: np.ndarray, anyd: np.ndarray, dark: list[np.ndarray]
+                    ) -> BobRecord:
+    """`measure` with its per-pulse loops compiled (`_qkdgw_bb84`): the draws of
+    `measure_prev` in its order (Bob's bases, one physics word per pulse, the two
+    binomials of the multi-photon pulses, the double clicks' bits), so the record is
+    the same bit for bit. A flag byte per pulse holds the right (1) and wrong (2)
+    detector's click."""
+    st = frame.state
+    size = st.size
+    slots_all = np.ascontiguousarray(frame.slots, np.int64)
+    cap = min(size, _CHUNK)
+    flags = np.empty(cap, np.uint8)
+    b_basis = np.empty(cap, np.uint8)
+    multi_buf = np.empty(cap, np.int64)
+    both_buf = np.empty(cap, np.int64)
+    # Bob's clicks go straight into pulse-sized arrays (a click is a subset).
+    out_slots = np.empty(size, np.int64)
+    out_basis = np.empty(size, np.uint8)
+    out_bits = np.empty(size, np.uint8)
+    pos = 0
+    for lo in range(0, size, _CHUNK):
+        c = min(_CHUNK, size - lo)
+        s = st[lo : lo + c]
+        bw = _words(sec, -(-c // 2)).view(np.uint32)
+        r = _words(rng, c)
+        n_multi = kernel.measure_clicks(c, s, bw, r, right, anyd, int(t_basis),
+                                        b_basis, flags, multi_buf)
+        if n_multi:
+            multi = multi_buf[:n_multi]
+            sm = s[multi]
+            photons = sm & 0x1F
+            eta = np.where(sm >> 7 != 0, params.detector_efficiency, params.eta_sys)
+            m = rng.binomial(photons, eta)
+            match = ((sm >> 5) & 1) == b_basis[multi]
+            cm = np.where(match, 1.0 - params.misalignment, 0.5)
+            jc = rng.binomial(m, cm)
+            flags[multi] = (jc > 0).view(np.uint8) | ((m - jc > 0).view(np.uint8) << 1)
+        for bit, det in zip((1, 2), dark, strict=True):
+            a, b = np.searchsorted(det, (lo, lo + c))
+            if b > a:
+                flags[det[a:b] - lo] |= np.uint8(bit)
+        n_sel, n_both = kernel.measure_collect(
+            c, flags, s, b_basis, slots_all[lo : lo + c], out_slots[pos:],
+            out_basis[pos:], out_bits[pos:], both_buf)
+        if n_both:
+            out_bits[pos + both_buf[:n_both]] = sec.integers(0, 2, n_both, dtype=np.uint8)
+        pos += n_sel
+    return _with_dark_clicks(frame, size, [out_slots[:pos]], [out_basis[:pos]],
+                             [out_bits[:pos]], params, rng, sec)
 
 
 def _mark(n: int, at: np.ndarray) -> np.ndarray:

@@ -229,8 +229,11 @@ static uint8_t *put_varint(uint8_t *o, uint64_t v) {
 }
 
 /* varints_encode(values: uint64[n], deltas: bool) -> bytes
- * Unsigned LEB128 of each value; with deltas, of values[0] and then of each
- * values[i] - values[i-1] (mod 2^64, as numpy's int64 difference cast to uint64). */
+ * Unsigned LEB128 of each value; with deltas (values: int64), of values[0] and then of
+ * each values[i] - values[i-1] (mod 2^64, as numpy's int64 difference cast to
+ * uint64), except that when every delta is below 128 as a signed number the output is
+ * each delta's low byte: what PulseFrame.encode's one-byte shortcut writes, even for
+ * the (invalid) decreasing slots it never decodes. */
 static PyObject *varints_encode(PyObject *self, PyObject *args) {
     Py_buffer v;
     int deltas;
@@ -244,15 +247,26 @@ static PyObject *varints_encode(PyObject *self, PyObject *args) {
     Py_ssize_t n = v.len / 8, size = 0;
     const uint8_t *p = v.buf;
     uint64_t prev = 0;
+    int small = 1;
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t x = rd64(p + 8 * i);
-        size += varint_len(deltas ? x - prev : x);
+        uint64_t x = rd64(p + 8 * i), d = deltas ? x - prev : x;
+        size += varint_len(d);
+        if (deltas ? (int64_t)d >= 0x80 : d >= 0x80) small = 0;
         prev = x;
     }
+    if (small) size = n;
     res = PyBytes_FromStringAndSize(NULL, size);
     if (!res) goto done;
     uint8_t *o = (uint8_t *)PyBytes_AS_STRING(res);
     prev = 0;
+    if (small) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t x = rd64(p + 8 * i);
+            o[i] = (uint8_t)(deltas ? x - prev : x);
+            prev = x;
+        }
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t x = rd64(p + 8 * i);
         o = put_varint(o, deltas ? x - prev : x);

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from qkd import native
 from qkd.common.errors import QkdError
 from qkd.sim import constants as c
 
@@ -102,6 +103,17 @@ class _Reader:
         redundant trailing zero byte), so every value fits an int64."""
         if count < _SMALL:  # Cascade's queries: fewer numpy calls win
             return self.varints_reference(count)
+        kernel = native.load("bb84")
+        if kernel is not None:  # the same checks and errors, compiled
+            if count > self.remaining():  # before allocating for a peer's count
+                raise MessageError("message truncated")
+            out = np.empty(count, np.uint64)
+            try:
+                self.pos, _, _ = kernel.varints_decode(self.data, self.pos, count, out,
+                                                       False)
+            except ValueError as exc:
+                raise MessageError(str(exc)) from None
+            return out
         spans = self._varint_spans(count)
         if isinstance(spans, np.ndarray):
             return spans
@@ -192,6 +204,9 @@ def _varints(v: np.ndarray) -> bytes:
     if len(v) < _SMALL:  # Cascade's queries: fewer numpy calls win
         return _varints_reference(v)
     v = np.asarray(v).astype(np.uint64, copy=False)
+    kernel = native.load("bb84")
+    if kernel is not None:
+        return kernel.varints_encode(np.ascontiguousarray(v), False)  # type: ignore[no-any-return]
     top = int(v.max())
     if top < 0x80:
         return v.astype(np.uint8).tobytes()
