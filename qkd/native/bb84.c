@@ -415,7 +415,58 @@ done:
     return res;
 }
 
+/* insert_sorted(src, pos: int64[k], vals, itemsize, out)
+ * np.insert(src, pos, vals) for non-decreasing positions in [0, n] (checked): vals[j]
+ * lands at out[pos[j] + j], before src[pos[j]], equal positions in order. */
+static PyObject *insert_sorted(PyObject *self, PyObject *args) {
+    Py_buffer src, pos, vals, out;
+    Py_ssize_t isz;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*nw*", &src, &pos, &vals, &isz, &out)) return NULL;
+    PyObject *res = NULL;
+    if (isz <= 0 || isz > 16 || src.len % isz || vals.len % isz || pos.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "insert_sorted: bad item size");
+        goto done;
+    }
+    Py_ssize_t n = src.len / isz, k = pos.len / 8;
+    if (vals.len / isz != k || !need(&out, (n + k) * isz, "insert_sorted out")) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "insert_sorted: one value per position");
+        goto done;
+    }
+    const uint8_t *sp = src.buf, *pp = pos.buf, *vp = vals.buf;
+    uint8_t *op = out.buf;
+    int64_t prev = 0;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        int64_t at;
+        memcpy(&at, pp + 8 * j, 8);
+        if (at < prev || at > n) {
+            PyErr_SetString(PyExc_ValueError,
+                            "insert_sorted: positions not non-decreasing in [0, n]");
+            goto done;
+        }
+        prev = at;
+    }
+    Py_ssize_t from = 0, to = 0;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        int64_t at;
+        memcpy(&at, pp + 8 * j, 8);
+        Py_ssize_t run = (Py_ssize_t)at - from;
+        memcpy(op + to * isz, sp + from * isz, run * isz);
+        to += run; from += run;
+        memcpy(op + to * isz, vp + j * isz, isz);
+        to++;
+    }
+    memcpy(op + to * isz, sp + from * isz, (n - from) * isz);
+    res = Py_None; Py_INCREF(res);
+done:
+    PyBuffer_Release(&src); PyBuffer_Release(&pos); PyBuffer_Release(&vals);
+    PyBuffer_Release(&out);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"insert_sorted", insert_sorted, METH_VARARGS, "np.insert at sorted positions"},
     {"carry_scan", carry_scan, METH_VARARGS, "which slots of a chunk carry photons"},
     {"emit_fill", emit_fill, METH_VARARGS, "photon numbers, classes, bases, bits, states"},
     {"measure_clicks", measure_clicks, METH_VARARGS, "Bob's bases and single-photon clicks"},
