@@ -261,7 +261,7 @@ def test_varint_codec_matches_the_numpy_path(top: int,
         enc_a, enc_b = _both(monkeypatch, lambda v=v: m.encode_varints(v))  # type: ignore[misc]
         assert enc_a == enc_b
         dec = _both(monkeypatch,
-                    lambda e=enc_a: _outcome(  # type: ignore[misc]
+                    lambda e=enc_a, n=n: _outcome(  # type: ignore[misc]
                         lambda: m.decode_varints(b"xy" + e, 2, n)))
         if dec[0][0] == "ok":
             assert np.array_equal(dec[0][1][0], dec[1][1][0])
