@@ -698,21 +698,21 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
     `secret` draws Bob's bases and the bits of double and dark clicks, `rng` the
     physics (as in `emit`).
 
-    Same distribution as `measure_reference`, drawn cheaper: Bob's basis from 32
-    secret bits per pulse; a single-photon pulse (most of them) is resolved by one raw
-    64-bit physics word against the probabilities of "right detector" (eta c) and
-    "either detector" (eta), which is what the two binomials give for one photon;
-    multi-photon pulses keep the binomials. Dark clicks in the pulses' slots are
-    i.i.d. Bernoulli(d) per detector, drawn as a Binomial(size, d) count on a uniform
-    subset of that size instead of one uniform per pulse and detector. The draws and
-    their order are those of `measure_prev` (the same output bit for bit); the state
-    byte's top three bits and Bob's basis index the threshold tables directly, and
-    only the pulses that clicked are carried on, which saves half the passes.
+    Same distribution as `measure_reference`, drawn per photon: Bob's basis from 32
+    secret bits per pulse; every photon of a pulse takes one raw 64-bit physics word,
+    below P(right detector) = eta c it clicks the right detector, below P(any) = eta the
+    wrong one, else it is lost. That is the joint law of the reference's two binomials
+    (detected ~ Bin(n, eta), right ~ Bin(detected, c)) photon by photon, exact to 2^-64;
+    the thresholds are indexed by the state's top three bits and Bob's basis. Dark
+    clicks in the pulses' slots are i.i.d. Bernoulli(d) per detector, drawn as a
+    Binomial(size, d) count on a uniform subset of that size (as in `measure_prev`,
+    the binomial form this replaced and is tested against statistically). The loops
+    run compiled when `_qkdgw_bb84` is there (`_photon_clicks` and `_collect` are
+    their numpy reference, the same output bit for bit).
     """
     sec = rng if secret is None else secret
     st = frame.state
     size = st.size
-    d = params.dark_per_detector
     t_basis = np.uint32(_below(params.basis_bias, 32))
     # Thresholds by (state >> 5) << 1 | Bob's basis = bypass, bit, basis, Bob's basis.
     right = np.empty(16, np.uint64)
@@ -723,124 +723,78 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
         c = 1.0 - params.misalignment if s_basis == b_basis else 0.5
         right[key] = _below(eta * c, 64)
         anyd[key] = _below(eta, 64)
-    dark = _dark_among_pulses(rng, size, d)
+    dark = _dark_among_pulses(rng, size, params.dark_per_detector)
     kernel = native.load("bb84")
-    if kernel is not None:
-        return _measure_native(kernel, frame, params, rng, sec, t_basis, right, anyd, dark)
-    out_slots: list[np.ndarray] = []
-    out_basis: list[np.ndarray] = []
-    out_bits: list[np.ndarray] = []
-    for lo in range(0, size, _CHUNK):
-        c = min(_CHUNK, size - lo)
-        s = st[lo : lo + c]
-        b_basis = (_words(sec, -(-c // 2)).view(np.uint32)[:c] >= t_basis).view(np.uint8)
-        key = (s >> 4) & np.uint8(0xFE)
-        key |= b_basis
-        r = _words(rng, c)
-        click_c = r < right[key]
-        click_a = r < anyd[key]  # either detector: right <= any
-        multi = np.flatnonzero(s & np.uint8(0x1E))  # two photons or more
-        if multi.size:
-            sm = s[multi]
-            photons = sm & 0x1F
-            bypass = sm >> 7
-            eta = np.where(bypass != 0, params.detector_efficiency, params.eta_sys)
-            m = rng.binomial(photons, eta)
-            match = ((sm >> 5) & 1) == b_basis[multi]
-            cm = np.where(match, 1.0 - params.misalignment, 0.5)
-            jc = rng.binomial(m, cm)
-            click_c[multi] = jc > 0
-            click_a[multi] = (jc > 0) | (m - jc > 0)
-            w_multi = multi[m - jc > 0]  # may click beside the right detector
-        else:
-            w_multi = multi
-        click_w_dark = np.zeros(0, np.int64)
-        for n_det, det in enumerate(dark):
-            a, b = np.searchsorted(det, (lo, lo + c))
-            hit = det[a:b] - lo
-            if n_det == 0:
-                # A wrong-detector click the dark click would hide from a & ~c.
-                w_multi = np.concatenate([w_multi, hit[click_a[hit] & ~click_c[hit]]])
-                click_c[hit] = True
-                click_a[hit] = True
-            else:
-                click_w_dark = hit
-        # click_w = (any and not right) or a wrong-detector dark click.
-        sel = np.flatnonzero(click_a) if not click_w_dark.size else np.flatnonzero(
-            click_a | _mark(c, click_w_dark))
-        cc = click_c[sel]
-        cw = click_a[sel] & ~cc
-        for extra in (w_multi, click_w_dark):  # both in sel: they clicked
-            if extra.size:
-                cw[np.searchsorted(sel, extra)] = True
-        bits = ((s[sel] >> 6) & 1) ^ (~cc).view(np.uint8) & np.uint8(1)
-        both = cc & cw
-        nb = int(np.count_nonzero(both))
-        if nb:
-            bits[both] = sec.integers(0, 2, nb, dtype=np.uint8)
-        out_slots.append(frame.slots[lo : lo + c][sel])
-        out_basis.append(b_basis[sel])
-        out_bits.append(bits)
-    return _with_dark_clicks(frame, size, out_slots, out_basis, out_bits, params, rng, sec)
-
-
-def _measure_native(kernel: ModuleType, frame: PulseFrame, params: LinkParams,
-                    rng: np.random.Generator, sec: Random, t_basis: np.uint32,
-                    right: np.ndarray, anyd: np.ndarray, dark: list[np.ndarray]
-                    ) -> BobRecord:
-    """`measure` with its per-pulse loops compiled (`_qkdgw_bb84`): the draws of
-    `measure_prev` in its order (Bob's bases, one physics word per pulse, the two
-    binomials of the multi-photon pulses, the double clicks' bits), so the record is
-    the same bit for bit. A flag byte per pulse holds the right (1) and wrong (2)
-    detector's click."""
-    st = frame.state
-    size = st.size
     slots_all = np.ascontiguousarray(frame.slots, np.int64)
-    cap = min(size, _CHUNK)
-    flags = np.empty(cap, np.uint8)
-    b_basis = np.empty(cap, np.uint8)
-    multi_buf = np.empty(cap, np.int64)
-    both_buf = np.empty(cap, np.int64)
     # Bob's clicks go straight into pulse-sized arrays (a click is a subset).
     out_slots = np.empty(size, np.int64)
     out_basis = np.empty(size, np.uint8)
     out_bits = np.empty(size, np.uint8)
+    cap = min(size, _CHUNK)
+    flags = np.empty(cap, np.uint8)  # per pulse: right (1) and wrong (2) detector click
+    b_basis = np.empty(cap, np.uint8)
+    both = np.empty(cap, np.int64)
     pos = 0
     for lo in range(0, size, _CHUNK):
         c = min(_CHUNK, size - lo)
-        s = st[lo : lo + c]
-        bw = _words(sec, -(-c // 2)).view(np.uint32)
-        r = _words(rng, c)
-        n_multi = kernel.measure_clicks(c, s, bw, r, right, anyd, int(t_basis),
-                                        b_basis, flags, multi_buf)
-        if n_multi:
-            multi = multi_buf[:n_multi]
-            sm = s[multi]
-            photons = sm & 0x1F
-            eta = np.where(sm >> 7 != 0, params.detector_efficiency, params.eta_sys)
-            m = rng.binomial(photons, eta)
-            match = ((sm >> 5) & 1) == b_basis[multi]
-            cm = np.where(match, 1.0 - params.misalignment, 0.5)
-            jc = rng.binomial(m, cm)
-            flags[multi] = (jc > 0).view(np.uint8) | ((m - jc > 0).view(np.uint8) << 1)
+        s = np.ascontiguousarray(st[lo : lo + c], np.uint8)
+        bw = _words(sec, -(-c // 2)).view(np.uint32)[:c]
+        if kernel is not None:
+            r = _words(rng, kernel.photon_sum(s))
+            kernel.measure_photons(c, s, bw, r, right, anyd, int(t_basis), b_basis, flags)
+        else:
+            r = _words(rng, int(np.sum(s & np.uint8(0x1F), dtype=np.int64)))
+            b_basis[:c], flags[:c] = _photon_clicks(s, bw, r, right, anyd, t_basis)
         for bit, det in zip((1, 2), dark, strict=True):
             a, b = np.searchsorted(det, (lo, lo + c))
             if b > a:
                 flags[det[a:b] - lo] |= np.uint8(bit)
-        n_sel, n_both = kernel.measure_collect(
-            c, flags, s, b_basis, slots_all[lo : lo + c], out_slots[pos:],
-            out_basis[pos:], out_bits[pos:], both_buf)
+        sl = slots_all[lo : lo + c]
+        if kernel is not None:
+            n_sel, n_both = kernel.measure_collect(c, flags, s, b_basis, sl,
+                                                   out_slots[pos:], out_basis[pos:],
+                                                   out_bits[pos:], both)
+        else:
+            n_sel, n_both = _collect(flags[:c], s, b_basis[:c], sl, out_slots[pos:],
+                                     out_basis[pos:], out_bits[pos:], both)
         if n_both:
-            out_bits[pos + both_buf[:n_both]] = sec.integers(0, 2, n_both, dtype=np.uint8)
+            out_bits[pos + both[:n_both]] = sec.integers(0, 2, n_both, dtype=np.uint8)
         pos += n_sel
     return _with_dark_clicks(frame, size, [out_slots[:pos]], [out_basis[:pos]],
                              [out_bits[:pos]], params, rng, sec)
 
 
-def _mark(n: int, at: np.ndarray) -> np.ndarray:
-    out = np.zeros(n, bool)
-    out[at] = True
-    return out
+def _photon_clicks(s: np.ndarray, bw: np.ndarray, r: np.ndarray, right: np.ndarray,
+                   anyd: np.ndarray, t_basis: np.uint32) -> tuple[np.ndarray, np.ndarray]:
+    """Bob's bases and click flags of one chunk (numpy reference of the kernel's
+    measure_photons): photon j of pulse i takes word r[j] in pulse order."""
+    b_basis = (bw >= t_basis).view(np.uint8)
+    key = ((s >> 4) & np.uint8(0xFE)) | b_basis
+    photons = (s & np.uint8(0x1F)).astype(np.int64)
+    owner = np.repeat(np.arange(s.size), photons)
+    kp = key[owner]
+    hit_c = r < right[kp]
+    hit_w = (r < anyd[kp]) & ~hit_c
+    flags = (np.bincount(owner[hit_c], minlength=s.size) > 0).view(np.uint8).copy()
+    flags |= (np.bincount(owner[hit_w], minlength=s.size) > 0).view(np.uint8) << 1
+    return b_basis, flags
+
+
+def _collect(flags: np.ndarray, s: np.ndarray, b_basis: np.ndarray, slots: np.ndarray,
+             out_slots: np.ndarray, out_basis: np.ndarray, out_bits: np.ndarray,
+             both: np.ndarray) -> tuple[int, int]:
+    """The clicked pulses of a chunk into the outputs (numpy reference of the kernel's
+    measure_collect): slot, basis, and the state's bit on a right-detector click, its
+    complement otherwise; `both` gets the output positions of double clicks."""
+    sel = np.flatnonzero(flags)
+    f = flags[sel]
+    n = sel.size
+    out_slots[:n] = slots[sel]
+    out_basis[:n] = b_basis[sel]
+    out_bits[:n] = ((s[sel] >> 6) & 1) ^ (f & 1) ^ 1
+    dbl = np.flatnonzero(f == 3)
+    both[: dbl.size] = dbl
+    return n, dbl.size
 
 
 def measure_prev(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,

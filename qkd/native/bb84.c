@@ -121,28 +121,40 @@ done:
     return res;
 }
 
-/* measure_clicks(c, state, bw, r, right, anyd, t_basis, b_basis, flags, multi) -> n_multi
+/* photon_sum(state: uint8[c]) -> the photons of the pulses (state & 0x1F summed). */
+static PyObject *photon_sum(PyObject *self, PyObject *args) {
+    Py_buffer s;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*", &s)) return NULL;
+    const uint8_t *p = s.buf;
+    long long total = 0;
+    for (Py_ssize_t i = 0; i < s.len; i++) total += p[i] & 0x1F;
+    PyBuffer_Release(&s);
+    return PyLong_FromLongLong(total);
+}
+
+/* measure_photons(c, state, bw, r, right, anyd, t_basis, b_basis, flags)
  * Bob's basis = bw[i] >= t_basis (bw: uint32); key = (state >> 4 & 0xFE) | basis;
- * flags bit 0 = r < right[key] (right detector), bit 1 = r < anyd[key] and not bit 0
- * (wrong detector); the indices of pulses with two photons or more go to multi (their
- * flags are the caller's to overwrite from the binomials). */
-static PyObject *measure_clicks(PyObject *self, PyObject *args) {
-    Py_buffer s, bw, r, right, anyd, bb, fl, mu;
+ * photon j (state & 0x1F of them per pulse, in pulse order) takes word r[j]: below
+ * right[key] it clicks the right detector (flags bit 0), else below anyd[key] the
+ * wrong one (bit 1). r must hold every photon's word (checked). */
+static PyObject *measure_photons(PyObject *self, PyObject *args) {
+    Py_buffer s, bw, r, right, anyd, bb, fl;
     Py_ssize_t c;
     unsigned int t_basis;
     (void)self;
-    if (!PyArg_ParseTuple(args, "ny*y*y*y*y*Iw*w*w*", &c, &s, &bw, &r, &right, &anyd,
-                          &t_basis, &bb, &fl, &mu))
+    if (!PyArg_ParseTuple(args, "ny*y*y*y*y*Iw*w*", &c, &s, &bw, &r, &right, &anyd,
+                          &t_basis, &bb, &fl))
         return NULL;
     PyObject *res = NULL;
     if (c < 0) {
-        PyErr_SetString(PyExc_ValueError, "measure_clicks: negative count");
+        PyErr_SetString(PyExc_ValueError, "measure_photons: negative count");
         goto done;
     }
-    if (!need(&s, c, "measure_clicks state") || !need(&bw, 4 * c, "measure_clicks bw") ||
-        !need(&r, 8 * c, "measure_clicks r") || !need(&right, 128, "measure_clicks right") ||
-        !need(&anyd, 128, "measure_clicks anyd") || !need(&bb, c, "measure_clicks b_basis") ||
-        !need(&fl, c, "measure_clicks flags") || !need(&mu, 8 * c, "measure_clicks multi"))
+    if (!need(&s, c, "measure_photons state") || !need(&bw, 4 * c, "measure_photons bw") ||
+        !need(&right, 128, "measure_photons right") ||
+        !need(&anyd, 128, "measure_photons anyd") ||
+        !need(&bb, c, "measure_photons b_basis") || !need(&fl, c, "measure_photons flags"))
         goto done;
     uint64_t rt[16], an[16];
     for (int k = 0; k < 16; k++) {
@@ -150,23 +162,30 @@ static PyObject *measure_clicks(PyObject *self, PyObject *args) {
         an[k] = rd64((const uint8_t *)anyd.buf + 8 * k);
     }
     const uint8_t *sp = s.buf, *bp = bw.buf, *rp = r.buf;
-    uint8_t *bo = bb.buf, *fo = fl.buf, *mo = mu.buf;
-    Py_ssize_t nm = 0;
+    uint8_t *bo = bb.buf, *fo = fl.buf;
+    Py_ssize_t nr = r.len / 8, j = 0;
     for (Py_ssize_t i = 0; i < c; i++) {
         uint8_t st = sp[i];
         uint8_t b = rd32(bp + 4 * i) >= t_basis;
         unsigned key = ((unsigned)(st >> 4) & 0xFEu) | b;
-        uint64_t w = rd64(rp + 8 * i);
-        uint8_t cc = w < rt[key], ca = w < an[key];
+        unsigned k = st & 0x1F;
+        if (j + (Py_ssize_t)k > nr) {
+            PyErr_SetString(PyExc_ValueError, "measure_photons: fewer words than photons");
+            goto done;
+        }
+        uint8_t f = 0;
+        for (unsigned p = 0; p < k; p++, j++) {
+            uint64_t w = rd64(rp + 8 * j);
+            f |= w < rt[key] ? 1 : (w < an[key] ? 2 : 0);
+        }
         bo[i] = b;
-        fo[i] = (uint8_t)(cc | (uint8_t)((ca & !cc) << 1));
-        if (st & 0x1E) wr64(mo + 8 * nm++, (uint64_t)i);
+        fo[i] = f;
     }
-    res = PyLong_FromSsize_t(nm);
+    res = Py_None; Py_INCREF(res);
 done:
     PyBuffer_Release(&s); PyBuffer_Release(&bw); PyBuffer_Release(&r);
     PyBuffer_Release(&right); PyBuffer_Release(&anyd); PyBuffer_Release(&bb);
-    PyBuffer_Release(&fl); PyBuffer_Release(&mu);
+    PyBuffer_Release(&fl);
     return res;
 }
 
@@ -469,7 +488,8 @@ static PyMethodDef methods[] = {
     {"insert_sorted", insert_sorted, METH_VARARGS, "np.insert at sorted positions"},
     {"carry_scan", carry_scan, METH_VARARGS, "which slots of a chunk carry photons"},
     {"emit_fill", emit_fill, METH_VARARGS, "photon numbers, classes, bases, bits, states"},
-    {"measure_clicks", measure_clicks, METH_VARARGS, "Bob's bases and single-photon clicks"},
+    {"photon_sum", photon_sum, METH_VARARGS, "photons in a chunk of states"},
+    {"measure_photons", measure_photons, METH_VARARGS, "Bob's bases and clicks per photon"},
     {"measure_collect", measure_collect, METH_VARARGS, "Bob's clicked pulses and bits"},
     {"varints_encode", varints_encode, METH_VARARGS, "LEB128 of uint64 values or deltas"},
     {"varints_decode", varints_decode, METH_VARARGS, "canonical LEB128 varints, checked"},
