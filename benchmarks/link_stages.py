@@ -28,6 +28,8 @@ Run from the repo root: python benchmarks/link_stages.py [--rounds 1] [--pulses 
                   kernels (default), interleaved, each in a fresh process; prints CPU
                   per stage per run, the key per round and the key rates, and the load
                   average before and after
+  [--baseline DIR] with --compare: a third column, the qkd package of another
+                  checkout (e.g. `git archive main | tar -x -C DIR`) first on PYTHONPATH
 """
 
 from __future__ import annotations
@@ -136,22 +138,26 @@ def compare(args: argparse.Namespace) -> None:
     cmd = [sys.executable, __file__, "--json", "--rounds", str(args.rounds),
            "--pulses", str(args.pulses), "--distance", str(args.distance)]
     load0 = os.getloadavg()
-    runs: dict[str, list[dict[str, Any]]] = {"numpy": [], "native": []}
+    modes = {"numpy (QKDGW_NATIVE=0)": {"QKDGW_NATIVE": "0"},
+             "compiled kernels": {"QKDGW_NATIVE": "1"}}
+    if args.baseline:
+        modes = {f"baseline {args.baseline}": {"PYTHONPATH": str(args.baseline)}, **modes}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for _ in range(args.compare):
-        for mode, flag in (("numpy", "0"), ("native", "1")):
-            out = subprocess.run(cmd, env={**os.environ, "QKDGW_NATIVE": flag},
-                                 check=True, capture_output=True, text=True).stdout
+        for mode, env in modes.items():
+            out = subprocess.run(cmd, env={**os.environ, **env}, check=True,
+                                 capture_output=True, text=True).stdout
             runs[mode].append(json.loads(out.splitlines()[-1]))
     load1 = os.getloadavg()
     print(f"pulses/round {args.pulses:.3g}  distance {args.distance:g} km  rounds/run "
-          f"{args.rounds}  runs {args.compare} x 2, interleaved  load average "
+          f"{args.rounds}  runs {args.compare} x {len(modes)}, interleaved  load average "
           f"{load0[0]:.2f} before, {load1[0]:.2f} after")
-    print("| stage (CPU s / round) | numpy (QKDGW_NATIVE=0) | compiled kernels |")
-    print("|---|---|---|")
+    print("| stage (CPU s / round) | " + " | ".join(modes) + " |")
+    print("|---" * (len(modes) + 1) + "|")
 
     def row(label: str, key: Callable[[dict[str, Any]], float], fmt: str) -> None:
         cells = [", ".join(format(key(r), fmt) for r in runs[m]) for m in runs]
-        print(f"| {label} | {cells[0]} | {cells[1]} |")
+        print(f"| {label} | " + " | ".join(cells) + " |")
     for s in [*_STAGES, "other"]:
         row(s, lambda r, s=s: r["cpu"][s], ".3f")
     row("**total CPU s**", lambda r: r["cpu_total"], ".3f")
@@ -168,6 +174,7 @@ def main() -> None:
     ap.add_argument("--distance", type=float, default=10.0)
     ap.add_argument("--profile", type=int, default=0, metavar="N")
     ap.add_argument("--compare", type=int, default=0, metavar="N")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="DIR")
     ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.compare:
