@@ -101,10 +101,10 @@ class _Reader:
     def varints(self, count: int) -> np.ndarray:
         """`count` canonical unsigned LEB128 varints below 2^63 (at most 9 bytes, no
         redundant trailing zero byte), so every value fits an int64."""
-        if count < _SMALL:  # Cascade's queries: fewer numpy calls win
-            return self.varints_reference(count)
         kernel = native.load("bb84")
-        if kernel is not None:  # the same checks and errors, compiled
+        if kernel is not None:  # the same checks and errors, compiled, at every size
+            if count == 0:
+                return np.zeros(0, np.uint64)
             if count > self.remaining():  # before allocating for a peer's count
                 raise MessageError("message truncated")
             out = np.empty(count, np.uint64)
@@ -114,6 +114,8 @@ class _Reader:
             except ValueError as exc:
                 raise MessageError(str(exc)) from None
             return out
+        if count < _SMALL:  # Cascade's queries: fewer numpy calls win
+            return self.varints_reference(count)
         spans = self._varint_spans(count)
         if isinstance(spans, np.ndarray):
             return spans
@@ -201,12 +203,13 @@ def _varints(v: np.ndarray) -> bytes:
     One pass per byte position over the values that reach it, so a long array with a
     few large values costs about what an all-small one does (`_varints_reference` is
     the plain form it is tested against)."""
+    kernel = native.load("bb84")
+    if kernel is not None:  # the same bytes, compiled, at every size
+        v = np.ascontiguousarray(np.asarray(v).astype(np.uint64, copy=False))
+        return kernel.varints_encode(v, False)  # type: ignore[no-any-return]
     if len(v) < _SMALL:  # Cascade's queries: fewer numpy calls win
         return _varints_reference(v)
     v = np.asarray(v).astype(np.uint64, copy=False)
-    kernel = native.load("bb84")
-    if kernel is not None:
-        return kernel.varints_encode(np.ascontiguousarray(v), False)  # type: ignore[no-any-return]
     top = int(v.max())
     if top < 0x80:
         return v.astype(np.uint8).tobytes()

@@ -252,9 +252,10 @@ def test_frame_encode_matches_the_numpy_path(count: int,
 def test_varint_codec_matches_the_numpy_path(top: int,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(top % 1000)
-    for n in (4096, 4097, 20_000):
+    for n in (0, 1, 63, 64, 65, 1000, 4095, 4096, 4097, 20_000):
         v = (rng.integers(0, 1 << 62, n, dtype=np.uint64) % np.uint64(top)).astype(np.uint64)
-        v[int(rng.integers(0, n))] = np.uint64(top)
+        if n:
+            v[int(rng.integers(0, n))] = np.uint64(top)
         enc_a, enc_b = _both(monkeypatch, lambda v=v: m.encode_varints(v))  # type: ignore[misc]
         assert enc_a == enc_b
         dec = _both(monkeypatch,
@@ -265,20 +266,20 @@ def test_varint_codec_matches_the_numpy_path(top: int,
             assert dec[0][1][1] == dec[1][1][1]
             assert np.array_equal(dec[1][1][0], v)
         else:  # values at or above 2^63 are not decodable: the same error both ways
-            assert dec[0] == dec[1] and top >= 1 << 63
+            assert dec[0] == dec[1] and top >= 1 << 63 and n
 
 
+@pytest.mark.parametrize("n", [1, 64, 65, 1000, 5000])
 def test_varint_decoder_rejects_what_the_numpy_path_rejects(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    n = 5000
+        n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     good = m.encode_varints(np.arange(n, dtype=np.uint64) * 3)
     cases = [(good, n), (good, n + 1), (good[:-1], n), (good, 10**12), (good + b"\x00", n)]
     over = bytearray(good)
-    over[10] |= 0x80
-    cases.append((bytes(over[:11]) + b"\x00" + bytes(over[11:]), n))  # over-long
+    over[0] |= 0x80
+    cases.append((bytes(over[:1]) + b"\x00" + bytes(over[1:]), n))  # over-long
     cases.append((b"\xff" * 9 + b"\x01" + good, n))  # 10 bytes: at or above 2^63
-    cases.append((b"\xff" * 9 + b"\x01" + good[:-200], n))  # ... and truncated: truncated
-    cases.append((good[:100] + b"\x80\x00" + good[100:], n))  # over-long in the middle
+    cases.append((b"\xff" * 9 + b"\x01" + good[: -2 - n // 4], n))  # ... and truncated
+    cases.append((good[: n // 2] + b"\x80\x00" + good[n // 2 :], n))  # over-long inside
     cases.append((b"\x80" * (2 * n), n))  # no terminator at all
     rng = np.random.default_rng(2)
     for _ in range(40):
@@ -296,7 +297,7 @@ def test_varint_decoder_rejects_what_the_numpy_path_rejects(
     ref, fast = _both(monkeypatch, run)
     assert ref == fast
     msgs = {r[2] for r in ref if r[0] == "error"}
-    assert {"message truncated", "over-long varint", "varint at or above 2^63"} <= msgs
+    assert {"message truncated", "over-long varint", "varint at or above 2^63"} <= msgs, msgs
     assert all(r[1] is m.MessageError for r in ref if r[0] == "error")
     # A packed detections message through the full decoder, both ways.
     msg = m.PackedDetections(np.arange(0, 3 * n, 3), np.zeros(n, np.uint8)).encode()
