@@ -165,6 +165,11 @@ def compare(args: argparse.Namespace) -> None:
     row("final key bits / round", lambda r: r["key_bits_round"], ",.0f")
     row("**key bit/s of wall time**", lambda r: r["rate_wall"], ",.0f")
     row("key bit/s per CPU second", lambda r: r["rate_cpu"], ",.0f")
+    row("rounds aborted", lambda r: r["aborted"], "d")
+    for m, rs in runs.items():
+        for r in rs:
+            if r["aborted"]:
+                print(f"aborted ({m}): {r['abort_reason']}")
 
 
 def main() -> None:
@@ -202,7 +207,8 @@ def main() -> None:
             "cpu": {s: v / r for s, v in _cpu.items()}, "cpu_total": cpu / r,
             "wall_total": wall / r, "key_bits_round": a.stats.key_bits / r,
             "rate_wall": a.stats.key_bits / wall, "rate_cpu": a.stats.key_bits / cpu,
-            "committed": a.stats.rounds_committed}))
+            "committed": a.stats.rounds_committed, "aborted": a.stats.rounds_aborted,
+            "abort_reason": a.stats.last_abort_reason}))
         return
     print(f"code: {Path(lc.__file__).parents[2]}")
     print(f"pulses/round {params.pulses:.3g}  distance {params.distance_km:g} km  "
