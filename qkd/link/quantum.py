@@ -739,24 +739,28 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
         c = min(_CHUNK, size - lo)
         s = np.ascontiguousarray(st[lo : lo + c], np.uint8)
         bw = _words(sec, -(-c // 2)).view(np.uint32)[:c]
+        sl = slots_all[lo : lo + c]
         if kernel is not None:
             r = _words(rng, kernel.photon_sum(s))
-            kernel.measure_photons(c, s, bw, r, right, anyd, int(t_basis), b_basis, flags)
-        else:
-            r = _words(rng, int(np.sum(s & np.uint8(0x1F), dtype=np.int64)))
-            b_basis[:c], flags[:c] = _photon_clicks(s, bw, r, right, anyd, t_basis)
+            local = []
+            for det in dark:
+                a, b = np.searchsorted(det, (lo, lo + c))
+                local.append(np.ascontiguousarray(det[a:b] - lo, np.int64))
+            n_sel, n_both = kernel.measure_chunk(
+                c, s, bw, r, right, anyd, int(t_basis), local[0], local[1], sl,
+                out_slots[pos:], out_basis[pos:], out_bits[pos:], both)
+            if n_both:
+                out_bits[pos + both[:n_both]] = sec.integers(0, 2, n_both, dtype=np.uint8)
+            pos += n_sel
+            continue
+        r = _words(rng, int(np.sum(s & np.uint8(0x1F), dtype=np.int64)))
+        b_basis[:c], flags[:c] = _photon_clicks(s, bw, r, right, anyd, t_basis)
         for bit, det in zip((1, 2), dark, strict=True):
             a, b = np.searchsorted(det, (lo, lo + c))
             if b > a:
                 flags[det[a:b] - lo] |= np.uint8(bit)
-        sl = slots_all[lo : lo + c]
-        if kernel is not None:
-            n_sel, n_both = kernel.measure_collect(c, flags, s, b_basis, sl,
-                                                   out_slots[pos:], out_basis[pos:],
-                                                   out_bits[pos:], both)
-        else:
-            n_sel, n_both = _collect(flags[:c], s, b_basis[:c], sl, out_slots[pos:],
-                                     out_basis[pos:], out_bits[pos:], both)
+        n_sel, n_both = _collect(flags[:c], s, b_basis[:c], sl, out_slots[pos:],
+                                 out_basis[pos:], out_bits[pos:], both)
         if n_both:
             out_bits[pos + both[:n_both]] = sec.integers(0, 2, n_both, dtype=np.uint8)
         pos += n_sel
@@ -766,8 +770,9 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
 
 def _photon_clicks(s: np.ndarray, bw: np.ndarray, r: np.ndarray, right: np.ndarray,
                    anyd: np.ndarray, t_basis: np.uint32) -> tuple[np.ndarray, np.ndarray]:
-    """Bob's bases and click flags of one chunk (numpy reference of the kernel's
-    measure_photons): photon j of pulse i takes word r[j] in pulse order."""
+    """Bob's bases and click flags of one chunk (with the dark clicks and `_collect`,
+    the numpy reference of the kernel's measure_chunk): photon j of pulse i takes word
+    r[j] in pulse order."""
     b_basis = (bw >= t_basis).view(np.uint8)
     key = ((s >> 4) & np.uint8(0xFE)) | b_basis
     photons = (s & np.uint8(0x1F)).astype(np.int64)
@@ -783,8 +788,8 @@ def _photon_clicks(s: np.ndarray, bw: np.ndarray, r: np.ndarray, right: np.ndarr
 def _collect(flags: np.ndarray, s: np.ndarray, b_basis: np.ndarray, slots: np.ndarray,
              out_slots: np.ndarray, out_basis: np.ndarray, out_bits: np.ndarray,
              both: np.ndarray) -> tuple[int, int]:
-    """The clicked pulses of a chunk into the outputs (numpy reference of the kernel's
-    measure_collect): slot, basis, and the state's bit on a right-detector click, its
+    """The clicked pulses of a chunk into the outputs (the last step of measure_chunk's
+    numpy reference): slot, basis, and the state's bit on a right-detector click, its
     complement otherwise; `both` gets the output positions of double clicks."""
     sel = np.flatnonzero(flags)
     f = flags[sel]

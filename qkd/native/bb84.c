@@ -133,44 +133,69 @@ static PyObject *photon_sum(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(total);
 }
 
-/* measure_photons(c, state, bw, r, right, anyd, t_basis, b_basis, flags)
+/* measure_chunk(c, state, bw, r, right, anyd, t_basis, dark_right, dark_wrong, slots,
+ *               out_slots, out_basis, out_bits, out_both) -> (clicked, both)
  * Bob's basis = bw[i] >= t_basis (bw: uint32); key = (state >> 4 & 0xFE) | basis;
  * photon j (state & 0x1F of them per pulse, in pulse order) takes word r[j]: below
- * right[key] it clicks the right detector (flags bit 0), else below anyd[key] the
- * wrong one (bit 1). r must hold every photon's word (checked). */
-static PyObject *measure_photons(PyObject *self, PyObject *args) {
-    Py_buffer s, bw, r, right, anyd, bb, fl;
+ * right[key] it clicks the right detector, else below anyd[key] the wrong one (r must
+ * hold every photon's word, checked). Dark clicks: sorted chunk-local pulse indices per
+ * detector, in [0, c) (checked). The pulses with a click, in order, go out as slot,
+ * Bob's basis and bit (the state's bit on a right-detector click, its complement
+ * otherwise); out_both gets the output positions of double clicks (their bits are the
+ * caller's random draw). */
+static PyObject *measure_chunk(PyObject *self, PyObject *args) {
+    Py_buffer s, bw, r, right, anyd, d0, d1, sl, os, ob, ov, obo;
     Py_ssize_t c;
     unsigned int t_basis;
     (void)self;
-    if (!PyArg_ParseTuple(args, "ny*y*y*y*y*Iw*w*", &c, &s, &bw, &r, &right, &anyd,
-                          &t_basis, &bb, &fl))
+    if (!PyArg_ParseTuple(args, "ny*y*y*y*y*Iy*y*y*w*w*w*w*", &c, &s, &bw, &r, &right, &anyd,
+                          &t_basis, &d0, &d1, &sl, &os, &ob, &ov, &obo))
         return NULL;
     PyObject *res = NULL;
     if (c < 0) {
-        PyErr_SetString(PyExc_ValueError, "measure_photons: negative count");
+        PyErr_SetString(PyExc_ValueError, "measure_chunk: negative count");
         goto done;
     }
-    if (!need(&s, c, "measure_photons state") || !need(&bw, 4 * c, "measure_photons bw") ||
-        !need(&right, 128, "measure_photons right") ||
-        !need(&anyd, 128, "measure_photons anyd") ||
-        !need(&bb, c, "measure_photons b_basis") || !need(&fl, c, "measure_photons flags"))
+    if (!need(&s, c, "measure_chunk state") || !need(&bw, 4 * c, "measure_chunk bw") ||
+        !need(&right, 128, "measure_chunk right") || !need(&anyd, 128, "measure_chunk anyd") ||
+        !need(&sl, 8 * c, "measure_chunk slots") ||
+        !need(&os, 8 * c, "measure_chunk out_slots") ||
+        !need(&ob, c, "measure_chunk out_basis") || !need(&ov, c, "measure_chunk out_bits") ||
+        !need(&obo, 8 * c, "measure_chunk out_both"))
         goto done;
     uint64_t rt[16], an[16];
     for (int k = 0; k < 16; k++) {
         rt[k] = rd64((const uint8_t *)right.buf + 8 * k);
         an[k] = rd64((const uint8_t *)anyd.buf + 8 * k);
     }
-    const uint8_t *sp = s.buf, *bp = bw.buf, *rp = r.buf;
-    uint8_t *bo = bb.buf, *fo = fl.buf;
-    Py_ssize_t nr = r.len / 8, j = 0;
+    const uint8_t *dp[2] = {d0.buf, d1.buf};
+    Py_ssize_t dn[2] = {d0.len / 8, d1.len / 8}, di[2] = {0, 0};
+    int64_t dnext[2];
+    for (int t = 0; t < 2; t++) {
+        int64_t prev = -1;
+        for (Py_ssize_t k = 0; k < dn[t]; k++) {
+            int64_t v;
+            memcpy(&v, dp[t] + 8 * k, 8);
+            if (v <= prev || v >= c) {
+                PyErr_SetString(PyExc_ValueError,
+                                "measure_chunk: dark clicks not increasing inside the chunk");
+                goto done;
+            }
+            prev = v;
+        }
+        dnext[t] = -1;
+        if (dn[t]) memcpy(&dnext[t], dp[t], 8);
+    }
+    const uint8_t *sp = s.buf, *bp = bw.buf, *rp = r.buf, *lp = sl.buf;
+    uint8_t *osp = os.buf, *obp = ob.buf, *ovp = ov.buf, *bop = obo.buf;
+    Py_ssize_t nr = r.len / 8, j = 0, n = 0, nb = 0;
     for (Py_ssize_t i = 0; i < c; i++) {
         uint8_t st = sp[i];
         uint8_t b = rd32(bp + 4 * i) >= t_basis;
         unsigned key = ((unsigned)(st >> 4) & 0xFEu) | b;
         unsigned k = st & 0x1F;
         if (j + (Py_ssize_t)k > nr) {
-            PyErr_SetString(PyExc_ValueError, "measure_photons: fewer words than photons");
+            PyErr_SetString(PyExc_ValueError, "measure_chunk: fewer words than photons");
             goto done;
         }
         uint8_t f = 0;
@@ -178,58 +203,27 @@ static PyObject *measure_photons(PyObject *self, PyObject *args) {
             uint64_t w = rd64(rp + 8 * j);
             f |= w < rt[key] ? 1 : (w < an[key] ? 2 : 0);
         }
-        bo[i] = b;
-        fo[i] = f;
-    }
-    res = Py_None; Py_INCREF(res);
-done:
-    PyBuffer_Release(&s); PyBuffer_Release(&bw); PyBuffer_Release(&r);
-    PyBuffer_Release(&right); PyBuffer_Release(&anyd); PyBuffer_Release(&bb);
-    PyBuffer_Release(&fl);
-    return res;
-}
-
-/* measure_collect(c, flags, state, b_basis, slots, out_slots, out_basis, out_bits,
- *                 out_both) -> (clicked, both)
- * The pulses with a click (flags != 0) in order: slot, Bob's basis, and the bit (the
- * state's bit on a right-detector click, its complement otherwise); out_both gets the
- * output positions of double clicks (their bits are the caller's random draw). */
-static PyObject *measure_collect(PyObject *self, PyObject *args) {
-    Py_buffer fl, s, bb, sl, os, ob, ov, obo;
-    Py_ssize_t c;
-    (void)self;
-    if (!PyArg_ParseTuple(args, "ny*y*y*y*w*w*w*w*", &c, &fl, &s, &bb, &sl, &os, &ob, &ov,
-                          &obo))
-        return NULL;
-    PyObject *res = NULL;
-    if (c < 0) {
-        PyErr_SetString(PyExc_ValueError, "measure_collect: negative count");
-        goto done;
-    }
-    if (!need(&fl, c, "measure_collect flags") || !need(&s, c, "measure_collect state") ||
-        !need(&bb, c, "measure_collect b_basis") || !need(&sl, 8 * c, "measure_collect slots") ||
-        !need(&os, 8 * c, "measure_collect out_slots") ||
-        !need(&ob, c, "measure_collect out_basis") ||
-        !need(&ov, c, "measure_collect out_bits") ||
-        !need(&obo, 8 * c, "measure_collect out_both"))
-        goto done;
-    const uint8_t *fp = fl.buf, *sp = s.buf, *bp = bb.buf, *lp = sl.buf;
-    uint8_t *osp = os.buf, *obp = ob.buf, *ovp = ov.buf, *bop = obo.buf;
-    Py_ssize_t n = 0, nb = 0;
-    for (Py_ssize_t i = 0; i < c; i++) {
-        uint8_t f = fp[i];
+        for (int t = 0; t < 2; t++) {
+            if (dnext[t] == i) {
+                f |= (uint8_t)(1 << t);
+                di[t]++;
+                dnext[t] = -1;
+                if (di[t] < dn[t]) memcpy(&dnext[t], dp[t] + 8 * di[t], 8);
+            }
+        }
         if (!f) continue;
         memcpy(osp + 8 * n, lp + 8 * i, 8);
-        obp[n] = bp[i];
-        ovp[n] = (uint8_t)(((sp[i] >> 6) & 1) ^ (uint8_t)!(f & 1));
+        obp[n] = b;
+        ovp[n] = (uint8_t)(((st >> 6) & 1) ^ (uint8_t)!(f & 1));
         if (f == 3) wr64(bop + 8 * nb++, (uint64_t)n);
         n++;
     }
     res = Py_BuildValue("nn", n, nb);
 done:
-    PyBuffer_Release(&fl); PyBuffer_Release(&s); PyBuffer_Release(&bb);
-    PyBuffer_Release(&sl); PyBuffer_Release(&os); PyBuffer_Release(&ob);
-    PyBuffer_Release(&ov); PyBuffer_Release(&obo);
+    PyBuffer_Release(&s); PyBuffer_Release(&bw); PyBuffer_Release(&r);
+    PyBuffer_Release(&right); PyBuffer_Release(&anyd); PyBuffer_Release(&d0);
+    PyBuffer_Release(&d1); PyBuffer_Release(&sl); PyBuffer_Release(&os);
+    PyBuffer_Release(&ob); PyBuffer_Release(&ov); PyBuffer_Release(&obo);
     return res;
 }
 
@@ -489,8 +483,7 @@ static PyMethodDef methods[] = {
     {"carry_scan", carry_scan, METH_VARARGS, "which slots of a chunk carry photons"},
     {"emit_fill", emit_fill, METH_VARARGS, "photon numbers, classes, bases, bits, states"},
     {"photon_sum", photon_sum, METH_VARARGS, "photons in a chunk of states"},
-    {"measure_photons", measure_photons, METH_VARARGS, "Bob's bases and clicks per photon"},
-    {"measure_collect", measure_collect, METH_VARARGS, "Bob's clicked pulses and bits"},
+    {"measure_chunk", measure_chunk, METH_VARARGS, "photons, dark clicks, collect fused"},
     {"varints_encode", varints_encode, METH_VARARGS, "LEB128 of uint64 values or deltas"},
     {"varints_decode", varints_decode, METH_VARARGS, "canonical LEB128 varints, checked"},
     {"rank_lookup", rank_lookup, METH_VARARGS, "slot indices by rank in a bitmap"},

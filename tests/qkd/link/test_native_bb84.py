@@ -341,13 +341,21 @@ def test_kernels_reject_bad_buffers() -> None:
         K.emit_fill(8, np.zeros(8, np.uint64), np.zeros(8, np.uint64),
                     np.zeros(30, np.uint64), np.zeros(32, np.uint32), 0, z8, z8, z8,
                     np.zeros(7, np.uint8))
-    with pytest.raises(ValueError):
-        K.measure_photons(8, z8, np.zeros(8, np.uint32), np.zeros(8, np.uint64),
-                          np.zeros(15, np.uint64), np.zeros(16, np.uint64), 0, z8, z8)
-    with pytest.raises(ValueError, match="fewer words than photons"):
-        K.measure_photons(8, np.ones(8, np.uint8), np.zeros(8, np.uint32),
-                          np.zeros(7, np.uint64), np.zeros(16, np.uint64),
-                          np.zeros(16, np.uint64), 0, z8, z8.copy())
+    z64 = np.zeros(8, np.int64)
+    ok_args = (8, np.ones(8, np.uint8), np.zeros(8, np.uint32), np.zeros(8, np.uint64),
+               np.full(16, 2**64 - 1, np.uint64), np.full(16, 2**64 - 1, np.uint64), 0,
+               np.zeros(0, np.int64), np.array([7], np.int64), z64, z64.copy(), z8.copy(),
+               z8.copy(), z64.copy())
+    # Control: every photon clicks its right detector, pulse 7 also has a wrong-detector
+    # dark click (a double click).
+    assert K.measure_chunk(*ok_args) == (8, 1)
+    for at, bad in ((3, np.zeros(7, np.uint64)), (4, np.zeros(15, np.uint64)),
+                    (8, np.array([8], np.int64)), (8, np.array([2, 2], np.int64)),
+                    (10, np.zeros(7, np.int64))):
+        args = list(ok_args)
+        args[at] = bad
+        with pytest.raises(ValueError):
+            K.measure_chunk(*args)
     with pytest.raises(ValueError):
         K.varints_decode(b"\x01\x02", 3, 1, np.zeros(1, np.uint64), False)
     with pytest.raises(ValueError):
