@@ -369,15 +369,21 @@ class SparseSlotRecord(AliceRecord):
 
     def __init__(self, sent_per: np.ndarray, slots: np.ndarray, intensity: np.ndarray,
                  basis: np.ndarray, bit: np.ndarray, pulses: int, vacuum_left: np.ndarray,
-                 basis_bias: float, secret: Random) -> None:
+                 basis_bias: float, secret: Random, bitmap: np.ndarray | None = None
+                 ) -> None:
+        """`bitmap`: the slots' bits (`_bitmap(pulses)` with them set) if the caller
+        already made it."""
         super().__init__(sent_per, slots, intensity, basis, bit)
         self.pulses = pulses
         # Which slots are in `slots`, one bit each, and the count before each 64-bit
         # word: an index is a rank, a few passes over the query instead of a binary
         # search into tens of millions of slots.
-        flags = np.zeros(-(-max(pulses, 1) // 64) * 8, np.uint8)
-        self._words = flags.view("<u8")
-        self._set(np.asarray(slots, np.int64))
+        if bitmap is None:
+            self._words = _bitmap(pulses)
+            self._set(np.asarray(slots, np.int64))
+        else:
+            self._words = bitmap
+            self._set(np.zeros(0, np.int64))
         self._vacuum_left = vacuum_left.astype(np.int64)  # undrawn vacuum slots per class
         self._basis_bias = basis_bias
         self._secret = secret
@@ -454,6 +460,11 @@ class SparseSlotRecord(AliceRecord):
         self.bit = _insert(self.bit, pos, bit)
 
 
+def _bitmap(pulses: int) -> np.ndarray:
+    """An all-clear slot bitmap of a round: little-endian 64-bit words."""
+    return np.zeros(-(-max(pulses, 1) // 64) * 8, np.uint8).view("<u8")
+
+
 def _insert(arr: np.ndarray, pos: np.ndarray, values: np.ndarray) -> np.ndarray:
     """np.insert(arr, pos, values) for sorted `pos` (searchsorted's): one copy pass,
     compiled when `_qkdgw_bb84` is there (np.insert sorts and masks the whole array)."""
@@ -526,19 +537,24 @@ def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
     t_mu = np.array(t_mu_l, np.uint32)
     t_basis = np.uint32(_below(params.basis_bias, 31))
     kernel = native.load("bb84")
+    bitmap = None
     if kernel is not None:
-        sent, intensity, basis, bit, state = _emit_pulses_native(
-            kernel, n, rng, sec, t_any, tails, t_mu, t_basis)
+        bitmap = _bitmap(n)
+        sent, intensity, basis, bit, state, n_nu = _emit_pulses_native(
+            kernel, n, rng, sec, t_any, tails, t_mu, t_basis, bitmap)
+        # A pulse's class is mu (0) or nu (1): vacuum pulses carry no photon.
+        per_class = np.array([sent.size - n_nu, n_nu, 0], np.int64)
     else:
         sent, intensity, basis, bit, state = _emit_pulses(
             n, rng, sec, t_any, tails, t_mu, t_basis)
+        per_class = np.bincount(intensity, minlength=3).astype(np.int64)
     # The vacuum slots' class counts: aggregate and never used for the key, drawn from
     # a generator seeded by the secret source.
     vac_gen = np.random.default_rng(int(sec.integers(0, 1 << 63)))
     vacuum_left = vac_gen.multinomial(n - sent.size, p_vac_cls).astype(np.int64)
-    sent_per = np.bincount(intensity, minlength=3).astype(np.int64) + vacuum_left
+    sent_per = per_class + vacuum_left
     record = SparseSlotRecord(sent_per, sent, intensity, basis, bit, n,
-                              vacuum_left, params.basis_bias, sec)
+                              vacuum_left, params.basis_bias, sec, bitmap)
     return record, PulseFrame(round_no, n, sent, state)
 
 
@@ -548,17 +564,20 @@ _CAP_MARGIN = 1.01  # over the expected pulses of a round (tests set 0: growth)
 
 def _emit_pulses_native(kernel: ModuleType, n: int, rng: np.random.Generator,
                         sec: Random, t_any: int, tails: np.ndarray, t_mu: np.ndarray,
-                        t_basis: np.uint32) -> _Pulses:
+                        t_basis: np.uint32, bitmap: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                   np.ndarray, int]:
     """`_emit_pulses` with its loops compiled (`_qkdgw_bb84`): the same words drawn in
     the same order, the same outputs bit for bit, written straight into round-sized
-    arrays (no per-chunk pieces to concatenate)."""
+    arrays (no per-chunk pieces to concatenate); also sets the pulses' bits in `bitmap`
+    and returns how many are of class nu."""
     hi16, lo48 = t_any >> 48, t_any & ((1 << 48) - 1)
     # Room for the expected pulses plus a chunk (the scan writes a whole chunk's
     # candidates); grown in the rare round that needs more.
     cap = min(n, int(n * t_any / 2.0**64 * _CAP_MARGIN) + _CHUNK)
     sent = np.empty(cap, np.int64)
     out8 = [np.empty(cap, np.uint8) for _ in range(4)]  # state, class, basis, bit
-    pos = 0
+    pos = n_nu = 0
     for lo in range(0, n, _CHUNK):
         c = min(_CHUNK, n - lo)
         if pos + c > sent.size:
@@ -566,16 +585,16 @@ def _emit_pulses_native(kernel: ModuleType, n: int, rng: np.random.Generator,
             sent = np.concatenate([sent[:pos], np.empty(grow - pos, np.int64)])
             out8 = [np.concatenate([a[:pos], np.empty(grow - pos, np.uint8)]) for a in out8]
         u16 = _words(rng, -(-c // 4)).view(np.uint16)[:c]
-        n_ties = int(np.count_nonzero(u16 == np.uint16(hi16)))
+        n_ties = kernel.count_eq(u16, c, hi16)
         tie_words = _words(rng, n_ties) if n_ties else np.zeros(0, np.uint64)
-        m = kernel.carry_scan(u16, c, hi16, tie_words, lo48, lo, sent[pos:])
+        m = kernel.carry_scan(u16, c, hi16, tie_words, lo48, lo, sent[pos:], bitmap)
         r = _words(rng, m)
         w = _words(sec, m)
-        kernel.emit_fill(m, r, w, tails, t_mu, int(t_basis),
-                         *(a[pos : pos + m] for a in out8))
+        n_nu += kernel.emit_fill(m, r, w, tails, t_mu, int(t_basis),
+                                 *(a[pos : pos + m] for a in out8))
         pos += m
     state, cls, bas, bit = (a[:pos] for a in out8)
-    return sent[:pos], cls, bas, bit, state
+    return sent[:pos], cls, bas, bit, state, n_nu
 
 
 def _emit_pulses(n: int, rng: np.random.Generator, sec: Random, t_any: int,

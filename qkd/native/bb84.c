@@ -27,17 +27,40 @@ static uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v;
 static uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static void wr64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
 
-/* carry_scan(u16, count, hi16, tie_words, lo48, lo, out_slots) -> pulses
+/* count_eq(u16, count, value) -> how many of the first count entries equal value. */
+static PyObject *count_eq(PyObject *self, PyObject *args) {
+    Py_buffer u16;
+    Py_ssize_t count;
+    unsigned int value;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*nI", &u16, &count, &value)) return NULL;
+    PyObject *res = NULL;
+    if (count < 0 || !need(&u16, 2 * count, "count_eq u16")) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "count_eq: negative count");
+        goto done;
+    }
+    const uint8_t *u = u16.buf;
+    Py_ssize_t n = 0;
+    for (Py_ssize_t i = 0; i < count; i++) n += rd16(u + 2 * i) == value;
+    res = PyLong_FromSsize_t(n);
+done:
+    PyBuffer_Release(&u16);
+    return res;
+}
+
+/* carry_scan(u16, count, hi16, tie_words, lo48, lo, out_slots[, bitmap]) -> pulses
  * Which of `count` slots carry photons: u16[i] < hi16, or u16[i] == hi16 and the next
  * tie word's top 48 bits are below lo48 (tie words are used in slot order). Writes
- * lo + i of each into out_slots (int64). */
+ * lo + i of each into out_slots (int64) and, with a bitmap (uint64 words, covering
+ * lo + count slots, checked), sets its bit there. */
 static PyObject *carry_scan(PyObject *self, PyObject *args) {
-    Py_buffer u16, ties, out;
+    Py_buffer u16, ties, out, bm = {0};
     Py_ssize_t count, lo;
     unsigned int hi16;
     unsigned long long lo48;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*nIy*Kny*", &u16, &count, &hi16, &ties, &lo48, &lo, &out))
+    if (!PyArg_ParseTuple(args, "y*nIy*Kny*|w*", &u16, &count, &hi16, &ties, &lo48, &lo,
+                          &out, &bm))
         return NULL;
     PyObject *res = NULL;
     if (count < 0 || lo < 0 || hi16 > 0xFFFF) {
@@ -46,6 +69,11 @@ static PyObject *carry_scan(PyObject *self, PyObject *args) {
     }
     if (!need(&u16, 2 * count, "carry_scan u16") || !need(&out, 8 * count, "carry_scan out"))
         goto done;
+    if (bm.buf && bm.len / 8 < (lo + count + 63) / 64) {
+        PyErr_SetString(PyExc_ValueError, "carry_scan: bitmap smaller than the slots");
+        goto done;
+    }
+    uint8_t *bmp = bm.buf;
     const uint8_t *u = u16.buf, *tw = ties.buf;
     uint8_t *o = out.buf;
     Py_ssize_t n_ties = ties.len / 8, k = 0, m = 0;
@@ -67,14 +95,20 @@ static PyObject *carry_scan(PyObject *self, PyObject *args) {
         if (aligned) oi[m] = lo + i;
         else wr64(o + 8 * m, (uint64_t)(lo + i));
         m += carries;
+        if (bmp) {
+            uint64_t slot = (uint64_t)(lo + i);
+            uint8_t *wp = bmp + 8 * (slot >> 6);
+            wr64(wp, rd64(wp) | (uint64_t)carries << (slot & 63));
+        }
     }
     res = PyLong_FromSsize_t(m);
 done:
     PyBuffer_Release(&u16); PyBuffer_Release(&ties); PyBuffer_Release(&out);
+    if (bm.buf) PyBuffer_Release(&bm);
     return res;
 }
 
-/* emit_fill(m, r, sec, tails, t_mu, t_basis, state, cls, basis, bit)
+/* emit_fill(m, r, sec, tails, t_mu, t_basis, state, cls, basis, bit) -> class-1 count
  * For each of m pulses: photons = 1 + the length of the leading run of k with
  * r < tails[k]; class = low32(sec) >= t_mu[photons]; basis = (high32 & 0x7FFFFFFF) >=
  * t_basis; bit = high32 >> 31 (low/high: the word's first and second uint32 in memory,
@@ -104,6 +138,7 @@ static PyObject *emit_fill(PyObject *self, PyObject *args) {
     for (Py_ssize_t k = 0; k < nt + 2; k++) tm[k] = rd32((const uint8_t *)tmu.buf + 4 * k);
     const uint8_t *rp = r.buf, *sp = sec.buf;
     uint8_t *so = st.buf, *co = cl.buf, *bo = ba.buf, *vo = bi.buf;
+    Py_ssize_t ones = 0;
     for (Py_ssize_t i = 0; i < m; i++) {
         uint64_t w = rd64(rp + 8 * i);
         unsigned ph = 1;
@@ -111,9 +146,10 @@ static PyObject *emit_fill(PyObject *self, PyObject *args) {
         uint32_t low = rd32(sp + 8 * i), high = rd32(sp + 8 * i + 4);
         uint8_t c = low >= tm[ph], b = (high & 0x7FFFFFFFu) >= t_basis, v = high >> 31;
         co[i] = c; bo[i] = b; vo[i] = v;
+        ones += c;
         so[i] = (uint8_t)(ph | (unsigned)b << 5 | (unsigned)v << 6);
     }
-    res = Py_None; Py_INCREF(res);
+    res = PyLong_FromSsize_t(ones);
 done:
     PyBuffer_Release(&r); PyBuffer_Release(&sec); PyBuffer_Release(&tails);
     PyBuffer_Release(&tmu); PyBuffer_Release(&st); PyBuffer_Release(&cl);
@@ -480,6 +516,7 @@ done:
 
 static PyMethodDef methods[] = {
     {"insert_sorted", insert_sorted, METH_VARARGS, "np.insert at sorted positions"},
+    {"count_eq", count_eq, METH_VARARGS, "count a 16-bit value"},
     {"carry_scan", carry_scan, METH_VARARGS, "which slots of a chunk carry photons"},
     {"emit_fill", emit_fill, METH_VARARGS, "photon numbers, classes, bases, bits, states"},
     {"photon_sum", photon_sum, METH_VARARGS, "photons in a chunk of states"},

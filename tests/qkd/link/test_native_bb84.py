@@ -316,7 +316,11 @@ def test_carry_scan_resolves_ties_in_slot_order(seed: int) -> None:
     ties = rng.integers(0, 1 << 64, n_ties, dtype=np.uint64)
     out = np.empty(c, np.int64)
     assert K is not None
-    got = out[: K.carry_scan(u16, c, hi16, ties, lo48, 1000, out)]
+    assert K.count_eq(u16, c, hi16) == n_ties
+    bitmap = q._bitmap(1000 + c)
+    got = out[: K.carry_scan(u16, c, hi16, ties, lo48, 1000, out, bitmap)]
+    flags = np.unpackbits(bitmap.view(np.uint8), bitorder="little")
+    assert np.flatnonzero(flags).tolist() == got.tolist()
     want, k = [], 0
     for i, u in enumerate(u16.tolist()):
         if u == hi16:
@@ -334,6 +338,9 @@ def test_kernels_reject_bad_buffers() -> None:
     with pytest.raises(ValueError):
         K.carry_scan(np.zeros(4, np.uint16), 8, 1, np.zeros(0, np.uint64), 0, 0,
                      np.zeros(8, np.int64))  # u16 shorter than the count
+    with pytest.raises(ValueError, match="bitmap"):
+        K.carry_scan(np.zeros(4, np.uint16), 4, 1, np.zeros(0, np.uint64), 0, 62,
+                     np.zeros(4, np.int64), np.zeros(1, np.uint64))  # slots 62..65
     with pytest.raises(ValueError, match="tie words"):
         K.carry_scan(np.full(4, 7, np.uint16), 4, 7, np.zeros(0, np.uint64), 0, 0,
                      np.zeros(4, np.int64))
