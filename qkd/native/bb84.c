@@ -74,6 +74,7 @@ static PyObject *carry_scan(PyObject *self, PyObject *args) {
         goto done;
     }
     uint8_t *bmp = bm.buf;
+    uint64_t acc = 0;
     const uint8_t *u = u16.buf, *tw = ties.buf;
     uint8_t *o = out.buf;
     Py_ssize_t n_ties = ties.len / 8, k = 0, m = 0;
@@ -95,10 +96,14 @@ static PyObject *carry_scan(PyObject *self, PyObject *args) {
         if (aligned) oi[m] = lo + i;
         else wr64(o + 8 * m, (uint64_t)(lo + i));
         m += carries;
-        if (bmp) {
+        if (bmp) {  /* a word's bits gathered in a register, stored once */
             uint64_t slot = (uint64_t)(lo + i);
-            uint8_t *wp = bmp + 8 * (slot >> 6);
-            wr64(wp, rd64(wp) | (uint64_t)carries << (slot & 63));
+            acc |= (uint64_t)carries << (slot & 63);
+            if ((slot & 63) == 63 || i == count - 1) {
+                uint8_t *wp = bmp + 8 * (slot >> 6);
+                wr64(wp, rd64(wp) | acc);
+                acc = 0;
+            }
         }
     }
     res = PyLong_FromSsize_t(m);
