@@ -169,11 +169,11 @@ class PulseFrame:
             return self._encode_u32()
         count = self.slots.size
         kernel = native.load("bb84")
-        if kernel is not None:
-            return b"".join((_HDR.pack(MAGIC, VERSION, self.round, self.pulses, count),
-                             np.asarray(self.state, np.uint8).tobytes(),
-                             kernel.varints_encode(
-                                 np.ascontiguousarray(self.slots, np.int64), True)))
+        if kernel is not None:  # header, states and deltas written into one buffer
+            return kernel.varints_encode(  # type: ignore[no-any-return]
+                np.ascontiguousarray(self.slots, np.int64), True,
+                _HDR.pack(MAGIC, VERSION, self.round, self.pulses, count),
+                np.ascontiguousarray(self.state, np.uint8))
         deltas = np.empty(count, np.int64)
         if count:
             deltas[0] = self.slots[0]
@@ -908,9 +908,15 @@ def _with_dark_clicks(frame: PulseFrame, size: int, out_slots: list[np.ndarray],
     """Bob's record from his photon detections (per chunk) plus the dark clicks in the
     slots no photon reached: a click in either detector with probability Y0, a random
     bit (a dark click knows nothing of the state)."""
-    slots = np.concatenate(out_slots) if out_slots else np.zeros(0, np.int64)
-    basis = np.concatenate(out_basis) if out_basis else np.zeros(0, np.uint8)
-    bits = np.concatenate(out_bits) if out_bits else np.zeros(0, np.uint8)
+    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        # One part (what `measure` passes) is used as it is: Bob's clicks are
+        # millions with a clean detector, and each copy of them cost a pass.
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    slots, basis, bits = cat(out_slots, np.int64), cat(out_basis, np.uint8), cat(
+        out_bits, np.uint8)
     empty = frame.pulses - size
     n_dark = int(rng.binomial(empty, params.dark_count_prob)) if empty > 0 else 0
     if n_dark:
@@ -920,7 +926,7 @@ def _with_dark_clicks(frame: PulseFrame, size: int, out_slots: list[np.ndarray],
         pos = np.minimum(np.searchsorted(frame.slots, cand), max(size - 1, 0))
         cand = cand[frame.slots[pos] != cand] if size else cand
         slots, basis, bits = _add_dark_clicks(slots, basis, bits, cand, params, sec)
-    return BobRecord(slots.astype(np.int64), basis, bits)
+    return BobRecord(slots.astype(np.int64, copy=False), basis, bits)
 
 
 def _add_dark_clicks(slots: np.ndarray, basis: np.ndarray, bits: np.ndarray,

@@ -282,17 +282,18 @@ static uint8_t *put_varint(uint8_t *o, uint64_t v) {
     return o;
 }
 
-/* varints_encode(values: uint64[n], deltas: bool) -> bytes
- * Unsigned LEB128 of each value; with deltas (values: int64), of values[0] and then of
+/* varints_encode(values: uint64[n], deltas: bool[, head1, head2]) -> bytes
+ * head1 | head2 | the unsigned LEB128 of each value (the heads: a frame's header and
+ * states, so the frame is written once); with deltas (values: int64), of values[0] and then of
  * each values[i] - values[i-1] (mod 2^64, as numpy's int64 difference cast to
  * uint64), except that when every delta is below 128 as a signed number the output is
  * each delta's low byte: what PulseFrame.encode's one-byte shortcut writes, even for
  * the (invalid) decreasing slots it never decodes. */
 static PyObject *varints_encode(PyObject *self, PyObject *args) {
-    Py_buffer v;
+    Py_buffer v, h1 = {0}, h2 = {0};
     int deltas;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*p", &v, &deltas)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*p|y*y*", &v, &deltas, &h1, &h2)) return NULL;
     PyObject *res = NULL;
     if (v.len % 8) {
         PyErr_SetString(PyExc_ValueError, "varints_encode: not a 64-bit array");
@@ -309,9 +310,12 @@ static PyObject *varints_encode(PyObject *self, PyObject *args) {
         prev = x;
     }
     if (small) size = n;
-    res = PyBytes_FromStringAndSize(NULL, size);
+    res = PyBytes_FromStringAndSize(NULL, h1.len + h2.len + size);
     if (!res) goto done;
     uint8_t *o = (uint8_t *)PyBytes_AS_STRING(res);
+    if (h1.len) memcpy(o, h1.buf, h1.len);
+    if (h2.len) memcpy(o + h1.len, h2.buf, h2.len);
+    o += h1.len + h2.len;
     prev = 0;
     if (small) {
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -328,6 +332,8 @@ static PyObject *varints_encode(PyObject *self, PyObject *args) {
     }
 done:
     PyBuffer_Release(&v);
+    if (h1.buf) PyBuffer_Release(&h1);
+    if (h2.buf) PyBuffer_Release(&h2);
     return res;
 }
 
