@@ -369,12 +369,16 @@ class SparseSlotRecord(AliceRecord):
 
     def __init__(self, sent_per: np.ndarray, slots: np.ndarray, intensity: np.ndarray,
                  basis: np.ndarray, bit: np.ndarray, pulses: int, vacuum_left: np.ndarray,
-                 basis_bias: float, secret: Random, bitmap: np.ndarray | None = None
-                 ) -> None:
+                 basis_bias: float, secret: Random, bitmap: np.ndarray | None = None,
+                 spare: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
         """`bitmap`: the slots' bits (`_bitmap(pulses)` with them set) if the caller
-        already made it."""
+        already made it. `spare`: buffers whose prefixes are `intensity`, `basis` and
+        `bit`, with room after them for the vacuum slots Bob announces (the compiled
+        path inserts there instead of copying the arrays)."""
+        self._extra = np.zeros(0, np.int64)
         super().__init__(sent_per, slots, intensity, basis, bit)
         self.pulses = pulses
+        self._spare = spare
         # Which slots are in `slots`, one bit each, and the count before each 64-bit
         # word: an index is a rank, a few passes over the query instead of a binary
         # search into tens of millions of slots.
@@ -389,7 +393,23 @@ class SparseSlotRecord(AliceRecord):
         self._secret = secret
 
     def __repr__(self) -> str:  # the arrays are Alice's secrets
-        return f"SparseSlotRecord(pulses={self.pulses}, sent={self.slots.size})"
+        return f"SparseSlotRecord(pulses={self.pulses}, sent={self.intensity.size})"
+
+    # With the kernel, announced vacuum slots wait in `_extra` and are merged into
+    # `slots` when it is read: the protocol reads the settings by index only, and
+    # re-making tens of millions of slots for a few dark clicks was most of sifting.
+    @property  # type: ignore[override]
+    def slots(self) -> np.ndarray:
+        if self._extra.size:
+            base = self._slots
+            self._slots = _insert(base, np.searchsorted(base, self._extra), self._extra)
+            self._extra = np.zeros(0, np.int64)
+        return self._slots
+
+    @slots.setter
+    def slots(self, value: np.ndarray) -> None:
+        self._slots = value
+        self._extra = np.zeros(0, np.int64)
 
     def lookup(self, slots: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, np.int64)
@@ -416,7 +436,8 @@ class SparseSlotRecord(AliceRecord):
     def _insert_vacuum(self, slots: np.ndarray, idx: np.ndarray, found: np.ndarray
                        ) -> np.ndarray:
         new = np.unique(slots[~found])
-        self._draw_vacuum(new)
+        # Where they go in slot order: their ranks among the slots already there.
+        self._draw_vacuum(new, idx[~found][np.unique(slots[~found], return_index=True)[1]])
         self._set(new)
         # Every index moves up by the number of newly inserted slots below it.
         return idx.astype(np.int64) + np.searchsorted(new, slots)
@@ -439,7 +460,7 @@ class SparseSlotRecord(AliceRecord):
         flags[slots] = True
         self._words |= np.packbits(flags, bitorder="little").view("<u8")
 
-    def _draw_vacuum(self, new: np.ndarray) -> None:
+    def _draw_vacuum(self, new: np.ndarray, pos: np.ndarray) -> None:
         k = new.size
         left = self._vacuum_left
         if k > int(left.sum()):
@@ -453,11 +474,27 @@ class SparseSlotRecord(AliceRecord):
         cls = gen.permutation(np.repeat(np.arange(3, dtype=np.uint8), got))
         basis = (self._secret.random(k) >= self._basis_bias).astype(np.uint8)
         bit = np.asarray(self._secret.integers(0, 2, k, dtype=np.uint8), np.uint8)
-        pos = np.searchsorted(self.slots, new)
-        self.slots = _insert(self.slots, pos, new)
-        self.intensity = _insert(self.intensity, pos, cls)
-        self.basis = _insert(self.basis, pos, basis)
-        self.bit = _insert(self.bit, pos, bit)
+        kernel = native.load("bb84")
+        if kernel is None:
+            self.slots = _insert(self.slots, pos, new)
+            self.intensity = _insert(self.intensity, pos, cls)
+            self.basis = _insert(self.basis, pos, basis)
+            self.bit = _insert(self.bit, pos, bit)
+            return
+        extra = np.concatenate([self._extra, new]) if self._extra.size else new
+        self._extra = np.sort(extra)
+        n = self.intensity.size
+        spare = self._spare
+        if spare is None or any(b.size < n + k for b in spare):
+            spare = self._spare = tuple(  # type: ignore[assignment]
+                np.empty(n + max(k, n // 64), np.uint8) for _ in range(3))
+            for buf, arr in zip(spare, (self.intensity, self.basis, self.bit), strict=True):
+                buf[:n] = arr
+        assert spare is not None
+        pos = np.ascontiguousarray(pos, np.int64)
+        for buf, vals in zip(spare, (cls, basis, bit), strict=True):
+            kernel.insert_inplace(buf, n, pos, np.ascontiguousarray(vals, np.uint8), 1)
+        self.intensity, self.basis, self.bit = (b[: n + k] for b in spare)
 
 
 def _bitmap(pulses: int) -> np.ndarray:
@@ -537,10 +574,10 @@ def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
     t_mu = np.array(t_mu_l, np.uint32)
     t_basis = np.uint32(_below(params.basis_bias, 31))
     kernel = native.load("bb84")
-    bitmap = None
+    bitmap = spare = None
     if kernel is not None:
         bitmap = _bitmap(n)
-        sent, intensity, basis, bit, state, n_nu = _emit_pulses_native(
+        sent, intensity, basis, bit, state, n_nu, spare = _emit_pulses_native(
             kernel, n, rng, sec, t_any, tails, t_mu, t_basis, bitmap)
         # A pulse's class is mu (0) or nu (1): vacuum pulses carry no photon.
         per_class = np.array([sent.size - n_nu, n_nu, 0], np.int64)
@@ -554,7 +591,7 @@ def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
     vacuum_left = vac_gen.multinomial(n - sent.size, p_vac_cls).astype(np.int64)
     sent_per = per_class + vacuum_left
     record = SparseSlotRecord(sent_per, sent, intensity, basis, bit, n,
-                              vacuum_left, params.basis_bias, sec, bitmap)
+                              vacuum_left, params.basis_bias, sec, bitmap, spare)
     return record, PulseFrame(round_no, n, sent, state)
 
 
@@ -566,11 +603,13 @@ def _emit_pulses_native(kernel: ModuleType, n: int, rng: np.random.Generator,
                         sec: Random, t_any: int, tails: np.ndarray, t_mu: np.ndarray,
                         t_basis: np.uint32, bitmap: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
-                                   np.ndarray, int]:
+                                   np.ndarray, int,
+                                   tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """`_emit_pulses` with its loops compiled (`_qkdgw_bb84`): the same words drawn in
     the same order, the same outputs bit for bit, written straight into round-sized
     arrays (no per-chunk pieces to concatenate); also sets the pulses' bits in `bitmap`
-    and returns how many are of class nu."""
+    and returns how many are of class nu, and the class, basis and bit buffers (room
+    after the pulses for the vacuum slots Bob will announce)."""
     hi16, lo48 = t_any >> 48, t_any & ((1 << 48) - 1)
     # Room for the expected pulses plus a chunk (the scan writes a whole chunk's
     # candidates); grown in the rare round that needs more.
@@ -594,7 +633,7 @@ def _emit_pulses_native(kernel: ModuleType, n: int, rng: np.random.Generator,
                                  *(a[pos : pos + m] for a in out8))
         pos += m
     state, cls, bas, bit = (a[:pos] for a in out8)
-    return sent[:pos], cls, bas, bit, state, n_nu
+    return sent[:pos], cls, bas, bit, state, n_nu, (out8[1], out8[2], out8[3])
 
 
 def _emit_pulses(n: int, rng: np.random.Generator, sec: Random, t_any: int,

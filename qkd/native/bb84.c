@@ -525,7 +525,54 @@ done:
     return res;
 }
 
+/* insert_inplace(buf, n, pos: int64[k], vals, itemsize)
+ * insert_sorted within buf itself: its first n items become the n + k of
+ * np.insert(buf[:n], pos, vals) (buf must hold n + k, checked), one backward pass. */
+static PyObject *insert_inplace(PyObject *self, PyObject *args) {
+    Py_buffer buf, pos, vals;
+    Py_ssize_t n, isz;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*ny*y*n", &buf, &n, &pos, &vals, &isz)) return NULL;
+    PyObject *res = NULL;
+    if (isz <= 0 || isz > 16 || vals.len % isz || pos.len % 8 || n < 0) {
+        PyErr_SetString(PyExc_ValueError, "insert_inplace: bad item size or count");
+        goto done;
+    }
+    Py_ssize_t k = pos.len / 8;
+    if (vals.len / isz != k || buf.len / isz < n + k) {
+        PyErr_SetString(PyExc_ValueError,
+                        "insert_inplace: one value per position and room for them");
+        goto done;
+    }
+    const uint8_t *pp = pos.buf, *vp = vals.buf;
+    uint8_t *bp = buf.buf;
+    int64_t prev = 0;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        int64_t at;
+        memcpy(&at, pp + 8 * j, 8);
+        if (at < prev || at > n) {
+            PyErr_SetString(PyExc_ValueError,
+                            "insert_inplace: positions not non-decreasing in [0, n]");
+            goto done;
+        }
+        prev = at;
+    }
+    Py_ssize_t src_end = n;
+    for (Py_ssize_t j = k - 1; j >= 0; j--) {
+        int64_t at;
+        memcpy(&at, pp + 8 * j, 8);
+        memmove(bp + (at + j + 1) * isz, bp + at * isz, (src_end - at) * isz);
+        memcpy(bp + (at + j) * isz, vp + j * isz, isz);
+        src_end = at;
+    }
+    res = Py_None; Py_INCREF(res);
+done:
+    PyBuffer_Release(&buf); PyBuffer_Release(&pos); PyBuffer_Release(&vals);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"insert_inplace", insert_inplace, METH_VARARGS, "np.insert inside spare capacity"},
     {"insert_sorted", insert_sorted, METH_VARARGS, "np.insert at sorted positions"},
     {"count_eq", count_eq, METH_VARARGS, "count a 16-bit value"},
     {"carry_scan", carry_scan, METH_VARARGS, "which slots of a chunk carry photons"},

@@ -163,11 +163,23 @@ def test_insert_is_np_insert(seed: int) -> None:
             k = int(rng.integers(0, 70))
             pos = np.sort(rng.integers(0, n + 1, k))  # repeats and both ends included
             vals = rng.integers(0, 100, k).astype(dtype)
-            assert np.array_equal(q._insert(arr, pos, vals), np.insert(arr, pos, vals))
+            want = np.insert(arr, pos, vals)
+            assert np.array_equal(q._insert(arr, pos, vals), want)
+            buf = np.concatenate([arr, rng.integers(0, 100, k + 3).astype(dtype)])
+            assert K is not None
+            K.insert_inplace(buf, n, pos.astype(np.int64), vals, arr.dtype.itemsize)
+            assert np.array_equal(buf[: n + k], want)
     with pytest.raises(ValueError, match="non-decreasing"):
         q._insert(np.arange(5), np.array([3, 1]), np.array([0, 0]))
     with pytest.raises(ValueError, match="non-decreasing"):
         q._insert(np.arange(5), np.array([6]), np.array([0]))
+    assert K is not None
+    with pytest.raises(ValueError, match="room"):  # no room for the insertion
+        K.insert_inplace(np.zeros(5, np.uint8), 5, np.array([1], np.int64),
+                         np.zeros(1, np.uint8), 1)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        K.insert_inplace(np.zeros(9, np.uint8), 5, np.array([3, 1], np.int64),
+                         np.zeros(2, np.uint8), 1)
 
 
 def _frame_cases() -> list[bytes]:
