@@ -23,6 +23,11 @@ PNS attacker replaces the fibre by a lossless line, which in this emulation mean
 setting that flag on the pulses she forwards. Vacuum slots are not sent; Bob's dark
 clicks cover every slot of the round.
 
+The per-pulse loops (emission, measurement, frame v2 coding, Alice's slot lookup and
+the vacuum-slot insertion) run compiled when `_qkdgw_bb84` (qkd/native/bb84.c) is
+built, from the same random words as their numpy forms, which stay as the references
+the tests compare them with bit for bit (QKDGW_NATIVE=0 runs them).
+
 Frame (little-endian): b"QKDQ" | version u8 | round u32 | pulses u64 | count u64 |
 then in version 2 (what `emit` sends): state u8[count] | slot deltas as unsigned
 LEB128 varints [count] (one byte each below 128: a slot delta is ~3 with the example
@@ -862,8 +867,9 @@ def _collect(flags: np.ndarray, s: np.ndarray, b_basis: np.ndarray, slots: np.nd
 
 def measure_prev(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
                  secret: Random | None = None) -> BobRecord:
-    """`measure` before its passes were fused: the same draws in the same order, kept
-    as the reference it is tested against bit for bit.
+    """The binomial form of `measure` (two binomials per multi-photon pulse, where
+    `measure` draws a word per photon): kept as the statistical reference the
+    per-photon draw is tested against, per pulse category.
 
     Bob's receiver: fibre and detector loss, basis choice, misalignment, dark clicks.
     `secret` draws Bob's bases and the bits of double and dark clicks, `rng` the
