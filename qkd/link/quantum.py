@@ -250,8 +250,9 @@ def _decode_slots_native(kernel: ModuleType, data: bytes, count: int, pulses: in
     errors of `PulseFrame.decode`'s numpy path, in its order."""
     slots = np.empty(count, np.int64)
     try:
-        end, top, zero_step = kernel.varints_decode(data, _HDR.size + count, count,
-                                                    slots, True)
+        # Deltas below MAX_PULSES (checked next) cannot wrap the running sum.
+        end, top, zero_step, _ = kernel.varints_decode(data, _HDR.size + count, count,
+                                                       slots, True)
     except ValueError as exc:
         raise FrameError(f"pulse frame slot deltas: {exc}") from None
     if end != len(data) or (count and top >= MAX_PULSES):

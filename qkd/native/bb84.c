@@ -338,7 +338,7 @@ done:
 }
 
 /* varints_decode(data, offset, count, out: uint64[count], sums: bool)
- *   -> (end offset, largest value, a zero value after the first)
+ *   -> (end offset, largest value, a zero value after the first, the sum passed 2^64)
  * `count` canonical LEB128 varints below 2^63 (at most 9 bytes, no redundant trailing
  * zero byte) from data[offset:]; with sums, out gets their running sums (mod 2^64)
  * instead. Errors are ValueErrors with the reference decoder's messages, in its order
@@ -364,7 +364,7 @@ static PyObject *varints_decode(PyObject *self, PyObject *args) {
     }
     uint8_t *o = out.buf;
     Py_ssize_t pos = 0;
-    int too_long = 0, over_long = 0, zero_after_first = 0;
+    int too_long = 0, over_long = 0, zero_after_first = 0, wrapped = 0;
     uint64_t top = 0, acc = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
         uint64_t v = 0;
@@ -386,6 +386,7 @@ static PyObject *varints_decode(PyObject *self, PyObject *args) {
         }
         if (v > top) top = v;
         if (i > 0 && v == 0) zero_after_first = 1;
+        if (acc + v < acc) wrapped = 1;
         acc += v;
         wr64(o + 8 * i, sums ? acc : v);
     }
@@ -397,8 +398,8 @@ static PyObject *varints_decode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "over-long varint");
         goto done;
     }
-    res = Py_BuildValue("nKO", off + pos, (unsigned long long)top,
-                        zero_after_first ? Py_True : Py_False);
+    res = Py_BuildValue("nKOO", off + pos, (unsigned long long)top,
+                        zero_after_first ? Py_True : Py_False, wrapped ? Py_True : Py_False);
 done:
     PyBuffer_Release(&d); PyBuffer_Release(&out);
     return res;
