@@ -24,6 +24,12 @@ Stages:
 
 Run from the repo root: python benchmarks/link_stages.py [--rounds 1] [--pulses 4e7]
   [--profile N]   also print the N most expensive functions (cProfile, tottime)
+  [--compare N]   N runs each of the numpy paths (QKDGW_NATIVE=0) and the compiled
+                  kernels (default), interleaved, each in a fresh process; prints CPU
+                  per stage per run, the key per round and the key rates, and the load
+                  average before and after
+  [--baseline DIR] with --compare: a third column, the qkd package of another
+                  checkout (e.g. `git archive main | tar -x -C DIR`) first on PYTHONPATH
 """
 
 from __future__ import annotations
@@ -32,7 +38,11 @@ import argparse
 import cProfile
 import functools
 import inspect
+import json
+import os
 import pstats
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,13 +133,58 @@ def instrument() -> None:
         _wrap(lc.LinkCore, name, "commit+tags")
 
 
+def compare(args: argparse.Namespace) -> None:
+    """Old (numpy) and new (compiled) interleaved, one fresh process per run."""
+    cmd = [sys.executable, __file__, "--json", "--rounds", str(args.rounds),
+           "--pulses", str(args.pulses), "--distance", str(args.distance)]
+    load0 = os.getloadavg()
+    modes = {"numpy (QKDGW_NATIVE=0)": {"QKDGW_NATIVE": "0"},
+             "compiled kernels": {"QKDGW_NATIVE": "1"}}
+    if args.baseline:
+        modes = {f"baseline {args.baseline}": {"PYTHONPATH": str(args.baseline)}, **modes}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    for _ in range(args.compare):
+        for mode, env in modes.items():
+            out = subprocess.run(cmd, env={**os.environ, **env}, check=True,
+                                 capture_output=True, text=True).stdout
+            runs[mode].append(json.loads(out.splitlines()[-1]))
+    load1 = os.getloadavg()
+    print(f"pulses/round {args.pulses:.3g}  distance {args.distance:g} km  rounds/run "
+          f"{args.rounds}  runs {args.compare} x {len(modes)}, interleaved  load average "
+          f"{load0[0]:.2f} before, {load1[0]:.2f} after")
+    print("| stage (CPU s / round) | " + " | ".join(modes) + " |")
+    print("|---" * (len(modes) + 1) + "|")
+
+    def row(label: str, key: Callable[[dict[str, Any]], float], fmt: str) -> None:
+        cells = [", ".join(format(key(r), fmt) for r in runs[m]) for m in runs]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    for s in [*_STAGES, "other"]:
+        row(s, lambda r, s=s: r["cpu"][s], ".3f")
+    row("**total CPU s**", lambda r: r["cpu_total"], ".3f")
+    row("total wall s", lambda r: r["wall_total"], ".3f")
+    row("final key bits / round", lambda r: r["key_bits_round"], ",.0f")
+    row("**key bit/s of wall time**", lambda r: r["rate_wall"], ",.0f")
+    row("key bit/s per CPU second", lambda r: r["rate_cpu"], ",.0f")
+    row("rounds aborted", lambda r: r["aborted"], "d")
+    for m, rs in runs.items():
+        for r in rs:
+            if r["aborted"]:
+                print(f"aborted ({m}): {r['abort_reason']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--pulses", type=float, default=4e7)
     ap.add_argument("--distance", type=float, default=10.0)
     ap.add_argument("--profile", type=int, default=0, metavar="N")
+    ap.add_argument("--compare", type=int, default=0, metavar="N")
+    ap.add_argument("--baseline", type=Path, default=None, metavar="DIR")
+    ap.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.compare:
+        compare(args)
+        return
     params, a, b = connected_pair(args.distance, args.pulses)
     instrument()
     prof = cProfile.Profile() if args.profile else None
@@ -145,14 +200,22 @@ def main() -> None:
         prof.disable()
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     r = args.rounds
+    _wall["other"] = wall - sum(_wall[s] for s in _STAGES)
+    _cpu["other"] = cpu - sum(_cpu[s] for s in _STAGES)
+    if args.json:  # one line for --compare
+        print(json.dumps({
+            "cpu": {s: v / r for s, v in _cpu.items()}, "cpu_total": cpu / r,
+            "wall_total": wall / r, "key_bits_round": a.stats.key_bits / r,
+            "rate_wall": a.stats.key_bits / wall, "rate_cpu": a.stats.key_bits / cpu,
+            "committed": a.stats.rounds_committed, "aborted": a.stats.rounds_aborted,
+            "abort_reason": a.stats.last_abort_reason}))
+        return
     print(f"code: {Path(lc.__file__).parents[2]}")
     print(f"pulses/round {params.pulses:.3g}  distance {params.distance_km:g} km  "
           f"rounds {r}  committed {a.stats.rounds_committed}  "
           f"final key bits/round {a.stats.key_bits / r:,.0f}")
     print(f"{'stage':<17} {'wall s/round':>12} {'cpu s/round':>11} {'share':>6}")
     rows = [*_STAGES, "other"]
-    _wall["other"] = wall - sum(_wall[s] for s in _STAGES)
-    _cpu["other"] = cpu - sum(_cpu[s] for s in _STAGES)
     for s in rows:
         print(f"{s:<17} {_wall[s] / r:12.3f} {_cpu[s] / r:11.3f} {_wall[s] / wall:6.1%}")
     print(f"{'total':<17} {wall / r:12.3f} {cpu / r:11.3f}")

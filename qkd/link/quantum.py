@@ -23,6 +23,11 @@ PNS attacker replaces the fibre by a lossless line, which in this emulation mean
 setting that flag on the pulses she forwards. Vacuum slots are not sent; Bob's dark
 clicks cover every slot of the round.
 
+The per-pulse loops (emission, measurement, frame v2 coding, Alice's slot lookup and
+the vacuum-slot insertion) run compiled when `_qkdgw_bb84` (qkd/native/bb84.c) is
+built, from the same random words as their numpy forms, which stay as the references
+the tests compare them with bit for bit (QKDGW_NATIVE=0 runs them).
+
 Frame (little-endian): b"QKDQ" | version u8 | round u32 | pulses u64 | count u64 |
 then in version 2 (what `emit` sends): state u8[count] | slot deltas as unsigned
 LEB128 varints [count] (one byte each below 128: a slot delta is ~3 with the example
@@ -53,6 +58,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -60,6 +66,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from qkd import native
 from qkd.common.errors import QkdError
 from qkd.link.csprng import SecretRng
 from qkd.sim import messages
@@ -166,6 +173,12 @@ class PulseFrame:
         if self.version == VERSION_U32:
             return self._encode_u32()
         count = self.slots.size
+        kernel = native.load("bb84")
+        if kernel is not None:  # header, states and deltas written into one buffer
+            return kernel.varints_encode(  # type: ignore[no-any-return]
+                np.ascontiguousarray(self.slots, np.int64), True,
+                _HDR.pack(MAGIC, VERSION, self.round, self.pulses, count),
+                np.ascontiguousarray(self.state, np.uint8))
         deltas = np.empty(count, np.int64)
         if count:
             deltas[0] = self.slots[0]
@@ -210,6 +223,10 @@ class PulseFrame:
             if len(data) < _HDR.size + 2 * count:
                 raise FrameError("pulse frame length does not match its header")
             state = np.frombuffer(data, np.uint8, count, _HDR.size).copy()
+            kernel = native.load("bb84")
+            if kernel is not None:
+                return cls(rnd, pulses, _decode_slots_native(kernel, data, count, pulses),
+                           state, version)
             seg = np.frombuffer(data, np.uint8, offset=_HDR.size + count)
             if seg.size == count and (not count or int(seg.max()) < 0x80):
                 deltas = seg  # all one-byte varints: the bytes are the deltas
@@ -225,6 +242,24 @@ class PulseFrame:
         if count and (slots[-1] >= pulses or (count > 1 and np.any(deltas[1:] == 0))):
             raise FrameError("pulse frame slots out of order or outside the round")
         return cls(rnd, pulses, slots, state, version)
+
+
+def _decode_slots_native(kernel: ModuleType, data: bytes, count: int, pulses: int
+                         ) -> np.ndarray:
+    """A version-2 frame's slots from its varint deltas, compiled: the checks and
+    errors of `PulseFrame.decode`'s numpy path, in its order."""
+    slots = np.empty(count, np.int64)
+    try:
+        # Deltas below MAX_PULSES (checked next) cannot wrap the running sum.
+        end, top, zero_step, _ = kernel.varints_decode(data, _HDR.size + count, count,
+                                                       slots, True)
+    except ValueError as exc:
+        raise FrameError(f"pulse frame slot deltas: {exc}") from None
+    if end != len(data) or (count and top >= MAX_PULSES):
+        raise FrameError("pulse frame length does not match its header")
+    if count and (slots[-1] >= pulses or zero_step):
+        raise FrameError("pulse frame slots out of order or outside the round")
+    return slots
 
 
 def _photons(state: np.ndarray) -> np.ndarray:
@@ -340,24 +375,59 @@ class SparseSlotRecord(AliceRecord):
 
     def __init__(self, sent_per: np.ndarray, slots: np.ndarray, intensity: np.ndarray,
                  basis: np.ndarray, bit: np.ndarray, pulses: int, vacuum_left: np.ndarray,
-                 basis_bias: float, secret: Random) -> None:
+                 basis_bias: float, secret: Random, bitmap: np.ndarray | None = None,
+                 spare: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        """`bitmap`: the slots' bits (`_bitmap(pulses)` with them set) if the caller
+        already made it. `spare`: buffers whose prefixes are `intensity`, `basis` and
+        `bit`, with room after them for the vacuum slots Bob announces (the compiled
+        path inserts there instead of copying the arrays)."""
+        self._extra = np.zeros(0, np.int64)
         super().__init__(sent_per, slots, intensity, basis, bit)
         self.pulses = pulses
+        self._spare = spare
         # Which slots are in `slots`, one bit each, and the count before each 64-bit
         # word: an index is a rank, a few passes over the query instead of a binary
         # search into tens of millions of slots.
-        flags = np.zeros(-(-max(pulses, 1) // 64) * 8, np.uint8)
-        self._words = flags.view("<u8")
-        self._set(np.asarray(slots, np.int64))
+        if bitmap is None:
+            self._words = _bitmap(pulses)
+            self._set(np.asarray(slots, np.int64))
+        else:
+            self._words = bitmap
+            self._set(np.zeros(0, np.int64))
         self._vacuum_left = vacuum_left.astype(np.int64)  # undrawn vacuum slots per class
         self._basis_bias = basis_bias
         self._secret = secret
 
     def __repr__(self) -> str:  # the arrays are Alice's secrets
-        return f"SparseSlotRecord(pulses={self.pulses}, sent={self.slots.size})"
+        return f"SparseSlotRecord(pulses={self.pulses}, sent={self.intensity.size})"
+
+    # With the kernel, announced vacuum slots wait in `_extra` and are merged into
+    # `slots` when it is read: the protocol reads the settings by index only, and
+    # re-making tens of millions of slots for a few dark clicks was most of sifting.
+    @property  # type: ignore[override]
+    def slots(self) -> np.ndarray:
+        if self._extra.size:
+            base = self._slots
+            self._slots = _insert(base, np.searchsorted(base, self._extra), self._extra)
+            self._extra = np.zeros(0, np.int64)
+        return self._slots
+
+    @slots.setter
+    def slots(self, value: np.ndarray) -> None:
+        self._slots = value
+        self._extra = np.zeros(0, np.int64)
 
     def lookup(self, slots: np.ndarray) -> np.ndarray:
         slots = np.asarray(slots, np.int64)
+        kernel = native.load("bb84")
+        if kernel is not None:  # checks every slot's range itself, before any change
+            slots = np.ascontiguousarray(slots)
+            idx = np.empty(slots.size, np.int64)
+            found = np.empty(slots.size, bool)
+            if kernel.rank_lookup(self._words, self._before, self.pulses, slots, idx,
+                                  found):
+                return idx
+            return self._insert_vacuum(slots, idx, found)
         if slots.size and (slots.min() < 0 or slots.max() >= self.pulses):
             raise ValueError("announced slot outside the sent pulse train")
         w = slots >> 6
@@ -367,8 +437,13 @@ class SparseSlotRecord(AliceRecord):
         found = ((word >> b) & np.uint64(1)).astype(bool)
         if found.all():
             return idx.astype(np.int64)
+        return self._insert_vacuum(slots, idx.astype(np.int64), found)
+
+    def _insert_vacuum(self, slots: np.ndarray, idx: np.ndarray, found: np.ndarray
+                       ) -> np.ndarray:
         new = np.unique(slots[~found])
-        self._draw_vacuum(new)
+        # Where they go in slot order: their ranks among the slots already there.
+        self._draw_vacuum(new, idx[~found][np.unique(slots[~found], return_index=True)[1]])
         self._set(new)
         # Every index moves up by the number of newly inserted slots below it.
         return idx.astype(np.int64) + np.searchsorted(new, slots)
@@ -383,11 +458,15 @@ class SparseSlotRecord(AliceRecord):
         self._before = np.cumsum(counts) - counts
 
     def _set_many(self, slots: np.ndarray) -> None:
+        kernel = native.load("bb84")
+        if kernel is not None:
+            kernel.set_bits(self._words, np.ascontiguousarray(slots, np.int64))
+            return
         flags = np.zeros(self._words.size * 64, bool)
         flags[slots] = True
         self._words |= np.packbits(flags, bitorder="little").view("<u8")
 
-    def _draw_vacuum(self, new: np.ndarray) -> None:
+    def _draw_vacuum(self, new: np.ndarray, pos: np.ndarray) -> None:
         k = new.size
         left = self._vacuum_left
         if k > int(left.sum()):
@@ -401,11 +480,46 @@ class SparseSlotRecord(AliceRecord):
         cls = gen.permutation(np.repeat(np.arange(3, dtype=np.uint8), got))
         basis = (self._secret.random(k) >= self._basis_bias).astype(np.uint8)
         bit = np.asarray(self._secret.integers(0, 2, k, dtype=np.uint8), np.uint8)
-        pos = np.searchsorted(self.slots, new)
-        self.slots = np.insert(self.slots, pos, new)
-        self.intensity = np.insert(self.intensity, pos, cls)
-        self.basis = np.insert(self.basis, pos, basis)
-        self.bit = np.insert(self.bit, pos, bit)
+        kernel = native.load("bb84")
+        if kernel is None:
+            self.slots = _insert(self.slots, pos, new)
+            self.intensity = _insert(self.intensity, pos, cls)
+            self.basis = _insert(self.basis, pos, basis)
+            self.bit = _insert(self.bit, pos, bit)
+            return
+        extra = np.concatenate([self._extra, new]) if self._extra.size else new
+        self._extra = np.sort(extra)
+        n = self.intensity.size
+        spare = self._spare
+        if spare is None or any(b.size < n + k for b in spare):
+            spare = self._spare = tuple(  # type: ignore[assignment]
+                np.empty(n + max(k, n // 64), np.uint8) for _ in range(3))
+            for buf, arr in zip(spare, (self.intensity, self.basis, self.bit), strict=True):
+                buf[:n] = arr
+        assert spare is not None
+        pos = np.ascontiguousarray(pos, np.int64)
+        for buf, vals in zip(spare, (cls, basis, bit), strict=True):
+            kernel.insert_inplace(buf, n, pos, np.ascontiguousarray(vals, np.uint8), 1)
+        self.intensity, self.basis, self.bit = (b[: n + k] for b in spare)
+
+
+def _bitmap(pulses: int) -> np.ndarray:
+    """An all-clear slot bitmap of a round: little-endian 64-bit words."""
+    return np.zeros(-(-max(pulses, 1) // 64) * 8, np.uint8).view("<u8")
+
+
+def _insert(arr: np.ndarray, pos: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """np.insert(arr, pos, values) for sorted `pos` (searchsorted's): one copy pass,
+    compiled when `_qkdgw_bb84` is there (np.insert sorts and masks the whole array)."""
+    kernel = native.load("bb84")
+    if kernel is None:
+        return np.insert(arr, pos, values)
+    arr = np.ascontiguousarray(arr)
+    vals = np.ascontiguousarray(np.asarray(values).astype(arr.dtype, copy=False))
+    out = np.empty(arr.size + vals.size, arr.dtype)
+    kernel.insert_sorted(arr, np.ascontiguousarray(pos, np.int64), vals,
+                         arr.dtype.itemsize, out)
+    return out
 
 
 def _mixture_tables(params: LinkParams, kmax: int = 31
@@ -462,10 +576,77 @@ def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
     if n > MAX_PULSES:
         raise ValueError(f"at most {MAX_PULSES} pulses per round")
     t_any, tails_l, t_mu_l, p_vac_cls = _mixture_tables(params)
-    hi16, lo48 = np.uint16(t_any >> 48), np.uint64(t_any & ((1 << 48) - 1))
     tails = np.array(tails_l, np.uint64)
     t_mu = np.array(t_mu_l, np.uint32)
     t_basis = np.uint32(_below(params.basis_bias, 31))
+    kernel = native.load("bb84")
+    bitmap = spare = None
+    if kernel is not None:
+        bitmap = _bitmap(n)
+        sent, intensity, basis, bit, state, n_nu, spare = _emit_pulses_native(
+            kernel, n, rng, sec, t_any, tails, t_mu, t_basis, bitmap)
+        # A pulse's class is mu (0) or nu (1): vacuum pulses carry no photon.
+        per_class = np.array([sent.size - n_nu, n_nu, 0], np.int64)
+    else:
+        sent, intensity, basis, bit, state = _emit_pulses(
+            n, rng, sec, t_any, tails, t_mu, t_basis)
+        per_class = np.bincount(intensity, minlength=3).astype(np.int64)
+    # The vacuum slots' class counts: aggregate and never used for the key, drawn from
+    # a generator seeded by the secret source.
+    vac_gen = np.random.default_rng(int(sec.integers(0, 1 << 63)))
+    vacuum_left = vac_gen.multinomial(n - sent.size, p_vac_cls).astype(np.int64)
+    sent_per = per_class + vacuum_left
+    record = SparseSlotRecord(sent_per, sent, intensity, basis, bit, n,
+                              vacuum_left, params.basis_bias, sec, bitmap, spare)
+    return record, PulseFrame(round_no, n, sent, state)
+
+
+_Pulses = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+_CAP_MARGIN = 1.01  # over the expected pulses of a round (tests set 0: growth)
+
+
+def _emit_pulses_native(kernel: ModuleType, n: int, rng: np.random.Generator,
+                        sec: Random, t_any: int, tails: np.ndarray, t_mu: np.ndarray,
+                        t_basis: np.uint32, bitmap: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray,
+                                   np.ndarray, int,
+                                   tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`_emit_pulses` with its loops compiled (`_qkdgw_bb84`): the same words drawn in
+    the same order, the same outputs bit for bit, written straight into round-sized
+    arrays (no per-chunk pieces to concatenate); also sets the pulses' bits in `bitmap`
+    and returns how many are of class nu, and the class, basis and bit buffers (room
+    after the pulses for the vacuum slots Bob will announce)."""
+    hi16, lo48 = t_any >> 48, t_any & ((1 << 48) - 1)
+    # Room for the expected pulses plus a chunk (the scan writes a whole chunk's
+    # candidates); grown in the rare round that needs more.
+    cap = min(n, int(n * t_any / 2.0**64 * _CAP_MARGIN) + _CHUNK)
+    sent = np.empty(cap, np.int64)
+    out8 = [np.empty(cap, np.uint8) for _ in range(4)]  # state, class, basis, bit
+    pos = n_nu = 0
+    for lo in range(0, n, _CHUNK):
+        c = min(_CHUNK, n - lo)
+        if pos + c > sent.size:
+            grow = max(sent.size * 5 // 4, pos + c)
+            sent = np.concatenate([sent[:pos], np.empty(grow - pos, np.int64)])
+            out8 = [np.concatenate([a[:pos], np.empty(grow - pos, np.uint8)]) for a in out8]
+        u16 = _words(rng, -(-c // 4)).view(np.uint16)[:c]
+        n_ties = kernel.count_eq(u16, c, hi16)
+        tie_words = _words(rng, n_ties) if n_ties else np.zeros(0, np.uint64)
+        m = kernel.carry_scan(u16, c, hi16, tie_words, lo48, lo, sent[pos:], bitmap)
+        r = _words(rng, m)
+        w = _words(sec, m)
+        n_nu += kernel.emit_fill(m, r, w, tails, t_mu, int(t_basis),
+                                 *(a[pos : pos + m] for a in out8))
+        pos += m
+    state, cls, bas, bit = (a[:pos] for a in out8)
+    return sent[:pos], cls, bas, bit, state, n_nu, (out8[1], out8[2], out8[3])
+
+
+def _emit_pulses(n: int, rng: np.random.Generator, sec: Random, t_any: int,
+                 tails: np.ndarray, t_mu: np.ndarray, t_basis: np.uint32) -> _Pulses:
+    """The slots that carry photons and their (class, basis, bit, state), chunk by
+    chunk: the numpy reference of `_emit_pulses_native`."""
+    hi16, lo48 = np.uint16(t_any >> 48), np.uint64(t_any & ((1 << 48) - 1))
     slots: list[np.ndarray] = []
     cls_l: list[np.ndarray] = []
     bas_l: list[np.ndarray] = []
@@ -490,20 +671,13 @@ def emit(params: LinkParams, round_no: int, rng: np.random.Generator,
         cls_l.append(cls)
         bas_l.append(bas)
         bit_l.append(bt)
-    sent = np.concatenate(slots).astype(np.int64) if slots else np.zeros(0, np.int64)
+    sent = np.concatenate(slots).astype(np.int64, copy=False) if slots else np.zeros(
+        0, np.int64)
 
     def cat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
 
-    intensity, state = cat(cls_l), cat(states)
-    # The vacuum slots' class counts: aggregate and never used for the key, drawn from
-    # a generator seeded by the secret source.
-    vac_gen = np.random.default_rng(int(sec.integers(0, 1 << 63)))
-    vacuum_left = vac_gen.multinomial(n - sent.size, p_vac_cls).astype(np.int64)
-    sent_per = np.bincount(intensity, minlength=3).astype(np.int64) + vacuum_left
-    record = SparseSlotRecord(sent_per, sent, intensity, cat(bas_l), cat(bit_l), n,
-                              vacuum_left, params.basis_bias, sec)
-    return record, PulseFrame(round_no, n, sent, state)
+    return sent, cat(cls_l), cat(bas_l), cat(bit_l), cat(states)
 
 
 def _photon_numbers(r: np.ndarray, tails: np.ndarray) -> np.ndarray:
@@ -588,21 +762,21 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
     `secret` draws Bob's bases and the bits of double and dark clicks, `rng` the
     physics (as in `emit`).
 
-    Same distribution as `measure_reference`, drawn cheaper: Bob's basis from 32
-    secret bits per pulse; a single-photon pulse (most of them) is resolved by one raw
-    64-bit physics word against the probabilities of "right detector" (eta c) and
-    "either detector" (eta), which is what the two binomials give for one photon;
-    multi-photon pulses keep the binomials. Dark clicks in the pulses' slots are
-    i.i.d. Bernoulli(d) per detector, drawn as a Binomial(size, d) count on a uniform
-    subset of that size instead of one uniform per pulse and detector. The draws and
-    their order are those of `measure_prev` (the same output bit for bit); the state
-    byte's top three bits and Bob's basis index the threshold tables directly, and
-    only the pulses that clicked are carried on, which saves half the passes.
+    Same distribution as `measure_reference`, drawn per photon: Bob's basis from 32
+    secret bits per pulse; every photon of a pulse takes one raw 64-bit physics word,
+    below P(right detector) = eta c it clicks the right detector, below P(any) = eta the
+    wrong one, else it is lost. That is the joint law of the reference's two binomials
+    (detected ~ Bin(n, eta), right ~ Bin(detected, c)) photon by photon, exact to 2^-64;
+    the thresholds are indexed by the state's top three bits and Bob's basis. Dark
+    clicks in the pulses' slots are i.i.d. Bernoulli(d) per detector, drawn as a
+    Binomial(size, d) count on a uniform subset of that size (as in `measure_prev`,
+    the binomial form this replaced and is tested against statistically). The loops
+    run compiled when `_qkdgw_bb84` is there (`_photon_clicks` and `_collect` are
+    their numpy reference, the same output bit for bit).
     """
     sec = rng if secret is None else secret
     st = frame.state
     size = st.size
-    d = params.dark_per_detector
     t_basis = np.uint32(_below(params.basis_bias, 32))
     # Thresholds by (state >> 5) << 1 | Bob's basis = bypass, bit, basis, Bob's basis.
     right = np.empty(16, np.uint64)
@@ -613,74 +787,90 @@ def measure(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
         c = 1.0 - params.misalignment if s_basis == b_basis else 0.5
         right[key] = _below(eta * c, 64)
         anyd[key] = _below(eta, 64)
-    dark = _dark_among_pulses(rng, size, d)
-    out_slots: list[np.ndarray] = []
-    out_basis: list[np.ndarray] = []
-    out_bits: list[np.ndarray] = []
+    dark = _dark_among_pulses(rng, size, params.dark_per_detector)
+    kernel = native.load("bb84")
+    slots_all = np.ascontiguousarray(frame.slots, np.int64)
+    # Bob's clicks go straight into pulse-sized arrays (a click is a subset).
+    out_slots = np.empty(size, np.int64)
+    out_basis = np.empty(size, np.uint8)
+    out_bits = np.empty(size, np.uint8)
+    cap = min(size, _CHUNK)
+    flags = np.empty(cap, np.uint8)  # per pulse: right (1) and wrong (2) detector click
+    b_basis = np.empty(cap, np.uint8)
+    both = np.empty(cap, np.int64)
+    pos = 0
     for lo in range(0, size, _CHUNK):
         c = min(_CHUNK, size - lo)
-        s = st[lo : lo + c]
-        b_basis = (_words(sec, -(-c // 2)).view(np.uint32)[:c] >= t_basis).view(np.uint8)
-        key = (s >> 4) & np.uint8(0xFE)
-        key |= b_basis
-        r = _words(rng, c)
-        click_c = r < right[key]
-        click_a = r < anyd[key]  # either detector: right <= any
-        multi = np.flatnonzero(s & np.uint8(0x1E))  # two photons or more
-        if multi.size:
-            sm = s[multi]
-            photons = sm & 0x1F
-            bypass = sm >> 7
-            eta = np.where(bypass != 0, params.detector_efficiency, params.eta_sys)
-            m = rng.binomial(photons, eta)
-            match = ((sm >> 5) & 1) == b_basis[multi]
-            cm = np.where(match, 1.0 - params.misalignment, 0.5)
-            jc = rng.binomial(m, cm)
-            click_c[multi] = jc > 0
-            click_a[multi] = (jc > 0) | (m - jc > 0)
-            w_multi = multi[m - jc > 0]  # may click beside the right detector
-        else:
-            w_multi = multi
-        click_w_dark = np.zeros(0, np.int64)
-        for n_det, det in enumerate(dark):
+        s = np.ascontiguousarray(st[lo : lo + c], np.uint8)
+        bw = _words(sec, -(-c // 2)).view(np.uint32)[:c]
+        sl = slots_all[lo : lo + c]
+        if kernel is not None:
+            r = _words(rng, kernel.photon_sum(s))
+            local = []
+            for det in dark:
+                a, b = np.searchsorted(det, (lo, lo + c))
+                local.append(np.ascontiguousarray(det[a:b] - lo, np.int64))
+            n_sel, n_both = kernel.measure_chunk(
+                c, s, bw, r, right, anyd, int(t_basis), local[0], local[1], sl,
+                out_slots[pos:], out_basis[pos:], out_bits[pos:], both)
+            if n_both:
+                out_bits[pos + both[:n_both]] = sec.integers(0, 2, n_both, dtype=np.uint8)
+            pos += n_sel
+            continue
+        r = _words(rng, int(np.sum(s & np.uint8(0x1F), dtype=np.int64)))
+        b_basis[:c], flags[:c] = _photon_clicks(s, bw, r, right, anyd, t_basis)
+        for bit, det in zip((1, 2), dark, strict=True):
             a, b = np.searchsorted(det, (lo, lo + c))
-            hit = det[a:b] - lo
-            if n_det == 0:
-                # A wrong-detector click the dark click would hide from a & ~c.
-                w_multi = np.concatenate([w_multi, hit[click_a[hit] & ~click_c[hit]]])
-                click_c[hit] = True
-                click_a[hit] = True
-            else:
-                click_w_dark = hit
-        # click_w = (any and not right) or a wrong-detector dark click.
-        sel = np.flatnonzero(click_a) if not click_w_dark.size else np.flatnonzero(
-            click_a | _mark(c, click_w_dark))
-        cc = click_c[sel]
-        cw = click_a[sel] & ~cc
-        for extra in (w_multi, click_w_dark):  # both in sel: they clicked
-            if extra.size:
-                cw[np.searchsorted(sel, extra)] = True
-        bits = ((s[sel] >> 6) & 1) ^ (~cc).view(np.uint8) & np.uint8(1)
-        both = cc & cw
-        nb = int(np.count_nonzero(both))
-        if nb:
-            bits[both] = sec.integers(0, 2, nb, dtype=np.uint8)
-        out_slots.append(frame.slots[lo : lo + c][sel])
-        out_basis.append(b_basis[sel])
-        out_bits.append(bits)
-    return _with_dark_clicks(frame, size, out_slots, out_basis, out_bits, params, rng, sec)
+            if b > a:
+                flags[det[a:b] - lo] |= np.uint8(bit)
+        n_sel, n_both = _collect(flags[:c], s, b_basis[:c], sl, out_slots[pos:],
+                                 out_basis[pos:], out_bits[pos:], both)
+        if n_both:
+            out_bits[pos + both[:n_both]] = sec.integers(0, 2, n_both, dtype=np.uint8)
+        pos += n_sel
+    return _with_dark_clicks(frame, size, [out_slots[:pos]], [out_basis[:pos]],
+                             [out_bits[:pos]], params, rng, sec)
 
 
-def _mark(n: int, at: np.ndarray) -> np.ndarray:
-    out = np.zeros(n, bool)
-    out[at] = True
-    return out
+def _photon_clicks(s: np.ndarray, bw: np.ndarray, r: np.ndarray, right: np.ndarray,
+                   anyd: np.ndarray, t_basis: np.uint32) -> tuple[np.ndarray, np.ndarray]:
+    """Bob's bases and click flags of one chunk (with the dark clicks and `_collect`,
+    the numpy reference of the kernel's measure_chunk): photon j of pulse i takes word
+    r[j] in pulse order."""
+    b_basis = (bw >= t_basis).view(np.uint8)
+    key = ((s >> 4) & np.uint8(0xFE)) | b_basis
+    photons = (s & np.uint8(0x1F)).astype(np.int64)
+    owner = np.repeat(np.arange(s.size), photons)
+    kp = key[owner]
+    hit_c = r < right[kp]
+    hit_w = (r < anyd[kp]) & ~hit_c
+    flags = (np.bincount(owner[hit_c], minlength=s.size) > 0).view(np.uint8).copy()
+    flags |= (np.bincount(owner[hit_w], minlength=s.size) > 0).view(np.uint8) << 1
+    return b_basis, flags
+
+
+def _collect(flags: np.ndarray, s: np.ndarray, b_basis: np.ndarray, slots: np.ndarray,
+             out_slots: np.ndarray, out_basis: np.ndarray, out_bits: np.ndarray,
+             both: np.ndarray) -> tuple[int, int]:
+    """The clicked pulses of a chunk into the outputs (the last step of measure_chunk's
+    numpy reference): slot, basis, and the state's bit on a right-detector click, its
+    complement otherwise; `both` gets the output positions of double clicks."""
+    sel = np.flatnonzero(flags)
+    f = flags[sel]
+    n = sel.size
+    out_slots[:n] = slots[sel]
+    out_basis[:n] = b_basis[sel]
+    out_bits[:n] = ((s[sel] >> 6) & 1) ^ (f & 1) ^ 1
+    dbl = np.flatnonzero(f == 3)
+    both[: dbl.size] = dbl
+    return n, dbl.size
 
 
 def measure_prev(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,
                  secret: Random | None = None) -> BobRecord:
-    """`measure` before its passes were fused: the same draws in the same order, kept
-    as the reference it is tested against bit for bit.
+    """The binomial form of `measure` (two binomials per multi-photon pulse, where
+    `measure` draws a word per photon): kept as the statistical reference the
+    per-photon draw is tested against, per pulse category.
 
     Bob's receiver: fibre and detector loss, basis choice, misalignment, dark clicks.
     `secret` draws Bob's bases and the bits of double and dark clicks, `rng` the
@@ -764,9 +954,15 @@ def _with_dark_clicks(frame: PulseFrame, size: int, out_slots: list[np.ndarray],
     """Bob's record from his photon detections (per chunk) plus the dark clicks in the
     slots no photon reached: a click in either detector with probability Y0, a random
     bit (a dark click knows nothing of the state)."""
-    slots = np.concatenate(out_slots) if out_slots else np.zeros(0, np.int64)
-    basis = np.concatenate(out_basis) if out_basis else np.zeros(0, np.uint8)
-    bits = np.concatenate(out_bits) if out_bits else np.zeros(0, np.uint8)
+    def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        # One part (what `measure` passes) is used as it is: Bob's clicks are
+        # millions with a clean detector, and each copy of them cost a pass.
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    slots, basis, bits = cat(out_slots, np.int64), cat(out_basis, np.uint8), cat(
+        out_bits, np.uint8)
     empty = frame.pulses - size
     n_dark = int(rng.binomial(empty, params.dark_count_prob)) if empty > 0 else 0
     if n_dark:
@@ -776,7 +972,7 @@ def _with_dark_clicks(frame: PulseFrame, size: int, out_slots: list[np.ndarray],
         pos = np.minimum(np.searchsorted(frame.slots, cand), max(size - 1, 0))
         cand = cand[frame.slots[pos] != cand] if size else cand
         slots, basis, bits = _add_dark_clicks(slots, basis, bits, cand, params, sec)
-    return BobRecord(slots.astype(np.int64), basis, bits)
+    return BobRecord(slots.astype(np.int64, copy=False), basis, bits)
 
 
 def _add_dark_clicks(slots: np.ndarray, basis: np.ndarray, bits: np.ndarray,
@@ -790,8 +986,8 @@ def _add_dark_clicks(slots: np.ndarray, basis: np.ndarray, bits: np.ndarray,
     # `dark` is sorted and few: inserting at its positions is the stable sort of the
     # concatenation (side="right": an equal slot would follow), without the sort.
     pos = np.searchsorted(slots, dark, side="right")
-    return (np.insert(slots, pos, dark), np.insert(basis, pos, d_basis),
-            np.insert(bits, pos, d_bits))
+    return (_insert(slots, pos, dark), _insert(basis, pos, d_basis),
+            _insert(bits, pos, d_bits))
 
 
 def measure_reference(frame: PulseFrame, params: LinkParams, rng: np.random.Generator,

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from qkd import native
 from qkd.common.errors import QkdError
 from qkd.sim import constants as c
 
@@ -100,6 +101,19 @@ class _Reader:
     def varints(self, count: int) -> np.ndarray:
         """`count` canonical unsigned LEB128 varints below 2^63 (at most 9 bytes, no
         redundant trailing zero byte), so every value fits an int64."""
+        kernel = native.load("bb84")
+        if kernel is not None:  # the same checks and errors, compiled, at every size
+            if count == 0:
+                return np.zeros(0, np.uint64)
+            if count > self.remaining():  # before allocating for a peer's count
+                raise MessageError("message truncated")
+            out = np.empty(count, np.uint64)
+            try:
+                self.pos, _, _, _ = kernel.varints_decode(self.data, self.pos, count, out,
+                                                          False)
+            except ValueError as exc:
+                raise MessageError(str(exc)) from None
+            return out
         if count < _SMALL:  # Cascade's queries: fewer numpy calls win
             return self.varints_reference(count)
         spans = self._varint_spans(count)
@@ -189,6 +203,10 @@ def _varints(v: np.ndarray) -> bytes:
     One pass per byte position over the values that reach it, so a long array with a
     few large values costs about what an all-small one does (`_varints_reference` is
     the plain form it is tested against)."""
+    kernel = native.load("bb84")
+    if kernel is not None:  # the same bytes, compiled, at every size
+        v = np.ascontiguousarray(np.asarray(v).astype(np.uint64, copy=False))
+        return kernel.varints_encode(v, False)  # type: ignore[no-any-return]
     if len(v) < _SMALL:  # Cascade's queries: fewer numpy calls win
         return _varints_reference(v)
     v = np.asarray(v).astype(np.uint64, copy=False)
@@ -458,7 +476,28 @@ class PackedDetections(Detections):
 
     @classmethod
     def parse(cls, r: _Reader) -> PackedDetections:
-        return cls(*_slots_and_bases(r.varints(r.varint()), r))
+        count = r.varint()
+        kernel = native.load("bb84")
+        if kernel is None or count == 0:
+            return cls(*_slots_and_bases(r.varints(count), r))
+        # The deltas' decoding, running sum and checks in one compiled pass, with the
+        # errors of `_slots_and_bases` (the reference) in its order.
+        if count > r.remaining():
+            raise MessageError("message truncated")
+        slots = np.empty(count, np.int64)
+        try:
+            r.pos, top, zero_step, wrapped = kernel.varints_decode(r.data, r.pos, count,
+                                                                   slots, True)
+        except ValueError as exc:
+            raise MessageError(str(exc)) from None
+        if top >= c.ID_LIMIT or zero_step:
+            raise MessageError("slot out of range or not strictly increasing")
+        if wrapped or not 0 <= int(slots[-1]) < c.ID_LIMIT:
+            raise MessageError("id out of range")
+        bases = r.bits()
+        if bases.size != slots.size:
+            raise MessageError("basis count differs from slot count")
+        return cls(slots, bases)
 
 
 @_register
