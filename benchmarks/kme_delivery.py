@@ -135,12 +135,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prepare(work)
     kmes: list[Kme] = []
     try:
+        link = {"refill_below": args.refill_below} if args.refill_below is not None else {}
+        env = dict(e.split("=", 1) for e in args.kme_env)
         alice, bob = start_pair(work, pulses=args.pulses, distance_km=args.distance_km,
                                 admin=True, pythonpath=args.pythonpath,
-                                max_key_count=args.pool, profile=args.profile, kmes=kmes)
+                                max_key_count=args.pool, profile=args.profile, kmes=kmes,
+                                link=link, env=env)
         print(f"filling the pools to {args.pool} keys...", file=sys.stderr, flush=True)
-        fill_s = wait_pool(alice, bob, int(args.pool * 0.98), 900,
-                           f"filling the pools to {args.pool}")
+        # Full, not nearly: at 98 % the round that fills the rest was still running
+        # (seconds of both cores) in the first phases.
+        fill_s = wait_pool(alice, bob, args.pool, 900, f"filling the pools to {args.pool}")
         print(f"pools full after {fill_s:.0f} s", file=sys.stderr, flush=True)
         enc_url = f"https://127.0.0.1:{alice.port}{API}/site-b-gw/enc_keys"
         dec_url = f"https://127.0.0.1:{bob.port}{API}/site-a-gw/dec_keys"
@@ -192,8 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             st = link_status(work, alice, "site-b")
             level0, rounds0 = st["stored_key_count"], st["rounds_committed"]
             print("refilling the pools...", file=sys.stderr, flush=True)
-            refill_s = wait_pool(alice, bob, int(args.pool * 0.98), 900,
-                                 "refilling the pools")
+            refill_s = wait_pool(alice, bob, args.pool, 900, "refilling the pools")
             st = link_status(work, alice, "site-b")
             made = st["stored_key_count"] - level0
             rate = made / refill_s * args.sustain_factor
@@ -211,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "rounds": st["rounds_committed"] - rounds0,
                     "kme_cpu_s": round(sum(cpu_s(k.popen.pid) for k in kmes) - cpu0, 2)}
             print(json.dumps(sus), file=sys.stderr, flush=True)
-        return {"code": args.pythonpath or "this checkout", "pool": args.pool,
+        return {"code": args.label or args.pythonpath or "this checkout", "pool": args.pool,
                 "pulses": args.pulses, "distance_km": args.distance_km,
                 "fill_s": round(fill_s, 1), "rows": rows, "sustained": sus}
     finally:
@@ -242,6 +245,12 @@ def main() -> int:
                    help="multiply the sustained request rate by this")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="run the KMEs under cProfile, kme-site-{a,b}.prof into DIR")
+    p.add_argument("--refill-below", type=float, default=None, metavar="FRACTION",
+                   help="[link] refill_below of both KMEs (default: the KME's default; "
+                        "an older checkout may not know the setting)")
+    p.add_argument("--kme-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment of both KME processes, e.g. QKDGW_KME_LINK_NICE=0")
+    p.add_argument("--label", default=None, help="name of this run in the output")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     r = run(args)

@@ -49,7 +49,7 @@ from qkd.etsi014.messages import (
     EtsiError,
     QkdKey,
 )
-from qkd.kme import skip_api
+from qkd.kme import link_work, skip_api
 from qkd.kme.config import KmeConfig
 from qkd.kme.http import dec_keys_request, enc_keys_request
 from qkd.kme.keystore import (
@@ -61,6 +61,7 @@ from qkd.kme.keystore import (
     StoreError,
 )
 from qkd.kme.links import NetworkRouter, build_network_app, neighbour_config, network_status
+from qkd.kme.refill import RefillGate, RefillPolicy
 from qkd.kme.relay_keys import relay_sae
 from qkd.kme.relay_service import RelayService
 from qkd.link.bb84 import Bb84Link, Bb84Settings, LinkUnavailable
@@ -658,7 +659,10 @@ async def open_service(config: KmeConfig, clock: Callable[[], float] = time.mono
         relay_local = (relay_sae(relay_of),) if relay_of is not None else ()
         relay_peer = (relay_sae(config.peer.kme_id),) if relay_of is not None else ()
         try:
-            bb84 = Bb84Link(settings, store, sealer, lcfg.state_file, key_history=history,
+            # The link reads the pool through the low-water mark (qkd.kme.refill).
+            gate = RefillGate(store, RefillPolicy(config.limits.max_key_count,
+                                                  lcfg.refill_below), time.monotonic)
+            bb84 = Bb84Link(settings, gate, sealer, lcfg.state_file, key_history=history,
                             key_size_bits=config.limits.key_size,
                             lifetime_s=config.key_lifetime_s,
                             max_key_count=config.limits.max_key_count,
@@ -825,8 +829,9 @@ async def _start_admin(running: RunningKme) -> None:
 
 async def serve(config: KmeConfig, port_file: Path | None = None) -> None:
     """Run until SIGINT or SIGTERM, then shut down cleanly."""
-    running = await start_kme(config)
     loop = asyncio.get_running_loop()
+    link_work.install(loop)  # before the link starts: its round work at lower priority
+    running = await start_kme(config)
     stop = asyncio.Event()
     signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:
