@@ -284,12 +284,12 @@ class LinkSection(Schema):
         fix="seconds a round may stall (a lost or dropped frame) before it is aborted, "
         "e.g. 60")
     refill_below: Float = setting(
-        0.75, gt=0.0, le=1.0,
+        0.75, ge=0.01, le=1.0,
         doc="bb84, alice: start refilling rounds once the pool (free + reserved keys) is "
         "below this fraction of max_key_count, or sooner when the recent draw rate would "
         "take it there within two rounds; then refill until full. 1 = a round as soon as "
         "one key is taken.",
-        fix="a fraction of max_key_count above 0 and at most 1, e.g. 0.75")
+        fix="a fraction of max_key_count from 0.01 to 1, e.g. 0.75")
 
     _secret: bytes = PrivateAttr(b"")
 

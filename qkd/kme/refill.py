@@ -35,7 +35,7 @@ class RefillPolicy:
     """The low-water-mark rule for one link's pool (levels in blocks of key_size)."""
 
     def __init__(self, max_keys: int, refill_below: float) -> None:
-        if not 0.0 < refill_below <= 1.0:
+        if not 0.0 < refill_below <= 1.0:  # the config allows 0.01..1
             raise ValueError("refill_below must be above 0 and at most 1")
         self.max_keys = max_keys
         # 1.0 keeps the old rule (refill as soon as the level is below the cap).
