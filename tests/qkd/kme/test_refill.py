@@ -8,8 +8,10 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from qkd.kme.config import LinkSection
@@ -19,6 +21,7 @@ from qkd.link.core import LinkCore, Work
 from qkd.link.pool import ReservedKey
 
 MAX = 1000
+API = "/api/v1/keys"
 
 
 def _drain(policy: RefillPolicy, start: int, per_s: float, seconds: float,
@@ -182,3 +185,51 @@ async def test_round_work_runs_at_lower_priority_and_short_calls_do_not() -> Non
         assert await asyncio.to_thread(nice) == base
     finally:
         executor.shutdown(wait=True)
+
+
+# ------------------------------------------------------------ two KME processes
+
+
+def test_kme_pair_refills_only_below_the_mark(tmp_path: Path, pki: Path) -> None:
+    """Two KME processes on the BB84 link, pool 400, default refill_below (0.75: the
+    mark is 300). Keys taken from a full pool start no round while the level stays
+    above the mark; below it the link refills to full. (The control, refill_below =
+    1: test_delivery_storm's slice test needs a refill after 16 keys, and times out
+    without it.)"""
+    import time
+
+    from tests.qkd.kme.test_delivery_storm import POOL, _ctx, _free, _post, _start_pair
+    from tests.support.kme_processes import wait_until
+
+    alice, bob = _start_pair(tmp_path, pki)
+
+    def level() -> int:
+        return _free(pki, alice, "site-a", "site-b-gw")
+
+    def rounds() -> int:
+        return int(alice.link_status(pki, "site-a", "site-b-gw")  # type: ignore[call-overload]
+                   ["rounds_committed"])
+
+    async def draw(requests: int) -> int:
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=_ctx(pki, "site-a"))) as s:
+            url = f"{alice.url}{API}/site-b-gw/enc_keys"
+            for _ in range(requests):
+                st, body = await _post(s, url, {"number": 16})
+                assert st == 200, body
+        return requests * 16
+
+    try:
+        wait_until(lambda: level() == POOL, 300, "a full pool", (alice, bob))
+        time.sleep(0.5)  # the last round's deposit is in: nothing runs now
+        before = rounds()
+        asyncio.run(draw(2))  # 32 keys: 368 of 400, above the mark
+        time.sleep(6.0)  # ~3 rounds' time at these settings
+        assert rounds() == before
+        assert level() == POOL - 32
+        asyncio.run(draw(5))  # 80 more: 288, below the mark
+        wait_until(lambda: level() == POOL, 120, "the pool refilled", (alice, bob))
+        assert rounds() > before
+    finally:
+        alice.stop()
+        bob.stop()
