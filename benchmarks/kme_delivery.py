@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bodies = [{"key_IDs": [{"key_ID": k}]} for k in got]
                     url, ctx = dec_url, ctx_b
                 cpu0 = [cpu_s(k.popen.pid) for k in kmes]
+                rounds0 = link_status(work, alice, "site-b")["rounds_committed"]
                 me0 = time.process_time()
                 res, wall = asyncio.run(phase(url, ctx, bodies, conc))
                 cpu = sum(cpu_s(k.popen.pid) for k in kmes) - sum(cpu0)
@@ -176,13 +177,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 free = link_status(work, alice if op == "enc_keys" else bob,
                                    "site-b" if op == "enc_keys" else "site-a"
                                    )["stored_key_count"]
+                # Rounds committed during the phase (one more may have been running).
+                rounds = link_status(work, alice, "site-b")["rounds_committed"] - rounds0
                 rows.append({
                     "op": op, "concurrency": conc, "requests": len(res),
                     "keys": len(answered), "keys_per_s": round(len(answered) / wall, 1),
                     "status_503": sum(1 for _, st, _ in res if st == 503),
                     "other_failures": sum(1 for _, st, _ in res if st not in (200, 503)),
                     "pool_free_after": free, "mismatches": mismatches,
-                    "wall_s": round(wall, 2), "kme_cpu_s": round(cpu, 2),
+                    "rounds": rounds, "wall_s": round(wall, 2), "kme_cpu_s": round(cpu, 2),
                     "client_cpu_s": round(me, 2),
                 } | quantiles([t for t, _ in ok]))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -260,12 +263,13 @@ def main() -> int:
     print(f"\nKME delivery, {r['code']}: pool {r['pool']} keys (full after "
           f"{r['fill_s']} s), one key per request")
     print(f"{'op':9} {'conc':>4} {'req':>5} {'keys/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'503s':>5} {'other':>5} {'free after':>10} {'mism':>4} {'wall s':>7} "
+          f"{'503s':>5} {'other':>5} {'free after':>10} {'mism':>4} {'rnds':>4} {'wall s':>7} "
           f"{'KME cpu s':>9} {'client cpu s':>12}")
     for w in r["rows"]:
         print(f"{w['op']:9} {w['concurrency']:>4} {w['requests']:>5} {w['keys_per_s']:>8} "
               f"{w['p50_ms']!s:>8} {w['p99_ms']!s:>8} {w['status_503']:>5} "
               f"{w['other_failures']:>5} {w['pool_free_after']:>10} {w['mismatches']:>4} "
+              f"{w['rounds']:>4} "
               f"{w['wall_s']:>7} {w['kme_cpu_s']:>9} {w['client_cpu_s']:>12}")
     if r["sustained"]:
         w = r["sustained"]

@@ -68,6 +68,12 @@ class RefillPolicy:
             self._opened_at = now
         return real
 
+    def snapshot(self) -> dict[str, float | int | bool]:
+        """For the admin status (no key material: counts and rates)."""
+        return {"refilling": self.refilling, "low_water": self.low_water,
+                "drain_keys_per_s": round(self.drain_per_s, 1),
+                "round_s": round(self.round_s, 2)}
+
     def forecast(self, now: float) -> float:
         """Keys expected to be drawn before a round started now has been stored."""
         return self.drain_per_s * self.round_s * FORECAST_ROUNDS

@@ -123,6 +123,8 @@ class KmeService:
         # With the BB84 link, keys come from the pool the link deposits into; `link`
         # (the ideal one) is then unused.
         self.bb84 = bb84
+        # The link's refill rule (qkd.kme.refill), for the admin status; None: no BB84.
+        self.refill: RefillPolicy | None = None
         self._reserve_lock = asyncio.Lock()
         # Batched reservations: requests waiting for the next RESERVE, per
         # (master, slave, size), and the task that sends them.
@@ -645,6 +647,7 @@ async def open_service(config: KmeConfig, clock: Callable[[], float] = time.mono
                            "point it at a writable file on a local disk") from None
 
     bb84: Bb84Link | None = None
+    gate: RefillGate | None = None
     if config.link.type == "bb84":
         lcfg = config.link
         settings = Bb84Settings(role=lcfg.role, params=lcfg.params,
@@ -671,7 +674,9 @@ async def open_service(config: KmeConfig, clock: Callable[[], float] = time.mono
         except LinkProtocolError as exc:
             await store.close()
             raise config.error("[link] state_file", str(exc), "see the message") from None
-    return KmeService(config, store, link, clock, bb84)
+    service = KmeService(config, store, link, clock, bb84)
+    service.refill = gate.policy if gate is not None else None
+    return service
 
 
 def _tls_context(config: KmeConfig) -> ssl.SSLContext:

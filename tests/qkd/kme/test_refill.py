@@ -233,3 +233,11 @@ def test_kme_pair_refills_only_below_the_mark(tmp_path: Path, pki: Path) -> None
     finally:
         alice.stop()
         bob.stop()
+
+
+def test_snapshot_shows_the_rule_state() -> None:
+    p = RefillPolicy(MAX, 0.75)
+    assert p.snapshot() == {"refilling": False, "low_water": 750, "drain_keys_per_s": 0.0,
+                            "round_s": DEFAULT_ROUND_S}
+    p.level(700, 0.0)
+    assert p.snapshot()["refilling"] is True
