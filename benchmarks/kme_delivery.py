@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import statistics
@@ -87,6 +88,11 @@ async def sustained(enc_url: str, dec_url: str, ctx_a: Any, ctx_b: Any, rate: fl
     when earlier ones are slow, so a KME that falls behind shows as latency."""
     enc_lat: list[float] = []
     statuses: list[int] = []
+    # After each 503, the pair's stored_key_count read at once: a 503 while the pool
+    # held keys for the pair breaks an aim. (A round deposited between the two reads
+    # would show here too: this count errs high, never low.)
+    level_after_503: list[int] = []
+    status_url = enc_url.rsplit("/", 1)[0] + "/status"
     mismatches = 0
     conn_a = aiohttp.TCPConnector(ssl=ctx_a, limit=64)
     conn_b = aiohttp.TCPConnector(ssl=ctx_b, limit=64)
@@ -102,6 +108,12 @@ async def sustained(enc_url: str, dec_url: str, ctx_a: Any, ctx_b: Any, rate: fl
             except (aiohttp.ClientError, TimeoutError, ValueError):
                 data, status = None, 0
             statuses.append(status)
+            if status == 503:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError,
+                                         KeyError):
+                    async with sa.get(status_url,
+                                      timeout=aiohttp.ClientTimeout(total=60)) as r:
+                        level_after_503.append(int((await r.json())["stored_key_count"]))
             if status != 200 or not data:
                 return
             enc_lat.append(time.monotonic() - t0)
@@ -125,6 +137,7 @@ async def sustained(enc_url: str, dec_url: str, ctx_a: Any, ctx_b: Any, rate: fl
         wall = time.monotonic() - t0
     return {"requests": n, "keys": len(enc_lat), "keys_per_s": round(len(enc_lat) / wall, 1),
             "status_503": statuses.count(503),
+            "status_503_with_keys": sum(1 for n in level_after_503 if n > 0),
             "other_failures": sum(1 for st in statuses if st not in (200, 503)),
             "mismatches": mismatches, "wall_s": round(wall, 1)} | quantiles(enc_lat)
 
@@ -275,7 +288,8 @@ def main() -> int:
         w = r["sustained"]
         print(f"\nsustained at {w['rate_asked']} keys/s (the link's rate) for {w['wall_s']} s:"
               f" {w['keys']}/{w['requests']} served, {w['keys_per_s']} keys/s, p50 "
-              f"{w['p50_ms']} ms, p99 {w['p99_ms']} ms, {w['status_503']} x 503, "
+              f"{w['p50_ms']} ms, p99 {w['p99_ms']} ms, {w['status_503']} x 503 "
+              f"({w['status_503_with_keys']} with keys in the pool right after), "
               f"{w['other_failures']} other, {w['mismatches']} mismatches, pool "
               f"{w['pool_before']} -> {w['pool_after']}, {w['rounds']} rounds, KME cpu "
               f"{w['kme_cpu_s']} s")
