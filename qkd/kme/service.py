@@ -400,13 +400,23 @@ class KmeService:
         limits = self.config.limits
         now = time.time()
         blocks_per_key = math.ceil(size / limits.key_size)
+        pair = (master, slave)
+        # Waiters for default-size keys that the pair's standing slice covers now take
+        # them from it: a top-up may have landed while they queued behind it, and with
+        # the free pool empty they would get a 503 with keys reserved for their pair.
+        if size == limits.key_size:
+            slice_keys = self._standing.get(pair)
+            for w in waiters:
+                if (slice_keys and w.future is not None and not w.future.done()
+                        and len(slice_keys) >= w.number):
+                    w.future.set_result([slice_keys.popleft() for _ in range(w.number)])
         free = await self.store.free_blocks(now)
         # Serve the waiters in arrival order while the pool has room; the others get a
         # 503 now (the pool really is short), not after a round trip.
         served: list[_Waiter] = []
         need = 0
         for w in waiters:
-            if w.future is None:
+            if w.future is None or w.future.done():
                 continue
             if (need + w.number) * blocks_per_key <= free:
                 served.append(w)
@@ -416,7 +426,6 @@ class KmeService:
                     "reason": f"no key available: {free} blocks of {limits.key_size} "
                               "bits in the pool"}]))
         extra = 0
-        pair = (master, slave)
         if standing and size == limits.key_size and STANDING_KEYS > 0:
             have = len(self._standing.get(pair, ()))
             # A slice never takes more than a quarter of what is left after this
