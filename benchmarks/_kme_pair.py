@@ -43,13 +43,13 @@ class Kme:
     """One `qkdgw kme` process; the constructor returns once it listens."""
 
     def __init__(self, work: Path, site: str, config: str, pythonpath: str | None,
-                 profile: Path | None = None) -> None:
+                 profile: Path | None = None, env: dict[str, str] | None = None) -> None:
         self.site = site
         path = work / f"kme-{site}.toml"
         path.write_text(config)
         self.port_file = work / f"kme-{site}.port"
         self.log = work / f"kme-{site}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1") | (env or {})
         if pythonpath:
             env["PYTHONPATH"] = pythonpath
         prof: list[str] = []
@@ -130,20 +130,23 @@ def prepare(work: Path) -> None:
 
 def start_pair(work: Path, *, pulses: int, distance_km: float, admin: bool,
                pythonpath: str | None, max_key_count: int = 1_000_000,
-               profile: Path | None = None, kmes: list[Kme]) -> tuple[Kme, Kme]:
+               profile: Path | None = None, kmes: list[Kme],
+               link: dict[str, Any] | None = None,
+               env: dict[str, str] | None = None) -> tuple[Kme, Kme]:
     """Bob (site-b) then Alice (site-a), dialling Bob's link ports. Each started KME is
     appended to `kmes` at once, so the caller's cleanup stops it even if the other
-    one fails to start."""
-    common: dict[str, Any] = {"distance_km": distance_km, "pulses": pulses}
+    one fails to start. `link`: more [link] settings for both; `env`: more
+    environment for both processes."""
+    common: dict[str, Any] = {"distance_km": distance_km, "pulses": pulses} | (link or {})
     bob = Kme(work, "site-b", kme_toml(work, "site-b", "site-a", common | {
         "role": "bob", "listen": "127.0.0.1:0", "quantum_listen": "127.0.0.1:0"},
-        admin, max_key_count), pythonpath, profile)
+        admin, max_key_count), pythonpath, profile, env)
     kmes.append(bob)
     ports = bob.side_file(".link")
     alice = Kme(work, "site-a", kme_toml(work, "site-a", "site-b", common | {
         "role": "alice", "peer": f"127.0.0.1:{ports['classical']}",
         "quantum": f"127.0.0.1:{ports['quantum']}"}, admin, max_key_count),
-        pythonpath, profile)
+        pythonpath, profile, env)
     kmes.append(alice)
     return alice, bob
 

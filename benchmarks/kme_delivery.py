@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import statistics
@@ -87,6 +88,11 @@ async def sustained(enc_url: str, dec_url: str, ctx_a: Any, ctx_b: Any, rate: fl
     when earlier ones are slow, so a KME that falls behind shows as latency."""
     enc_lat: list[float] = []
     statuses: list[int] = []
+    # After each 503, the pair's stored_key_count read at once: a 503 while the pool
+    # held keys for the pair breaks an aim. (A round deposited between the two reads
+    # would show here too: this count errs high, never low.)
+    level_after_503: list[int] = []
+    status_url = enc_url.rsplit("/", 1)[0] + "/status"
     mismatches = 0
     conn_a = aiohttp.TCPConnector(ssl=ctx_a, limit=64)
     conn_b = aiohttp.TCPConnector(ssl=ctx_b, limit=64)
@@ -102,6 +108,12 @@ async def sustained(enc_url: str, dec_url: str, ctx_a: Any, ctx_b: Any, rate: fl
             except (aiohttp.ClientError, TimeoutError, ValueError):
                 data, status = None, 0
             statuses.append(status)
+            if status == 503:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError,
+                                         KeyError):
+                    async with sa.get(status_url,
+                                      timeout=aiohttp.ClientTimeout(total=60)) as r:
+                        level_after_503.append(int((await r.json())["stored_key_count"]))
             if status != 200 or not data:
                 return
             enc_lat.append(time.monotonic() - t0)
@@ -125,6 +137,7 @@ async def sustained(enc_url: str, dec_url: str, ctx_a: Any, ctx_b: Any, rate: fl
         wall = time.monotonic() - t0
     return {"requests": n, "keys": len(enc_lat), "keys_per_s": round(len(enc_lat) / wall, 1),
             "status_503": statuses.count(503),
+            "status_503_with_keys": sum(1 for n in level_after_503 if n > 0),
             "other_failures": sum(1 for st in statuses if st not in (200, 503)),
             "mismatches": mismatches, "wall_s": round(wall, 1)} | quantiles(enc_lat)
 
@@ -135,12 +148,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prepare(work)
     kmes: list[Kme] = []
     try:
+        link = {"refill_below": args.refill_below} if args.refill_below is not None else {}
+        env = dict(e.split("=", 1) for e in args.kme_env)
         alice, bob = start_pair(work, pulses=args.pulses, distance_km=args.distance_km,
                                 admin=True, pythonpath=args.pythonpath,
-                                max_key_count=args.pool, profile=args.profile, kmes=kmes)
+                                max_key_count=args.pool, profile=args.profile, kmes=kmes,
+                                link=link, env=env)
         print(f"filling the pools to {args.pool} keys...", file=sys.stderr, flush=True)
-        fill_s = wait_pool(alice, bob, int(args.pool * 0.98), 900,
-                           f"filling the pools to {args.pool}")
+        # Full, not nearly: at 98 % the round that fills the rest was still running
+        # (seconds of both cores) in the first phases.
+        fill_s = wait_pool(alice, bob, args.pool, 900, f"filling the pools to {args.pool}")
         print(f"pools full after {fill_s:.0f} s", file=sys.stderr, flush=True)
         enc_url = f"https://127.0.0.1:{alice.port}{API}/site-b-gw/enc_keys"
         dec_url = f"https://127.0.0.1:{bob.port}{API}/site-a-gw/dec_keys"
@@ -157,6 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bodies = [{"key_IDs": [{"key_ID": k}]} for k in got]
                     url, ctx = dec_url, ctx_b
                 cpu0 = [cpu_s(k.popen.pid) for k in kmes]
+                rounds0 = link_status(work, alice, "site-b")["rounds_committed"]
                 me0 = time.process_time()
                 res, wall = asyncio.run(phase(url, ctx, bodies, conc))
                 cpu = sum(cpu_s(k.popen.pid) for k in kmes) - sum(cpu0)
@@ -172,13 +190,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 free = link_status(work, alice if op == "enc_keys" else bob,
                                    "site-b" if op == "enc_keys" else "site-a"
                                    )["stored_key_count"]
+                # Rounds committed during the phase (one more may have been running).
+                rounds = link_status(work, alice, "site-b")["rounds_committed"] - rounds0
                 rows.append({
                     "op": op, "concurrency": conc, "requests": len(res),
                     "keys": len(answered), "keys_per_s": round(len(answered) / wall, 1),
                     "status_503": sum(1 for _, st, _ in res if st == 503),
                     "other_failures": sum(1 for _, st, _ in res if st not in (200, 503)),
                     "pool_free_after": free, "mismatches": mismatches,
-                    "wall_s": round(wall, 2), "kme_cpu_s": round(cpu, 2),
+                    "rounds": rounds, "wall_s": round(wall, 2), "kme_cpu_s": round(cpu, 2),
                     "client_cpu_s": round(me, 2),
                 } | quantiles([t for t, _ in ok]))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
@@ -192,8 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             st = link_status(work, alice, "site-b")
             level0, rounds0 = st["stored_key_count"], st["rounds_committed"]
             print("refilling the pools...", file=sys.stderr, flush=True)
-            refill_s = wait_pool(alice, bob, int(args.pool * 0.98), 900,
-                                 "refilling the pools")
+            refill_s = wait_pool(alice, bob, args.pool, 900, "refilling the pools")
             st = link_status(work, alice, "site-b")
             made = st["stored_key_count"] - level0
             rate = made / refill_s * args.sustain_factor
@@ -211,7 +230,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "rounds": st["rounds_committed"] - rounds0,
                     "kme_cpu_s": round(sum(cpu_s(k.popen.pid) for k in kmes) - cpu0, 2)}
             print(json.dumps(sus), file=sys.stderr, flush=True)
-        return {"code": args.pythonpath or "this checkout", "pool": args.pool,
+        return {"code": args.label or args.pythonpath or "this checkout", "pool": args.pool,
                 "pulses": args.pulses, "distance_km": args.distance_km,
                 "fill_s": round(fill_s, 1), "rows": rows, "sustained": sus}
     finally:
@@ -242,6 +261,12 @@ def main() -> int:
                    help="multiply the sustained request rate by this")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="run the KMEs under cProfile, kme-site-{a,b}.prof into DIR")
+    p.add_argument("--refill-below", type=float, default=None, metavar="FRACTION",
+                   help="[link] refill_below of both KMEs (default: the KME's default; "
+                        "an older checkout may not know the setting)")
+    p.add_argument("--kme-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment of both KME processes, e.g. QKDGW_KME_LINK_NICE=0")
+    p.add_argument("--label", default=None, help="name of this run in the output")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     r = run(args)
@@ -251,18 +276,20 @@ def main() -> int:
     print(f"\nKME delivery, {r['code']}: pool {r['pool']} keys (full after "
           f"{r['fill_s']} s), one key per request")
     print(f"{'op':9} {'conc':>4} {'req':>5} {'keys/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'503s':>5} {'other':>5} {'free after':>10} {'mism':>4} {'wall s':>7} "
+          f"{'503s':>5} {'other':>5} {'free after':>10} {'mism':>4} {'rnds':>4} {'wall s':>7} "
           f"{'KME cpu s':>9} {'client cpu s':>12}")
     for w in r["rows"]:
         print(f"{w['op']:9} {w['concurrency']:>4} {w['requests']:>5} {w['keys_per_s']:>8} "
               f"{w['p50_ms']!s:>8} {w['p99_ms']!s:>8} {w['status_503']:>5} "
               f"{w['other_failures']:>5} {w['pool_free_after']:>10} {w['mismatches']:>4} "
+              f"{w['rounds']:>4} "
               f"{w['wall_s']:>7} {w['kme_cpu_s']:>9} {w['client_cpu_s']:>12}")
     if r["sustained"]:
         w = r["sustained"]
         print(f"\nsustained at {w['rate_asked']} keys/s (the link's rate) for {w['wall_s']} s:"
               f" {w['keys']}/{w['requests']} served, {w['keys_per_s']} keys/s, p50 "
-              f"{w['p50_ms']} ms, p99 {w['p99_ms']} ms, {w['status_503']} x 503, "
+              f"{w['p50_ms']} ms, p99 {w['p99_ms']} ms, {w['status_503']} x 503 "
+              f"({w['status_503_with_keys']} with keys in the pool right after), "
               f"{w['other_failures']} other, {w['mismatches']} mismatches, pool "
               f"{w['pool_before']} -> {w['pool_after']}, {w['rounds']} rounds, KME cpu "
               f"{w['kme_cpu_s']} s")

@@ -55,6 +55,8 @@ async def snapshot(service: KmeService, started: float,
         link["standing_keys"] = service.standing_keys()
         link["reservation_batches"] = service.reservation_batches
         link["reservation_batch_keys"] = service.reservation_batch_keys
+        if service.refill is not None:
+            link["refill"] = service.refill.snapshot()
         out["link"] = link
     else:
         # The ideal link has no pool, only its token bucket of derivable keys.
@@ -154,6 +156,12 @@ class _KmeCollector(Collector):
         yield GaugeMetricFamily("qkdgw_kme_standing_keys",
                                 "Keys reserved at both KMEs ahead of enc_keys requests",
                                 value=link["standing_keys"])
+        if "refill" in link:
+            yield GaugeMetricFamily("qkdgw_kme_link_refilling",
+                                    "1 while the pool is being refilled (it fell below "
+                                    "[link] refill_below, or the draw forecast reached "
+                                    "the mark), 0 while rounds wait",
+                                    value=int(link["refill"]["refilling"]))
         yield CounterMetricFamily("qkdgw_kme_link_auth_pad_bytes_used",
                                   "One-time pad bytes spent on tags (rounds, reservations, "
                                   "HELLOs), since this link state began",

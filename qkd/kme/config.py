@@ -283,6 +283,13 @@ class LinkSection(Schema):
         doc="bb84: how long a round may stall before it is aborted.",
         fix="seconds a round may stall (a lost or dropped frame) before it is aborted, "
         "e.g. 60")
+    refill_below: Float = setting(
+        0.75, ge=0.01, le=1.0,
+        doc="bb84, alice: start refilling rounds once the pool (free + reserved keys) is "
+        "below this fraction of max_key_count, or sooner when the recent draw rate would "
+        "take it there within two rounds; then refill until full. 1 = a round as soon as "
+        "one key is taken.",
+        fix="a fraction of max_key_count from 0.01 to 1, e.g. 0.75")
 
     _secret: bytes = PrivateAttr(b"")
 
@@ -498,6 +505,7 @@ class LinkConfig:
     quantum_listen: HostPort | None = None
     state_file: Path | None = None
     round_timeout_s: float = LinkSection.model_fields["round_timeout_s"].default
+    refill_below: float = LinkSection.model_fields["refill_below"].default
 
     @classmethod
     def from_section(cls, s: LinkSection, db: Path) -> LinkConfig:
@@ -507,7 +515,7 @@ class LinkConfig:
                    params=s.params(), peer=s.peer, quantum=s.quantum, listen=s.listen,
                    quantum_listen=s.quantum_listen,
                    state_file=s.state_file or Path(str(db) + ".link-state"),
-                   round_timeout_s=s.round_timeout_s)
+                   round_timeout_s=s.round_timeout_s, refill_below=s.refill_below)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from qkd.etsi014.messages import (
     EtsiError,
     QkdKey,
 )
-from qkd.kme import skip_api
+from qkd.kme import link_work, skip_api
 from qkd.kme.config import KmeConfig
 from qkd.kme.http import dec_keys_request, enc_keys_request
 from qkd.kme.keystore import (
@@ -61,6 +61,7 @@ from qkd.kme.keystore import (
     StoreError,
 )
 from qkd.kme.links import NetworkRouter, build_network_app, neighbour_config, network_status
+from qkd.kme.refill import RefillGate, RefillPolicy
 from qkd.kme.relay_keys import relay_sae
 from qkd.kme.relay_service import RelayService
 from qkd.link.bb84 import Bb84Link, Bb84Settings, LinkUnavailable
@@ -122,6 +123,8 @@ class KmeService:
         # With the BB84 link, keys come from the pool the link deposits into; `link`
         # (the ideal one) is then unused.
         self.bb84 = bb84
+        # The link's refill rule (qkd.kme.refill), for the admin status; None: no BB84.
+        self.refill: RefillPolicy | None = None
         self._reserve_lock = asyncio.Lock()
         # Batched reservations: requests waiting for the next RESERVE, per
         # (master, slave, size), and the task that sends them.
@@ -397,13 +400,23 @@ class KmeService:
         limits = self.config.limits
         now = time.time()
         blocks_per_key = math.ceil(size / limits.key_size)
+        pair = (master, slave)
+        # Waiters for default-size keys that the pair's standing slice covers now take
+        # them from it: a top-up may have landed while they queued behind it, and with
+        # the free pool empty they would get a 503 with keys reserved for their pair.
+        if size == limits.key_size:
+            slice_keys = self._standing.get(pair)
+            for w in waiters:
+                if (slice_keys and w.future is not None and not w.future.done()
+                        and len(slice_keys) >= w.number):
+                    w.future.set_result([slice_keys.popleft() for _ in range(w.number)])
         free = await self.store.free_blocks(now)
         # Serve the waiters in arrival order while the pool has room; the others get a
         # 503 now (the pool really is short), not after a round trip.
         served: list[_Waiter] = []
         need = 0
         for w in waiters:
-            if w.future is None:
+            if w.future is None or w.future.done():
                 continue
             if (need + w.number) * blocks_per_key <= free:
                 served.append(w)
@@ -413,7 +426,6 @@ class KmeService:
                     "reason": f"no key available: {free} blocks of {limits.key_size} "
                               "bits in the pool"}]))
         extra = 0
-        pair = (master, slave)
         if standing and size == limits.key_size and STANDING_KEYS > 0:
             have = len(self._standing.get(pair, ()))
             # A slice never takes more than a quarter of what is left after this
@@ -644,6 +656,7 @@ async def open_service(config: KmeConfig, clock: Callable[[], float] = time.mono
                            "point it at a writable file on a local disk") from None
 
     bb84: Bb84Link | None = None
+    gate: RefillGate | None = None
     if config.link.type == "bb84":
         lcfg = config.link
         settings = Bb84Settings(role=lcfg.role, params=lcfg.params,
@@ -658,7 +671,10 @@ async def open_service(config: KmeConfig, clock: Callable[[], float] = time.mono
         relay_local = (relay_sae(relay_of),) if relay_of is not None else ()
         relay_peer = (relay_sae(config.peer.kme_id),) if relay_of is not None else ()
         try:
-            bb84 = Bb84Link(settings, store, sealer, lcfg.state_file, key_history=history,
+            # The link reads the pool through the low-water mark (qkd.kme.refill).
+            gate = RefillGate(store, RefillPolicy(config.limits.max_key_count,
+                                                  lcfg.refill_below), time.monotonic)
+            bb84 = Bb84Link(settings, gate, sealer, lcfg.state_file, key_history=history,
                             key_size_bits=config.limits.key_size,
                             lifetime_s=config.key_lifetime_s,
                             max_key_count=config.limits.max_key_count,
@@ -667,7 +683,9 @@ async def open_service(config: KmeConfig, clock: Callable[[], float] = time.mono
         except LinkProtocolError as exc:
             await store.close()
             raise config.error("[link] state_file", str(exc), "see the message") from None
-    return KmeService(config, store, link, clock, bb84)
+    service = KmeService(config, store, link, clock, bb84)
+    service.refill = gate.policy if gate is not None else None
+    return service
 
 
 def _tls_context(config: KmeConfig) -> ssl.SSLContext:
@@ -825,8 +843,9 @@ async def _start_admin(running: RunningKme) -> None:
 
 async def serve(config: KmeConfig, port_file: Path | None = None) -> None:
     """Run until SIGINT or SIGTERM, then shut down cleanly."""
-    running = await start_kme(config)
     loop = asyncio.get_running_loop()
+    link_work.install(loop)  # before the link starts: its round work at lower priority
+    running = await start_kme(config)
     stop = asyncio.Event()
     signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)
     for sig in signals:

@@ -35,8 +35,8 @@ def _ctx(pki: Path, site: str) -> ssl.SSLContext:
     return ctx
 
 
-def _start_pair(tmp_path: Path, pki: Path, env: dict[str, str] | None = None
-                ) -> tuple[KmeProcess, KmeProcess]:
+def _start_pair(tmp_path: Path, pki: Path, env: dict[str, str] | None = None,
+                refill_below: float | None = None) -> tuple[KmeProcess, KmeProcess]:
     cfg_b = tmp_path / "kme-b.toml"
     cfg_b.write_text(kme_toml(pki, "b", tmp_path / "b.sqlite3", max_key_count=POOL,
                               link=bb84_link(pki, "bob")))
@@ -45,7 +45,9 @@ def _start_pair(tmp_path: Path, pki: Path, env: dict[str, str] | None = None
     cfg_a = tmp_path / "kme-a.toml"
     cfg_a.write_text(kme_toml(pki, "a", tmp_path / "a.sqlite3", max_key_count=POOL,
                               link=bb84_link(pki, "alice", peer=ports["classical"],
-                                             quantum=ports["quantum"])))
+                                             quantum=ports["quantum"])
+                              + ("" if refill_below is None
+                                 else f"refill_below = {refill_below}\n")))
     try:
         alice = KmeProcess(cfg_a, tmp_path, "kme-a", env=env)
     except BaseException:
@@ -149,8 +151,9 @@ def test_the_level_a_master_sees_falls_while_its_standing_slice_drains(
     the link has refilled, the free blocks and the slice together stay at the cap, so
     drawing from the slice lowers the master's stored_key_count. (Before, the link
     kept the free blocks alone at the cap: the level read full while the slice
-    drained, and the second check below failed.)"""
-    alice, bob = _start_pair(tmp_path, pki)
+    drained, and the second check below failed.) Refills at once here (refill_below
+    = 1, the rule before the low-water mark): the accounting is under test."""
+    alice, bob = _start_pair(tmp_path, pki, refill_below=1.0)
 
     def level() -> int:
         return _free(pki, alice, "site-a", "site-b-gw")
