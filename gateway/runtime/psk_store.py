@@ -47,6 +47,7 @@ from typing import Any
 from gateway.errors import GatewayError
 from gateway.tunnel import events as ev
 from gateway.tunnel.handshake import PskKey
+from gateway.tunnel.steptimes import step
 from qkd.common.errors import UserError
 from qkd.common.log import get_logger
 from qkd.common.private_db import open_private_db
@@ -177,24 +178,26 @@ class PskStore:
         now = time.time()
         new_max = max([self._max_epoch] + [k.epoch for k in slots.values() if k is not None])
         db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with step("sqlite_commit"):
             try:
-                for slot, key in slots.items():
-                    db.execute("DELETE FROM psk WHERE peer = ? AND slot = ?", (self.peer, slot))
-                    if key is not None:
-                        db.execute("INSERT INTO psk VALUES (?, ?, ?, ?, ?)",
-                                   (self.peer, slot, key.epoch, key.key, now))
-                db.execute("INSERT INTO peer VALUES (?, ?, ?, ?) ON CONFLICT(peer) DO UPDATE "
-                           "SET max_epoch = excluded.max_epoch, bootstraps = "
-                           "excluded.bootstraps, last_change = excluded.last_change",
-                           (self.peer, new_max, self._bootstraps + int(bootstrap), now))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise PskStoreError(f"cannot write the PSK store {str(self.path)!r}: {exc}") from None
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for slot, key in slots.items():
+                        db.execute("DELETE FROM psk WHERE peer = ? AND slot = ?", (self.peer, slot))
+                        if key is not None:
+                            db.execute("INSERT INTO psk VALUES (?, ?, ?, ?, ?)",
+                                       (self.peer, slot, key.epoch, key.key, now))
+                    db.execute("INSERT INTO peer VALUES (?, ?, ?, ?) ON CONFLICT(peer) DO UPDATE "
+                               "SET max_epoch = excluded.max_epoch, bootstraps = "
+                               "excluded.bootstraps, last_change = excluded.last_change",
+                               (self.peer, new_max, self._bootstraps + int(bootstrap), now))
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise PskStoreError(f"cannot write the PSK store {str(self.path)!r}: {exc}"
+                                    ) from None
         for slot, key in slots.items():
             if key is None:
                 self._slots.pop(slot, None)

@@ -27,6 +27,7 @@ from gateway.tunnel.handshake import (
     QKD_OK,
     QKD_UNREACHABLE,
 )
+from gateway.tunnel.steptimes import step
 from gateway.tunnel.streams import StreamCode
 from gateway.tunnel.wire import ErrorCode
 from qkd.common.log import get_logger
@@ -418,7 +419,9 @@ class TunnelSession(asyncio.Protocol):
     async def _fetch_enc_keys(self, event: ev.QkdKeysRequested) -> None:
         g = self.gateway
         try:
-            keys = await g.kme.get_enc_keys(event.peer_sae_id, event.number, event.size_bits)
+            with step("etsi_enc_keys"):
+                keys = await g.kme.get_enc_keys(event.peer_sae_id, event.number,
+                                                event.size_bits)
         except KmeError as exc:
             g.metrics.kme_errors.labels(_kme_kind(exc)).inc()
             log.error("kme.enc_keys_failed", error=str(exc), kind=_kme_kind(exc))
@@ -442,7 +445,8 @@ class TunnelSession(asyncio.Protocol):
             return
         g.used_key_ids.update(event.key_ids)
         try:
-            keys = await g.kme.get_dec_keys(event.master_sae_id, list(event.key_ids))
+            with step("etsi_dec_keys"):
+                keys = await g.kme.get_dec_keys(event.master_sae_id, list(event.key_ids))
         except KmeError as exc:
             g.metrics.kme_errors.labels(_kme_kind(exc)).inc()
             log.error("kme.dec_keys_failed", error=str(exc), kind=_kme_kind(exc))
@@ -456,7 +460,8 @@ class TunnelSession(asyncio.Protocol):
         """The responder's own look at its KME before agreeing to ML-KEM-only."""
         g = self.gateway
         try:
-            status = await g.kme.status(event.peer_sae_id)
+            with step("etsi_status"):
+                status = await g.kme.status(event.peer_sae_id)
         except KmeError as exc:
             g.metrics.kme_errors.labels(_kme_kind(exc)).inc()
             log.warning("kme.status_failed", error=str(exc), kind=_kme_kind(exc))

@@ -112,6 +112,7 @@ from gateway.tunnel.key_schedule import (
     transcript_hasher,
 )
 from gateway.tunnel.otmac import check_one_time_tag, one_time_tag
+from gateway.tunnel.steptimes import step
 from gateway.tunnel.wire import DecodeError, ErrorCode, Reader, Writer
 from pqc import PqcError
 from pqc import sig as pqc_sig
@@ -717,7 +718,8 @@ class Handshake:
 
     def _send_client_hello(self) -> None:
         p, pol = self.params, self.params.policy
-        self._dk = self._kem.from_seed(self._rng(64))
+        with step("ml_kem"):
+            self._dk = self._kem.from_seed(self._rng(64))
         self._ch = ClientHello(
             version=PROTOCOL_VERSION, epoch=self.epoch, auth=self.auth,
             psk_epoch=self._psk_epoch,
@@ -789,7 +791,8 @@ class Handshake:
         self._sh = sh
         self._absorb(msg)
         try:
-            ss = self._dk.decapsulate(sh.ciphertext)
+            with step("ml_kem"):
+                ss = self._dk.decapsulate(sh.ciphertext)
         except PqcError as exc:
             raise self._fail(ErrorCode.HANDSHAKE_FAILURE, f"bad ML-KEM ciphertext: {exc}") from None
         self._dk = None  # the decapsulation key is single-use: forward secrecy
@@ -920,7 +923,8 @@ class Handshake:
         ch = self._ch
         assert ch is not None
         try:
-            ct, ss = self._kem.encapsulate(ch.encapsulation_key)
+            with step("ml_kem"):
+                ct, ss = self._kem.encapsulate(ch.encapsulation_key)
         except PqcError as exc:
             raise self._fail(ErrorCode.HANDSHAKE_FAILURE, f"bad encapsulation key: {exc}") from None
         self._sh = ServerHello(
@@ -982,7 +986,8 @@ class Handshake:
                              "; it is not presented")
         self._send(encode_certificate(creds.chain_der))
         algorithm = pqc_sig.algorithm_of_public_key(creds.chain[0].public_key())
-        signature = pqc_sig.sign(creds.private_key, label + self._th_now())
+        with step("ml_dsa_sign"):
+            signature = pqc_sig.sign(creds.private_key, label + self._th_now())
         self._send(encode_certificate_verify(algorithm, signature))
 
     def _on_certificate(self, msg: bytes) -> None:
@@ -997,8 +1002,10 @@ class Handshake:
             raise self._fail(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
         now = self._now()
         try:
-            verify_peer_certificate(chain[0], creds.trust_anchor, self.params.peer_identity,
-                                    now, intermediates=chain[1:])
+            with step("ml_dsa_cert_chain"):
+                verify_peer_certificate(chain[0], creds.trust_anchor,
+                                        self.params.peer_identity, now,
+                                        intermediates=chain[1:])
         except PeerCertificateError as exc:
             raise self._fail(ErrorCode.BAD_CERTIFICATE,
                              f"peer certificate rejected: {exc}") from None
@@ -1026,7 +1033,9 @@ class Handshake:
             raise self._fail(ErrorCode.BAD_CERTIFICATE,
                              "signature algorithm does not match the certificate")
         label = SIG_LABEL_RESPONDER if self.initiator else SIG_LABEL_INITIATOR
-        if not pqc_sig.verify(pub, signature, label + self._th_now()):
+        with step("ml_dsa_verify"):
+            valid = pqc_sig.verify(pub, signature, label + self._th_now())
+        if not valid:
             raise self._fail(ErrorCode.HANDSHAKE_FAILURE, "peer's transcript signature is invalid")
         self._absorb(msg)
         self._state = _State.WAIT_PEER_FINISHED
