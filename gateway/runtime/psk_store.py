@@ -222,7 +222,7 @@ class PskStore:
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(1, thread_name_prefix="psk-store")
             self._background = self._worker.submit(self._write, changes, now, new_max,
-                                                   bootstraps, "sqlite_commit_background")
+                                                   bootstraps, "sqlite_commit (background)")
         else:
             self._write(changes, now, new_max, bootstraps, "sqlite_commit")
             self._unsynced.difference_update(changes)

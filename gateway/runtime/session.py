@@ -27,7 +27,7 @@ from gateway.tunnel.handshake import (
     QKD_OK,
     QKD_UNREACHABLE,
 )
-from gateway.tunnel.steptimes import step
+from gateway.tunnel.steptimes import during, step
 from gateway.tunnel.streams import StreamCode
 from gateway.tunnel.wire import ErrorCode
 from qkd.common.log import get_logger
@@ -271,6 +271,18 @@ class TunnelSession(asyncio.Protocol):
         self.conn.handle_timer(self.loop.time())
         self.process()
 
+    def _prepare_soon(self, handshake_id: int) -> None:
+        """Let the handshake do what does not wait for the KME (the responder's
+        signature, ML-KEM) once the KME request is on the wire, so the two overlap.
+        Two loop turns: the request task's first step, then the body writer task the
+        HTTP client starts, run before this (call_soon is first in, first out)."""
+        def second() -> None:
+            with during("ETSI 014"):
+                self.conn.prepare_handshake(handshake_id, self.loop.time())
+            self.process()
+
+        self.loop.call_soon(self.loop.call_soon, second)
+
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
@@ -305,8 +317,10 @@ class TunnelSession(asyncio.Protocol):
             self._open_service(event.stream_id, event.service)
         elif isinstance(event, ev.QkdKeysRequested):
             self._spawn(self._fetch_enc_keys(event))
+            self._prepare_soon(event.handshake_id)
         elif isinstance(event, ev.QkdKeysToFetch):
             self._spawn(self._fetch_dec_keys(event))
+            self._prepare_soon(event.handshake_id)
         elif isinstance(event, ev.QkdStatusToCheck):
             self._spawn(self._check_qkd_status(event))
         elif isinstance(event, ev.OwnCertificateRefused):

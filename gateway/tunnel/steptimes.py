@@ -14,11 +14,12 @@ from contextlib import AbstractContextManager, nullcontext
 from time import perf_counter
 from types import TracebackType
 
-__all__ = ["disable", "enable", "enabled", "step", "take"]
+__all__ = ["disable", "during", "enable", "enabled", "step", "take"]
 
 # name -> [seconds, count]; None when off.
 _totals: dict[str, list[float]] | None = None
 _NULL: AbstractContextManager[None] = nullcontext()
+_suffix = ""  # " (...)" while `during` is active
 
 
 class _Step:
@@ -46,7 +47,28 @@ class _Step:
 
 def step(name: str) -> AbstractContextManager[None]:
     """Time the `with` body under `name` when timing is on; a no-op otherwise."""
-    return _NULL if _totals is None else _Step(name)
+    return _NULL if _totals is None else _Step(name + _suffix)
+
+
+class during:
+    """Steps inside run beside another step (work done while a KME request is out):
+    they are named "<name> (during <what>)", so a breakdown does not count them twice."""
+
+    __slots__ = ("previous", "what")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.previous = ""
+
+    def __enter__(self) -> None:
+        global _suffix
+        self.previous = _suffix
+        _suffix = f" (during {self.what})"
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        global _suffix
+        _suffix = self.previous
 
 
 def enable() -> None:

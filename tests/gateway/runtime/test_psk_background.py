@@ -40,7 +40,7 @@ def fail_background_writes(monkeypatch: pytest.MonkeyPatch, store: PskStore,
 
     def write(slots: Any, now: float, new_max: int, bootstraps: int, step_name: str
               ) -> list[str]:
-        if step_name.endswith("_background") and len(failed) < times:
+        if step_name.endswith("(background)") and len(failed) < times:
             failed.append(",".join(sorted(slots)))
             raise PskStoreError("disk full (test)")
         return real(slots, now, new_max, bootstraps, step_name)
@@ -66,7 +66,7 @@ def test_promotion_is_written_in_the_worker_and_lands(pki_dir: Path, sites: tupl
         assert sa.store.status().current_epoch == expected
         assert sa.store.status().pending_epoch == 0
         assert on_disk(sa) == (expected, 0)
-    background = [t for step, t in threads if step == "sqlite_commit_background"]
+    background = [t for step, t in threads if step == "sqlite_commit (background)"]
     foreground = [t for step, t in threads if step == "sqlite_commit"]
     assert len(background) == 3 and all(t.startswith("psk-store") for t in background)
     assert foreground and all(t == threading.main_thread().name for t in foreground)
