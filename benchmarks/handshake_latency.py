@@ -73,7 +73,8 @@ async def _child(args: argparse.Namespace) -> dict[str, Any]:
         from gateway.tunnel import steptimes
     except ImportError:  # an older tree: totals only
         steptimes = None  # type: ignore[assignment]
-    configure_logging("warning")
+    # "info" is what a gateway logs by default (JSON lines, here into a pipe).
+    configure_logging(args.log_level, "json" if args.log_level == "info" else "console")
     work = Path(args.workdir)
     tb = Testbed(work, TestbedOptions(log_level="warning"))
     tb.ports.update(json.loads((work / "ports.json").read_text()))
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", help="another source tree to measure in the same run")
     p.add_argument("--profile", help="cProfile the (first) child into this file")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--log-level", default="warning", choices=("warning", "info"),
+                   help="the gateways' log level (info: the default of qkdgw, JSON)")
     p.add_argument("--asyncio", action="store_true",
                    help="the stock asyncio loop instead of uvloop (which qkdgw uses)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -241,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 for label, tree in trees.items():
                     cmd = [sys.executable, __file__, "--child", "--workdir", str(work),
                            "--n", str(per_child), "--modes", args.modes,
+                           "--log-level", args.log_level,
                            *(["--asyncio"] if args.asyncio else [])]
                     if args.profile and first and label == "this tree":
                         cmd += ["--profile", args.profile]
