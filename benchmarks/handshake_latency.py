@@ -150,6 +150,7 @@ async def _child(args: argparse.Namespace) -> dict[str, Any]:
                 if auth != mode:
                     raise RuntimeError(f"mode {mode}: the handshake used {auth}")
                 samples.append({"total": dt, "cpu": cpu, "steps": steps})
+                await asyncio.sleep(args.gap)
             if prof is not None:
                 prof.disable()
             if steptimes is not None:
@@ -205,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", help="another source tree to measure in the same run")
     p.add_argument("--profile", help="cProfile the (first) child into this file")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--gap", type=float, default=0.01,
+                   help="seconds between handshakes (default 0.01; 0: back to back, so "
+                        "one handshake's background write meets the next one's KME "
+                        "requests on the same disk)")
     p.add_argument("--log-level", default="warning", choices=("warning", "info"),
                    help="the gateways' log level (info: the default of qkdgw, JSON)")
     p.add_argument("--asyncio", action="store_true",
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                 for label, tree in trees.items():
                     cmd = [sys.executable, __file__, "--child", "--workdir", str(work),
                            "--n", str(per_child), "--modes", args.modes,
-                           "--log-level", args.log_level,
+                           "--log-level", args.log_level, "--gap", str(args.gap),
                            *(["--asyncio"] if args.asyncio else [])]
                     if args.profile and first and label == "this tree":
                         cmd += ["--profile", args.profile]
