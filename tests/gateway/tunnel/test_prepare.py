@@ -113,3 +113,37 @@ def test_unprepared_and_prepared_sides_interoperate(pki_dir: Path, side: str) ->
     a.start(0.0)
     pair.pump()
     assert pair.a.ready and pair.b.ready
+
+
+def test_prepared_psk_handshakes_advance_the_chain(pki_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """PKI bootstrap, then PSK handshakes, every KME answer after a prepare_handshake:
+    both stores advance together and the PSK sessions use no signature."""
+    from tests.support import psk_sites
+
+    prepared: list[bool] = []
+    real_serve = psk_sites.serve_qkd
+
+    def serve(conn: TunnelConnection, event: ev.Event, kme: FakeKmePair | None,
+              now: float = 0.0) -> bool:
+        if isinstance(event, ev.QkdKeysToFetch):
+            conn.prepare_handshake(event.handshake_id, now)
+            prepared.append(conn._handshake is not None
+                            and conn._handshake._prepared is not None)
+        return real_serve(conn, event, kme, now)
+
+    monkeypatch.setattr(psk_sites, "serve_qkd", serve)
+    sa = psk_sites.Site(tmp_path / "a" / "psk.sqlite", "site-b")
+    sb = psk_sites.Site(tmp_path / "b" / "psk.sqlite", "site-a")
+    kme = FakeKmePair()
+    first = psk_sites.connect(pki_dir, sa, sb, kme)
+    assert first.ready and first.completed("a").auth == hs_mod.AUTH_PKI  # type: ignore[union-attr]
+    for expected in (2, 3):
+        att = psk_sites.connect(pki_dir, sa, sb, kme)
+        assert att.ready
+        done = att.completed("a")
+        assert done is not None and done.auth == hs_mod.AUTH_PSK
+        assert done.psk_epoch == expected - 1
+        sa.store._settle()
+        assert sa.store.status().current_epoch == sb.store.status().current_epoch == expected
+    assert prepared == [True, True, True]
