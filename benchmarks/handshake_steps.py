@@ -10,7 +10,9 @@ QKD keys from an in-memory KME pair):
   PKI bootstrap (ML-KEM + ML-DSA both ways) and PSK handshake (ML-KEM, PSK binder,
   PSK state committed to SQLite on both sides).
 The sum "core + ETSI round trips + TCP" estimates a loopback handshake between two
-gateways; `handshake_flood.py` measures the real thing end to end (mode "off").
+gateways; `handshake_latency.py` measures the real thing (two gateways, two KME
+processes) with a per-step breakdown taken inside the real code path, and
+`handshake_flood.py` measures it under a flood.
 
     python benchmarks/handshake_steps.py            # --n 200 by default
 """

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import datetime as dt
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
@@ -114,15 +116,30 @@ def _check_critical(cert: x509.Certificate) -> None:
                 f"gateway does not process ({ext.oid.dotted_string}) (fix: issue it without)")
 
 
+# Signatures found valid, keyed by the exact DER of the certificate and its issuer: a
+# signature check is a pure function of those bytes, and a peer presents the same chain
+# at every PKI handshake (an ML-DSA-65 verify is ~0.15 ms). Only the signature is
+# remembered; names, usage, validity, identity and revocation are checked every time.
+_VALID_SIGNATURES: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+_VALID_SIGNATURES_MAX = 32
+
+
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
     if cert.issuer != issuer.subject:
         return False
     try:
         if isinstance(cert.signature_hash_algorithm, _WEAK_HASHES):
             return False
+        key = (cert.public_bytes(Encoding.DER), issuer.public_bytes(Encoding.DER))
+        if key in _VALID_SIGNATURES:
+            _VALID_SIGNATURES.move_to_end(key)
+            return True
         cert.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
+    _VALID_SIGNATURES[key] = None
+    while len(_VALID_SIGNATURES) > _VALID_SIGNATURES_MAX:
+        _VALID_SIGNATURES.popitem(last=False)
     return True
 
 

@@ -19,7 +19,10 @@ Ordering, which is what makes every interruption recoverable:
 2. the responder, after checking that Finished, stores `current` (and moves the old
    current to `previous`) before HandshakeDone leaves;
 3. the initiator promotes `pending` on HandshakeDone, or on the responder accepting it
-   in a later handshake.
+   in a later handshake. Nothing it sends depends on this write, so it runs in the
+   store's worker thread, off the tunnel's way to ready; until it lands the file holds
+   the state of a crash before promoting (step 3 by the next handshake), and a failed
+   one is written again with the next change, before that change's bytes leave.
 
 So the responder holding epoch n implies the initiator holds n (step 1 came first),
 and an initiator offering n that the responder never stored gets an "unknown PSK"
@@ -40,6 +43,7 @@ import json
 import os
 import sqlite3
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +51,7 @@ from typing import Any
 from gateway.errors import GatewayError
 from gateway.tunnel import events as ev
 from gateway.tunnel.handshake import PskKey
+from gateway.tunnel.steptimes import step
 from qkd.common.errors import UserError
 from qkd.common.log import get_logger
 from qkd.common.private_db import open_private_db
@@ -110,6 +115,10 @@ class PskStore:
         self._refused: set[int] = set()
         self._refusal_rounds = 0
         self._reserved = 0
+        # The initiator's promotion is written in a worker thread (see `_commit`).
+        self._worker: ThreadPoolExecutor | None = None
+        self._background: Future[list[str]] | None = None
+        self._unsynced: set[str] = set()
         private_dir(path.parent)
         self._lock_fd = self._lock(path) if lock else None
         try:
@@ -126,6 +135,10 @@ class PskStore:
         return f"PskStore({str(self.path)!r}, peer={self.peer!r}, epochs={self._epochs()})"
 
     def close(self) -> None:
+        self._settle()
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
         self._db.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -172,37 +185,82 @@ class PskStore:
     def _epochs(self) -> dict[str, int]:
         return {slot: k.epoch for slot, k in self._slots.items()}
 
-    def _commit(self, slots: dict[str, PskKey | None], *, bootstrap: bool = False) -> None:
-        """Replace the given slots (None deletes) and bump the bookkeeping, atomically."""
-        now = time.time()
-        new_max = max([self._max_epoch] + [k.epoch for k in slots.values() if k is not None])
-        db = self._db
+    def _settle(self) -> None:
+        """Wait for the background write, if one runs (the database is used by one
+        thread at a time). A failed one leaves its slots in `_unsynced`, so the next
+        commit writes them again."""
+        future, self._background = self._background, None
+        if future is None:
+            return
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                for slot, key in slots.items():
-                    db.execute("DELETE FROM psk WHERE peer = ? AND slot = ?", (self.peer, slot))
-                    if key is not None:
-                        db.execute("INSERT INTO psk VALUES (?, ?, ?, ?, ?)",
-                                   (self.peer, slot, key.epoch, key.key, now))
-                db.execute("INSERT INTO peer VALUES (?, ?, ?, ?) ON CONFLICT(peer) DO UPDATE "
-                           "SET max_epoch = excluded.max_epoch, bootstraps = "
-                           "excluded.bootstraps, last_change = excluded.last_change",
-                           (self.peer, new_max, self._bootstraps + int(bootstrap), now))
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise PskStoreError(f"cannot write the PSK store {str(self.path)!r}: {exc}") from None
-        for slot, key in slots.items():
+            written = future.result()
+        except PskStoreError as exc:
+            log.error("psk.background_write_failed", peer=self.peer, error=str(exc),
+                      detail="the promotion is written again with the next change; until "
+                             "then the file holds it as pending, which a restart recovers "
+                             "from")
+            return
+        self._unsynced.difference_update(written)
+
+    def _commit(self, slots: dict[str, PskKey | None], *, bootstrap: bool = False,
+                background: bool = False) -> None:
+        """Replace the given slots (None deletes) and bump the bookkeeping, atomically.
+
+        `background`: update memory now and write in the store's worker thread; only for
+        a change whose loss in a crash the protocol already recovers from (the
+        initiator's promotion). Every other commit waits for that write first and is on
+        disk when it returns."""
+        self._settle()
+        # Slots whose last write failed (or is not known to have landed) go along, with
+        # their values in memory: the file never keeps an older slot than memory holds.
+        changes = {slot: self._slots.get(slot) for slot in self._unsynced} | slots
+        now = time.time()
+        new_max = max([self._max_epoch] + [k.epoch for k in changes.values() if k is not None])
+        bootstraps = self._bootstraps + int(bootstrap)
+        if background:
+            self._unsynced.update(changes)
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="psk-store")
+            self._background = self._worker.submit(self._write, changes, now, new_max,
+                                                   bootstraps, "sqlite_commit (background)")
+        else:
+            self._write(changes, now, new_max, bootstraps, "sqlite_commit")
+            self._unsynced.difference_update(changes)
+        for slot, key in changes.items():
             if key is None:
                 self._slots.pop(slot, None)
             else:
                 self._slots[slot] = key
         self._max_epoch = new_max
-        self._bootstraps += int(bootstrap)
+        self._bootstraps = bootstraps
         self._last_change = now
+
+    def _write(self, slots: dict[str, PskKey | None], now: float, new_max: int,
+               bootstraps: int, step_name: str) -> list[str]:
+        """One transaction; the slots written. Raises PskStoreError."""
+        db = self._db
+        with step(step_name):
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for slot, key in slots.items():
+                        db.execute("DELETE FROM psk WHERE peer = ? AND slot = ?",
+                                   (self.peer, slot))
+                        if key is not None:
+                            db.execute("INSERT INTO psk VALUES (?, ?, ?, ?, ?)",
+                                       (self.peer, slot, key.epoch, key.key, now))
+                    db.execute("INSERT INTO peer VALUES (?, ?, ?, ?) ON CONFLICT(peer) DO "
+                               "UPDATE SET max_epoch = excluded.max_epoch, bootstraps = "
+                               "excluded.bootstraps, last_change = excluded.last_change",
+                               (self.peer, new_max, bootstraps, now))
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise PskStoreError(f"cannot write the PSK store {str(self.path)!r}: {exc}"
+                                    ) from None
+        return list(slots)
 
     # -- PskBook -----------------------------------------------------------------------
 
@@ -274,7 +332,11 @@ class PskStore:
         elif isinstance(event, ev.PskConfirmed):
             pending = self._slots.get("pending")
             if pending is not None and pending.epoch == event.epoch:
-                self._commit({"current": pending, "pending": None})
+                # Nothing this side sends depends on the promotion being on disk, and a
+                # crash before it lands leaves `pending`, which the next handshake
+                # promotes (the "initiator_crash_before_promoting" case): written in
+                # the background, off the tunnel's way to ready.
+                self._commit({"current": pending, "pending": None}, background=True)
                 log.info("psk_confirmed", peer=self.peer, epoch=event.epoch)
             self._succeeded()
         elif isinstance(event, ev.PskRejected):

@@ -27,6 +27,7 @@ from gateway.tunnel.handshake import (
     QKD_OK,
     QKD_UNREACHABLE,
 )
+from gateway.tunnel.steptimes import during, step
 from gateway.tunnel.streams import StreamCode
 from gateway.tunnel.wire import ErrorCode
 from qkd.common.log import get_logger
@@ -270,6 +271,19 @@ class TunnelSession(asyncio.Protocol):
         self.conn.handle_timer(self.loop.time())
         self.process()
 
+    def _prepare_soon(self, handshake_id: int) -> None:
+        """Let the handshake do what does not wait for the KME (the responder's
+        signature, ML-KEM) once the KME request is on the wire, so the two overlap.
+        The request task was created just before and call_soon is first in, first out:
+        its first step, which writes the request on a kept-alive connection, runs
+        before this."""
+        def prepare() -> None:
+            with during("ETSI 014"):
+                self.conn.prepare_handshake(handshake_id, self.loop.time())
+            self.process()
+
+        self.loop.call_soon(prepare)
+
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
@@ -304,8 +318,10 @@ class TunnelSession(asyncio.Protocol):
             self._open_service(event.stream_id, event.service)
         elif isinstance(event, ev.QkdKeysRequested):
             self._spawn(self._fetch_enc_keys(event))
+            self._prepare_soon(event.handshake_id)
         elif isinstance(event, ev.QkdKeysToFetch):
             self._spawn(self._fetch_dec_keys(event))
+            self._prepare_soon(event.handshake_id)
         elif isinstance(event, ev.QkdStatusToCheck):
             self._spawn(self._check_qkd_status(event))
         elif isinstance(event, ev.OwnCertificateRefused):
@@ -418,7 +434,9 @@ class TunnelSession(asyncio.Protocol):
     async def _fetch_enc_keys(self, event: ev.QkdKeysRequested) -> None:
         g = self.gateway
         try:
-            keys = await g.kme.get_enc_keys(event.peer_sae_id, event.number, event.size_bits)
+            with step("etsi_enc_keys"):
+                keys = await g.kme.get_enc_keys(event.peer_sae_id, event.number,
+                                                event.size_bits)
         except KmeError as exc:
             g.metrics.kme_errors.labels(_kme_kind(exc)).inc()
             log.error("kme.enc_keys_failed", error=str(exc), kind=_kme_kind(exc))
@@ -442,7 +460,8 @@ class TunnelSession(asyncio.Protocol):
             return
         g.used_key_ids.update(event.key_ids)
         try:
-            keys = await g.kme.get_dec_keys(event.master_sae_id, list(event.key_ids))
+            with step("etsi_dec_keys"):
+                keys = await g.kme.get_dec_keys(event.master_sae_id, list(event.key_ids))
         except KmeError as exc:
             g.metrics.kme_errors.labels(_kme_kind(exc)).inc()
             log.error("kme.dec_keys_failed", error=str(exc), kind=_kme_kind(exc))
@@ -456,7 +475,8 @@ class TunnelSession(asyncio.Protocol):
         """The responder's own look at its KME before agreeing to ML-KEM-only."""
         g = self.gateway
         try:
-            status = await g.kme.status(event.peer_sae_id)
+            with step("etsi_status"):
+                status = await g.kme.status(event.peer_sae_id)
         except KmeError as exc:
             g.metrics.kme_errors.labels(_kme_kind(exc)).inc()
             log.warning("kme.status_failed", error=str(exc), kind=_kme_kind(exc))

@@ -307,6 +307,17 @@ class TunnelConnection:
         self._run(lambda: hs.supply_qkd_keys(keys))
         self._after_activity(now)
 
+    def prepare_handshake(self, handshake_id: int, now: float) -> None:
+        """Optional, once this side's KME request (QkdKeysRequested / QkdKeysToFetch)
+        is on its way: the handshake does the work that does not wait for the answer
+        (`Handshake.prepare`), so the KME's latency and this CPU time overlap. Nothing
+        is sent before the keys arrive."""
+        hs = self._handshake
+        if self.closed or hs is None or hs.handshake_id != handshake_id:
+            return
+        self._run(lambda: hs.prepare(self._wallclock()))
+        self._after_activity(now)
+
     def qkd_keys_unavailable(self, handshake_id: int, reason: str, now: float,
                              status: str = QKD_NO_KEY) -> None:
         """This side's own KME has no key ("no-key") or cannot be reached

@@ -112,6 +112,7 @@ from gateway.tunnel.key_schedule import (
     transcript_hasher,
 )
 from gateway.tunnel.otmac import check_one_time_tag, one_time_tag
+from gateway.tunnel.steptimes import step
 from gateway.tunnel.wire import DecodeError, ErrorCode, Reader, Writer
 from pqc import PqcError
 from pqc import sig as pqc_sig
@@ -516,6 +517,17 @@ def _join_qkd_keys(keys: Sequence[bytes]) -> bytes:
     return b"".join(len(k).to_bytes(2, "big") + k for k in keys)
 
 
+@dataclass(frozen=True)
+class _PreparedFlight:
+    """A responder's hybrid server flight built ahead (`Handshake.prepare`)."""
+
+    shared_secret: bytes
+    th_server_hello: bytes
+    messages: list[bytes]  # ServerHello [, Certificate, CertificateVerify]
+    transcript: Any  # the transcript hash after them
+    server_hello: ServerHello
+
+
 class Handshake:
     """One handshake, initiator or responder side."""
 
@@ -573,6 +585,9 @@ class Handshake:
         self._ss: bytes = b""
         self._peer_cert: x509.Certificate | None = None
         self._clock_now: datetime | None = None
+        # Responder: the hybrid server flight `prepare` built while the KME was asked:
+        # (ML-KEM shared secret, TH after ServerHello, the messages held back).
+        self._prepared: _PreparedFlight | None = None
 
     def __repr__(self) -> str:
         role = "initiator" if self.initiator else "responder"
@@ -625,6 +640,45 @@ class Handshake:
         self.events.append(ev.QkdKeysRequested(
             self.handshake_id, self.params.peer_sae_id, pol.qkd_keys_total,
             pol.qkd_key_size_bits))
+
+    def prepare(self, now: datetime | None = None) -> None:
+        """While this side's KME request is out, do the work that does not depend on
+        its answer, so the answer finds it done (the KME round trip and this CPU work
+        overlap). Initiator: the ML-KEM key pair. Responder fetching the key IDs the
+        initiator named: the hybrid server flight up to Finished (encapsulation,
+        ServerHello and, for PKI, Certificate and signature), absorbed into the
+        transcript but held back; with key IDs named, that flight or a failure are the
+        only outcomes, and on a failure nothing of it is sent. Optional: without it
+        the same work runs when the keys arrive."""
+        if self._state is _State.WAIT_QKD_ENC:
+            if self._dk is None:
+                with step("ml_kem"):
+                    self._dk = self._kem.from_seed(self._rng(64))
+            return
+        if (self._state is not _State.WAIT_QKD_DEC or self._prepared is not None
+                or self._transcript is not None):  # one-time MAC mode: keep it simple
+            return
+        self._clock_now = now
+        creds = self.params.credentials
+        if self.auth == AUTH_PKI and (creds is None
+                                      or creds.presentation_problem(self._now()) is not None):
+            return  # the normal path reports it, with its event
+        # Built on a copy of the transcript: until it is used, nothing has changed.
+        sent, self.outgoing = self.outgoing, []
+        th = self._th
+        self._th = th.copy()
+        try:
+            ss = self._send_server_hello(MODE_HYBRID, QKD_OK)
+            th_server_hello = self._th_now()
+            if self.auth == AUTH_PKI:
+                self._send_signature(SIG_LABEL_RESPONDER)
+            assert self._sh is not None
+            self._prepared = _PreparedFlight(ss, th_server_hello, self.outgoing, self._th,
+                                             self._sh)
+        finally:
+            self.outgoing = sent
+            self._th = th
+            self._sh = None
 
     def supply_qkd_keys(self, keys: Sequence[tuple[str, bytes]]) -> None:
         """The KME's answer: (key_ID, key) pairs, exactly as many as were asked for."""
@@ -717,7 +771,9 @@ class Handshake:
 
     def _send_client_hello(self) -> None:
         p, pol = self.params, self.params.policy
-        self._dk = self._kem.from_seed(self._rng(64))
+        if self._dk is None:  # else made by `prepare` while the KME was asked
+            with step("ml_kem"):
+                self._dk = self._kem.from_seed(self._rng(64))
         self._ch = ClientHello(
             version=PROTOCOL_VERSION, epoch=self.epoch, auth=self.auth,
             psk_epoch=self._psk_epoch,
@@ -789,7 +845,8 @@ class Handshake:
         self._sh = sh
         self._absorb(msg)
         try:
-            ss = self._dk.decapsulate(sh.ciphertext)
+            with step("ml_kem"):
+                ss = self._dk.decapsulate(sh.ciphertext)
         except PqcError as exc:
             raise self._fail(ErrorCode.HANDSHAKE_FAILURE, f"bad ML-KEM ciphertext: {exc}") from None
         self._dk = None  # the decapsulation key is single-use: forward secrecy
@@ -916,11 +973,13 @@ class Handshake:
             raise self._fail(ErrorCode.HANDSHAKE_FAILURE,
                              f"peer asked for {ch.auth!r} authentication to start a tunnel")
 
-    def _send_server_flight(self, mode: str, qkd_status: str = QKD_OK) -> None:
+    def _send_server_hello(self, mode: str, qkd_status: str) -> bytes:
+        """Encapsulate to the initiator and send ServerHello; the ML-KEM shared secret."""
         ch = self._ch
         assert ch is not None
         try:
-            ct, ss = self._kem.encapsulate(ch.encapsulation_key)
+            with step("ml_kem"):
+                ct, ss = self._kem.encapsulate(ch.encapsulation_key)
         except PqcError as exc:
             raise self._fail(ErrorCode.HANDSHAKE_FAILURE, f"bad encapsulation key: {exc}") from None
         self._sh = ServerHello(
@@ -931,9 +990,25 @@ class Handshake:
             next_psk_epoch=self._next_psk_epoch(), qkd_status=qkd_status,
         )
         self._send(self._sh.encode())
-        self._derive(ss, mode)
-        if self.auth == AUTH_PKI:
-            self._send_signature(SIG_LABEL_RESPONDER)
+        return bytes(ss)
+
+    def _send_server_flight(self, mode: str, qkd_status: str = QKD_OK) -> None:
+        prepared, self._prepared = self._prepared, None
+        creds = self.params.credentials
+        if prepared is not None and mode == MODE_HYBRID and qkd_status == QKD_OK and (
+                self.auth != AUTH_PKI or (creds is not None and creds.presentation_problem(
+                    self._now()) is None)):
+            # Built by `prepare`: the same messages and transcript, only earlier.
+            self._th, self._sh = prepared.transcript, prepared.server_hello
+            self.outgoing.extend(prepared.messages)
+            self._derive(prepared.shared_secret, mode, prepared.th_server_hello)
+        else:
+            # Anything else (another mode, a certificate that expired meanwhile) is
+            # built from scratch; an unused prepared flight is dropped unsent.
+            ss = self._send_server_hello(mode, qkd_status)
+            self._derive(ss, mode)
+            if self.auth == AUTH_PKI:
+                self._send_signature(SIG_LABEL_RESPONDER)
         self._send_finished(self._confirm.responder)
         self._state = (_State.WAIT_PEER_CERTIFICATE if self.auth == AUTH_PKI
                        else _State.WAIT_PEER_FINISHED)
@@ -958,11 +1033,14 @@ class Handshake:
             tag = one_time_tag(its[1] if self.initiator else its[0], bytes(self._transcript))
         self._send(encode_finished(finished_mac(confirm_key, self._th_now()), tag))
 
-    def _derive(self, ss: bytes, mode: str) -> None:
+    def _derive(self, ss: bytes, mode: str, th: bytes | None = None) -> None:
+        """The key schedule, confirmation keys bound to `th` (TH after ServerHello;
+        now, unless given)."""
         session_keys = self._qkd_keys[:self.params.policy.qkd_keys_per_handshake]
         k_qkd = _join_qkd_keys([k for _, k in session_keys]) if mode == MODE_HYBRID else b""
         self._schedule = HybridKeySchedule(ss, k_qkd, self._salt)
-        self._confirm = self._schedule.confirmation_keys(self._th_now())
+        self._confirm = self._schedule.confirmation_keys(th if th is not None
+                                                         else self._th_now())
         if self._keylog is not None:
             assert self._ch is not None
             self._keylog(KeyLogEntry(self._ch.nonce.hex(), self.epoch, ss, k_qkd))
@@ -982,7 +1060,8 @@ class Handshake:
                              "; it is not presented")
         self._send(encode_certificate(creds.chain_der))
         algorithm = pqc_sig.algorithm_of_public_key(creds.chain[0].public_key())
-        signature = pqc_sig.sign(creds.private_key, label + self._th_now())
+        with step("ml_dsa_sign"):
+            signature = pqc_sig.sign(creds.private_key, label + self._th_now())
         self._send(encode_certificate_verify(algorithm, signature))
 
     def _on_certificate(self, msg: bytes) -> None:
@@ -997,8 +1076,10 @@ class Handshake:
             raise self._fail(ErrorCode.BAD_CERTIFICATE, str(exc)) from None
         now = self._now()
         try:
-            verify_peer_certificate(chain[0], creds.trust_anchor, self.params.peer_identity,
-                                    now, intermediates=chain[1:])
+            with step("ml_dsa_cert_chain"):
+                verify_peer_certificate(chain[0], creds.trust_anchor,
+                                        self.params.peer_identity, now,
+                                        intermediates=chain[1:])
         except PeerCertificateError as exc:
             raise self._fail(ErrorCode.BAD_CERTIFICATE,
                              f"peer certificate rejected: {exc}") from None
@@ -1026,7 +1107,9 @@ class Handshake:
             raise self._fail(ErrorCode.BAD_CERTIFICATE,
                              "signature algorithm does not match the certificate")
         label = SIG_LABEL_RESPONDER if self.initiator else SIG_LABEL_INITIATOR
-        if not pqc_sig.verify(pub, signature, label + self._th_now()):
+        with step("ml_dsa_verify"):
+            valid = pqc_sig.verify(pub, signature, label + self._th_now())
+        if not valid:
             raise self._fail(ErrorCode.HANDSHAKE_FAILURE, "peer's transcript signature is invalid")
         self._absorb(msg)
         self._state = _State.WAIT_PEER_FINISHED
