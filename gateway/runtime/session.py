@@ -274,15 +274,14 @@ class TunnelSession(asyncio.Protocol):
     def _prepare_soon(self, handshake_id: int) -> None:
         """Let the handshake do what does not wait for the KME (the responder's
         signature, ML-KEM) once the KME request is on the wire, so the two overlap.
-        The request task was created just before and call_soon is first in, first out:
-        its first step, which writes the request on a kept-alive connection, runs
-        before this."""
-        def prepare() -> None:
+        Two loop turns: the request task's first step, then the body writer task the
+        HTTP client starts, run before this (call_soon is first in, first out)."""
+        def second() -> None:
             with during("ETSI 014"):
                 self.conn.prepare_handshake(handshake_id, self.loop.time())
             self.process()
 
-        self.loop.call_soon(prepare)
+        self.loop.call_soon(self.loop.call_soon, second)
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
