@@ -6,11 +6,6 @@ key IDs, no duplicates, exact key length, canonical UUIDs, strict base64 and JSO
 anything else raises `KmeProtocolError`. This client also remembers the key IDs it was
 recently given and refuses a KME that hands one out again.
 
-HTTP/1.1 is spoken by the small keep-alive transport below (`_Http1`), not aiohttp: a
-tunnel handshake waits for two KME requests, and aiohttp's per-request machinery
-(cookies, redirects, compression, tracing) cost about twice the client CPU of the
-whole request (benchmarks/README.md, handshake latency).
-
 Errors name the KME URL and what went wrong; they never contain key bytes, and no
 answer body is ever echoed (it might hold keys).
 
@@ -25,12 +20,13 @@ can neither set nor report groups before 3.13, so `tls_info()` says what is know
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
+
+import aiohttp
 
 from qkd.common.bounded import BoundedSet
 from qkd.common.errors import QkdError
@@ -137,214 +133,6 @@ def _clean(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-MAX_HEADER_BYTES = 64 * 1024  # the whole status line and header block of an answer
-IDEMPOTENT = frozenset({"GET", "HEAD"})
-
-
-class _Stale(Exception):
-    """A kept-alive connection ended before any byte of the answer to a request sent
-    on it: the KME closed it meanwhile, or took the request and hung up."""
-
-
-class _Http1:
-    """HTTP/1.1 over TLS to one KME, with keep-alive: each connection carries one
-    request at a time, idle ones are kept for the next request (at most `limit`
-    connections). Lean on purpose (a handshake waits for two requests): no
-    redirects, cookies, compression or proxies, none of which a KME needs.
-
-    Answers are framed by Content-Length, chunked transfer coding, or the end of the
-    connection, never more than `max_body` bytes. Idle connections the KME closed are
-    dropped before use. A request whose kept-alive connection ends before any answer
-    is sent again on a new one only if it is idempotent (RFC 9112 9.3.1): a POST
-    might have been acted on."""
-
-    def __init__(self, host: str, port: int, authority: str, context: ssl.SSLContext,
-                 limit: int, max_body: int) -> None:
-        self.host, self.port, self.authority = host, port, authority
-        self.context = context
-        self.max_body = max_body
-        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self._slots = asyncio.Semaphore(limit)
-        self._open: set[asyncio.StreamWriter] = set()
-
-    async def request(self, method: str, target: str, body: bytes | None) -> tuple[int, bytes]:
-        head = [f"{method} {target} HTTP/1.1", f"Host: {self.authority}",
-                "Accept: application/json"]
-        if body is not None:
-            head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
-        wire = ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + (body or b"")
-        async with self._slots:
-            for attempt in range(2):
-                conn = self._take_idle()
-                reused = conn is not None
-                if conn is None:
-                    conn = await self._connect()
-                try:
-                    status, raw, keep = await self._exchange(conn, wire, method)
-                except _Stale:
-                    self._drop(conn)
-                    if reused and attempt == 0 and method in IDEMPOTENT:
-                        continue
-                    raise ConnectionResetError("the KME closed the connection without "
-                                               "answering") from None
-                except BaseException:
-                    self._drop(conn)
-                    raise
-                if keep:
-                    self._idle.append(conn)
-                else:
-                    self._drop(conn)
-                return status, raw
-        raise AssertionError("unreachable")
-
-    def _take_idle(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
-        """A kept-alive connection the KME has not closed meanwhile (an idle timeout),
-        or None."""
-        while self._idle:
-            conn = self._idle.pop()
-            if not conn[0].at_eof() and not conn[1].transport.is_closing():
-                return conn
-            self._drop(conn)
-        return None
-
-    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        reader, writer = await asyncio.open_connection(
-            self.host, self.port, ssl=self.context, server_hostname=self.host,
-            limit=MAX_HEADER_BYTES)
-        self._open.add(writer)
-        return reader, writer
-
-    def _drop(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:
-        writer = conn[1]
-        self._open.discard(writer)
-        writer.transport.abort()
-
-    async def _exchange(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                        wire: bytes, method: str) -> tuple[int, bytes, bool]:
-        reader, writer = conn
-        writer.write(wire)
-        first = True
-        while True:
-            try:
-                block = await reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError as exc:
-                if first and not exc.partial:
-                    raise _Stale from None
-                raise KmeProtocolError("the answer ends inside its header") from None
-            except asyncio.LimitOverrunError:
-                raise KmeProtocolError(f"answer header larger than {MAX_HEADER_BYTES} "
-                                       "bytes") from None
-            except ConnectionResetError:
-                if first:
-                    raise _Stale from None
-                raise
-            first = False
-            version, status, headers = _parse_head(block)
-            if 100 <= status < 200:
-                continue  # an interim answer (we never ask for one): the real one follows
-            break
-        connection = {t.strip().lower() for t in headers.get("connection", "").split(",")}
-        keep = version == "HTTP/1.1" and "close" not in connection
-        coding = headers.get("transfer-encoding")
-        if method == "HEAD" or status in (204, 304):
-            return status, b"", keep
-        if coding is not None:
-            if coding.strip().lower() != "chunked":
-                raise KmeProtocolError(f"unsupported transfer coding {_clean(coding, 40)!r}")
-            return status, await self._read_chunked(reader), keep
-        length = headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise KmeProtocolError("bad Content-Length")
-            size = int(length)
-            if size > self.max_body:
-                raise KmeProtocolError(f"answer larger than {self.max_body} bytes")
-            return status, await self._read_exact(reader, size), keep
-        # Neither: the body runs to the end of the connection.
-        raw = await reader.read(self.max_body + 1)
-        chunks = [raw]
-        total = len(raw)
-        while raw and total <= self.max_body:
-            raw = await reader.read(self.max_body + 1 - total)
-            chunks.append(raw)
-            total += len(raw)
-        if total > self.max_body:
-            raise KmeProtocolError(f"answer larger than {self.max_body} bytes")
-        return status, b"".join(chunks), False
-
-    @staticmethod
-    async def _read_exact(reader: asyncio.StreamReader, size: int) -> bytes:
-        try:
-            return await reader.readexactly(size)
-        except asyncio.IncompleteReadError:
-            raise KmeProtocolError("the answer is shorter than its Content-Length"
-                                   ) from None
-
-    async def _read_chunked(self, reader: asyncio.StreamReader) -> bytes:
-        chunks: list[bytes] = []
-        total = 0
-        try:
-            while True:
-                line = await reader.readuntil(b"\r\n")
-                size_text = line[:-2].split(b";", 1)[0].strip()
-                if not size_text or len(size_text) > 8 or any(
-                        c not in b"0123456789abcdefABCDEF" for c in size_text):
-                    raise KmeProtocolError("bad chunk size in the answer")
-                size = int(size_text, 16)
-                if size == 0:
-                    break
-                total += size
-                if total > self.max_body:
-                    raise KmeProtocolError(f"answer larger than {self.max_body} bytes")
-                chunks.append(await reader.readexactly(size))
-                if await reader.readexactly(2) != b"\r\n":
-                    raise KmeProtocolError("bad chunk framing in the answer")
-            while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                pass  # trailer fields: none of them matters here
-        except asyncio.IncompleteReadError:
-            raise KmeProtocolError("the answer ends inside a chunk") from None
-        except asyncio.LimitOverrunError:
-            raise KmeProtocolError("bad chunk framing in the answer") from None
-        return b"".join(chunks)
-
-    async def close(self) -> None:
-        self._idle.clear()
-        for writer in list(self._open):
-            writer.transport.abort()
-        self._open.clear()
-
-
-def _parse_head(block: bytes) -> tuple[str, int, dict[str, str]]:
-    """(HTTP version, status, {lower-case name: value}) of an answer's header block."""
-    try:
-        text = block.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise KmeProtocolError("answer header is not text") from None
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or parts[0] not in ("HTTP/1.1", "HTTP/1.0") or not (
-            len(parts[1]) == 3 and parts[1].isdigit()):
-        raise KmeProtocolError("the answer is not HTTP/1.x")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        name = name.strip().lower()
-        if not sep or not name or name != name.strip() or " " in name:
-            raise KmeProtocolError("malformed header line in the answer")
-        value = value.strip()
-        if name in headers:
-            if name in ("content-length", "transfer-encoding") and headers[name] != value:
-                raise KmeProtocolError(f"conflicting {name} headers in the answer")
-            headers[name] = headers[name] + ", " + value
-        else:
-            headers[name] = value
-    if "content-length" in headers and "transfer-encoding" in headers:
-        raise KmeProtocolError("answer has both Content-Length and Transfer-Encoding")
-    return parts[0], int(parts[1]), headers
-
-
 class EtsiClient:
     """One KME, one client identity. Use `async with` or call `close()`."""
 
@@ -360,13 +148,7 @@ class EtsiClient:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.base_url = base_url.rstrip("/")
-        self._timeout = timeout
-        self._host = parts.hostname
-        try:
-            self._port = parts.port or 443
-        except ValueError:
-            raise ValueError(f"KME URL has a bad port: {base_url!r}") from None
-        self._authority = parts.netloc
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
         if min_tls not in TLS_VERSIONS:
             raise ValueError(f"min_tls must be one of {', '.join(TLS_VERSIONS)}")
         self.kme_id = kme_id
@@ -374,7 +156,7 @@ class EtsiClient:
         self._ssl = self._ssl_context(ca_file, cert_file, key_file)
         self._tls: dict[str, Any] = {}
         self._ssl.sslobject_class = _checked_sslobject(kme_id, self._tls)
-        self._http: _Http1 | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._seen = BoundedSet(SEEN_KEY_IDS)
 
     def __repr__(self) -> str:
@@ -397,12 +179,15 @@ class EtsiClient:
 
     # ---------------------------------------------------------------- lifecycle
 
-    def _transport(self) -> _Http1:
-        # Created lazily: its connections and semaphore belong to the running loop.
-        if self._http is None:
-            self._http = _Http1(self._host, self._port, self._authority, self._ssl,
-                                limit=16, max_body=MAX_ANSWER_BYTES)
-        return self._http
+    def _get_session(self) -> aiohttp.ClientSession:
+        # Created lazily: aiohttp sessions belong to the running loop. No await between
+        # the check and the assignment, so concurrent first calls share one session.
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=self._ssl, limit=16),
+                timeout=self._timeout,
+            )
+        return self._session
 
     def tls_info(self) -> dict[str, Any]:
         """What the last connection to the KME negotiated, for /status (no secrets)."""
@@ -425,9 +210,9 @@ class EtsiClient:
         }
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def __aenter__(self) -> EtsiClient:
         return self
@@ -446,17 +231,21 @@ class EtsiClient:
     async def _call(self, method: str, url: str, body: dict[str, Any] | None) -> Any:
         """Send one request; the parsed JSON of a 200 answer, else the matching KmeError."""
         data = etsi014.dumps(body) if body is not None else None
-        parts = urlsplit(url)
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
         try:
-            async with asyncio.timeout(self._timeout):
-                status, raw = await self._transport().request(method, target, data)
-        except KmeProtocolError as exc:  # the framing; the transport names no URL
-            raise KmeProtocolError(f"KME {self.base_url}: {exc}") from None
+            async with self._get_session().request(
+                method, url, data=data, headers=headers, allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                raw = await self._read(resp)
+        except KmeError:
+            raise
         except TimeoutError:
             raise KmeUnavailable(f"KME {self.base_url}: no answer within "
-                                 f"{self._timeout} s") from None
-        except (ssl.SSLError, OSError) as exc:
+                                 f"{self._timeout.total} s") from None
+        except (aiohttp.ClientError, ssl.SSLError, OSError) as exc:
             raise KmeUnavailable(f"KME {self.base_url}: {type(exc).__name__}: "
                                  f"{_clean(str(exc))}") from None
 
@@ -475,6 +264,17 @@ class EtsiClient:
         if 400 <= status < 500:
             raise KmeRejected(f"{where}: refused with {status} ({message})", status, message)
         raise KmeProtocolError(f"{where}: unexpected HTTP status {status}")
+
+    async def _read(self, resp: aiohttp.ClientResponse) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        async for chunk in resp.content.iter_chunked(65536):
+            total += len(chunk)
+            if total > MAX_ANSWER_BYTES:
+                raise KmeProtocolError(f"KME {self.base_url}: answer larger than "
+                                       f"{MAX_ANSWER_BYTES} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     @staticmethod
     def _error_message(raw: bytes) -> str:
