@@ -183,6 +183,7 @@ class ReconcileBob:
         self.tag_bits_revealed = 0
         self.runs = 0
         self.first_run_bad = 0  # frames whose tag differed after the first run
+        self.first_run_bits: np.ndarray | None = None  # Bob's frames after the first run
         self.done = False
         self._failed = False
         self._out: deque[bytes] = deque()
@@ -221,6 +222,8 @@ class ReconcileBob:
             self._out.extend(cas.messages_to_send())
             if cas.done:
                 self.bits[self._active] = cas.bits
+                if self.runs == 1:
+                    self.first_run_bits = cas.bits  # not changed again: later runs copy
                 self.leak_per_frame[self._active] += cas.leak_per_frame
                 self.revealed_bits += cas.revealed_bits
                 self.round_trips += cas.round_trips
@@ -267,6 +270,7 @@ class VerifiedResult:
     round_trips: int
     runs: int
     first_run_bad: int
+    first_run_bits: np.ndarray
     messages: int
     bytes_exchanged: int
 
@@ -295,4 +299,5 @@ def reconcile_verified(alice: np.ndarray, bob: np.ndarray, qber_estimate: float,
         raise AssertionError("Alice and Bob disagree on the leak or the frames kept")
     return VerifiedResult(b.bits, b.keep, b.revealed_bits, b.tag_bits_revealed,
                           b.leak_per_frame, b.round_trips, b.runs, b.first_run_bad,
+                          b.first_run_bits if b.first_run_bits is not None else b.bits,
                           messages, nbytes)
