@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qkd import native
 from qkd.sim import messages as m
 from qkd.sim.constants import CASCADE_MIN_QBER, CASCADE_VARIANTS
 
@@ -239,6 +240,19 @@ def _balanced_leaves(k: int, depth: int) -> np.ndarray:
     return leaf
 
 
+_OR, _XOR, _AND = 0, 1, 2
+_UFUNC = {_OR: np.bitwise_or, _XOR: np.bitwise_xor, _AND: np.bitwise_and}
+
+
+def _scatter(nat: object, op: int, arr: np.ndarray, idx: np.ndarray, val: np.ndarray) -> None:
+    """arr[idx] op= val, repeated indices applied one by one (numpy's ufunc.at)."""
+    if nat is None:
+        _UFUNC[op].at(arr, idx, val)
+    elif idx.size:
+        nat.scatter(op, arr, np.ascontiguousarray(idx, np.int64),  # type: ignore[attr-defined]
+                    np.ascontiguousarray(val, np.uint64))
+
+
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
     # numpy's hash-based unique is slow for the many small arrays used here.
     a = np.sort(a)
@@ -387,6 +401,9 @@ class CascadeBob:
         # the same bit means her answers contradict each other, and letting it happen
         # lets a hostile peer keep Bob flipping forever.
         self._flipped = np.zeros((f, n), bool)
+        # The compiled walk and scatters (qkd/native/cascade.c), or None: the numpy
+        # reference below, which the tests compare with it message for message.
+        self._nat = native.load("cascade")
         self._out: deque[bytes] = deque()
         self._gen = self._run()
         self._emit(next(self._gen))
@@ -427,9 +444,10 @@ class CascadeBob:
                values: np.ndarray) -> None:
         """Record Alice's parities of previously unknown nodes (asked or inferred)."""
         one = values.astype(bool)
-        np.bitwise_or.at(self._ap, idx[one], bit[one])
-        np.bitwise_or.at(self._kn, idx, bit)
-        np.bitwise_or.at(self._dk, idx, bit)
+        nat = self._nat
+        _scatter(nat, _OR, self._ap, idx[one], bit[one])
+        _scatter(nat, _OR, self._kn, idx, bit)
+        _scatter(nat, _OR, self._dk, idx, bit)
         if not self.reuse:
             self._learned.append((idx, bit, f))
 
@@ -518,9 +536,9 @@ class CascadeBob:
                 rows = lay.rowbase[tp, lay.top_level[tp]] + blk
                 idx, bit = rows * w + (tf >> 6), _BIT[tf & 63]
                 one = reply.bits[:ntop].astype(bool)
-                np.bitwise_or.at(self._ap, idx[one], bit[one])
-                np.bitwise_or.at(self._kn, idx, bit)
-                np.bitwise_or.at(self._dk, idx, bit)
+                _scatter(self._nat, _OR, self._ap, idx[one], bit[one])
+                _scatter(self._nat, _OR, self._kn, idx, bit)
+                _scatter(self._nat, _OR, self._dk, idx, bit)
                 self.leak_per_frame[of] += cnt
                 odd = ((self._ap[idx] ^ self._bp[idx]) & bit) != 0
                 self._start_batches(of, rows[odd], tf[odd])
@@ -547,6 +565,9 @@ class CascadeBob:
         ap, bp, kn, rb = self._ap, self._bp, self._dk, self.layout.rowbase_flat
         p, d, f, c = self._sp, self._sd, self._sf, self._sc
         if p.size == 0:
+            return
+        if self._nat is not None:
+            self._descend_native(p, d, f, c)
             return
         fw, bit = f >> 6, _BIT[f & 63]
         pb = p * lay.depth - 1  # rb[pb + d] = rowbase[p, d - 1]
@@ -588,6 +609,25 @@ class CascadeBob:
                     break
         self._sp, self._sd, self._sf, self._sc = p, d, f, c
 
+    def _descend_native(self, p: np.ndarray, d: np.ndarray, f: np.ndarray,
+                        c: np.ndarray) -> None:
+        lay, ns = self.layout, p.size
+        out = [np.empty(ns, np.int64) for _ in range(7)]
+        xi = np.empty(2 * ns * lay.depth, np.int64)
+        xf = np.empty_like(xi)
+        nleft, nleaf, nlearn = self._nat.descend(  # type: ignore[union-attr]
+            self._ap, self._bp, self._kn, self._dk, np.ascontiguousarray(lay.rowbase_flat),
+            self._w, lay.depth, np.ascontiguousarray(p), np.ascontiguousarray(d),
+            np.ascontiguousarray(f), np.ascontiguousarray(c), *out, xi, xf)
+        self._sp, self._sd, self._sf, self._sc = (x[:nleft] for x in out[:4])
+        if nleaf:
+            self._lp = np.concatenate((self._lp, out[4][:nleaf]))
+            self._lf = np.concatenate((self._lf, out[5][:nleaf]))
+            self._lc = np.concatenate((self._lc, out[6][:nleaf]))
+        if nlearn and not self.reuse:
+            lf = xf[:nlearn]
+            self._learned.append((xi[:nlearn], _BIT[lf & 63], lf))
+
     def _end_batches(self, ended: np.ndarray, is_ended: np.ndarray) -> None:
         """Frames `ended` have all their searches at leaves: correct, then cascade."""
         lay, w = self.layout, self._w
@@ -608,7 +648,7 @@ class CascadeBob:
             self._flipped[ff, jj] = True
         self.bits[ff, jj] ^= 1
         fbit = _BIT[ff & 63]
-        np.bitwise_xor.at(self._pk.reshape(-1), jj * w + (ff >> 6), fbit)
+        _scatter(self._nat, _XOR, self._pk.reshape(-1), jj * w + (ff >> 6), fbit)
         # Bob's parity of every node containing a flipped bit changes, in every pass
         # whose tree exists; only passes this frame has opened can hold known nodes.
         sb = np.flatnonzero(self._seg_built)
@@ -616,7 +656,7 @@ class CascadeBob:
         rows = lay.seg_row[sb, None] + (leaf >> lay.seg_d[sb, None])
         idx = rows * w + (ff >> 6)
         bits = np.broadcast_to(fbit, rows.shape)
-        np.bitwise_xor.at(self._bp, idx.ravel(), bits.ravel())
+        _scatter(self._nat, _XOR, self._bp, idx.ravel(), bits.ravel())
         opened = lay.seg_p[sb, None] <= self._fpass[ff][None, :]
         rows, idx, bits = rows[opened], idx[opened], bits[opened]
         rf = np.broadcast_to(ff, opened.shape)[opened]
@@ -628,7 +668,7 @@ class CascadeBob:
             lb = np.concatenate([x[1] for x in self._learned])
             lf = np.concatenate([x[2] for x in self._learned])
             gone = is_ended[lf]
-            np.bitwise_and.at(self._kn, li[gone], ~lb[gone])
+            _scatter(self._nat, _AND, self._kn, li[gone], ~lb[gone])
             self._learned = [(li[~gone], lb[~gone], lf[~gone])]
         # Candidates: the frame's waiting odd blocks and every node the flips touched.
         mine = is_ended[self._rf]
