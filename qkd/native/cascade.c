@@ -6,6 +6,9 @@
  *   walking each search to its end in turn reads and writes the same words the
  *   lock-step numpy loop does: the result is the same (the order of the returned
  *   learnt nodes may differ; their only use, clearing bits, is order-free).
+ * touched: the nodes of every built pass that hold a corrected bit (flip Bob's parity,
+ *   then collect the known odd ones), as CascadeBob._end_batches does with a
+ *   (segments x flips) numpy array.
  * scatter: arr[idx[i]] op= val[i] for op in or / xor / and (numpy's ufunc.at, unbuffered).
  *
  * Every index is checked against its array: a bad argument raises ValueError.
@@ -201,7 +204,91 @@ static PyObject *scatter(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* touched(mode, bp, ap, kn, leaf_tab, seg_p, seg_d, seg_row, sb, fpass, ff, jj, w, n,
+ *         out_rows, out_f) -> count.
+ * For each flipped bit (frame ff[i], position jj[i]) and each built segment s in sb, the
+ * node containing it is row seg_row[s] + (leaf_tab[seg_p[s] * n + jj[i]] >> seg_d[s]).
+ * mode 0: flip Bob's parity of every such node (bp ^= bit). mode 1: write out the
+ * nodes of passes the frame has opened (seg_p[s] <= fpass[ff[i]]) that are known and
+ * odd (kn & (ap ^ bp)), as (row, frame): the cascade's new candidates. */
+static PyObject *touched(PyObject *self, PyObject *args) {
+    (void)self;
+    int mode;
+    PyObject *o[15];
+    Py_ssize_t w, n;
+    if (!PyArg_ParseTuple(args, "iOOOOOOOOOOOnnOO", &mode, &o[0], &o[1], &o[2], &o[3],
+                          &o[4], &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &w, &n, &o[11],
+                          &o[12]))
+        return NULL;
+    static const char *names[13] = {"bp", "ap", "kn", "leaf_tab", "seg_p", "seg_d",
+                                    "seg_row", "sb", "fpass", "ff", "jj", "out_rows",
+                                    "out_f"};
+    static const int wr[13] = {1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1};
+    buf_t b[13];
+    memset(b, 0, sizeof b);
+    for (int i = 0; i < 13; i++) {
+        if (get_buf(o[i], &b[i], wr[i], names[i]) < 0) {
+            rel(b, 13);
+            return NULL;
+        }
+    }
+    uint64_t *bp = U64(b[0]), *ap = U64(b[1]), *kn = U64(b[2]);
+    int64_t *lt = I64(b[3]), *segp = I64(b[4]), *segd = I64(b[5]), *segr = I64(b[6]);
+    int64_t *sb = I64(b[7]), *fpass = I64(b[8]), *ff = I64(b[9]), *jj = I64(b[10]);
+    int64_t *orow = I64(b[11]), *of = I64(b[12]);
+    Py_ssize_t nwords = N64(b[0]), nlt = N64(b[3]), nseg = N64(b[4]), nsb = N64(b[7]);
+    Py_ssize_t nfp = N64(b[8]), nfl = N64(b[9]);
+    const char *err = NULL;
+    if (mode < 0 || mode > 1) err = "mode must be 0 (flip) or 1 (collect)";
+    else if (w <= 0 || n <= 0) err = "w and n must be positive";
+    else if (N64(b[1]) != nwords || N64(b[2]) != nwords) err = "bp, ap, kn differ in length";
+    else if (N64(b[5]) != nseg || N64(b[6]) != nseg) err = "seg_p, seg_d, seg_row differ";
+    else if (N64(b[10]) != nfl) err = "ff and jj differ in length";
+    else if (mode == 1 && (N64(b[11]) < nfl * nsb || N64(b[12]) < nfl * nsb))
+        err = "outputs shorter than flips * segments";
+    for (Py_ssize_t k = 0; !err && k < nsb; k++) {
+        int64_t s = sb[k];
+        if (s < 0 || s >= nseg || segd[s] < 0 || segd[s] > 62 || segp[s] < 0 ||
+            (segp[s] + 1) * n > nlt)
+            err = "segment outside the layout";
+    }
+    for (Py_ssize_t i = 0; !err && i < nfl; i++) {
+        if (ff[i] < 0 || ff[i] >= nfp || (ff[i] >> 6) >= w || jj[i] < 0 || jj[i] >= n)
+            err = "flip (frame, position) outside the layout";
+    }
+    Py_ssize_t cnt = 0;
+    for (Py_ssize_t k = 0; !err && k < nsb; k++) {
+        int64_t s = sb[k], p = segp[s], d = segd[s], r0 = segr[s];
+        const int64_t *row_of = lt + p * n;
+        for (Py_ssize_t i = 0; i < nfl; i++) {
+            int64_t f = ff[i];
+            if (mode == 1 && p > fpass[f]) continue;
+            int64_t row = r0 + (row_of[jj[i]] >> d);
+            int64_t ix = row * w + (f >> 6);
+            if (row < 0 || ix >= nwords) {
+                err = "node outside the parity arrays";
+                break;
+            }
+            uint64_t bit = (uint64_t)1 << (f & 63);
+            if (mode == 0) {
+                bp[ix] ^= bit;
+            } else if ((kn[ix] & bit) && ((ap[ix] ^ bp[ix]) & bit)) {
+                orow[cnt] = row;
+                of[cnt] = f;
+                cnt++;
+            }
+        }
+    }
+    rel(b, 13);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(cnt);
+}
+
 static PyMethodDef methods[] = {
+    {"touched", touched, METH_VARARGS, "Flip, or collect the odd, nodes holding flipped bits."},
     {"descend", descend, METH_VARARGS, "Walk Cascade's open binary searches down."},
     {"scatter", scatter, METH_VARARGS, "arr[idx] op= val, unbuffered (or, xor, and)."},
     {NULL, NULL, 0, NULL},
