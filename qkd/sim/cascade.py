@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qkd import native
 from qkd.sim import messages as m
 from qkd.sim.constants import CASCADE_MIN_QBER, CASCADE_VARIANTS
 
@@ -155,6 +156,7 @@ class _Layout:
         self.width0 = np.array([ps.width0 for ps in self.passes], np.int64)
         self.top_level = np.array([ps.D for ps in self.passes], np.int64)
         self.leaf_tab = np.stack([ps.leaf_of_orig for ps in self.passes])  # (passes, n)
+        self.leaf_flat = np.ascontiguousarray(self.leaf_tab.ravel(), np.int64)
         # prefix rows per pass (Alice): width0 + 1 rows each
         self.pre_base = np.concatenate(([0], np.cumsum(self.width0 + 1)[:-1])).astype(np.int64)
         self.pre_rows = int((self.width0 + 1).sum())
@@ -200,9 +202,11 @@ class _Layout:
     def packed(self, bits: np.ndarray) -> np.ndarray:
         """(n + 1, words) uint64: bit f of row j is bits[f, j]; row n is zero padding."""
         n = bits.shape[1]
-        by = np.packbits(bits, axis=0, bitorder="little")  # (ceil(frames/8), n)
+        # Pack along the contiguous axis of the transpose: packing down axis 0 strides
+        # across frames and cost seconds for 2048 frames.
+        by = np.packbits(np.ascontiguousarray(bits.T), axis=1, bitorder="little")
         buf = np.zeros((n + 1, self.words * 8), np.uint8)
-        buf[:n, : by.shape[0]] = by.T
+        buf[:n, : by.shape[1]] = by
         return buf.view("<u8").astype(np.uint64, copy=False)
 
     def tree(self, pk: np.ndarray, p: int, out: np.ndarray) -> None:
@@ -237,6 +241,19 @@ def _balanced_leaves(k: int, depth: int) -> np.ndarray:
         i = np.where(right, i - h, i)
         size = np.where(right, size - h, h)
     return leaf
+
+
+_OR, _XOR, _AND = 0, 1, 2
+_UFUNC = {_OR: np.bitwise_or, _XOR: np.bitwise_xor, _AND: np.bitwise_and}
+
+
+def _scatter(nat: object, op: int, arr: np.ndarray, idx: np.ndarray, val: np.ndarray) -> None:
+    """arr[idx] op= val, repeated indices applied one by one (numpy's ufunc.at)."""
+    if nat is None:
+        _UFUNC[op].at(arr, idx, val)
+    elif idx.size:
+        nat.scatter(op, arr, np.ascontiguousarray(idx, np.int64),  # type: ignore[attr-defined]
+                    np.ascontiguousarray(val, np.uint64))
 
 
 def _sorted_unique(a: np.ndarray) -> np.ndarray:
@@ -387,6 +404,9 @@ class CascadeBob:
         # the same bit means her answers contradict each other, and letting it happen
         # lets a hostile peer keep Bob flipping forever.
         self._flipped = np.zeros((f, n), bool)
+        # The compiled walk and scatters (qkd/native/cascade.c), or None: the numpy
+        # reference below, which the tests compare with it message for message.
+        self._nat = native.load("cascade")
         self._out: deque[bytes] = deque()
         self._gen = self._run()
         self._emit(next(self._gen))
@@ -427,9 +447,10 @@ class CascadeBob:
                values: np.ndarray) -> None:
         """Record Alice's parities of previously unknown nodes (asked or inferred)."""
         one = values.astype(bool)
-        np.bitwise_or.at(self._ap, idx[one], bit[one])
-        np.bitwise_or.at(self._kn, idx, bit)
-        np.bitwise_or.at(self._dk, idx, bit)
+        nat = self._nat
+        _scatter(nat, _OR, self._ap, idx[one], bit[one])
+        _scatter(nat, _OR, self._kn, idx, bit)
+        _scatter(nat, _OR, self._dk, idx, bit)
         if not self.reuse:
             self._learned.append((idx, bit, f))
 
@@ -518,9 +539,9 @@ class CascadeBob:
                 rows = lay.rowbase[tp, lay.top_level[tp]] + blk
                 idx, bit = rows * w + (tf >> 6), _BIT[tf & 63]
                 one = reply.bits[:ntop].astype(bool)
-                np.bitwise_or.at(self._ap, idx[one], bit[one])
-                np.bitwise_or.at(self._kn, idx, bit)
-                np.bitwise_or.at(self._dk, idx, bit)
+                _scatter(self._nat, _OR, self._ap, idx[one], bit[one])
+                _scatter(self._nat, _OR, self._kn, idx, bit)
+                _scatter(self._nat, _OR, self._dk, idx, bit)
                 self.leak_per_frame[of] += cnt
                 odd = ((self._ap[idx] ^ self._bp[idx]) & bit) != 0
                 self._start_batches(of, rows[odd], tf[odd])
@@ -547,6 +568,9 @@ class CascadeBob:
         ap, bp, kn, rb = self._ap, self._bp, self._dk, self.layout.rowbase_flat
         p, d, f, c = self._sp, self._sd, self._sf, self._sc
         if p.size == 0:
+            return
+        if self._nat is not None:
+            self._descend_native(p, d, f, c)
             return
         fw, bit = f >> 6, _BIT[f & 63]
         pb = p * lay.depth - 1  # rb[pb + d] = rowbase[p, d - 1]
@@ -588,6 +612,25 @@ class CascadeBob:
                     break
         self._sp, self._sd, self._sf, self._sc = p, d, f, c
 
+    def _descend_native(self, p: np.ndarray, d: np.ndarray, f: np.ndarray,
+                        c: np.ndarray) -> None:
+        lay, ns = self.layout, p.size
+        out = [np.empty(ns, np.int64) for _ in range(7)]
+        xi = np.empty(2 * ns * lay.depth, np.int64)
+        xf = np.empty_like(xi)
+        nleft, nleaf, nlearn = self._nat.descend(  # type: ignore[union-attr]
+            self._ap, self._bp, self._kn, self._dk, np.ascontiguousarray(lay.rowbase_flat),
+            self._w, lay.depth, np.ascontiguousarray(p), np.ascontiguousarray(d),
+            np.ascontiguousarray(f), np.ascontiguousarray(c), *out, xi, xf)
+        self._sp, self._sd, self._sf, self._sc = (x[:nleft] for x in out[:4])
+        if nleaf:
+            self._lp = np.concatenate((self._lp, out[4][:nleaf]))
+            self._lf = np.concatenate((self._lf, out[5][:nleaf]))
+            self._lc = np.concatenate((self._lc, out[6][:nleaf]))
+        if nlearn and not self.reuse:
+            lf = xf[:nlearn]
+            self._learned.append((xi[:nlearn], _BIT[lf & 63], lf))
+
     def _end_batches(self, ended: np.ndarray, is_ended: np.ndarray) -> None:
         """Frames `ended` have all their searches at leaves: correct, then cascade."""
         lay, w = self.layout, self._w
@@ -608,18 +651,24 @@ class CascadeBob:
             self._flipped[ff, jj] = True
         self.bits[ff, jj] ^= 1
         fbit = _BIT[ff & 63]
-        np.bitwise_xor.at(self._pk.reshape(-1), jj * w + (ff >> 6), fbit)
+        _scatter(self._nat, _XOR, self._pk.reshape(-1), jj * w + (ff >> 6), fbit)
         # Bob's parity of every node containing a flipped bit changes, in every pass
         # whose tree exists; only passes this frame has opened can hold known nodes.
         sb = np.flatnonzero(self._seg_built)
-        leaf = lay.leaf_tab[:, jj][lay.seg_p[sb]]  # (segments, flips)
-        rows = lay.seg_row[sb, None] + (leaf >> lay.seg_d[sb, None])
-        idx = rows * w + (ff >> 6)
-        bits = np.broadcast_to(fbit, rows.shape)
-        np.bitwise_xor.at(self._bp, idx.ravel(), bits.ravel())
-        opened = lay.seg_p[sb, None] <= self._fpass[ff][None, :]
-        rows, idx, bits = rows[opened], idx[opened], bits[opened]
-        rf = np.broadcast_to(ff, opened.shape)[opened]
+        nat = self._nat
+        if nat is None:
+            leaf = lay.leaf_tab[:, jj][lay.seg_p[sb]]  # (segments, flips)
+            rows = lay.seg_row[sb, None] + (leaf >> lay.seg_d[sb, None])
+            idx = rows * w + (ff >> 6)
+            bits = np.broadcast_to(fbit, rows.shape)
+            _scatter(nat, _XOR, self._bp, idx.ravel(), bits.ravel())
+            opened = lay.seg_p[sb, None] <= self._fpass[ff][None, :]
+            rows, idx, bits = rows[opened], idx[opened], bits[opened]
+            rf = np.broadcast_to(ff, opened.shape)[opened]
+        else:
+            touched = (self._bp, self._ap, self._kn, lay.leaf_flat, lay.seg_p, lay.seg_d,
+                       lay.seg_row, sb, self._fpass, ff, jj, w, lay.n)
+            nat.touched(0, *touched, _E64, _E64)  # type: ignore[attr-defined]
         if not self.reuse and self._learned:
             # The original protocol traces cascading errors through top-level blocks
             # only: sub-blocks leave the cascade after each batch (their parities stay
@@ -628,12 +677,18 @@ class CascadeBob:
             lb = np.concatenate([x[1] for x in self._learned])
             lf = np.concatenate([x[2] for x in self._learned])
             gone = is_ended[lf]
-            np.bitwise_and.at(self._kn, li[gone], ~lb[gone])
+            _scatter(self._nat, _AND, self._kn, li[gone], ~lb[gone])
             self._learned = [(li[~gone], lb[~gone], lf[~gone])]
         # Candidates: the frame's waiting odd blocks and every node the flips touched.
         mine = is_ended[self._rf]
         wr, wf = self._rr[mine], self._rf[mine]
         self._rr, self._rf = self._rr[~mine], self._rf[~mine]
+        if nat is not None:
+            room = ff.size * sb.size
+            out_r, out_f = np.empty(room, np.int64), np.empty(room, np.int64)
+            k = nat.touched(1, *touched, out_r, out_f)  # type: ignore[attr-defined]
+            rows, rf = out_r[:k], out_f[:k]
+            idx, bits = rows * w + (rf >> 6), _BIT[rf & 63]
         cr = np.concatenate((wr, rows))
         cf = np.concatenate((wf, rf))
         ci = np.concatenate((wr * w + (wf >> 6), idx))

@@ -16,12 +16,17 @@ DEFAULT_EPS_SEC = 1e-10  # probability: secrecy parameter of the finite-key boun
 DEFAULT_EPS_COR = 1e-15  # probability: correctness (verification hash collision)
 DEFAULT_QBER_ABORT = 0.11  # fraction: a round with a higher Z-basis QBER yields no key
 DEFAULT_FRAME_BITS = 1 << 14  # bits: sifted key per Cascade frame
+DEFAULT_FRAME_TAG_BITS = 32  # bits: per-frame check tag (undetected error <= 2^-32 a frame)
+DEFAULT_FRAME_RETRIES = 2  # extra Cascade runs for a frame whose tag differs, then dropped
+FRAME_CHECK_VERSION = 1  # version byte of FrameCheck and FrameCheckResult
 
 # Post-processing message types (qkd.sim.messages, one byte on the wire).
 MSG_CASCADE_HELLO = 1
 MSG_PARITY_REPLY = 4
 MSG_CASCADE_DONE = 5
 MSG_PARITY_QUERY = 6
+MSG_FRAME_CHECK = 7  # per-frame verification tags after a Cascade run
+MSG_FRAME_CHECK_RESULT = 8  # which frames' tags differed
 MSG_DETECTIONS = 10
 MSG_SIFT_REPLY = 11
 MSG_TEST_BITS = 12
@@ -36,6 +41,8 @@ MSG_DETECTIONS_PACKED = 17  # Detections with varint slot deltas
 VARINT_MAX_BYTES = 9  # bytes: longest varint decoded (63 bits, fits an int64)
 ID_LIMIT = 1 << 62  # ids, frames, passes, slots: a sum of two never wraps an int64
 CASCADE_MIN_QBER = 1e-5  # fraction: floor of the QBER the block sizes are computed from
+FRAME_TAG_MAX_BITS = 64  # bits: longest per-frame tag a decoder accepts
+FRAME_CHECK_MAX_FRAMES = 1 << 20  # frames: most a FrameCheck may cover (bounds memory)
 MIN_QBER_GUESS = 1e-3  # fraction: Cascade's guess when the test basis shows no error
 CHANNEL_CHUNK_PULSES = 1 << 22  # pulses: simulated per numpy batch (bounds memory)
 PA_DENSE_MAX_ROWS = 64  # output bits: above this, privacy amplification uses the FFT

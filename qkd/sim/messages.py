@@ -411,6 +411,88 @@ class CascadeDone(Message):
         return cls(*r.unpack("!Q"))
 
 
+def _check_version(r: _Reader, name: str) -> None:
+    (v,) = r.unpack("!B")
+    if v != c.FRAME_CHECK_VERSION:
+        raise MessageError(f"{name} version {v} not supported (this side speaks "
+                           f"{c.FRAME_CHECK_VERSION}); run the same release on both sides")
+
+
+@_register
+@dataclass(frozen=True, eq=False)
+class FrameCheck(Message):
+    """Alice -> Bob after a Cascade run: one Toeplitz tag per frame of that run.
+
+    `attempt` counts the runs of this group (0 = the first Cascade run, then one per
+    retry); `seed` (frame_bits + tag_bits - 1 bits, fresh per attempt) is shared by all
+    frames, `tags` holds frames * tag_bits bits, frame after frame. Every tag bit is
+    revealed information about Alice's frame and is counted like a Cascade parity.
+
+    Encoding: version u8 | attempt u8 | tag_bits u8 | frames u32 | seed bits | tag bits.
+    """
+
+    TYPE: ClassVar[int] = c.MSG_FRAME_CHECK
+    attempt: int
+    tag_bits: int
+    seed: np.ndarray
+    tags: np.ndarray  # (frames, tag_bits) uint8
+
+    def body(self) -> bytes:
+        tags = np.asarray(self.tags, np.uint8)
+        if tags.ndim != 2 or tags.shape[1] != self.tag_bits:
+            raise ValueError("tags must be (frames, tag_bits)")
+        return (struct.pack("!BBBI", c.FRAME_CHECK_VERSION, self.attempt, self.tag_bits,
+                            tags.shape[0]) + _bits(self.seed) + _bits(tags.ravel()))
+
+    @classmethod
+    def parse(cls, r: _Reader) -> FrameCheck:
+        _check_version(r, "FrameCheck")
+        attempt, t, frames = r.unpack("!BBI")
+        if not 1 <= t <= c.FRAME_TAG_MAX_BITS:
+            raise MessageError(f"FrameCheck tag_bits {t} outside 1..{c.FRAME_TAG_MAX_BITS}")
+        if frames > c.FRAME_CHECK_MAX_FRAMES:
+            raise MessageError(f"FrameCheck frames {frames} above "
+                               f"{c.FRAME_CHECK_MAX_FRAMES}")
+        seed = r.bits()
+        tags = r.bits()
+        if tags.size != frames * t:
+            raise MessageError(f"FrameCheck carries {tags.size} tag bits, expected "
+                               f"frames * tag_bits = {frames * t}")
+        return cls(attempt, t, seed, tags.reshape(frames, t))
+
+    def revealed_bits(self) -> int:
+        return int(np.asarray(self.tags).size)
+
+
+@_register
+@dataclass(frozen=True, eq=False)
+class FrameCheckResult(Message):
+    """Bob -> Alice: which frames of the checked run had a different tag (`bad`, one bit
+    per frame of that run, in order). Both sides then know what follows: with attempts
+    left a new Cascade run on exactly the bad frames (its CascadeHello comes next),
+    otherwise the bad frames are dropped by both.
+
+    Encoding: version u8 | attempt u8 | bad bits.
+    """
+
+    TYPE: ClassVar[int] = c.MSG_FRAME_CHECK_RESULT
+    attempt: int
+    bad: np.ndarray
+
+    def body(self) -> bytes:
+        return struct.pack("!BB", c.FRAME_CHECK_VERSION, self.attempt) + _bits(self.bad)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> FrameCheckResult:
+        _check_version(r, "FrameCheckResult")
+        (attempt,) = r.unpack("!B")
+        bad = r.bits()
+        if bad.size > c.FRAME_CHECK_MAX_FRAMES:
+            raise MessageError(f"FrameCheckResult covers {bad.size} frames, above "
+                               f"{c.FRAME_CHECK_MAX_FRAMES}")
+        return cls(attempt, bad)
+
+
 # --- sifting, estimation, verification, privacy amplification -------------------------
 
 

@@ -10,12 +10,15 @@ Flow (every arrow is one encoded `qkd.sim.messages` message):
     Alice -> Bob    SiftReply (Alice's bases and intensity classes)
     Bob   -> Alice  TestBits (Bob's X-basis bits; X is the test basis)
     Alice -> Bob    EstimationResult (X errors per intensity; abort reason if any)
-    Bob  <-> Alice  Cascade on the Z-basis key (see qkd.sim.cascade)
+    Bob  <-> Alice  Cascade on the Z-basis key, per group of frames, each run followed
+                    by per-frame tags (FrameCheck / FrameCheckResult), a retry of the
+                    frames whose tags differ, and finally their drop (qkd.sim.reconcile)
     Alice -> Bob    VerifyHash (Toeplitz seed, tag)       eps_cor = 2^-tag_bits
     Bob   -> Alice  VerifyResult
     Alice -> Bob    PrivacyAmp (final length from Lim et al. 2014, Toeplitz seed)
 
-What is revealed about the key (Cascade parities, the tag) is summed from the messages.
+What is revealed about the key (Cascade parities, frame tags, the tag) is summed from
+the messages; dropped frames leave the key and are charged in full.
 """
 
 from __future__ import annotations
@@ -27,13 +30,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from qkd.sim import messages as m
-from qkd.sim.cascade import CascadeAlice, CascadeBob
 from qkd.sim.channel import AliceRecord, BobRecord
 from qkd.sim.constants import (
     DEFAULT_CASCADE_VARIANT,
     DEFAULT_EPS_COR,
     DEFAULT_EPS_SEC,
     DEFAULT_FRAME_BITS,
+    DEFAULT_FRAME_RETRIES,
+    DEFAULT_FRAME_TAG_BITS,
     DEFAULT_QBER_ABORT,
     MIN_QBER_GUESS,
     X_BASIS,
@@ -41,6 +45,7 @@ from qkd.sim.constants import (
 )
 from qkd.sim.estimation import DecoyEstimate, decoy_bounds, key_length
 from qkd.sim.privacy import privacy_amplification, toeplitz_hash
+from qkd.sim.reconcile import ReconcileAlice, ReconcileBob
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,10 @@ class PostParams:
     # Frames reconciled together (one Cascade run); bounds memory, and more frames per
     # run amortise the per-round-trip cost.
     cascade_group_frames: int = 128
+    # Per-frame check after each Cascade run (0 bits: off), and how many extra Cascade
+    # runs a frame whose tag differs gets before both sides drop it.
+    frame_tag_bits: int = DEFAULT_FRAME_TAG_BITS
+    frame_retries: int = DEFAULT_FRAME_RETRIES
     timeout_s: float = 60.0
 
     @property
@@ -78,6 +87,9 @@ class SessionResult:
     corrected_errors: int = 0  # known to Bob only
     leaked_ec_bits: int = 0
     leaked_verify_bits: int = 0
+    leaked_frame_check_bits: int = 0  # per-frame tags (also part of leaked_ec_bits)
+    frames_checked_bad: int = 0  # frames whose tag differed after their first run
+    frames_dropped: int = 0  # still wrong after the retries: removed from the key
     cascade_round_trips: int = 0
     verified: bool | None = None
     estimate: DecoyEstimate | None = None
@@ -156,29 +168,34 @@ class AliceProtocol(_Party):
         self._rec = record
         self._state = "detections"
         self._key: np.ndarray | None = None
-        self._cascade: CascadeAlice | None = None
+        self._cascade: ReconcileAlice | None = None
 
     def receive_message(self, data: bytes, now: float = 0.0) -> None:
         self._last = now
         if self.done:
             raise m.MessageError("message after the session ended")
         msg = m.decode(data)
-        if isinstance(msg, (m.CascadeHello, m.ParityQuery, m.CascadeDone)):
+        if isinstance(msg, (m.CascadeHello, m.ParityQuery, m.CascadeDone,
+                            m.FrameCheckResult)):
             if self._state != "cascade":
                 raise m.MessageError("Cascade message out of order")
-            if isinstance(msg, m.CascadeHello):
-                if self._group >= len(self._groups) or (
-                        self._cascade is not None and not self._cascade.done):
-                    raise m.MessageError("unexpected CascadeHello")
-                self._cascade = CascadeAlice(self._groups[self._group])
+            if self._cascade is None or self._cascade.done:
+                # Only a CascadeHello starts a group (ReconcileAlice checks the type).
+                if self._group >= len(self._groups) or not isinstance(msg, m.CascadeHello):
+                    raise m.MessageError(f"unexpected {type(msg).__name__}")
+                self._cascade = ReconcileAlice(self._groups[self._group], self._rng,
+                                               self.post.frame_tag_bits,
+                                               self.post.frame_retries)
                 self._group += 1
-            if self._cascade is None:
-                raise m.MessageError("Cascade message before CascadeHello")
-            self._cascade.receive_message(data, now)
-            for out in self._cascade.messages_to_send():
+            rec = self._cascade
+            rec.receive_message(data, now)
+            for out in rec.messages_to_send():
                 self._out.append(out)
-            if self._cascade.done:
-                self._leak += self._cascade.revealed_bits
+            if rec.done:
+                self._leak += rec.revealed_bits
+                self.result.leaked_frame_check_bits += rec.tag_bits_revealed
+                self.result.frames_dropped += int((~rec.keep).sum())
+                self._kept.append(self._groups[self._group - 1][rec.keep])
                 if self._group == len(self._groups):
                     self._after_cascade()
             return
@@ -234,11 +251,13 @@ class AliceProtocol(_Party):
         self._groups = [frames[i : i + g] for i in range(0, frames.shape[0], g)]
         self._group = 0
         self._leak = 0
+        self._kept: list[np.ndarray] = []
         self._state = "cascade"
 
     def _after_cascade(self) -> None:
-        assert self._key is not None
         r = self.result
+        self._key = np.concatenate(self._kept).ravel()
+        r.key_bits_reconciled = int(self._key.size)
         r.leaked_ec_bits = self._leak
         t = self.post.tag_bits
         seed = self._rng.integers(0, 2, self._key.size + t - 1, dtype=np.uint8)
@@ -274,7 +293,7 @@ class BobProtocol(_Party):
         self._rec = record
         self._state = "sift"
         self._key: np.ndarray | None = None
-        self._cascade: CascadeBob | None = None
+        self._cascade: ReconcileBob | None = None
         self._send(m.PackedDetections(record.slots, record.basis))
 
     def receive_message(self, data: bytes, now: float = 0.0) -> None:
@@ -282,22 +301,29 @@ class BobProtocol(_Party):
         if self.done:
             raise m.MessageError("message after the session ended")
         msg = m.decode(data)
-        if isinstance(msg, m.ParityReply):
+        if isinstance(msg, (m.ParityReply, m.FrameCheck)):
             if self._state != "cascade" or self._cascade is None:
-                raise m.MessageError("parity reply out of order")
-            self._cascade.receive_message(data, now)
-            for out in self._cascade.messages_to_send():
+                raise m.MessageError(f"{type(msg).__name__} out of order")
+            rec = self._cascade
+            rec.receive_message(data, now)
+            for out in rec.messages_to_send():
                 self._out.append(out)
-            if self._cascade.done:
+            if rec.done:
                 r = self.result
-                r.leaked_ec_bits += self._cascade.revealed_bits
-                r.cascade_round_trips += self._cascade.round_trips
-                self._corrected.append(self._cascade.bits)
+                r.leaked_ec_bits += rec.revealed_bits
+                r.leaked_frame_check_bits += rec.tag_bits_revealed
+                r.cascade_round_trips += rec.round_trips
+                r.frames_checked_bad += rec.first_run_bad
+                r.frames_dropped += int((~rec.keep).sum())
+                self._corrected.append(rec.bits[rec.keep])
+                self._raw_kept.append(self._groups[self._group - 1][rec.keep])
                 if self._group < len(self._groups):
                     self._start_group()
                 else:
                     self._key = np.concatenate(self._corrected).ravel()
-                    r.corrected_errors = int(np.count_nonzero(self._key != self._raw_key))
+                    raw = np.concatenate(self._raw_kept).ravel()
+                    r.key_bits_reconciled = int(self._key.size)
+                    r.corrected_errors = int(np.count_nonzero(self._key != raw))
                     self._state = "verify"
             return
         handler = {
@@ -335,14 +361,16 @@ class BobProtocol(_Party):
         self._groups = [frames[i : i + g] for i in range(0, frames.shape[0], g)]
         self._group = 0
         self._corrected: list[np.ndarray] = []
+        self._raw_kept: list[np.ndarray] = []
         self._state = "cascade"
         self._start_group()
 
     def _start_group(self) -> None:
-        seed = int(self._rng.integers(0, 2**63))
         guess = max(self.result.qber_x, MIN_QBER_GUESS)
-        self._cascade = CascadeBob(self._groups[self._group], guess,
-                                   self.post.cascade_variant, seed)
+        # The first run's permutation seed is drawn as before the per-frame check.
+        self._cascade = ReconcileBob(self._groups[self._group], guess,
+                                     self.post.cascade_variant, self._rng,
+                                     self.post.frame_tag_bits, self.post.frame_retries)
         self._group += 1
         for out in self._cascade.messages_to_send():
             self._out.append(out)

@@ -26,6 +26,8 @@ _SAMPLES = [
     m.VerifyHash(np.ones(9, np.uint8), np.zeros(3, np.uint8)).encode(),
     m.VerifyResult(False).encode(),
     m.PrivacyAmp(5, np.ones(11, np.uint8), "x").encode(),
+    m.FrameCheck(1, 3, np.ones(6, np.uint8), np.array([[1, 0, 1], [0, 0, 1]], np.uint8)).encode(),
+    m.FrameCheckResult(0, np.array([1, 0, 0, 1], np.uint8)).encode(),
 ]
 
 

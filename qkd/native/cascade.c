@@ -1,0 +1,301 @@
+/* Cascade's hot loops for qkd.sim.cascade.CascadeBob (module _qkdgw_cascade).
+ *
+ * descend: walk every open binary search down its tree while the left child's parity
+ *   is known (or free), exactly as CascadeBob._descend does level by level in numpy.
+ *   Searches of one frame cover disjoint sub-trees and frames use disjoint bits, so
+ *   walking each search to its end in turn reads and writes the same words the
+ *   lock-step numpy loop does: the result is the same (the order of the returned
+ *   learnt nodes may differ; their only use, clearing bits, is order-free).
+ * touched: the nodes of every built pass that hold a corrected bit (flip Bob's parity,
+ *   then collect the known odd ones), as CascadeBob._end_batches does with a
+ *   (segments x flips) numpy array.
+ * scatter: arr[idx[i]] op= val[i] for op in or / xor / and (numpy's ufunc.at, unbuffered).
+ *
+ * Every index is checked against its array: a bad argument raises ValueError.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    Py_buffer b;
+    int ok;
+} buf_t;
+
+static int get_buf(PyObject *o, buf_t *out, int writable, const char *name) {
+    int flags = PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0);
+    if (PyObject_GetBuffer(o, &out->b, flags) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: need a C-contiguous%s 8-byte array", name,
+                     writable ? " writable" : "");
+        return -1;
+    }
+    out->ok = 1;
+    if (out->b.len % 8) {
+        PyErr_Format(PyExc_ValueError, "%s: length %zd is not a multiple of 8 bytes", name,
+                     out->b.len);
+        return -1;
+    }
+    return 0;
+}
+
+static void rel(buf_t *bs, int n) {
+    for (int i = 0; i < n; i++)
+        if (bs[i].ok) PyBuffer_Release(&bs[i].b);
+}
+
+#define N64(x) ((Py_ssize_t)((x).b.len / 8))
+#define U64(x) ((uint64_t *)(x).b.buf)
+#define I64(x) ((int64_t *)(x).b.buf)
+
+/* descend(ap, bp, kn, dk, rb, w, depth, p, d, f, c,
+ *         out_p, out_d, out_f, out_c, leaf_p, leaf_f, leaf_c, learn_idx, learn_f)
+ * -> (searches left, leaves, learnt). ap/kn/dk uint64 (modified), bp uint64, rb int64
+ * (rowbase flattened, passes x depth). Outputs: room for len(p) searches and leaves,
+ * 2 * len(p) * depth learnt nodes. */
+static PyObject *descend(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o[20];
+    Py_ssize_t w, depth;
+    if (!PyArg_ParseTuple(args, "OOOOOnnOOOOOOOOOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4],
+                          &w, &depth, &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11],
+                          &o[12], &o[13], &o[14], &o[15], &o[16], &o[17]))
+        return NULL;
+    static const char *names[18] = {"ap", "bp", "kn", "dk", "rb", "p", "d", "f", "c",
+                                    "out_p", "out_d", "out_f", "out_c", "leaf_p", "leaf_f",
+                                    "leaf_c", "learn_idx", "learn_f"};
+    static const int wr[18] = {1, 0, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    buf_t b[18];
+    memset(b, 0, sizeof b);
+    for (int i = 0; i < 18; i++) {
+        if (get_buf(o[i], &b[i], wr[i], names[i]) < 0) {
+            rel(b, 18);
+            return NULL;
+        }
+    }
+    uint64_t *ap = U64(b[0]), *bp = U64(b[1]), *kn = U64(b[2]), *dk = U64(b[3]);
+    int64_t *rb = I64(b[4]);
+    int64_t *sp = I64(b[5]), *sd = I64(b[6]), *sf = I64(b[7]), *sc = I64(b[8]);
+    int64_t *op = I64(b[9]), *od = I64(b[10]), *of = I64(b[11]), *oc = I64(b[12]);
+    int64_t *lp = I64(b[13]), *lf = I64(b[14]), *lc = I64(b[15]);
+    int64_t *xi = I64(b[16]), *xf = I64(b[17]);
+    Py_ssize_t nwords = N64(b[0]), nrb = N64(b[4]), ns = N64(b[5]);
+    const char *err = NULL;
+    if (w <= 0 || depth <= 0) err = "w and depth must be positive";
+    else if (N64(b[1]) != nwords || N64(b[2]) != nwords || N64(b[3]) != nwords)
+        err = "ap, bp, kn, dk must have the same length";
+    else if (N64(b[6]) != ns || N64(b[7]) != ns || N64(b[8]) != ns)
+        err = "p, d, f, c must have the same length";
+    else if (N64(b[9]) < ns || N64(b[10]) < ns || N64(b[11]) < ns || N64(b[12]) < ns ||
+             N64(b[13]) < ns || N64(b[14]) < ns || N64(b[15]) < ns)
+        err = "output arrays shorter than the searches";
+    else if (depth > 64 || N64(b[16]) < 2 * ns * depth || N64(b[17]) < 2 * ns * depth)
+        err = "learnt-node outputs shorter than 2 * searches * depth";
+    if (err) {
+        rel(b, 18);
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    Py_ssize_t nleft = 0, nleaf = 0, nlearn = 0;
+#define LEARN(IDX, VAL)                                   \
+    do {                                                  \
+        if (VAL) ap[IDX] |= bit;                          \
+        kn[IDX] |= bit;                                   \
+        dk[IDX] |= bit;                                   \
+        xi[nlearn] = (IDX);                               \
+        xf[nlearn] = f;                                   \
+        nlearn++;                                         \
+    } while (0)
+    for (Py_ssize_t s = 0; s < ns && !err; s++) {
+        int64_t p = sp[s], d = sd[s], f = sf[s], c = sc[s];
+        if (p < 0 || d <= 0 || d >= depth || f < 0 || c < 0 || p * depth + d >= nrb) {
+            err = "search (pass, level, frame, index) outside the layout";
+            break;
+        }
+        int64_t fw = f >> 6;
+        uint64_t bit = (uint64_t)1 << (f & 63);
+        if (fw >= w) {
+            err = "frame outside the words";
+            break;
+        }
+        while (d > 0) {
+            int64_t li = (rb[p * depth + d - 1] + 2 * c) * w + fw;
+            int64_t ci = (rb[p * depth + d] + c) * w + fw;
+            if (li < 0 || li + w >= nwords || ci < 0 || ci >= nwords) {
+                err = "node outside the parity arrays";
+                break;
+            }
+            int known = (dk[li] & bit) != 0;
+            if (!known && (dk[li + w] & bit)) {
+                LEARN(li, (ap[ci] ^ ap[li + w]) & bit);
+                known = 1;
+            }
+            if (!known) break;
+            int right = ((ap[li] ^ bp[li]) & bit) == 0;
+            if (right && !(dk[li + w] & bit)) LEARN(li + w, (ap[ci] ^ ap[li]) & bit);
+            c = 2 * c + right;
+            d -= 1;
+        }
+        if (err) break;
+        if (d == 0) {
+            lp[nleaf] = p;
+            lf[nleaf] = f;
+            lc[nleaf] = c;
+            nleaf++;
+        } else {
+            op[nleft] = p;
+            od[nleft] = d;
+            of[nleft] = f;
+            oc[nleft] = c;
+            nleft++;
+        }
+    }
+#undef LEARN
+    rel(b, 18);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return Py_BuildValue("nnn", nleft, nleaf, nlearn);
+}
+
+/* scatter(op, arr, idx, val): op 0 or, 1 xor, 2 and; val has len(idx) words, or one. */
+static PyObject *scatter(PyObject *self, PyObject *args) {
+    (void)self;
+    int opc;
+    PyObject *o[3];
+    if (!PyArg_ParseTuple(args, "iOOO", &opc, &o[0], &o[1], &o[2])) return NULL;
+    if (opc < 0 || opc > 2) {
+        PyErr_SetString(PyExc_ValueError, "op must be 0 (or), 1 (xor) or 2 (and)");
+        return NULL;
+    }
+    buf_t b[3];
+    memset(b, 0, sizeof b);
+    if (get_buf(o[0], &b[0], 1, "arr") < 0 || get_buf(o[1], &b[1], 0, "idx") < 0 ||
+        get_buf(o[2], &b[2], 0, "val") < 0) {
+        rel(b, 3);
+        return NULL;
+    }
+    uint64_t *arr = U64(b[0]), *val = U64(b[2]);
+    int64_t *idx = I64(b[1]);
+    Py_ssize_t n = N64(b[0]), m = N64(b[1]), nv = N64(b[2]);
+    if (nv != m && nv != 1) {
+        rel(b, 3);
+        PyErr_SetString(PyExc_ValueError, "val must have one word or one per index");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < m; i++) {
+        if (idx[i] < 0 || idx[i] >= n) {
+            rel(b, 3);
+            PyErr_Format(PyExc_ValueError, "idx[%zd] = %lld outside the array of %zd words",
+                         i, (long long)idx[i], n);
+            return NULL;
+        }
+    }
+    Py_ssize_t step = nv == 1 ? 0 : 1;
+    if (opc == 0)
+        for (Py_ssize_t i = 0; i < m; i++) arr[idx[i]] |= val[i * step];
+    else if (opc == 1)
+        for (Py_ssize_t i = 0; i < m; i++) arr[idx[i]] ^= val[i * step];
+    else
+        for (Py_ssize_t i = 0; i < m; i++) arr[idx[i]] &= val[i * step];
+    rel(b, 3);
+    Py_RETURN_NONE;
+}
+
+/* touched(mode, bp, ap, kn, leaf_tab, seg_p, seg_d, seg_row, sb, fpass, ff, jj, w, n,
+ *         out_rows, out_f) -> count.
+ * For each flipped bit (frame ff[i], position jj[i]) and each built segment s in sb, the
+ * node containing it is row seg_row[s] + (leaf_tab[seg_p[s] * n + jj[i]] >> seg_d[s]).
+ * mode 0: flip Bob's parity of every such node (bp ^= bit). mode 1: write out the
+ * nodes of passes the frame has opened (seg_p[s] <= fpass[ff[i]]) that are known and
+ * odd (kn & (ap ^ bp)), as (row, frame): the cascade's new candidates. */
+static PyObject *touched(PyObject *self, PyObject *args) {
+    (void)self;
+    int mode;
+    PyObject *o[15];
+    Py_ssize_t w, n;
+    if (!PyArg_ParseTuple(args, "iOOOOOOOOOOOnnOO", &mode, &o[0], &o[1], &o[2], &o[3],
+                          &o[4], &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &w, &n, &o[11],
+                          &o[12]))
+        return NULL;
+    static const char *names[13] = {"bp", "ap", "kn", "leaf_tab", "seg_p", "seg_d",
+                                    "seg_row", "sb", "fpass", "ff", "jj", "out_rows",
+                                    "out_f"};
+    static const int wr[13] = {1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1};
+    buf_t b[13];
+    memset(b, 0, sizeof b);
+    for (int i = 0; i < 13; i++) {
+        if (get_buf(o[i], &b[i], wr[i], names[i]) < 0) {
+            rel(b, 13);
+            return NULL;
+        }
+    }
+    uint64_t *bp = U64(b[0]), *ap = U64(b[1]), *kn = U64(b[2]);
+    int64_t *lt = I64(b[3]), *segp = I64(b[4]), *segd = I64(b[5]), *segr = I64(b[6]);
+    int64_t *sb = I64(b[7]), *fpass = I64(b[8]), *ff = I64(b[9]), *jj = I64(b[10]);
+    int64_t *orow = I64(b[11]), *of = I64(b[12]);
+    Py_ssize_t nwords = N64(b[0]), nlt = N64(b[3]), nseg = N64(b[4]), nsb = N64(b[7]);
+    Py_ssize_t nfp = N64(b[8]), nfl = N64(b[9]);
+    const char *err = NULL;
+    if (mode < 0 || mode > 1) err = "mode must be 0 (flip) or 1 (collect)";
+    else if (w <= 0 || n <= 0) err = "w and n must be positive";
+    else if (N64(b[1]) != nwords || N64(b[2]) != nwords) err = "bp, ap, kn differ in length";
+    else if (N64(b[5]) != nseg || N64(b[6]) != nseg) err = "seg_p, seg_d, seg_row differ";
+    else if (N64(b[10]) != nfl) err = "ff and jj differ in length";
+    else if (mode == 1 && (N64(b[11]) < nfl * nsb || N64(b[12]) < nfl * nsb))
+        err = "outputs shorter than flips * segments";
+    for (Py_ssize_t k = 0; !err && k < nsb; k++) {
+        int64_t s = sb[k];
+        if (s < 0 || s >= nseg || segd[s] < 0 || segd[s] > 62 || segp[s] < 0 ||
+            (segp[s] + 1) * n > nlt)
+            err = "segment outside the layout";
+    }
+    for (Py_ssize_t i = 0; !err && i < nfl; i++) {
+        if (ff[i] < 0 || ff[i] >= nfp || (ff[i] >> 6) >= w || jj[i] < 0 || jj[i] >= n)
+            err = "flip (frame, position) outside the layout";
+    }
+    Py_ssize_t cnt = 0;
+    for (Py_ssize_t k = 0; !err && k < nsb; k++) {
+        int64_t s = sb[k], p = segp[s], d = segd[s], r0 = segr[s];
+        const int64_t *row_of = lt + p * n;
+        for (Py_ssize_t i = 0; i < nfl; i++) {
+            int64_t f = ff[i];
+            if (mode == 1 && p > fpass[f]) continue;
+            int64_t row = r0 + (row_of[jj[i]] >> d);
+            int64_t ix = row * w + (f >> 6);
+            if (row < 0 || ix >= nwords) {
+                err = "node outside the parity arrays";
+                break;
+            }
+            uint64_t bit = (uint64_t)1 << (f & 63);
+            if (mode == 0) {
+                bp[ix] ^= bit;
+            } else if ((kn[ix] & bit) && ((ap[ix] ^ bp[ix]) & bit)) {
+                orow[cnt] = row;
+                of[cnt] = f;
+                cnt++;
+            }
+        }
+    }
+    rel(b, 13);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return PyLong_FromSsize_t(cnt);
+}
+
+static PyMethodDef methods[] = {
+    {"touched", touched, METH_VARARGS, "Flip, or collect the odd, nodes holding flipped bits."},
+    {"descend", descend, METH_VARARGS, "Walk Cascade's open binary searches down."},
+    {"scatter", scatter, METH_VARARGS, "arr[idx] op= val, unbuffered (or, xor, and)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_qkdgw_cascade",
+                                    "Cascade's hot loops (see qkd.sim.cascade).", -1,
+                                    methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__qkdgw_cascade(void) { return PyModule_Create(&module); }
