@@ -29,7 +29,7 @@ typedef uint64_t u64;
 
 /* Largest block (in words) done by the schoolbook base case; tuned on Zen 3. */
 #ifndef GF2_BASE_MAX
-#define GF2_BASE_MAX 16
+#define GF2_BASE_MAX 24
 #endif
 
 typedef void (*base_fn)(const u64 *s, const u64 *x, u64 *y, size_t k);
@@ -157,8 +157,16 @@ static void pack(const uint8_t *src, int64_t len, int64_t start, u64 *dst, size_
     }
 }
 
+static u64 spread[256]; /* byte j of spread[b] = bit j of b; filled at import */
+
 static void unpack(const u64 *src, uint8_t *dst, size_t nbits) {
-    for (size_t i = 0; i < nbits; i++) dst[i] = (uint8_t)((src[i >> 6] >> (i & 63)) & 1);
+    const uint8_t *bytes = (const uint8_t *)src;
+    size_t i = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    for (; i + 8 <= nbits; i += 8) memcpy(dst + i, &spread[bytes[i >> 3]], 8);
+#endif
+    (void)bytes;
+    for (; i < nbits; i++) dst[i] = (uint8_t)((src[i >> 6] >> (i & 63)) & 1);
 }
 
 /* --- planning -------------------------------------------------------------------------- */
@@ -312,4 +320,11 @@ static struct PyModuleDef module = {
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__qkdgw_gf2(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__qkdgw_gf2(void) {
+    for (unsigned b = 0; b < 256; b++) {
+        u64 v = 0;
+        for (unsigned j = 0; j < 8; j++) v |= (u64)((b >> j) & 1) << (8 * j);
+        spread[b] = v;
+    }
+    return PyModule_Create(&module);
+}
