@@ -36,19 +36,18 @@ typedef void (*base_fn)(const u64 *s, const u64 *x, u64 *y, size_t k);
 
 /* --- portable carry-less multiply ------------------------------------------------------ */
 
-static inline void clmul_soft(u64 a, u64 b, u64 *lo, u64 *hi) {
-    u64 tl[16], th[16];
-    for (unsigned i = 0; i < 16; i++) {
-        u64 l = 0, h = 0;
-        for (unsigned t = 0; t < 4; t++) {
-            if ((i >> t) & 1) {
-                l ^= a << t;
-                if (t) h ^= a >> (64 - t);
-            }
-        }
-        tl[i] = l;
-        th[i] = h;
+/* 4-bit window tables of a: tl[i] ^ (th[i] << 64) = a * i (carry-less). */
+static inline void soft_table(u64 a, u64 *tl, u64 *th) {
+    tl[0] = th[0] = 0;
+    for (unsigned i = 1; i < 16; i++) {
+        unsigned t = 31 - (unsigned)__builtin_clz(i); /* top bit of i */
+        unsigned r = i ^ (1u << t);
+        tl[i] = tl[r] ^ (a << t);
+        th[i] = th[r] ^ (t ? a >> (64 - t) : 0);
     }
+}
+
+static inline void clmul_soft(const u64 *tl, const u64 *th, u64 b, u64 *lo, u64 *hi) {
     u64 l = tl[b & 15], h = th[b & 15];
     for (unsigned k = 4; k < 64; k += 4) {
         unsigned nib = (unsigned)(b >> k) & 15;
@@ -61,20 +60,28 @@ static inline void clmul_soft(u64 a, u64 b, u64 *lo, u64 *hi) {
 
 /* Middle product base case: y[i] = word K + i of s (2K words) * x (K words). */
 static void base_soft(const u64 *s, const u64 *x, u64 *y, size_t k) {
-    u64 plo = 0, phi = 0; /* acc[d - 1] */
+    u64 tab[2 * 16 * GF2_BASE_MAX]; /* tables of each x word, reused K + 1 times */
+    u64 one[32];
+    int cached = k <= GF2_BASE_MAX;
+    if (cached)
+        for (size_t b = 0; b < k; b++) soft_table(x[b], tab + 32 * b, tab + 32 * b + 16);
+    u64 phi = 0; /* high word of acc[d - 1] */
     for (size_t d = 0; d <= k; d++) {
         u64 lo = 0, hi = 0;
         for (size_t b = 0; b < k; b++) {
+            const u64 *tb = tab + 32 * b;
+            if (!cached) {
+                soft_table(x[b], one, one + 16);
+                tb = one;
+            }
             u64 l, h;
-            clmul_soft(s[d + k - 1 - b], x[b], &l, &h);
+            clmul_soft(tb, tb + 16, s[d + k - 1 - b], &l, &h);
             lo ^= l;
             hi ^= h;
         }
         if (d) y[d - 1] = lo ^ phi;
-        plo = lo;
         phi = hi;
     }
-    (void)plo;
 }
 
 #if GF2_X86

@@ -9,9 +9,10 @@ T x is the middle part of the product s * x: output bit i is coefficient i + n -
 `toeplitz_hash` (and so `privacy_amplification` and the verification tag) uses the
 compiled kernel `_qkdgw_gf2` (qkd/native/gf2.c) when it is built: bit-packed carry-less
 polynomial arithmetic, a transposed Karatsuba middle product over square blocks down to a
-PCLMULQDQ (or portable software clmul) base case; exact by construction, ~50 Mbit/s on
-10^7-bit blocks with m = n/2 here. Without it (or with QKDGW_NATIVE=0) the references
-below run, and the tests compare the kernel with them bit for bit:
+PCLMULQDQ base case; exact by construction, ~55 Mbit/s on 10^7-bit blocks with m = n/2
+here. Its portable software clmul (for CPUs without PCLMULQDQ) is slower than the FFT, so
+there it only serves the few-row tags. Without the kernel (or with QKDGW_NATIVE=0) the
+references below run, and the tests compare the kernel with them bit for bit:
 
 * `toeplitz_dense` builds the matrix (tests, small sizes); `_toeplitz_rows` does one packed
   AND + parity per row (m <= PA_DENSE_MAX_ROWS, the verification tags);
@@ -362,7 +363,9 @@ def toeplitz_hash(x: np.ndarray, seed: np.ndarray, m: int) -> np.ndarray:
     if seed.size != x.size + m - 1:
         raise ValueError(f"seed must have n + m - 1 = {x.size + m - 1} bits, got {seed.size}")
     gf2 = native.load("gf2")
-    if gf2 is not None:
+    # Without PCLMULQDQ the kernel's software clmul (~2 Mbit/s on 1e7 bits) loses to the
+    # FFT; it still wins for the few-row tags.
+    if gf2 is not None and (gf2.has_pclmul() or m <= PA_DENSE_MAX_ROWS):
         out = np.empty(m, np.uint8)
         gf2.toeplitz(x, seed, m, out)
         return out

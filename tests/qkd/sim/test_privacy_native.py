@@ -85,6 +85,8 @@ def test_hash_uses_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     real = gf2.toeplitz
 
     class Spy:
+        has_pclmul = staticmethod(gf2.has_pclmul)
+
         @staticmethod
         def toeplitz(*a: object, **k: object) -> None:
             calls.append(a[2])
@@ -96,7 +98,31 @@ def test_hash_uses_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     assert np.array_equal(privacy.privacy_amplification(x, s, 2500), toeplitz_dense(x, s, 2500))
     x, s = _case(rng, 5000, 50)
     assert np.array_equal(privacy.toeplitz_hash(x, s, 50), toeplitz_dense(x, s, 50))
-    assert calls == [2500, 50]
+    # (a CPU without PCLMULQDQ sends the long output to the FFT, see the next test)
+    assert calls == ([2500, 50] if gf2.has_pclmul() else [50])
+
+
+def test_no_pclmul_uses_fft_for_long_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CPU without PCLMULQDQ: the kernel only takes the few-row tags.
+    calls = []
+    real = gf2.toeplitz
+
+    class NoClmul:
+        @staticmethod
+        def has_pclmul() -> bool:
+            return False
+
+        @staticmethod
+        def toeplitz(*a: object, **k: object) -> None:
+            calls.append(a[2])
+            real(*a, **k)
+
+    monkeypatch.setattr(privacy.native, "load", lambda name: NoClmul if name == "gf2" else None)
+    rng = np.random.default_rng(12)
+    for m in (50, 700):
+        x, s = _case(rng, 3000, m)
+        assert np.array_equal(privacy.toeplitz_hash(x, s, m), toeplitz_dense(x, s, m))
+    assert calls == [50]
 
 
 def test_reference_path_without_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
