@@ -5,8 +5,8 @@
  * middle product computed by the transposed Karatsuba recursion
  *   y0 = MP(S_h, x0 ^ x1) ^ MP(S_0 ^ S_h, x1),  y1 = MP(S_h, x0 ^ x1) ^ MP(S_2h ^ S_h, x0)
  * (three half-size products, the Toeplitz analogue of Karatsuba), down to a word-level
- * schoolbook middle product that uses PCLMULQDQ when the CPU has it, else a portable
- * 4-bit-window software clmul. The seed is packed shifted by one bit so that the block
+ * schoolbook middle product that uses VPCLMULQDQ (ymm) or PCLMULQDQ when the CPU has
+ * them, else a portable 4-bit-window software clmul. The seed is packed shifted by one bit so that the block
  * result is exactly words K .. 2K-1 of the product: every slice is word aligned.
  * Input and output are arrays of 0/1 bytes (the low bit of each byte is used, i.e. the
  * value mod 2, as the dense reference computes).
@@ -109,6 +109,49 @@ static void base_pclmul(const u64 *s, const u64 *x, u64 *y, size_t k) {
             __m128i w = _mm_xor_si128(acc, _mm_srli_si128(prev, 8));
             y[d - 1] = (u64)_mm_cvtsi128_si64(w);
         }
+        prev = acc;
+    }
+}
+/* Same with 256-bit VPCLMULQDQ: two products per instruction. xr holds x in groups of
+ * four as (x[b+2], x[b+3], x[b], x[b+1]) so that one 256-bit load of s[a-3 .. a]
+ * (a = d + k - 1 - b) pairs every s word with the x word of the same diagonal. */
+__attribute__((target("avx2,vpclmulqdq,pclmul,sse4.1")))
+static void base_vpclmul(const u64 *s, const u64 *x, u64 *y, size_t k) {
+    u64 xr[GF2_BASE_MAX + 4];
+    size_t k4 = k & ~(size_t)3, kp = k & ~(size_t)1;
+    if (k > GF2_BASE_MAX) {
+        base_pclmul(s, x, y, k);
+        return;
+    }
+    for (size_t b = 0; b < k4; b += 4) {
+        xr[b] = x[b + 2];
+        xr[b + 1] = x[b + 3];
+        xr[b + 2] = x[b];
+        xr[b + 3] = x[b + 1];
+    }
+    __m128i prev = _mm_setzero_si128();
+    for (size_t d = 0; d <= k; d++) {
+        __m256i w0 = _mm256_setzero_si256(), w1 = _mm256_setzero_si256();
+        for (size_t b = 0; b < k4; b += 4) {
+            __m256i sv = _mm256_loadu_si256((const __m256i *)(s + d + k - 4 - b));
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + b));
+            w0 = _mm256_xor_si256(w0, _mm256_clmulepi64_epi128(sv, xv, 0x01));
+            w1 = _mm256_xor_si256(w1, _mm256_clmulepi64_epi128(sv, xv, 0x10));
+        }
+        __m256i w = _mm256_xor_si256(w0, w1);
+        __m128i acc = _mm_xor_si128(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+        for (size_t b = k4; b < kp; b += 2) {
+            __m128i sv = _mm_loadu_si128((const __m128i *)(s + d + k - 2 - b));
+            __m128i xv = _mm_loadu_si128((const __m128i *)(x + b));
+            acc = _mm_xor_si128(acc, _mm_clmulepi64_si128(sv, xv, 0x01));
+            acc = _mm_xor_si128(acc, _mm_clmulepi64_si128(sv, xv, 0x10));
+        }
+        if (k & 1) {
+            __m128i sv = _mm_cvtsi64_si128((long long)s[d]);
+            __m128i xv = _mm_cvtsi64_si128((long long)x[k - 1]);
+            acc = _mm_xor_si128(acc, _mm_clmulepi64_si128(sv, xv, 0x00));
+        }
+        if (d) y[d - 1] = (u64)_mm_cvtsi128_si64(_mm_xor_si128(acc, _mm_srli_si128(prev, 8)));
         prev = acc;
     }
 }
@@ -235,25 +278,49 @@ static int toeplitz(const uint8_t *x, int64_t n, const uint8_t *seed, int64_t m,
 
 /* --- Python ---------------------------------------------------------------------------- */
 
-static int have_pclmul(void) {
+enum { ISA_PORTABLE = 0, ISA_PCLMUL = 1, ISA_VPCLMUL = 2 };
+static const char *isa_names[] = {"portable", "pclmul", "vpclmul"};
+
+/* The best base case this CPU (and OS, for the ymm state) supports. */
+static int best_isa(void) {
 #if GF2_X86
     __builtin_cpu_init();
-    return __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+    if (!__builtin_cpu_supports("pclmul") || !__builtin_cpu_supports("sse4.1"))
+        return ISA_PORTABLE;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("vpclmulqdq"))
+        return ISA_VPCLMUL;
+    return ISA_PCLMUL;
 #else
-    return 0;
+    return ISA_PORTABLE;
 #endif
 }
 
+static int have_pclmul(void) { return best_isa() >= ISA_PCLMUL; }
+
 static PyObject *py_toeplitz(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
-    static char *kwlist[] = {"x", "seed", "m", "out", "force_portable", NULL};
+    static char *kwlist[] = {"x", "seed", "m", "out", "force_portable", "isa", NULL};
     Py_buffer xb, sb, ob;
     Py_ssize_t m;
     int force = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*y*nw*|p", kwlist, &xb, &sb, &m, &ob,
-                                     &force))
+    const char *isa_arg = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*y*nw*|pz", kwlist, &xb, &sb, &m, &ob,
+                                     &force, &isa_arg))
         return NULL;
     PyObject *ret = NULL;
+    int isa = force ? ISA_PORTABLE : best_isa();
+    if (isa_arg) {
+        int want = -1;
+        for (int i = 0; i < 3; i++)
+            if (!strcmp(isa_arg, isa_names[i])) want = i;
+        if (want < 0 || want > best_isa()) {
+            PyErr_Format(PyExc_ValueError,
+                         "isa must be one of this CPU's base cases (see isas()), got %.20s",
+                         isa_arg);
+            goto done;
+        }
+        isa = force ? ISA_PORTABLE : want;
+    }
     Py_ssize_t n = xb.len;
     if (m < 0) {
         PyErr_Format(PyExc_ValueError, "m must be >= 0, got %zd", m);
@@ -288,7 +355,8 @@ static PyObject *py_toeplitz(PyObject *self, PyObject *args, PyObject *kwargs) {
     }
     base_fn base = base_soft;
 #if GF2_X86
-    if (!force && have_pclmul()) base = base_pclmul;
+    if (isa == ISA_PCLMUL) base = base_pclmul;
+    if (isa == ISA_VPCLMUL) base = base_vpclmul;
 #endif
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -312,10 +380,28 @@ static PyObject *py_has_pclmul(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(have_pclmul());
 }
 
+static PyObject *py_isas(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    PyObject *list = PyList_New(0);
+    for (int i = 0; list && i <= best_isa(); i++) {
+        PyObject *s = PyUnicode_FromString(isa_names[i]);
+        if (!s || PyList_Append(list, s) < 0) {
+            Py_XDECREF(s);
+            Py_CLEAR(list);
+            break;
+        }
+        Py_DECREF(s);
+    }
+    return list;
+}
+
 static PyMethodDef methods[] = {
     {"toeplitz", (PyCFunction)(void (*)(void))py_toeplitz, METH_VARARGS | METH_KEYWORDS,
-     "toeplitz(x, seed, m, out, force_portable=False): out[i] = XOR_j seed[i - j + n - 1] "
-     "& x[j] over 0/1 bytes (n = len(x), len(seed) = n + m - 1, len(out) = m)."},
+     "toeplitz(x, seed, m, out, force_portable=False, isa=None): out[i] = XOR_j "
+     "seed[i - j + n - 1] & x[j] over 0/1 bytes (n = len(x), len(seed) = n + m - 1, "
+     "len(out) = m); isa picks a base case from isas() (default: the fastest)."},
+    {"isas", py_isas, METH_NOARGS, "Base cases this CPU can run, slowest first."},
     {"has_pclmul", py_has_pclmul, METH_NOARGS,
      "True when the PCLMULQDQ base case is used (unless force_portable)."},
     {NULL, NULL, 0, NULL},

@@ -9,10 +9,11 @@ T x is the middle part of the product s * x: output bit i is coefficient i + n -
 `toeplitz_hash` (and so `privacy_amplification` and the verification tag) uses the
 compiled kernel `_qkdgw_gf2` (qkd/native/gf2.c) when it is built: bit-packed carry-less
 polynomial arithmetic, a transposed Karatsuba middle product over square blocks down to a
-PCLMULQDQ base case; exact by construction, ~55 Mbit/s on 10^7-bit blocks with m = n/2
-here. Its portable software clmul (for CPUs without PCLMULQDQ) is slower than the FFT, so
-there it only serves the few-row tags. Without the kernel (or with QKDGW_NATIVE=0) the
-references below run, and the tests compare the kernel with them bit for bit:
+VPCLMULQDQ (ymm) or PCLMULQDQ base case; exact by construction, ~90 Mbit/s on 10^7-bit
+blocks with m = n/2 here (~50 with 128-bit PCLMULQDQ only). Its portable software clmul
+(CPUs without PCLMULQDQ) is slower than the FFT, so there it only serves the few-row tags.
+Without the kernel (or with QKDGW_NATIVE=0) the references below run; the tests compare
+the kernel with them bit for bit:
 
 * `toeplitz_dense` builds the matrix (tests, small sizes); `_toeplitz_rows` does one packed
   AND + parity per row (m <= PA_DENSE_MAX_ROWS, the verification tags);
@@ -335,12 +336,13 @@ def toeplitz_fft(x: np.ndarray, seed: np.ndarray, m: int, workers: int = 1) -> n
     return _parities(y, n - 1, m)
 
 
-def toeplitz_native(x: np.ndarray, seed: np.ndarray, m: int, force_portable: bool = False
-                    ) -> np.ndarray:
+def toeplitz_native(x: np.ndarray, seed: np.ndarray, m: int, force_portable: bool = False,
+                    isa: str | None = None) -> np.ndarray:
     """T(seed) x by the compiled GF(2) kernel; ValueError if the kernel is not built.
 
     `force_portable` uses the software carry-less multiply even on a CPU with PCLMULQDQ
-    (so the tests cover the fallback on any machine).
+    (so the tests cover the fallback on any machine); `isa` picks any base case the CPU
+    has (`_qkdgw_gf2.isas()`: "portable", "pclmul", "vpclmul"), default the fastest.
     """
     gf2 = native.load("gf2")
     if gf2 is None:
@@ -350,7 +352,7 @@ def toeplitz_native(x: np.ndarray, seed: np.ndarray, m: int, force_portable: boo
     if m < 0:
         raise ValueError(f"m must be >= 0, got {m}")
     out = np.empty(m, np.uint8)
-    gf2.toeplitz(x, seed, m, out, force_portable=force_portable)
+    gf2.toeplitz(x, seed, m, out, force_portable=force_portable, isa=isa)
     return out
 
 

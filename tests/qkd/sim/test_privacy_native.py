@@ -14,7 +14,8 @@ gf2 = native.load("gf2")
 pytestmark = pytest.mark.skipif(not native.enabled(), reason="QKDGW_NATIVE=0: references only")
 
 EDGE = [1, 2, 63, 64, 65, 127, 128, 129, 1000]
-PATHS = [False, True]  # force_portable: PCLMULQDQ (if the CPU has it), software clmul
+# Every base case this CPU can run: software clmul, PCLMULQDQ, VPCLMULQDQ (ymm).
+PATHS = gf2.isas() if gf2 is not None else ["portable"]
 
 
 def _case(rng: np.random.Generator, n: int, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -26,27 +27,40 @@ def test_kernel_is_built() -> None:
     assert gf2 is not None, "_qkdgw_gf2 missing: pip install -e . with a C compiler"
 
 
-@pytest.mark.parametrize("portable", PATHS)
+def test_isas() -> None:
+    assert gf2.isas()[0] == "portable"
+    assert gf2.has_pclmul() == ("pclmul" in gf2.isas())
+
+
+@pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("n", EDGE)
 @pytest.mark.parametrize("m", EDGE)
-def test_edge_sizes_equal_dense(n: int, m: int, portable: bool) -> None:
+def test_edge_sizes_equal_dense(n: int, m: int, isa: str) -> None:
     rng = np.random.default_rng(1000 * n + m)
     x, s = _case(rng, n, m)
-    assert np.array_equal(toeplitz_native(x, s, m, force_portable=portable),
-                          toeplitz_dense(x, s, m)), (n, m)
+    assert np.array_equal(toeplitz_native(x, s, m, isa=isa), toeplitz_dense(x, s, m)), (n, m)
 
 
-@pytest.mark.parametrize("portable", PATHS)
-def test_random_sizes_equal_fft(portable: bool) -> None:
+def test_force_portable_equals_dense() -> None:
+    rng = np.random.default_rng(99)
+    for n, m in ((1, 1), (65, 129), (3000, 1700), (40_000, 9_000)):
+        x, s = _case(rng, n, m)
+        # force_portable wins over isa: both name the software clmul here
+        got = toeplitz_native(x, s, m, force_portable=True, isa=gf2.isas()[-1])
+        assert np.array_equal(got, toeplitz_fft(x, s, m)), (n, m)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_random_sizes_equal_fft(isa: str) -> None:
     # Block plans vary with the shape: one square block, many column blocks (m << n),
     # many row blocks (m >> n), padded and unpadded Karatsuba sizes.
-    rng = np.random.default_rng(13 + portable)
-    for _ in range(12 if portable else 40):
+    portable = isa == "portable"
+    rng = np.random.default_rng(13 + PATHS.index(isa))
+    for _ in range(12 if portable else 30):
         n = int(rng.integers(1, 300_000))
         m = int(rng.integers(1, 300_000)) if rng.random() < 0.3 else int(rng.integers(1, n + 1))
         x, s = _case(rng, n, m)
-        assert np.array_equal(toeplitz_native(x, s, m, force_portable=portable),
-                              toeplitz_fft(x, s, m)), (n, m)
+        assert np.array_equal(toeplitz_native(x, s, m, isa=isa), toeplitz_fft(x, s, m)), (n, m)
 
 
 def test_structured_inputs() -> None:
@@ -77,7 +91,9 @@ def test_ten_million_bit_block() -> None:
     n = 10**7
     m = n // 2
     x, s = _case(rng, n, m)
-    assert np.array_equal(toeplitz_native(x, s, m), toeplitz_fft(x, s, m))
+    want = toeplitz_fft(x, s, m)
+    for isa in PATHS[1:]:  # the hardware base cases (the software one takes ~5 s here)
+        assert np.array_equal(toeplitz_native(x, s, m, isa=isa), want), isa
 
 
 def test_hash_uses_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -154,6 +170,8 @@ def test_bad_arguments_raise_value_error() -> None:
         gf2.toeplitz(x, np.zeros(104, np.uint8), 5, np.empty(4, np.uint8))
     with pytest.raises(ValueError, match="output length"):
         privacy.privacy_amplification(x, np.zeros(200, np.uint8), 101)
+    with pytest.raises(ValueError, match="isa"):
+        gf2.toeplitz(x, np.zeros(104, np.uint8), 5, np.empty(5, np.uint8), isa="avx9000")
     with pytest.raises(TypeError):
         gf2.toeplitz(x, np.zeros(104, np.uint8), 5, b"read-only")
     # Positive control: the same call with a right-sized out works.
