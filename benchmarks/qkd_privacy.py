@@ -1,11 +1,12 @@
 """Toeplitz privacy amplification throughput on 1e7-bit blocks (input Mbit/s).
 
 Compares, in the same run and interleaved (so machine load hits all alike): the compiled
-GF(2) kernel (`toeplitz_native`, _qkdgw_gf2: carry-less Karatsuba middle product with
-PCLMULQDQ; `--portable` adds its software-clmul fallback), the float64 FFT reference
-`toeplitz_fft` (one complex four-step FFT of seed + i*key, Hermitian
-half-length inverse, see qkd/sim/privacy.py) with workers=1 (the per-core figure) and
-workers=2, against the plain numpy approach (full linear convolution padded to a power
+GF(2) kernel (`toeplitz_native`, _qkdgw_gf2: carry-less Karatsuba middle product with a
+VPCLMULQDQ or PCLMULQDQ base case, the 128-bit one also timed when both exist;
+`--portable` adds the software-clmul fallback), the float64 FFT reference `toeplitz_fft`
+(one complex four-step FFT of seed + i*key, Hermitian half-length inverse, see
+qkd/sim/privacy.py) with workers=1 (the per-core figure) and workers=2, and the plain
+numpy approach (full linear convolution padded to a power
 of two, three numpy real FFTs). All outputs are compared bit for bit.
 
 Each method runs --repeat times; the table gives the best wall time, the median wall
@@ -31,6 +32,7 @@ import time
 
 import numpy as np
 
+from qkd import native
 from qkd.sim.privacy import toeplitz_fft, toeplitz_native
 
 
@@ -46,6 +48,13 @@ def _cpu() -> float:
     return time.process_time()  # user + system of this process
 
 
+def _isas() -> list[str]:
+    gf2 = native.load("gf2")
+    if gf2 is None:
+        raise SystemExit("_qkdgw_gf2 not built (pip install -e .) or QKDGW_NATIVE=0")
+    return list(gf2.isas())
+
+
 def _loadavg() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
@@ -59,6 +68,9 @@ def run(n: int, m: int, repeat: int, plain: bool, portable: bool) -> None:
         "toeplitz_fft": lambda: toeplitz_fft(x, s, m, workers=1),
         "toeplitz_fft w2": lambda: toeplitz_fft(x, s, m, workers=2),
     }
+    isas = _isas()
+    if "vpclmul" in isas:  # the default is the ymm base case; show the 128-bit one too
+        methods["native pclmul"] = lambda: toeplitz_native(x, s, m, isa="pclmul")
     if portable:
         methods["native portable"] = lambda: toeplitz_native(x, s, m, force_portable=True)
     if plain:
@@ -79,7 +91,7 @@ def run(n: int, m: int, repeat: int, plain: bool, portable: bool) -> None:
     ref = out["toeplitz_fft"]
     assert all(np.array_equal(y, ref) for y in out.values()), "outputs differ"
     print(f"n = {n} input bits, m = {m} output bits, {repeat} runs each, interleaved; "
-          f"load average {load0} -> {_loadavg()}")
+          f"load average {load0} -> {_loadavg()}; native default base case: {isas[-1]}")
     print(f"{'method':>16} {'best s':>7} {'median s':>8} {'Mbit/s':>7} {'best CPU s':>10} "
           f"{'Mbit/s CPU':>10}")
     for name in methods:
