@@ -7,7 +7,7 @@ Layout:
     estimation    finite-size decoy estimation (Lim, Curty, Walenta, Xu, Zbinden 2014)
     cascade       Cascade reconciliation, vectorised across frames, as two sans-I/O parties
     verification  universal-hash error verification
-    privacy       Toeplitz privacy amplification by FFT
+    privacy       Toeplitz privacy amplification (compiled GF(2) kernel, FFT reference)
     messages      the classical-channel messages and their byte encoding
     protocol      Alice and Bob post-processing state machines
     session       runs one simulated link session (channel + both parties in memory)
