@@ -10,6 +10,7 @@
  *   then collect the known odd ones), as CascadeBob._end_batches does with a
  *   (segments x flips) numpy array.
  * scatter: arr[idx[i]] op= val[i] for op in or / xor / and (numpy's ufunc.at, unbuffered).
+ * answer: Alice's parities for one ParityQuery (CascadeAlice._answer) from her prefix rows.
  *
  * Every index is checked against its array: a bad argument raises ValueError.
  */
@@ -287,7 +288,136 @@ static PyObject *touched(PyObject *self, PyObject *args) {
     return PyLong_FromSsize_t(cnt);
 }
 
+/* answer(pre, words, of, op, pre_base, nb, kk, ids, seg_id, seg_w, seg_p, seg_d,
+ *        seg_pre, seg_w0, opened, frames, npass, total_ids, out) -> code.
+ * Alice's parities for one ParityQuery, as CascadeAlice._answer computes them in numpy:
+ * first every top-level block of each (of[i], op[i]) (already validated and opened by
+ * the caller), then one parity per node id. A parity is bit f & 63 of prefix word
+ * hi * words + (f >> 6) xor the one at lo. out (uint8) gets sum(nb[op]) + len(ids) bytes.
+ * Returns 0, or 1 when a node id is outside the layout or the ids do not strictly
+ * increase, 2 when a node's (frame, pass) was not opened (the caller raises the
+ * protocol error); bad arguments raise ValueError. opened: uint8, frames * npass. */
+static PyObject *answer(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *o[17];
+    Py_ssize_t words, frames, npass, total_ids;
+    if (!PyArg_ParseTuple(args, "OnOOOOOOOOOOOOOnnnO", &o[0], &words, &o[1], &o[2], &o[3],
+                          &o[4], &o[5], &o[6], &o[7], &o[8], &o[9], &o[10], &o[11], &o[12],
+                          &o[13], &frames, &npass, &total_ids, &o[14]))
+        return NULL;
+    buf_t b[15];
+    memset(b, 0, sizeof b);
+    static const char *names[] = {"pre", "of", "op", "pre_base", "nb", "kk", "ids",
+                                  "seg_id", "seg_w", "seg_p", "seg_d", "seg_pre", "seg_w0"};
+    for (int i = 0; i < 13; i++) {
+        if (get_buf(o[i], &b[i], 0, names[i]) < 0) {
+            rel(b, 15);
+            return NULL;
+        }
+    }
+    /* opened and out are byte arrays */
+    if (PyObject_GetBuffer(o[13], &b[13].b, PyBUF_C_CONTIGUOUS) < 0) {
+        rel(b, 15);
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "opened: need a C-contiguous byte array");
+        return NULL;
+    }
+    b[13].ok = 1;
+    if (PyObject_GetBuffer(o[14], &b[14].b, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        rel(b, 15);
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "out: need a C-contiguous writable byte array");
+        return NULL;
+    }
+    b[14].ok = 1;
+    const uint64_t *pre = U64(b[0]);
+    const int64_t *of = I64(b[1]), *op = I64(b[2]), *pbase = I64(b[3]), *nb = I64(b[4]),
+                  *kk = I64(b[5]), *ids = I64(b[6]), *sid = I64(b[7]), *sw = I64(b[8]),
+                  *sp = I64(b[9]), *sd = I64(b[10]), *spre = I64(b[11]), *sw0 = I64(b[12]);
+    const uint8_t *opened = (const uint8_t *)b[13].b.buf;
+    uint8_t *out = (uint8_t *)b[14].b.buf;
+    Py_ssize_t npre = N64(b[0]), nopen = N64(b[1]), nid = N64(b[6]), nseg = N64(b[7]);
+    Py_ssize_t outlen = b[14].b.len;
+    const char *err = NULL;
+    int code = 0;
+    if (words <= 0 || frames <= 0 || npass <= 0 || total_ids < 0 ||
+        (frames + 63) / 64 != words)
+        err = "words, frames, npass, total_ids inconsistent";
+    else if (N64(b[2]) != nopen) err = "of and op differ in length";
+    else if (N64(b[3]) != npass || N64(b[4]) != npass || N64(b[5]) != npass)
+        err = "pre_base, nb, kk need one entry per pass";
+    else if (nseg < 1 || N64(b[8]) != nseg || N64(b[9]) != nseg || N64(b[10]) != nseg ||
+             N64(b[11]) != nseg || N64(b[12]) != nseg)
+        err = "segment tables differ in length";
+    else if (b[13].b.len != frames * npass) err = "opened must have frames * npass bytes";
+    else if (npre % words) err = "pre is not rows * words";
+    Py_ssize_t npr = err ? 0 : npre / words, pos = 0;
+    for (Py_ssize_t i = 0; !err && i < nopen; i++) {
+        int64_t f = of[i], p = op[i];
+        if (f < 0 || f >= frames || p < 0 || p >= npass) {
+            err = "opening outside the layout";
+            break;
+        }
+        int64_t base = pbase[p], k = kk[p], nbk = nb[p];
+        if (nbk < 0 || k < 0 || base < 0 || nbk > outlen - pos ||
+            (nbk > 0 && (k > (npr - base) / nbk || base + nbk * k >= npr))) {
+            err = "pass table outside the prefix rows or out too short";
+            break;
+        }
+        const uint64_t *col = pre + (f >> 6);
+        uint64_t sh = (uint64_t)(f & 63);
+        for (int64_t j = 0; j < nbk; j++) {
+            int64_t lo = base + j * k;
+            out[pos++] = (uint8_t)(((col[(lo + k) * words] ^ col[lo * words]) >> sh) & 1);
+        }
+    }
+    if (!err && nid > outlen - pos) err = "out too short";
+    /* node ids: all bounds first (as the reference), then the opened check */
+    for (Py_ssize_t i = 0; !err && !code && i < nid; i++) {
+        if (ids[i] < 0 || ids[i] >= total_ids || (i && ids[i] <= ids[i - 1])) code = 1;
+    }
+    Py_ssize_t s = 0;
+    for (Py_ssize_t i = 0; !err && !code && i < nid; i++) {
+        int64_t id = ids[i];
+        if (id < sid[0]) {
+            code = 1;
+            break;
+        }
+        while (s + 1 < nseg && sid[s + 1] <= id) s++;
+        int64_t wsg = sw[s], p = sp[s], d = sd[s];
+        if (wsg <= 0 || p < 0 || p >= npass || d < 0 || d > 62) {
+            err = "segment table entry out of range";
+            break;
+        }
+        int64_t rel_ = id - sid[s], f = rel_ / wsg, c = rel_ % wsg;
+        if (f >= frames) {
+            err = "node frame outside the layout (segment tables inconsistent)";
+            break;
+        }
+        if (!opened[f * npass + p]) {
+            code = 2;
+            break;
+        }
+        int64_t lo = c << d, hi = lo + ((int64_t)1 << d);
+        if (hi > sw0[s]) hi = sw0[s];
+        int64_t rl = spre[s] + lo, rh = spre[s] + hi;
+        if (rl < 0 || rh < 0 || rl >= npr || rh >= npr) {
+            err = "node outside the prefix rows";
+            break;
+        }
+        const uint64_t *col = pre + (f >> 6);
+        out[pos + i] = (uint8_t)(((col[rh * words] ^ col[rl * words]) >> (f & 63)) & 1);
+    }
+    rel(b, 15);
+    if (err) {
+        PyErr_SetString(PyExc_ValueError, err);
+        return NULL;
+    }
+    return PyLong_FromLong(code);
+}
+
 static PyMethodDef methods[] = {
+    {"answer", answer, METH_VARARGS, "Alice's parities for one Cascade parity query."},
     {"touched", touched, METH_VARARGS, "Flip, or collect the odd, nodes holding flipped bits."},
     {"descend", descend, METH_VARARGS, "Walk Cascade's open binary searches down."},
     {"scatter", scatter, METH_VARARGS, "arr[idx] op= val, unbuffered (or, xor, and)."},

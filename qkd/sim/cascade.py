@@ -36,6 +36,7 @@ few XORs, and Alice answers any node from a bit-sliced running parity per pass.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Generator
@@ -228,6 +229,7 @@ class _Layout:
         np.bitwise_xor.accumulate(pk[ps.gather], axis=0, out=out[b + 1 : b + 1 + ps.width0])
 
 
+@functools.lru_cache(maxsize=64)
 def _balanced_leaves(k: int, depth: int) -> np.ndarray:
     """Leaf index (in a 2^depth slot) of each of k real positions, halving as BINARY
     does: the first ceil(size/2) positions of every node go to its left child."""
@@ -240,6 +242,8 @@ def _balanced_leaves(k: int, depth: int) -> np.ndarray:
         leaf += right.astype(np.int64) << lvl
         i = np.where(right, i - h, i)
         size = np.where(right, size - h, h)
+    # Cached (every layout asks for the same few sizes): callers only read it.
+    leaf.flags.writeable = False
     return leaf
 
 
@@ -277,6 +281,8 @@ class CascadeAlice:
         self.revealed_bits = 0
         self.done = False
         self.bob_reported_leak: int | None = None
+        # The compiled answer (qkd/native/cascade.c), or None: the numpy reference.
+        self._nat = native.load("cascade")
 
     def receive_message(self, data: bytes, now: float = 0.0) -> None:
         msg = m.decode(data)
@@ -318,6 +324,9 @@ class CascadeAlice:
             for p in np.unique(op):
                 self._ensure_prefix(lay, int(p))
             self._opened[of, op] = True
+        if self._nat is not None:
+            return self._answer_native(lay, of, op, ids)
+        if of.size:
             # every top-level block of each opened (frame, pass), in order
             cnt = lay.nb[op]
             tp = np.repeat(op, cnt)
@@ -341,6 +350,22 @@ class CascadeAlice:
         else:
             nodes = np.zeros(0, np.uint8)
         return np.concatenate((top, nodes))
+
+    def _answer_native(self, lay: _Layout, of: np.ndarray, op: np.ndarray,
+                       ids: np.ndarray) -> np.ndarray:
+        """_answer's parities in one compiled call (same bits, same refusals)."""
+        out = np.empty(int(lay.nb[op].sum()) + ids.size, np.uint8)
+        code = self._nat.answer(  # type: ignore[attr-defined]
+            self._pre, lay.words, np.ascontiguousarray(of, np.int64),
+            np.ascontiguousarray(op, np.int64), lay.pre_base, lay.nb, lay.kk,
+            np.ascontiguousarray(ids, np.int64), lay.seg_id, lay.seg_w, lay.seg_p,
+            lay.seg_d, lay.seg_pre, lay.seg_w0, self._opened, lay.frames,
+            len(lay.passes), lay.total_ids, out)
+        if code == 1:
+            raise m.MessageError("parity query for a node outside the layout")
+        if code == 2:
+            raise m.MessageError("parity query for a pass not started")
+        return out
 
     def _ensure_prefix(self, lay: _Layout, p: int) -> None:
         if not self._pre_ready[p]:
