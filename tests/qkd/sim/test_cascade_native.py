@@ -159,3 +159,90 @@ def test_descend_and_touched_check_their_arguments() -> None:
     with pytest.raises(ValueError, match="mode"):
         NAT.touched(2, z, z, z, np.zeros(4, np.int64), seg, seg, seg, seg, seg, seg, seg, 1,
                     4, one, one)
+
+
+@pytest.mark.parametrize("nat", [False, True])
+def test_alice_refusals_on_both_paths(nat: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The same hostile queries are refused with the same errors by the compiled answer.
+    from tests.qkd.sim.test_cascade import test_alice_rejects_bad_queries
+
+    monkeypatch.setenv("QKDGW_NATIVE", "1" if nat else "0")
+    assert (cc.CascadeAlice(np.zeros((1, 8), np.uint8))._nat is not None) == nat
+    test_alice_rejects_bad_queries()
+
+
+@pytest.mark.parametrize("frames,n", [(1, 1), (2, 63), (64, 64), (65, 65), (130, 1000)])
+def test_answer_matches_reference_on_random_queries(frames: int, n: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Random sorted node sets over random opened passes (not only those a search asks),
+    # answered by both paths: the same parities, and the same refusals.
+    for seed in range(4):
+        rng = np.random.default_rng([seed, frames, n])
+        a = rng.integers(0, 2, (frames, n), dtype=np.uint8)
+        lay = cc._Layout("option8", 0.02, n, frames, seed)
+        npass = len(lay.passes)
+        parties = []
+        for nat in (False, True):
+            monkeypatch.setenv("QKDGW_NATIVE", "1" if nat else "0")
+            al = cc.CascadeAlice(a)
+            al.receive_message(m.CascadeHello("option8", 0.02, n, frames, seed).encode())
+            parties.append(al)
+        pairs = rng.permutation(frames * npass)[: max(1, frames * npass // 3)]
+        of, op = pairs // npass, pairs % npass
+        ids = np.unique(rng.integers(0, lay.total_ids, 200))
+        ok = parties[0]._opened.copy()
+        ok[of, op] = True
+        _p, _d, f, _c = lay.decode(ids)
+        good = ids[ok[f, _p]]
+        replies = []
+        for al in parties:
+            al.receive_message(m.ParityQuery(good, of, op).encode())
+            replies.append(m.decode(al.messages_to_send()[0]).bits)
+        assert replies[0].size == int(lay.nb[op].sum()) + good.size
+        assert np.array_equal(replies[0], replies[1])
+        if good.size < ids.size:  # a node of a pass not opened: both refuse
+            for al in parties:
+                with pytest.raises(m.MessageError, match="not started"):
+                    al.receive_message(m.ParityQuery(ids).encode())
+
+
+def test_answer_checks_its_arguments() -> None:
+    if NAT is None:
+        pytest.fail("the compiled kernel is missing")
+    lay = cc._Layout("option8", 0.02, 256, 3, 0)
+    pre = np.zeros((lay.pre_rows, lay.words), np.uint64)
+    opened = np.ones((3, len(lay.passes)), bool)
+    e = np.zeros(0, np.int64)
+
+    def call(of: np.ndarray = e, op: np.ndarray = e, ids: np.ndarray = e,
+             pre: np.ndarray = pre, opened: np.ndarray = opened, frames: int = 3,
+             out: np.ndarray | None = None) -> int:
+        if out is None:
+            out = np.zeros(10000, np.uint8)
+        return NAT.answer(pre, lay.words, of, op, lay.pre_base, lay.nb, lay.kk, ids,  # type: ignore[union-attr]
+                          lay.seg_id, lay.seg_w, lay.seg_p, lay.seg_d, lay.seg_pre,
+                          lay.seg_w0, opened, frames, len(lay.passes), lay.total_ids, out)
+
+    assert call(ids=np.array([0, 1], np.int64)) == 0
+    assert call(ids=np.array([lay.total_ids], np.int64)) == 1
+    assert call(ids=np.array([-1], np.int64)) == 1
+    assert call(ids=np.array([3, 3], np.int64)) == 1  # not strictly increasing
+    assert call(ids=np.array([0], np.int64), opened=np.zeros_like(opened)) == 2
+    with pytest.raises(ValueError, match="opening outside"):
+        call(of=np.array([3], np.int64), op=np.array([0], np.int64))
+    with pytest.raises(ValueError, match="opening outside"):
+        call(of=np.array([0], np.int64), op=np.array([len(lay.passes)], np.int64))
+    with pytest.raises(ValueError, match="differ in length"):
+        call(of=np.array([0], np.int64))
+    with pytest.raises(ValueError, match="out too short"):
+        call(of=np.array([0], np.int64), op=np.array([0], np.int64), out=np.zeros(1, np.uint8))
+    with pytest.raises(ValueError, match="out too short"):
+        call(ids=np.array([0, 1], np.int64), out=np.zeros(1, np.uint8))
+    with pytest.raises(ValueError, match="prefix rows"):
+        call(of=np.array([0], np.int64), op=np.array([0], np.int64), pre=pre[:4])
+    with pytest.raises(ValueError, match="frames \\* npass"):
+        call(opened=opened[:2])
+    with pytest.raises(ValueError, match="inconsistent"):
+        call(frames=65)
+    with pytest.raises(ValueError, match="writable"):
+        call(out=np.zeros(8, np.uint8)[::2])
