@@ -285,7 +285,10 @@ class CascadeAlice:
         self._nat = native.load("cascade")
 
     def receive_message(self, data: bytes, now: float = 0.0) -> None:
-        msg = m.decode(data)
+        self.receive_decoded(m.decode(data), now)
+
+    def receive_decoded(self, msg: m.Message, now: float = 0.0) -> None:
+        """receive_message for a message its caller already decoded (decode once)."""
         if isinstance(msg, m.CascadeHello):
             f, n = self._bits.shape
             if msg.frame_bits != n or msg.frames != f:
@@ -444,7 +447,10 @@ class CascadeBob:
         return out
 
     def receive_message(self, data: bytes, now: float = 0.0) -> None:
-        msg = m.decode(data)
+        self.receive_decoded(m.decode(data), now)
+
+    def receive_decoded(self, msg: m.Message, now: float = 0.0) -> None:
+        """receive_message for a message its caller already decoded (decode once)."""
         if not isinstance(msg, m.ParityReply):
             raise m.MessageError(f"unexpected {type(msg).__name__} during Cascade")
         if self.done:

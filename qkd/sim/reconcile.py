@@ -118,7 +118,7 @@ class ReconcileAlice:
         if isinstance(msg, (m.CascadeHello, m.ParityQuery, m.CascadeDone)):
             if self._state != "cascade" or self._cascade is None:
                 raise m.MessageError(f"{type(msg).__name__} outside a Cascade run")
-            self._cascade.receive_message(data, now)
+            self._cascade.receive_decoded(msg, now)
             self._out.extend(self._cascade.messages_to_send())
             if self._cascade.done:
                 self.revealed_bits += self._cascade.revealed_bits
@@ -218,7 +218,7 @@ class ReconcileBob:
             if self._state != "cascade":
                 raise m.MessageError("parity reply outside a Cascade run")
             cas = self._cascade
-            cas.receive_message(data, now)
+            cas.receive_decoded(msg, now)
             self._out.extend(cas.messages_to_send())
             if cas.done:
                 self.bits[self._active] = cas.bits
