@@ -10,6 +10,7 @@
  *   then collect the known odd ones), as CascadeBob._end_batches does with a
  *   (segments x flips) numpy array.
  * scatter: arr[idx[i]] op= val[i] for op in or / xor / and (numpy's ufunc.at, unbuffered).
+ * pack: the bit-sliced frames of _Layout.packed (one row per position, a bit per frame).
  * answer: Alice's parities for one ParityQuery (CascadeAlice._answer) from her prefix rows.
  *
  * Every index is checked against its array: a bad argument raises ValueError.
@@ -416,7 +417,58 @@ static PyObject *answer(PyObject *self, PyObject *args) {
     return PyLong_FromLong(code);
 }
 
+/* pack(bits, frames, n, out): the bit-sliced frames of _Layout.packed. bits: uint8,
+ * frames * n (row f = frame f; any nonzero byte is a one, as np.packbits reads it);
+ * out: uint64, (n + 1) * ceil(frames / 64), overwritten: bit f & 63 of word
+ * j * words + (f >> 6) is bits[f, j]; row n stays zero (the padding row). */
+static PyObject *pack(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ob, *oo;
+    Py_ssize_t frames, n;
+    if (!PyArg_ParseTuple(args, "OnnO", &ob, &frames, &n, &oo)) return NULL;
+    if (frames < 0 || n < 0 || (frames && n > PY_SSIZE_T_MAX / frames) ||
+        n + 1 > PY_SSIZE_T_MAX / 8 / ((frames + 63) / 64 + 1)) {
+        PyErr_SetString(PyExc_ValueError, "frames and n must be small non-negative sizes");
+        return NULL;
+    }
+    Py_buffer bb;
+    if (PyObject_GetBuffer(ob, &bb, PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "bits: need a C-contiguous byte array");
+        return NULL;
+    }
+    buf_t bo;
+    memset(&bo, 0, sizeof bo);
+    if (get_buf(oo, &bo, 1, "out") < 0) {
+        PyBuffer_Release(&bb);
+        rel(&bo, 1);
+        return NULL;
+    }
+    Py_ssize_t words = (frames + 63) / 64;
+    if (bb.len != frames * n || N64(bo) != (n + 1) * words) {
+        PyBuffer_Release(&bb);
+        rel(&bo, 1);
+        PyErr_SetString(PyExc_ValueError,
+                        "bits must have frames * n bytes and out (n + 1) * words words");
+        return NULL;
+    }
+    const uint8_t *a = (const uint8_t *)bb.buf;
+    uint64_t *out = U64(bo);
+    memset(out, 0, (size_t)bo.b.len);
+    for (Py_ssize_t f = 0; f < frames; f++) {
+        const uint8_t *row = a + f * n;
+        uint64_t *col = out + (f >> 6);
+        unsigned sh = (unsigned)(f & 63);
+        /* branch-free: random key bits would mispredict half the time */
+        for (Py_ssize_t j = 0; j < n; j++) col[j * words] |= (uint64_t)(row[j] != 0) << sh;
+    }
+    PyBuffer_Release(&bb);
+    rel(&bo, 1);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"pack", pack, METH_VARARGS, "Bit-slice frames: one row per position, one bit per frame."},
     {"answer", answer, METH_VARARGS, "Alice's parities for one Cascade parity query."},
     {"touched", touched, METH_VARARGS, "Flip, or collect the odd, nodes holding flipped bits."},
     {"descend", descend, METH_VARARGS, "Walk Cascade's open binary searches down."},

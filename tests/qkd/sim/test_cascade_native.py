@@ -246,3 +246,35 @@ def test_answer_checks_its_arguments() -> None:
         call(frames=65)
     with pytest.raises(ValueError, match="writable"):
         call(out=np.zeros(8, np.uint8)[::2])
+
+
+@pytest.mark.parametrize("frames,n", [(0, 5), (1, 0), (1, 1), (63, 7), (64, 64), (65, 65),
+                                      (128, 63), (130, 1000)])
+def test_pack_matches_reference(frames: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng([frames, n])
+    a = rng.integers(0, 2, (frames, n), dtype=np.uint8)
+    a[a == 1] = rng.integers(1, 256, int(a.sum()), dtype=np.uint8)  # any nonzero is a one
+    lay = cc._Layout("option8", 0.02, max(n, 1), max(frames, 1), 0)
+    lay.words = (frames + 63) // 64  # the packing depends on the frame count only
+    got = lay.packed(a)
+    monkeypatch.setenv("QKDGW_NATIVE", "0")
+    ref = lay.packed(a)
+    assert got.shape == ref.shape == (n + 1, (frames + 63) // 64)
+    assert np.array_equal(got, ref)
+
+
+def test_pack_checks_its_arguments() -> None:
+    if NAT is None:
+        pytest.fail("the compiled kernel is missing")
+    a = np.ones((3, 5), np.uint8)
+    NAT.pack(a, 3, 5, np.zeros(6, np.uint64))
+    with pytest.raises(ValueError, match="frames \\* n bytes"):
+        NAT.pack(a, 3, 6, np.zeros(7, np.uint64))
+    with pytest.raises(ValueError, match="frames \\* n bytes"):
+        NAT.pack(a, 3, 5, np.zeros(5, np.uint64))
+    with pytest.raises(ValueError, match="non-negative"):
+        NAT.pack(a, -1, 5, np.zeros(6, np.uint64))
+    with pytest.raises(ValueError, match="writable"):
+        NAT.pack(a, 3, 5, bytes(48))
+    with pytest.raises(ValueError, match="contiguous"):
+        NAT.pack(a.T, 3, 5, np.zeros(6, np.uint64))
