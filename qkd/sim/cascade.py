@@ -758,9 +758,11 @@ class CascadeBob:
             key = _sorted_unique(f * lay.total_rows + rows)
             f, rows = key // lay.total_rows, key % lay.total_rows
             p, d, c = lay.decode_rows(rows)
-            minp = np.full(nf, npass, np.int64)
-            np.minimum.at(minp, f, p)
-            sel = p == minp[f]
+            # Sorted by (frame, row) and rows are numbered pass after pass, so a frame's
+            # lowest pass is that of its first entry (no np.minimum.at needed).
+            first = np.flatnonzero(np.concatenate(([True], f[1:] != f[:-1])))
+            minp = np.repeat(p[first], np.diff(first, append=f.size))
+            sel = p == minp
             # A top-level odd block of a pass with one-leaf blocks is already a leaf.
             leaf = sel & (d == 0)
             if leaf.any():
