@@ -399,6 +399,13 @@ static PyObject *answer(PyObject *self, PyObject *args) {
             code = 2;
             break;
         }
+        /* no signed overflow, whatever the tables hold: (c + 1) << d and the row sums
+         * stay below 2^63 before they are compared with the prefix rows */
+        if (c > (INT64_MAX >> d) - 1 || spre[s] < 0 || spre[s] >= npr ||
+            (c << d) >= npr) {
+            err = "node outside the prefix rows";
+            break;
+        }
         int64_t lo = c << d, hi = lo + ((int64_t)1 << d);
         if (hi > sw0[s]) hi = sw0[s];
         int64_t rl = spre[s] + lo, rh = spre[s] + hi;

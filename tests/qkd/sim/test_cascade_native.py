@@ -278,3 +278,29 @@ def test_pack_checks_its_arguments() -> None:
         NAT.pack(a, 3, 5, bytes(48))
     with pytest.raises(ValueError, match="contiguous"):
         NAT.pack(a.T, 3, 5, np.zeros(6, np.uint64))
+
+
+def test_answer_refuses_tables_that_point_outside_the_prefix_rows() -> None:
+    # The segment tables are Alice's own, but the kernel must not trust them either.
+    if NAT is None:
+        pytest.fail("the compiled kernel is missing")
+    lay = cc._Layout("option8", 0.02, 256, 3, 0)
+    pre = np.zeros((lay.pre_rows, lay.words), np.uint64)
+    opened = np.ones((3, len(lay.passes)), bool)
+    ids = np.array([0], np.int64)
+    last = np.array([lay.total_ids - 1], np.int64)
+    # (table, segment, value, id): each makes a node's rows or frame leave the arrays.
+    for field, seg, value, node, msg in (
+            ("seg_pre", 0, lay.pre_rows, ids, "prefix rows"),
+            ("seg_pre", 0, -1, ids, "prefix rows"),
+            ("seg_w", -1, 1, last, "frame outside"),
+            ("seg_d", -1, 62, last, "prefix rows"),
+            ("seg_d", 0, 63, ids, "segment table")):
+        tab = {k: getattr(lay, k).copy() for k in ("seg_w", "seg_d", "seg_pre")}
+        tab[field][seg] = value
+        big = node
+        with pytest.raises(ValueError, match=msg):
+            NAT.answer(pre, lay.words, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                       lay.pre_base, lay.nb, lay.kk, big, lay.seg_id, tab["seg_w"],
+                       lay.seg_p, tab["seg_d"], tab["seg_pre"], lay.seg_w0, opened, 3,
+                       len(lay.passes), lay.total_ids, np.zeros(8, np.uint8))
