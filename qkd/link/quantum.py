@@ -146,8 +146,9 @@ def unseal(link_secret: bytes, data: bytes, round_no: int | None = None,
     hdr = data[:_SEAL_HDR.size]
     aead = AESGCM(channel_key(link_secret, got_nonce, rnd, direction))
     try:
-        return aead.decrypt(direction + struct.pack("<Q", counter), data[_SEAL_HDR.size:],
-                            hdr)
+        # A view, not a slice: slicing bytes would copy the whole frame first.
+        return aead.decrypt(direction + struct.pack("<Q", counter),
+                            memoryview(data)[_SEAL_HDR.size:], hdr)
     except InvalidTag:
         raise SealError("sealed pulse frame failed authentication") from None
 

@@ -303,6 +303,26 @@ static PyObject *varints_encode(PyObject *self, PyObject *args) {
     const uint8_t *p = v.buf;
     uint64_t prev = 0;
     int small = 1;
+    if (deltas) {
+        /* A frame's deltas are nearly always one byte each: write them in one
+         * branch-free pass and only size the varints if one is not. */
+        res = PyBytes_FromStringAndSize(NULL, h1.len + h2.len + n);
+        if (!res) goto done;
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(res);
+        if (h1.len) memcpy(o, h1.buf, h1.len);
+        if (h2.len) memcpy(o + h1.len, h2.buf, h2.len);
+        o += h1.len + h2.len;
+        uint64_t big = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t x = rd64(p + 8 * i), d = x - prev;
+            o[i] = (uint8_t)d;
+            big |= (uint64_t)((int64_t)d >= 0x80);
+            prev = x;
+        }
+        if (!big) goto done;
+        Py_CLEAR(res);
+        prev = 0;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t x = rd64(p + 8 * i), d = deltas ? x - prev : x;
         size += varint_len(d);
@@ -366,6 +386,24 @@ static PyObject *varints_decode(PyObject *self, PyObject *args) {
     Py_ssize_t pos = 0;
     int too_long = 0, over_long = 0, zero_after_first = 0, wrapped = 0;
     uint64_t top = 0, acc = 0;
+    /* Fast path: the first count bytes all below 0x80 are count one-byte varints
+     * (what a frame's slot deltas nearly always are): the general loop's result
+     * without its per-byte branches. Sums of count < 2^63 values below 128 cannot wrap. */
+    uint8_t high = 0;
+    for (Py_ssize_t i = 0; i < count; i++) high |= p[i];
+    if (high < 0x80) {
+        uint8_t zero = 0, mx = 0;
+        for (Py_ssize_t i = 1; i < count; i++) zero |= (uint8_t)(p[i] == 0);
+        for (Py_ssize_t i = 0; i < count; i++) mx = p[i] > mx ? p[i] : mx;
+        if (sums) {
+            for (Py_ssize_t i = 0; i < count; i++) { acc += p[i]; wr64(o + 8 * i, acc); }
+        } else {
+            for (Py_ssize_t i = 0; i < count; i++) wr64(o + 8 * i, p[i]);
+        }
+        res = Py_BuildValue("nKOO", off + count, (unsigned long long)mx,
+                            zero ? Py_True : Py_False, Py_False);
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < count; i++) {
         uint64_t v = 0;
         Py_ssize_t start = pos;

@@ -406,3 +406,45 @@ def test_kernels_reject_bad_buffers() -> None:
     # Positive control: the same calls with fitting buffers succeed.
     assert K.varints_decode(b"\x01\x02", 0, 2, np.zeros(2, np.uint64), False)[0] == 2
     K.set_bits(np.zeros(1, np.uint64), np.array([63], np.int64))
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 63, 64, 65, 4097])
+def test_one_byte_fast_paths_match_the_numpy_path(count: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels' one-byte shortcuts (every delta below 128) against the numpy path
+    at their edges: a delta of 127 or 128 at either end, a zero delta first or later,
+    decreasing slots (encoded, never decoded), trailing bytes after the varints."""
+    rng = np.random.default_rng(count + 5)
+    frames: list[q.PulseFrame] = []
+    for last in (127, 128, 0):
+        gaps = rng.integers(1, 128, count)
+        if count:
+            gaps[-1] = last or gaps[-1]
+        if count > 1:
+            gaps[0] = 128 if last == 0 else 0
+        slots = np.cumsum(gaps).astype(np.int64)
+        state = rng.integers(0, 256, count, dtype=np.uint8)
+        frames.append(q.PulseFrame(3, int(slots[-1]) + 1 if count else 1, slots, state))
+        frames.append(q.PulseFrame(3, 10**6, slots[::-1].copy(), state))
+    enc_a, enc_b = _both(monkeypatch, lambda: [f.encode() for f in frames])
+    assert enc_a == enc_b
+    cases = enc_a + [e + b"\x05" for e in enc_a]
+    if count:
+        cases += [e[:-1] + b"\x80" for e in enc_a]  # last delta turned into a continuation
+
+    def run() -> list[Any]:
+        res = []
+        for data in cases:
+            got = _outcome(lambda d=data: q.PulseFrame.decode(d))  # type: ignore[misc]
+            res.append(("ok", got[1].slots.tolist()) if got[0] == "ok" else got)
+        return res
+    ref, fast = _both(monkeypatch, run)
+    assert ref == fast
+    assert any(r[0] == "ok" for r in ref) and (count < 2 or any(r[0] == "error" for r in ref))
+    raw = rng.integers(0, 128, count, dtype=np.uint8).tobytes()
+    for data in (raw, raw + b"\x81\x01", b"\x00" + raw):
+        a, b = _both(monkeypatch, lambda d=data: _outcome(  # type: ignore[misc]
+            lambda: m.decode_varints(d, 0, count)))
+        assert a[0] == b[0] == "ok"
+        assert np.array_equal(a[1][0], b[1][0]) and a[1][1] == b[1][1]
+        assert np.array_equal(a[1][0], np.frombuffer(data, np.uint8, count))
