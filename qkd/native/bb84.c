@@ -144,10 +144,20 @@ static PyObject *emit_fill(PyObject *self, PyObject *args) {
     const uint8_t *rp = r.buf, *sp = sec.buf;
     uint8_t *so = st.buf, *co = cl.buf, *bo = ba.buf, *vo = bi.buf;
     Py_ssize_t ones = 0;
+    /* Non-increasing tails (what _mixture_tables makes): the leading run is a count,
+     * so the first three compares need no branch (one pulse in five has N > 1). */
+    int mono = nt >= 3;
+    for (Py_ssize_t k = 1; k < nt; k++) mono &= tl[k] <= tl[k - 1];
     for (Py_ssize_t i = 0; i < m; i++) {
         uint64_t w = rd64(rp + 8 * i);
         unsigned ph = 1;
-        while (ph - 1 < (unsigned)nt && w < tl[ph - 1]) ph++;
+        if (mono) {
+            ph += (unsigned)(w < tl[0]) + (unsigned)(w < tl[1]) + (unsigned)(w < tl[2]);
+            if (ph == 4)
+                while (ph - 1 < (unsigned)nt && w < tl[ph - 1]) ph++;
+        } else {
+            while (ph - 1 < (unsigned)nt && w < tl[ph - 1]) ph++;
+        }
         uint32_t low = rd32(sp + 8 * i), high = rd32(sp + 8 * i + 4);
         uint8_t c = low >= tm[ph], b = (high & 0x7FFFFFFFu) >= t_basis, v = high >> 31;
         co[i] = c; bo[i] = b; vo[i] = v;
@@ -240,9 +250,10 @@ static PyObject *measure_chunk(PyObject *self, PyObject *args) {
             goto done;
         }
         uint8_t f = 0;
+        uint64_t tr = rt[key], ta = an[key];
         for (unsigned p = 0; p < k; p++, j++) {
             uint64_t w = rd64(rp + 8 * j);
-            f |= w < rt[key] ? 1 : (w < an[key] ? 2 : 0);
+            f |= (uint8_t)((w < tr) | ((w >= tr) & (w < ta)) << 1);
         }
         for (int t = 0; t < 2; t++) {
             if (dnext[t] == i) {
@@ -252,12 +263,14 @@ static PyObject *measure_chunk(PyObject *self, PyObject *args) {
                 if (di[t] < dn[t]) memcpy(&dnext[t], dp[t] + 8 * di[t], 8);
             }
         }
-        if (!f) continue;
+        /* Branch-free (a click is a coin flip to the branch predictor): the pulse is
+         * written either way and kept if it clicked; the outputs have room for c. */
         memcpy(osp + 8 * n, lp + 8 * i, 8);
         obp[n] = b;
         ovp[n] = (uint8_t)(((st >> 6) & 1) ^ (uint8_t)!(f & 1));
-        if (f == 3) wr64(bop + 8 * nb++, (uint64_t)n);
-        n++;
+        wr64(bop + 8 * nb, (uint64_t)n);
+        nb += f == 3;
+        n += f != 0;
     }
     res = Py_BuildValue("nn", n, nb);
 done:
