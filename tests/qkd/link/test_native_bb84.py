@@ -448,3 +448,46 @@ def test_one_byte_fast_paths_match_the_numpy_path(count: int,
         assert a[0] == b[0] == "ok"
         assert np.array_equal(a[1][0], b[1][0]) and a[1][1] == b[1][1]
         assert np.array_equal(a[1][0], np.frombuffer(data, np.uint8, count))
+
+
+def _emit_fill_reference(r: np.ndarray, w: np.ndarray, tails: np.ndarray,
+                         t_mu: np.ndarray, t_basis: int) -> tuple[list[int], ...]:
+    """emit_fill's documented law, one pulse at a time: the leading run of tails."""
+    st, cl, ba, bi = [], [], [], []
+    for x, y in zip(r.tolist(), w.tolist(), strict=True):
+        ph = 1
+        while ph - 1 < tails.size and x < int(tails[ph - 1]):
+            ph += 1
+        low, high = y & 0xFFFFFFFF, y >> 32
+        c, b, v = int(low >= int(t_mu[ph])), int((high & 0x7FFFFFFF) >= t_basis), high >> 31
+        st.append(ph | b << 5 | v << 6)
+        cl.append(c)
+        ba.append(b)
+        bi.append(v)
+    return st, cl, ba, bi
+
+
+@pytest.mark.parametrize("nt", [0, 1, 2, 3, 4, 30])
+@pytest.mark.parametrize("monotone", [True, False])
+def test_emit_fill_counts_photons_as_the_leading_run(nt: int, monotone: bool) -> None:
+    """The branch-free count is used only for non-increasing tails; other tails (never
+    made by _mixture_tables) still get the leading run."""
+    rng = np.random.default_rng(nt * 2 + monotone)
+    tails = np.sort(rng.integers(0, 1 << 63, nt, dtype=np.uint64) * np.uint64(2))[::-1]
+    if not monotone and nt >= 2:
+        tails[nt // 2], tails[-1] = tails[-1], tails[nt // 2]  # a later tail above
+    tails = np.ascontiguousarray(tails)
+    m = 3000
+    r = rng.integers(0, 1 << 63, m, dtype=np.uint64) * np.uint64(2)
+    if nt:  # words at, just below and just above every tail
+        picks = rng.integers(0, nt, m // 2)
+        r[: m // 2] = tails[picks] + rng.integers(-1, 2, m // 2).astype(np.uint64)
+    w = rng.integers(0, 1 << 63, m, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    t_mu = rng.integers(0, 1 << 32, 32, dtype=np.uint64).astype(np.uint32)
+    outs = [np.zeros(m, np.uint8) for _ in range(4)]
+    ones = K.emit_fill(m, r, w, tails, t_mu, 1 << 30, *outs)
+    ref = _emit_fill_reference(r, w, tails, t_mu, 1 << 30)
+    assert [o.tolist() for o in outs] == list(ref)
+    assert ones == sum(ref[1])
+    if nt >= 3:  # the words exercise several photon numbers (a positive control)
+        assert len({s & 0x1F for s in ref[0]}) >= 3
