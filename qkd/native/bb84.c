@@ -295,7 +295,8 @@ static uint8_t *put_varint(uint8_t *o, uint64_t v) {
     return o;
 }
 
-/* varints_encode(values: uint64[n], deltas: bool[, head1, head2]) -> bytes
+/* varints_encode(values: uint64[n], deltas: bool[, head1, head2[, out]]) -> bytes
+ * (with out: the length written there, or -1; see below)
  * head1 | head2 | the unsigned LEB128 of each value (the heads: a frame's header and
  * states, so the frame is written once); with deltas (values: int64), of values[0] and then of
  * each values[i] - values[i-1] (mod 2^64, as numpy's int64 difference cast to
@@ -303,13 +304,37 @@ static uint8_t *put_varint(uint8_t *o, uint64_t v) {
  * each delta's low byte: what PulseFrame.encode's one-byte shortcut writes, even for
  * the (invalid) decreasing slots it never decodes. */
 static PyObject *varints_encode(PyObject *self, PyObject *args) {
-    Py_buffer v, h1 = {0}, h2 = {0};
+    Py_buffer v, h1 = {0}, h2 = {0}, ob = {0};
     int deltas;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*p|y*y*", &v, &deltas, &h1, &h2)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*p|y*y*w*", &v, &deltas, &h1, &h2, &ob)) return NULL;
     PyObject *res = NULL;
     if (v.len % 8) {
         PyErr_SetString(PyExc_ValueError, "varints_encode: not a 64-bit array");
+        goto done;
+    }
+    if (ob.buf) {
+        /* Into the caller's buffer (the sealer's plaintext): only the one-byte form;
+         * -1 if a delta needs more, and the caller encodes the general way. */
+        Py_ssize_t n = v.len / 8;
+        if (!deltas) {
+            PyErr_SetString(PyExc_ValueError, "varints_encode: out needs deltas");
+            goto done;
+        }
+        if (!need(&ob, h1.len + h2.len + n, "varints_encode out")) goto done;
+        uint8_t *o = ob.buf;
+        const uint8_t *p = v.buf;
+        if (h1.len) memcpy(o, h1.buf, h1.len);
+        if (h2.len) memcpy(o + h1.len, h2.buf, h2.len);
+        o += h1.len + h2.len;
+        uint64_t big = 0, prev = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t x = rd64(p + 8 * i), d = x - prev;
+            o[i] = (uint8_t)d;
+            big |= (uint64_t)((int64_t)d >= 0x80);
+            prev = x;
+        }
+        res = PyLong_FromSsize_t(big ? -1 : h1.len + h2.len + n);
         goto done;
     }
     Py_ssize_t n = v.len / 8, size = 0;
@@ -367,6 +392,7 @@ done:
     PyBuffer_Release(&v);
     if (h1.buf) PyBuffer_Release(&h1);
     if (h2.buf) PyBuffer_Release(&h2);
+    if (ob.buf) PyBuffer_Release(&ob);
     return res;
 }
 

@@ -491,3 +491,43 @@ def test_emit_fill_counts_photons_as_the_leading_run(nt: int, monotone: bool) ->
     assert ones == sum(ref[1])
     if nt >= 3:  # the words exercise several photon numbers (a positive control)
         assert len({s & 0x1F for s in ref[0]}) >= 3
+
+
+@pytest.mark.parametrize("count", [0, 1, 63, 64, 65, 4097, 70_001])
+def test_seal_frame_is_seal_of_encode(count: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """seal_frame writes what seal(encode()) writes, byte for byte, with and without
+    the kernel, for one-byte deltas, a long delta (its fallback), a version-1 frame and
+    a frame whose states do not match its slots; unseal opens it."""
+    rng = np.random.default_rng(count + 17)
+    secret, nonce = rng.bytes(32), rng.bytes(16)
+    slots = np.cumsum(rng.integers(1, 100, count)).astype(np.int64)
+    state = rng.integers(0, 256, count, dtype=np.uint8)
+    frames = [q.PulseFrame(9, int(slots[-1]) + 1 if count else 1, slots, state),
+              q.PulseFrame(9, 1 << 31, slots, state, q.VERSION_U32),
+              q.PulseFrame(9, 1 << 31, slots, np.zeros(count + 1, np.uint8))]
+    if count:
+        far = slots.copy()
+        far[-1] += 1 << 20  # one delta of three bytes
+        frames.append(q.PulseFrame(9, 1 << 31, far, state))
+
+    def run() -> list[tuple[bytes, bytes]]:
+        return [(q.seal_frame(secret, nonce, 5, f, 3), q.seal(secret, nonce, 5, f.encode(), 3))
+                for f in frames]
+    ref, fast = _both(monkeypatch, run)
+    assert ref == fast
+    for (a, b), f in zip(fast, frames, strict=True):
+        assert a == b and isinstance(a, bytes)
+        assert q.unseal(secret, a, 5, nonce) == f.encode()
+    assert fast[0][0] != q.seal(secret, nonce, 5, frames[0].encode(), 4)  # the counter counts
+
+
+def test_varints_encode_into_checks_its_buffer() -> None:
+    slots = np.arange(1, 11, dtype=np.int64)
+    out = np.zeros(23, np.uint8)
+    assert K.varints_encode(slots, True, b"abc", bytes(10), out) == 23  # positive control
+    assert bytes(out) == b"abc" + bytes(10) + bytes([1] * 10)
+    with pytest.raises(ValueError, match="varints_encode out"):
+        K.varints_encode(slots, True, b"abc", bytes(10), np.zeros(22, np.uint8))
+    with pytest.raises(ValueError, match="out needs deltas"):
+        K.varints_encode(slots, False, b"", b"", out)
+    assert K.varints_encode(slots * 200, True, b"abc", bytes(10), out) == -1
