@@ -36,7 +36,8 @@ state u8[count]. state = photons (5 bits, capped at 31) | basis << 5 | bit << 6 
 bypass << 7. `decode` reads both versions and a decoded frame encodes in the version
 it came in, so Eve forwards what she received in its own form.
 
-On the wire between two KMEs that frame is *sealed* (`seal` / `unseal`): the pulses'
+On the wire between two KMEs that frame is *sealed* (`seal` / `unseal`; `seal_frame`
+encodes and seals in one go, the same bytes): the pulses'
 states are what a real fibre would never show to an observer, and in this emulation they
 travel over TCP, so they are encrypted and authenticated with AES-256-GCM:
 
