@@ -102,6 +102,7 @@ def instrument() -> None:
         _wrap(mod, "emit", "emission")
         _wrap(mod, "measure", "measurement")
         _wrap(mod, "seal", "qc framing+seal")
+        _wrap(mod, "seal_frame", "qc framing+seal")
         _wrap(mod, "unseal", "qc framing+seal")
     _wrap(quantum, "sealed_header", "qc framing+seal")
     _wrap(quantum.PulseFrame, "encode", "qc framing+seal")

@@ -123,7 +123,7 @@ from qkd.link.quantum import (
     SparseSlotRecord,
     emit,
     measure,
-    seal,
+    seal_frame,
     unseal,
 )
 from qkd.link.wegman_carter import (
@@ -787,7 +787,7 @@ class LinkCore:
         secret = _secret_source(rng)
         record, frame = emit(self.params, number & 0xFFFFFFFF, rng, secret)
         nonce = _round_nonce(rng)
-        wire = seal(self._link_secret, nonce, number, frame.encode())
+        wire = seal_frame(self._link_secret, nonce, number, frame)
         return PreparedRound(number, record, wire,
                              AliceProtocol(record, self.post, secret),  # type: ignore[arg-type]
                              rng, nonce)

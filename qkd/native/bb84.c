@@ -144,10 +144,20 @@ static PyObject *emit_fill(PyObject *self, PyObject *args) {
     const uint8_t *rp = r.buf, *sp = sec.buf;
     uint8_t *so = st.buf, *co = cl.buf, *bo = ba.buf, *vo = bi.buf;
     Py_ssize_t ones = 0;
+    /* Non-increasing tails (what _mixture_tables makes): the leading run is a count,
+     * so the first three compares need no branch (one pulse in five has N > 1). */
+    int mono = nt >= 3;
+    for (Py_ssize_t k = 1; k < nt; k++) mono &= tl[k] <= tl[k - 1];
     for (Py_ssize_t i = 0; i < m; i++) {
         uint64_t w = rd64(rp + 8 * i);
         unsigned ph = 1;
-        while (ph - 1 < (unsigned)nt && w < tl[ph - 1]) ph++;
+        if (mono) {
+            ph += (unsigned)(w < tl[0]) + (unsigned)(w < tl[1]) + (unsigned)(w < tl[2]);
+            if (ph == 4)
+                while (ph - 1 < (unsigned)nt && w < tl[ph - 1]) ph++;
+        } else {
+            while (ph - 1 < (unsigned)nt && w < tl[ph - 1]) ph++;
+        }
         uint32_t low = rd32(sp + 8 * i), high = rd32(sp + 8 * i + 4);
         uint8_t c = low >= tm[ph], b = (high & 0x7FFFFFFFu) >= t_basis, v = high >> 31;
         co[i] = c; bo[i] = b; vo[i] = v;
@@ -240,9 +250,10 @@ static PyObject *measure_chunk(PyObject *self, PyObject *args) {
             goto done;
         }
         uint8_t f = 0;
+        uint64_t tr = rt[key], ta = an[key];
         for (unsigned p = 0; p < k; p++, j++) {
             uint64_t w = rd64(rp + 8 * j);
-            f |= w < rt[key] ? 1 : (w < an[key] ? 2 : 0);
+            f |= (uint8_t)((w < tr) | ((w >= tr) & (w < ta)) << 1);
         }
         for (int t = 0; t < 2; t++) {
             if (dnext[t] == i) {
@@ -252,12 +263,14 @@ static PyObject *measure_chunk(PyObject *self, PyObject *args) {
                 if (di[t] < dn[t]) memcpy(&dnext[t], dp[t] + 8 * di[t], 8);
             }
         }
-        if (!f) continue;
+        /* Branch-free (a click is a coin flip to the branch predictor): the pulse is
+         * written either way and kept if it clicked; the outputs have room for c. */
         memcpy(osp + 8 * n, lp + 8 * i, 8);
         obp[n] = b;
         ovp[n] = (uint8_t)(((st >> 6) & 1) ^ (uint8_t)!(f & 1));
-        if (f == 3) wr64(bop + 8 * nb++, (uint64_t)n);
-        n++;
+        wr64(bop + 8 * nb, (uint64_t)n);
+        nb += f == 3;
+        n += f != 0;
     }
     res = Py_BuildValue("nn", n, nb);
 done:
@@ -282,7 +295,8 @@ static uint8_t *put_varint(uint8_t *o, uint64_t v) {
     return o;
 }
 
-/* varints_encode(values: uint64[n], deltas: bool[, head1, head2]) -> bytes
+/* varints_encode(values: uint64[n], deltas: bool[, head1, head2[, out]]) -> bytes
+ * (with out: the length written there, or -1; see below)
  * head1 | head2 | the unsigned LEB128 of each value (the heads: a frame's header and
  * states, so the frame is written once); with deltas (values: int64), of values[0] and then of
  * each values[i] - values[i-1] (mod 2^64, as numpy's int64 difference cast to
@@ -290,19 +304,63 @@ static uint8_t *put_varint(uint8_t *o, uint64_t v) {
  * each delta's low byte: what PulseFrame.encode's one-byte shortcut writes, even for
  * the (invalid) decreasing slots it never decodes. */
 static PyObject *varints_encode(PyObject *self, PyObject *args) {
-    Py_buffer v, h1 = {0}, h2 = {0};
+    Py_buffer v, h1 = {0}, h2 = {0}, ob = {0};
     int deltas;
     (void)self;
-    if (!PyArg_ParseTuple(args, "y*p|y*y*", &v, &deltas, &h1, &h2)) return NULL;
+    if (!PyArg_ParseTuple(args, "y*p|y*y*w*", &v, &deltas, &h1, &h2, &ob)) return NULL;
     PyObject *res = NULL;
     if (v.len % 8) {
         PyErr_SetString(PyExc_ValueError, "varints_encode: not a 64-bit array");
+        goto done;
+    }
+    if (ob.buf) {
+        /* Into the caller's buffer (the sealer's plaintext): only the one-byte form;
+         * -1 if a delta needs more, and the caller encodes the general way. */
+        Py_ssize_t n = v.len / 8;
+        if (!deltas) {
+            PyErr_SetString(PyExc_ValueError, "varints_encode: out needs deltas");
+            goto done;
+        }
+        if (!need(&ob, h1.len + h2.len + n, "varints_encode out")) goto done;
+        uint8_t *o = ob.buf;
+        const uint8_t *p = v.buf;
+        if (h1.len) memcpy(o, h1.buf, h1.len);
+        if (h2.len) memcpy(o + h1.len, h2.buf, h2.len);
+        o += h1.len + h2.len;
+        uint64_t big = 0, prev = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t x = rd64(p + 8 * i), d = x - prev;
+            o[i] = (uint8_t)d;
+            big |= (uint64_t)((int64_t)d >= 0x80);
+            prev = x;
+        }
+        res = PyLong_FromSsize_t(big ? -1 : h1.len + h2.len + n);
         goto done;
     }
     Py_ssize_t n = v.len / 8, size = 0;
     const uint8_t *p = v.buf;
     uint64_t prev = 0;
     int small = 1;
+    if (deltas) {
+        /* A frame's deltas are nearly always one byte each: write them in one
+         * branch-free pass and only size the varints if one is not. */
+        res = PyBytes_FromStringAndSize(NULL, h1.len + h2.len + n);
+        if (!res) goto done;
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(res);
+        if (h1.len) memcpy(o, h1.buf, h1.len);
+        if (h2.len) memcpy(o + h1.len, h2.buf, h2.len);
+        o += h1.len + h2.len;
+        uint64_t big = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t x = rd64(p + 8 * i), d = x - prev;
+            o[i] = (uint8_t)d;
+            big |= (uint64_t)((int64_t)d >= 0x80);
+            prev = x;
+        }
+        if (!big) goto done;
+        Py_CLEAR(res);
+        prev = 0;
+    }
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t x = rd64(p + 8 * i), d = deltas ? x - prev : x;
         size += varint_len(d);
@@ -334,6 +392,7 @@ done:
     PyBuffer_Release(&v);
     if (h1.buf) PyBuffer_Release(&h1);
     if (h2.buf) PyBuffer_Release(&h2);
+    if (ob.buf) PyBuffer_Release(&ob);
     return res;
 }
 
@@ -366,6 +425,24 @@ static PyObject *varints_decode(PyObject *self, PyObject *args) {
     Py_ssize_t pos = 0;
     int too_long = 0, over_long = 0, zero_after_first = 0, wrapped = 0;
     uint64_t top = 0, acc = 0;
+    /* Fast path: the first count bytes all below 0x80 are count one-byte varints
+     * (what a frame's slot deltas nearly always are): the general loop's result
+     * without its per-byte branches. Sums of count < 2^63 values below 128 cannot wrap. */
+    uint8_t high = 0;
+    for (Py_ssize_t i = 0; i < count; i++) high |= p[i];
+    if (high < 0x80) {
+        uint8_t zero = 0, mx = 0;
+        for (Py_ssize_t i = 1; i < count; i++) zero |= (uint8_t)(p[i] == 0);
+        for (Py_ssize_t i = 0; i < count; i++) mx = p[i] > mx ? p[i] : mx;
+        if (sums) {
+            for (Py_ssize_t i = 0; i < count; i++) { acc += p[i]; wr64(o + 8 * i, acc); }
+        } else {
+            for (Py_ssize_t i = 0; i < count; i++) wr64(o + 8 * i, p[i]);
+        }
+        res = Py_BuildValue("nKOO", off + count, (unsigned long long)mx,
+                            zero ? Py_True : Py_False, Py_False);
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < count; i++) {
         uint64_t v = 0;
         Py_ssize_t start = pos;

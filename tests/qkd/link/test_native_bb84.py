@@ -406,3 +406,128 @@ def test_kernels_reject_bad_buffers() -> None:
     # Positive control: the same calls with fitting buffers succeed.
     assert K.varints_decode(b"\x01\x02", 0, 2, np.zeros(2, np.uint64), False)[0] == 2
     K.set_bits(np.zeros(1, np.uint64), np.array([63], np.int64))
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 63, 64, 65, 4097])
+def test_one_byte_fast_paths_match_the_numpy_path(count: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels' one-byte shortcuts (every delta below 128) against the numpy path
+    at their edges: a delta of 127 or 128 at either end, a zero delta first or later,
+    decreasing slots (encoded, never decoded), trailing bytes after the varints."""
+    rng = np.random.default_rng(count + 5)
+    frames: list[q.PulseFrame] = []
+    for last in (127, 128, 0):
+        gaps = rng.integers(1, 128, count)
+        if count:
+            gaps[-1] = last or gaps[-1]
+        if count > 1:
+            gaps[0] = 128 if last == 0 else 0
+        slots = np.cumsum(gaps).astype(np.int64)
+        state = rng.integers(0, 256, count, dtype=np.uint8)
+        frames.append(q.PulseFrame(3, int(slots[-1]) + 1 if count else 1, slots, state))
+        frames.append(q.PulseFrame(3, 10**6, slots[::-1].copy(), state))
+    enc_a, enc_b = _both(monkeypatch, lambda: [f.encode() for f in frames])
+    assert enc_a == enc_b
+    cases = enc_a + [e + b"\x05" for e in enc_a]
+    if count:
+        cases += [e[:-1] + b"\x80" for e in enc_a]  # last delta turned into a continuation
+
+    def run() -> list[Any]:
+        res = []
+        for data in cases:
+            got = _outcome(lambda d=data: q.PulseFrame.decode(d))  # type: ignore[misc]
+            res.append(("ok", got[1].slots.tolist()) if got[0] == "ok" else got)
+        return res
+    ref, fast = _both(monkeypatch, run)
+    assert ref == fast
+    assert any(r[0] == "ok" for r in ref) and (count < 2 or any(r[0] == "error" for r in ref))
+    raw = rng.integers(0, 128, count, dtype=np.uint8).tobytes()
+    for data in (raw, raw + b"\x81\x01", b"\x00" + raw):
+        a, b = _both(monkeypatch, lambda d=data: _outcome(  # type: ignore[misc]
+            lambda: m.decode_varints(d, 0, count)))
+        assert a[0] == b[0] == "ok"
+        assert np.array_equal(a[1][0], b[1][0]) and a[1][1] == b[1][1]
+        assert np.array_equal(a[1][0], np.frombuffer(data, np.uint8, count))
+
+
+def _emit_fill_reference(r: np.ndarray, w: np.ndarray, tails: np.ndarray,
+                         t_mu: np.ndarray, t_basis: int) -> tuple[list[int], ...]:
+    """emit_fill's documented law, one pulse at a time: the leading run of tails."""
+    st, cl, ba, bi = [], [], [], []
+    for x, y in zip(r.tolist(), w.tolist(), strict=True):
+        ph = 1
+        while ph - 1 < tails.size and x < int(tails[ph - 1]):
+            ph += 1
+        low, high = y & 0xFFFFFFFF, y >> 32
+        c, b, v = int(low >= int(t_mu[ph])), int((high & 0x7FFFFFFF) >= t_basis), high >> 31
+        st.append(ph | b << 5 | v << 6)
+        cl.append(c)
+        ba.append(b)
+        bi.append(v)
+    return st, cl, ba, bi
+
+
+@pytest.mark.parametrize("nt", [0, 1, 2, 3, 4, 30])
+@pytest.mark.parametrize("monotone", [True, False])
+def test_emit_fill_counts_photons_as_the_leading_run(nt: int, monotone: bool) -> None:
+    """The branch-free count is used only for non-increasing tails; other tails (never
+    made by _mixture_tables) still get the leading run."""
+    rng = np.random.default_rng(nt * 2 + monotone)
+    tails = np.sort(rng.integers(0, 1 << 63, nt, dtype=np.uint64) * np.uint64(2))[::-1]
+    if not monotone and nt >= 2:
+        tails[nt // 2], tails[-1] = tails[-1], tails[nt // 2]  # a later tail above
+    tails = np.ascontiguousarray(tails)
+    m = 3000
+    r = rng.integers(0, 1 << 63, m, dtype=np.uint64) * np.uint64(2)
+    if nt:  # words at, just below and just above every tail
+        picks = rng.integers(0, nt, m // 2)
+        r[: m // 2] = tails[picks] + rng.integers(-1, 2, m // 2).astype(np.uint64)
+    w = rng.integers(0, 1 << 63, m, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    t_mu = rng.integers(0, 1 << 32, 32, dtype=np.uint64).astype(np.uint32)
+    outs = [np.zeros(m, np.uint8) for _ in range(4)]
+    ones = K.emit_fill(m, r, w, tails, t_mu, 1 << 30, *outs)
+    ref = _emit_fill_reference(r, w, tails, t_mu, 1 << 30)
+    assert [o.tolist() for o in outs] == list(ref)
+    assert ones == sum(ref[1])
+    if nt >= 3:  # the words exercise several photon numbers (a positive control)
+        assert len({s & 0x1F for s in ref[0]}) >= 3
+
+
+@pytest.mark.parametrize("count", [0, 1, 63, 64, 65, 4097, 70_001])
+def test_seal_frame_is_seal_of_encode(count: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """seal_frame writes what seal(encode()) writes, byte for byte, with and without
+    the kernel, for one-byte deltas, a long delta (its fallback), a version-1 frame and
+    a frame whose states do not match its slots; unseal opens it."""
+    rng = np.random.default_rng(count + 17)
+    secret, nonce = rng.bytes(32), rng.bytes(16)
+    slots = np.cumsum(rng.integers(1, 100, count)).astype(np.int64)
+    state = rng.integers(0, 256, count, dtype=np.uint8)
+    frames = [q.PulseFrame(9, int(slots[-1]) + 1 if count else 1, slots, state),
+              q.PulseFrame(9, 1 << 31, slots, state, q.VERSION_U32),
+              q.PulseFrame(9, 1 << 31, slots, np.zeros(count + 1, np.uint8))]
+    if count:
+        far = slots.copy()
+        far[-1] += 1 << 20  # one delta of three bytes
+        frames.append(q.PulseFrame(9, 1 << 31, far, state))
+
+    def run() -> list[tuple[bytes, bytes]]:
+        return [(q.seal_frame(secret, nonce, 5, f, 3), q.seal(secret, nonce, 5, f.encode(), 3))
+                for f in frames]
+    ref, fast = _both(monkeypatch, run)
+    assert ref == fast
+    for (a, b), f in zip(fast, frames, strict=True):
+        assert a == b and isinstance(a, bytes)
+        assert q.unseal(secret, a, 5, nonce) == f.encode()
+    assert fast[0][0] != q.seal(secret, nonce, 5, frames[0].encode(), 4)  # the counter counts
+
+
+def test_varints_encode_into_checks_its_buffer() -> None:
+    slots = np.arange(1, 11, dtype=np.int64)
+    out = np.zeros(23, np.uint8)
+    assert K.varints_encode(slots, True, b"abc", bytes(10), out) == 23  # positive control
+    assert bytes(out) == b"abc" + bytes(10) + bytes([1] * 10)
+    with pytest.raises(ValueError, match="varints_encode out"):
+        K.varints_encode(slots, True, b"abc", bytes(10), np.zeros(22, np.uint8))
+    with pytest.raises(ValueError, match="out needs deltas"):
+        K.varints_encode(slots, False, b"", b"", out)
+    assert K.varints_encode(slots * 200, True, b"abc", bytes(10), out) == -1
