@@ -42,6 +42,11 @@ static int get_buf(PyObject *o, buf_t *out, int writable, const char *name) {
     return 0;
 }
 
+static int overlaps(const Py_buffer *a, const Py_buffer *b) {
+    const char *a0 = a->buf, *b0 = b->buf;
+    return a->len > 0 && b->len > 0 && a0 < b0 + b->len && b0 < a0 + a->len;
+}
+
 static void rel(buf_t *bs, int n) {
     for (int i = 0; i < n; i++)
         if (bs[i].ok) PyBuffer_Release(&bs[i].b);
@@ -182,6 +187,13 @@ static PyObject *scatter(PyObject *self, PyObject *args) {
     uint64_t *arr = U64(b[0]), *val = U64(b[2]);
     int64_t *idx = I64(b[1]);
     Py_ssize_t n = N64(b[0]), m = N64(b[1]), nv = N64(b[2]);
+    /* A write into arr must not change an index or value still to be read: the bounds
+     * are checked once, before the first write. */
+    if (overlaps(&b[0].b, &b[1].b) || overlaps(&b[0].b, &b[2].b)) {
+        rel(b, 3);
+        PyErr_SetString(PyExc_ValueError, "arr must not share memory with idx or val");
+        return NULL;
+    }
     if (nv != m && nv != 1) {
         rel(b, 3);
         PyErr_SetString(PyExc_ValueError, "val must have one word or one per index");

@@ -130,6 +130,14 @@ def test_scatter_matches_ufunc_at_and_checks_bounds() -> None:
         NAT.scatter(0, arr, np.array([0, 1], np.int64), np.ones(3, np.uint64))
     with pytest.raises(ValueError, match="writable"):
         NAT.scatter(0, b"\0" * 8, np.array([0], np.int64), np.ones(1, np.uint64))
+    # arr sharing memory with idx: the first write would turn idx[1] into 2^40, past the
+    # bounds checked before it. Refused; the same words as separate arrays are fine.
+    shared = np.array([1, 0], np.int64)
+    with pytest.raises(ValueError, match="share memory"):
+        NAT.scatter(0, shared.view(np.uint64), shared, np.array([1 << 40], np.uint64))
+    with pytest.raises(ValueError, match="share memory"):
+        NAT.scatter(0, shared.view(np.uint64), np.array([0], np.int64), shared.view(np.uint64)[1:])
+    NAT.scatter(0, shared.copy().view(np.uint64), shared, np.array([1 << 40], np.uint64))
 
 
 def test_descend_and_touched_check_their_arguments() -> None:
