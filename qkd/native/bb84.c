@@ -22,6 +22,17 @@ static int need(Py_buffer *b, Py_ssize_t bytes, const char *name) {
     return 1;
 }
 
+/* Room for `count` items of `size` bytes, checked by division: a caller's huge count
+ * must not wrap a product into a small or negative byte size. */
+static int need_n(Py_buffer *b, Py_ssize_t count, Py_ssize_t size, const char *name) {
+    if (count < 0 || count > b->len / size) {
+        PyErr_Format(PyExc_ValueError, "%s: buffer of %zd bytes, need %zd items of %zd",
+                     name, b->len, count, size);
+        return 0;
+    }
+    return 1;
+}
+
 static uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
@@ -35,7 +46,7 @@ static PyObject *count_eq(PyObject *self, PyObject *args) {
     (void)self;
     if (!PyArg_ParseTuple(args, "y*nI", &u16, &count, &value)) return NULL;
     PyObject *res = NULL;
-    if (count < 0 || !need(&u16, 2 * count, "count_eq u16")) {
+    if (count < 0 || !need_n(&u16, count, 2, "count_eq u16")) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "count_eq: negative count");
         goto done;
     }
@@ -67,9 +78,9 @@ static PyObject *carry_scan(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "carry_scan: negative count or bad threshold");
         goto done;
     }
-    if (!need(&u16, 2 * count, "carry_scan u16") || !need(&out, 8 * count, "carry_scan out"))
+    if (!need_n(&u16, count, 2, "carry_scan u16") || !need_n(&out, count, 8, "carry_scan out"))
         goto done;
-    if (bm.buf && bm.len / 8 < (lo + count + 63) / 64) {
+    if (bm.buf && (lo > PY_SSIZE_T_MAX - count - 63 || bm.len / 8 < (lo + count + 63) / 64)) {
         PyErr_SetString(PyExc_ValueError, "carry_scan: bitmap smaller than the slots");
         goto done;
     }
@@ -133,9 +144,9 @@ static PyObject *emit_fill(PyObject *self, PyObject *args) {
                         "emit_fill: negative count, more than 30 tails or short t_mu");
         goto done;
     }
-    if (!need(&r, 8 * m, "emit_fill r") || !need(&sec, 8 * m, "emit_fill sec") ||
-        !need(&st, m, "emit_fill state") || !need(&cl, m, "emit_fill cls") ||
-        !need(&ba, m, "emit_fill basis") || !need(&bi, m, "emit_fill bit"))
+    if (!need_n(&r, m, 8, "emit_fill r") || !need_n(&sec, m, 8, "emit_fill sec") ||
+        !need_n(&st, m, 1, "emit_fill state") || !need_n(&cl, m, 1, "emit_fill cls") ||
+        !need_n(&ba, m, 1, "emit_fill basis") || !need_n(&bi, m, 1, "emit_fill bit"))
         goto done;
     uint64_t tl[30];
     uint32_t tm[32];
@@ -207,12 +218,13 @@ static PyObject *measure_chunk(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "measure_chunk: negative count");
         goto done;
     }
-    if (!need(&s, c, "measure_chunk state") || !need(&bw, 4 * c, "measure_chunk bw") ||
+    if (!need_n(&s, c, 1, "measure_chunk state") || !need_n(&bw, c, 4, "measure_chunk bw") ||
         !need(&right, 128, "measure_chunk right") || !need(&anyd, 128, "measure_chunk anyd") ||
-        !need(&sl, 8 * c, "measure_chunk slots") ||
-        !need(&os, 8 * c, "measure_chunk out_slots") ||
-        !need(&ob, c, "measure_chunk out_basis") || !need(&ov, c, "measure_chunk out_bits") ||
-        !need(&obo, 8 * c, "measure_chunk out_both"))
+        !need_n(&sl, c, 8, "measure_chunk slots") ||
+        !need_n(&os, c, 8, "measure_chunk out_slots") ||
+        !need_n(&ob, c, 1, "measure_chunk out_basis") ||
+        !need_n(&ov, c, 1, "measure_chunk out_bits") ||
+        !need_n(&obo, c, 8, "measure_chunk out_both"))
         goto done;
     uint64_t rt[16], an[16];
     for (int k = 0; k < 16; k++) {
@@ -414,7 +426,7 @@ static PyObject *varints_decode(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "varints_decode: offset or count out of range");
         goto done;
     }
-    if (!need(&out, 8 * count, "varints_decode out")) goto done;
+    if (!need_n(&out, count, 8, "varints_decode out")) goto done;
     const uint8_t *p = (const uint8_t *)d.buf + off;
     Py_ssize_t avail = d.len - off;
     if (count > avail) {
@@ -496,11 +508,11 @@ static PyObject *rank_lookup(PyObject *self, PyObject *args) {
         return NULL;
     PyObject *res = NULL;
     Py_ssize_t nw = wd.len / 8, n = sl.len / 8;
-    if (pulses < 0 || (pulses + 63) / 64 > nw || bf.len / 8 < nw) {
+    if (pulses < 0 || pulses / 64 + ((pulses & 63) != 0) > nw || bf.len / 8 < nw) {
         PyErr_SetString(PyExc_ValueError, "rank_lookup: bitmap smaller than the pulses");
         goto done;
     }
-    if (!need(&ix, 8 * n, "rank_lookup idx") || !need(&fd, n, "rank_lookup found")) goto done;
+    if (!need_n(&ix, n, 8, "rank_lookup idx") || !need_n(&fd, n, 1, "rank_lookup found")) goto done;
     const uint8_t *wp = wd.buf, *bp = bf.buf, *sp = sl.buf;
     uint8_t *ip = ix.buf, *fp = fd.buf;
     int all = 1;

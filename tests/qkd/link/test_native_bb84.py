@@ -403,7 +403,20 @@ def test_kernels_reject_bad_buffers() -> None:
                       np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, bool))
     with pytest.raises(ValueError, match="outside"):
         K.set_bits(np.zeros(1, np.uint64), np.array([64], np.int64))
+    # Counts so large that count * itemsize wraps: refused, not a read past the buffer.
+    huge = 2**62 + 1
+    with pytest.raises(ValueError):
+        K.count_eq(b"ab", huge, 0)
+    with pytest.raises(ValueError):
+        K.carry_scan(np.zeros(4, np.uint16), huge, 1, np.zeros(0, np.uint64), 0, 0,
+                     np.zeros(8, np.int64))
+    with pytest.raises(ValueError):
+        K.varints_decode(b"\x01\x02", 0, 2**61 + 1, np.zeros(1, np.uint64), False)
+    with pytest.raises(ValueError, match="bitmap"):
+        K.rank_lookup(np.zeros(1, np.uint64), np.zeros(1, np.int64), 2**63 - 1,
+                      np.array([2**40], np.int64), np.zeros(1, np.int64), np.zeros(1, bool))
     # Positive control: the same calls with fitting buffers succeed.
+    assert K.count_eq(b"ab", 1, int.from_bytes(b"ab", "little")) == 1
     assert K.varints_decode(b"\x01\x02", 0, 2, np.zeros(2, np.uint64), False)[0] == 2
     K.set_bits(np.zeros(1, np.uint64), np.array([63], np.int64))
 
