@@ -304,7 +304,7 @@ class TunnelConnection:
         hs = self._handshake
         if self.closed or hs is None or hs.handshake_id != handshake_id:
             return
-        self._run(lambda: hs.supply_qkd_keys(keys))
+        self._run(lambda: hs.supply_qkd_keys(keys, self._wallclock()))
         self._after_activity(now)
 
     def prepare_handshake(self, handshake_id: int, now: float) -> None:

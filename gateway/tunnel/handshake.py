@@ -680,8 +680,13 @@ class Handshake:
             self._th = th
             self._sh = None
 
-    def supply_qkd_keys(self, keys: Sequence[tuple[str, bytes]]) -> None:
-        """The KME's answer: (key_ID, key) pairs, exactly as many as were asked for."""
+    def supply_qkd_keys(self, keys: Sequence[tuple[str, bytes]],
+                        now: datetime | None = None) -> None:
+        """The KME's answer: (key_ID, key) pairs, exactly as many as were asked for.
+        `now` is the wall clock at its arrival: a flight prepared earlier is re-checked
+        against it (a certificate may have expired while the request was out)."""
+        if now is not None:
+            self._clock_now = now
         pol = self.params.policy
         if self._state is _State.WAIT_QKD_ENC:
             if len(keys) != pol.qkd_keys_total:

@@ -6,6 +6,7 @@ KME's answer ends the handshake instead."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,46 @@ def test_nothing_prepared_leaves_when_the_kme_refuses(pki_dir: Path) -> None:
     # B sent its alert only: a ServerHello carries a 1088-byte ML-KEM ciphertext, the
     # prepared CertificateVerify a 3309-byte ML-DSA-65 signature.
     assert len(pair.wire_b2a) == 1 and len(pair.wire_b2a[0]) < 400
+
+
+@dataclass
+class ExpiringPair(PreparingPair):
+    """The responder's wall clock jumps past every certificate's end between its
+    prepare_handshake and the KME's answer (`expire`; off for the control)."""
+
+    expire: bool = True
+    clock: list[datetime] = field(default_factory=lambda: [datetime.now(UTC)])
+
+    def _serve(self, conn: TunnelConnection, event: ev.Event) -> None:
+        if isinstance(event, ev.QkdKeysToFetch) and self.expire:
+            conn.prepare_handshake(event.handshake_id, self.now)
+            hs = conn._handshake
+            if hs is not None and hs._prepared is not None:
+                self.prepared.append("server flight")
+            self.clock[0] = datetime(2200, 1, 1, tzinfo=UTC)
+            serve_qkd(conn, event, self.kme, self.now)
+            return
+        super()._serve(conn, event)
+
+
+@pytest.mark.parametrize("expire", [True, False])
+def test_a_certificate_expiring_during_the_kme_request_drops_the_prepared_flight(
+        pki_dir: Path, expire: bool) -> None:
+    """The prepared flight is re-checked at the KME's answer with the clock of that
+    moment: an expired own certificate is refused, not presented (control: without the
+    jump the same pair completes)."""
+    clock = [datetime.now(UTC)]
+    a = TunnelConnection(initiator=True, params=params(pki_dir, "site-a", "site-b"))
+    b = TunnelConnection(initiator=False, params=params(pki_dir, "site-b", "site-a"),
+                         wallclock=lambda: clock[0])
+    pair = ExpiringPair(a, b, FakeKmePair(), expire=expire, clock=clock)
+    a.start(0.0)
+    pair.pump()
+    assert "server flight" in pair.prepared
+    assert pair.b.ready is (not expire)
+    if expire:
+        # Neither the prepared ServerHello (1088-byte ciphertext) nor its signature left.
+        assert all(len(m) < 400 for m in pair.wire_b2a)
 
 
 @dataclass
