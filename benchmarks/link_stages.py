@@ -14,7 +14,8 @@ Stages:
   measurement         Bob's receiver (`quantum.measure`)
   sifting             Detections / SiftReply / TestBits handling (both sides)
   estimation          decoy-state bounds and the finite-key length check
-  cascade             reconciliation (both sides' Cascade state machines)
+  cascade             reconciliation (both sides' Cascade state machines and the
+                      per-frame check's tags and retries)
   verification        the Toeplitz verification hash (both sides)
   privacy amp.        Toeplitz privacy amplification (both sides) and Alice's seed
   pp codec            encoding and decoding of post-processing messages
@@ -54,6 +55,11 @@ from qkd.link import core as lc
 from qkd.link import quantum
 from qkd.sim import messages, protocol
 from qkd.sim.cascade import CascadeAlice, CascadeBob
+
+try:
+    from qkd.sim import reconcile
+except ImportError:  # a checkout from before the per-frame check (--baseline)
+    reconcile = None  # type: ignore[assignment]
 
 _STAGES = ["emission", "qc framing+seal", "measurement", "sifting", "estimation",
            "cascade", "verification", "privacy amp.", "pp codec", "commit+tags"]
@@ -114,10 +120,14 @@ def instrument() -> None:
     _wrap(A, "_on_test_bits", "estimation")
     _wrap(B, "_on_estimate", "estimation")
     _wrap(B, "_start_group", "cascade")
-    for cls in (CascadeAlice, CascadeBob):
-        _wrap(cls, "__init__", "cascade")
-        _wrap(cls, "receive_message", "cascade")
-        _wrap(cls, "messages_to_send", "cascade")
+    # The link drives Cascade through the per-frame check (qkd.sim.reconcile) when the
+    # checkout has it; its tags count as reconciliation too.
+    for cls in (CascadeAlice, CascadeBob, getattr(reconcile, "ReconcileAlice", None),
+                getattr(reconcile, "ReconcileBob", None)):
+        if cls is None:
+            continue
+        for name in ("__init__", "receive_message", "receive_decoded", "messages_to_send"):
+            _wrap(cls, name, "cascade")
     _wrap(A, "_after_cascade", "verification")
     _wrap(B, "_on_verify_hash", "verification")
     _wrap(protocol, "toeplitz_hash", "verification")
