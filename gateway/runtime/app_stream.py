@@ -64,9 +64,12 @@ class AppStream(asyncio.Protocol):
                 self.tunnel.schedule_flush()
                 return
             if window:
-                self.tunnel.conn.send_stream_data(self.stream_id, data[:window])
+                view = memoryview(data)  # data is immutable bytes: views are safe
+                self.tunnel.conn.send_stream_data(self.stream_id, view[:window])
                 self.tunnel.schedule_flush()
-            self._pending_out += data[window:]
+                self._pending_out += view[window:]
+            else:
+                self._pending_out += data
         self._pause_reading()
 
     def eof_received(self) -> bool:
@@ -125,7 +128,9 @@ class AppStream(asyncio.Protocol):
         if self._pending_out:
             window = self.tunnel.conn.send_window(self.stream_id)
             if window:
-                chunk = bytes(self._pending_out[:window])
+                # A slice of a bytearray is a new bytearray nobody else holds: one copy,
+                # and safe to hand over unsealed (send_stream_data keeps views of it).
+                chunk = self._pending_out[:window]
                 del self._pending_out[:window]
                 self.tunnel.conn.send_stream_data(self.stream_id, chunk)
                 self.tunnel.schedule_flush()
