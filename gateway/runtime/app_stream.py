@@ -122,6 +122,22 @@ class AppStream(asyncio.Protocol):
             # peer waits for it.
             self.tunnel.schedule_flush()
 
+    def deliver_many(self, chunks: list[bytes | memoryview]) -> None:
+        """`deliver` for several chunks in order, written with one writelines."""
+        if len(chunks) == 1:
+            self.deliver(chunks[0])
+            return
+        if self.transport is None:
+            self._pending_in.extend(chunks)
+            return
+        self.transport.writelines(chunks)
+        n = sum(map(len, chunks))
+        if self._writing_paused:
+            self._unconsumed += n
+        elif self.stream_id is not None:
+            self.tunnel.conn.stream_data_consumed(self.stream_id, n)
+            self.tunnel.schedule_flush()
+
     def window_opened(self) -> None:
         if self.stream_id is None or self._done:
             return

@@ -222,8 +222,30 @@ class TunnelSession(asyncio.Protocol):
         self.process()
 
     def process(self) -> None:
+        # Consecutive data records of one stream (a read of the tunnel socket holds
+        # several) go to the application in one writelines, one system call, instead
+        # of one write each; any other event first flushes the data before it, so a
+        # FIN or reset never overtakes the bytes in front of it.
+        run_app: AppStream | None = None
+        run: list[bytes | memoryview] = []
         while (event := self.conn.next_event()) is not None:
+            if type(event) is ev.StreamDataReceived:
+                app = self.streams.get(event.stream_id)
+                if app is None:
+                    continue
+                if app is not run_app:
+                    if run_app is not None:
+                        run_app.deliver_many(run)
+                        run = []
+                    run_app = app
+                run.append(event.data)
+                continue
+            if run_app is not None:
+                run_app.deliver_many(run)
+                run_app, run = None, []
             self._handle(event)
+        if run_app is not None:
+            run_app.deliver_many(run)
         if self.transport is None:
             # Not connected yet: the ClientHello stays queued in the connection.
             if self.conn.closed or self.conn.has_data_to_send:
