@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
-from gateway.runtime.transport import _nodelay, _reset_transport
+from gateway.runtime.transport import _nodelay, _reset_transport, read_buffer
 from gateway.tunnel.streams import StreamCode
 
 if TYPE_CHECKING:
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 
-class AppStream(asyncio.Protocol):
+class AppStream(asyncio.BufferedProtocol):
     """One local TCP connection bridged to one tunnel stream."""
 
     def __init__(self, tunnel: TunnelSession | None, stream_id: int | None) -> None:
@@ -49,6 +49,14 @@ class AppStream(asyncio.Protocol):
             self._pending_in.clear()
         if self._peer_fin:
             self.peer_finished()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # A copy of our own (immutable bytes): the stream layer keeps views of it
+        # until the records are sealed, and the shared buffer is refilled next read.
+        self.data_received(bytes(read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.stream_id is None or self._done:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gateway.runtime.app_stream import AppStream
 from gateway.runtime.psk_store import PskStoreError
-from gateway.runtime.transport import _nodelay, _reset_transport
+from gateway.runtime.transport import _nodelay, _reset_transport, read_buffer
 from gateway.tunnel import events as ev
 from gateway.tunnel.admission import (
     CUT_COOKIE_RETRY,
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 
 
-class TunnelSession(asyncio.Protocol):
+class TunnelSession(asyncio.BufferedProtocol):
     """One TCP connection to the peer gateway, driving one TunnelConnection."""
 
     def __init__(self, gateway: Gateway, initiator: bool) -> None:
@@ -111,6 +111,13 @@ class TunnelSession(asyncio.Protocol):
         self._started = True
         self.conn.start(self.loop.time())
         self.process()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # Copied out: the record reader keeps views of a read while it assembles.
+        self.data_received(bytes(read_buffer()[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
