@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 CASES = ("loopback", "stunnel", "qkdgw")
+BASE_CASE = "qkdgw-base"  # the gateways of another checkout (--base-tree), same run
 MODE_DISCARD = 0
 MODE_HASH = 1
 READY = b"R"
@@ -462,10 +463,14 @@ class Qkdgw(TunnelPath):
 
     name = "qkdgw"
 
-    def __init__(self, workdir: Path, sink_port: int, stream_window: int | None) -> None:
+    def __init__(self, workdir: Path, sink_port: int, stream_window: int | None,
+                 tree: Path | None = None) -> None:
         super().__init__(workdir, sink_port)
         self.stream_window = stream_window
+        self.tree = tree
         self.bed: Any = None
+        if tree is not None:
+            self.name = BASE_CASE
 
     def start(self) -> int:
         try:
@@ -477,14 +482,35 @@ class Qkdgw(TunnelPath):
         options = TestbedOptions()
         if self.stream_window:
             options.stream_window = self.stream_window
-        bed = self.bed = Testbed(self.workdir / "qkdgw", options)
+        bed = self.bed = Testbed(self.workdir / self.name, options)
         bed.prepare()
-        bed.start_kmes()
-        bed.start_gateway("site-b", "site-a", connect=None, services={"sink": self.sink_port})
-        bed.start_gateway("site-a", "site-b", connect=bed.ports["tunnel-site-b"],
-                          listeners={"sink": 0})
+        # The testbed's processes inherit os.environ: with --base-tree, PYTHONPATH puts
+        # the other checkout's `gateway` and `qkd` before the installed (editable) ones.
+        # PYTHONSAFEPATH keeps `python -m` from putting the working directory (maybe
+        # this checkout) first.
+        saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "PYTHONSAFEPATH")}
+        if self.tree is not None:
+            os.environ.update(PYTHONPATH=str(self.tree), PYTHONSAFEPATH="1")
+            origin = subprocess.run(
+                [sys.executable, "-c", "import gateway.tunnel.record as r; print(r.__file__)"],
+                capture_output=True, text=True, check=True).stdout.strip()
+            if not origin.startswith(str(self.tree)):
+                raise RuntimeError(f"--base-tree: the gateways would import {origin}")
+        try:
+            bed.start_kmes()
+            bed.start_gateway("site-b", "site-a", connect=None,
+                              services={"sink": self.sink_port})
+            bed.start_gateway("site-a", "site-b", connect=bed.ports["tunnel-site-b"],
+                              listeners={"sink": 0})
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         peer = bed.wait_tunnel()["peer"]
-        self.note = (f"{peer['kem']} + QKD ({peer['mode']}, ideal link), stream window "
+        tree = f"code from {self.tree}, " if self.tree is not None else ""
+        self.note = (f"{tree}{peer['kem']} + QKD ({peer['mode']}, ideal link), stream window "
                      f"{options.stream_window} B, uvloop in the gateways if installed")
         return int(bed.ports["listen-site-a-sink"])
 
@@ -640,7 +666,13 @@ def summarize(result: CaseResult, stat: str) -> dict[str, Any]:
 
 def main_bench(args: argparse.Namespace) -> int:
     cases = [c.strip() for c in args.only.split(",")] if args.only else list(CASES)
-    unknown = [c for c in cases if c not in CASES]
+    if args.base_tree is not None:
+        if not (Path(args.base_tree) / "gateway" / "tunnel").is_dir():
+            say(f"--base-tree: {args.base_tree} has no gateway/tunnel; give the root of a "
+                "checkout, e.g. from `git archive main | tar -x -C DIR`")
+            return 2
+        cases.append(BASE_CASE)
+    unknown = [c for c in cases if c not in (*CASES, BASE_CASE)]
     if unknown:
         say(f"--only: unknown case {unknown[0]!r}; choose from {', '.join(CASES)}")
         return 2
@@ -689,6 +721,9 @@ def main_bench(args: argparse.Namespace) -> int:
             elif case == "stunnel":
                 assert binary is not None
                 path = Stunnel(workdir, sink_port, binary)
+            elif case == BASE_CASE:
+                path = Qkdgw(workdir, sink_port, args.stream_window,
+                             Path(args.base_tree).resolve())
             else:
                 path = Qkdgw(workdir, sink_port, args.stream_window)
             say(f"{case}: starting")
@@ -758,6 +793,17 @@ def main_bench(args: argparse.Namespace) -> int:
             "qkdgw_over_stunnel_per_round": every,
             "qkdgw_over_stunnel_quiet_rounds": quiet,
         }
+        if args.base_tree is not None:
+            every_b, _ = paired(BASE_CASE, "stunnel", n)
+            every_n, _ = paired("qkdgw", BASE_CASE, n)
+            ratios[str(n)].update({
+                "qkdgw-base_over_stunnel": ratio(BASE_CASE, "stunnel", n),
+                "qkdgw_over_qkdgw-base": ratio("qkdgw", BASE_CASE, n),
+                "cpu_per_gib_qkdgw_over_qkdgw-base": ratio("qkdgw", BASE_CASE, n,
+                                                           "path_cpu_s_per_gib"),
+                "qkdgw-base_over_stunnel_per_round": every_b,
+                "qkdgw_over_qkdgw-base_per_round": every_n,
+            })
     warning = None
     busy = {f"{r['case']}/{r['streams']}": statistics.median(r["other_cores_samples"])
             for r in rows}
@@ -770,7 +816,7 @@ def main_bench(args: argparse.Namespace) -> int:
     report = {
         "machine": machine,
         "settings": {"mib_per_run": args.mb, "streams": stream_counts, "repeat": args.repeat,
-                     "statistic": args.stat, "interleaved": True,
+                     "statistic": args.stat, "interleaved": True, "base_tree": args.base_tree,
                      "stream_window": args.stream_window},
         "results": rows,
         "ratios": ratios,
@@ -798,14 +844,14 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"{st['mib_per_run']:g} MiB per run split over the streams, {st['statistic']} of "
           f"{st['repeat']} interleaved rounds\n")
     width = max([22] + [6 * len(r["gbps_samples"]) for r in report["results"]])
-    print(f"{'case':9} {'streams':>7} {'Gbit/s':>7}  {'runs (Gbit/s)':{width}} {'cores':>5} "
+    print(f"{'case':10} {'streams':>7} {'Gbit/s':>7}  {'runs (Gbit/s)':{width}} {'cores':>5} "
           f"{'other':>5}  CPU s per GiB moved")
     for r in report["results"]:
         runs = " ".join(f"{v:5.2f}" for v in r["gbps_samples"])
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in r["cpu_s_per_gib"].items()
                         if v >= 0.005)
         other = statistics.median(r["other_cores_samples"])
-        print(f"{r['case']:9} {r['streams']:>7} {r['gbps']:7.2f}  {runs:{width}} "
+        print(f"{r['case']:10} {r['streams']:>7} {r['gbps']:7.2f}  {runs:{width}} "
               f"{r['cores_busy']:>5.2f} {other:>5.2f}  {cpu}")
     print("(cores: CPU used by the sender, sink and tunnel processes per second of run; "
           "other: median cores used by other processes on the machine meanwhile)\n")
@@ -821,6 +867,10 @@ def print_table(report: dict[str, Any]) -> None:
                   + " ".join(f"{v:.2f}" for v in ratio["qkdgw_over_stunnel_per_round"])
                   + "; in quiet rounds: "
                   + (" ".join(f"{v:.2f}" for v in quiet) if quiet else "none"))
+        for key in ("qkdgw-base_over_stunnel_per_round", "qkdgw_over_qkdgw-base_per_round"):
+            if ratio.get(key):
+                print(f"{' ' * len(label)}  {key[:-10].replace('_over_', '/')} per round: "
+                      + " ".join(f"{v:.2f}" for v in ratio[key]))
     notes = {r["case"]: r["note"] for r in report["results"] if r.get("note")}
     for case, note in notes.items():
         print(f"{case}: {note}")
@@ -871,6 +921,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0,
                         help="give up on one transfer after this many seconds")
     parser.add_argument("--workdir", help="keep configs and logs here")
+    parser.add_argument("--base-tree", metavar="DIR",
+                        help="also run the gateways of another checkout (case qkdgw-base, "
+                             "PYTHONPATH=DIR), e.g. main's code before a change")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return main_bench(parser.parse_args(argv))
 

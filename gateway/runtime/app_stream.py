@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, cast
 
-from gateway.runtime.transport import _nodelay, _reset_transport
+from gateway.runtime.transport import _nodelay, _reset_transport, read_buffer
 from gateway.tunnel.streams import StreamCode
 
 if TYPE_CHECKING:
@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 
-class AppStream(asyncio.Protocol):
+class AppStream(asyncio.BufferedProtocol):
     """One local TCP connection bridged to one tunnel stream."""
 
     def __init__(self, tunnel: TunnelSession | None, stream_id: int | None) -> None:
@@ -50,6 +50,14 @@ class AppStream(asyncio.Protocol):
         if self._peer_fin:
             self.peer_finished()
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # A copy of our own (immutable bytes): the stream layer keeps views of it
+        # until the records are sealed, and the shared buffer is refilled next read.
+        self.data_received(bytes(read_buffer()[:nbytes]))
+
     def data_received(self, data: bytes) -> None:
         if self.stream_id is None or self._done:
             self._pending_out += data
@@ -64,9 +72,12 @@ class AppStream(asyncio.Protocol):
                 self.tunnel.schedule_flush()
                 return
             if window:
-                self.tunnel.conn.send_stream_data(self.stream_id, data[:window])
+                view = memoryview(data)  # data is immutable bytes: views are safe
+                self.tunnel.conn.send_stream_data(self.stream_id, view[:window])
                 self.tunnel.schedule_flush()
-            self._pending_out += data[window:]
+                self._pending_out += view[window:]
+            else:
+                self._pending_out += data
         self._pause_reading()
 
     def eof_received(self) -> bool:
@@ -119,13 +130,31 @@ class AppStream(asyncio.Protocol):
             # peer waits for it.
             self.tunnel.schedule_flush()
 
+    def deliver_many(self, chunks: list[bytes | memoryview]) -> None:
+        """`deliver` for several chunks in order, written with one writelines."""
+        if len(chunks) == 1:
+            self.deliver(chunks[0])
+            return
+        if self.transport is None:
+            self._pending_in.extend(chunks)
+            return
+        self.transport.writelines(chunks)
+        n = sum(map(len, chunks))
+        if self._writing_paused:
+            self._unconsumed += n
+        elif self.stream_id is not None:
+            self.tunnel.conn.stream_data_consumed(self.stream_id, n)
+            self.tunnel.schedule_flush()
+
     def window_opened(self) -> None:
         if self.stream_id is None or self._done:
             return
         if self._pending_out:
             window = self.tunnel.conn.send_window(self.stream_id)
             if window:
-                chunk = bytes(self._pending_out[:window])
+                # A slice of a bytearray is a new bytearray nobody else holds: one copy,
+                # and safe to hand over unsealed (send_stream_data keeps views of it).
+                chunk = self._pending_out[:window]
                 del self._pending_out[:window]
                 self.tunnel.conn.send_stream_data(self.stream_id, chunk)
                 self.tunnel.schedule_flush()

@@ -359,10 +359,17 @@ class TunnelConnection:
     def send_window(self, stream_id: int) -> int:
         return 0 if self._mux is None or self.closed else self._mux.send_window(stream_id)
 
-    def send_stream_data(self, stream_id: int, data: bytes) -> None:
+    def send_stream_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Queue `data` for the stream. It is read when the records are sealed (at the
+        next `data_to_send`), so the caller must not change it until then; chunks are
+        views, not copies: sealing copies each byte once, into the record."""
         mux = self._require_mux()
-        for off in range(0, len(data), MAX_STREAM_CHUNK):
-            mux.send_data(stream_id, data[off : off + MAX_STREAM_CHUNK])
+        if len(data) <= MAX_STREAM_CHUNK:
+            mux.send_data(stream_id, data)
+            return
+        mv = memoryview(data)
+        for off in range(0, len(mv), MAX_STREAM_CHUNK):
+            mux.send_data(stream_id, mv[off : off + MAX_STREAM_CHUNK])
 
     def end_stream(self, stream_id: int) -> None:
         if self._mux is not None and not self.closed:

@@ -328,10 +328,15 @@ class RecordReader:
 
     A record that arrives whole inside one read is handed out as a view into that
     (immutable) read, without a copy; only a record split across reads is assembled,
-    from exactly the bytes it needs."""
+    once its header is known into a buffer of exactly its size, so each of its bytes is
+    copied once."""
 
     def __init__(self) -> None:
-        self._partial = bytearray()  # the start of a record split across reads
+        # The start of a record split across reads: the header bytes until the header
+        # is complete, then the whole record's buffer, filled up to `_filled`.
+        self._partial = bytearray()
+        self._record: bytearray | None = None
+        self._filled = 0
         self._chunk: memoryview = memoryview(b"")
         self._pos = 0
 
@@ -345,48 +350,59 @@ class RecordReader:
 
     @property
     def buffered(self) -> int:
-        return len(self._partial) + len(self._chunk) - self._pos
+        held = self._filled if self._record is not None else len(self._partial)
+        return held + len(self._chunk) - self._pos
 
     def next_record(self) -> tuple[int, int, bytes, memoryview] | None:
         """(type, flags, header, body) of the next complete record, or None."""
-        if self._partial:
+        if self._partial or self._record is not None:
             return self._continue_partial()
         buf, pos = self._chunk, self._pos
         avail = len(buf) - pos
         if avail < HEADER_LEN:
-            self._stash(pos)
+            self._partial += buf[pos:]
+            self._pos = len(buf)
             return None
         rtype, flags = buf[pos], buf[pos + 1]
         length = (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4]
         _check_header(rtype, length)
         end = pos + HEADER_LEN + length
         if len(buf) < end:
-            self._stash(pos)
+            self._start_record(HEADER_LEN + length, buf[pos:])
+            self._pos = len(buf)
             return None
         self._pos = end
         return rtype, flags, bytes(buf[pos : pos + HEADER_LEN]), buf[pos + HEADER_LEN : end]
 
-    def _stash(self, pos: int) -> None:
-        self._partial += self._chunk[pos:]
-        self._pos = len(self._chunk)
+    def _start_record(self, size: int, first: memoryview | bytearray) -> None:
+        record = self._record = bytearray(size)
+        record[: len(first)] = first
+        self._filled = len(first)
 
     def _continue_partial(self) -> tuple[int, int, bytes, memoryview] | None:
-        part = self._partial
-        if len(part) < HEADER_LEN:
-            self._take(HEADER_LEN - len(part))
+        if self._record is None:
+            part = self._partial
+            need = HEADER_LEN - len(part)
+            end = min(self._pos + need, len(self._chunk))
+            part += self._chunk[self._pos : end]
+            self._pos = end
             if len(part) < HEADER_LEN:
                 return None
-        rtype, flags = part[0], part[1]
-        length = (part[2] << 16) | (part[3] << 8) | part[4]
-        _check_header(rtype, length)
-        self._take(HEADER_LEN + length - len(part))
-        if len(part) < HEADER_LEN + length:
-            return None
-        record = memoryview(bytes(part))
-        part.clear()
-        return rtype, flags, bytes(record[:HEADER_LEN]), record[HEADER_LEN:]
-
-    def _take(self, n: int) -> None:
-        end = min(self._pos + n, len(self._chunk))
-        self._partial += self._chunk[self._pos : end]
+            length = (part[2] << 16) | (part[3] << 8) | part[4]
+            _check_header(part[0], length)
+            self._start_record(HEADER_LEN + length, part)
+            part.clear()
+        record = self._record
+        assert record is not None
+        end = min(self._pos + len(record) - self._filled, len(self._chunk))
+        n = end - self._pos
+        record[self._filled : self._filled + n] = self._chunk[self._pos : end]
+        self._filled += n
         self._pos = end
+        if self._filled < len(record):
+            return None
+        # The buffer is handed out and never written again: a new one for the next.
+        self._record = None
+        self._filled = 0
+        view = memoryview(record)
+        return record[0], record[1], bytes(view[:HEADER_LEN]), view[HEADER_LEN:]

@@ -104,7 +104,7 @@ class StreamMux:
     events: list[ev.Event] = field(default_factory=list)
     _streams: dict[int, _Stream] = field(default_factory=dict)
     # Frames as (header, body): a DATA body is only copied once, into the record.
-    _out: list[tuple[bytes, bytes]] = field(default_factory=list)
+    _out: list[tuple[bytes, bytes | bytearray | memoryview]] = field(default_factory=list)
     _next_local_id: int = 0
     _max_peer_id: int = 0
 
@@ -130,7 +130,7 @@ class StreamMux:
         s = self._streams.get(stream_id)
         return 0 if s is None or s.local_fin else s.send_window
 
-    def send_data(self, stream_id: int, data: bytes) -> None:
+    def send_data(self, stream_id: int, data: bytes | bytearray | memoryview) -> None:
         s = self._streams.get(stream_id)
         if s is None or s.local_fin:
             raise ValueError(f"stream {stream_id} is not open for sending")
@@ -184,7 +184,7 @@ class StreamMux:
     def stream_ids(self) -> list[int]:
         return list(self._streams)
 
-    def frames_to_send(self) -> list[tuple[bytes, bytes]]:
+    def frames_to_send(self) -> list[tuple[bytes, bytes | bytearray | memoryview]]:
         out, self._out = self._out, []
         return out
 
