@@ -29,6 +29,7 @@ import sqlite3
 import ssl
 import sys
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,9 @@ class KmeService:
         self.bucket = TokenBucket(config.link.key_rate, config.limits.max_key_count, clock())
         self._local = frozenset(config.local_sae_ids)
         self._peers = frozenset(config.peer.sae_ids)
+        # TLS connection -> its client certificate's CNs (dropped with the connection).
+        self._peer_cns: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = \
+            weakref.WeakKeyDictionary()
 
     def ideal_level(self) -> int:
         """Keys the ideal link could hand out now (its token bucket)."""
@@ -153,12 +157,21 @@ class KmeService:
         """The SAE ID (client certificate CN) of the caller, registered here; else 401."""
         transport = request.transport
         ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
-        cert = ssl_obj.getpeercert() if ssl_obj is not None else None
-        if not cert:
-            # Unreachable with CERT_REQUIRED, kept so a misconfigured context fails closed.
+        if ssl_obj is None:
             raise EtsiError(UNAUTHORIZED, "a TLS client certificate is required")
-        cns = [value for rdn in cert.get("subject", ()) for (name, value) in rdn
-               if name == "commonName"]
+        # The certificate is fixed for the connection's life: its CNs are read once per
+        # keep-alive connection, not once per request (getpeercert builds a dict of the
+        # whole certificate each call). The registration check below stays per request.
+        cns = self._peer_cns.get(ssl_obj)
+        if cns is None:
+            cert = ssl_obj.getpeercert()
+            if not cert:
+                # Unreachable with CERT_REQUIRED, kept so a misconfigured context fails
+                # closed.
+                raise EtsiError(UNAUTHORIZED, "a TLS client certificate is required")
+            cns = tuple(value for rdn in cert.get("subject", ()) for (name, value) in rdn
+                        if name == "commonName")
+            self._peer_cns[ssl_obj] = cns
         if len(cns) != 1:
             raise EtsiError(UNAUTHORIZED, "client certificate must have exactly one CN "
                             "(the SAE ID)")
@@ -888,7 +901,7 @@ SWITCH_INTERVAL_S = 0.0005
 
 def _handle(args: argparse.Namespace) -> int:
     config = KmeConfig.load(args.config)
-    configure_logging(config.log_level, config.log_format, process="kme")
+    configure_logging(config.log_level, config.log_format, process="kme", cache=True)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config, args.port_file))
