@@ -120,6 +120,14 @@ def cpu_s(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def loop_cpu_s(pid: int) -> float:
+    """utime + stime of a process's main thread (a KME's event loop: TLS, HTTP, JSON,
+    logging) in seconds; the rest of `cpu_s` is its worker threads (key store, link
+    rounds)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def prepare(work: Path) -> None:
     """Work directory with a state dir and a PKI for site-a and site-b (kept if there)."""
     work.mkdir(parents=True, exist_ok=True)

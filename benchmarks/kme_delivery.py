@@ -14,7 +14,9 @@ measurement starts. Then, for each concurrency C in --concurrency (default 1, 8,
 Prints keys/s (wall), p50/p99 latency, the count of 503s (and other failures), the
 pool level after the phase, mismatches, and the CPU seconds the two KME processes and
 this client used in the phase (the machine is shared: CPU time is the steadier
-comparison; refilling rounds run in the same KME processes and are included).
+comparison; refilling rounds run in the same KME processes and are included), and of
+that the two KMEs' event-loop threads alone (`kme_loop_cpu_s`, A and B: the request
+path's TLS, HTTP, JSON and logging; the rest is the store and link threads).
 
 Then (--sustain-rounds, default 4) the sustained phase: the pools are refilled (that
 refill measures the link's generation rate), and site-a-gw asks for one key at that
@@ -45,7 +47,17 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _kme_pair import API, Kme, cpu_s, link_status, prepare, ssl_ctx, start_pair, wait_pool
+from _kme_pair import (
+    API,
+    Kme,
+    cpu_s,
+    link_status,
+    loop_cpu_s,
+    prepare,
+    ssl_ctx,
+    start_pair,
+    wait_pool,
+)
 
 
 def quantiles(lat: list[float]) -> dict[str, float | None]:
@@ -174,10 +186,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     bodies = [{"key_IDs": [{"key_ID": k}]} for k in got]
                     url, ctx = dec_url, ctx_b
                 cpu0 = [cpu_s(k.popen.pid) for k in kmes]
+                loop0 = [loop_cpu_s(k.popen.pid) for k in kmes]
                 rounds0 = link_status(work, alice, "site-b")["rounds_committed"]
                 me0 = time.process_time()
                 res, wall = asyncio.run(phase(url, ctx, bodies, conc))
                 cpu = sum(cpu_s(k.popen.pid) for k in kmes) - sum(cpu0)
+                loops = {k.site: loop_cpu_s(k.popen.pid) - c
+                         for k, c in zip(kmes, loop0, strict=True)}
                 me = time.process_time() - me0
                 ok = [(t, d) for t, st, d in res if st == 200 and d]
                 answered = {k["key_ID"]: k["key"] for _, d in ok for k in d["keys"]}
@@ -200,6 +215,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "pool_free_after": free, "mismatches": mismatches,
                     "rounds": rounds, "wall_s": round(wall, 2), "kme_cpu_s": round(cpu, 2),
                     "client_cpu_s": round(me, 2),
+                    # event-loop threads of KME-A and KME-B (the rest: worker threads)
+                    "kme_loop_cpu_s": [round(loops[s], 2) for s in ("site-a", "site-b")],
                 } | quantiles([t for t, _ in ok]))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
                 # key bytes stay in memory only (checked against the peer, then dropped)
@@ -277,13 +294,14 @@ def main() -> int:
           f"{r['fill_s']} s), one key per request")
     print(f"{'op':9} {'conc':>4} {'req':>5} {'keys/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
           f"{'503s':>5} {'other':>5} {'free after':>10} {'mism':>4} {'rnds':>4} {'wall s':>7} "
-          f"{'KME cpu s':>9} {'client cpu s':>12}")
+          f"{'KME cpu s':>9} {'client cpu s':>12} {'loop A/B s':>10}")
     for w in r["rows"]:
         print(f"{w['op']:9} {w['concurrency']:>4} {w['requests']:>5} {w['keys_per_s']:>8} "
               f"{w['p50_ms']!s:>8} {w['p99_ms']!s:>8} {w['status_503']:>5} "
               f"{w['other_failures']:>5} {w['pool_free_after']:>10} {w['mismatches']:>4} "
               f"{w['rounds']:>4} "
-              f"{w['wall_s']:>7} {w['kme_cpu_s']:>9} {w['client_cpu_s']:>12}")
+              f"{w['wall_s']:>7} {w['kme_cpu_s']:>9} {w['client_cpu_s']:>12} "
+              f"{'/'.join(str(c) for c in w['kme_loop_cpu_s']):>10}")
     if r["sustained"]:
         w = r["sustained"]
         print(f"\nsustained at {w['rate_asked']} keys/s (the link's rate) for {w['wall_s']} s:"

@@ -27,8 +27,14 @@ def _drop_secret_fields(_logger: Any, _method: str, event: dict[str, Any]) -> di
 
 
 def configure_logging(level: str = "info", fmt: str = "console",
-                      stream: TextIO | None = None, process: str | None = None) -> None:
-    """Set up structlog for this process. `fmt` is "console" or "json"."""
+                      stream: TextIO | None = None, process: str | None = None,
+                      cache: bool = False) -> None:
+    """Set up structlog for this process. `fmt` is "console" or "json".
+
+    `cache` keeps each logger as first bound instead of rebuilding it on every call
+    (a KME logs a line per delivery): only for a process that configures logging
+    once, first thing, since a cached logger ignores any later `configure` (and
+    `structlog.testing.capture_logs`, so tests leave it off)."""
     out = stream if stream is not None else sys.stderr
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
@@ -49,7 +55,7 @@ def configure_logging(level: str = "info", fmt: str = "console",
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=out),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=cache,
     )
 
 

@@ -392,3 +392,31 @@ async def test_malformed_bodies_name_the_field(kmes: dict[str, RunningKme], pki:
     st, obj = await raw(pki, site, kmes[side], "POST", path, json_body=body)
     assert_error(st, obj, 400)
     assert needle in json.dumps(obj)
+
+
+async def test_caller_identity_per_connection_on_keep_alive(kmes: dict[str, RunningKme],
+                                                            pki: Path) -> None:
+    """The caller's CNs are read once per TLS connection: alternating requests on two
+    kept-alive connections with different certificates each name their own SAE, and
+    a certificate of an unregistered SAE is refused on every request, not just the
+    first one of its connection."""
+    url = kmes["a"].url + API
+    conns = {site: aiohttp.TCPConnector(ssl=client_ctx(pki, site), limit=1)
+             for site in ("site-a", "site-c", "site-b")}
+    sessions = {site: aiohttp.ClientSession(connector=c) for site, c in conns.items()}
+    try:
+        for _ in range(3):
+            for site in ("site-a", "site-c"):
+                async with sessions[site].get(url + "/site-b-gw/status") as r:
+                    obj = json.loads(await r.read())
+                assert r.status == 200 and obj["master_SAE_ID"] == f"{site}-gw"
+            async with sessions["site-b"].get(url + "/site-a-gw/status") as r:
+                obj = json.loads(await r.read())
+            assert_error(r.status, obj, 401)
+            assert "not registered" in obj["message"]
+        # One TCP connection each (limit=1, keep-alive): the cache was really exercised.
+        for c in conns.values():
+            assert sum(len(v) for v in c._conns.values()) == 1
+    finally:
+        for s in sessions.values():
+            await s.close()
