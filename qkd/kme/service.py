@@ -332,8 +332,21 @@ class KmeService:
             self._maybe_refill(pair)
         if taken is None:
             keys = await self._reserve(master, slave, number, size)
-            taken = await self.store.take([k.key_id for k in keys], master, slave,
-                                          time.time())
+            try:
+                taken = await self.store.take([k.key_id for k in keys], master, slave,
+                                              time.time())
+            except PoolError as exc:
+                # The queued path may have served these from the standing slice
+                # (`_reserve_group`), whose keys can have expired meanwhile: drop the
+                # slice as above and reserve afresh, once (a second failure is real).
+                standing = self._standing.get(pair)
+                log.info("standing_reservation_dropped", master=master, slave=slave,
+                         reason=exc.reason, keys=len(standing or ()))
+                if standing:
+                    standing.clear()
+                keys = await self._reserve(master, slave, number, size)
+                taken = await self.store.take([k.key_id for k in keys], master, slave,
+                                              time.time())
         self.delivered_master += len(taken)
         log.info("keys_delivered", role="master", master=master, slave=slave,
                  count=len(taken), size=size, key_ids=[k for k, _ in taken])

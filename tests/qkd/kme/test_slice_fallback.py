@@ -113,3 +113,52 @@ async def test_control_without_the_slice_check_it_was_a_503(pair: Any,
     first, second = await _race(svc)
     assert not isinstance(first, BaseException), first
     assert isinstance(second, EtsiError) and second.status == 503
+
+
+
+@pytest.mark.parametrize("fresh_fails_too", [False, True])
+async def test_expired_slice_keys_on_the_queued_path_are_dropped_and_reserved_afresh(
+        pair: Any, monkeypatch: Any, fresh_fails_too: bool) -> None:
+    """A request queued behind a top-up is served from the slice (above); when those
+    keys expired meanwhile, the slice is dropped and the request gets a fresh
+    reservation instead of the store's error. Control: when the fresh take fails too,
+    that error still reaches the caller (nothing is hidden)."""
+    svc, _peer = pair
+    link: Any = svc.bb84
+    slice_ids: set[str] = set()
+    real_reserve_at_peer = link.reserve_at_peer
+
+    async def reserve_at_peer(master: str, slave: str, keys: list[ReservedKey]) -> None:
+        if not slice_ids:  # the first RESERVE: one key for the first request + top-up
+            slice_ids.update(k.key_id for k in keys[1:])
+        await real_reserve_at_peer(master, slave, keys)
+
+    link.reserve_at_peer = reserve_at_peer
+    real_take = svc.store.take
+    calls: list[str] = []
+
+    async def take(ids: list[str], *args: Any) -> Any:
+        if set(ids) <= slice_ids:
+            calls.append("slice")
+            raise service_mod.PoolError("key expired (test)", ids)
+        if fresh_fails_too and calls:
+            calls.append("fresh")
+            raise service_mod.PoolError("key expired (test)", ids)
+        return await real_take(ids, *args)
+
+    monkeypatch.setattr(svc.store, "take", take)
+    first = asyncio.ensure_future(svc.deliver_master("m", "s", 1, KEY_BITS))
+    while link.sent == 0:
+        await asyncio.sleep(0.001)
+    second = asyncio.ensure_future(svc.deliver_master("m", "s", 1, KEY_BITS))
+    await asyncio.sleep(0.01)  # queued behind the in-flight RESERVE
+    link.gate.set()
+    got = await asyncio.gather(first, second, return_exceptions=True)
+    assert not isinstance(got[0], BaseException), got[0]
+    assert calls[0] == "slice"
+    if fresh_fails_too:
+        assert isinstance(got[1], service_mod.PoolError)
+        return
+    assert not isinstance(got[1], BaseException), got[1]
+    assert got[1][0].key_id not in slice_ids and got[1][0].key_id != got[0][0].key_id
+    assert not ({k.key_id for k in svc._standing.get(("m", "s"), ())} & slice_ids)
