@@ -99,6 +99,9 @@ class RefillGate:
         self._store = store
         self.policy = policy
         self._clock = clock  # monotonic: the policy's rates and round times
+        # The store's own level at the last pool_level call: a round the link starts
+        # for its pads while no refill is due may still fill the pool up to the cap.
+        self.real_level: int | None = None
 
     async def deposit(self, blocks: Sequence[tuple[str, bytes]], now: float,
                       lifetime: float, limit: int | None = None,
@@ -110,7 +113,8 @@ class RefillGate:
         return trimmed
 
     async def pool_level(self, now: float) -> int:
-        return self.policy.level(await self._store.pool_level(now), self._clock())
+        self.real_level = await self._store.pool_level(now)
+        return self.policy.level(self.real_level, self._clock())
 
     async def release(self, keys: Sequence[ReservedKey]) -> None:
         await self._store.release(keys)

@@ -693,10 +693,14 @@ class Bb84Link:
         if core.round_active or not core.peer_ready or \
                 core.next_round_number() != number:
             return
+        # Room is the store's real headroom: behind the refill gate (qkd/kme/refill.py)
+        # `level` reads "full" while no refill is due, and a round started only for the
+        # link's pads would otherwise throw its key away.
+        real = getattr(self.store, "real_level", None)
+        room = max(0, self._max - (level if real is None else min(real, level)))
         before = core.stats.rounds_aborted
         try:
-            await self._call(functools.partial(core.start_round,
-                                               room=max(0, self._max - level)),
+            await self._call(functools.partial(core.start_round, room=room),
                              time.monotonic(), prepared)
         except (ValueError, LinkUnavailable):
             return  # the connection changed meanwhile, or the state was not saved

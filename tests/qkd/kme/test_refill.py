@@ -129,6 +129,9 @@ async def test_gate_passes_calls_through_and_gates_the_level() -> None:
     clock = iter(float(i) for i in range(100))
     gate = RefillGate(store, RefillPolicy(MAX, 0.75), lambda: next(clock))
     assert await gate.pool_level(0.0) == MAX  # 900: above the mark, no draw
+    # ... while the real headroom stays visible: a round started for the link's pads
+    # sizes its key from it (bb84.py), instead of storing nothing.
+    assert gate.real_level == 900
     store.level = 700
     assert await gate.pool_level(0.0) == 700
     key = ReservedKey("k", ("b",), 256)
