@@ -661,7 +661,52 @@ done:
     return res;
 }
 
+/* sift_select(a_basis: u8[n], b_basis: u8[n], intensity: u8[n], z, x,
+ *             zsel: int64[n] writable, xsel: int64[n] writable)
+ *   -> (nz, nx, (n_z per class 0..2), (n_x per class 0..2))
+ * The indices where both bases equal z (resp. x), in order, into zsel[:nz] (xsel[:nx]),
+ * and their counts per intensity class; a class >= 3 is counted in neither (as
+ * np.bincount(...)[:3] of the reference, protocol._Party._sift_counts). */
+static PyObject *sift_select(PyObject *self, PyObject *args) {
+    Py_buffer ab, bb, ib, zs, xs;
+    int z, x;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*iiw*w*", &ab, &bb, &ib, &z, &x, &zs, &xs))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t n = ab.len;
+    if (bb.len != n || ib.len != n) {
+        PyErr_SetString(PyExc_ValueError, "sift_select: bases and intensities differ in length");
+        goto done;
+    }
+    if (!need_n(&zs, n, 8, "sift_select zsel") || !need_n(&xs, n, 8, "sift_select xsel"))
+        goto done;
+    {
+        const uint8_t *a = ab.buf, *b = bb.buf, *in = ib.buf;
+        uint8_t *zo = zs.buf, *xo = xs.buf;
+        Py_ssize_t nz = 0, nx = 0, cz[4] = {0, 0, 0, 0}, cx[4] = {0, 0, 0, 0};
+        /* Branch-free (random bases would mispredict half the time): every index is
+         * written at the next free place and kept only if selected; nz, nx <= i < n. */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            unsigned c = in[i] < 3 ? in[i] : 3;
+            Py_ssize_t mz = (a[i] == b[i]) & (a[i] == z), mx = (a[i] == b[i]) & (a[i] == x);
+            wr64(zo + 8 * nz, (uint64_t)i);
+            wr64(xo + 8 * nx, (uint64_t)i);
+            nz += mz;
+            nx += mx;
+            cz[c] += mz;
+            cx[c] += mx;
+        }
+        res = Py_BuildValue("nn(nnn)(nnn)", nz, nx, cz[0], cz[1], cz[2], cx[0], cx[1], cx[2]);
+    }
+done:
+    PyBuffer_Release(&ab); PyBuffer_Release(&bb); PyBuffer_Release(&ib);
+    PyBuffer_Release(&zs); PyBuffer_Release(&xs);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"sift_select", sift_select, METH_VARARGS, "sifted Z/X indices and class counts"},
     {"insert_inplace", insert_inplace, METH_VARARGS, "np.insert inside spare capacity"},
     {"insert_sorted", insert_sorted, METH_VARARGS, "np.insert at sorted positions"},
     {"count_eq", count_eq, METH_VARARGS, "count a 16-bit value"},

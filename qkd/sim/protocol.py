@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from qkd import native
 from qkd.sim import messages as m
 from qkd.sim.channel import AliceRecord, BobRecord
 from qkd.sim.constants import (
@@ -129,6 +130,25 @@ class _Party:
 
     def _sift_counts(self, a_basis: np.ndarray, b_basis: np.ndarray,
                      intensity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        kernel = native.load("bb84")
+        if (kernel is not None and a_basis.dtype == b_basis.dtype == intensity.dtype
+                == np.uint8 and a_basis.ndim == b_basis.ndim == intensity.ndim == 1
+                and a_basis.size == b_basis.size == intensity.size):
+            # One pass instead of five comparisons, two flatnonzero and two bincounts.
+            n = a_basis.size
+            zbuf = np.empty(n, np.int64)
+            xbuf = np.empty(n, np.int64)
+            nz, nx, cz, cx = kernel.sift_select(
+                np.ascontiguousarray(a_basis), np.ascontiguousarray(b_basis),
+                np.ascontiguousarray(intensity), Z_BASIS, X_BASIS, zbuf, xbuf)
+            r = self.result
+            r.n_z, r.n_x = cz, cx
+            r.sifted_bits, r.test_bits = nz, nx
+            return zbuf[:nz], xbuf[:nx]
+        return self._sift_counts_reference(a_basis, b_basis, intensity)
+
+    def _sift_counts_reference(self, a_basis: np.ndarray, b_basis: np.ndarray,
+                               intensity: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         match = a_basis == b_basis
         zsel = np.flatnonzero(match & (a_basis == Z_BASIS))
         xsel = np.flatnonzero(match & (a_basis == X_BASIS))
