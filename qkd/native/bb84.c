@@ -705,7 +705,44 @@ done:
     return res;
 }
 
+/* increasing_in(values: int64[n], limit) -> whether 0 <= values[0] and every
+ * values[i-1] < values[i] and values[n-1] < limit (True for n == 0): the check of
+ * Detections.body before the slots are delta-coded. */
+static PyObject *increasing_in(PyObject *self, PyObject *args) {
+    Py_buffer v;
+    long long limit;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*L", &v, &limit)) return NULL;
+    PyObject *res = NULL;
+    if (v.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "increasing_in: not a 64-bit array");
+        goto done;
+    }
+    {
+        Py_ssize_t n = v.len / 8;
+        const uint8_t *p = v.buf;
+        int ok = 1;
+        if (n) {
+            int64_t prev, x;
+            memcpy(&prev, p, 8);
+            ok = prev >= 0;
+            /* No early exit: a branch-free AND over the whole array. */
+            for (Py_ssize_t i = 1; i < n; i++) {
+                memcpy(&x, p + 8 * i, 8);
+                ok &= prev < x;
+                prev = x;
+            }
+            ok &= prev < limit;
+        }
+        res = PyBool_FromLong(ok);
+    }
+done:
+    PyBuffer_Release(&v);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"increasing_in", increasing_in, METH_VARARGS, "strictly increasing in [0, limit)"},
     {"sift_select", sift_select, METH_VARARGS, "sifted Z/X indices and class counts"},
     {"insert_inplace", insert_inplace, METH_VARARGS, "np.insert inside spare capacity"},
     {"insert_sorted", insert_sorted, METH_VARARGS, "np.insert at sorted positions"},
