@@ -741,7 +741,89 @@ done:
     return res;
 }
 
+/* sift_pick(use_idx, idx: int64[n], basis: u8[m], intensity: u8[m], bit: u8[m],
+ *           other: u8[n], z, x, out_basis: u8[n], out_int: u8[n], key: u8[n],
+ *           xbits: u8[n], xint: u8[n])
+ *   -> (nz, nx, (n_z per class 0..2), (n_x per class 0..2))
+ * One party's sifting in one pass. With use_idx (Alice): entry i is basis/intensity/bit
+ * at idx[i] (each 0 <= idx[i] < m, checked), and the gathered basis and intensity go to
+ * out_basis/out_int (her SiftReply); without (Bob): entry i is basis[i] etc. (m == n)
+ * and out_basis/out_int are not touched. Where basis == other == z: bit into key[:nz];
+ * == x: bit into xbits[:nx] and intensity into xint[:nx]; the counts per class as
+ * sift_select (a class >= 3 is counted in neither). */
+static PyObject *sift_pick(PyObject *self, PyObject *args) {
+    Py_buffer ix, ba, in, bi, ot, ob, oi, ky, xb, xi;
+    int use_idx, z, x;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "py*y*y*y*y*iiw*w*w*w*w*", &use_idx, &ix, &ba, &in, &bi,
+                          &ot, &z, &x, &ob, &oi, &ky, &xb, &xi))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t n = ot.len, m = ba.len;
+    if (in.len != m || bi.len != m) {
+        PyErr_SetString(PyExc_ValueError, "sift_pick: basis, intensity and bit differ in length");
+        goto done;
+    }
+    if (use_idx) {
+        if (!need_n(&ix, n, 8, "sift_pick idx") || !need_n(&ob, n, 1, "sift_pick out_basis") ||
+            !need_n(&oi, n, 1, "sift_pick out_int"))
+            goto done;
+    } else if (m != n) {
+        PyErr_SetString(PyExc_ValueError, "sift_pick: record and bases differ in length");
+        goto done;
+    }
+    if (!need_n(&ky, n, 1, "sift_pick key") || !need_n(&xb, n, 1, "sift_pick xbits") ||
+        !need_n(&xi, n, 1, "sift_pick xint"))
+        goto done;
+    {
+        const uint8_t *ip = ix.buf, *a = ba.buf, *c = in.buf, *v = bi.buf, *o = ot.buf;
+        uint8_t *pb = ob.buf, *pi = oi.buf, *pk = ky.buf, *px = xb.buf, *pxi = xi.buf;
+        Py_ssize_t nz = 0, nx = 0, cz[4] = {0, 0, 0, 0}, cx[4] = {0, 0, 0, 0};
+        if (use_idx) {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                int64_t j;
+                memcpy(&j, ip + 8 * i, 8);
+                if (j < 0 || j >= m) {
+                    PyErr_SetString(PyExc_ValueError, "sift_pick: index out of range");
+                    goto done;
+                }
+            }
+        }
+        /* Branch-free as sift_select: written at the next free place, kept if selected. */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_ssize_t j = i;
+            if (use_idx) {
+                int64_t jj;
+                memcpy(&jj, ip + 8 * i, 8);
+                j = (Py_ssize_t)jj;
+            }
+            uint8_t ab = a[j], cl = c[j], bt = v[j];
+            if (use_idx) {
+                pb[i] = ab;
+                pi[i] = cl;
+            }
+            unsigned k = cl < 3 ? cl : 3;
+            Py_ssize_t mz = (ab == o[i]) & (ab == z), mx = (ab == o[i]) & (ab == x);
+            pk[nz] = bt;
+            px[nx] = bt;
+            pxi[nx] = cl;
+            nz += mz;
+            nx += mx;
+            cz[k] += mz;
+            cx[k] += mx;
+        }
+        res = Py_BuildValue("nn(nnn)(nnn)", nz, nx, cz[0], cz[1], cz[2], cx[0], cx[1], cx[2]);
+    }
+done:
+    PyBuffer_Release(&ix); PyBuffer_Release(&ba); PyBuffer_Release(&in);
+    PyBuffer_Release(&bi); PyBuffer_Release(&ot); PyBuffer_Release(&ob);
+    PyBuffer_Release(&oi); PyBuffer_Release(&ky); PyBuffer_Release(&xb);
+    PyBuffer_Release(&xi);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"sift_pick", sift_pick, METH_VARARGS, "one party's sifting: gathers, key, test bits"},
     {"increasing_in", increasing_in, METH_VARARGS, "strictly increasing in [0, limit)"},
     {"sift_select", sift_select, METH_VARARGS, "sifted Z/X indices and class counts"},
     {"insert_inplace", insert_inplace, METH_VARARGS, "np.insert inside spare capacity"},

@@ -139,3 +139,106 @@ def test_increasing_in_matches_numpy(seed: int) -> None:
     assert kernel.increasing_in(v, limit) is want
     with pytest.raises(ValueError):
         kernel.increasing_in(np.zeros(3, np.uint8), 10)
+
+
+# --- one party's sifting in one pass (bb84.sift_pick) -----------------------------------
+
+
+def _ref_alice(idx: np.ndarray, basis: np.ndarray, intensity: np.ndarray, bit: np.ndarray,
+               other: np.ndarray) -> tuple[_Party, tuple[np.ndarray, ...]]:
+    p = _party()
+    a_basis, inten = basis[idx], intensity[idx]
+    zsel, xsel = p._sift_counts_reference(a_basis, other, inten)
+    return p, (a_basis, inten, bit[idx[zsel]], bit[idx[xsel]], inten[xsel])
+
+
+def _ref_bob(basis: np.ndarray, intensity: np.ndarray, bit: np.ndarray,
+             other: np.ndarray) -> tuple[_Party, tuple[np.ndarray, ...]]:
+    p = _party()
+    zsel, xsel = p._sift_counts_reference(basis, other, intensity)
+    return p, (np.zeros(0, np.uint8), np.zeros(0, np.uint8), bit[zsel], bit[xsel],
+               intensity[xsel])
+
+
+def _same(fast: _Party, got: tuple[np.ndarray, ...] | None, ref: _Party,
+          want: tuple[np.ndarray, ...]) -> None:
+    assert got is not None
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == np.uint8 and np.array_equal(g, w)
+    for name in ("n_z", "n_x", "sifted_bits", "test_bits"):
+        assert getattr(fast.result, name) == getattr(ref.result, name), name
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 63, 64, 65, 128, 1000, 4099])
+@pytest.mark.parametrize("seed", range(8))
+def test_pick_matches_reference(n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed * 104729 + n)
+    m_ = n * 3 + 1  # Alice's record: more slots than announced
+    basis = rng.integers(0, 2, m_, dtype=np.uint8)
+    intensity = rng.integers(0, 3 if seed % 2 else 256, m_, dtype=np.uint8)
+    bit = rng.integers(0, 2, m_, dtype=np.uint8)
+    idx = np.sort(rng.choice(m_, n, replace=False)).astype(np.int64)
+    other = rng.integers(0, 2, n, dtype=np.uint8)
+    fast = _party()
+    got = fast._pick(idx, basis, intensity, bit, other)
+    ref, want = _ref_alice(idx, basis, intensity, bit, other)
+    _same(fast, got, ref, want)
+    # Bob: his own record, entry by entry
+    b_int, b_basis, b_bit = intensity[:n], basis[:n], bit[:n]
+    fast = _party()
+    got = fast._pick(None, other, b_int, b_bit, b_basis)
+    ref, want = _ref_bob(other, b_int, b_bit, b_basis)
+    _same(fast, got, ref, want)
+
+
+def test_pick_falls_back_on_other_dtypes() -> None:
+    a = np.zeros(5, np.uint8)
+    assert _party()._pick(None, a.astype(bool), a, a, a) is None
+    assert _party()._pick(np.zeros(5, np.int32), a, a, a, a) is None
+    assert _party()._pick(None, a[:4], a, a, a) is None
+    assert _party()._pick(None, a, a, a, a) is not None  # positive control
+
+
+def test_pick_kernel_checks_bounds_and_sizes() -> None:
+    u = np.zeros(10, np.uint8)
+
+    def call(idx: np.ndarray, use_idx: bool = True, rec: np.ndarray = u,
+             other: np.ndarray = u, out: int = 10) -> tuple:
+        bufs = [np.empty(out, np.uint8) for _ in range(5)]
+        return kernel.sift_pick(use_idx, idx, rec, rec, rec, other, 0, 1, *bufs)
+
+    ok = np.arange(10, dtype=np.int64)
+    assert call(ok)[:2] == (10, 0)  # positive control
+    for bad in (10, -1, 1 << 62):
+        idx = ok.copy()
+        idx[3] = bad
+        with pytest.raises(ValueError, match="index out of range"):
+            call(idx)
+    with pytest.raises(ValueError):
+        call(ok[:9])  # idx shorter than the announced bases
+    with pytest.raises(ValueError):
+        call(ok, out=9)  # an output too small
+    with pytest.raises(ValueError):
+        kernel.sift_pick(True, ok, u, u[:9], u, u, 0, 1, *[np.empty(10, np.uint8)] * 5)
+    with pytest.raises(ValueError):
+        call(b"", use_idx=False, other=u[:9])  # Bob: record and bases differ
+
+
+def test_session_same_with_the_reference_sifting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A whole session with the compiled sifting and with the numpy one: the same report.
+    from qkd.sim.params import LinkParams
+    from qkd.sim.protocol import _Party as P
+    from qkd.sim.session import run_session
+
+    params = LinkParams(distance_km=5, pulses=2 * 10**6, mu=0.6, nu=0.15, p_mu=0.5,
+                        p_nu=0.35, detector_efficiency=0.25)
+    fast = run_session(params, seed=3)
+    monkeypatch.setattr(P, "_pick", lambda self, *a: None)
+    monkeypatch.setattr(P, "_sift_counts", P._sift_counts_reference)
+    monkeypatch.setattr(m.PackedDetections, "body", m.PackedDetections.body_reference)
+    ref = run_session(params, seed=3)
+    assert fast["sifted_bits"] > 1000  # the session did sift
+    def untimed(r: dict) -> dict:
+        return {k: v for k, v in r.items() if not k.startswith("time_")}
+
+    assert untimed(fast) == untimed(ref) and fast["final_key_bits"] > 0
