@@ -822,7 +822,84 @@ done:
     return res;
 }
 
+/* parity_query_body(opens_frame: int64[k], opens_pass: int64[k], nodes: int64[n], limit)
+ *   -> bytes: varint k | k frame varints | k pass varints | varint n | the n node gaps
+ * (first id, then id_i - id_(i-1) - 1) as varints: ParityQuery.body_reference's bytes,
+ * with its checks as ValueErrors in its order (lengths, negatives, limit, increasing). */
+static PyObject *parity_query_body(PyObject *self, PyObject *args) {
+    Py_buffer fb, pb, nb;
+    long long limit;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*L", &fb, &pb, &nb, &limit)) return NULL;
+    PyObject *res = NULL;
+    if (fb.len % 8 || pb.len % 8 || nb.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "parity_query_body: not 64-bit arrays");
+        goto done;
+    }
+    {
+        Py_ssize_t k = fb.len / 8, n = nb.len / 8;
+        const uint8_t *f = fb.buf, *q = pb.buf, *d = nb.buf;
+        int64_t v, prev;
+        if (pb.len != fb.len) {
+            PyErr_SetString(PyExc_ValueError, "opens_frame and opens_pass differ in length");
+            goto done;
+        }
+        int neg = 0, big = 0, dec = 0;
+        Py_ssize_t size = varint_len((uint64_t)k) + varint_len((uint64_t)n);
+        for (Py_ssize_t i = 0; i < k; i++) {
+            memcpy(&v, f + 8 * i, 8);
+            neg |= v < 0;
+            big |= v >= limit;
+            size += varint_len((uint64_t)v);
+            memcpy(&v, q + 8 * i, 8);
+            neg |= v < 0;
+            big |= v >= limit;
+            size += varint_len((uint64_t)v);
+        }
+        prev = -1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            memcpy(&v, d + 8 * i, 8);
+            if (i == 0) neg |= v < 0;
+            /* The gap as the reference's int64 arithmetic (wrapping), then its sign. */
+            uint64_t g = (uint64_t)v - (uint64_t)prev - 1;
+            dec |= (int64_t)g < 0;
+            size += varint_len(g);
+            prev = v;
+        }
+        if (n) big |= prev >= limit;
+        if (neg) {
+            PyErr_SetString(PyExc_ValueError, "negative node, frame or pass");
+            goto done;
+        }
+        if (big) {
+            PyErr_SetString(PyExc_ValueError, "node, frame or pass at or above 2^62");
+            goto done;
+        }
+        if (dec) {
+            PyErr_SetString(PyExc_ValueError, "node ids must be strictly increasing");
+            goto done;
+        }
+        res = PyBytes_FromStringAndSize(NULL, size);
+        if (!res) goto done;
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(res);
+        o = put_varint(o, (uint64_t)k);
+        for (Py_ssize_t i = 0; i < k; i++) o = put_varint(o, rd64(f + 8 * i));
+        for (Py_ssize_t i = 0; i < k; i++) o = put_varint(o, rd64(q + 8 * i));
+        o = put_varint(o, (uint64_t)n);
+        prev = -1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            memcpy(&v, d + 8 * i, 8);
+            o = put_varint(o, (uint64_t)v - (uint64_t)prev - 1);
+            prev = v;
+        }
+    }
+done:
+    PyBuffer_Release(&fb); PyBuffer_Release(&pb); PyBuffer_Release(&nb);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"parity_query_body", parity_query_body, METH_VARARGS, "ParityQuery's body, checked"},
     {"sift_pick", sift_pick, METH_VARARGS, "one party's sifting: gathers, key, test bits"},
     {"increasing_in", increasing_in, METH_VARARGS, "strictly increasing in [0, limit)"},
     {"sift_select", sift_select, METH_VARARGS, "sifted Z/X indices and class counts"},

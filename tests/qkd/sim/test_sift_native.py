@@ -243,3 +243,60 @@ def test_session_same_with_the_reference_sifting(monkeypatch: pytest.MonkeyPatch
 
     # 1e7 pulses: through Cascade and verification (the finite key is still 0)
     assert untimed(fast) == untimed(ref) and fast["leaked_ec_bits"] > 0
+
+
+# --- ParityQuery.body in one compiled pass (bb84.parity_query_body) ---------------------
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_parity_query_body_matches_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([0, 1, 2, 63, 64, 65, 300]))
+    k = int(rng.choice([0, 1, 5]))
+    top = int(rng.choice([100, 1 << 20, c.ID_LIMIT]))
+    nodes = np.unique(rng.integers(0, top, n)).astype(np.int64)
+    of = rng.integers(0, top, k).astype(np.int64)
+    op = rng.integers(0, 64, k).astype(np.int64)
+    msg = m.ParityQuery(nodes, of, op)
+    assert msg.body() == msg.body_reference()
+    back = m.decode(msg.encode())
+    assert np.array_equal(back.nodes, nodes) and np.array_equal(back.opens_frame, of)
+
+
+_BIG = c.ID_LIMIT
+
+
+@pytest.mark.parametrize("nodes, of, op", [
+    ([1, 2], [0], []),                 # lengths
+    ([-1, 2], [], []),                 # negative node
+    ([1, 2], [-1], [0]),               # negative frame
+    ([1, 2], [0], [-5]),               # negative pass
+    ([1, _BIG], [], []),               # node at the limit
+    ([1], [_BIG], [0]),                # frame at the limit
+    ([1], [0], [_BIG]),                # pass at the limit
+    ([3, 3], [], []),                  # repeat
+    ([5, 2, 9], [], []),               # decrease
+    ([0, -(1 << 63)], [], []),         # a wrapping gap: what the reference does
+    ([-1], [_BIG], [0]),               # two faults: the reference's first
+    ([4, 2], [_BIG], [0]),
+])
+def test_parity_query_body_refuses_as_reference(nodes: list[int], of: list[int],
+                                                op: list[int]) -> None:
+    msg = m.ParityQuery(np.array(nodes, np.int64), np.array(of, np.int64),
+                        np.array(op, np.int64))
+    try:
+        want: bytes | str = msg.body_reference()
+    except ValueError as exc:
+        want = str(exc)
+    try:
+        got: bytes | str = msg.body()
+    except ValueError as exc:
+        got = str(exc)
+    assert got == want
+
+
+def test_parity_query_body_kernel_refuses_non_64_bit() -> None:
+    z = np.arange(3, dtype=np.int64)
+    assert kernel.parity_query_body(z[:0], z[:0], z, 10) == b"\x00\x03\x00\x00\x00"
+    with pytest.raises(ValueError):
+        kernel.parity_query_body(z[:0], z[:0], np.zeros(3, np.uint8), 10)
