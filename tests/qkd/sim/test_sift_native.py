@@ -300,3 +300,76 @@ def test_parity_query_body_kernel_refuses_non_64_bit() -> None:
     assert kernel.parity_query_body(z[:0], z[:0], z, 10) == b"\x00\x03\x00\x00\x00"
     with pytest.raises(ValueError):
         kernel.parity_query_body(z[:0], z[:0], np.zeros(3, np.uint8), 10)
+
+
+# --- ParityQuery.parse: node ids as running sums from the decoder ----------------------
+
+
+def _parse_both(body: bytes) -> tuple[object, object]:
+    out = []
+    for parse in (m.ParityQuery.parse, m.ParityQuery.parse_reference):
+        r = m._Reader(body)
+        try:
+            q = parse(r)
+            r.end()
+            out.append(("ok", q.nodes.dtype, q.nodes.tolist(), q.opens_frame.tolist(),
+                        q.opens_pass.tolist()))
+        except m.MessageError as exc:
+            out.append(("err", str(exc)))
+    return out[0], out[1]
+
+
+def _vi(*vals: int) -> bytes:
+    return b"".join(m._varint(v) for v in vals)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_parity_query_parse_matches_reference(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.choice([0, 1, 2, 63, 64, 65, 300]))
+    top = int(rng.choice([100, 1 << 20, c.ID_LIMIT]))
+    nodes = np.unique(rng.integers(0, top, n)).astype(np.int64)
+    of = rng.integers(0, 50, 2).astype(np.int64)
+    body = m.ParityQuery(nodes, of, of + 1).body_reference()
+    fast, ref = _parse_both(body)
+    assert fast == ref and fast[0] == "ok"
+    # hostile: truncations and byte flips of a valid body decode (or fail) as the reference
+    for _ in range(20):
+        b = bytearray(body)
+        if b and rng.random() < 0.5:
+            b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
+        cut = int(rng.integers(0, len(b) + 1))
+        fast, ref = _parse_both(bytes(b[:cut] if rng.random() < 0.3 else b))
+        assert fast == ref
+
+
+@pytest.mark.parametrize("body", [
+    _vi(0, 1, c.ID_LIMIT - 1),              # the largest node: accepted
+    _vi(0, 1, c.ID_LIMIT),                  # a gap at the limit
+    _vi(0, 2, c.ID_LIMIT - 2, 0),           # sum(gap + 1) == ID_LIMIT: accepted
+    _vi(0, 2, c.ID_LIMIT - 2, 1),           # one above
+    _vi(0, 5) + _vi(*[c.ID_LIMIT - 1] * 5),  # the sums wrap 2^64
+    _vi(0, 3, 1, 2),                        # truncated
+    _vi(0, 1) + b"\x80\x00",                # over-long
+    _vi(0, 1) + b"\xff" * 9 + b"\x01",      # at or above 2^63
+    _vi(0, 1 << 40),                        # a huge count
+    _vi(1, c.ID_LIMIT, 0, 0),               # a frame out of range
+    _vi(0, 0),                              # no nodes
+])
+def test_parity_query_parse_edges_as_reference(body: bytes) -> None:
+    fast, ref = _parse_both(body)
+    assert fast == ref
+
+
+def test_parity_query_parse_random_bytes_as_reference() -> None:
+    rng = np.random.default_rng(99)
+    outcomes = set()
+    for _ in range(3000):
+        n = int(rng.integers(0, 24))
+        body = bytes(rng.integers(0, 256, n, dtype=np.uint8))
+        if rng.random() < 0.5:
+            body = _vi(0, int(rng.integers(0, 8))) + body
+        fast, ref = _parse_both(body)
+        assert fast == ref
+        outcomes.add(fast[0] if fast[0] == "ok" else fast[1])
+    assert "ok" in outcomes and len(outcomes) >= 3  # the fuzz reached more than one branch
