@@ -173,8 +173,8 @@ class _Party:
         if idx is not None and (idx.dtype != np.int64 or idx.ndim != 1):
             return None
         n = other.size
-        if idx is None and not basis.size == intensity.size == bit.size == n:
-            return None  # the reference's own errors, not the kernel's
+        if not basis.size == intensity.size == bit.size or (idx is None and bit.size != n):
+            return None  # the reference's own behaviour, not the kernel's error
         ob = np.empty(n if idx is not None else 0, np.uint8)
         oi = np.empty_like(ob)
         key = np.empty(n, np.uint8)

@@ -196,6 +196,7 @@ def test_pick_falls_back_on_other_dtypes() -> None:
     assert _party()._pick(None, a.astype(bool), a, a, a) is None
     assert _party()._pick(np.zeros(5, np.int32), a, a, a, a) is None
     assert _party()._pick(None, a[:4], a, a, a) is None
+    assert _party()._pick(np.zeros(5, np.int64), a, a[:4], a, a) is None
     assert _party()._pick(None, a, a, a, a) is not None  # positive control
 
 
