@@ -661,7 +661,248 @@ done:
     return res;
 }
 
+/* sift_select(a_basis: u8[n], b_basis: u8[n], intensity: u8[n], z, x,
+ *             zsel: int64[n] writable, xsel: int64[n] writable)
+ *   -> (nz, nx, (n_z per class 0..2), (n_x per class 0..2))
+ * The indices where both bases equal z (resp. x), in order, into zsel[:nz] (xsel[:nx]),
+ * and their counts per intensity class; a class >= 3 is counted in neither (as
+ * np.bincount(...)[:3] of the reference, protocol._Party._sift_counts). */
+static PyObject *sift_select(PyObject *self, PyObject *args) {
+    Py_buffer ab, bb, ib, zs, xs;
+    int z, x;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*iiw*w*", &ab, &bb, &ib, &z, &x, &zs, &xs))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t n = ab.len;
+    if (bb.len != n || ib.len != n) {
+        PyErr_SetString(PyExc_ValueError, "sift_select: bases and intensities differ in length");
+        goto done;
+    }
+    if (!need_n(&zs, n, 8, "sift_select zsel") || !need_n(&xs, n, 8, "sift_select xsel"))
+        goto done;
+    {
+        const uint8_t *a = ab.buf, *b = bb.buf, *in = ib.buf;
+        uint8_t *zo = zs.buf, *xo = xs.buf;
+        Py_ssize_t nz = 0, nx = 0, cz[4] = {0, 0, 0, 0}, cx[4] = {0, 0, 0, 0};
+        /* Branch-free (random bases would mispredict half the time): every index is
+         * written at the next free place and kept only if selected; nz, nx <= i < n. */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            unsigned c = in[i] < 3 ? in[i] : 3;
+            Py_ssize_t mz = (a[i] == b[i]) & (a[i] == z), mx = (a[i] == b[i]) & (a[i] == x);
+            wr64(zo + 8 * nz, (uint64_t)i);
+            wr64(xo + 8 * nx, (uint64_t)i);
+            nz += mz;
+            nx += mx;
+            cz[c] += mz;
+            cx[c] += mx;
+        }
+        res = Py_BuildValue("nn(nnn)(nnn)", nz, nx, cz[0], cz[1], cz[2], cx[0], cx[1], cx[2]);
+    }
+done:
+    PyBuffer_Release(&ab); PyBuffer_Release(&bb); PyBuffer_Release(&ib);
+    PyBuffer_Release(&zs); PyBuffer_Release(&xs);
+    return res;
+}
+
+/* increasing_in(values: int64[n], limit) -> whether 0 <= values[0] and every
+ * values[i-1] < values[i] and values[n-1] < limit (True for n == 0): the check of
+ * Detections.body before the slots are delta-coded. */
+static PyObject *increasing_in(PyObject *self, PyObject *args) {
+    Py_buffer v;
+    long long limit;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*L", &v, &limit)) return NULL;
+    PyObject *res = NULL;
+    if (v.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "increasing_in: not a 64-bit array");
+        goto done;
+    }
+    {
+        Py_ssize_t n = v.len / 8;
+        const uint8_t *p = v.buf;
+        int ok = 1;
+        if (n) {
+            int64_t prev, x;
+            memcpy(&prev, p, 8);
+            ok = prev >= 0;
+            /* No early exit: a branch-free AND over the whole array. */
+            for (Py_ssize_t i = 1; i < n; i++) {
+                memcpy(&x, p + 8 * i, 8);
+                ok &= prev < x;
+                prev = x;
+            }
+            ok &= prev < limit;
+        }
+        res = PyBool_FromLong(ok);
+    }
+done:
+    PyBuffer_Release(&v);
+    return res;
+}
+
+/* sift_pick(use_idx, idx: int64[n], basis: u8[m], intensity: u8[m], bit: u8[m],
+ *           other: u8[n], z, x, out_basis: u8[n], out_int: u8[n], key: u8[n],
+ *           xbits: u8[n], xint: u8[n])
+ *   -> (nz, nx, (n_z per class 0..2), (n_x per class 0..2))
+ * One party's sifting in one pass. With use_idx (Alice): entry i is basis/intensity/bit
+ * at idx[i] (each 0 <= idx[i] < m, checked), and the gathered basis and intensity go to
+ * out_basis/out_int (her SiftReply); without (Bob): entry i is basis[i] etc. (m == n)
+ * and out_basis/out_int are not touched. Where basis == other == z: bit into key[:nz];
+ * == x: bit into xbits[:nx] and intensity into xint[:nx]; the counts per class as
+ * sift_select (a class >= 3 is counted in neither). */
+static PyObject *sift_pick(PyObject *self, PyObject *args) {
+    Py_buffer ix, ba, in, bi, ot, ob, oi, ky, xb, xi;
+    int use_idx, z, x;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "py*y*y*y*y*iiw*w*w*w*w*", &use_idx, &ix, &ba, &in, &bi,
+                          &ot, &z, &x, &ob, &oi, &ky, &xb, &xi))
+        return NULL;
+    PyObject *res = NULL;
+    Py_ssize_t n = ot.len, m = ba.len;
+    if (in.len != m || bi.len != m) {
+        PyErr_SetString(PyExc_ValueError, "sift_pick: basis, intensity and bit differ in length");
+        goto done;
+    }
+    if (use_idx) {
+        if (!need_n(&ix, n, 8, "sift_pick idx") || !need_n(&ob, n, 1, "sift_pick out_basis") ||
+            !need_n(&oi, n, 1, "sift_pick out_int"))
+            goto done;
+    } else if (m != n) {
+        PyErr_SetString(PyExc_ValueError, "sift_pick: record and bases differ in length");
+        goto done;
+    }
+    if (!need_n(&ky, n, 1, "sift_pick key") || !need_n(&xb, n, 1, "sift_pick xbits") ||
+        !need_n(&xi, n, 1, "sift_pick xint"))
+        goto done;
+    {
+        const uint8_t *ip = ix.buf, *a = ba.buf, *c = in.buf, *v = bi.buf, *o = ot.buf;
+        uint8_t *pb = ob.buf, *pi = oi.buf, *pk = ky.buf, *px = xb.buf, *pxi = xi.buf;
+        Py_ssize_t nz = 0, nx = 0, cz[4] = {0, 0, 0, 0}, cx[4] = {0, 0, 0, 0};
+        if (use_idx) {
+            for (Py_ssize_t i = 0; i < n; i++) {
+                int64_t j;
+                memcpy(&j, ip + 8 * i, 8);
+                if (j < 0 || j >= m) {
+                    PyErr_SetString(PyExc_ValueError, "sift_pick: index out of range");
+                    goto done;
+                }
+            }
+        }
+        /* Branch-free as sift_select: written at the next free place, kept if selected. */
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_ssize_t j = i;
+            if (use_idx) {
+                int64_t jj;
+                memcpy(&jj, ip + 8 * i, 8);
+                j = (Py_ssize_t)jj;
+            }
+            uint8_t ab = a[j], cl = c[j], bt = v[j];
+            if (use_idx) {
+                pb[i] = ab;
+                pi[i] = cl;
+            }
+            unsigned k = cl < 3 ? cl : 3;
+            Py_ssize_t mz = (ab == o[i]) & (ab == z), mx = (ab == o[i]) & (ab == x);
+            pk[nz] = bt;
+            px[nx] = bt;
+            pxi[nx] = cl;
+            nz += mz;
+            nx += mx;
+            cz[k] += mz;
+            cx[k] += mx;
+        }
+        res = Py_BuildValue("nn(nnn)(nnn)", nz, nx, cz[0], cz[1], cz[2], cx[0], cx[1], cx[2]);
+    }
+done:
+    PyBuffer_Release(&ix); PyBuffer_Release(&ba); PyBuffer_Release(&in);
+    PyBuffer_Release(&bi); PyBuffer_Release(&ot); PyBuffer_Release(&ob);
+    PyBuffer_Release(&oi); PyBuffer_Release(&ky); PyBuffer_Release(&xb);
+    PyBuffer_Release(&xi);
+    return res;
+}
+
+/* parity_query_body(opens_frame: int64[k], opens_pass: int64[k], nodes: int64[n], limit)
+ *   -> bytes: varint k | k frame varints | k pass varints | varint n | the n node gaps
+ * (first id, then id_i - id_(i-1) - 1) as varints: ParityQuery.body_reference's bytes,
+ * with its checks as ValueErrors in its order (lengths, negatives, limit, increasing). */
+static PyObject *parity_query_body(PyObject *self, PyObject *args) {
+    Py_buffer fb, pb, nb;
+    long long limit;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*L", &fb, &pb, &nb, &limit)) return NULL;
+    PyObject *res = NULL;
+    if (fb.len % 8 || pb.len % 8 || nb.len % 8) {
+        PyErr_SetString(PyExc_ValueError, "parity_query_body: not 64-bit arrays");
+        goto done;
+    }
+    {
+        Py_ssize_t k = fb.len / 8, n = nb.len / 8;
+        const uint8_t *f = fb.buf, *q = pb.buf, *d = nb.buf;
+        int64_t v, prev;
+        if (pb.len != fb.len) {
+            PyErr_SetString(PyExc_ValueError, "opens_frame and opens_pass differ in length");
+            goto done;
+        }
+        int neg = 0, big = 0, dec = 0;
+        Py_ssize_t size = varint_len((uint64_t)k) + varint_len((uint64_t)n);
+        for (Py_ssize_t i = 0; i < k; i++) {
+            memcpy(&v, f + 8 * i, 8);
+            neg |= v < 0;
+            big |= v >= limit;
+            size += varint_len((uint64_t)v);
+            memcpy(&v, q + 8 * i, 8);
+            neg |= v < 0;
+            big |= v >= limit;
+            size += varint_len((uint64_t)v);
+        }
+        prev = -1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            memcpy(&v, d + 8 * i, 8);
+            if (i == 0) neg |= v < 0;
+            /* The gap as the reference's int64 arithmetic (wrapping), then its sign. */
+            uint64_t g = (uint64_t)v - (uint64_t)prev - 1;
+            dec |= (int64_t)g < 0;
+            size += varint_len(g);
+            prev = v;
+        }
+        if (n) big |= prev >= limit;
+        if (neg) {
+            PyErr_SetString(PyExc_ValueError, "negative node, frame or pass");
+            goto done;
+        }
+        if (big) {
+            PyErr_SetString(PyExc_ValueError, "node, frame or pass at or above 2^62");
+            goto done;
+        }
+        if (dec) {
+            PyErr_SetString(PyExc_ValueError, "node ids must be strictly increasing");
+            goto done;
+        }
+        res = PyBytes_FromStringAndSize(NULL, size);
+        if (!res) goto done;
+        uint8_t *o = (uint8_t *)PyBytes_AS_STRING(res);
+        o = put_varint(o, (uint64_t)k);
+        for (Py_ssize_t i = 0; i < k; i++) o = put_varint(o, rd64(f + 8 * i));
+        for (Py_ssize_t i = 0; i < k; i++) o = put_varint(o, rd64(q + 8 * i));
+        o = put_varint(o, (uint64_t)n);
+        prev = -1;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            memcpy(&v, d + 8 * i, 8);
+            o = put_varint(o, (uint64_t)v - (uint64_t)prev - 1);
+            prev = v;
+        }
+    }
+done:
+    PyBuffer_Release(&fb); PyBuffer_Release(&pb); PyBuffer_Release(&nb);
+    return res;
+}
+
 static PyMethodDef methods[] = {
+    {"parity_query_body", parity_query_body, METH_VARARGS, "ParityQuery's body, checked"},
+    {"sift_pick", sift_pick, METH_VARARGS, "one party's sifting: gathers, key, test bits"},
+    {"increasing_in", increasing_in, METH_VARARGS, "strictly increasing in [0, limit)"},
+    {"sift_select", sift_select, METH_VARARGS, "sifted Z/X indices and class counts"},
     {"insert_inplace", insert_inplace, METH_VARARGS, "np.insert inside spare capacity"},
     {"insert_sorted", insert_sorted, METH_VARARGS, "np.insert at sorted positions"},
     {"count_eq", count_eq, METH_VARARGS, "count a 16-bit value"},
