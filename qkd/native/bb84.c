@@ -565,6 +565,22 @@ done:
     return res;
 }
 
+/* The k insert positions (int64) are non-decreasing and within [0, n]. */
+static int positions_ok(const uint8_t *pp, Py_ssize_t k, Py_ssize_t n, const char *name) {
+    int64_t prev = 0;
+    for (Py_ssize_t j = 0; j < k; j++) {
+        int64_t at;
+        memcpy(&at, pp + 8 * j, 8);
+        if (at < prev || at > n) {
+            PyErr_Format(PyExc_ValueError, "%s: positions not non-decreasing in [0, n]",
+                         name);
+            return 0;
+        }
+        prev = at;
+    }
+    return 1;
+}
+
 /* insert_sorted(src, pos: int64[k], vals, itemsize, out)
  * np.insert(src, pos, vals) for non-decreasing positions in [0, n] (checked): vals[j]
  * lands at out[pos[j] + j], before src[pos[j]], equal positions in order. */
@@ -586,17 +602,7 @@ static PyObject *insert_sorted(PyObject *self, PyObject *args) {
     }
     const uint8_t *sp = src.buf, *pp = pos.buf, *vp = vals.buf;
     uint8_t *op = out.buf;
-    int64_t prev = 0;
-    for (Py_ssize_t j = 0; j < k; j++) {
-        int64_t at;
-        memcpy(&at, pp + 8 * j, 8);
-        if (at < prev || at > n) {
-            PyErr_SetString(PyExc_ValueError,
-                            "insert_sorted: positions not non-decreasing in [0, n]");
-            goto done;
-        }
-        prev = at;
-    }
+    if (!positions_ok(pp, k, n, "insert_sorted")) goto done;
     Py_ssize_t from = 0, to = 0;
     for (Py_ssize_t j = 0; j < k; j++) {
         int64_t at;
@@ -629,24 +635,14 @@ static PyObject *insert_inplace(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_ssize_t k = pos.len / 8;
-    if (vals.len / isz != k || buf.len / isz < n + k) {
+    if (vals.len / isz != k || k > buf.len / isz || n > buf.len / isz - k) {
         PyErr_SetString(PyExc_ValueError,
                         "insert_inplace: one value per position and room for them");
         goto done;
     }
     const uint8_t *pp = pos.buf, *vp = vals.buf;
     uint8_t *bp = buf.buf;
-    int64_t prev = 0;
-    for (Py_ssize_t j = 0; j < k; j++) {
-        int64_t at;
-        memcpy(&at, pp + 8 * j, 8);
-        if (at < prev || at > n) {
-            PyErr_SetString(PyExc_ValueError,
-                            "insert_inplace: positions not non-decreasing in [0, n]");
-            goto done;
-        }
-        prev = at;
-    }
+    if (!positions_ok(pp, k, n, "insert_inplace")) goto done;
     Py_ssize_t src_end = n;
     for (Py_ssize_t j = k - 1; j >= 0; j--) {
         int64_t at;

@@ -180,6 +180,9 @@ def test_insert_is_np_insert(seed: int) -> None:
     with pytest.raises(ValueError, match="non-decreasing"):
         K.insert_inplace(np.zeros(9, np.uint8), 5, np.array([3, 1], np.int64),
                          np.zeros(2, np.uint8), 1)
+    with pytest.raises(ValueError, match="room"):  # n + k would wrap past the check
+        K.insert_inplace(np.zeros(9, np.uint8), 2**63 - 1, np.array([0], np.int64),
+                         np.zeros(1, np.uint8), 1)
 
 
 def _frame_cases() -> list[bytes]:
