@@ -238,7 +238,7 @@ class AliceProtocol(_Party):
                                                self.post.frame_retries)
                 self._group += 1
             rec = self._cascade
-            rec.receive_message(data, now)
+            rec.receive_decoded(msg, now)  # decoded once, above, to route it
             for out in rec.messages_to_send():
                 self._out.append(out)
             if rec.done:
@@ -366,7 +366,7 @@ class BobProtocol(_Party):
             if self._state != "cascade" or self._cascade is None:
                 raise m.MessageError(f"{type(msg).__name__} out of order")
             rec = self._cascade
-            rec.receive_message(data, now)
+            rec.receive_decoded(msg, now)  # decoded once, above, to route it
             for out in rec.messages_to_send():
                 self._out.append(out)
             if rec.done:

@@ -104,9 +104,12 @@ class ReconcileAlice:
         return out
 
     def receive_message(self, data: bytes, now: float = 0.0) -> None:
+        self.receive_decoded(m.decode(data), now)
+
+    def receive_decoded(self, msg: m.Message, now: float = 0.0) -> None:
+        """As receive_message, for a message the caller already decoded (to route it)."""
         if self.done:
             raise m.MessageError("reconciliation message after the group finished")
-        msg = m.decode(data)
         if isinstance(msg, m.CascadeHello):
             if self._state != "hello":
                 raise m.MessageError("unexpected CascadeHello")
@@ -202,18 +205,28 @@ class ReconcileBob:
         self._out.extend(self._cascade.messages_to_send())
 
     def receive_message(self, data: bytes, now: float = 0.0) -> None:
+        self.receive_decoded(self._decode(data), now)
+
+    def receive_decoded(self, msg: m.Message, now: float = 0.0) -> None:
+        """As receive_message, for a message the caller already decoded (to route it)."""
         if self.done:
             raise m.MessageError("reconciliation message after the group finished")
         if self._failed:
             raise m.MessageError("reconciliation message after the group was aborted")
         try:
-            self._receive(data, now)
+            self._receive(msg, now)
         except BaseException:
             self._failed = True
             raise
 
-    def _receive(self, data: bytes, now: float) -> None:
-        msg = m.decode(data)
+    def _decode(self, data: bytes) -> m.Message:
+        try:
+            return m.decode(data)
+        except BaseException:
+            self._failed = True  # a malformed message aborts the group, as before
+            raise
+
+    def _receive(self, msg: m.Message, now: float) -> None:
         if isinstance(msg, m.ParityReply):
             if self._state != "cascade":
                 raise m.MessageError("parity reply outside a Cascade run")
