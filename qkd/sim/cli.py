@@ -159,6 +159,9 @@ def _print_report(r: dict[str, Any]) -> None:
     lines += [
         f"reconciliation         {r['cascade_variant']}: leaked {r['leaked_ec_bits']} bits, "
         f"f = {_fmt(r['ec_efficiency'])}, {r['cascade_round_trips']} round trips",
+        f"per-frame check        {r['leaked_frame_check_bits']} tag bits leaked, "
+        f"{r['frames_checked_bad']} frames bad after the first run, "
+        f"{r['frames_dropped']} dropped",
         f"verification           {_fmt(r['verification_ok'])} "
         f"(collision prob {r['verification_collision_prob']:.3g})",
         f"final key bits         {r['final_key_bits']}",

@@ -121,6 +121,12 @@ def run_session(params: LinkParams, seed: int | None = None, sampler: str = "aut
         "ec_efficiency": efficiency,
         "cascade_variant": params.cascade_variant,
         "cascade_round_trips": rb.cascade_round_trips,
+        # The per-frame check after Cascade (qkd/sim/reconcile.py): its tag bits (part
+        # of leaked_ec_bits), frames whose tags differed after the first run, and frames
+        # dropped after every retry.
+        "leaked_frame_check_bits": rb.leaked_frame_check_bits,
+        "frames_checked_bad": rb.frames_checked_bad,
+        "frames_dropped": rb.frames_dropped,
         "verification_ok": ra.verified,
         "verification_collision_prob": 2.0 ** -post.tag_bits,
         "final_key_bits": final_bits,

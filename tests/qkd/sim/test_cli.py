@@ -20,6 +20,18 @@ def test_simulate_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert r["key_rate_bps"] == pytest.approx(r["key_rate_per_pulse"] * 1e9)
 
 
+def test_simulate_reports_the_per_frame_check(capsys: pytest.CaptureFixture[str]) -> None:
+    """A session that gets through Cascade reports the per-frame check: its tag bits are
+    leakage inside leaked_ec_bits, and an honest run drops no frame."""
+    code = main(["qkd", "simulate", "--distance-km", "5", "--pulses", "1e8", "--seed", "1",
+                 "--json"])
+    assert code == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["cascade_round_trips"] > 0
+    assert 0 < r["leaked_frame_check_bits"] < r["leaked_ec_bits"]
+    assert r["frames_dropped"] == 0 and r["frames_checked_bad"] >= 0
+
+
 def test_simulate_bad_option_names_it(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["qkd", "simulate", "--detector-efficiency", "1.5"]) == 2
     err = capsys.readouterr().err
