@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from qkd.common.errors import UserError
 from qkd.link.core import LinkCore, Work
 
 # Niceness added to the round-work threads (0..19; 10 gives them ~1/10 of a core's
@@ -73,6 +74,11 @@ class LinkWorkExecutor(ThreadPoolExecutor):
 def install(loop: Any) -> None:
     """Make a LinkWorkExecutor the loop's default executor, unless QKDGW_KME_LINK_NICE
     is 0."""
-    nice = int(os.environ.get(NICE_ENV, LINK_WORK_NICE))
+    raw = os.environ.get(NICE_ENV, str(LINK_WORK_NICE))
+    try:
+        nice = int(raw)
+    except ValueError:
+        raise UserError(f"{NICE_ENV}={raw!r}: expected a whole number 0..19 (0 keeps the "
+                        "round work at normal priority)") from None
     if nice > 0:
         loop.set_default_executor(LinkWorkExecutor(nice))

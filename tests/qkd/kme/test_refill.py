@@ -244,3 +244,22 @@ def test_snapshot_shows_the_rule_state() -> None:
                             "round_s": DEFAULT_ROUND_S}
     p.level(700, 0.0)
     assert p.snapshot()["refilling"] is True
+
+
+def test_a_bad_nice_setting_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qkd.common.errors import UserError
+    from qkd.kme import link_work
+
+    class Loop:
+        executor: object = None
+
+        def set_default_executor(self, ex: object) -> None:
+            self.executor = ex
+
+    monkeypatch.setenv(link_work.NICE_ENV, "high")
+    with pytest.raises(UserError, match="QKDGW_KME_LINK_NICE='high'"):
+        link_work.install(Loop())
+    monkeypatch.setenv(link_work.NICE_ENV, "0")  # control: 0 keeps the default executor
+    loop = Loop()
+    link_work.install(loop)
+    assert loop.executor is None
