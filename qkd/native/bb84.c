@@ -66,7 +66,9 @@ static PyObject *count_eq(PyObject *self, PyObject *args) {
     }
     const uint8_t *u = u16.buf;
     Py_ssize_t n = 0;
+    PyThreadState *ts = gil_off(count);
     for (Py_ssize_t i = 0; i < count; i++) n += rd16(u + 2 * i) == value;
+    gil_on(ts);
     res = PyLong_FromSsize_t(n);
 done:
     PyBuffer_Release(&u16);
@@ -407,12 +409,14 @@ static PyObject *varints_encode(PyObject *self, PyObject *args) {
         Py_CLEAR(res);
         prev = 0;
     }
+    PyThreadState *ts = gil_off(n);
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t x = rd64(p + 8 * i), d = deltas ? x - prev : x;
         size += varint_len(d);
         if (deltas ? (int64_t)d >= 0x80 : d >= 0x80) small = 0;
         prev = x;
     }
+    gil_on(ts);
     if (small) size = n;
     res = PyBytes_FromStringAndSize(NULL, h1.len + h2.len + size);
     if (!res) goto done;
@@ -421,19 +425,22 @@ static PyObject *varints_encode(PyObject *self, PyObject *args) {
     if (h2.len) memcpy(o + h1.len, h2.buf, h2.len);
     o += h1.len + h2.len;
     prev = 0;
+    /* The bytes object is new and not yet shared: its memory is ours alone. */
+    ts = gil_off(n);
     if (small) {
         for (Py_ssize_t i = 0; i < n; i++) {
             uint64_t x = rd64(p + 8 * i);
             o[i] = (uint8_t)(deltas ? x - prev : x);
             prev = x;
         }
-        goto done;
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t x = rd64(p + 8 * i);
+            o = put_varint(o, deltas ? x - prev : x);
+            prev = x;
+        }
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t x = rd64(p + 8 * i);
-        o = put_varint(o, deltas ? x - prev : x);
-        prev = x;
-    }
+    gil_on(ts);
 done:
     PyBuffer_Release(&v);
     if (h1.buf) PyBuffer_Release(&h1);

@@ -117,7 +117,8 @@ def _rank_kernel(inp: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _rank_ref(inp: tuple[Any, ...]) -> tuple[Any, ...]:
-    words, before, pulses, slots = inp
+    # from the bits alone: the before counts _rank_inputs made must agree with them
+    words, _before, _pulses, slots = inp
     bits = np.unpackbits(words.view(np.uint8), bitorder="little").astype(np.int64)
     cums = np.concatenate([[0], np.cumsum(bits)])
     found = bits[slots].astype(np.uint8)
@@ -170,7 +171,20 @@ def _pack_ref(inp: tuple[Any, ...]) -> tuple[Any, ...]:
     return (rows.view("<u8").reshape(-1).astype(np.uint64),)
 
 
+def _count_inputs(rng: np.random.Generator, n: int) -> tuple[Any, ...]:
+    return (rng.integers(0, 8, n, dtype=np.uint16),)
+
+
+def _count_kernel(inp: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(K.count_eq(inp[0], len(inp[0]), v) for v in range(9))
+
+
+def _count_ref(inp: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(int((inp[0] == v).sum()) for v in range(9))
+
+
 CASES: dict[str, tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]] = {
+    "count_eq": (_count_inputs, _count_kernel, _count_ref),
     "emit_fill": (_emit_inputs, _emit_kernel, _emit_ref),
     "sift_select": (_sift_inputs, _sift_kernel, _sift_ref),
     "insert": (_insert_inputs, _insert_kernel, _insert_ref),
