@@ -295,12 +295,12 @@ def _released_calls() -> dict[str, Callable[[], Any]]:
     outs = [np.empty(m, np.uint8) for _ in range(4)]
     a, b, cl = _sift_inputs(rng, 4 * BIG)
     zs, xs = np.empty(len(a), np.int64), np.empty(len(a), np.int64)
-    bits = rng.integers(0, 2, 64 * (BIG // 16), dtype=np.uint8)
-    pk = np.empty((BIG // 16 + 1) * 1, np.uint64)
+    bits = rng.integers(0, 2, 64 * (BIG // 4), dtype=np.uint8)
+    pk = np.empty((BIG // 4 + 1) * 1, np.uint64)
     return {
         "emit_fill": lambda: K.emit_fill(m, *emit[:4], emit[4], *outs),
         "sift_select": lambda: K.sift_select(a, b, cl, 0, 1, zs, xs),
-        "pack": lambda: C.pack(bits, 64, BIG // 16, pk),
+        "pack": lambda: C.pack(bits, 64, BIG // 4, pk),
     }
 
 
@@ -318,9 +318,11 @@ def test_a_python_thread_runs_while_a_long_kernel_runs(name: str,
         held_rate, held_s = _progress_during(lambda: K.photon_sum(held), 0.3)
         assert released_s > 0.1 and held_s > 0.1
         best = max(best, released_rate / max(held_rate, 1.0))
-        if best > 4:
+        if best > 30:
             break
-    assert best > 4, (name, released_rate, held_rate)
+    # Measured: ~100x here; 4-15x with main's kernels, which hold the lock (the counter
+    # still gets in between calls), so the bound is well above that.
+    assert best > 30, (name, released_rate, held_rate)
 
 
 # ------------------------------------------------- errors found in a released loop
