@@ -1,9 +1,9 @@
 """The compiled kernels let go of the interpreter lock around their long loops (issue 17:
 a KME's event loop answers requests while a round's kernels run on worker threads).
 
-- A Python thread counting in a loop makes progress while a long kernel call runs, and
-  next to none while a control call of the same length that holds the lock runs
-  (`photon_sum`, which keeps it).
+- A Python thread looping as fast as it can is hardly ever stopped for long while a
+  long kernel call runs, and stopped nearly throughout a control call that holds the
+  lock (`photon_sum`, which keeps it); main's kernels fail this test.
 - Several threads calling the kernels at once get, bit for bit, what numpy computes
   single-threaded from the same inputs.
 - An error found inside a released loop is still the ValueError it was (with large
@@ -27,6 +27,9 @@ C = native.load("cascade")
 pytestmark = pytest.mark.skipif(K is None or C is None, reason="kernels not built")
 
 BIG = 1 << 21  # items per call: well above the kernels' 4096-item threshold
+# A stop of the counting thread longer than this is a block: longer than the OS's
+# time slices on a loaded machine, shorter than one long kernel call (20-90 ms here).
+GAP_S = 0.008
 
 
 # ------------------------------------------------------------------ numpy references
@@ -241,21 +244,27 @@ def test_concurrent_calls_are_bit_for_bit_the_numpy_reference(name: str) -> None
 # --------------------------------------------------------------- the lock is let go
 
 class _Counter:
-    """A Python thread counting as fast as it can: it runs only with the lock."""
+    """A Python thread looping as fast as it can (it runs only with the lock), noting
+    every stretch of more than GAP_S in which it could not run."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.gaps: list[tuple[float, float]] = []
         self._stop = False
+        self._started = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        last = time.perf_counter()
+        self._started.set()
         while not self._stop:
-            self.count += 1
+            now = time.perf_counter()
+            if now - last > GAP_S:
+                self.gaps.append((last, now))
+            last = now
 
     def __enter__(self) -> _Counter:
         self._t.start()
-        while self.count == 0:
-            time.sleep(0.001)
+        self._started.wait()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -265,27 +274,29 @@ class _Counter:
 
 @pytest.fixture
 def short_switch() -> Iterator[None]:
-    # A short switch interval bounds what the counter gets in before a call that holds
-    # the lock starts, so the control's count stays small.
+    # A short switch interval: the counter gets the lock soon whenever it is free.
     old = sys.getswitchinterval()
     sys.setswitchinterval(0.0005)
     yield
     sys.setswitchinterval(old)
 
 
-def _progress_during(call: Callable[[], Any], seconds: float) -> tuple[float, float]:
-    """(counts per second of call time, call time) over repeated calls, counting only
-    what the counter thread did while a call ran."""
-    done, spent = 0, 0.0
+def _blocked_fraction(call: Callable[[], Any], seconds: float) -> float:
+    """The fraction of the time spent inside call() (called repeatedly) during which
+    the counter thread was stopped for more than GAP_S at a stretch. What happens
+    between calls does not count, so the lock changing hands there does not blur it;
+    the OS descheduling the counter on a loaded machine does count (a floor)."""
+    windows: list[tuple[float, float]] = []
     with _Counter() as c:
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
-            c0, t0 = c.count, time.perf_counter()
+            t0 = time.perf_counter()
             call()
-            t1, c1 = time.perf_counter(), c.count
-            done += c1 - c0
-            spent += t1 - t0
-    return done / spent, spent
+            windows.append((t0, time.perf_counter()))
+    inside = sum(t1 - t0 for t0, t1 in windows)
+    blocked = sum(max(0.0, min(t1, g1) - max(t0, g0))
+                  for t0, t1 in windows for g0, g1 in c.gaps)
+    return blocked / inside
 
 
 def _released_calls() -> dict[str, Callable[[], Any]]:
@@ -308,21 +319,20 @@ def _released_calls() -> dict[str, Callable[[], Any]]:
 def test_a_python_thread_runs_while_a_long_kernel_runs(name: str,
                                                        short_switch: None) -> None:
     call = _released_calls()[name]
-    # photon_sum keeps the lock throughout: the control of the same measurement. Its
-    # calls are long (~0.1 s) so that what the counter gets in around a call (when the
-    # OS is slow to run the caller again on a loaded machine) stays small beside it.
-    held = np.full(1 << 27, 3, np.uint8)
-    best = 0.0
+    # photon_sum keeps the lock throughout: the control, measured the same way, shows
+    # that a held lock is seen. Measured: ~0.0-0.05 with these kernels, 0.8-0.87 with
+    # main's (which hold the lock), 0.87-0.93 for the control.
+    held = np.full(1 << 26, 3, np.uint8)
+    tries = []
     for _ in range(3):  # the machine is shared: the clearest of three tries
-        released_rate, released_s = _progress_during(call, 0.3)
-        held_rate, held_s = _progress_during(lambda: K.photon_sum(held), 0.3)
-        assert released_s > 0.1 and held_s > 0.1
-        best = max(best, released_rate / max(held_rate, 1.0))
-        if best > 30:
+        released = _blocked_fraction(call, 0.3)
+        control = _blocked_fraction(lambda: K.photon_sum(held), 0.3)
+        tries.append((released, control))
+        if released < 0.4 and control > 0.6:
             break
-    # Measured: ~100x here; 4-15x with main's kernels, which hold the lock (the counter
-    # still gets in between calls), so the bound is well above that.
-    assert best > 30, (name, released_rate, held_rate)
+    else:
+        pytest.fail(f"{name}: (blocked fraction with the kernel, control) {tries}")
+
 
 
 # ------------------------------------------------- errors found in a released loop
