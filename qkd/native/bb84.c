@@ -33,6 +33,20 @@ static int need_n(Py_buffer *b, Py_ssize_t count, Py_ssize_t size, const char *n
     return 1;
 }
 
+/* The interpreter lock is let go around a kernel's loop when it has at least this
+ * many items (issue 17: the KME's event loop serves requests while a round's kernels
+ * run on worker threads). Smaller calls keep it: dropping and retaking the lock can
+ * cost a switch interval, more than a short loop takes. Inside a released region no
+ * Python object is touched: the data is read through the Py_buffer views taken
+ * before (they pin the memory) and errors are codes, raised once the lock is back. */
+#define GIL_MIN_ITEMS 4096
+static PyThreadState *gil_off(Py_ssize_t items) {
+    return items >= GIL_MIN_ITEMS ? PyEval_SaveThread() : NULL;
+}
+static void gil_on(PyThreadState *ts) {
+    if (ts) PyEval_RestoreThread(ts);
+}
+
 static uint64_t rd64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static uint32_t rd32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static uint16_t rd16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
@@ -52,7 +66,9 @@ static PyObject *count_eq(PyObject *self, PyObject *args) {
     }
     const uint8_t *u = u16.buf;
     Py_ssize_t n = 0;
+    PyThreadState *ts = gil_off(count);
     for (Py_ssize_t i = 0; i < count; i++) n += rd16(u + 2 * i) == value;
+    gil_on(ts);
     res = PyLong_FromSsize_t(n);
 done:
     PyBuffer_Release(&u16);
@@ -90,14 +106,15 @@ static PyObject *carry_scan(PyObject *self, PyObject *args) {
     uint8_t *o = out.buf;
     Py_ssize_t n_ties = ties.len / 8, k = 0, m = 0;
     int64_t *oi = (int64_t *)o;
-    int aligned = ((uintptr_t)o % sizeof(int64_t)) == 0;
+    int aligned = ((uintptr_t)o % sizeof(int64_t)) == 0, short_ties = 0;
+    PyThreadState *ts = gil_off(count);
     for (Py_ssize_t i = 0; i < count; i++) {
         uint16_t v = rd16(u + 2 * i);
         Py_ssize_t carries = v < hi16;
         if (v == hi16) {  /* about one slot in 2^16 */
             if (k >= n_ties) {
-                PyErr_SetString(PyExc_ValueError, "carry_scan: fewer tie words than ties");
-                goto done;
+                short_ties = 1;
+                break;
             }
             carries = (rd64(tw + 8 * k) >> 16) < lo48;
             k++;
@@ -116,6 +133,11 @@ static PyObject *carry_scan(PyObject *self, PyObject *args) {
                 acc = 0;
             }
         }
+    }
+    gil_on(ts);
+    if (short_ties) {
+        PyErr_SetString(PyExc_ValueError, "carry_scan: fewer tie words than ties");
+        goto done;
     }
     res = PyLong_FromSsize_t(m);
 done:
@@ -159,6 +181,7 @@ static PyObject *emit_fill(PyObject *self, PyObject *args) {
      * so the first three compares need no branch (one pulse in five has N > 1). */
     int mono = nt >= 3;
     for (Py_ssize_t k = 1; k < nt; k++) mono &= tl[k] <= tl[k - 1];
+    PyThreadState *ts = gil_off(m);
     for (Py_ssize_t i = 0; i < m; i++) {
         uint64_t w = rd64(rp + 8 * i);
         unsigned ph = 1;
@@ -175,6 +198,7 @@ static PyObject *emit_fill(PyObject *self, PyObject *args) {
         ones += c;
         so[i] = (uint8_t)(ph | (unsigned)b << 5 | (unsigned)v << 6);
     }
+    gil_on(ts);
     res = PyLong_FromSsize_t(ones);
 done:
     PyBuffer_Release(&r); PyBuffer_Release(&sec); PyBuffer_Release(&tails);
@@ -252,14 +276,16 @@ static PyObject *measure_chunk(PyObject *self, PyObject *args) {
     const uint8_t *sp = s.buf, *bp = bw.buf, *rp = r.buf, *lp = sl.buf;
     uint8_t *osp = os.buf, *obp = ob.buf, *ovp = ov.buf, *bop = obo.buf;
     Py_ssize_t nr = r.len / 8, j = 0, n = 0, nb = 0;
+    int short_words = 0;
+    PyThreadState *ts = gil_off(c);
     for (Py_ssize_t i = 0; i < c; i++) {
         uint8_t st = sp[i];
         uint8_t b = rd32(bp + 4 * i) >= t_basis;
         unsigned key = ((unsigned)(st >> 4) & 0xFEu) | b;
         unsigned k = st & 0x1F;
         if (j + (Py_ssize_t)k > nr) {
-            PyErr_SetString(PyExc_ValueError, "measure_chunk: fewer words than photons");
-            goto done;
+            short_words = 1;
+            break;
         }
         uint8_t f = 0;
         uint64_t tr = rt[key], ta = an[key];
@@ -283,6 +309,11 @@ static PyObject *measure_chunk(PyObject *self, PyObject *args) {
         wr64(bop + 8 * nb, (uint64_t)n);
         nb += f == 3;
         n += f != 0;
+    }
+    gil_on(ts);
+    if (short_words) {
+        PyErr_SetString(PyExc_ValueError, "measure_chunk: fewer words than photons");
+        goto done;
     }
     res = Py_BuildValue("nn", n, nb);
 done:
@@ -340,12 +371,14 @@ static PyObject *varints_encode(PyObject *self, PyObject *args) {
         if (h2.len) memcpy(o + h1.len, h2.buf, h2.len);
         o += h1.len + h2.len;
         uint64_t big = 0, prev = 0;
+        PyThreadState *ts = gil_off(n);
         for (Py_ssize_t i = 0; i < n; i++) {
             uint64_t x = rd64(p + 8 * i), d = x - prev;
             o[i] = (uint8_t)d;
             big |= (uint64_t)((int64_t)d >= 0x80);
             prev = x;
         }
+        gil_on(ts);
         res = PyLong_FromSsize_t(big ? -1 : h1.len + h2.len + n);
         goto done;
     }
@@ -363,22 +396,27 @@ static PyObject *varints_encode(PyObject *self, PyObject *args) {
         if (h2.len) memcpy(o + h1.len, h2.buf, h2.len);
         o += h1.len + h2.len;
         uint64_t big = 0;
+        /* The bytes object is new and not yet shared: its memory is ours alone. */
+        PyThreadState *ts = gil_off(n);
         for (Py_ssize_t i = 0; i < n; i++) {
             uint64_t x = rd64(p + 8 * i), d = x - prev;
             o[i] = (uint8_t)d;
             big |= (uint64_t)((int64_t)d >= 0x80);
             prev = x;
         }
+        gil_on(ts);
         if (!big) goto done;
         Py_CLEAR(res);
         prev = 0;
     }
+    PyThreadState *ts = gil_off(n);
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t x = rd64(p + 8 * i), d = deltas ? x - prev : x;
         size += varint_len(d);
         if (deltas ? (int64_t)d >= 0x80 : d >= 0x80) small = 0;
         prev = x;
     }
+    gil_on(ts);
     if (small) size = n;
     res = PyBytes_FromStringAndSize(NULL, h1.len + h2.len + size);
     if (!res) goto done;
@@ -387,19 +425,22 @@ static PyObject *varints_encode(PyObject *self, PyObject *args) {
     if (h2.len) memcpy(o + h1.len, h2.buf, h2.len);
     o += h1.len + h2.len;
     prev = 0;
+    /* The bytes object is new and not yet shared: its memory is ours alone. */
+    ts = gil_off(n);
     if (small) {
         for (Py_ssize_t i = 0; i < n; i++) {
             uint64_t x = rd64(p + 8 * i);
             o[i] = (uint8_t)(deltas ? x - prev : x);
             prev = x;
         }
-        goto done;
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            uint64_t x = rd64(p + 8 * i);
+            o = put_varint(o, deltas ? x - prev : x);
+            prev = x;
+        }
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t x = rd64(p + 8 * i);
-        o = put_varint(o, deltas ? x - prev : x);
-        prev = x;
-    }
+    gil_on(ts);
 done:
     PyBuffer_Release(&v);
     if (h1.buf) PyBuffer_Release(&h1);
@@ -441,6 +482,7 @@ static PyObject *varints_decode(PyObject *self, PyObject *args) {
      * (what a frame's slot deltas nearly always are): the general loop's result
      * without its per-byte branches. Sums of count < 2^63 values below 128 cannot wrap. */
     uint8_t high = 0;
+    PyThreadState *ts = gil_off(count);
     for (Py_ssize_t i = 0; i < count; i++) high |= p[i];
     if (high < 0x80) {
         uint8_t zero = 0, mx = 0;
@@ -451,17 +493,19 @@ static PyObject *varints_decode(PyObject *self, PyObject *args) {
         } else {
             for (Py_ssize_t i = 0; i < count; i++) wr64(o + 8 * i, p[i]);
         }
+        gil_on(ts);
         res = Py_BuildValue("nKOO", off + count, (unsigned long long)mx,
                             zero ? Py_True : Py_False, Py_False);
         goto done;
     }
-    for (Py_ssize_t i = 0; i < count; i++) {
+    int truncated = 0;
+    for (Py_ssize_t i = 0; i < count && !truncated; i++) {
         uint64_t v = 0;
         Py_ssize_t start = pos;
         for (;;) {
             if (pos >= avail) {
-                PyErr_SetString(PyExc_ValueError, "message truncated");
-                goto done;
+                truncated = 1;
+                break;
             }
             uint8_t b = p[pos];
             Py_ssize_t j = pos - start;
@@ -476,8 +520,14 @@ static PyObject *varints_decode(PyObject *self, PyObject *args) {
         if (v > top) top = v;
         if (i > 0 && v == 0) zero_after_first = 1;
         if (acc + v < acc) wrapped = 1;
+        if (truncated) break;
         acc += v;
         wr64(o + 8 * i, sums ? acc : v);
+    }
+    gil_on(ts);
+    if (truncated) {
+        PyErr_SetString(PyExc_ValueError, "message truncated");
+        goto done;
     }
     if (too_long) {
         PyErr_SetString(PyExc_ValueError, "varint at or above 2^63");
@@ -515,13 +565,14 @@ static PyObject *rank_lookup(PyObject *self, PyObject *args) {
     if (!need_n(&ix, n, 8, "rank_lookup idx") || !need_n(&fd, n, 1, "rank_lookup found")) goto done;
     const uint8_t *wp = wd.buf, *bp = bf.buf, *sp = sl.buf;
     uint8_t *ip = ix.buf, *fp = fd.buf;
-    int all = 1;
+    int all = 1, outside = 0;
+    PyThreadState *ts = gil_off(n);
     for (Py_ssize_t i = 0; i < n; i++) {
         int64_t s;
         memcpy(&s, sp + 8 * i, 8);
         if (s < 0 || s >= pulses) {
-            PyErr_SetString(PyExc_ValueError, "announced slot outside the sent pulse train");
-            goto done;
+            outside = 1;
+            break;
         }
         uint64_t w = rd64(wp + 8 * (s >> 6)), below = w & ((UINT64_C(1) << (s & 63)) - 1);
         int64_t before;
@@ -531,6 +582,11 @@ static PyObject *rank_lookup(PyObject *self, PyObject *args) {
         wr64(ip + 8 * i, (uint64_t)(before + cnt));
         fp[i] = (w >> (s & 63)) & 1;
         all &= fp[i];
+    }
+    gil_on(ts);
+    if (outside) {
+        PyErr_SetString(PyExc_ValueError, "announced slot outside the sent pulse train");
+        goto done;
     }
     res = PyBool_FromLong(all);
 done:
@@ -604,6 +660,7 @@ static PyObject *insert_sorted(PyObject *self, PyObject *args) {
     uint8_t *op = out.buf;
     if (!positions_ok(pp, k, n, "insert_sorted")) goto done;
     Py_ssize_t from = 0, to = 0;
+    PyThreadState *ts = gil_off(n + k);
     for (Py_ssize_t j = 0; j < k; j++) {
         int64_t at;
         memcpy(&at, pp + 8 * j, 8);
@@ -614,6 +671,7 @@ static PyObject *insert_sorted(PyObject *self, PyObject *args) {
         to++;
     }
     memcpy(op + to * isz, sp + from * isz, (n - from) * isz);
+    gil_on(ts);
     res = Py_None; Py_INCREF(res);
 done:
     PyBuffer_Release(&src); PyBuffer_Release(&pos); PyBuffer_Release(&vals);
@@ -644,6 +702,7 @@ static PyObject *insert_inplace(PyObject *self, PyObject *args) {
     uint8_t *bp = buf.buf;
     if (!positions_ok(pp, k, n, "insert_inplace")) goto done;
     Py_ssize_t src_end = n;
+    PyThreadState *ts = gil_off(n + k);
     for (Py_ssize_t j = k - 1; j >= 0; j--) {
         int64_t at;
         memcpy(&at, pp + 8 * j, 8);
@@ -651,6 +710,7 @@ static PyObject *insert_inplace(PyObject *self, PyObject *args) {
         memcpy(bp + (at + j) * isz, vp + j * isz, isz);
         src_end = at;
     }
+    gil_on(ts);
     res = Py_None; Py_INCREF(res);
 done:
     PyBuffer_Release(&buf); PyBuffer_Release(&pos); PyBuffer_Release(&vals);
@@ -681,6 +741,7 @@ static PyObject *sift_select(PyObject *self, PyObject *args) {
         const uint8_t *a = ab.buf, *b = bb.buf, *in = ib.buf;
         uint8_t *zo = zs.buf, *xo = xs.buf;
         Py_ssize_t nz = 0, nx = 0, cz[4] = {0, 0, 0, 0}, cx[4] = {0, 0, 0, 0};
+        PyThreadState *ts = gil_off(n);
         /* Branch-free (random bases would mispredict half the time): every index is
          * written at the next free place and kept only if selected; nz, nx <= i < n. */
         for (Py_ssize_t i = 0; i < n; i++) {
@@ -693,6 +754,7 @@ static PyObject *sift_select(PyObject *self, PyObject *args) {
             cz[c] += mz;
             cx[c] += mx;
         }
+        gil_on(ts);
         res = Py_BuildValue("nn(nnn)(nnn)", nz, nx, cz[0], cz[1], cz[2], cx[0], cx[1], cx[2]);
     }
 done:
@@ -775,18 +837,17 @@ static PyObject *sift_pick(PyObject *self, PyObject *args) {
         const uint8_t *ip = ix.buf, *a = ba.buf, *c = in.buf, *v = bi.buf, *o = ot.buf;
         uint8_t *pb = ob.buf, *pi = oi.buf, *pk = ky.buf, *px = xb.buf, *pxi = xi.buf;
         Py_ssize_t nz = 0, nx = 0, cz[4] = {0, 0, 0, 0}, cx[4] = {0, 0, 0, 0};
+        int bad_idx = 0;
+        PyThreadState *ts = gil_off(n);
         if (use_idx) {
-            for (Py_ssize_t i = 0; i < n; i++) {
+            for (Py_ssize_t i = 0; i < n && !bad_idx; i++) {
                 int64_t j;
                 memcpy(&j, ip + 8 * i, 8);
-                if (j < 0 || j >= m) {
-                    PyErr_SetString(PyExc_ValueError, "sift_pick: index out of range");
-                    goto done;
-                }
+                bad_idx = j < 0 || j >= m;
             }
         }
         /* Branch-free as sift_select: written at the next free place, kept if selected. */
-        for (Py_ssize_t i = 0; i < n; i++) {
+        for (Py_ssize_t i = 0; i < n && !bad_idx; i++) {
             Py_ssize_t j = i;
             if (use_idx) {
                 int64_t jj;
@@ -807,6 +868,11 @@ static PyObject *sift_pick(PyObject *self, PyObject *args) {
             nx += mx;
             cz[k] += mz;
             cx[k] += mx;
+        }
+        gil_on(ts);
+        if (bad_idx) {
+            PyErr_SetString(PyExc_ValueError, "sift_pick: index out of range");
+            goto done;
         }
         res = Py_BuildValue("nn(nnn)(nnn)", nz, nx, cz[0], cz[1], cz[2], cx[0], cx[1], cx[2]);
     }

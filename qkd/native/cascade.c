@@ -52,6 +52,19 @@ static void rel(buf_t *bs, int n) {
         if (bs[i].ok) PyBuffer_Release(&bs[i].b);
 }
 
+/* The interpreter lock is let go around a kernel's loops when they have at least
+ * this many steps (issue 17: the KME's event loop serves requests while Cascade runs
+ * on a worker thread); shorter calls keep it, as retaking it can cost a switch
+ * interval. In a released region only the Py_buffer views taken before are read and
+ * written (they pin the memory); errors are strings, raised once the lock is back. */
+#define GIL_MIN_STEPS 4096
+static PyThreadState *gil_off(Py_ssize_t steps) {
+    return steps >= GIL_MIN_STEPS ? PyEval_SaveThread() : NULL;
+}
+static void gil_on(PyThreadState *ts) {
+    if (ts) PyEval_RestoreThread(ts);
+}
+
 #define N64(x) ((Py_ssize_t)((x).b.len / 8))
 #define U64(x) ((uint64_t *)(x).b.buf)
 #define I64(x) ((int64_t *)(x).b.buf)
@@ -105,6 +118,7 @@ static PyObject *descend(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_ssize_t nleft = 0, nleaf = 0, nlearn = 0;
+    PyThreadState *ts = gil_off(ns * depth);
 #define LEARN(IDX, VAL)                                   \
     do {                                                  \
         if (VAL) ap[IDX] |= bit;                          \
@@ -159,6 +173,7 @@ static PyObject *descend(PyObject *self, PyObject *args) {
         }
     }
 #undef LEARN
+    gil_on(ts);
     rel(b, 18);
     if (err) {
         PyErr_SetString(PyExc_ValueError, err);
@@ -260,6 +275,7 @@ static PyObject *touched(PyObject *self, PyObject *args) {
     else if (N64(b[10]) != nfl) err = "ff and jj differ in length";
     else if (mode == 1 && (N64(b[11]) < nfl * nsb || N64(b[12]) < nfl * nsb))
         err = "outputs shorter than flips * segments";
+    PyThreadState *ts = gil_off(err ? 0 : nsb * nfl);
     for (Py_ssize_t k = 0; !err && k < nsb; k++) {
         int64_t s = sb[k];
         if (s < 0 || s >= nseg || segd[s] < 0 || segd[s] > 62 || segp[s] < 0 ||
@@ -293,6 +309,7 @@ static PyObject *touched(PyObject *self, PyObject *args) {
             }
         }
     }
+    gil_on(ts);
     rel(b, 13);
     if (err) {
         PyErr_SetString(PyExc_ValueError, err);
@@ -365,6 +382,7 @@ static PyObject *answer(PyObject *self, PyObject *args) {
     else if (b[13].b.len != frames * npass) err = "opened must have frames * npass bytes";
     else if (npre % words) err = "pre is not rows * words";
     Py_ssize_t npr = err ? 0 : npre / words, pos = 0;
+    PyThreadState *ts = gil_off(err ? 0 : outlen);
     for (Py_ssize_t i = 0; !err && i < nopen; i++) {
         int64_t f = of[i], p = op[i];
         if (f < 0 || f >= frames || p < 0 || p >= npass) {
@@ -428,6 +446,7 @@ static PyObject *answer(PyObject *self, PyObject *args) {
         const uint64_t *col = pre + (f >> 6);
         out[pos + i] = (uint8_t)(((col[rh * words] ^ col[rl * words]) >> (f & 63)) & 1);
     }
+    gil_on(ts);
     rel(b, 15);
     if (err) {
         PyErr_SetString(PyExc_ValueError, err);
@@ -473,6 +492,7 @@ static PyObject *pack(PyObject *self, PyObject *args) {
     }
     const uint8_t *a = (const uint8_t *)bb.buf;
     uint64_t *out = U64(bo);
+    PyThreadState *ts = gil_off(frames * n);
     memset(out, 0, (size_t)bo.b.len);
     for (Py_ssize_t f = 0; f < frames; f++) {
         const uint8_t *row = a + f * n;
@@ -481,6 +501,7 @@ static PyObject *pack(PyObject *self, PyObject *args) {
         /* branch-free: random key bits would mispredict half the time */
         for (Py_ssize_t j = 0; j < n; j++) col[j * words] |= (uint64_t)(row[j] != 0) << sh;
     }
+    gil_on(ts);
     PyBuffer_Release(&bb);
     rel(&bo, 1);
     Py_RETURN_NONE;
